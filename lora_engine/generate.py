@@ -1,0 +1,141 @@
+"""Text generation with a KV cache: greedy at temperature 0, else temperature + top-p sampling.
+
+    python -m lora_engine.generate --model smollm2-135m-instruct --prompt "Hello" --chat
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+@torch.no_grad()
+def generate_tokens(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time. The prompt is prefilled once, then one token per step."""
+    if not prompt_ids:
+        raise ValueError("generate: the prompt is empty; give at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    stop = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+        x = torch.tensor([prompt_ids], device=device)
+        for _ in range(max_new_tokens):
+            logits = model(x, cache=cache)[0, -1].float()  # (V,)
+            tok = _pick(logits, temperature, top_p, generator)
+            yield tok
+            if tok in stop:
+                return
+            x = torch.tensor([[tok]], device=device)
+    finally:
+        model.train(was_training)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+        drop = sorted_p.cumsum(0) - sorted_p >= top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def generate_ids(model, prompt_ids, **kw) -> list[int]:
+    return list(generate_tokens(model, list(prompt_ids), **kw))
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str | list[dict],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    chat: bool = False,
+    stream: Callable[[str], None] | None = None,
+) -> str:
+    """Generate a continuation of `prompt` (a string, or chat messages when chat=True).
+
+    With `stream`, each new piece of text is passed to it as soon as it decodes to complete
+    characters. Returns the generated text (without the prompt).
+    """
+    if chat:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = tokenizer.encode(text)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    out: list[int] = []
+    shown = ""
+    for tok in generate_tokens(model, ids, max_new_tokens, temperature, top_p, tokenizer.eos_token_ids, gen):
+        if tok in tokenizer.eos_token_ids:
+            break
+        out.append(tok)
+        now = tokenizer.decode(out)
+        if stream is not None and not now.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            stream(now[len(shown):])
+            shown = now
+    text = tokenizer.decode(out)
+    if stream is not None and len(text) > len(shown):
+        stream(text[len(shown):])
+    return text
+
+
+def main(argv=None):
+    import argparse
+    import sys
+
+    from lora_engine import load_model, load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="python -m lora_engine.generate", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="Hugging Face folder or embedded name")
+    ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
+                    help="wrap the prompt in the model's chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    model = load_model(a.model, dtype=a.dtype, device=a.device)
+    if a.adapter:
+        from lora_engine import load_adapter
+
+        load_adapter(model, a.adapter)
+    tok = load_tokenizer(a.model)
+
+    def show(piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed, a.chat, stream=show)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

