@@ -82,8 +82,43 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="m
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped=None, backend=None):
-    """y = x W^T (+ b) + scale * (dropout(x) A^T) B^T. weight may be a dense tensor or an NF4 weight."""
+    """y = x W^T (+ b) + scale * (dropout(x) A^T) B^T.
+
+    weight is a dense (out, in) tensor or an NF4 weight (kernels/nf4_format.py:NF4Tensor), whose
+    base is dequantized on the fly in forward and again in backward, never stored.
+    """
+    if _is_nf4(weight):
+        return _nf4_impl(x, backend).nf4_lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped)
     return _impl(x, backend).lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped)
+
+
+# ---- NF4 (QLoRA) ---------------------------------------------------------------------------------
+# torch: kernels/nf4_reference.py (pure PyTorch, bit-exact with bitsandbytes); triton:
+# kernels/nf4_triton.py. The C++ CPU op (csrc/) is chosen by lora_engine.nf4, which owns it.
+
+
+def _is_nf4(weight) -> bool:
+    return type(weight).__name__ == "NF4Tensor"
+
+
+def _nf4_impl(x: torch.Tensor, backend: str | None):
+    if resolve(x, backend) == "triton":
+        from lora_engine.kernels import nf4_triton
+
+        return nf4_triton
+    from lora_engine.kernels import nf4_reference
+
+    return nf4_reference
+
+
+def nf4_dequantize(weight, dtype: torch.dtype, backend=None) -> torch.Tensor:
+    """NF4Tensor -> dense tensor of weight.shape in `dtype`: code[q] * absmax[block], cast once."""
+    return _nf4_impl(weight.packed, backend).nf4_dequantize(weight, dtype)
+
+
+def nf4_linear(x, weight, bias=None, backend=None) -> torch.Tensor:
+    """y = x W^T (+ b) with W in NF4; differentiable in x (W is frozen)."""
+    return _nf4_impl(x, backend).nf4_linear(x, weight, bias)
 
 
 def set_backend(model: torch.nn.Module, backend: str | None) -> torch.nn.Module:
