@@ -1,0 +1,302 @@
+"""LoRA: low-rank adapters on the linear layers of a model, in PEFT's conventions.
+
+    y = x W^T (+ b) + s * dropout(x) A^T B^T        A: (r, in), B: (out, r), s = alpha / r
+                                                     (alpha / sqrt(r) with rsLoRA)
+
+`apply_lora` swaps each targeted `nn.Linear` for a `LoraLinear` that owns the frozen base `weight`
+(and `bias`) directly, torchtune style, so the base keys (`...q_proj.weight`) are unchanged in the
+state dict and the adapter adds only `...q_proj.lora_A` and `...q_proj.lora_B`. The forward goes
+through the project's one dispatch point (lora_engine.dispatch.lora_linear), so the Triton kernels
+and an NF4 base weight (QLoRA) plug in without touching this file.
+
+Adapter dtype: A and B are created in fp32 by default, whatever the base dtype. With a bf16 base
+the optimizer then updates fp32 values (bf16 adapters lose small updates to rounding), and the
+cost is negligible (r * (in + out) values per layer). In the forward they are cast to the
+activation dtype, so the kernels see one dtype; autograd carries the gradient back to fp32.
+PEFT keeps adapters in the base dtype unless autocast is used; pass adapter_dtype=None for that.
+
+Target names follow PEFT: a name matches a module whose path equals it or ends with "." + name;
+a single string is a regular expression matched against the whole path; "all-linear" means every
+linear layer but the output head. rank_pattern / alpha_pattern override r / lora_alpha for the
+modules whose path ends with one of their keys (regular expressions, PEFT's `get_pattern_key`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora_engine import dispatch
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """PEFT's field names, so a config moves over unchanged. Invalid values raise ValueError naming the field."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_rank("r", self.r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        d = self.lora_dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1), got {d!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoraConfig.use_rslora must be True or False, got {self.use_rslora!r}")
+        t = self.target_modules
+        if isinstance(t, str):
+            if not t:
+                raise ValueError("LoraConfig.target_modules is empty; name at least one module, e.g. 'q_proj'")
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise ValueError(f"LoraConfig.target_modules {t!r} is not a valid regular expression: {e}") from e
+        else:
+            t = tuple(t) if isinstance(t, (list, tuple, set, frozenset)) else None
+            if not t or not all(isinstance(n, str) and n for n in t):
+                raise ValueError(
+                    f"LoraConfig.target_modules must be a non-empty list of module names (or one regular "
+                    f"expression), got {self.target_modules!r}"
+                )
+            self.target_modules = tuple(sorted(t)) if isinstance(self.target_modules, (set, frozenset)) else t
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if pattern is None:
+                setattr(self, name, {})
+                continue
+            if not isinstance(pattern, dict):
+                raise ValueError(f"LoraConfig.{name} must be a dict {{module pattern: value}}, got {pattern!r}")
+            check = _check_rank if name == "rank_pattern" else _check_alpha
+            for key, value in pattern.items():
+                check(f"{name}[{key!r}]", value)
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """(r, lora_alpha) for the module at `path`, after rank_pattern and alpha_pattern."""
+        r = self.rank_pattern[k] if (k := _pattern_key(self.rank_pattern, path)) else self.r
+        alpha = self.alpha_pattern[k] if (k := _pattern_key(self.alpha_pattern, path)) else self.lora_alpha
+        return r, alpha
+
+
+def _check_rank(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"LoraConfig.{name} (the rank) must be a positive integer, got {value!r}")
+
+
+def _check_alpha(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ValueError(f"LoraConfig.{name} must be a positive finite number, got {value!r}")
+
+
+def _pattern_key(pattern: dict, path: str) -> str | None:
+    # PEFT's get_pattern_key: the first key that matches a dotted suffix of the module path.
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def lora_scale(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilized: the update's size stops shrinking with r)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update.
+
+    weight: (out, in), frozen; bias: (out,) or None, frozen; lora_A: (r, in), kaiming-uniform
+    (a = sqrt(5), like nn.Linear and PEFT); lora_B: (out, r), zeros, so the layer starts as the base.
+    forward: x (..., in) -> (..., out) in x's dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, r: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, use_rslora: bool = False,
+                 adapter_dtype: torch.dtype | None = torch.float32):
+        super().__init__()
+        _check_rank("r", r)
+        _check_alpha("lora_alpha", lora_alpha)
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+        if weight.dim() != 2:
+            raise ValueError(f"LoraLinear: weight must be (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.weight.requires_grad_(False)
+        if bias is not None:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+            self.bias.requires_grad_(False)
+        else:
+            self.register_parameter("bias", None)
+        dtype = adapter_dtype or weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scale = lora_scale(r, lora_alpha, use_rslora)
+        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self.backend: str | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, **kw) -> LoraLinear:
+        """Wrap an nn.Linear; the new layer shares (does not copy) its weight and bias."""
+        return cls(linear.weight, linear.bias, r, lora_alpha, **kw)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scale={self.scale:g}, merged={self.merged}")
+
+    def base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T (+ b): the base matmul alone (used once merged). A quantized base replaces this."""
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:  # B @ A already lives in W: adding the LoRA path again would count it twice
+            return self.base_linear(x)
+        A, B = self.lora_A, self.lora_B
+        if A.dtype != x.dtype:  # fp32 adapters on a bf16/fp16 model: compute in the activation dtype
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        x_dropped = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else None
+        return dispatch.lora_linear(x, self.weight, self.bias, A, B, self.scale, x_dropped=x_dropped,
+                                    backend=self.backend)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B @ A as an fp32 (out, in) tensor."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + s * B @ A, computed in fp32 and cast once to W's dtype. A second call does nothing."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - s * B @ A (in fp32): restores W up to one rounding of W's dtype."""
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """(module path, layer) for every LoraLinear of `model`."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            yield name, m
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """{"trainable": n, "total": n}; a tied (shared) tensor counts once."""
+    params = list(model.parameters())  # parameters() already skips duplicates
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad),
+            "total": sum(p.numel() for p in params)}
+
+
+def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the linear layers named by config.target_modules; raises when a name matches nothing."""
+    head = _output_head(model)
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    t = config.target_modules
+    if isinstance(t, str):
+        if t.lower() == ALL_LINEAR:
+            return [n for n in linear if n != head]
+        found = [n for n, _ in model.named_modules() if n and re.fullmatch(t, n)]
+        wanted = {t: found}
+    else:
+        wanted = {name: [n for n, _ in model.named_modules() if n and (n == name or n.endswith("." + name))]
+                  for name in t}
+    for name, found in wanted.items():
+        if not found:
+            short = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            raise ValueError(
+                f"LoraConfig.target_modules: {name!r} matches no module of the model; its linear layers "
+                f"are named {', '.join(short)} (full paths like {next(iter(linear), '?')!r} work too)"
+            )
+        not_linear = [n for n in found if n not in linear]
+        if not_linear:
+            kind = type(model.get_submodule(not_linear[0])).__name__
+            raise ValueError(
+                f"LoraConfig.target_modules: {name!r} matches {not_linear[0]!r}, a {kind}, not a linear "
+                "layer; LoRA applies to linear layers only"
+            )
+        if head in found:
+            raise ValueError(
+                f"LoraConfig.target_modules: {name!r} matches the output head {head!r}; LoRA on the head is not "
+                "supported (the loss reads its weight directly); target the projections instead"
+            )
+    return sorted({n for found in wanted.values() for n in found}, key=list(linear).index)
+
+
+def _output_head(model: nn.Module) -> str | None:
+    return "lm_head" if isinstance(getattr(model, "lm_head", None), nn.Linear) else None
+
+
+def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
+               adapter_dtype: torch.dtype | None = torch.float32, verbose: bool = True) -> dict[str, int]:
+    """Put LoRA on the targeted linear layers of `model` (in place) and freeze everything else.
+
+    adapter_dtype: dtype of lora_A / lora_B (fp32 by default, see the module docstring; None = the
+    base weight's dtype). Returns {"trainable": n, "total": n} and prints a one-line summary
+    unless verbose=False. The config is kept as `model.lora_config` (save_adapter writes it).
+    """
+    config = config or LoraConfig()
+    existing = [n for n, _ in lora_layers(model)]
+    if existing:
+        raise ValueError(
+            f"the model already has LoRA layers ({existing[0]}, ... {len(existing)} in all); "
+            "apply_lora once per model (load_adapter loads weights into existing layers)"
+        )
+    paths = _targets(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path in paths:
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        r, alpha = config.rank_and_alpha(path)
+        layer = LoraLinear.from_linear(getattr(parent, child), r, alpha, lora_dropout=config.lora_dropout,
+                                       use_rslora=config.use_rslora, adapter_dtype=adapter_dtype)
+        layer.backend = getattr(model, "backend", None)
+        setattr(parent, child, layer)
+    model.lora_config = config
+    counts = count_parameters(model)
+    if verbose:
+        ranks = sorted({m.r for _, m in lora_layers(model)})
+        print(f"LoRA on {len(paths)} layers (r={'/'.join(map(str, ranks))}): {counts['trainable']:,} trainable "
+              f"of {counts['total']:,} parameters ({100 * counts['trainable'] / counts['total']:.3f}%)")
+    return counts
+
+
+def _require_lora(model: nn.Module, what: str) -> list[LoraLinear]:
+    layers = [m for _, m in lora_layers(model)]
+    if not layers:
+        raise ValueError(f"{what}: the model has no LoRA layers; call apply_lora(model, config) first")
+    return layers
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W' = W + s * B @ A, fp32 then cast once). Idempotent."""
+    for m in _require_lora(model, "merge_lora"):
+        m.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo merge_lora: W = W' - s * B @ A, exact up to the rounding of W's dtype. No-op when not merged."""
+    for m in _require_lora(model, "unmerge_lora"):
+        m.unmerge()
+    return model
