@@ -1,0 +1,149 @@
+"""Linear cross-entropy: the head matmul and softmax cross-entropy in chunks of tokens.
+
+Shapes: hidden (N, H) and weight (V, H) in one float dtype, labels (N,) integers in [0, V) or
+`ignore_index`. Returns the fp32 loss: the sum over counted tokens, divided by their number for
+reduction="mean" (0 when no token counts). The (N, V) logits never exist: at most one
+(chunk, V) block does, so the extra memory is O(chunk * V) instead of O(N * V).
+
+Per chunk of c tokens (Liger-Kernel's scheme; the matmuls stay with cuBLAS, which no hand-written
+kernel here would beat at these shapes):
+
+    z  = h W^T                    (c, V) torch matmul in the weight's dtype (fp32 accumulation)
+    ---- one Triton program per row, over V in blocks of BLOCK_V ----
+    m, l = online max and sum of exp(z - m)        lse = m + log l
+    loss = lse - z[label]                          (0 for an ignored row)
+    z   <- softmax(z) - onehot(label)              (0 for an ignored row), written in place
+    ----
+    dh[chunk] = z W               dW += z^T h      (torch matmuls)
+
+Because the loss is the only consumer of the logits, d loss / d logits is known in forward;
+computing the gradients there, chunk by chunk, means the logits are never stored. Backward only
+multiplies the saved dh (N, H) and dW (V, H, fp32, only when the weight is trained) by
+grad_output (and 1/count for "mean"). Saved: dh, dW; nothing is recomputed.
+
+Precision: lse, the loss and the softmax are fp32; the in-place gradient block has the logits'
+dtype (bf16 on a bf16 model, as in Liger), which is what the reference feeds the dh matmul too.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
+
+
+@triton.jit
+def _ce_rows(
+    z_ptr, labels_ptr, loss_ptr, V, stride_z, ignore_index,
+    BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    zrow = z_ptr + row * stride_z
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    # Pass 1: running max m and running sum l of exp(z - m) over blocks of the vocabulary.
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(zrow + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(l)
+    safe = tl.where(valid, label, 0)
+    target = tl.load(zrow + safe).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+    if COMPUTE_GRAD:
+        # Pass 2: the gradient of this row's loss with respect to its logits, in place.
+        keep = tl.where(valid, 1.0, 0.0)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            z = tl.load(zrow + cols, mask=mask, other=0.0).to(tl.float32)
+            g = (tl.exp(z - lse) - tl.where(cols == safe, 1.0, 0.0)) * keep
+            tl.store(zrow + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(hidden, weight, labels, reduction, chunk_size):
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
+        raise ValueError(
+            f"linear_cross_entropy: expected hidden (N, H), weight (V, H), labels (N,); got "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"linear_cross_entropy: shapes do not agree: hidden {tuple(hidden.shape)}, "
+            f"weight {tuple(weight.shape)}, labels {tuple(labels.shape)}"
+        )
+    check_float("linear_cross_entropy", hidden=hidden, weight=weight)
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"linear_cross_entropy: labels must be int64 or int32, got {labels.dtype}")
+    check_device("linear_cross_entropy", hidden=hidden, weight=weight, labels=labels)
+    if chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
+        N, V = hidden.shape[0], weight.shape[0]
+        valid = labels != ignore_index
+        bad = valid & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"linear_cross_entropy: labels[{i}] = {int(labels[i])} is outside [0, {V}) "
+                             f"and is not ignore_index ({ignore_index})")
+        count = int(valid.sum())
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(hidden) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        losses = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        labels = labels.contiguous()
+        block_v = min(next_pow2(V), 4096)
+        with launch_device(hidden):
+            for s in range(0, N, chunk_size):
+                e = min(s + chunk_size, N)
+                h = hidden[s:e]
+                z = h @ weight.t()  # (c, V), becomes the gradient block in place
+                _ce_rows[(e - s,)](z, labels[s:], losses[s:], V, z.stride(0), ignore_index,
+                                   BLOCK_V=block_v, COMPUTE_GRAD=need_dh or need_dw, num_warps=8)
+                if need_dh:
+                    dh[s:e] = z @ weight
+                if need_dw:
+                    dw.addmm_(z.t().float(), h.float())
+                del z
+        ctx.scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+        ctx.save_for_backward(dh if need_dh else None, dw if need_dw else None)
+        ctx.weight_dtype = weight.dtype
+        return losses.sum() * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dh, dw = ctx.saved_tensors
+        g = grad_out * ctx.scale
+        gh = dh * g.to(dh.dtype) if dh is not None else None
+        gw = (dw * g).to(ctx.weight_dtype) if dw is not None else None
+        return gh, gw, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Cross-entropy of hidden (N, H) @ weight (V, H)^T against labels (N,) -> fp32 scalar.
+
+    reduction "mean" averages over tokens whose label is not ignore_index, "sum" sums them.
+    chunk_size tokens of logits exist at a time (memory O(chunk_size * V)).
+    """
+    _check(hidden, weight, labels, reduction, chunk_size)
+    return LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk_size)

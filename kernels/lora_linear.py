@@ -1,0 +1,197 @@
+"""Fused LoRA linear: y = x W^T (+ b) + s (x_d A^T) B^T, the low-rank path in the matmul's epilogue.
+
+Shapes: x (..., K) flattened to (M, K); W (N, K) frozen, bf16/fp16/fp32 (NF4 weights are routed
+to kernels/nf4_triton.py); A (r, K); B (N, r); b (N,) or None; s = scale (alpha / r); x_d =
+dropout(x) when LoRA dropout is active (the caller owns the RNG), else x. y is (..., N) in x's dtype.
+
+Forward (two launches instead of PEFT's three matmuls and two adds):
+    t = x_d A^T                          (M, r)  thin torch matmul, saved for backward
+    y = x W^T + s * t B^T + b            one Triton matmul over y: for each (BLOCK_M, BLOCK_N)
+                                         tile, the K loop accumulates x W^T in fp32, then the
+                                         epilogue adds s * t_tile @ B_tile^T (one extra tl.dot
+                                         with r padded to >= 16) and the bias, and stores once.
+
+Backward, with g = dL/dy (M, N), W frozen:
+    u  = g B                             (M, r)  thin torch matmul
+    dx = g W + s * u A                   the same Triton kernel with W read untransposed
+    dA = s * u^T x_d                     (r, K)  torch matmul
+    dB = s * g^T t                       (N, r)  torch matmul
+    db = sum_m g;  dW = g^T x only if W requires grad (not the LoRA case, kept correct anyway)
+
+Saved: x_d (x itself without dropout: no copy), t (M x r, tiny), W, A, B (references to
+parameters); x is saved separately only when W or dropout needs it. Recomputed: nothing; u is
+new. One kernel handles both matmuls because it takes strides: C = P Q + s * L R (+ bias).
+
+On a GPU the 16-bit operands go to tl.dot as they are (fp32 accumulation); fp32 operands use
+input_precision="ieee" so the result matches torch's fp32 matmul (no TF32). Under
+TRITON_INTERPRET the operands are widened to fp32 right after the load, because the interpreter's
+bf16 arithmetic is wrong (FACTS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
+
+
+@triton.jit
+def _lora_mm(
+    p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr,
+    M, N, K, R, scale,
+    s_pm, s_pk, s_qk, s_qn, s_lm, s_lr, s_rr, s_rn, s_cm, s_cn,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row-blocks share the same column blocks of Q while in L2.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * grid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    p_ptrs = p_ptr + rm[:, None] * s_pm + rk[None, :] * s_pk
+    q_ptrs = q_ptr + rk[:, None] * s_qk + rn[None, :] * s_qn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = rk + k0 < K
+        p = tl.load(p_ptrs, mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
+        q = tl.load(q_ptrs, mask=kmask[:, None] & (rn[None, :] < N), other=0.0)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        acc = tl.dot(p, q, acc, input_precision=PRECISION)
+        p_ptrs += BLOCK_K * s_pk
+        q_ptrs += BLOCK_K * s_qk
+
+    # Epilogue: the low-rank path, while the tile is still in registers.
+    rr = tl.arange(0, BLOCK_R)
+    lo = tl.load(l_ptr + rm[:, None] * s_lm + rr[None, :] * s_lr, mask=(rm[:, None] < M) & (rr[None, :] < R),
+                 other=0.0)
+    ro = tl.load(r_ptr + rr[:, None] * s_rr + rn[None, :] * s_rn, mask=(rr[:, None] < R) & (rn[None, :] < N),
+                 other=0.0)
+    if UPCAST:
+        lo = lo.to(tl.float32)
+        ro = ro.to(tl.float32)
+    acc += scale * tl.dot(lo, ro, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _config(dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes: a few fixed choices (multi-config autotune fails under the interpreter)."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    big_smem = torch.cuda.get_device_capability(device) in ((8, 0), (9, 0), (10, 0))
+    # 128x128x64 with 3 stages needs ~104 KB of shared memory: A100/H100 only; 32-deep K elsewhere.
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if big_smem else 32, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def fused_mm(p, q_t, lo, ro_t, scale: float, bias, out_dtype) -> torch.Tensor:
+    """C (M, N) = p (M, K) @ q_t (K, N) + scale * lo (M, r) @ ro_t (r, N) (+ bias (N,)); views allowed."""
+    M, K = p.shape
+    N, R = q_t.shape[1], lo.shape[1]
+    c = torch.empty((M, N), dtype=out_dtype, device=p.device)
+    if M == 0 or N == 0:
+        return c
+    cfg = _config(p.dtype, p.device)
+    upcast = not p.is_cuda
+    precision = "ieee" if (upcast or p.dtype == torch.float32) else "tf32"
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    with launch_device(p):
+        _lora_mm[grid](
+            p, q_t, lo, ro_t, bias if bias is not None else p, c,
+            M, N, K, R, float(scale),
+            p.stride(0), p.stride(1), q_t.stride(0), q_t.stride(1), lo.stride(0), lo.stride(1),
+            ro_t.stride(0), ro_t.stride(1), c.stride(0), c.stride(1),
+            HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision,
+            BLOCK_R=max(16, next_pow2(R)), **cfg,
+        )
+    return c
+
+
+def _check(x, weight, bias, lora_A, lora_B, x_dropped):
+    check_float("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    check_device("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"lora_linear: weight (out, in), lora_A (r, in), lora_B (out, r) must be 2-D; got "
+                         f"{tuple(weight.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    N, K = weight.shape
+    r = lora_A.shape[0]
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"lora_linear: x has shape {tuple(x.shape)} ({x.shape[-1] if x.dim() else 0} features), "
+                         f"weight expects {K}")
+    if lora_A.shape[1] != K or lora_B.shape != (N, r) or r < 1:
+        raise ValueError(f"lora_linear: lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit "
+                         f"weight {tuple(weight.shape)}: expected ({r}, {K}) and ({N}, {r}) with r >= 1")
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"lora_linear: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
+    if bias is not None and (bias.shape != (N,) or bias.device != x.device):
+        raise ValueError(f"lora_linear: bias has shape {tuple(bias.shape)} on {bias.device}, expected ({N},) "
+                         f"on {x.device}")
+    if x_dropped is not None and (x_dropped.shape != x.shape or x_dropped.dtype != x.dtype):
+        raise ValueError(f"lora_linear: x_dropped {tuple(x_dropped.shape)} {x_dropped.dtype} must match "
+                         f"x {tuple(x.shape)} {x.dtype}")
+
+
+class LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, x_dropped):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1])
+        t = xd2 @ lora_A.t()  # (M, r)
+        y = fused_mm(x2, weight.t(), t, lora_B.t(), scale, bias, x.dtype)
+        need_x = ctx.needs_input_grad[1]
+        ctx.save_for_backward(xd2, t, weight, lora_A, lora_B, x2 if need_x else None)
+        ctx.scale = scale
+        ctx.shapes = (x.shape, lead)
+        ctx.has_dropout = x_dropped is not None
+        return y.view(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xd2, t, weight, lora_A, lora_B, x2 = ctx.saved_tensors
+        x_shape, _ = ctx.shapes
+        s = ctx.scale
+        g = dy.reshape(-1, weight.shape[0])
+        u = g @ lora_B  # (M, r)
+        need = ctx.needs_input_grad
+        # With dropout, s * u A is the gradient of x_d, not of x: dx keeps only g W, and dropout's own
+        # backward (mask / (1 - p)) runs in the caller's graph on the x_d gradient returned here.
+        s_dx = 0.0 if ctx.has_dropout else s
+        dx = fused_mm(g, weight, u, lora_A, s_dx, None, xd2.dtype).view(x_shape) if need[0] else None
+        dw = g.t() @ x2 if need[1] else None
+        db = g.sum(0) if need[2] else None
+        dA = (u.t() @ xd2) * s if need[3] else None
+        dB = (g.t() @ t) * s if need[4] else None
+        dxd = ((u @ lora_A) * s).view(x_shape) if (ctx.has_dropout and need[6]) else None
+        return dx, dw, db, dA, dB, None, dxd
+
+
+def lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, x_dropped=None) -> torch.Tensor:
+    """y = x W^T (+ bias) + scale * (x_dropped A^T) B^T with the low-rank path fused into the matmul.
+
+    x (..., in); weight (out, in) bf16/fp16/fp32 (frozen) or an NF4Tensor (QLoRA kernels);
+    lora_A (r, in); lora_B (out, r); bias (out,) or None; x_dropped like x or None (= x).
+    Returns (..., out) in x's dtype. Differentiable in x, lora_A, lora_B (and bias, weight).
+    """
+    if type(weight).__name__ == "NF4Tensor":
+        from lora_engine.kernels import nf4_triton
+
+        return nf4_triton.nf4_lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped)
+    _check(x, weight, bias, lora_A, lora_B, x_dropped)
+    return LoraLinear.apply(x, weight, bias, lora_A, lora_B, scale, x_dropped)

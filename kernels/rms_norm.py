@@ -1,0 +1,128 @@
+"""RMSNorm: y = weight * cast(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps), per row, with backward.
+
+Shapes: x (..., D) in fp32/fp16/bf16, flattened to N rows of D (last dimension contiguous);
+weight (D,). y has x's shape and the promoted dtype of x and weight, exactly like transformers'
+LlamaRMSNorm (`weight * hidden.to(input_dtype)`): the statistics in fp32, the normalised row
+rounded to x's dtype, then scaled by the weight. One program per row; the row fits one block
+(BLOCK_D = next power of two >= D; D is at most a few thousand for every model we load).
+
+Backward, with n = x * rstd and g = dy * weight (the cast is treated as the identity):
+
+    dx = rstd * (g - n * mean(g * n))         (the projection that keeps the row's rms fixed)
+    dw = sum over rows of dy * cast(n)
+
+Saved: x, weight and rstd (N fp32 values); n is recomputed. dweight is computed (norms are frozen
+in LoRA, but a full fine-tune or a test may train them): each backward program walks rows
+pid, pid + P, ... and keeps a partial dw in registers; the P partials are summed by torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
+
+
+@triton.jit
+def _rms_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    n = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # transformers rounds to x's dtype here
+    tl.store(y_ptr + row * stride_y + cols, (w * n).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rms_bwd(
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr,
+    N, D, stride_dy, stride_x, stride_dx,
+    BLOCK_D: tl.constexpr, COMPUTE_DW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # Rows pid, pid + P, ...; r is int64 so that r * stride cannot overflow.
+    for i in range(0, tl.cdiv(N - pid, P)):
+        r = pid.to(tl.int64) + i * P
+        dy = tl.load(dy_ptr + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + r)
+        n = x * rstd
+        g = dy * w
+        dx = rstd * (g - n * (tl.sum(g * n, axis=0) / D))
+        tl.store(dx_ptr + r * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            dw += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if COMPUTE_DW:
+        tl.store(dw_ptr + pid * D + cols, dw, mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """-> (y with x's shape, x as (N, D) rows, rstd (N,) fp32)."""
+    check_float("rms_norm", x=x, weight=weight)
+    check_device("rms_norm", x=x, weight=weight)
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},) for x "
+                         f"of shape {tuple(x.shape)}")
+    if not eps > 0:
+        raise ValueError(f"rms_norm: eps must be positive, got {eps}")
+    x2 = _rows(x)
+    N, D = x2.shape
+    y = torch.empty((N, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    if N and D:
+        with launch_device(x):
+            _rms_fwd[(N,)](x2, weight.contiguous(), y, rstd, D, x2.stride(0), y.stride(0), float(eps),
+                           BLOCK_D=next_pow2(D), num_warps=4 if D <= 2048 else 8)
+    return y.view(x.shape), x2, rstd
+
+
+def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool):
+    N, D = x2.shape
+    dy2 = _rows(dy)
+    dx = torch.empty_like(x2)
+    programs = max(1, min(N, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count
+                          if x2.is_cuda else 8))
+    dw_part = torch.empty((programs, D) if need_dw else (1,), dtype=torch.float32, device=x2.device)
+    if N and D:
+        with launch_device(x2):
+            _rms_bwd[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_part, N, D,
+                                  dy2.stride(0), x2.stride(0), dx.stride(0),
+                                  BLOCK_D=next_pow2(D), COMPUTE_DW=need_dw, num_warps=4 if D <= 2048 else 8)
+    dw = None
+    if need_dw:
+        dw = (dw_part.sum(0) if N else torch.zeros(D, device=x2.device)).to(weight.dtype)
+    return dx, dw
+
+
+class RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, x2, rstd = rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(dy, x2, weight, rstd, ctx.needs_input_grad[1])
+        return dx.view(ctx.x_shape), dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., D) fp32/fp16/bf16, weight (D,) -> (..., D) in promote(x.dtype, weight.dtype)."""
+    return RMSNorm.apply(x, weight, eps)

@@ -1,0 +1,147 @@
+"""Rotary position embedding, Hugging Face's rotate-half convention, q and k in one launch.
+
+Shapes: q (B, Hq, T, hd), k (B, Hk, T, hd), any strides with a contiguous last dimension (the
+model passes transposed views of (B, T, H, hd)); cos, sin (B, T, hd), (1, T, hd) or (T, hd).
+Outputs keep q's and k's shapes, dtypes and memory layouts. With x = [x1, x2] split at hd/2 and
+cos = [c1, c2], sin = [s1, s2]:
+
+    forward   o1 = x1 * c1 - x2 * s1          o2 = x2 * c2 + x1 * s2
+    backward  d1 = g1 * c1 + g2 * s2          d2 = g2 * c2 - g1 * s1
+
+The backward is the transpose of the forward's 2x2 blocks, i.e. the inverse rotation (cos and sin
+are tables of angles, c1 = c2 and s1 = s2 for every model, but the transpose is exact for any
+table). cos and sin get no gradient: they are buffers computed from positions.
+
+Grid: (B * T, head blocks of q, then head blocks of k): the first cdiv(Hq, BLOCK_H) programs of a
+token rotate q's heads, the rest k's, so one launch serves both. Math in fp32, one rounding on
+store. Saved for backward: cos and sin only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
+
+
+@triton.jit
+def _rotate(in_ptr, out_ptr, c1, c2, s1, s2, head0, H, s_in_h, s_out_h, HALF,
+            BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr):
+    heads = head0 + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < H) & (cols[None, :] < HALF)
+    src = in_ptr + heads[:, None].to(tl.int64) * s_in_h + cols[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        o1 = x1 * c1 + x2 * s2
+        o2 = x2 * c2 - x1 * s1
+    else:
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    dst = out_ptr + heads[:, None].to(tl.int64) * s_out_h + cols[None, :]
+    tl.store(dst, o1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
+    T, Hq, Hk, HALF,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
+    sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t,
+    sc_b, sc_t,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    hb = tl.program_id(1)
+    b = (tok // T).to(tl.int64)
+    t = (tok % T).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)
+    cmask = cols < HALF
+    cs = cos_ptr + b * sc_b + t * sc_t + cols
+    ss = sin_ptr + b * sc_b + t * sc_t + cols
+    c1 = tl.load(cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cs + HALF, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(ss, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(ss + HALF, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    nq = tl.cdiv(Hq, BLOCK_H)
+    if hb < nq:
+        _rotate(q_ptr + b * sq_b + t * sq_t, qo_ptr + b * sqo_b + t * sqo_t, c1, c2, s1, s2,
+                hb * BLOCK_H, Hq, sq_h, sqo_h, HALF, BLOCK_H, BLOCK_HALF, BACKWARD)
+    else:
+        _rotate(k_ptr + b * sk_b + t * sk_t, ko_ptr + b * sko_b + t * sko_t, c1, c2, s1, s2,
+                (hb - nq) * BLOCK_H, Hk, sk_h, sko_h, HALF, BLOCK_H, BLOCK_HALF, BACKWARD)
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q, k, cos, sin):
+    check_float("rope", q=q, k=k, cos=cos, sin=sin)
+    check_device("rope", q=q, k=k, cos=cos, sin=sin)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"rope: q and k must be (B, H, T, hd); got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, _, T, hd = q.shape
+    if k.shape[0] != B or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"rope: k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, length and head_dim")
+    if q.dtype != k.dtype:
+        raise ValueError(f"rope: q is {q.dtype} but k is {k.dtype}")
+    if hd % 2:
+        raise ValueError(f"rope: head_dim must be even, got {hd}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")
+    c = cos if cos.dim() == 3 else cos[None]
+    if c.dim() != 3 or c.shape[0] not in (1, B) or c.shape[1:] != (T, hd):
+        raise ValueError(f"rope: cos/sin must be ({B}, {T}, {hd}), (1, {T}, {hd}) or ({T}, {hd}); "
+                         f"got {tuple(cos.shape)}")
+
+
+def rope_apply(q, k, cos, sin, backward: bool = False):
+    """Rotate q and k (or their gradients with backward=True) -> (q', k') in new tensors."""
+    _check(q, k, cos, sin)
+    B, Hq, T, hd = q.shape
+    Hk = k.shape[1]
+    c = _last_contiguous(cos if cos.dim() == 3 else cos[None])
+    s = _last_contiguous(sin if sin.dim() == 3 else sin[None])
+    if c.stride() != s.stride():
+        c, s = c.contiguous(), s.contiguous()
+    q, k = _last_contiguous(q), _last_contiguous(k)
+    qo, ko = torch.empty_like(q), torch.empty_like(k)  # same layout as the inputs
+    if q.numel() == 0:
+        return qo, ko
+    half = hd // 2
+    block_h = min(next_pow2(max(Hq, Hk)), max(1, 2048 // next_pow2(half)))
+    grid = (B * T, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
+    sc_b = 0 if c.shape[0] == 1 else c.stride(0)
+    with launch_device(q):
+        _rope_kernel[grid](
+            q, k, qo, ko, c, s, T, Hq, Hk, half,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
+            sc_b, c.stride(1),
+            BLOCK_H=block_h, BLOCK_HALF=next_pow2(half), BACKWARD=backward,
+        )
+    return qo, ko
+
+
+class Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        qo, ko = rope_apply(q, k, cos, sin)
+        ctx.save_for_backward(cos, sin)
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        # An unused output's gradient arrives as zeros (autograd materializes grads by default).
+        gq, gk = rope_apply(dq, dk, cos, sin, backward=True)
+        return gq, gk, None, None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q (B, Hq, T, hd), k (B, Hk, T, hd), cos/sin (B, T, hd) or (T, hd) -> (q', k'), rotate-half RoPE."""
+    return Rope.apply(q, k, cos, sin)
