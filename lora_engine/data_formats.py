@@ -1,0 +1,200 @@
+"""Reading training files and rendering each record into token ids with a loss mask.
+
+Formats (one JSON object per record; JSONL, or a JSON file holding a list of objects):
+
+  text               {"text": "..."}                                   loss on every token
+  alpaca             {"instruction", "input" (optional), "output"}      loss on the response
+  prompt_completion  {"prompt", "completion"}                          loss on the completion
+  chat               {"messages": [{"role", "content"}, ...]}          loss on assistant turns
+
+A record renders to segments, (text, trainable) pairs, each encoded separately and concatenated,
+so a token's label is its id when trainable and -100 otherwise. Chat records are rendered with the
+tokenizer's chat template; the assistant spans are found by rendering growing prefixes of the
+conversation, which works for every template whose rendering of a prefix is a prefix of the
+rendering of the whole (ChatML, Llama-3, Qwen...); others are reported, not guessed at.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMATS = ("text", "alpaca", "prompt_completion", "chat")
+REQUIRED = {
+    "text": ("text",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "chat": ("messages",),
+}
+ALPACA_PROMPT = "Below is an instruction that describes a task{ctx}. Write a response that appropriately " \
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+
+
+class DataError(ValueError):
+    """A training file or record is unusable; the message names the file and line."""
+
+
+@dataclass
+class Record:
+    data: dict
+    where: str  # "file:line" (JSONL) or "file[index]" (JSON list), for error messages
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is taken
+    where: str
+
+    @property
+    def n_targets(self) -> int:
+        return sum(1 for x in self.labels[1:] if x != -100)
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """All records of a JSONL or JSON file. Raises DataError with file:line and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if path.suffix == ".json" or stripped.startswith("["):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
+        if isinstance(obj, dict) and "data" in obj and isinstance(obj["data"], list):
+            obj = obj["data"]
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: a .json data file must hold a list of objects, got {type(obj).__name__}")
+        records = [Record(r, f"{path}[{i}]") for i, r in enumerate(obj)]
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(Record(json.loads(line), f"{path}:{n}"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno}); each line must be one "
+                                "JSON object") from e
+    for r in records:
+        if not isinstance(r.data, dict):
+            raise DataError(f"{r.where}: expected a JSON object, got {type(r.data).__name__}")
+    return records
+
+
+def detect_format(record: Record) -> str:
+    keys = set(record.data)
+    if "messages" in keys:
+        return "chat"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    raise DataError(
+        f"{record.where}: cannot tell the format from the keys {sorted(keys)}; expected one of "
+        "text {text}, alpaca {instruction, input, output}, prompt_completion {prompt, completion}, "
+        "chat {messages}; or pass --format"
+    )
+
+
+def check_format(fmt: str) -> str:
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _field(record: Record, key: str, fmt: str, allow_empty: bool = False) -> str:
+    if key not in record.data:
+        raise DataError(f"{record.where}: missing field {key!r} for format {fmt} (has {sorted(record.data)})")
+    v = record.data[key]
+    if v is None:
+        v = ""
+    if not isinstance(v, str):
+        raise DataError(f"{record.where}: field {key!r} must be a string, got {type(v).__name__}")
+    if not allow_empty and not v.strip():
+        raise EmptyField(f"{record.where}: field {key!r} is empty")
+    return v
+
+
+class EmptyField(DataError):
+    """A record with an empty required field: skipped (and counted) rather than fatal."""
+
+
+def segments(record: Record, fmt: str, tokenizer, completion_only: bool = True) -> list[tuple[str, bool]]:
+    """Render one record into (text, trainable) segments. The last segment does not include EOS."""
+    if fmt == "text":
+        return [(_field(record, "text", fmt), True)]
+    if fmt == "alpaca":
+        ins = _field(record, "instruction", fmt)
+        inp = _field(record, "input", fmt, allow_empty=True) if "input" in record.data else ""
+        prompt = ALPACA_PROMPT.format(
+            ctx=", paired with an input that provides further context" if inp.strip() else "",
+            instruction=ins, input_block=f"### Input:\n{inp}\n\n" if inp.strip() else "",
+        )
+        return [(prompt, not completion_only), (_field(record, "output", fmt), True)]
+    if fmt == "prompt_completion":
+        return [(_field(record, "prompt", fmt), not completion_only), (_field(record, "completion", fmt), True)]
+    if fmt == "chat":
+        return _chat_segments(record, tokenizer, completion_only)
+    raise DataError(f"unknown data format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
+
+
+def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str, bool]]:
+    msgs = record.data.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{record.where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{record.where}: messages[{i}] must have 'role' and 'content', got {m!r}")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise EmptyField(f"{record.where}: messages[{i}].content is empty")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{record.where}: no assistant message: nothing to learn from this conversation")
+    if not getattr(tok, "chat_template", None):
+        raise DataError(
+            f"{record.where}: the chat format needs a chat template but tokenizer "
+            f"{getattr(tok, 'name_or_path', '?')!r} has none; use a model with a chat template or convert the "
+            "data to prompt_completion"
+        )
+    full = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    out: list[tuple[str, bool]] = []
+    done = 0  # characters of `full` already assigned to segments
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(msgs[:i], add_generation_prompt=True) if i else \
+            tok.apply_chat_template([], add_generation_prompt=True)
+        upto = tok.apply_chat_template(msgs[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(before) and full.startswith(upto) and len(before) >= done and upto.startswith(before)):
+            raise DataError(
+                f"{record.where}: the tokenizer's chat template does not render conversation prefixes as prefixes "
+                "of the whole, so assistant turns cannot be located; pass --no-completion-only to train on all tokens"
+            )
+        out.append((full[done:len(before)], not completion_only))
+        out.append((full[len(before):len(upto)], True))
+        done = len(upto)
+    if done < len(full):
+        out.append((full[done:], not completion_only))
+    return [s for s in out if s[0]]
+
+
+def tokenize(record: Record, fmt: str, tokenizer, completion_only: bool = True) -> Example:
+    """Record -> Example (untruncated). Text-like formats get EOS appended as a target."""
+    ids: list[int] = []
+    labels: list[int] = []
+    if fmt != "chat" and getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+        labels.append(-100)
+    for text, trainable in segments(record, fmt, tokenizer, completion_only):
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        labels += piece if trainable else [-100] * len(piece)
+    if fmt != "chat" and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return Example(ids, labels, record.where)
