@@ -1,6 +1,13 @@
-"""NF4 dequantization and NF4 linear layers in pure PyTorch: the oracle and the CPU fallback.
+"""NF4 quantization, dequantization and NF4 linear layers in pure PyTorch: the oracle and the CPU fallback.
 
-Format: kernels/nf4_format.py. Dequantization follows bitsandbytes' CPU path bit for bit:
+Format: kernels/nf4_format.py. Quantization reproduces bitsandbytes 0.50.2 on CPU bit for bit:
+  4-bit (backends/default/ops.py quantize_4bit): full blocks scale by x * (1 / max(absmax, 1e-38)),
+    the short last block by x / max(absmax, 1e-38) (and stores the clamped absmax); clamp to [-1, 1];
+    index = bucketize(scaled, midpoints of the code): a value on a midpoint takes the lower code.
+  double quant (csrc/common.cpp quantize_block, blocks of 256 over absmax - mean(absmax)):
+    normed = a / max|a| (fp32 division), the code value at or below normed, moved one right only
+    when strictly nearer; an all-zero group (0/0 = NaN) stores index 0, as bitsandbytes does.
+Dequantization follows bitsandbytes' CPU path bit for bit:
   absmax (nested) = DYN[qabsmax] * nested_absmax[b // 256] + offset        (fp32)
   W[i]            = NF4[q[i]] * absmax[i // blocksize]                     (fp32, then cast once)
 Linear layers never keep the dequantized weight: forward dequantizes, backward dequantizes again.
@@ -11,7 +18,90 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lora_engine.kernels.nf4_format import NF4Tensor
+from lora_engine.kernels.nf4_format import (
+    BLOCKSIZES,
+    DTYPES,
+    DYNAMIC_MAP_SIGNED,
+    NESTED_BLOCKSIZE,
+    NF4_CODE,
+    NF4Tensor,
+)
+
+
+def check_quantize_args(w: torch.Tensor, blocksize: int, name: str = "weight") -> None:
+    """Raise ValueError (naming the tensor) for what bitsandbytes could not quantize either."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"nf4 quantize: {name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in DTYPES:
+        raise ValueError(f"nf4 quantize: {name} has dtype {w.dtype}; NF4 quantizes float32, float16 or bfloat16 "
+                         "(convert it first, e.g. w.float())")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"nf4 quantize: blocksize {blocksize} not allowed for {name}; use one of {BLOCKSIZES}")
+    if w.numel() == 0:
+        raise ValueError(f"nf4 quantize: {name} of shape {tuple(w.shape)} is empty")
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"nf4 quantize: {name} of shape {tuple(w.shape)} holds {bad} inf/NaN values; "
+                         "NF4 scales by the block maximum, so fix the weights first")
+
+
+def _absmax_lut(code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' 65536-entry lookup table from a normalized value's bin to its code index:
+    bin i stands for fl(fl(2i / 65535) - 1) and maps to the number of code midpoints below it."""
+    i = torch.arange(65536, dtype=torch.float32, device=code.device)
+    val = (i * 2.0) / 65535.0 - 1.0
+    mid = (code[:-1] + code[1:]) * 0.5
+    return torch.searchsorted(mid, val)  # side="left": the count of midpoints strictly below val
+
+
+def quantize_absmax(a: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
+    """bitsandbytes 0.50.2's 8-bit blockwise quantization on CPU (quantize_cpu_impl<float>).
+
+    a fp32 (n,), code fp32 (256,) sorted -> (uint8 (n,), fp32 absmax (ceil(n/blocksize),)). Per group:
+    x = clamp(a * fl(1 / max|a|), -1, 1); bin = trunc(fma((x + 1) * 0.5, 65535, 0.5)); q = lut[bin]. The
+    fma rounds once: its exact value fits in fp64, so fp64 arithmetic then one cast to fp32 is the same.
+    An all-zero group stores absmax 0 and indices 0.
+    """
+    n = a.numel()
+    groups = -(-n // blocksize)
+    padded = F.pad(a, (0, groups * blocksize - n)).view(groups, blocksize)
+    amax = padded.abs().amax(1)  # (groups,); zero padding cannot raise a max of absolute values
+    x = torch.clamp(padded * (1.0 / amax).view(-1, 1), -1.0, 1.0)
+    t = (x + 1.0) * 0.5
+    bins = (t.double() * 65535.0 + 0.5).float().trunc().long()
+    q = _absmax_lut(code)[bins.clamp(0, 65535)]
+    q = torch.where((amax == 0).view(-1, 1), torch.zeros_like(q), q)
+    return q.reshape(-1)[:n].to(torch.uint8), amax
+
+
+def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """W (any shape, fp32/fp16/bf16) -> NF4Tensor, identical to bitsandbytes.functional.quantize_4bit
+    (quant_type="nf4", compress_statistics=double_quant) on CPU."""
+    check_quantize_args(w, blocksize)
+    a = w.detach().reshape(-1).float()
+    n = a.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = a[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(-1) if full else a.new_zeros(0)
+    # Same expressions as bitsandbytes: a reciprocal for full blocks, a division for the short one.
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        am = a[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(a[full:] / am, -1, 1)])
+    if n % 2:
+        scaled = F.pad(scaled, (0, 1))
+    code = NF4_CODE.to(a.device)
+    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+    packed = (q[::2] << 4) | q[1::2]
+    if not double_quant:
+        return NF4Tensor(packed, absmax, code.clone(), blocksize, tuple(w.shape), w.dtype)
+    offset = absmax.mean()
+    dyn = DYNAMIC_MAP_SIGNED.to(a.device)
+    qabs, nested = quantize_absmax(absmax - offset, dyn)
+    return NF4Tensor(packed, qabs, code.clone(), blocksize, tuple(w.shape), w.dtype,
+                     nested_absmax=nested, nested_code=dyn.clone(), nested_offset=offset.item())
 
 
 def absmax_fp32(w: NF4Tensor) -> torch.Tensor:
