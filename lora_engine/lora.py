@@ -207,10 +207,11 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             "total": sum(p.numel() for p in params)}
 
 
-def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
+def target_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the linear layers named by config.target_modules; raises when a name matches nothing."""
     head = _output_head(model)
-    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # LoraLinear counts as linear so that load_adapter can match an adapter against a LoRA model.
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear))}
     t = config.target_modules
     if isinstance(t, str):
         if t.lower() == ALL_LINEAR:
@@ -261,7 +262,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
             f"the model already has LoRA layers ({existing[0]}, ... {len(existing)} in all); "
             "apply_lora once per model (load_adapter loads weights into existing layers)"
         )
-    paths = _targets(model, config)
+    paths = target_paths(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     for path in paths:
@@ -271,6 +272,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
         layer = LoraLinear.from_linear(getattr(parent, child), r, alpha, lora_dropout=config.lora_dropout,
                                        use_rslora=config.use_rslora, adapter_dtype=adapter_dtype)
         layer.backend = getattr(model, "backend", None)
+        layer.train(parent.training)  # a new module starts in training mode: keep an eval model in eval
         setattr(parent, child, layer)
     model.lora_config = config
     counts = count_parameters(model)

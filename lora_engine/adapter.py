@@ -1,0 +1,279 @@
+"""LoRA adapters on disk in PEFT's format, both ways.
+
+A folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys are
+`base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r); our module
+paths equal Hugging Face's (`model.layers.0.self_attn.q_proj`), so the key is PEFT's exactly.
+Per-module ranks and alphas travel in `rank_pattern` / `alpha_pattern`, as PEFT writes them.
+
+Files are written atomically (temporary file, fsync, rename), the weights first and the config
+last, so a folder with a config always has the weights it describes. Loading checks every key and
+shape before touching the model, so a bad adapter leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save as safetensors_bytes
+
+from lora_engine.loading import CheckpointError, read_safetensors_header, read_tensor
+from lora_engine.lora import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_scale, target_paths
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# adapter_config.json fields that change what the adapter computes and that we do not implement:
+# field -> (value(s) that are fine, what it is). Anything else in the file is bookkeeping.
+UNSUPPORTED = {
+    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA)"),
+    "modules_to_save": ((None, []), "modules_to_save (fully trained extra modules)"),
+    "bias": (("none", None), "trained biases (bias != 'none')"),
+    "lora_bias": ((False, None), "lora_bias (a bias on lora_B)"),
+    "fan_in_fan_out": ((False, None), "fan_in_fan_out (Conv1D-style transposed weights)"),
+    "layers_to_transform": ((None, []), "layers_to_transform"),
+    "layer_replication": ((None, []), "layer_replication"),
+    "exclude_modules": ((None, []), "exclude_modules"),
+    "target_parameters": ((None, []), "target_parameters (LoRA on raw parameters)"),
+    "trainable_token_indices": ((None, [], {}), "trainable_token_indices"),
+    "use_qalora": ((False, None), "QALoRA"),
+    "alora_invocation_tokens": ((None, []), "aLoRA (activated LoRA)"),
+    "use_bdlora": ((False, None), "block-diagonal LoRA"),
+    "megatron_config": ((None,), "Megatron parallel layers"),
+}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- save ----------------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA weights and config as a PEFT adapter folder; returns the folder.
+
+    base_model_name_or_path: recorded in the config (default: `model.name_or_path`, set by
+    load_model). Adapter tensors are saved in their own dtype (fp32 unless chosen otherwise).
+    """
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora(model, config) first")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for path, m in layers.items():
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
+    config = _peft_config(model, layers, base_model_name_or_path or getattr(model, "name_or_path", None))
+    write_atomic(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return folder
+
+
+def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | None) -> dict:
+    cfg = getattr(model, "lora_config", None)
+    first = next(iter(layers.values()))
+    r = cfg.r if cfg else first.r
+    alpha = cfg.lora_alpha if cfg else first.lora_alpha
+    dropout = cfg.lora_dropout if cfg else getattr(first.dropout, "p", 0.0)
+    rslora = {m.use_rslora for m in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("save_adapter: some LoRA layers use rsLoRA and others do not; PEFT's format has one flag")
+    # Only what differs from the global values goes into the patterns, keyed by full module path.
+    rank_pattern = {p: m.r for p, m in layers.items() if m.r != r}
+    alpha_pattern = {p: m.lora_alpha for p, m in layers.items() if m.lora_alpha != alpha}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": rslora.pop(),
+        "target_modules": _target_names(model, list(layers)),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
+    """Short names (q_proj, ...) when they select exactly these layers, else the full paths."""
+    short = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    covered = {n for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, LoraLinear)) and n.rsplit(".", 1)[-1] in short}
+    return short if covered == set(paths) else sorted(paths)
+
+
+# ---- load ----------------------------------------------------------------------------------------
+def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
+    """Parse and check a PEFT adapter_config.json: (LoraConfig, the raw dict)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {CONFIG_NAME}, so it is not a PEFT adapter folder; save one with "
+            "save_adapter(model, folder) or PEFT's model.save_pretrained(folder)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{path}: peft_type {peft_type!r} is not supported; only LoRA adapters (peft_type 'LORA')")
+    for key, (fine, what) in UNSUPPORTED.items():
+        if raw.get(key) not in fine:
+            raise ValueError(
+                f"{path}: {key}={raw[key]!r} asks for {what}, which lora_engine does not support yet; "
+                "retrain the adapter without it"
+            )
+    if raw.get("target_modules") is None:
+        raise ValueError(f"{path}: target_modules is missing or null; the adapter names no layers")
+    try:  # PEFT's defaults for absent fields: r=8, lora_alpha=8, lora_dropout=0
+        config = LoraConfig(
+            r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8), lora_dropout=raw.get("lora_dropout", 0.0),
+            target_modules=raw["target_modules"], use_rslora=raw.get("use_rslora", False),
+            rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return config, raw
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = True) -> LoraConfig:
+    """Load a LoRA adapter saved by PEFT or by save_adapter into `model`; returns its LoraConfig.
+
+    A model without LoRA gets LoRA layers from the adapter's config (apply_lora, so the rest is
+    frozen). A model that already has LoRA layers must have exactly the adapter's layers and ranks;
+    their weights are replaced and their scales follow the adapter's lora_alpha.
+    Raises before changing anything when a key or shape does not fit.
+    """
+    folder = Path(folder)
+    config, raw = read_adapter_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        hint = " (found adapter_model.bin: re-save it with safe_serialization=True)" \
+            if (folder / "adapter_model.bin").is_file() else ""
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}{hint}")
+    existing = dict(lora_layers(model))
+    if any(m.merged for m in existing.values()):
+        raise ValueError("load_adapter: the model's LoRA is merged into its weights; call unmerge_lora(model) first")
+    expected = _expected_layers(model, config, existing, folder)
+    header, start = read_safetensors_header(weights)
+    tensors = _check_keys(header, expected, weights, raw.get("base_model_name_or_path"), model)
+    if not existing:
+        apply_lora(model, config, verbose=False)
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for path, m in layers.items():
+            m.lora_A.copy_(read_tensor(weights, header[tensors[path][0]], start))
+            m.lora_B.copy_(read_tensor(weights, header[tensors[path][1]], start))
+            m.lora_alpha = config.rank_and_alpha(path)[1]
+            m.use_rslora = config.use_rslora
+            m.scale = lora_scale(m.r, m.lora_alpha, m.use_rslora)
+            m.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+            m.dropout.train(m.training)
+    model.lora_config = config
+    if verbose:
+        print(f"loaded LoRA adapter {folder} into {len(layers)} layers")
+    return config
+
+
+def _expected_layers(model, config: LoraConfig, existing: dict, folder: Path) -> dict[str, tuple]:
+    """{module path: (lora_A shape, lora_B shape)} that the adapter must provide for this model."""
+    try:
+        paths = target_paths(model, config)
+    except ValueError as e:
+        raise ValueError(f"{folder / CONFIG_NAME}: {e}; was the adapter made for another base model?") from e
+    if existing:
+        if set(paths) != set(existing):
+            extra, missing = sorted(set(paths) - set(existing)), sorted(set(existing) - set(paths))
+            raise ValueError(
+                f"{folder}: the adapter targets other layers than the LoRA already on the model "
+                f"(only in the adapter: {extra[:4] or 'none'}; only on the model: {missing[:4] or 'none'}); "
+                "load it into a model without LoRA instead"
+            )
+        for path, m in existing.items():
+            r = config.rank_and_alpha(path)[0]
+            if r != m.r:
+                raise ValueError(f"{folder}: {path} has rank {r} in the adapter but {m.r} on the model; "
+                                 "load it into a model without LoRA instead")
+        return {p: ((m.r, m.in_features), (m.out_features, m.r)) for p, m in existing.items()}
+    out = {}
+    for p in paths:
+        w = model.get_submodule(p).weight
+        r = config.rank_and_alpha(p)[0]
+        out[p] = ((r, w.shape[1]), (w.shape[0], r))
+    return out
+
+
+def _check_keys(header: dict, expected: dict, file: Path, adapter_base, model) -> dict[str, tuple[str, str]]:
+    """Map every adapter key onto a layer and check its shape: {path: (A key, B key)}."""
+    problems, found = [], {}
+    base_note = (f" (the adapter was made for {adapter_base!r}, this model is "
+                 f"{getattr(model, 'name_or_path', 'unnamed')!r})")
+    for key, info in header.items():
+        path, kind = _split_key(key)
+        if path is None:
+            problems.append(f"unexpected tensor {key!r} (not a lora_A/lora_B weight: a PEFT feature we do not "
+                            "support, such as DoRA's lora_magnitude_vector or LoRA on embeddings)")
+            continue
+        if path not in expected:
+            problems.append(f"the adapter has weights for {path}, which this model has no LoRA layer for")
+            continue
+        want = expected[path][0 if kind == "lora_A" else 1]
+        if tuple(info["shape"]) != want:
+            problems.append(f"{path}.{kind}: the adapter's tensor is {tuple(info['shape'])}, this model's "
+                            f"layer needs {want}")
+            continue
+        found.setdefault(path, {})[kind] = key
+    for path in expected:
+        for kind in ("lora_A", "lora_B"):
+            if kind not in found.get(path, {}):
+                problems.append(f"missing tensor {PREFIX}{path}.{kind}.weight")
+    if problems:
+        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+        raise CheckpointError(
+            f"{file} does not fit this model{base_note if adapter_base else ''}; was the adapter made for "
+            "another base model?\n  - " + "\n  - ".join(shown)
+        )
+    return {p: (d["lora_A"], d["lora_B"]) for p, d in found.items()}
+
+
+def _split_key(key: str) -> tuple[str | None, str | None]:
+    """'base_model.model.<path>.lora_A.weight' -> (<path>, 'lora_A'); anything else -> (None, None)."""
+    if not key.startswith(PREFIX):
+        return None, None
+    for kind in ("lora_A", "lora_B"):
+        suffix = f".{kind}.weight"
+        if key.endswith(suffix):
+            return key[len(PREFIX):-len(suffix)], kind
+    return None, None

@@ -1,0 +1,250 @@
+"""Adapter files both ways against PEFT itself, and every bad adapter a user can hand us."""
+
+import json
+
+import pytest
+import torch
+
+from lora_engine import LoraConfig, apply_lora, load_adapter, load_model, merge_lora, save_adapter
+from lora_engine.config import ModelConfig
+from lora_engine.loading import CheckpointError
+from lora_engine.lora import DEFAULT_TARGETS, lora_layers
+from lora_engine.model import CausalLM
+from tests.conftest import tol
+from tests.hf_models import make_hf_model
+
+peft = pytest.importorskip("peft", reason="PEFT is a test extra: the parity oracle for adapter files")
+transformers = pytest.importorskip("transformers", reason="transformers is a test extra: the parity oracle")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random llama checkpoint folder shared by the tests (each loads its own copy)."""
+    folder = tmp_path_factory.mktemp("llama")
+    make_hf_model("llama", folder)
+    return folder
+
+
+def _hf(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _randomize_b(model):
+    # B starts at zero; a nonzero B makes the adapter visible in the logits.
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            m.lora_B.normal_(std=0.2)
+
+
+def _ids(n=2, t=13):
+    return torch.randint(0, 96, (n, t))
+
+
+@pytest.mark.parametrize("targets, rslora, rank_pattern", [
+    (DEFAULT_TARGETS, False, {}),
+    (("q_proj", "v_proj"), True, {}),
+    (("q_proj", "down_proj"), False, {"model.layers.1.mlp.down_proj": 2}),
+])
+def test_our_adapter_loads_in_peft(base, tmp_path, targets, rslora, rank_pattern):
+    ours = load_model(base)
+    apply_lora(ours, LoraConfig(r=4, lora_alpha=6, target_modules=targets, use_rslora=rslora,
+                                rank_pattern=rank_pattern, alpha_pattern={"q_proj": 3}), verbose=False)
+    _randomize_b(ours)
+    save_adapter(ours, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base)
+    assert cfg["target_modules"] == sorted(targets)
+    theirs = peft.PeftModel.from_pretrained(_hf(base), tmp_path).eval()
+    ids = _ids()
+    with torch.no_grad():
+        got, ref = ours(ids), theirs(ids).logits
+        plain = _hf(base)(ids).logits
+    assert (got - plain).abs().max() > 1e-3  # the adapter changes the output, so the match means something
+    torch.testing.assert_close(got, ref, **tol("logits_fp32"))
+
+
+def _peft_trained(folder, cfg, steps=3):
+    """A PEFT model after a few AdamW steps, so every B is nonzero."""
+    model = peft.get_peft_model(_hf(folder), cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        ids = _ids(2, 16)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("family, kw", [
+    ("llama", dict(target_modules=list(DEFAULT_TARGETS))),
+    ("llama", dict(target_modules=["q_proj", "v_proj", "up_proj"], use_rslora=True,
+                   rank_pattern={"model.layers.0.self_attn.q_proj": 2, "up_proj": 6},
+                   alpha_pattern={"v_proj": 3.0})),
+    ("qwen2", dict(target_modules=["q_proj", "k_proj", "o_proj"])),  # q/k carry a bias in qwen2
+])
+def test_peft_adapter_loads_in_ours(tmp_path, family, kw):
+    folder = tmp_path / "base"
+    make_hf_model(family, folder, tie=family == "qwen2")
+    theirs = _peft_trained(folder, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM", **kw))
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = load_model(folder)
+    config = load_adapter(ours, tmp_path / "adapter", verbose=False)
+    assert config.rank_pattern == kw.get("rank_pattern", {})
+    ids = _ids()
+    with torch.no_grad():
+        ref = theirs(ids).logits
+        got = ours(ids)
+    torch.testing.assert_close(got, ref, **tol("logits_fp32"))
+    for p, m in lora_layers(ours):
+        assert m.lora_B.abs().max() > 0, p
+        assert m.lora_B.requires_grad and not m.weight.requires_grad
+
+
+def test_round_trip_and_reload_into_existing_lora(base, tmp_path):
+    ours = load_model(base)
+    apply_lora(ours, LoraConfig(r=3, lora_alpha=5, target_modules=("k_proj", "gate_proj")), verbose=False)
+    _randomize_b(ours)
+    save_adapter(ours, tmp_path)
+    fresh = load_model(base)
+    load_adapter(fresh, tmp_path, verbose=False)
+    again = load_model(base)  # a model that already carries LoRA of the same shape: weights replaced
+    apply_lora(again, LoraConfig(r=3, lora_alpha=1, target_modules=("k_proj", "gate_proj")), verbose=False)
+    load_adapter(again, tmp_path, verbose=False)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), ours(ids), rtol=0, atol=0)
+        torch.testing.assert_close(again(ids), ours(ids), rtol=0, atol=0)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def _saved(base, folder, **kw):
+    model = load_model(base)
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), **kw), verbose=False)
+    _randomize_b(model)
+    save_adapter(model, folder)
+    return folder
+
+
+def _edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def test_adapter_for_another_base_model(base, tmp_path):
+    other = CausalLM(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=112, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    apply_lora(other, LoraConfig(r=4, target_modules=("q_proj",)), verbose=False)
+    other.name_or_path = "tiny-32"
+    save_adapter(other, tmp_path)
+    model = load_model(base)
+    with pytest.raises(CheckpointError, match=r"made for 'tiny-32'.*\n.*model\.layers\.0\.self_attn\.q_proj\.lora_A: "
+                                              r"the adapter's tensor is \(4, 32\), this model's layer needs \(4, 64\)"):
+        load_adapter(model, tmp_path)
+    assert not list(lora_layers(model))  # nothing was changed by the failed load
+
+
+def test_adapter_with_more_layers_than_the_model(base, tmp_path):
+    deep = CausalLM(ModelConfig.from_hf(json.loads((base / "config.json").read_text()) | {"num_hidden_layers": 3}))
+    apply_lora(deep, LoraConfig(r=4, target_modules=("q_proj",)), verbose=False)
+    save_adapter(deep, tmp_path)
+    with pytest.raises(CheckpointError, match=r"weights for model\.layers\.2\.self_attn\.q_proj, which this model"):
+        load_adapter(load_model(base), tmp_path)
+
+
+def test_missing_files(base, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_adapter(load_model(base), tmp_path / "nowhere")
+    folder = _saved(base, tmp_path / "a")
+    (folder / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json, so it is not a PEFT adapter folder"):
+        load_adapter(load_model(base), folder)
+    folder = _saved(base, tmp_path / "b")
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors .*safe_serialization=True"):
+        load_adapter(load_model(base), folder)
+
+
+def test_truncated_weights(base, tmp_path):
+    folder = _saved(base, tmp_path)
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors.*truncated"):
+        load_adapter(load_model(base), folder)
+    path.write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="truncated safetensors file"):
+        load_adapter(load_model(base), folder)
+
+
+def test_bad_config_json(base, tmp_path):
+    folder = _saved(base, tmp_path)
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        load_adapter(load_model(base), folder)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(r=0), r"adapter_config.json: LoraConfig.r \(the rank\) must be a positive integer, got 0"),
+    (dict(lora_alpha=-1), "LoraConfig.lora_alpha must be a positive finite number, got -1"),
+    (dict(lora_dropout=1.5), r"LoraConfig.lora_dropout must be a number in \[0, 1\), got 1.5"),
+    (dict(target_modules=["c_attn"]), "'c_attn' matches no module of the model; its linear layers are named "
+                                      "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    (dict(target_modules=None), "target_modules is missing"),
+    (dict(peft_type="IA3"), "peft_type 'IA3' is not supported; only LoRA"),
+    (dict(use_dora=True), "use_dora=True asks for DoRA"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save.*does not support yet"),
+    (dict(bias="all"), "bias='all' asks for trained biases"),
+    (dict(layers_to_transform=[0]), "layers_to_transform"),
+])
+def test_invalid_or_unsupported_config(base, tmp_path, changes, message):
+    folder = _saved(base, tmp_path)
+    _edit_config(folder, **changes)
+    model = load_model(base)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(model, folder)
+    assert not list(lora_layers(model))
+
+
+def test_unsupported_tensor_in_file(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _saved(base, tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.ones(64)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected tensor .*lora_magnitude_vector.*DoRA"):
+        load_adapter(load_model(base), folder)
+
+
+def test_missing_tensor_in_file(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _saved(base, tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensor base_model\.model\.model\.layers\.1\.self_attn\."
+                                              r"v_proj\.lora_B\.weight"):
+        load_adapter(load_model(base), folder)
+
+
+def test_load_into_mismatched_or_merged_lora(base, tmp_path):
+    folder = _saved(base, tmp_path)
+    model = load_model(base)
+    apply_lora(model, LoraConfig(r=2, target_modules=("q_proj", "v_proj")), verbose=False)
+    with pytest.raises(ValueError, match="q_proj has rank 4 in the adapter but 2 on the model"):
+        load_adapter(model, folder)
+    model = load_model(base)
+    apply_lora(model, LoraConfig(r=4, target_modules=("q_proj",)), verbose=False)
+    with pytest.raises(ValueError, match="targets other layers than the LoRA already on the model"):
+        load_adapter(model, folder)
+    merge_lora(model)
+    with pytest.raises(ValueError, match="merged into its weights; call unmerge_lora"):
+        load_adapter(model, folder)
+
+
+def test_save_without_lora(base, tmp_path):
+    with pytest.raises(ValueError, match="save_adapter: the model has no LoRA layers; call apply_lora"):
+        save_adapter(load_model(base), tmp_path)
