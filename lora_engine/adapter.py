@@ -5,7 +5,7 @@ A folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys
 paths equal Hugging Face's (`model.layers.0.self_attn.q_proj`), so the key is PEFT's exactly.
 Per-module ranks and alphas travel in `rank_pattern` / `alpha_pattern`, as PEFT writes them.
 
-Files are written atomically (temporary file, fsync, rename), the weights first and the config
+Files are written atomically (lora_engine.atomic: temporary file, fsync, rename), the weights first and the config
 last, so a folder with a config always has the weights it describes. Loading checks every key and
 shape before touching the model, so a bad adapter leaves the model as it was.
 """
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
+from lora_engine.atomic import write_bytes
 from lora_engine.loading import CheckpointError, read_safetensors_header, read_tensor
 from lora_engine.lora import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_scale, target_paths
 
@@ -48,21 +48,6 @@ UNSUPPORTED = {
 }
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---- save ----------------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write the model's LoRA weights and config as a PEFT adapter folder; returns the folder.
@@ -80,8 +65,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
     config = _peft_config(model, layers, base_model_name_or_path or getattr(model, "name_or_path", None))
-    write_atomic(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
-    write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder
 
 
