@@ -88,14 +88,19 @@ def _lora_mm(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _config(dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes: a few fixed choices (multi-config autotune fails under the interpreter)."""
-    if device.type != "cuda":
+def tile_config(dtype: torch.dtype, capability: tuple[int, int] | None) -> dict:
+    """Tile sizes for a GPU of this compute capability (None: the interpreter).
+
+    A few fixed choices rather than triton.autotune, which fails under the interpreter with more
+    than one config. Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * itemsize; the
+    compile test (tests/test_kernels_compile.py) checks each choice against the target's limit.
+    """
+    if capability is None:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    big_smem = torch.cuda.get_device_capability(device) in ((8, 0), (9, 0), (10, 0))
-    # 128x128x64 with 3 stages needs ~104 KB of shared memory: A100/H100 only; 32-deep K elsewhere.
+    # 128x128x64 in 3 stages needs ~100 KB of shared memory: A100/H100/B200 have it, sm_75/86/89 not.
+    big_smem = capability in ((8, 0), (9, 0), (10, 0))
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if big_smem else 32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
@@ -106,7 +111,7 @@ def fused_mm(p, q_t, lo, ro_t, scale: float, bias, out_dtype) -> torch.Tensor:
     c = torch.empty((M, N), dtype=out_dtype, device=p.device)
     if M == 0 or N == 0:
         return c
-    cfg = _config(p.dtype, p.device)
+    cfg = tile_config(p.dtype, torch.cuda.get_device_capability(p.device) if p.is_cuda else None)
     upcast = not p.is_cuda
     precision = "ieee" if (upcast or p.dtype == torch.float32) else "tf32"
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
