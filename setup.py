@@ -15,7 +15,8 @@ def _extensions():
     if os.environ.get("LORA_ENGINE_NO_EXT") == "1":
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         print("lora_engine: torch not importable at build time; skipping the csrc/ extension", file=sys.stderr)
         return [], {}
@@ -25,12 +26,20 @@ def _extensions():
     )
     if not sources:
         return [], {}
-    ext = CppExtension(
-        "lora_engine._C",
-        sources,
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
-    )
+    # -ffp-contract=off: no fused multiply-add, so each product rounds as in the PyTorch reference
+    # (the NF4 ops are tested bit for bit against it).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    cuda = sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(here, "csrc")) if f.endswith(".cu"))
+    # The CUDA kernels (csrc/*.cu) only where a GPU build is possible: CUDA torch and nvcc present.
+    if cuda and torch.cuda.is_available() and CUDA_HOME is not None:
+        ext = CUDAExtension(
+            "lora_engine._C",
+            sources + cuda,
+            extra_compile_args={"cxx": cxx + ["-DLORA_ENGINE_CUDA"], "nvcc": ["-O3", "--fmad=false"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension("lora_engine._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 

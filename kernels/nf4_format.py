@@ -5,7 +5,7 @@ Layout of a weight W of shape (out, in), flattened row-major to n = out*in eleme
   - absmax[b] = max |W[block b]| in fp32, one per block (n_blocks = ceil(n / blocksize)).
   - q[i] = index (0..15) of the code value nearest to W[i] / absmax[b]; NF4_CODE below, sorted.
   - packed[i] = q[2i] << 4 | q[2i+1] (first element in the high nibble), uint8 (ceil(n/2),);
-    an odd count is padded with a zero nibble. bitsandbytes stores it with shape (ceil(n/2), 1).
+    an odd count is padded with the index of 0.0 (nibble 7), as bitsandbytes pads the scaled values with 0. bitsandbytes stores it with shape (ceil(n/2), 1).
   - W'[i] = NF4_CODE[q[i]] * absmax[i // blocksize], computed in fp32 and cast once to the dtype.
 Double quantization (bitsandbytes' compress_statistics=True):
   - offset = mean(absmax) (fp32); absmax - offset is quantized blockwise (blocks of 256) to uint8
@@ -18,6 +18,7 @@ dequantization in kernels/nf4_reference.py (PyTorch), kernels/nf4_triton.py and 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 
@@ -163,6 +164,25 @@ class NF4Tensor:
         return replace(self, packed=mv(self.packed), absmax=mv(self.absmax), code=mv(self.code),
                        nested_absmax=mv(self.nested_absmax), nested_code=mv(self.nested_code))
 
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def dequantize(self, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+        """Dense tensor of `shape` in `dtype` (default self.dtype). A thin method over
+        lora_engine.nf4.dequantize, which owns the backend choice (torch, triton, cpp)."""
+        from lora_engine import nf4  # the user-facing choice of backend lives above the kernels
+
+        return nf4.dequantize(self, dtype, backend)
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The tensors bitsandbytes saves for this weight under `prefix` (e.g. "model.layers.0.mlp.up_proj.")."""
+        return to_bnb_state_dict(self, prefix)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "", where: str = "state dict") -> NF4Tensor:
+        """Inverse of state_dict: read the bitsandbytes keys under `prefix`; `where` names the source in errors."""
+        return from_bnb_state_dict(sd, prefix, where)
+
     def size(self, dim: int | None = None):
         """Like Tensor.size: the original (dequantized) shape."""
         return torch.Size(self.shape) if dim is None else self.shape[dim]
@@ -171,3 +191,71 @@ class NF4Tensor:
         nest = f", nested(offset={self.nested_offset:.6g})" if self.is_nested else ""
         return (f"NF4Tensor(shape={self.shape}, dtype={self.dtype}, blocksize={self.blocksize}{nest}, "
                 f"device={self.device})")
+
+
+# ---- bitsandbytes' state-dict layout (bitsandbytes.functional.QuantState.as_dict(packed=True)) ------------------
+QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def to_bnb_state_dict(w: NF4Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
+    """{prefix + "weight": uint8 (ceil(n/2), 1), "weight.absmax", "weight.quant_map", [nested...],
+    "weight.quant_state.bitsandbytes__nf4": uint8 JSON bytes} exactly as transformers + bitsandbytes save."""
+    p = prefix + "weight"
+    qs = {"quant_type": "nf4", "blocksize": w.blocksize, "dtype": str(w.dtype).removeprefix("torch."),
+          "shape": list(w.shape)}
+    out = {p: w.packed.reshape(-1, 1), f"{p}.absmax": w.absmax, f"{p}.quant_map": w.code}
+    if w.is_nested:
+        out[f"{p}.nested_absmax"] = w.nested_absmax
+        out[f"{p}.nested_quant_map"] = w.nested_code
+        qs.update(nested_blocksize=w.nested_blocksize, nested_dtype="float32", nested_offset=w.nested_offset)
+    out[f"{p}.{QUANT_STATE_KEY}"] = torch.tensor(list(json.dumps(qs).encode("utf-8")), dtype=torch.uint8)
+    return out
+
+
+def _quant_state_json(raw: torch.Tensor, key: str, where: str) -> dict:
+    try:
+        qs = json.loads(bytes(raw.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
+        if not isinstance(qs, dict):
+            raise ValueError("not a JSON object")
+        shape = tuple(int(d) for d in qs["shape"])
+        blocksize = int(qs["blocksize"])
+        dtype = _DTYPE_NAMES[qs["dtype"]]
+        quant_type = qs["quant_type"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{where}: {key} is not a valid bitsandbytes quant state ({type(e).__name__}: {e}); it must be the "
+            "UTF-8 JSON bytes with quant_type, blocksize, dtype and shape: the checkpoint is corrupted"
+        ) from e
+    if quant_type != "nf4":
+        raise ValueError(f"{where}: {key} has quant_type {quant_type!r}; only 'nf4' is supported (not fp4)")
+    return {"shape": shape, "blocksize": blocksize, "dtype": dtype, "raw": qs}
+
+
+def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "", where: str = "state dict") -> NF4Tensor:
+    """Build an NF4Tensor from bitsandbytes' keys under `prefix`; ValueError naming the key when one is
+    missing or does not fit the others."""
+    p = prefix + "weight"
+    key = f"{p}.{QUANT_STATE_KEY}"
+    for k in (p, key, f"{p}.absmax", f"{p}.quant_map"):
+        if k not in sd:
+            raise ValueError(f"{where}: missing {k} (an NF4 weight needs {p}, its .absmax, .quant_map and "
+                             f".{QUANT_STATE_KEY})")
+    qs = _quant_state_json(sd[key], key, where)
+    packed = sd[p]
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"{where}: {p} has dtype {packed.dtype}; a packed NF4 weight is uint8 "
+                         "(bnb_4bit_quant_storage other than uint8 is not supported)")
+    nested = f"{p}.nested_absmax" in sd
+    raw = qs["raw"]
+    try:
+        return NF4Tensor(
+            packed=packed.reshape(-1), absmax=sd[f"{p}.absmax"].reshape(-1), code=sd[f"{p}.quant_map"].float(),
+            blocksize=qs["blocksize"], shape=qs["shape"], dtype=qs["dtype"],
+            nested_absmax=sd[f"{p}.nested_absmax"].reshape(-1).float() if nested else None,
+            nested_code=sd[f"{p}.nested_quant_map"].float() if nested else None,
+            nested_offset=float(raw["nested_offset"]) if nested else None,
+            nested_blocksize=int(raw.get("nested_blocksize", NESTED_BLOCKSIZE)),
+        )
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{where}: the NF4 tensors under {p} do not fit together: {e}") from e
