@@ -1,0 +1,136 @@
+"""`python -m lora_engine.train`: LoRA fine-tuning from the command line.
+
+With no arguments it fine-tunes the embedded SmolLM2-135M-Instruct on the embedded chatterbot
+conversations, evaluating before and after. Every flag comes from TrainConfig (see --help);
+`--config run.toml` overlays a file. The output folder (--out) holds:
+
+  adapter/, adapter-best/    the PEFT adapter at the end, and at the best validation loss
+  checkpoints/step-N/        resumable checkpoints (--save-every, and on Ctrl-C / SIGTERM)
+  metrics.jsonl              one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, ...
+  loss.png                   the loss curve (when matplotlib is installed)
+  config.json, run.json      the resolved config; the lineage and evaluation results
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_engine.cli_config import format_config, parse
+
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _f(default, help_, **kw):
+    return field(default=default, metadata={"help": help_, **kw})
+
+
+@dataclass
+class TrainConfig:
+    model: str = _f("smollm2-135m-instruct", "Hugging Face model folder or embedded model name")
+    data: str | None = _f(None, "training file (JSONL/JSON); default: the embedded chatterbot conversations")
+    format: str = _f("auto", "data format", choices=["auto", "text", "alpaca", "prompt_completion", "chat"])
+    val_data: str | None = _f(None, "validation file (default: --val-split of --data)")
+    val_split: float = _f(0.1, "fraction of --data held out for validation when --val-data is not given")
+    out: str | None = _f(None, "output folder (default runs/<time>; with --resume, the resumed run's folder)")
+    max_steps: int = _f(240, "optimizer steps; 0 = run --epochs epochs")
+    epochs: float = _f(1.0, "epochs when --max-steps is 0")
+    batch_size: int = _f(8, "examples per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(10, "linear warmup steps before the cosine decay")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    r: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA alpha (scale alpha/r)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    target_modules: str = _f(ALL_PROJECTIONS, "comma-separated module names that get LoRA")
+    use_rslora: bool = _f(False, "scale alpha/sqrt(r) instead of alpha/r")
+    max_length: int = _f(256, "tokens per example (longer ones are truncated, counts reported)")
+    pack: bool = _f(False, "pack several examples per row (attention and positions isolated per example)")
+    completion_only: bool = _f(True, "loss only on responses / assistant turns (prompt and chat formats)")
+    save_every: int = _f(100, "checkpoint every N steps (0 = only at the end and on interruption)")
+    keep_checkpoints: int = _f(2, "how many checkpoints to keep")
+    eval_every: int = _f(0, "validation loss every N steps, saving adapter-best/ (0 = only before and after)")
+    eval_batch_size: int = _f(16, "batch size of evaluations")
+    general_eval: bool = _f(True, "measure general-English perplexity before and after (forgetting check)")
+    general_tokens: int = _f(128, "tokens per general-English passage (8 passages)")
+    forgetting_threshold: float = _f(0.05, "warn when general-English perplexity rises by more than this")
+    resume: str | None = _f(None, "continue from a checkpoint folder, or the newest checkpoint of a run folder")
+    stop_after: int = _f(0, "stop (with a checkpoint) after this step, as if interrupted; 0 = off")
+    seed: int = _f(0, "seed of data order, LoRA initialisation and dropout")
+    quantize: str = _f("none", "base weights: none, or nf4 (QLoRA)", choices=["none", "nf4"])
+    precision: str = _f("auto", "auto: fp32 on CPU, bf16 (or fp16) autocast on GPU",
+                        choices=["auto", "fp32", "bf16", "fp16"])
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    device: str = _f("auto", "cpu, cuda, cuda:1... (auto: cuda when available)")
+    on_nonfinite: str = _f("stop", "on a NaN/inf loss or gradient: stop, or skip the step and count it",
+                           choices=["stop", "skip"])
+    log_every: int = _f(1, "write a metrics line every N steps")
+    plot: bool = _f(True, "draw loss.png at the end (needs matplotlib)")
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "r", "max_length", "eval_batch_size", "log_every",
+                     "keep_checkpoints", "general_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_every", "eval_every", "warmup_steps", "stop_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ValueError("--max-steps 0 needs --epochs > 0")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+def main(argv=None) -> int:
+    from lora_engine.checkpoint import ResumeError
+    from lora_engine.data import DataError
+    from lora_engine.train_loop import TrainingStopped, run
+
+    cfg, explicit = parse(TrainConfig, argv, "python -m lora_engine.train", __doc__.splitlines()[0])
+    try:
+        manifest = run(cfg, explicit, log=print)
+    except (DataError, ResumeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0 if manifest["status"] in ("completed", "interrupted") else 1
+
+
+def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, Path | None]:
+    """With --resume: the saved config of the resumed run, overlaid with the flags given now."""
+    if not cfg.resume:
+        return cfg, None
+    import json
+
+    from lora_engine.checkpoint import ResumeError, latest_checkpoint, run_dir_of
+
+    ckpt = latest_checkpoint(cfg.resume)
+    saved_path = run_dir_of(ckpt) / "config.json"
+    if not saved_path.is_file():
+        raise ResumeError(f"{saved_path} is missing: cannot tell how the resumed run was configured")
+    saved = json.loads(saved_path.read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in known}
+    values.update({k: getattr(cfg, k) for k in explicit})
+    values["resume"] = str(ckpt)
+    values["stop_after"] = cfg.stop_after if "stop_after" in explicit else 0
+    if "out" not in explicit:
+        values["out"] = str(run_dir_of(ckpt))
+    return TrainConfig(**values), ckpt
+
+
+def describe(cfg: TrainConfig) -> str:
+    return "resolved config:\n" + format_config(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The training loop as functions, for use inside your own loop or behind `python -m lora_engine.train`.
+
+    from lora_engine import trainer
+    opt = trainer.make_optimizer(model, lr=5e-4)                  # AdamW over params that require grad
+    sched = trainer.make_scheduler(opt, warmup_steps=10, total_steps=300)
+    for step in range(300):
+        micro = [batcher.next() for _ in range(grad_accum)]       # lora_engine.data.Batcher
+        res = trainer.train_step(model, opt, sched, micro, max_grad_norm=1.0)
+        print(res.loss, res.lr, res.tokens)
+    print(trainer.evaluate(model, val_batches))                   # {"loss", "ppl", "tokens"}
+
+Accumulation: the loss of one step is the sum of token losses over ALL its micro-batches divided by
+the number of target tokens in all of them, so 4 micro-batches of 1 give exactly the loss and
+gradients of one batch of 4, whatever the lengths (a mean of per-micro-batch means would weight a
+short example's tokens more). Precision: fp32 on CPU; on GPU autocast to bf16 (fp16 with a grad
+scaler where bf16 is missing).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from lora_engine.data import n_targets
+
+MODEL_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient of a step is NaN or infinite; the message says where."""
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean loss per target token over the whole accumulated batch
+    grad_norm: float     # before clipping
+    lr: float            # the learning rate this step used
+    tokens: int          # input tokens (padding excluded) in the accumulated batch
+    targets: int         # target tokens in the accumulated batch
+    skipped: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy (when installed) and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter that requires grad: apply LoRA (apply_lora) before training")
+    return params
+
+
+def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+    """AdamW over the parameters that require grad (the LoRA A and B matrices)."""
+    params = [p for _, p in trainable_parameters(model)]
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup from ~0 to 1 over warmup_steps, then cosine down to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, min_ratio))
+
+
+def autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:
+    """None (plain fp32) on CPU or with precision fp32; bf16 or fp16 on GPU."""
+    device = torch.device(device)
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: batch[k].to(device) for k in MODEL_KEYS if batch.get(k) is not None}
+
+
+def micro_batch_loss_sum(model, batch: dict, amp: torch.dtype | None = None) -> torch.Tensor:
+    """Sum of the token losses of one micro-batch (fp32 scalar, differentiable)."""
+    device = next(model.parameters()).device
+    b = _to_device(batch, device)
+    with _autocast(device, amp):
+        return model.loss(b["input_ids"], b["labels"], attention_mask=b.get("attention_mask"), reduction="sum",
+                          position_ids=b.get("position_ids"), segment_ids=b.get("segment_ids")).float()
+
+
+def accumulate_gradients(model, micro_batches: list[dict], total: int, amp: torch.dtype | None = None,
+                         scaler=None) -> tuple[float, str | None]:
+    """Backward over each micro-batch of (sum of its token losses) / total, adding into .grad.
+
+    total: target tokens of all micro-batches together, so the gradient is that of the mean over
+    the whole accumulated batch. Returns (that mean loss, None) or (partial loss, what went wrong)
+    when a micro-batch's loss is not finite (its backward is then not run).
+    """
+    loss_sum = 0.0
+    for i, b in enumerate(micro_batches):
+        part = micro_batch_loss_sum(model, b, amp) / total
+        if not torch.isfinite(part):
+            rows = ", ".join(b["where"][:4])
+            return loss_sum, f"non-finite loss ({float(part.detach())}) in micro-batch {i} (rows {rows})"
+        (scaler.scale(part) if scaler is not None else part).backward()
+        loss_sum += float(part.detach())
+    return loss_sum, None
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float | None = 1.0,
+               amp: torch.dtype | None = None, scaler=None, on_nonfinite: str = "stop",
+               where: str = "") -> StepResult:
+    """One optimizer step over `micro_batches` (each a dict from data.collate, tensors (B, T)).
+
+    on_nonfinite: "stop" raises NonFiniteError (nothing is updated); "skip" leaves the parameters
+    and optimizer state untouched, advances the schedule, and returns skipped=True.
+    """
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+    model.train()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    total = sum(n_targets(b) for b in micro_batches)
+    tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else b["input_ids"].numel()
+                 for b in micro_batches)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+    if total == 0:
+        raise ValueError(f"{where}: the accumulated batch has no target token (all labels are -100)")
+    loss_sum, problem = accumulate_gradients(model, micro_batches, total, amp, scaler)
+    grad_norm = float("nan")
+    if problem is None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+        grad_norm = float(norm)
+        if not math.isfinite(grad_norm) and scaler is None:  # with fp16 the scaler handles overflow
+            bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            problem = f"non-finite gradient (norm {grad_norm}) in {', '.join(bad[:4]) or 'the parameters'}"
+    if problem is not None:
+        optimizer.zero_grad(set_to_none=True)
+        if on_nonfinite == "stop":
+            raise NonFiniteError(f"{where}: {problem}")
+        with warnings.catch_warnings():  # the schedule advances on a skipped step on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()
+        return StepResult(float("nan"), grad_norm, lr, tokens, total, skipped=True)
+    if scaler is not None:
+        # fp16: an overflow is expected now and then; the scaler skips that step and lowers its scale.
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepResult(loss_sum, grad_norm, lr, tokens, total)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], amp: torch.dtype | None = None) -> dict:
+    """Mean loss per target token over `batches`, its perplexity, and the token count."""
+    was = model.training
+    model.eval()
+    try:
+        total, count = 0.0, 0
+        for b in batches:
+            n = n_targets(b)
+            if n:
+                total += float(micro_batch_loss_sum(model, b, amp))
+                count += n
+    finally:
+        model.train(was)
+    if count == 0:
+        raise ValueError("evaluate: the batches hold no target token")
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 80.0)), "tokens": count}
+
+
+def rng_state() -> dict:
+    s = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        s["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    if "numpy" in s:
+        import numpy as np
+
+        np.random.set_state(s["numpy"])

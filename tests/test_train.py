@@ -1,0 +1,174 @@
+"""The loop: accumulation normalised over the whole batch, the NaN guard, exact resume, and the CLI end to end."""
+
+import json
+
+import pytest
+import torch
+
+from lora_engine import trainer
+from lora_engine.data import collate, load_examples, prepare
+from lora_engine.train import TrainConfig, main
+from lora_engine.train_loop import TrainingStopped, run
+from tests.test_train_support import (
+    FakeTokenizer,
+    chat_records,
+    save_tokenizer_files,
+    tiny_lora_model,
+    tiny_model_folder,
+    write_jsonl,
+)
+
+TOK = FakeTokenizer()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    f = tiny_model_folder(tmp_path_factory.mktemp("tiny"))
+    return save_tokenizer_files(f)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
+
+
+def fresh(folder, dropout=0.0):
+    torch.manual_seed(0)
+    return tiny_lora_model(folder, dropout=dropout)
+
+
+def test_accumulation_equals_one_big_batch(folder, tmp_path):
+    exs = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"text": "a" * n} for n in (3, 17, 8, 30)]), TOK)
+    rows = prepare(exs, 64)
+    assert len({len(r.input_ids) for r in rows}) == 4  # unequal lengths: a mean of means would differ
+    model = fresh(folder)
+    results = []
+    for micro in ([collate(rows, 0)], [collate([r], 0) for r in rows]):
+        total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        loss, problem = trainer.accumulate_gradients(model, micro, total)
+        assert problem is None
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad(set_to_none=True)
+    (l1, g1), (l4, g4) = results
+    assert l1 == pytest.approx(l4, rel=1e-6)
+    for n in g1:
+        torch.testing.assert_close(g4[n], g1[n], rtol=1e-5, atol=1e-7)
+    # The wrong normalisation (mean of per-micro-batch means) is measurably different here.
+    means = sum(float(trainer.micro_batch_loss_sum(model, b).detach()) / max(1, int((b["labels"][:, 1:] != -100).sum()))
+                for b in [collate([r], 0) for r in rows]) / 4
+    assert abs(means - l1) > 1e-3
+
+
+def _nan_model(folder):
+    model = fresh(folder)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("lora_A")).fill_(float("nan"))
+    return model
+
+
+def test_nan_guard_stops_or_skips(folder, tmp_path):
+    rows = prepare(load_examples(write_jsonl(tmp_path / "d.jsonl", chat_records(4)), TOK), 128)
+    micro = [collate(rows, 0)]
+    model = _nan_model(folder)
+    opt = trainer.make_optimizer(model, 1e-3)
+    sched = trainer.make_scheduler(opt, 0, 10)
+    with pytest.raises(trainer.NonFiniteError, match=r"step 7: non-finite loss \(nan\) in micro-batch 0 \(rows "):
+        trainer.train_step(model, opt, sched, micro, where="step 7")
+    before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    res = trainer.train_step(model, opt, sched, micro, on_nonfinite="skip")
+    assert res.skipped
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, before[n], rtol=0, atol=0, equal_nan=True)
+    assert opt.state == {} or all(not s for s in opt.state.values())  # no Adam moments were touched
+
+
+def _cfg(out, data, **kw):
+    base = dict(model="unused", data=str(data), out=str(out), max_steps=6, batch_size=4, grad_accum=2, lr=5e-3,
+                warmup_steps=2, r=4, max_length=96, save_every=2, keep_checkpoints=2, general_eval=False,
+                eval_batch_size=8, log_every=1, plot=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(out):
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_reproduces_the_loss_sequence_exactly(folder, data, tmp_path):
+    quiet = lambda *a: None
+    # Dropout on, so the resumed run must restore the torch RNG state to match.
+    run(_cfg(tmp_path / "straight", data, lora_dropout=0.1), tokenizer=TOK, model=fresh(folder, 0.1), log=quiet)
+    m = run(_cfg(tmp_path / "split", data, lora_dropout=0.1, stop_after=3), tokenizer=TOK, model=fresh(folder, 0.1),
+            log=quiet)
+    assert m["status"] == "interrupted" and m["final_step"] == 3
+    assert (tmp_path / "split/checkpoints/step-00000003/adapter/adapter_model.safetensors").is_file()
+    # A fresh model (different LoRA init): everything must come from the checkpoint.
+    torch.manual_seed(123)
+    m2 = run(_cfg(None, data, resume=str(tmp_path / "split")), {"resume"}, tokenizer=TOK,
+             model=tiny_lora_model(folder, dropout=0.1), log=quiet)
+    assert m2["status"] == "completed" and m2["resumed_from"].endswith("step-00000003")
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert len(straight) == 6 and resumed == straight  # bit-identical, not approximately equal
+
+
+def test_nan_in_a_run_keeps_the_last_good_checkpoint(folder, data, tmp_path, monkeypatch):
+    real = trainer.micro_batch_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch, amp=None):
+        calls["n"] += 1
+        out = real(model, batch, amp)
+        # Call 1 is the evaluation before training, then 2 micro-batches per step: step 4 gets the NaN.
+        return out * float("nan") if calls["n"] > 7 else out
+
+    monkeypatch.setattr(trainer, "micro_batch_loss_sum", poisoned)
+    with pytest.raises(TrainingStopped, match=r"step 4 \(epoch 0, rows .*non-finite loss.*last good checkpoint "
+                                              r"\(.*step-00000002\)"):
+        run(_cfg(tmp_path / "r", data), tokenizer=TOK, model=fresh(folder), log=lambda *a: None)
+    manifest = json.loads((tmp_path / "r/run.json").read_text())
+    assert manifest["status"] == "failed" and "non-finite" in manifest["error"]
+    assert [p.name for p in (tmp_path / "r/checkpoints").iterdir()] == ["step-00000002"]
+
+
+def test_cli_end_to_end(folder, data, tmp_path, capsys):
+    from lora_engine import load_adapter, load_model
+    from lora_engine.runs import main as runs_main
+
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('lr = 0.005\nmax-length = 96\nr = 4\n')
+    rc = main(["--config", str(cfg), "--model", str(folder), "--data", str(data), "--out", str(out),
+               "--max-steps", "4", "--batch-size", "4", "--save-every", "2", "--eval-every", "2",
+               "--general-tokens", "32"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "resolved config:" in printed and "lr" in printed and "0.005" in printed and "general English ppl" in printed
+    for name in ("adapter/adapter_model.safetensors", "adapter-best/adapter_config.json", "metrics.jsonl", "loss.png",
+                 "config.json", "run.json", "checkpoints/step-00000004/state.pt"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all({"loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+    assert "val_loss" in rows[1]
+    m = json.loads((out / "run.json").read_text())
+    assert m["status"] == "completed" and m["config"]["lr"] == 0.005 and m["config"]["r"] == 4
+    assert set(m["base_model"]["sha256"]) >= {str(folder / "model.safetensors")}
+    assert list(m["data"]["sha256"]) == [str(data)] and m["package_version"] and m["started"] and m["ended"]
+    assert {"before", "after", "change"} <= set(m["eval"]) and "general" in m["eval"]["after"]
+    model = load_model(folder)
+    load_adapter(model, out / "adapter", verbose=False)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+    runs_main(["list", str(tmp_path)])
+    assert str(out) in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_values(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--batch-size", "0"])
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+    bad = tmp_path / "c.toml"
+    bad.write_text("learning_rate = 1\n")
+    from lora_engine.cli_config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"c.toml: unknown setting 'learning_rate'"):
+        main(["--config", str(bad)])
