@@ -95,12 +95,20 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     code = NF4_CODE.to(a.device)
     q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
     packed = (q[::2] << 4) | q[1::2]
+    return nf4_from_blocks(packed, absmax, tuple(w.shape), w.dtype, blocksize, double_quant)
+
+
+def nf4_from_blocks(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                    blocksize: int, double_quant: bool) -> NF4Tensor:
+    """Finish a quantization from its 4-bit part (packed uint8, fp32 absmax per block), adding
+    bitsandbytes' double quantization of the absmax when asked. Shared by the PyTorch and C++ paths."""
+    code = NF4_CODE.to(packed.device, copy=True)  # each weight owns its table (safetensors rejects shared storage)
     if not double_quant:
-        return NF4Tensor(packed, absmax, code.clone(), blocksize, tuple(w.shape), w.dtype)
+        return NF4Tensor(packed, absmax, code, blocksize, shape, dtype)
     offset = absmax.mean()
-    dyn = DYNAMIC_MAP_SIGNED.to(a.device)
+    dyn = DYNAMIC_MAP_SIGNED.to(packed.device)
     qabs, nested = quantize_absmax(absmax - offset, dyn)
-    return NF4Tensor(packed, qabs, code.clone(), blocksize, tuple(w.shape), w.dtype,
+    return NF4Tensor(packed, qabs, code, blocksize, shape, dtype,
                      nested_absmax=nested, nested_code=dyn.clone(), nested_offset=offset.item())
 
 
