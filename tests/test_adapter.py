@@ -44,6 +44,7 @@ def _ids(n=2, t=13):
     (DEFAULT_TARGETS, False, {}),
     (("q_proj", "v_proj"), True, {}),
     (("q_proj", "down_proj"), False, {"model.layers.1.mlp.down_proj": 2}),
+    (("k_proj", "model.layers.1.mlp.up_proj"), False, {}),  # a subset of up_proj: saved as full paths
 ])
 def test_our_adapter_loads_in_peft(base, tmp_path, targets, rslora, rank_pattern):
     ours = load_model(base)
@@ -53,7 +54,8 @@ def test_our_adapter_loads_in_peft(base, tmp_path, targets, rslora, rank_pattern
     save_adapter(ours, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(base)
-    assert cfg["target_modules"] == sorted(targets)
+    paths = sorted(p for p, _ in lora_layers(ours))
+    assert cfg["target_modules"] == (sorted(targets) if "." not in "".join(targets) else paths)
     theirs = peft.PeftModel.from_pretrained(_hf(base), tmp_path).eval()
     ids = _ids()
     with torch.no_grad():

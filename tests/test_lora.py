@@ -1,6 +1,7 @@
 """LoRA layers: the invariants (hypothesis, one LoraLinear), apply_lora on a model, and bad configs."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from lora_engine import LoraConfig, LoraLinear, apply_lora, merge_lora, set_back
 from lora_engine.config import ModelConfig
 from lora_engine.lora import DEFAULT_TARGETS, count_parameters, lora_layers
 from lora_engine.model import CausalLM
+from tests.conftest import tol
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -256,3 +258,25 @@ def test_invalid_layer_arguments():
         LoraLinear(torch.randn(4), None, r=2, lora_alpha=4)
     with pytest.raises(ValueError, match="lora_dropout must be a number in"):
         LoraLinear(torch.randn(4, 4), None, r=2, lora_alpha=4, lora_dropout=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1 (set in CI)")
+def test_the_layer_runs_the_triton_kernel_unchanged():
+    # The layer knows nothing of kernels: switching the backend is all it takes.
+    layer = LoraLinear(torch.randn(9, 41), torch.randn(9), r=8, lora_alpha=16)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 41, requires_grad=True)
+    g = torch.randn(3, 5, 9)
+    grads = []
+    for backend in ("torch", "triton"):
+        set_backend(layer, backend)
+        y = layer(x)
+        (y * g).sum().backward()
+        grads.append((y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+        x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    for ref, got in zip(*grads):
+        # Summation order differs; a sum of terms up to |ref|.max() may cancel to a small element.
+        rtol, atol = tol("kernel_fp32").values()
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol * (1 + ref.abs().max().item()))
