@@ -5,10 +5,13 @@ oracle of every kernel; `triton_ops.py` gathers the Triton implementations behin
 signatures. Code above this layer calls lora_engine.dispatch, never these modules directly.
 """
 
+# The files are named <op>_triton.py, not <op>.py: importing a submodule sets it as an attribute of
+# the package, which would shadow the function of the same name (lora_engine.kernels.rope would be
+# a module, not the op).
 _PUBLIC = {
     # name -> module that defines it. lora_linear is the public signature
     # lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, x_dropped=None).
-    "lora_linear": "lora_linear",
+    "lora_linear": "lora_linear_triton",
     "rms_norm": "triton_ops",
     "rope": "triton_ops",
     "swiglu": "triton_ops",

@@ -48,7 +48,7 @@ def check_device(op: str, **tensors: torch.Tensor) -> None:
 
 def interpreting() -> bool:
     """True when @triton.jit produced interpreter functions (TRITON_INTERPRET=1 at import time)."""
-    from lora_engine.kernels.swiglu import _swiglu_fwd
+    from lora_engine.kernels.swiglu_triton import _swiglu_fwd
 
     return type(_swiglu_fwd).__name__ == "InterpretedFunction"
 

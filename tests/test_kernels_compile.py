@@ -30,7 +30,11 @@ def _specs():
     that the software pipeliner runs and the shared-memory check below means something.
     """
     import torch
-    from lora_engine.kernels import cross_entropy, lora_linear, rms_norm, rope, swiglu
+    from lora_engine.kernels import cross_entropy_triton as cross_entropy
+    from lora_engine.kernels import lora_linear_triton as lora_linear
+    from lora_engine.kernels import rms_norm_triton as rms_norm
+    from lora_engine.kernels import rope_triton as rope
+    from lora_engine.kernels import swiglu_triton as swiglu
 
     out = []
     for t in ("bf16", "fp16", "fp32"):

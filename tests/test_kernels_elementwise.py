@@ -90,7 +90,7 @@ def test_rope_backward_is_the_inverse_rotation():
     cos, sin = _cos_sin(2, 5, 16, torch.float32)
     dev = device()
     q, k = torch.randn(2, 4, 5, 16, device=dev), torch.randn(2, 2, 5, 16, device=dev)
-    from lora_engine.kernels.rope import rope_apply
+    from lora_engine.kernels.rope_triton import rope_apply
 
     q2, k2 = rope_apply(q, k, cos.to(dev), sin.to(dev))
     q3, k3 = rope_apply(q2, k2, cos.to(dev), sin.to(dev), backward=True)
