@@ -262,7 +262,7 @@ def tensor_plan(g: GGUFFile, cfg: dict) -> list[tuple[str, str, tuple[int, ...]]
         "input_layernorm": (D,), "post_attention_layernorm": (D,),
     }
     patterns = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in TENSOR_NAMES.items()]
-    plan, problems = [], []
+    plan, problems, seen = [], [], set()
     for name, (dims, _, _) in g.tensors.items():
         hf = next((v.format(*mt.groups()) for p, v in patterns if (mt := p.match(name))), None)
         if hf is None:
@@ -271,6 +271,11 @@ def tensor_plan(g: GGUFFile, cfg: dict) -> list[tuple[str, str, tuple[int, ...]]
         layer = re.search(r"layers\.(\d+)\.", hf)
         if layer and int(layer.group(1)) >= L:
             problems.append(f"tensor {name!r} belongs to layer {layer.group(1)} but block_count is {L}")
+            continue
+        seen.add(hf)  # present, even if unusable: report it once, not also as missing
+        if g.type_name(name) not in SUPPORTED_TYPES:
+            problems.append(f"tensor {name!r} is stored as {g.type_name(name)}, which we do not dequantize "
+                            f"(supported: {', '.join(SUPPORTED_TYPES)})")
             continue
         want = shapes.get(hf) or shapes[hf.split(".")[-2]]
         got = tuple(reversed(dims))  # GGUF lists dims fastest-first
@@ -283,7 +288,7 @@ def tensor_plan(g: GGUFFile, cfg: dict) -> list[tuple[str, str, tuple[int, ...]]
     }
     if not cfg["tie_word_embeddings"]:
         expected.add("lm_head.weight")
-    missing = sorted(expected - {hf for _, hf, _ in plan})
+    missing = sorted(expected - seen)
     if missing:
         problems.append(f"{len(missing)} tensors missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     if problems:
