@@ -56,6 +56,7 @@ __all__ = [
     "BACKENDS", "DEFAULT_SKIP", "NF4Tensor", "Linear4bit", "quantize", "dequantize", "choose_backend",
     "quantize_model", "dequantize_model", "memory_report", "load_quantized_model", "save_quantized",
     "transformers_quantization_config",
+    "save_nf4_weight", "load_nf4_weight", "move_nf4_weight",
 ]
 
 
@@ -166,43 +167,61 @@ class Linear4bit(nn.Module):
             return _CppNF4Linear.apply(x, self.weight, self.bias)
         return dispatch.nf4_linear(x, self.weight, self.bias, backend=self.backend)
 
+    # state_dict / load_state_dict / .to(): the NF4 weight is not a Parameter, these hooks carry it.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self.weight is not None:
-            destination.update(to_bnb_state_dict(self.weight, prefix))
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
+        save_nf4_weight(self, destination, prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        known = {prefix + "bias"}
-        if prefix + "weight" not in state_dict:
-            missing_keys.append(prefix + "weight")
-        else:
-            try:
-                w = from_bnb_state_dict(state_dict, prefix, "state_dict")
-                if w.shape != (self.out_features, self.in_features):
-                    raise ValueError(f"{prefix}weight is an NF4 weight of shape {w.shape}, the layer is "
-                                     f"({self.out_features}, {self.in_features})")
-                self.weight = w.to(self.bias.device if self.bias is not None else w.device)
-            except ValueError as e:
-                error_msgs.append(str(e))
-            known |= set(to_bnb_state_dict(self.weight, prefix)) if self.weight is not None else set()
-        if self.bias is not None:
-            if prefix + "bias" in state_dict:
-                with torch.no_grad():
-                    self.bias.copy_(state_dict[prefix + "bias"])
-            else:
-                missing_keys.append(prefix + "bias")
-        if strict:
-            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        load_nf4_weight(self, state_dict, prefix, missing_keys, unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.weight is not None:
-            moved = fn(self.weight.packed)  # uint8: a float dtype cast leaves it alone, a move moves it
-            if moved.device != self.weight.device:
-                self.weight = self.weight.to(moved.device)
+        move_nf4_weight(self, fn)
         return self
+
+
+# Hooks for any module whose `weight` attribute is an NF4Tensor (Linear4bit, and a LoRA layer that took
+# one over): bitsandbytes' keys in the state dict, and device moves.
+def save_nf4_weight(module: nn.Module, destination: dict, prefix: str) -> None:
+    """Add module.weight's bitsandbytes keys (prefix + "weight", "weight.absmax", ...) to `destination`."""
+    if isinstance(module.weight, NF4Tensor):
+        destination.update(to_bnb_state_dict(module.weight, prefix))
+
+
+def load_nf4_weight(module: nn.Module, state_dict: dict, prefix: str, missing_keys: list, unexpected_keys: list,
+                    error_msgs: list) -> None:
+    """Set module.weight from the bitsandbytes keys under `prefix`; call after nn.Module._load_from_state_dict
+    (which reports those keys as unexpected: they are taken off that list here)."""
+    mine = {k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")}
+    unexpected_keys[:] = [k for k in unexpected_keys if k not in mine]
+    if prefix + "weight" not in state_dict:
+        missing_keys.append(prefix + "weight")
+        return
+    try:
+        w = from_bnb_state_dict(state_dict, prefix, "state_dict")
+    except ValueError as e:
+        error_msgs.append(str(e))
+        return
+    want = (module.out_features, module.in_features)
+    if w.shape != want:
+        error_msgs.append(f"{prefix}weight is an NF4 weight of shape {w.shape}, the layer is {want}")
+        return
+    old = module.weight
+    device = old.device if old is not None else (module.bias.device if module.bias is not None else w.device)
+    module.weight = w.to(device)
+
+
+def move_nf4_weight(module: nn.Module, fn) -> None:
+    """Follow a Module._apply: move the NF4 tensors with `fn`'s device; dtype casts leave the format alone."""
+    w = module.weight
+    if isinstance(w, NF4Tensor):
+        moved = fn(w.packed)  # uint8: a float cast returns it unchanged, a move moves it
+        if moved.device != w.device:
+            module.weight = w.to(moved.device)
 
 
 def _skipped(name: str, skip) -> bool:
