@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from lora_engine.adapter import usual_permissions
 from lora_engine.atomic import atomic_dir
 from lora_engine.lora import LoraLinear, lora_layers
 
@@ -94,6 +95,8 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(_hf_config(model.config, out_dtype), indent=2) + "\n")
         _carry_files(getattr(model, "source_dir", None), tmp)
+        for f in [*tmp.iterdir(), tmp]:  # before the rename, so the folder appears readable at once
+            usual_permissions(f)
     return folder
 
 

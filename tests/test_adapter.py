@@ -1,6 +1,7 @@
 """Adapter files both ways against PEFT itself, and every bad adapter a user can hand us."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -54,6 +55,9 @@ def test_our_adapter_loads_in_peft(base, tmp_path, targets, rslora, rank_pattern
     save_adapter(ours, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(base)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
     paths = sorted(p for p, _ in lora_layers(ours))
     assert cfg["target_modules"] == (sorted(targets) if "." not in "".join(targets) else paths)
     theirs = peft.PeftModel.from_pretrained(_hf(base), tmp_path).eval()

@@ -1,6 +1,7 @@
 """save_model and `python -m lora_engine.export` against plain transformers (no PEFT at load time)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -138,6 +139,10 @@ def test_existing_folders(base, tmp_path):
     save_model(model, tmp_path / "out")  # a model folder is replaced as a whole
     assert not (tmp_path / "out" / "stale.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's owner-only 0700
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 @pytest.mark.parametrize("bad", [0, -5, "5XB", "", "0MB", True])
