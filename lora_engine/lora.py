@@ -84,6 +84,10 @@ class LoraConfig:
             check = _check_rank if name == "rank_pattern" else _check_alpha
             for key, value in pattern.items():
                 check(f"{name}[{key!r}]", value)
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise ValueError(f"LoraConfig.{name} key {key!r} is not a valid regular expression: {e}") from e
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """(r, lora_alpha) for the module at `path`, after rank_pattern and alpha_pattern."""
@@ -240,7 +244,8 @@ def target_paths(model: nn.Module, config: LoraConfig) -> list[str]:
                 f"LoraConfig.target_modules: {name!r} matches the output head {head!r}; LoRA on the head is not "
                 "supported (the loss reads its weight directly); target the projections instead"
             )
-    return sorted({n for found in wanted.values() for n in found}, key=list(linear).index)
+    order = {n: i for i, n in enumerate(linear)}  # model order, as PEFT would visit them
+    return sorted({n for found in wanted.values() for n in found}, key=order.__getitem__)
 
 
 def _output_head(model: nn.Module) -> str | None:

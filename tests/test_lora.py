@@ -247,6 +247,7 @@ def test_apply_twice_and_merge_without_lora():
     (dict(rank_pattern={"q_proj": 0}), r"LoraConfig.rank_pattern\['q_proj'\] \(the rank\) must be a positive"),
     (dict(alpha_pattern={"q_proj": -1}), r"LoraConfig.alpha_pattern\['q_proj'\] must be a positive finite"),
     (dict(rank_pattern=[1]), "LoraConfig.rank_pattern must be a dict"),
+    (dict(alpha_pattern={"q_proj[": 2}), r"LoraConfig.alpha_pattern key 'q_proj\[' is not a valid regular expr"),
 ])
 def test_invalid_config(kw, message):
     with pytest.raises(ValueError, match=message):
