@@ -247,6 +247,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     weight instead. Merging LoRA afterwards is lossy with respect to the original full-precision
     model: the base becomes the dequantized 4-bit weight, and that is warned about here.
     """
+    lora_over_nf4 = []
     for name, module in list(model.named_modules()):
         w = getattr(module, "weight", None)
         if not isinstance(w, NF4Tensor):
@@ -263,10 +264,12 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, lin)
         else:
-            warnings.warn(f"nf4.dequantize_model: {name} is a LoRA layer over a 4-bit base; its base becomes the "
-                          "dequantized NF4 weight, so a merged export differs from merging into the original "
-                          "full-precision model (lossy)", stacklevel=2)
+            lora_over_nf4.append(name)
             module.weight = nn.Parameter(dense, requires_grad=False)
+    if lora_over_nf4:
+        warnings.warn(f"nf4.dequantize_model: {len(lora_over_nf4)} LoRA layers ({lora_over_nf4[0]}, ...) sit on a "
+                      "4-bit base; their base is now the dequantized NF4 weight, so merging the adapters gives the "
+                      "QLoRA model, not the original full-precision weights plus the update (lossy)", stacklevel=2)
     return model
 
 
