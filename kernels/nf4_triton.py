@@ -1,0 +1,328 @@
+"""NF4 on the GPU: dequantization, and y = x W^T / dX = dY W with W dequantized tile by tile.
+
+Format (kernels/nf4_format.py, byte-compatible with bitsandbytes): W (out, in) flattened row-major
+to n elements, blocks of `blocksize` (32..4096) consecutive elements.
+  packed  uint8 (ceil(n/2),)   byte j = q[2j] << 4 | q[2j+1]: element 2j in the HIGH nibble
+  code    fp32 (16,)           the NF4 table; q indexes it
+  absmax  fp32 (n_blocks,), or uint8 (n_blocks,) when double-quantized, then decoded as
+          absmax[b] = nested_code[qabsmax[b]] * nested_absmax[b // 256] + nested_offset   (fp32)
+  W'[i]   = code[q[i]] * absmax[i // blocksize]   in fp32, rounded once to the output dtype.
+Every kernel decodes an element from its flat index i alone (byte i >> 1, nibble i & 1, block
+i // blocksize), so shapes that are not multiples of anything, odd n and a short last block need
+no special case. The decode is exact (a table lookup times a scale), so dequantization matches
+kernels/nf4_reference.py bit for bit; the kernels are compiled without mul+add contraction into
+FMA (enable_fp_fusion=False), which would otherwise round the nested absmax differently.
+
+Kernels
+  _nf4_dequant_kernel   one program per DEQUANT_BLOCK elements -> dense W' (out, in).
+  _nf4_matmul_kernel    C (M, P) = A (M, R) @ B (R, P), where B[r, p] = W'[r * s_r + p * s_p]:
+                          forward  y  = x  W'^T : A = x  (M, in),  R = in,  P = out, (s_r, s_p) = (1, in)
+                          backward dX = dY W'   : A = dY (M, out), R = out, P = in,  (s_r, s_p) = (in, 1)
+                        Each (BLOCK_R, BLOCK_P) tile of W' is decoded in registers, rounded to the
+                        compute dtype (as the reference rounds its dense W'), fed to tl.dot with an
+                        fp32 accumulator, and dropped: W' never exists in memory.
+
+Backward (W frozen, no dW): y = x W'^T + b  =>  dX = dY W',  db = sum over rows of dY. W' is
+decoded again in backward; nothing of it is saved, only the NF4Tensor (its packed bytes) is kept.
+
+Dispatch by row count M (tokens): the fused kernel reads 0.5 byte per weight instead of writing
+and re-reading 2 (fp16/bf16), which wins while the matmul is memory-bound, but it re-decodes W'
+once per BLOCK_M rows and its generic tl.dot is slower than cuBLAS once the matmul is
+compute-bound. bitsandbytes 0.50.2 (backends/cuda/ops.py, calibrated on A100 and H100/H200) uses
+its fused 4-bit GEMM only up to M = 1536 at all and only up to M = 512 for weights of >= 4M
+elements (every projection of a 1B+ model), with tighter caps on sm90; for training it always
+dequantizes. Our kernel is not tuned further than theirs, so FUSED_MAX_ROWS = 512: M <= 512 runs
+fused, larger M dequantizes (Triton) and calls torch's matmul (cuBLAS). bench/nf4.py measures the
+crossover on a GPU; change the constant when it says so, not here by guess.
+
+Precision: fp32 accumulation, one rounding on store. fp32 inputs use tl.dot's "ieee" precision
+(no TF32), matching torch's default fp32 matmul. Under TRITON_INTERPRET=1 bf16 arithmetic is broken
+(FACTS.md), so there the tiles are widened to fp32 before tl.dot (exact: the products of two bf16
+or fp16 values are exact in fp32, as on tensor cores), and fp32 -> bf16 stores truncate instead of
+rounding to nearest: expect 1-ulp bf16 differences under the interpreter only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lora_engine.kernels._common import check_device, check_float, interpreting, launch_device
+from lora_engine.kernels.nf4_format import NF4Tensor
+
+DEQUANT_BLOCK = 1024  # elements per program of the dequantization kernel (512 packed bytes)
+FUSED_MAX_ROWS = 512  # rows (tokens) up to which nf4_linear runs the fused kernel; see the docstring
+GROUP_M = 8  # programs of the matmul walk GROUP_M row blocks per column block, for L2 reuse of W' tiles
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset,
+                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """W' in fp32 at the int64 flat indices `flat` (any tile shape); 0 where mask is False."""
+    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    q = tl.where((flat & 1) == 0, byte >> 4, byte & 15)  # the first element of a pair is the high nibble
+    value = tl.load(code_ptr + q)  # q is always in 0..15 (masked bytes read as 0): no mask needed
+    blk = flat // BLOCKSIZE
+    if NESTED:
+        qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(ncode_ptr + qa) * tl.load(nabs_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        scale = scale + offset  # a separate rounding, like bitsandbytes' absmax += offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return tl.where(mask, value * scale, 0.0)
+
+
+@triton.jit
+def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, out_ptr, offset, n,
+                        BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: n may pass 2**31
+    mask = flat < n
+    w = _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset,
+                    BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+    tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    a_ptr, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, bias_ptr, c_ptr,
+    offset, M, P, R, w_stride_r, w_stride_p, stride_am, stride_ar, stride_cm, stride_cp,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering (Triton tutorial 03): neighbouring programs share W' column blocks in L2.
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_p = tl.cdiv(P, BLOCK_P)
+    in_group = GROUP_M * n_p
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = min(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_p = (pid % in_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_m = offs_m < M
+    mask_p = offs_p < P
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am  # (BLOCK_M, 1)
+    w_cols = offs_p.to(tl.int64)[None, :] * w_stride_p  # (1, BLOCK_P)
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask_r = offs_r < R
+        a = tl.load(a_rows + offs_r[None, :] * stride_ar, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        w = _nf4_decode(offs_r[:, None] * w_stride_r + w_cols, mask_r[:, None] & mask_p[None, :],
+                        packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset,
+                        BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)  # (BLOCK_R, BLOCK_P) fp32
+        w = w.to(c_ptr.dtype.element_ty)  # W' in the compute dtype, rounded once as the reference does
+        if DOT_FP32:  # interpreter: widen exactly, bf16 math is broken there
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, w, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+    c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_p.to(tl.int64)[None, :] * stride_cp
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_p[None, :])
+
+
+# ---- launchers ------------------------------------------------------------------------------------
+
+
+def _check_weight(op: str, w: NF4Tensor) -> None:
+    """w is a 2-D NF4Tensor whose tensors a kernel can index flat (contiguous, on one device)."""
+    if not isinstance(w, NF4Tensor):
+        raise TypeError(f"{op}: weight must be an NF4Tensor (kernels/nf4_format.py), got {type(w).__name__}")
+    if len(w.shape) != 2:
+        raise ValueError(f"{op}: NF4 weight must be 2-D (out, in), got shape {w.shape}")
+    parts = {"packed": w.packed, "absmax": w.absmax, "code": w.code}
+    if w.is_nested:
+        parts.update(nested_absmax=w.nested_absmax, nested_code=w.nested_code)
+    for name, t in parts.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: NF4 weight {w.shape}: {name} (strides {t.stride()}) is not contiguous; "
+                             "the kernel indexes it flat. Pass .contiguous() tensors to NF4Tensor")
+    check_device(op, **{f"weight.{k}": v for k, v in parts.items()})
+
+
+def _weight_args(w: NF4Tensor) -> tuple:
+    """(packed, absmax, code, nested_absmax, nested_code, offset) as the kernels take them."""
+    if w.is_nested:
+        return w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, float(w.nested_offset)
+    # Not nested: the nested pointers are never read (NESTED=False); any valid tensor fills them.
+    return w.packed, w.absmax, w.code, w.absmax, w.code, 0.0
+
+
+def _weight_meta(w: NF4Tensor) -> dict:
+    return {"BLOCKSIZE": w.blocksize, "NESTED": w.is_nested, "NESTED_BLOCKSIZE": w.nested_blocksize}
+
+
+def nf4_dequantize(w: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """NF4Tensor (out, in) -> dense (out, in) tensor in `dtype` (default w.dtype) on w's device.
+
+    Exact: code[q] * absmax[block] in fp32, rounded once (bit-identical to nf4_reference on a GPU;
+    bf16 truncates instead of rounding under TRITON_INTERPRET).
+    """
+    _check_weight("nf4_dequantize", w)
+    dtype = w.dtype if dtype is None else dtype
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"nf4_dequantize: dtype {dtype} not supported; use one of {OUT_DTYPES}")
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    n = w.numel
+    if n:
+        with launch_device(w.packed):
+            _nf4_dequant_kernel[(triton.cdiv(n, DEQUANT_BLOCK),)](
+                *_weight_args(w)[:5], out, _weight_args(w)[5], n, **_weight_meta(w),
+                BLOCK=DEQUANT_BLOCK, num_warps=4, enable_fp_fusion=False,
+            )
+    return out
+
+
+def matmul_config(rows: int) -> dict:
+    """Tile sizes and launch options of _nf4_matmul_kernel for `rows` rows (also compiled by the tests).
+
+    tl.dot needs every tile dimension >= 16; small M (decoding) gets a small row tile. Two stages,
+    not three: the per-element gathers of the decode are pipelined through shared memory, and three
+    stages of a 64x64 tile need ~110 KB, over the 99 KB of sm_86/sm_89 (tests/test_nf4_compile.py).
+    """
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    return {"BLOCK_M": block_m, "BLOCK_P": 64, "BLOCK_R": 64, "num_warps": 4, "num_stages": 2}
+
+
+def nf4_matmul(a: torch.Tensor, w: NF4Tensor, transpose: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused kernel. a: 2-D (M, R), fp32/fp16/bf16, any strides; W' is dequantized to a.dtype.
+
+    transpose=True:  a (M, in)  @ W'^T (+ bias (out,)) -> (M, out)   (forward)
+    transpose=False: a (M, out) @ W'                    -> (M, in)    (backward dX; no bias)
+    """
+    op = "nf4_matmul"
+    _check_weight(op, w)
+    check_float(op, a=a)
+    if a.dim() != 2:
+        raise ValueError(f"{op}: a must be 2-D (rows, features), got shape {tuple(a.shape)}")
+    n_out, n_in = w.shape
+    R, P = (n_in, n_out) if transpose else (n_out, n_in)
+    if a.shape[1] != R:
+        raise ValueError(f"{op}: a has {a.shape[1]} features, the NF4 weight {w.shape} "
+                         f"{'(transposed) ' if transpose else ''}expects {R}")
+    check_device(op, a=a, **{"weight.packed": w.packed})
+    if bias is not None:
+        if not transpose:
+            raise ValueError(f"{op}: bias applies to the forward product only (transpose=True)")
+        if bias.shape != (n_out,) or bias.dtype != a.dtype:
+            raise ValueError(f"{op}: bias must be ({n_out},) {a.dtype} for weight {w.shape}, got "
+                             f"{tuple(bias.shape)} {bias.dtype}")
+        check_device(op, a=a, bias=bias)
+        bias = bias.contiguous()
+    M = a.shape[0]
+    c = torch.empty((M, P), dtype=a.dtype, device=a.device)
+    if M == 0 or P == 0:
+        return c
+    cfg = matmul_config(M)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
+    w_stride_r, w_stride_p = (1, n_in) if transpose else (n_in, 1)
+    packed, absmax, code, nabs, ncode, offset = _weight_args(w)
+    with launch_device(a):
+        _nf4_matmul_kernel[grid](
+            a, packed, absmax, code, nabs, ncode, bias if bias is not None else c, c,
+            offset, M, P, R, w_stride_r, w_stride_p, a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+            **_weight_meta(w), HAS_BIAS=bias is not None, DOT_FP32=interpreting(),
+            GROUP_M=GROUP_M, enable_fp_fusion=False, **cfg,
+        )
+    return c
+
+
+def use_fused(rows: int) -> bool:
+    """The dispatch policy: fused dequantize+matmul for up to FUSED_MAX_ROWS rows, else dequantize + cuBLAS."""
+    return rows <= FUSED_MAX_ROWS
+
+
+# ---- autograd and the public functions ---------------------------------------------------------
+
+
+def _forward_2d(x2: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if use_fused(x2.shape[0]):
+        return nf4_matmul(x2, w, transpose=True, bias=bias)
+    return torch.nn.functional.linear(x2, nf4_dequantize(w, x2.dtype), bias)
+
+
+def _backward_2d(dy2: torch.Tensor, w: NF4Tensor) -> torch.Tensor:
+    if use_fused(dy2.shape[0]):
+        return nf4_matmul(dy2, w, transpose=False)
+    return dy2 @ nf4_dequantize(w, dy2.dtype)  # dequantized again, freed after the product
+
+
+class _NF4Linear(torch.autograd.Function):
+    """y = x W'^T (+ b). Saves nothing but a reference to the frozen NF4Tensor."""
+
+    @staticmethod
+    def forward(ctx, x, w: NF4Tensor, bias):
+        ctx.w = w
+        ctx.has_bias = bias is not None
+        y2 = _forward_2d(x.reshape(-1, x.shape[-1]), w, bias)
+        return y2.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = db = None
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if ctx.needs_input_grad[0]:
+            dx = _backward_2d(dy2, ctx.w).view(*dy.shape[:-1], ctx.w.shape[1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, None, db
+
+
+def _check_linear(op: str, x: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | None) -> None:
+    _check_weight(op, w)
+    check_float(op, x=x)
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"{op}: x {tuple(x.shape)} has {x.shape[-1]} features, the NF4 weight {w.shape} "
+                         f"expects {w.shape[1]}")
+    if bias is not None and (bias.shape != (w.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"{op}: bias must be ({w.shape[0]},) {x.dtype} like x, got {tuple(bias.shape)} "
+                         f"{bias.dtype}")
+    check_device(op, x=x, **{"weight.packed": w.packed})
+
+
+def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) -> (..., out) = x W'^T (+ bias (out,)) in x.dtype; W' (out, in) decoded from NF4.
+
+    Differentiable in x (and bias); W is frozen. Rows <= FUSED_MAX_ROWS run fused, else dequantize
+    and matmul; backward decodes W again either way.
+    """
+    _check_linear("nf4_linear", x, w, bias)
+    return _NF4Linear.apply(x, w, bias)
+
+
+def nf4_lora_linear(
+    x: torch.Tensor,
+    w: NF4Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    x_dropped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x W'^T (+ b) + scale * (xd A^T) B^T; x (..., in), A (r, in), B (out, r) -> (..., out).
+
+    The NF4 base goes through the kernels above; the rank-r products are torch matmuls (small),
+    so autograd gives grads for x, lora_A, lora_B (and x_dropped = dropout(x) when given).
+    """
+    op = "nf4_lora_linear"
+    _check_linear(op, x, w, bias)
+    n_out, n_in = w.shape
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != n_in or lora_B.shape[0] != n_out \
+            or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"{op}: lora_A must be (r, {n_in}) and lora_B ({n_out}, r) for weight {w.shape}, got "
+                         f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}")
+    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
+        raise ValueError(f"{op}: lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must have x's dtype {x.dtype}")
+    if x_dropped is not None and (x_dropped.shape != x.shape or x_dropped.dtype != x.dtype):
+        raise ValueError(f"{op}: x_dropped {tuple(x_dropped.shape)} {x_dropped.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    check_device(op, x=x, lora_A=lora_A, lora_B=lora_B)
+    xd = x if x_dropped is None else x_dropped
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A), lora_B)
+    return _NF4Linear.apply(x, w, bias) + lora * scale

@@ -1,0 +1,213 @@
+"""kernels/nf4_triton.py against kernels/nf4_reference.py (and bitsandbytes for real quantized bytes).
+
+Dequantization is a table lookup times a scale: exact in fp32 and fp16. bf16 is exact on a GPU;
+under TRITON_INTERPRET the fp32 -> bf16 conversion truncates (FACTS.md), so there each element must
+be either the round-to-nearest value or the truncated one, nothing else. Matmuls follow the
+low-precision rule of tests/conftest.py: |ours - fp64| <= 2 |torch same dtype - fp64| + eps, with
+eps = TOLERANCE atol * (|a| @ |b|), the scale of any rounding error of the product.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import TOLERANCE, tol
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("run with TRITON_INTERPRET=1 (CI does): the Triton kernels need it or a GPU",
+                allow_module_level=True)
+
+from lora_engine.kernels import nf4_reference as ref  # noqa: E402
+from lora_engine.kernels import nf4_triton as tri  # noqa: E402
+from lora_engine.kernels.nf4_format import DYNAMIC_MAP_SIGNED, NF4_CODE, NF4Tensor  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+KIND = {torch.float32: "kernel_fp32", torch.float16: "kernel_fp16", torch.bfloat16: "kernel_bf16"}
+
+
+def random_nf4(n_out, n_in, blocksize, nested, seed, dtype=torch.float32):
+    """An NF4Tensor with random codes and scales: every nibble value, every absmax path."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_out * n_in
+    n_blocks = -(-n // blocksize)
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=g)
+    if not nested:
+        absmax = torch.rand(n_blocks, generator=g) * 2 + 0.01
+        return NF4Tensor(packed, absmax, NF4_CODE.clone(), blocksize, (n_out, n_in), dtype).to(DEVICE)
+    n_groups = -(-n_blocks // 256)
+    return NF4Tensor(
+        packed, torch.randint(0, 256, (n_blocks,), dtype=torch.uint8, generator=g), NF4_CODE.clone(), blocksize,
+        (n_out, n_in), dtype, nested_absmax=torch.rand(n_groups, generator=g) + 0.05,
+        nested_code=DYNAMIC_MAP_SIGNED.clone(), nested_offset=float(torch.rand(1, generator=g)) + 0.1,
+    ).to(DEVICE)
+
+
+def assert_dequant_exact(ours, w, dtype):
+    exact = ref.nf4_dequantize(w, torch.float32)
+    if dtype != torch.bfloat16 or not INTERPRETED:
+        assert torch.equal(ours, exact.to(dtype)), (ours.float() - exact.to(dtype).float()).abs().max()
+        return
+    truncated = (exact.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: low bits zero
+    ok = (ours == exact.to(dtype)) | (ours == truncated)
+    assert ok.all(), f"{int((~ok).sum())} elements are neither rounded nor truncated fp32 values"
+
+
+def assert_matmul_rule(ours, same, exact, scale, dtype, what):
+    """ours, same: results in `dtype`; exact, scale: fp64 (the product of |a| and |b| for scale)."""
+    err = (ours.double() - exact).abs()
+    allowed = 2 * (same.double() - exact).abs() + TOLERANCE[KIND[dtype]][1] * scale
+    bad = err > allowed
+    assert not bad.any(), (f"{what} {dtype}: {int(bad.sum())}/{err.numel()} elements off; worst excess "
+                           f"{float((err - allowed).max()):.3g}, |err| max {float(err.max()):.3g}")
+
+
+shapes = st.tuples(st.integers(1, 40), st.integers(1, 90), st.integers(1, 90))  # rows, in, out
+blocksizes = st.sampled_from([32, 64, 128, 256])
+
+
+@given(n_out=st.integers(1, 60), n_in=st.integers(1, 140), blocksize=blocksizes, nested=st.booleans(),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_dequantize_exact(n_out, n_in, blocksize, nested, dtype, seed):
+    w = random_nf4(n_out, n_in, blocksize, nested, seed)
+    out = tri.nf4_dequantize(w, dtype)
+    assert out.shape == (n_out, n_in) and out.dtype == dtype
+    assert_dequant_exact(out, w, dtype)
+
+
+def test_dequantize_spans_nested_groups():
+    # 529 blocks of 32: three groups of 256 absmax, the last one short, and an odd element count.
+    w = random_nf4(131, 129, 32, True, seed=1)
+    assert w.n_blocks == 529 and w.numel % 2 == 1
+    assert_dequant_exact(tri.nf4_dequantize(w, torch.float32), w, torch.float32)
+    assert tri.nf4_dequantize(w).dtype == w.dtype  # dtype defaults to the weight's
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_matches_bitsandbytes(nested):
+    bnb = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test extra")
+    x = torch.randn(48, 200)
+    q, s = bnb.quantize_4bit(x, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    kw = {}
+    if nested:
+        kw = {"nested_absmax": s.state2.absmax, "nested_code": s.state2.code, "nested_offset": float(s.offset)}
+    w = NF4Tensor(q.view(-1), s.absmax, s.code, 64, (48, 200), torch.float32, **kw).to(DEVICE)
+    expected = bnb.dequantize_4bit(q, s, quant_type="nf4")
+    assert torch.equal(tri.nf4_dequantize(w, torch.float32).cpu(), expected)
+
+
+def _matmul_case(rows, n_in, n_out, blocksize, nested, dtype, seed):
+    w = random_nf4(n_out, n_in, blocksize, nested, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    dense = ref.nf4_dequantize(w, dtype).double()  # W' as both sides round it
+    return w, dense, g
+
+
+@given(shape=shapes, blocksize=blocksizes, nested=st.booleans(), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_fused_forward(shape, blocksize, nested, dtype, bias, seed):
+    rows, n_in, n_out = shape
+    w, dense, g = _matmul_case(rows, n_in, n_out, blocksize, nested, dtype, seed)
+    x = torch.randn(rows, n_in, generator=g).to(DEVICE, dtype)
+    b = torch.randn(n_out, generator=g).to(DEVICE, dtype) if bias else None
+    ours = tri.nf4_matmul(x, w, transpose=True, bias=b)
+    same = ref.nf4_linear(x, w, b)
+    exact = x.double() @ dense.T + (b.double() if bias else 0)
+    scale = x.double().abs() @ dense.abs().T + (b.double().abs() if bias else 0)
+    assert ours.shape == (rows, n_out) and ours.dtype == dtype
+    assert_matmul_rule(ours, same, exact, scale, dtype, "y = x W^T")
+
+
+@given(shape=shapes, blocksize=blocksizes, nested=st.booleans(), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**16))
+def test_fused_backward_dx(shape, blocksize, nested, dtype, seed):
+    rows, n_in, n_out = shape
+    w, dense, g = _matmul_case(rows, n_in, n_out, blocksize, nested, dtype, seed)
+    dy = torch.randn(rows, n_out, generator=g).to(DEVICE, dtype)
+    ours = tri.nf4_matmul(dy, w, transpose=False)
+    same = dy @ ref.nf4_dequantize(w, dtype)
+    assert ours.shape == (rows, n_in)
+    assert_matmul_rule(ours, same, dy.double() @ dense, dy.double().abs() @ dense.abs(), dtype, "dX = dY W")
+
+
+def test_fused_strided_input():
+    # A column slice: the kernel takes strides, so no copy is needed and none may be wrong.
+    w, dense, g = _matmul_case(5, 33, 20, 64, False, torch.float32, 3)
+    x = torch.randn(33, 5, generator=g).to(DEVICE).T  # (5, 33), strides (1, 5)
+    torch.testing.assert_close(tri.nf4_matmul(x, w, transpose=True), ref.nf4_linear(x, w), **tol("kernel_fp32"))
+
+
+@pytest.mark.parametrize("rows", [7, tri.FUSED_MAX_ROWS + 3])  # the fused path, then dequantize + matmul
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_autograd_both_paths(rows, dtype):
+    w = random_nf4(24, 40, 64, True, seed=rows)
+    x = torch.randn(1, rows, 40).to(DEVICE, dtype)
+    b = torch.randn(24).to(DEVICE, dtype)
+    dy = torch.randn(1, rows, 24).to(DEVICE, dtype)
+    grads = []
+    for impl in (tri, ref):
+        xi, bi = x.clone().requires_grad_(), b.clone().requires_grad_()
+        y = impl.nf4_linear(xi, w, bi)
+        y.backward(dy)
+        grads.append((y, xi.grad, bi.grad))
+    dense = ref.nf4_dequantize(w, dtype).double()
+    (y, dx, db), (y_ref, dx_ref, db_ref) = grads
+    assert y.shape == (1, rows, 24) and dx.shape == x.shape
+    assert_matmul_rule(y, y_ref, x.double() @ dense.T + b.double(), x.double().abs() @ dense.abs().T + b.double().abs(),
+                       dtype, "nf4_linear y")
+    assert_matmul_rule(dx, dx_ref, dy.double() @ dense, dy.double().abs() @ dense.abs(), dtype, "nf4_linear dX")
+    torch.testing.assert_close(db, db_ref, **tol(KIND[dtype]))
+
+
+def _lora_fwd_bwd(linear, x, w, bias, A, B, s, keep, dy):
+    """y and the grads of x, A, B through `linear`; dropout is x * keep (keep fixed, >= 0)."""
+    x, A, B = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    y = linear(x, w, bias, A, B, s, x * keep)
+    y.backward(dy)
+    return y.detach(), x.grad, A.grad, B.grad
+
+
+def _dense_lora(x, w, bias, A, B, s, xd):
+    return torch.nn.functional.linear(x, w, bias) + s * ((xd @ A.T) @ B.T)
+
+
+@settings(max_examples=8)
+@given(shape=shapes, rank=st.sampled_from([1, 8]), nested=st.booleans(), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**16))
+def test_nf4_lora_linear_grads(shape, rank, nested, dtype, seed):
+    rows, n_in, n_out = shape
+    w, dense, g = _matmul_case(rows, n_in, n_out, 64, nested, dtype, seed)
+    x, dy = torch.randn(rows, n_in, generator=g), torch.randn(rows, n_out, generator=g)
+    A, B = torch.randn(rank, n_in, generator=g) / 4, torch.randn(n_out, rank, generator=g) / 4
+    bias = torch.randn(n_out, generator=g)
+    keep = (torch.rand(rows, n_in, generator=g) > 0.25) / 0.75
+    args = [t.to(DEVICE, dtype) for t in (x, bias, A, B)]
+    keep, dy = keep.to(DEVICE, dtype), dy.to(DEVICE, dtype)
+    x, bias, A, B = args
+    ours = _lora_fwd_bwd(tri.nf4_lora_linear, x, w, bias, A, B, 2.0, keep, dy)
+    same = _lora_fwd_bwd(ref.nf4_lora_linear, x, w, bias, A, B, 2.0, keep, dy)
+    d64 = [t.double() for t in (x, bias, A, B)]
+    exact = _lora_fwd_bwd(_dense_lora, d64[0], dense, d64[1], d64[2], d64[3], 2.0, keep.double(), dy.double())
+    a64 = [t.abs() for t in d64]
+    scale = _lora_fwd_bwd(_dense_lora, a64[0], dense.abs(), a64[1], a64[2], a64[3], 2.0, keep.double(),
+                          dy.double().abs())
+    for name, o, s_, e, sc in zip(("y", "dx", "dA", "dB"), ours, same, exact, scale):
+        assert o.dtype == dtype
+        assert_matmul_rule(o, s_, e, sc, dtype, f"nf4_lora_linear {name}")
+
+
+def test_dispatch_policy_by_rows():
+    assert tri.use_fused(1) and tri.use_fused(tri.FUSED_MAX_ROWS)
+    assert not tri.use_fused(tri.FUSED_MAX_ROWS + 1)
+
+
+def test_empty_rows():
+    w = random_nf4(8, 16, 64, False, seed=0)
+    x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    y = tri.nf4_linear(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 8) and x.grad.shape == (0, 16)
