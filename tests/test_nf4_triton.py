@@ -211,3 +211,89 @@ def test_empty_rows():
     y = tri.nf4_linear(x, w)
     y.sum().backward()
     assert y.shape == (0, 8) and x.grad.shape == (0, 16)
+
+
+# ---- errors a user can hit ----------------------------------------------------------------------
+
+
+def _w():
+    return random_nf4(8, 16, 64, False, seed=0)
+
+
+def test_error_weight_not_nf4():
+    with pytest.raises(TypeError, match="weight must be an NF4Tensor.*got Tensor"):
+        tri.nf4_linear(torch.randn(2, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE))
+
+
+def test_error_weight_not_2d():
+    w = _w()
+    w.shape = (128,)
+    with pytest.raises(ValueError, match=r"must be 2-D \(out, in\), got shape \(128,\)"):
+        tri.nf4_dequantize(w, torch.float32)
+
+
+def test_error_weight_not_contiguous():
+    w = _w()
+    w.packed = torch.zeros(2 * w.packed.numel(), dtype=torch.uint8, device=DEVICE)[::2]
+    with pytest.raises(ValueError, match=r"packed \(strides \(2,\)\) is not contiguous"):
+        tri.nf4_dequantize(w, torch.float32)
+
+
+def test_error_weight_parts_on_two_devices():
+    w = _w()
+    w.absmax = w.absmax.to("meta")
+    with pytest.raises(ValueError, match="weight.absmax is on meta but weight.packed is on"):
+        tri.nf4_dequantize(w, torch.float32)
+
+
+def test_error_dequantize_dtype():
+    with pytest.raises(ValueError, match="dtype torch.int32 not supported"):
+        tri.nf4_dequantize(_w(), torch.int32)
+
+
+def test_error_x_dtype():
+    with pytest.raises(ValueError, match="x has dtype torch.int64"):
+        tri.nf4_linear(torch.ones(2, 16, dtype=torch.long, device=DEVICE), _w())
+
+
+def test_error_x_features():
+    with pytest.raises(ValueError, match=r"x \(2, 3, 15\) has 15 features, the NF4 weight \(8, 16\) expects 16"):
+        tri.nf4_linear(torch.randn(2, 3, 15, device=DEVICE), _w())
+
+
+def test_error_x_device():
+    with pytest.raises(ValueError, match="weight.packed is on .* but x is on meta"):
+        tri.nf4_linear(torch.randn(2, 16, device="meta"), _w())
+
+
+@pytest.mark.parametrize("bias", [torch.zeros(7), torch.zeros(8, dtype=torch.float16)])
+def test_error_bias(bias):
+    with pytest.raises(ValueError, match=r"bias must be \(8,\) torch.float32 like x, got"):
+        tri.nf4_linear(torch.randn(2, 16, device=DEVICE), _w(), bias.to(DEVICE))
+
+
+def test_error_matmul_operand():
+    w = _w()
+    with pytest.raises(ValueError, match=r"a must be 2-D \(rows, features\), got shape \(1, 2, 16\)"):
+        tri.nf4_matmul(torch.randn(1, 2, 16, device=DEVICE), w, transpose=True)
+    with pytest.raises(ValueError, match=r"a has 16 features, the NF4 weight \(8, 16\) expects 8"):
+        tri.nf4_matmul(torch.randn(2, 16, device=DEVICE), w, transpose=False)
+    with pytest.raises(ValueError, match="bias applies to the forward product only"):
+        tri.nf4_matmul(torch.randn(2, 8, device=DEVICE), w, transpose=False, bias=torch.zeros(8, device=DEVICE))
+
+
+@pytest.mark.parametrize("a_shape, b_shape", [((4, 15), (8, 4)), ((4, 16), (7, 4)), ((4, 16), (8, 3))])
+def test_error_lora_shapes(a_shape, b_shape):
+    x = torch.randn(2, 16, device=DEVICE)
+    A, B = torch.randn(a_shape, device=DEVICE), torch.randn(b_shape, device=DEVICE)
+    with pytest.raises(ValueError, match=r"lora_A must be \(r, 16\) and lora_B \(8, r\) for weight \(8, 16\)"):
+        tri.nf4_lora_linear(x, _w(), None, A, B, 1.0)
+
+
+def test_error_lora_dtype_and_dropped():
+    x = torch.randn(2, 16, device=DEVICE)
+    A, B = torch.randn(4, 16, device=DEVICE), torch.randn(8, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="lora_A .* and lora_B .* must have x's dtype torch.float32"):
+        tri.nf4_lora_linear(x, _w(), None, A.half(), B, 1.0)
+    with pytest.raises(ValueError, match=r"x_dropped \(2, 15\) torch.float32 must match x \(2, 16\)"):
+        tri.nf4_lora_linear(x, _w(), None, A, B, 1.0, x_dropped=torch.randn(2, 15, device=DEVICE))
