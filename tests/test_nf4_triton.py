@@ -7,7 +7,9 @@ low-precision rule of tests/conftest.py: |ours - fp64| <= 2 |torch same dtype - 
 eps = TOLERANCE atol * (|a| @ |b|), the scale of any rounding error of the product.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +299,21 @@ def test_error_lora_dtype_and_dropped():
         tri.nf4_lora_linear(x, _w(), None, A.half(), B, 1.0)
     with pytest.raises(ValueError, match=r"x_dropped \(2, 15\) torch.float32 must match x \(2, 16\)"):
         tri.nf4_lora_linear(x, _w(), None, A, B, 1.0, x_dropped=torch.randn(2, 15, device=DEVICE))
+
+
+def test_bench_script_smoke(tmp_path):
+    """bench/nf4_triton.py end to end on tiny shapes: validation, timing, table, crossover, append."""
+    if not INTERPRETED:
+        pytest.skip("--smoke is the CPU check of the script; on a GPU run bench/nf4_triton.py itself")
+    spec = importlib.util.spec_from_file_location("bench_nf4_triton", Path(__file__).parents[1] / "bench" /
+                                                  "nf4_triton.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results.md"
+    out.write_text("earlier results\n")
+    deq, mm = bench.main(["--smoke", "--out", str(out)])
+    assert {r["impl"] for r in deq} >= {"triton", "torch reference"}
+    assert {(r["op"], r["impl"]) for r in mm} == {(op, i) for op in ("fwd", "bwd dX")
+                                                 for i in ("fused", "dequant+matmul", "dense matmul")}
+    text = out.read_text()
+    assert text.startswith("earlier results\n") and "## Dequantization" in text and "fused faster at M in" in text
