@@ -15,7 +15,7 @@ transformers uses, so the weights are bit-identical to its GGUF loader.
 
 llama.cpp stores the rows of the Q and K projections permuted for its interleaved RoPE; we undo
 it so the weights fit Hugging Face's rotate-half RoPE (FACTS.md). The vocabulary's pre-tokenizer
-follows `tokenizer.ggml.pre` the way llama.cpp does (see PRE_TOKENIZERS).
+follows `tokenizer.ggml.pre` the way llama.cpp does (tokenizer.py: byte_level_bpe).
 """
 
 from __future__ import annotations
@@ -51,10 +51,6 @@ TENSOR_NAMES = {
     "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
     "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
 }
-# llama.cpp's pre-tokenizer names we reproduce. smollm (also starcoder, refact, command-r, ...)
-# splits every \p{N} character first, then applies the GPT-2 regex; gpt-2 is the regex alone.
-PRE_TOKENIZERS = ("smollm", "gpt-2")
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 class GGUFFile:
@@ -330,65 +326,27 @@ def write_safetensors(g: GGUFFile, cfg: dict, plan, path: Path, log) -> None:
 
 def build_tokenizer(g: GGUFFile):
     """A `tokenizers.Tokenizer` (byte-level BPE) from the GGUF vocabulary, merges and token types."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from lora_engine.tokenizer import BYTE_LEVEL_PRE_TOKENIZERS, byte_level_bpe
 
     m, where = g.metadata, g.path
     kind, pre = m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre", "gpt-2")
     if kind != "gpt2":
         raise ValueError(f"{where}: tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)")
-    if pre not in PRE_TOKENIZERS:
-        raise ValueError(f"{where}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}")
-    tokens, types = m.get("tokenizer.ggml.tokens"), m.get("tokenizer.ggml.token_type")
-    merges = m.get("tokenizer.ggml.merges")
+    if pre not in BYTE_LEVEL_PRE_TOKENIZERS:
+        raise ValueError(
+            f"{where}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(BYTE_LEVEL_PRE_TOKENIZERS)}"
+        )
+    tokens, merges = m.get("tokenizer.ggml.tokens"), m.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise ValueError(f"{where}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
-    types = types or [1] * len(tokens)
-    # Byte-level vocabularies spell every token in GPT-2's 256-character byte alphabet. A token
-    # outside it (llama.cpp writes some added tokens raw) is respelled, as transformers does.
-    alphabet = _byte_alphabet()
-    spelled = set(alphabet.values())
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode()), i)
-    pairs = []
-    for i, mg in enumerate(merges):
-        parts = mg.split(" ")
-        if len(parts) != 2:
-            raise ValueError(f"{where}: merge {i} {mg!r} is not two tokens separated by one space")
-        pairs.append((parts[0], parts[1]))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None, fuse_unk=False,
-                               continuing_subword_prefix="", end_of_word_suffix=""))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if pre == "smollm" else byte_level)
-    tok.decoder = decoders.ByteLevel()
-    # Control tokens are special (matched whole, skippable on decode); user-defined ones match whole.
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for t, k in zip(tokens, types) if k == CONTROL and set(t) <= spelled])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False)
-                    for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
-    # llama.cpp adds BOS/EOS when the file says so; mirror that for encode(add_special_tokens=True).
-    bos, eos = (m.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos"))
-    add = [i for i, flag in ((bos, "add_bos_token"), (eos, "add_eos_token"))
-           if i is not None and m.get(f"tokenizer.ggml.{flag}")]
-    if add:
-        pre_ids = [f"{tokens[bos]}"] if bos in add else []
-        post_ids = [f"{tokens[eos]}"] if eos in add else []
-        tok.post_processor = processors.TemplateProcessing(
-            single=" ".join(pre_ids + ["$A"] + post_ids),
-            pair=" ".join(pre_ids + ["$A"] + post_ids + pre_ids + ["$B:1"] + post_ids),
-            special_tokens=[(tokens[i], i) for i in add])
-    return tok
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (bytes_to_unicode)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    table, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b], extra = chr(256 + extra), extra + 1
-    return table
+    try:
+        return byte_level_bpe(
+            tokens, merges, m.get("tokenizer.ggml.token_type"), pre,
+            bos_id=m.get("tokenizer.ggml.bos_token_id"), eos_id=m.get("tokenizer.ggml.eos_token_id"),
+            add_bos=bool(m.get("tokenizer.ggml.add_bos_token")), add_eos=bool(m.get("tokenizer.ggml.add_eos_token")),
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
 
 
 def tokenizer_files(g: GGUFFile, cfg: dict) -> dict[str, dict]:

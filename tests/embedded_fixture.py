@@ -16,8 +16,12 @@ EMBEDDED_NAME = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="session")
 def embedded_home(tmp_path_factory):
-    """A private $LORA_ENGINE_HOME for the whole session."""
-    home = tmp_path_factory.mktemp("lora_engine_home")
+    """A private $LORA_ENGINE_HOME for the whole session.
+
+    A fixed folder under the session's base temp dir, not mktemp: if these fixtures are imported both
+    into conftest.py and into a test module, both copies share one cache and convert only once."""
+    home = tmp_path_factory.getbasetemp() / "lora_engine_home"
+    home.mkdir(exist_ok=True)
     mp = pytest.MonkeyPatch()
     mp.setenv("LORA_ENGINE_HOME", str(home))
     yield home

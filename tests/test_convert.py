@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lora_engine import load_model, load_tokenizer
-from lora_engine.convert import _byte_alphabet, convert_gguf, main
+from lora_engine.convert import convert_gguf, main
+from lora_engine.tokenizer import byte_alphabet
 from tests import embedded_fixture
 from tests.conftest import tol
 from tests.hf_models import make_hf_model
@@ -43,7 +44,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def tiny_vocab():
     """96 tokens: 3 control tokens, printable ASCII in GPT-2's byte alphabet, and two merges."""
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [alphabet[b] for b in range(0x20, 0x7B)] + ["Ġt", "he"]
     return tokens, [3, 3, 3] + [1] * (len(tokens) - 3), ["Ġ t", "h e"]
 

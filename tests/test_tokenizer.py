@@ -217,3 +217,33 @@ def test_save_copies_the_files(tmp_path):
     copy = load_tokenizer(out)
     assert copy.encode("hello <eot> world") == src.encode("hello <eot> world") == [5, 4, 6]
     assert copy.apply_chat_template([]) == "C" and copy.eos_token_id == 2
+
+
+# ---- byte_level_bpe: the builder the GGUF converter uses ------------------------------------------
+
+
+def test_byte_level_bpe_token_types_and_post_processor():
+    from lora_engine.tokenizer import byte_alphabet, byte_level_bpe
+
+    chars = [byte_alphabet()[b] for b in range(256)]
+    tokens = chars + ["<eos>", "<think>", "<bad control>"]  # the last holds a raw space: not byte-spelled
+    types = [1] * 256 + [3, 4, 3]
+    tok = byte_level_bpe(tokens, [], types, "gpt-2", bos_id=256, eos_id=256, add_eos=True)
+    assert tok.encode("a<think>b<eos>", add_special_tokens=False).ids == [ord("a"), 257, ord("b"), 256]
+    assert tok.encode("a").ids == [ord("a"), 256]  # add_eos
+    assert tok.decode([ord("a"), 256, 257], skip_special_tokens=True) == "a<think>"  # user-defined stays
+    assert 258 not in tok.encode("<bad control>").ids  # mislabelled control token: not matched whole
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"merges": ["a b c"]}, "merge 0 'a b c' is not two tokens"),
+    ({"token_types": [1]}, "2 tokens but 1 token types"),
+    ({"bos_id": 5}, "bos token id 5 is outside the vocabulary of 2 tokens"),
+    ({"pre_tokenizer": "llama3"}, "pre-tokenizer 'llama3' is not supported"),
+])
+def test_byte_level_bpe_errors(kw, match):
+    from lora_engine.tokenizer import byte_level_bpe
+
+    args = {"tokens": ["a", "b"], "merges": [], **kw}
+    with pytest.raises(ValueError, match=match):
+        byte_level_bpe(**args)
