@@ -10,8 +10,8 @@ uint64 key/value count, the key/values, the tensor table (name, dims fastest-fir
 offset), then the tensor data aligned to `general.alignment` (default 32). We parse the header
 ourselves: it is small, and this way every corruption is reported with the file name and byte
 offset (gguf.GGUFReader also takes ~9 s to build its field objects for a 49k-token vocabulary).
-The blocks are dequantized with the gguf package (gguf.quants.dequantize), the same code
-transformers uses, so the weights are bit-identical to its GGUF loader.
+The blocks are dequantized with the gguf package (gguf.quants.dequantize); the result is
+bit-identical to transformers' own GGUF dequantizer (tests/test_embedded.py checks every tensor).
 
 llama.cpp stores the rows of the Q and K projections permuted for its interleaved RoPE; we undo
 it so the weights fit Hugging Face's rotate-half RoPE (FACTS.md). The vocabulary's pre-tokenizer
@@ -21,6 +21,7 @@ follows `tokenizer.ggml.pre` the way llama.cpp does (tokenizer.py: byte_level_bp
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -100,7 +101,9 @@ class GGUFFile:
                 raise ValueError(f"{self.path} is corrupted: tensor {name!r} claims {n_dims} dimensions")
             dims = tuple(self._read("<Q") for _ in range(n_dims))
             self.tensors[name] = (dims, self._read("<I"), self._read("<Q"))
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0:
+            raise ValueError(f"{self.path} is corrupted: general.alignment is {align!r}")
         self.data_start = (self._pos + align - 1) // align * align
         for name in self.tensors:
             begin, end = self.byte_range(name)
@@ -161,7 +164,7 @@ class GGUFFile:
             raise ValueError(f"{self.path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
         if dims and dims[0] % block:
             raise ValueError(f"{self.path}: tensor {name!r} rows of {dims[0]} are not whole blocks of {block}")
-        return offset, offset + int(np.prod(dims, dtype=np.int64)) // block * nbytes
+        return offset, offset + math.prod(dims) // block * nbytes
 
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor as a float32 array in row-major order (shape = dims reversed)."""
@@ -176,9 +179,10 @@ class GGUFFile:
         dims, ggml_type, _ = self.tensors[name]
         begin, end = self.byte_range(name)
         raw = np.frombuffer(self._mm, dtype=np.uint8, count=end - begin, offset=self.data_start + begin)
-        rows = int(np.prod(dims[1:], dtype=np.int64))
+        rows = math.prod(dims[1:])
         w = gguf.quants.dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType(ggml_type))
-        return np.ascontiguousarray(w, dtype=np.float32).reshape(tuple(reversed(dims)))
+        # A copy: F32 tensors come back as views of the memory map, which must not outlive close().
+        return np.array(w, dtype=np.float32).reshape(tuple(reversed(dims)))
 
     def close(self) -> None:
         self._mm.close()
@@ -302,7 +306,7 @@ def write_safetensors(g: GGUFFile, cfg: dict, plan, path: Path, log) -> None:
     """Stream every tensor of `plan` into one float32 safetensors file: one tensor in memory at a time."""
     header, offset = {"__metadata__": {"format": "pt", "source": g.path.name}}, 0
     for _, hf, shape in plan:
-        n = int(np.prod(shape)) * 4
+        n = math.prod(shape) * 4
         header[hf] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
