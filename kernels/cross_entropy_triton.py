@@ -9,7 +9,7 @@ Per chunk of c tokens (Liger-Kernel's scheme; the matmuls stay with cuBLAS, whic
 kernel here would beat at these shapes):
 
     z  = h W^T                    (c, V) torch matmul in the weight's dtype (fp32 accumulation)
-    ---- one Triton program per row, over V in blocks of BLOCK_V ----
+    ---- Triton: a program per row (a few for small V), over V in blocks of BLOCK_V ----
     m, l = online max and sum of exp(z - m)        lse = m + log l
     loss = lse - z[label]                          (0 for an ignored row)
     z   <- softmax(z) - onehot(label)              (0 for an ignored row), written in place
@@ -35,35 +35,38 @@ from lora_engine.kernels._common import check_device, check_float, launch_device
 
 @triton.jit
 def _ce_rows(
-    z_ptr, labels_ptr, loss_ptr, V, stride_z, ignore_index,
-    BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    z_ptr, labels_ptr, loss_ptr, N, V, stride_z, ignore_index,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    zrow = z_ptr + row * stride_z
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    valid = label != ignore_index
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < N
+    zrow = z_ptr + rows * stride_z  # (ROWS,) row starts
+    label = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index).to(tl.int64)
+    valid = (label != ignore_index) & rmask
     # Pass 1: running max m and running sum l of exp(z - m) over blocks of the vocabulary.
-    m = tl.full((), float("-inf"), tl.float32)
-    l = tl.zeros((), dtype=tl.float32)
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    l = tl.zeros((ROWS,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = tl.load(zrow + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        mask = rmask[:, None] & (cols[None, :] < V)
+        z = tl.load(zrow[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past N: keep exp() finite
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m = m_new
-    lse = m + tl.log(l)
+    lse = tl.where(rmask, m + tl.log(tl.where(rmask, l, 1.0)), 0.0)  # rows past N: no log(0)
     safe = tl.where(valid, label, 0)
-    target = tl.load(zrow + safe).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+    target = tl.load(zrow + safe, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + rows, tl.where(valid, lse - target, 0.0), mask=rmask)
     if COMPUTE_GRAD:
-        # Pass 2: the gradient of this row's loss with respect to its logits, in place.
-        keep = tl.where(valid, 1.0, 0.0)
+        # Pass 2: the gradient of each row's loss with respect to its logits, in place.
+        keep = tl.where(valid, 1.0, 0.0)[:, None]
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            mask = cols < V
-            z = tl.load(zrow + cols, mask=mask, other=0.0).to(tl.float32)
-            g = (tl.exp(z - lse) - tl.where(cols == safe, 1.0, 0.0)) * keep
-            tl.store(zrow + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
+            mask = rmask[:, None] & (cols[None, :] < V)
+            z = tl.load(zrow[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = (tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == safe[:, None], 1.0, 0.0)) * keep
+            tl.store(zrow[:, None] + cols[None, :], g.to(z_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(hidden, weight, labels, reduction, chunk_size):
@@ -106,13 +109,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         losses = torch.empty(N, dtype=torch.float32, device=hidden.device)
         labels = labels.contiguous()
         block_v = min(next_pow2(V), 4096)
+        rows = max(1, min(16, 4096 // block_v))  # one row a program for real vocabularies
         with launch_device(hidden):
             for s in range(0, N, chunk_size):
                 e = min(s + chunk_size, N)
                 h = hidden[s:e]
                 z = h @ weight.t()  # (c, V), becomes the gradient block in place
-                _ce_rows[(e - s,)](z, labels[s:], losses[s:], V, z.stride(0), ignore_index,
-                                   BLOCK_V=block_v, COMPUTE_GRAD=need_dh or need_dw, num_warps=8)
+                _ce_rows[(triton.cdiv(e - s, rows),)](z, labels[s:], losses[s:], e - s, V, z.stride(0), ignore_index,
+                                                      ROWS=rows, BLOCK_V=block_v, COMPUTE_GRAD=need_dh or need_dw,
+                                                      num_warps=8)
                 if need_dh:
                     dh[s:e] = z @ weight
                 if need_dw:

@@ -3,8 +3,8 @@
 Shapes: x (..., D) in fp32/fp16/bf16, flattened to N rows of D (last dimension contiguous);
 weight (D,). y has x's shape and the promoted dtype of x and weight, exactly like transformers'
 LlamaRMSNorm (`weight * hidden.to(input_dtype)`): the statistics in fp32, the normalised row
-rounded to x's dtype, then scaled by the weight. One program per row; the row fits one block
-(BLOCK_D = next power of two >= D; D is at most a few thousand for every model we load).
+rounded to x's dtype, then scaled by the weight. A program handles ROWS rows (one when D >= 2048);
+a row fits one block (BLOCK_D = next power of two >= D; D is a few thousand at most).
 
 Backward, with n = x * rstd and g = dy * weight (the cast is treated as the identity):
 
@@ -12,7 +12,7 @@ Backward, with n = x * rstd and g = dy * weight (the cast is treated as the iden
     dw = sum over rows of dy * cast(n)
 
 Saved: x, weight and rstd (N fp32 values); n is recomputed. dweight is computed (norms are frozen
-in LoRA, but a full fine-tune or a test may train them): each backward program walks rows
+in LoRA, but a full fine-tune or a test may train them): each backward program walks row blocks
 pid, pid + P, ... and keeps a partial dw in registers; the P partials are summed by torch.
 """
 
@@ -25,44 +25,52 @@ from lora_engine.kernels._common import check_device, check_float, launch_device
 
 
 @triton.jit
-def _rms_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rms_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, N, D, stride_x, stride_y, eps,
+             ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    n = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # transformers rounds to x's dtype here
-    tl.store(y_ptr + row * stride_y + cols, (w * n).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(rstd_ptr + row, rstd)
+    mask = (rows[:, None] < N) & (cols[None, :] < D)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (ROWS,)
+    n = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)  # transformers rounds to x's dtype here
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], (w[None, :] * n).to(y_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < N)
 
 
 @triton.jit
 def _rms_bwd(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr,
     N, D, stride_dy, stride_x, stride_dx,
-    BLOCK_D: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    cmask = cols < D
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    # Rows pid, pid + P, ...; r is int64 so that r * stride cannot overflow.
-    for i in range(0, tl.cdiv(N - pid, P)):
-        r = pid.to(tl.int64) + i * P
-        dy = tl.load(dy_ptr + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + r)
-        n = x * rstd
-        g = dy * w
-        dx = rstd * (g - n * (tl.sum(g * n, axis=0) / D))
-        tl.store(dx_ptr + r * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    # Row blocks pid, pid + P, ...; row indices are int64 so that row * stride cannot overflow.
+    for i in range(0, tl.cdiv(tl.cdiv(N, ROWS) - pid, P)):
+        rows = (pid.to(tl.int64) + i * P) * ROWS + tl.arange(0, ROWS)
+        mask = (rows[:, None] < N) & cmask[None, :]
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < N, other=0.0)
+        n = x * rstd[:, None]
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - n * (tl.sum(g * n, axis=1) / D)[:, None])
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
-            dw += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+            dw += tl.sum(dy * n.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)
     if COMPUTE_DW:
-        tl.store(dw_ptr + pid * D + cols, dw, mask=mask)
+        tl.store(dw_ptr + pid * D + cols, dw, mask=cmask)
+
+
+def _rows_per_program(D: int) -> int:
+    """Rows a program handles: one for wide rows (D >= 2048), more for narrow ones (~2048 elements)."""
+    return max(1, min(16, 2048 // next_pow2(D)))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +93,10 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N and D:
         with launch_device(x):
-            _rms_fwd[(N,)](x2, weight.contiguous(), y, rstd, D, x2.stride(0), y.stride(0), float(eps),
-                           BLOCK_D=next_pow2(D), num_warps=4 if D <= 2048 else 8)
+            rows = _rows_per_program(D)
+            _rms_fwd[(triton.cdiv(N, rows),)](x2, weight.contiguous(), y, rstd, N, D, x2.stride(0), y.stride(0),
+                                              float(eps), ROWS=rows, BLOCK_D=next_pow2(D),
+                                              num_warps=4 if D <= 2048 else 8)
     return y.view(x.shape), x2, rstd
 
 
@@ -94,14 +104,16 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
     N, D = x2.shape
     dy2 = _rows(dy)
     dx = torch.empty_like(x2)
-    programs = max(1, min(N, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count
-                          if x2.is_cuda else 8))
+    rows = _rows_per_program(D)
+    blocks = triton.cdiv(N, rows)
+    programs = max(1, min(blocks, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count
+                          if x2.is_cuda else 4))
     dw_part = torch.empty((programs, D) if need_dw else (1,), dtype=torch.float32, device=x2.device)
     if N and D:
         with launch_device(x2):
             _rms_bwd[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_part, N, D,
                                   dy2.stride(0), x2.stride(0), dx.stride(0),
-                                  BLOCK_D=next_pow2(D), COMPUTE_DW=need_dw, num_warps=4 if D <= 2048 else 8)
+                                  ROWS=rows, BLOCK_D=next_pow2(D), COMPUTE_DW=need_dw, num_warps=4 if D <= 2048 else 8)
     dw = None
     if need_dw:
         dw = (dw_part.sum(0) if N else torch.zeros(D, device=x2.device)).to(weight.dtype)

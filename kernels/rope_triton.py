@@ -12,8 +12,8 @@ The backward is the transpose of the forward's 2x2 blocks, i.e. the inverse rota
 are tables of angles, c1 = c2 and s1 = s2 for every model, but the transpose is exact for any
 table). cos and sin get no gradient: they are buffers computed from positions.
 
-Grid: (B * T, head blocks of q, then head blocks of k): the first cdiv(Hq, BLOCK_H) programs of a
-token rotate q's heads, the rest k's, so one launch serves both. Math in fp32, one rounding on
+Grid: (B * token blocks, Hq + Hk): a program rotates BLOCK_T tokens of one head; heads below Hq
+are q's, the rest k's, so one launch serves both. Math in fp32, one rounding on
 store. Saved for backward: cos and sin only.
 """
 
@@ -26,12 +26,12 @@ from lora_engine.kernels._common import check_device, check_float, launch_device
 
 
 @triton.jit
-def _rotate(in_ptr, out_ptr, c1, c2, s1, s2, head0, H, s_in_h, s_out_h, HALF,
-            BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr):
-    heads = head0 + tl.arange(0, BLOCK_H)
+def _rotate(in_ptr, out_ptr, c1, c2, s1, s2, toks, tmask, s_in_t, s_out_t, HALF,
+            BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr):
+    # One head, a block of tokens: rows are tokens, columns the first (second) half of head_dim.
     cols = tl.arange(0, BLOCK_HALF)
-    mask = (heads[:, None] < H) & (cols[None, :] < HALF)
-    src = in_ptr + heads[:, None].to(tl.int64) * s_in_h + cols[None, :]
+    mask = tmask[:, None] & (cols[None, :] < HALF)
+    src = in_ptr + toks[:, None] * s_in_t + cols[None, :]
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
@@ -40,7 +40,7 @@ def _rotate(in_ptr, out_ptr, c1, c2, s1, s2, head0, H, s_in_h, s_out_h, HALF,
     else:
         o1 = x1 * c1 - x2 * s1
         o2 = x2 * c2 + x1 * s2
-    dst = out_ptr + heads[:, None].to(tl.int64) * s_out_h + cols[None, :]
+    dst = out_ptr + toks[:, None] * s_out_t + cols[None, :]
     tl.store(dst, o1.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -48,31 +48,33 @@ def _rotate(in_ptr, out_ptr, c1, c2, s1, s2, head0, H, s_in_h, s_out_h, HALF,
 @triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
-    T, Hq, Hk, HALF,
+    T, Hq, HALF,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
     sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t,
     sc_b, sc_t,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    tok = tl.program_id(0)
-    hb = tl.program_id(1)
-    b = (tok // T).to(tl.int64)
-    t = (tok % T).to(tl.int64)
+    # program (b * cdiv(T, BLOCK_T) + token block, head): heads 0..Hq-1 are q's, the rest k's.
+    n_tb = tl.cdiv(T, BLOCK_T)
+    b = (tl.program_id(0) // n_tb).to(tl.int64)
+    toks = (tl.program_id(0) % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = toks < T
+    toks = toks.to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
-    cmask = cols < HALF
-    cs = cos_ptr + b * sc_b + t * sc_t + cols
-    ss = sin_ptr + b * sc_b + t * sc_t + cols
-    c1 = tl.load(cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(cs + HALF, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(ss, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(ss + HALF, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    nq = tl.cdiv(Hq, BLOCK_H)
-    if hb < nq:
-        _rotate(q_ptr + b * sq_b + t * sq_t, qo_ptr + b * sqo_b + t * sqo_t, c1, c2, s1, s2,
-                hb * BLOCK_H, Hq, sq_h, sqo_h, HALF, BLOCK_H, BLOCK_HALF, BACKWARD)
+    cmask = tmask[:, None] & (cols[None, :] < HALF)
+    cs = cos_ptr + b * sc_b + toks[:, None] * sc_t + cols[None, :]
+    ss = sin_ptr + b * sc_b + toks[:, None] * sc_t + cols[None, :]
+    c1 = tl.load(cs, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(cs + HALF, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(ss, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(ss + HALF, mask=cmask, other=0.0).to(tl.float32)
+    if head < Hq:
+        _rotate(q_ptr + b * sq_b + head * sq_h, qo_ptr + b * sqo_b + head * sqo_h, c1, c2, s1, s2,
+                toks, tmask, sq_t, sqo_t, HALF, BLOCK_HALF, BACKWARD)
     else:
-        _rotate(k_ptr + b * sk_b + t * sk_t, ko_ptr + b * sko_b + t * sko_t, c1, c2, s1, s2,
-                (hb - nq) * BLOCK_H, Hk, sk_h, sko_h, HALF, BLOCK_H, BLOCK_HALF, BACKWARD)
+        _rotate(k_ptr + b * sk_b + (head - Hq) * sk_h, ko_ptr + b * sko_b + (head - Hq) * sko_h, c1, c2, s1, s2,
+                toks, tmask, sk_t, sko_t, HALF, BLOCK_HALF, BACKWARD)
 
 
 def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -113,16 +115,17 @@ def rope_apply(q, k, cos, sin, backward: bool = False):
     if q.numel() == 0:
         return qo, ko
     half = hd // 2
-    block_h = min(next_pow2(max(Hq, Hk)), max(1, 2048 // next_pow2(half)))
-    grid = (B * T, triton.cdiv(Hq, block_h) + triton.cdiv(Hk, block_h))
+    # About 2048 elements of each half per program: 32 tokens of a 128-wide head.
+    block_t = min(next_pow2(T), max(1, 2048 // next_pow2(half)))
+    grid = (B * triton.cdiv(T, block_t), Hq + Hk)
     sc_b = 0 if c.shape[0] == 1 else c.stride(0)
     with launch_device(q):
         _rope_kernel[grid](
-            q, k, qo, ko, c, s, T, Hq, Hk, half,
+            q, k, qo, ko, c, s, T, Hq, half,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
             sc_b, c.stride(1),
-            BLOCK_H=block_h, BLOCK_HALF=next_pow2(half), BACKWARD=backward,
+            BLOCK_T=block_t, BLOCK_HALF=next_pow2(half), BACKWARD=backward,
         )
     return qo, ko
 

@@ -33,6 +33,10 @@ TOLERANCE = {
     # bf16 carries 8 mantissa bits; under TRITON_INTERPRET the store truncates instead of rounding
     # to nearest (FACTS.md), so allow two bf16 ulps (2 * 2**-8).
     "kernel_bf16": (1.6e-2, 1.6e-2),
+    # Losses of a tiny fp32 model trained 20 AdamW steps with the Triton kernels vs the reference
+    # (tests/test_kernels_train.py): each op differs by summation order only (~1e-7 relative) and
+    # Adam's normalised steps do not amplify that much in 20 steps; observed <= 1e-6 on losses ~4.
+    "train_fp32": (1e-5, 1e-5),
 }
 
 

@@ -47,25 +47,26 @@ def _specs():
                     {"dy_ptr": p, "gate_ptr": p, "up_ptr": p, "dgate_ptr": p, "dup_ptr": p, "n": "i32",
                      "BLOCK": "constexpr"}, {"BLOCK": swiglu.BLOCK}, None, {}, targets))
         out.append((f"rms_fwd/{t}", rms_norm._rms_fwd,
-                    {"x_ptr": p, "w_ptr": p, "y_ptr": p, "rstd_ptr": "*fp32", "D": "i32", "stride_x": "i32",
-                     "stride_y": "i32", "eps": "fp32", "BLOCK_D": "constexpr"}, {"BLOCK_D": 4096}, None,
+                    {"x_ptr": p, "w_ptr": p, "y_ptr": p, "rstd_ptr": "*fp32", "N": "i32", "D": "i32",
+                     "stride_x": "i32", "stride_y": "i32", "eps": "fp32", "ROWS": "constexpr",
+                     "BLOCK_D": "constexpr"}, {"ROWS": 1, "BLOCK_D": 4096}, None,
                     {"num_warps": 8}, targets))
         out.append((f"rms_bwd/{t}", rms_norm._rms_bwd,
                     {"dy_ptr": p, "x_ptr": p, "w_ptr": p, "rstd_ptr": "*fp32", "dx_ptr": p, "dw_ptr": "*fp32",
                      "N": "i32", "D": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
-                     "BLOCK_D": "constexpr", "COMPUTE_DW": "constexpr"},
-                    {"BLOCK_D": 4096, "COMPUTE_DW": True}, None, {"num_warps": 8}, targets))
+                     "ROWS": "constexpr", "BLOCK_D": "constexpr", "COMPUTE_DW": "constexpr"},
+                    {"ROWS": 1, "BLOCK_D": 4096, "COMPUTE_DW": True}, None, {"num_warps": 8}, targets))
         rope_sig = {"q_ptr": p, "k_ptr": p, "qo_ptr": p, "ko_ptr": p, "cos_ptr": p, "sin_ptr": p}
-        rope_sig.update({n: "i32" for n in ("T", "Hq", "Hk", "HALF", "sq_b", "sq_h", "sq_t", "sk_b", "sk_h", "sk_t",
+        rope_sig.update({n: "i32" for n in ("T", "Hq", "HALF", "sq_b", "sq_h", "sq_t", "sk_b", "sk_h", "sk_t",
                                             "sqo_b", "sqo_h", "sqo_t", "sko_b", "sko_h", "sko_t", "sc_b", "sc_t")})
-        rope_sig.update({"BLOCK_H": "constexpr", "BLOCK_HALF": "constexpr", "BACKWARD": "constexpr"})
+        rope_sig.update({"BLOCK_T": "constexpr", "BLOCK_HALF": "constexpr", "BACKWARD": "constexpr"})
         for bwd in (False, True):
             out.append((f"rope_{'bwd' if bwd else 'fwd'}/{t}", rope._rope_kernel, rope_sig,
-                        {"BLOCK_H": 32, "BLOCK_HALF": 64, "BACKWARD": bwd}, None, {}, targets))
+                        {"BLOCK_T": 32, "BLOCK_HALF": 64, "BACKWARD": bwd}, None, {}, targets))
         out.append((f"ce_rows/{t}", cross_entropy._ce_rows,
-                    {"z_ptr": p, "labels_ptr": "*i64", "loss_ptr": "*fp32", "V": "i32", "stride_z": "i32",
-                     "ignore_index": "i32", "BLOCK_V": "constexpr", "COMPUTE_GRAD": "constexpr"},
-                    {"BLOCK_V": 4096, "COMPUTE_GRAD": True}, None, {"num_warps": 8}, targets))
+                    {"z_ptr": p, "labels_ptr": "*i64", "loss_ptr": "*fp32", "N": "i32", "V": "i32", "stride_z": "i32",
+                     "ignore_index": "i32", "ROWS": "constexpr", "BLOCK_V": "constexpr", "COMPUTE_GRAD": "constexpr"},
+                    {"ROWS": 1, "BLOCK_V": 4096, "COMPUTE_GRAD": True}, None, {"num_warps": 8}, targets))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t]
         # forward: P = x (unit stride along K), Q = W^T (unit stride along K); backward: Q = W (unit along N).
         for layout, unit in (("fwd", ("s_pk", "s_qk")), ("bwd", ("s_pk", "s_qn"))):
