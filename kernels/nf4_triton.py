@@ -31,9 +31,12 @@ once per BLOCK_M rows and its generic tl.dot is slower than cuBLAS once the matm
 compute-bound. bitsandbytes 0.50.2 (backends/cuda/ops.py, calibrated on A100 and H100/H200) uses
 its fused 4-bit GEMM only up to M = 1536 at all and only up to M = 512 for weights of >= 4M
 elements (every projection of a 1B+ model), with tighter caps on sm90; for training it always
-dequantizes. Our kernel is not tuned further than theirs, so FUSED_MAX_ROWS = 512: M <= 512 runs
-fused, larger M dequantizes (Triton) and calls torch's matmul (cuBLAS). bench/nf4.py measures the
-crossover on a GPU; change the constant when it says so, not here by guess.
+dequantizes. Ours is a generic Triton tile loop, tuned no better than theirs, so FUSED_MAX_ROWS =
+512: M <= 512 runs fused, larger M dequantizes (Triton) and calls torch's matmul (cuBLAS), for
+every dtype (fp32 is unmeasured: both sides then run without tensor cores, and the fused read of
+0.5 byte against 8 should only move the crossover up). bench/nf4_triton.py measures the crossover
+(bf16) on a GPU; change the constant when it says so, not here by guess. Not measured yet: no GPU
+was available when this was written.
 
 Precision: fp32 accumulation, one rounding on store. fp32 inputs use tl.dot's "ieee" precision
 (no TF32), matching torch's default fp32 matmul. Under TRITON_INTERPRET=1 bf16 arithmetic is broken

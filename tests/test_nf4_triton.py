@@ -207,6 +207,20 @@ def test_dispatch_policy_by_rows():
     assert not tri.use_fused(tri.FUSED_MAX_ROWS + 1)
 
 
+def test_dispatch_backend_triton_reaches_these_kernels(monkeypatch):
+    from lora_engine import dispatch
+
+    calls = []
+    for name in ("nf4_dequantize", "nf4_linear", "nf4_lora_linear"):
+        monkeypatch.setattr(tri, name, lambda *args, name=name: calls.append((name, len(args))) or name)
+    w = random_nf4(12, 20, 64, True, seed=5)
+    x, A, B = torch.randn(3, 20, device=DEVICE), torch.randn(4, 20, device=DEVICE), torch.randn(12, 4, device=DEVICE)
+    assert dispatch.nf4_dequantize(w, torch.float16, backend="triton") == "nf4_dequantize"
+    assert dispatch.nf4_linear(x, w, backend="triton") == "nf4_linear"
+    assert dispatch.lora_linear(x, w, None, A, B, 0.5, backend="triton") == "nf4_lora_linear"
+    assert calls == [("nf4_dequantize", 2), ("nf4_linear", 3), ("nf4_lora_linear", 7)]
+
+
 def test_empty_rows():
     w = random_nf4(8, 16, 64, False, seed=0)
     x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
