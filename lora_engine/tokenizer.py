@@ -8,6 +8,11 @@ tokenizer_config.json, special_tokens_map.json and generation_config.json, in th
 preference. The chat template is a Jinja string from the checkpoint, i.e. untrusted input: it is
 rendered in jinja2's ImmutableSandboxedEnvironment, with the globals and settings transformers
 gives it (raise_exception, strftime_now, a JSON `tojson`, trim_blocks and lstrip_blocks).
+
+`byte_level_bpe` builds the tokenizer.json of a llama.cpp byte-level vocabulary (the GGUF converter
+uses it). It follows llama.cpp's pre-tokenizer, not transformers' GGUF converter: for `smollm` every
+number character is its own pre-token, which transformers drops, so the two differ on inputs like
+" 12 34  56" or Eastern Arabic digits (tests/test_tokenizer.py pins both behaviours).
 """
 
 from __future__ import annotations
