@@ -185,12 +185,15 @@ def nf4_dequantize(w: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 def matmul_config(rows: int) -> dict:
     """Tile sizes and launch options of _nf4_matmul_kernel for `rows` rows (also compiled by the tests).
 
-    tl.dot needs every tile dimension >= 16; small M (decoding) gets a small row tile. Two stages,
-    not three: the per-element gathers of the decode are pipelined through shared memory, and three
-    stages of a 64x64 tile need ~110 KB, over the 99 KB of sm_86/sm_89 (tests/test_nf4_compile.py).
+    tl.dot needs every tile dimension >= 16; small M (decoding) gets a small row tile, and at <= 16
+    rows a narrower column tile too, so a 4096-wide weight still makes 128 programs for ~132 SMs.
+    Two stages, not three: the per-element gathers of the decode are pipelined through shared
+    memory, and three stages of a 64x64 tile need ~110 KB, over the 99 KB of sm_86/sm_89
+    (tests/test_nf4_compile.py checks every target's limit).
     """
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    return {"BLOCK_M": block_m, "BLOCK_P": 64, "BLOCK_R": 64, "num_warps": 4, "num_stages": 2}
+    block_p = 32 if rows <= 16 else 64
+    return {"BLOCK_M": block_m, "BLOCK_P": block_p, "BLOCK_R": 64, "num_warps": 4, "num_stages": 2}
 
 
 def nf4_matmul(a: torch.Tensor, w: NF4Tensor, transpose: bool, bias: torch.Tensor | None = None) -> torch.Tensor:

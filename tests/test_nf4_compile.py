@@ -63,6 +63,7 @@ for cc in (75, 80, 86, 89, 90):
 record("dequant", 80, "fp32", False, 0, lambda: dequant(80, False, "fp32"))
 record("matmul", 80, "fp32", False, 1, lambda: matmul(80, False, "fp32", 1))
 record("matmul", 86, "fp16", False, 32, lambda: matmul(86, False, "fp16", 32))
+record("matmul", 90, "bf16", True, 16, lambda: matmul(90, True, "bf16", 16))
 
 # CPU tensors without the interpreter: a clear error, not a crash inside triton.
 w = NF4Tensor(torch.zeros(32, dtype=torch.uint8), torch.ones(1), NF4_CODE.clone(), 64, (8, 8), torch.float32)
