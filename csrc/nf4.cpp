@@ -6,10 +6,11 @@
 //   nf4_quantize   one thread per run of blocks: absmax, scale (reciprocal for full blocks, a
 //                  division for the short last one, as bitsandbytes does), count of code midpoints
 //                  below the scaled value (= torch.bucketize), two nibbles per byte.
-//   nf4_dequantize one thread per run of blocks: a 256-entry table byte -> (code[hi], code[lo]),
-//                  times the block's fp32 absmax, one rounding to the output dtype.
-// The double-quantized absmax is decoded (or encoded) in PyTorch by the caller: it is 1/64 of the
-// data. Build: `pip install --no-build-isolation -e .` (setup.py compiles csrc/*.cpp into
+//   nf4_dequantize one thread per run of blocks: the block's absmax (decoded from double
+//                  quantization on the fly when nested), a 16-entry table code[j] * absmax, one
+//                  rounding to the output dtype per value.
+// Threads only for >= 65536 values. The double quantization itself is encoded by the caller in
+// PyTorch (kernels/nf4_reference.py: it is 1/64 of the data). Build: `pip install --no-build-isolation -e .` (setup.py compiles csrc/*.cpp into
 // lora_engine._C with -O3 -fopenmp -ffp-contract=off: no fused multiply-add, so every product
 // rounds exactly as the PyTorch reference does). Check: pytest tests/test_nf4_cpp.py.
 #include <torch/extension.h>
@@ -21,6 +22,8 @@
 namespace {
 
 constexpr int kCodeSize = 16;
+// Parallel only when there is enough work: a team of threads costs more than a small weight.
+constexpr int64_t kParallelMin = 1 << 16;
 
 template <typename T>
 inline float load_as_float(const T* p, int64_t i) {
@@ -41,7 +44,7 @@ void quantize_impl(const T* w, int64_t n, int64_t blocksize, const float* code, 
   const int64_t n_blocks = (n + blocksize - 1) / blocksize;
   const int64_t full_blocks = n / blocksize;
   // blocksize is even, so a block starts on a byte boundary and only the very last byte can be half full.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int64_t start = b * blocksize;
     const int64_t end = std::min(start + blocksize, n);
@@ -88,15 +91,31 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& w, const at::T
   return {packed, absmax};
 }
 
+// The absmax of block b: fp32 as stored, or decoded from double quantization exactly as the reference
+// does: code2[q] * absmax2[b / 256], rounded, then + offset, rounded (two operations, no fma).
+struct Absmax {
+  const float* fp32;  // set when not nested
+  const uint8_t* q;
+  const float* code2;
+  const float* absmax2;
+  int64_t group;
+  float offset;
+  inline float operator()(int64_t b) const {
+    if (fp32) return fp32[b];
+    const float scaled = code2[q[b]] * absmax2[b / group];
+    return scaled + offset;
+  }
+};
+
 template <typename T>
-void dequantize_impl(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+void dequantize_impl(const uint8_t* packed, const Absmax& absmax, const float* code, int64_t n, int64_t blocksize,
                      T* out) {
   const int64_t n_blocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int64_t start = b * blocksize;
     const int64_t end = std::min(start + blocksize, n);
-    const float scale = absmax[b];
+    const float scale = absmax(b);
     float table[kCodeSize];
     for (int j = 0; j < kCodeSize; ++j) table[j] = code[j] * scale;  // fp32 product, as the reference
     int64_t i = start;
@@ -110,23 +129,45 @@ void dequantize_impl(const uint8_t* packed, const float* absmax, const float* co
 }
 
 at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                          int64_t blocksize, int64_t numel, at::ScalarType dtype) {
+                          int64_t blocksize, int64_t numel, at::ScalarType dtype,
+                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                          double nested_offset, int64_t nested_blocksize) {
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte,
               "lora_engine::nf4_dequantize: packed must be a uint8 CPU tensor");
   TORCH_CHECK(packed.numel() == (numel + 1) / 2, "lora_engine::nf4_dequantize: packed has ", packed.numel(),
               " bytes, ", numel, " values need ", (numel + 1) / 2);
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == (numel + blocksize - 1) / blocksize,
-              "lora_engine::nf4_dequantize: absmax must be float32 with one value per block of ", blocksize);
+  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0, "lora_engine::nf4_dequantize: blocksize must be even");
+  const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK(absmax.scalar_type() == (nested ? at::kByte : at::kFloat) && absmax.numel() == n_blocks,
+              "lora_engine::nf4_dequantize: absmax must be ", nested ? "uint8" : "float32", " with ", n_blocks,
+              " values (one per block of ", blocksize, "), got ", absmax.scalar_type(), " with ", absmax.numel());
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == kCodeSize,
               "lora_engine::nf4_dequantize: code must be float32 (16,)");
-  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0, "lora_engine::nf4_dequantize: blocksize must be even");
-  auto pc = packed.contiguous();
+  at::Tensor n_abs, n_code;
+  Absmax am{nullptr, nullptr, nullptr, nullptr, 1, 0.0f};
   auto ac = absmax.contiguous();
+  if (nested) {
+    TORCH_CHECK(nested_code.has_value() && nested_blocksize > 0, "lora_engine::nf4_dequantize: nested_code missing");
+    n_abs = nested_absmax->contiguous();
+    n_code = nested_code->contiguous();
+    TORCH_CHECK(n_abs.scalar_type() == at::kFloat &&
+                    n_abs.numel() == (n_blocks + nested_blocksize - 1) / nested_blocksize,
+                "lora_engine::nf4_dequantize: nested_absmax must be float32 with one value per ", nested_blocksize,
+                " blocks");
+    TORCH_CHECK(n_code.scalar_type() == at::kFloat && n_code.numel() == 256,
+                "lora_engine::nf4_dequantize: nested_code must be float32 (256,)");
+    am = Absmax{nullptr, ac.data_ptr<uint8_t>(), n_code.data_ptr<float>(), n_abs.data_ptr<float>(), nested_blocksize,
+                static_cast<float>(nested_offset)};
+  } else {
+    am.fp32 = ac.data_ptr<float>();
+  }
+  auto pc = packed.contiguous();
   auto cc = code.contiguous();
   auto out = at::empty({numel}, packed.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nf4_dequantize", [&] {
-    dequantize_impl<scalar_t>(pc.data_ptr<uint8_t>(), ac.data_ptr<float>(), cc.data_ptr<float>(), numel,
-                              blocksize, out.data_ptr<scalar_t>());
+    dequantize_impl<scalar_t>(pc.data_ptr<uint8_t>(), am, cc.data_ptr<float>(), numel, blocksize,
+                              out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -135,7 +176,8 @@ at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, co
 
 TORCH_LIBRARY(lora_engine, m) {
   m.def("nf4_quantize(Tensor w, Tensor code, int blocksize) -> (Tensor, Tensor)");
-  m.def("nf4_dequantize(Tensor packed, Tensor absmax, Tensor code, int blocksize, int numel, ScalarType dtype)"
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, Tensor code, int blocksize, int numel, ScalarType dtype, "
+        "Tensor? nested_absmax=None, Tensor? nested_code=None, float nested_offset=0.0, int nested_blocksize=256)"
         " -> Tensor");
 }
 

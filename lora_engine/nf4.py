@@ -113,7 +113,11 @@ def dequantize(w: NF4Tensor, dtype: torch.dtype | None = None, backend: str | No
         raise ValueError(f"nf4.dequantize: dtype {dtype} not supported; use one of {DTYPES}")
     be = choose_backend(w.device, backend)
     if be == "cpp":
-        flat = _cpp_ops().nf4_dequantize(w.packed, ref.absmax_fp32(w), w.code, w.blocksize, w.numel, dtype)
+        if w.is_nested:  # the C++ op decodes the double-quantized absmax on the fly
+            flat = _cpp_ops().nf4_dequantize(w.packed, w.absmax, w.code, w.blocksize, w.numel, dtype,
+                                             w.nested_absmax, w.nested_code, w.nested_offset, w.nested_blocksize)
+        else:
+            flat = _cpp_ops().nf4_dequantize(w.packed, w.absmax, w.code, w.blocksize, w.numel, dtype)
         return flat.view(w.shape)
     return dispatch.nf4_dequantize(w, dtype, backend=be)
 

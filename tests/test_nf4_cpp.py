@@ -70,6 +70,9 @@ def test_cpp_op_checks_its_inputs():
     w = ref.nf4_quantize(torch.randn(4, 64), 32, False)
     with pytest.raises(RuntimeError, match="packed has 128 bytes, 300 values need 150"):
         torch.ops.lora_engine.nf4_dequantize(w.packed, w.absmax, w.code, 32, 300, torch.float32)
+    with pytest.raises(RuntimeError, match="absmax must be uint8 with 8 values"):
+        torch.ops.lora_engine.nf4_dequantize(w.packed, w.absmax, w.code, 32, 256, torch.float32,
+                                             torch.ones(1), torch.zeros(256), 0.0, 256)
     with pytest.raises(RuntimeError, match="code must be float32 \\(16,\\)"):
         torch.ops.lora_engine.nf4_quantize(torch.randn(64), NF4_CODE[:8], 32)
 
