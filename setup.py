@@ -35,7 +35,7 @@ def _extensions():
         ext = CUDAExtension(
             "lora_engine._C",
             sources + cuda,
-            extra_compile_args={"cxx": cxx + ["-DLORA_ENGINE_CUDA"], "nvcc": ["-O3", "--fmad=false", "-DLORA_ENGINE_TORCH_OP"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false", "-DLORA_ENGINE_TORCH_OP"]},
             extra_link_args=["-fopenmp"],
         )
     else:

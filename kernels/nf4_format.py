@@ -5,7 +5,8 @@ Layout of a weight W of shape (out, in), flattened row-major to n = out*in eleme
   - absmax[b] = max |W[block b]| in fp32, one per block (n_blocks = ceil(n / blocksize)).
   - q[i] = index (0..15) of the code value nearest to W[i] / absmax[b]; NF4_CODE below, sorted.
   - packed[i] = q[2i] << 4 | q[2i+1] (first element in the high nibble), uint8 (ceil(n/2),);
-    an odd count is padded with the index of 0.0 (nibble 7), as bitsandbytes pads the scaled values with 0. bitsandbytes stores it with shape (ceil(n/2), 1).
+    an odd count is padded with the index of 0.0 (nibble 7), as bitsandbytes pads the scaled values
+    with 0. bitsandbytes stores it with shape (ceil(n/2), 1).
   - W'[i] = NF4_CODE[q[i]] * absmax[i // blocksize], computed in fp32 and cast once to the dtype.
 Double quantization (bitsandbytes' compress_statistics=True):
   - offset = mean(absmax) (fp32); absmax - offset is quantized blockwise (blocks of 256) to uint8
