@@ -11,6 +11,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Session fixtures for the embedded model: converted once into a private $LORA_ENGINE_HOME.
+from tests.embedded_fixture import embedded_dir, embedded_gguf, embedded_home  # noqa: F401
+
 settings.register_profile(
     "dev", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
