@@ -226,7 +226,8 @@ class Batcher:
 
 
 def eval_batches(rows: list[Row], batch_size: int, pad_id: int) -> list[dict]:
-    """Fixed, in-order batches for evaluation."""
+    """Fixed batches for evaluation, rows sorted by length so that little compute goes to padding."""
+    rows = sorted(rows, key=lambda r: len(r.input_ids))
     return [collate(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
 
 

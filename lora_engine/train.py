@@ -35,7 +35,7 @@ class TrainConfig:
     val_data: str | None = _f(None, "validation file (default: --val-split of --data)")
     val_split: float = _f(0.1, "fraction of --data held out for validation when --val-data is not given")
     out: str | None = _f(None, "output folder (default runs/<time>; with --resume, the resumed run's folder)")
-    max_steps: int = _f(240, "optimizer steps; 0 = run --epochs epochs")
+    max_steps: int = _f(120, "optimizer steps; 0 = run --epochs epochs")
     epochs: float = _f(1.0, "epochs when --max-steps is 0")
     batch_size: int = _f(8, "examples per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
