@@ -7,14 +7,16 @@ to n elements, blocks of `blocksize` (32..4096) consecutive elements.
   absmax  fp32 (n_blocks,), or uint8 (n_blocks,) when double-quantized, then decoded as
           absmax[b] = nested_code[qabsmax[b]] * nested_absmax[b // 256] + nested_offset   (fp32)
   W'[i]   = code[q[i]] * absmax[i // blocksize]   in fp32, rounded once to the output dtype.
-Every kernel decodes an element from its flat index i alone (byte i >> 1, nibble i & 1, block
-i // blocksize), so shapes that are not multiples of anything, odd n and a short last block need
-no special case. The decode is exact (a table lookup times a scale), so dequantization matches
-kernels/nf4_reference.py bit for bit; the kernels are compiled without mul+add contraction into
-FMA (enable_fp_fusion=False), which would otherwise round the nested absmax differently.
+The matmul kernel decodes an element from its flat index i alone (byte i >> 1, nibble i & 1,
+block i // blocksize), so shapes that are not multiples of anything, odd n and a short last block
+need no special case; the dequantization kernel does the same per byte. The decode is exact (a
+table lookup times a scale), so dequantization matches kernels/nf4_reference.py bit for bit; the
+kernels are compiled without mul+add contraction into FMA (enable_fp_fusion=False), which would
+otherwise round the nested absmax differently.
 
 Kernels
-  _nf4_dequant_kernel   one program per DEQUANT_BLOCK elements -> dense W' (out, in).
+  _nf4_dequant_kernel   one program per DEQUANT_BLOCK elements -> dense W' (out, in); it walks bytes
+                        (one absmax decode per two elements) and interleaves the two nibbles' values.
   _nf4_matmul_kernel    C (M, P) = A (M, R) @ B (R, P), where B[r, p] = W'[r * s_r + p * s_p]:
                           forward  y  = x  W'^T : A = x  (M, in),  R = in,  P = out, (s_r, s_p) = (1, in)
                           backward dX = dY W'   : A = dY (M, out), R = out, P = in,  (s_r, s_p) = (in, 1)
@@ -60,19 +62,26 @@ OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset,
-                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
-    """W' in fp32 at the int64 flat indices `flat` (any tile shape); 0 where mask is False."""
-    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    q = tl.where((flat & 1) == 0, byte >> 4, byte & 15)  # the first element of a pair is the high nibble
-    value = tl.load(code_ptr + q)  # q is always in 0..15 (masked bytes read as 0): no mask needed
-    blk = flat // BLOCKSIZE
+def _nf4_absmax(blk, mask, absmax_ptr, nabs_ptr, ncode_ptr, offset,
+                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """absmax (fp32) of the blocks `blk` (int64, any shape), decoding the double-quantized form inline."""
     if NESTED:
         qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         scale = tl.load(ncode_ptr + qa) * tl.load(nabs_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
         scale = scale + offset  # a separate rounding, like bitsandbytes' absmax += offset
     else:
         scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset,
+                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """W' in fp32 at the int64 flat indices `flat` (any tile shape); 0 where mask is False."""
+    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    q = tl.where((flat & 1) == 0, byte >> 4, byte & 15)  # the first element of a pair is the high nibble
+    value = tl.load(code_ptr + q)  # q is always in 0..15 (masked bytes read as 0): no mask needed
+    scale = _nf4_absmax(flat // BLOCKSIZE, mask, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED, NESTED_BLOCKSIZE)
     return tl.where(mask, value * scale, 0.0)
 
 
@@ -80,11 +89,18 @@ def _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_pt
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, out_ptr, offset, n,
                         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                         BLOCK: tl.constexpr):
-    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: n may pass 2**31
-    mask = flat < n
-    w = _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset,
-                    BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
-    tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=mask)
+    # Byte-wise: BLOCK // 2 contiguous bytes per program, one absmax per byte (both nibbles of a
+    # byte lie in one block: every blocksize is even), the two values interleaved back in order.
+    j = tl.program_id(0).to(tl.int64) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)  # int64: n may pass 2**31
+    jmask = j < (n + 1) // 2
+    byte = tl.load(packed_ptr + j, mask=jmask, other=0).to(tl.int32)
+    scale = _nf4_absmax((2 * j) // BLOCKSIZE, jmask, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED,
+                        NESTED_BLOCKSIZE)
+    hi = tl.load(code_ptr + (byte >> 4)) * scale  # element 2j: the high nibble
+    lo = tl.load(code_ptr + (byte & 15)) * scale  # element 2j + 1
+    w = tl.interleave(hi, lo)  # (BLOCK,) in element order
+    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=flat < n)  # an odd n drops the pad nibble
 
 
 @triton.jit
