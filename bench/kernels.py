@@ -14,6 +14,7 @@ to bench/results/kernels_<gpu|cpu>.md (atomically).
 
     python bench/kernels.py                       # GPU: Llama-3-8B shapes; CPU: small shapes
     python bench/kernels.py --tokens 512 2048 --no-compile --out-dir $OUT
+    python bench/kernels.py --tokens 512 2048 8192 --compile-tokens 2048   # what bench/gpu_check.sh runs
 
 Targets (GPU only, checked by reading the table, not asserted): LoRA full <= 1.1x base; RMSNorm,
 RoPE, SwiGLU >= 85% of copy bandwidth; chunked CE <= 1.1x the unfused time with >= 4x less memory.
@@ -55,7 +56,7 @@ def bench(fn, cuda: bool, reps: int) -> tuple[float, float, float]:
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1e3)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
     return statistics.median(times), q[0], q[3]
 
 
@@ -205,22 +206,27 @@ FIELDS = ["date", "git", "device", "torch", "triton", "op", "tokens", "dtype", "
           "ms_p20", "ms_p80", "rate", "unit", "of_ceiling", "peak_MiB"]
 
 
-def write_results(rows: list[dict], info: dict, ceil: dict, out_dir: Path, failures: list[str]):
+def append_csv(rows: list[dict], info: dict, out_dir: Path):
+    """Append rows to kernels.csv (one run adds rows, never rewrites others')."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = info.get("gpu", "cpu")
     csv_path = out_dir / "kernels.csv"
     new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:  # appended: one run adds rows, never rewrites others
+    with open(csv_path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             w.writeheader()
         for r in rows:
-            w.writerow({"date": info["date"], "git": info["git"], "device": dev, "torch": info["torch"],
-                        "triton": info["triton"], **{k: (f"{v:.6g}" if isinstance(v, float) else v)
-                                                     for k, v in r.items()}})
-    lines = [f"# Kernel benchmarks ({dev})", "", *header_lines(info),
-             f"- ceilings measured in this run: copy {ceil['copy_GB/s']:.0f} GB/s, "
-             f"matmul {ceil['matmul_TFLOP/s']:.1f} TFLOP/s", "",
+            w.writerow({"date": info["date"], "git": info["git"], "device": info.get("gpu", "cpu"),
+                        "torch": info["torch"], "triton": info["triton"],
+                        **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}})
+
+
+def write_table(rows: list[dict], info: dict, ceil: dict, out_dir: Path, failures: list[str]) -> Path:
+    """The markdown table of this run so far, written atomically (temp file, fsync, rename)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Kernel benchmarks ({info.get('gpu', 'cpu')})", "", *header_lines(info),
+             f"- ceilings measured in this run: copy {ceil['copy_GB/s']:.3g} GB/s, "
+             f"matmul {ceil['matmul_TFLOP/s']:.3g} TFLOP/s", "",
              "| op | tokens | dtype | provider | mode | ms (median) | p20-p80 | rate | % of ceiling | peak MiB |",
              "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -235,7 +241,7 @@ def write_results(rows: list[dict], info: dict, ceil: dict, out_dir: Path, failu
         f.flush()
         os.fsync(f.fileno())
     os.replace(f.name, md)
-    print(f"wrote {md} and appended {len(rows)} rows to {csv_path}")
+    return md
 
 
 def main(argv=None) -> int:
@@ -246,6 +252,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default bf16 on GPU, fp32 on CPU")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="also time torch.compile of the reference")
+    ap.add_argument("--compile-tokens", type=int, nargs="+",
+                    help="token counts at which torch.compile is timed (default: all); each shape recompiles")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args(argv)
@@ -259,16 +267,23 @@ def main(argv=None) -> int:
     ceil = ceilings(dev, dtype, a.reps)
     print(f"ceilings: {ceil}")
     rows, failures = [], []
+    out_dir = Path(a.out_dir)
     for name in a.ops:
         for n in tokens:
+            new: list[dict] = []
             try:
-                run_op(name, n, shapes, dev, dtype, a.reps, a.compile, ceil, rows)
+                with_compile = a.compile and (a.compile_tokens is None or n in a.compile_tokens)
+                run_op(name, n, shapes, dev, dtype, a.reps, with_compile, ceil, new)
             except Exception as e:  # one op failing must not lose the others' numbers
                 failures.append(f"{name} tokens={n}: {type(e).__name__}: {str(e)[:300]}")
                 print("FAILED", failures[-1], flush=True)
+            # Written after every case, so a run stopped by a time limit keeps what it measured.
+            append_csv(new, info, out_dir)
+            rows += new
+            md = write_table(rows, info, ceil, out_dir, failures)
             if dev == "cuda":
                 torch.cuda.empty_cache()
-    write_results(rows, info, ceil, Path(a.out_dir), failures)
+    print(f"wrote {md} and appended {len(rows)} rows to {out_dir / 'kernels.csv'}")
     return 1 if failures else 0
 
 

@@ -40,12 +40,13 @@ def assert_as_accurate(ours: torch.Tensor, same: torch.Tensor, ref64: torch.Tens
         raise AssertionError(f"{name}: ours {tuple(ours.shape)} {ours.dtype}, reference {tuple(ref64.shape)} "
                              f"{same.dtype}")
     rtol, atol = TOLERANCE[DTYPE_KIND[compute_dtype or ours.dtype]]
-    r = ref64.double().cpu()
-    err = (ours.double().cpu() - r).abs()
-    bound = 2 * (same.double().cpu() - r).abs() + rtol * r.abs() + atol
+    r = ref64.double()
+    err = (ours.double().to(r.device) - r).abs()
+    bound = 2 * (same.double().to(r.device) - r).abs() + rtol * r.abs() + atol
     bad = ~(err <= bound)  # also catches NaN
     if bad.any():
         i = tuple(int(v) for v in bad.nonzero()[0])
+        err, r = err.cpu(), r.cpu()
         raise AssertionError(
             f"{name} ({ours.dtype}): {int(bad.sum())} of {err.numel()} elements off; first at {i}: ours "
             f"{ours.double().cpu()[i]:.6g}, torch {same.double().cpu()[i]:.6g}, fp64 {r[i]:.6g}; worst error "
@@ -77,11 +78,11 @@ def run_with_grads(fn, inputs: list[torch.Tensor], grad_outs: list[torch.Tensor]
     return [o.detach() for o in outs], list(grads)
 
 
-def check_op(ours_fn, ref_fn, inputs, grad_outs, dtype, dev, needs_grad=None, names=None):
+def check_op(ours_fn, ref_fn, inputs, grad_outs, dtype, dev, needs_grad=None, names=None, ref_dev="cpu"):
     """Forward and backward of ours_fn in dtype against ref_fn in dtype and in float64 (the rule above)."""
     o_out, o_g = run_with_grads(ours_fn, inputs, grad_outs, dtype, dev, needs_grad)
-    s_out, s_g = run_with_grads(ref_fn, inputs, grad_outs, dtype, "cpu", needs_grad)
-    r_out, r_g = run_with_grads(ref_fn, inputs, grad_outs, torch.float64, "cpu", needs_grad)
+    s_out, s_g = run_with_grads(ref_fn, inputs, grad_outs, dtype, ref_dev, needs_grad)
+    r_out, r_g = run_with_grads(ref_fn, inputs, grad_outs, torch.float64, ref_dev, needs_grad)
     for i, (a, b, c) in enumerate(zip(o_out, s_out, r_out)):
         assert_as_accurate(a, b, c, f"output {i}", dtype)
     for i, (a, b, c) in enumerate(zip(o_g, s_g, r_g)):

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# GPU check: the GPU test subset (every kernel against its reference at Llama-3-8B shapes, bf16 and
+# fp16: `pytest -m gpu`), the kernel benchmarks (bench/kernels.py) and bench/nf4.py's GPU section
+# when present, in under 8 minutes. Writes one summary, gpu_check.md, under $OUT (or bench/results/
+# when OUT is unset), beside the benchmarks' CSV and table; a failing or timed-out step is reported
+# there and the next step still runs. Exit status: 0 only when every step passed.
+#
+#   bash bench/gpu_check.sh            # from the repository root or anywhere
+#
+# Needs: a CUDA GPU, torch, triton, pytest, hypothesis (transformers/peft for a few imports); no
+# network. The project is imported as installed, else installed with `pip install --no-deps
+# --no-build-isolation -e .`, else through a shim directory (lora_engine with kernels/ inside).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+RESULTS="${OUT:-$ROOT/bench/results}"
+mkdir -p "$RESULTS"
+LOGS="$(mktemp -d)"
+SUMMARY="$RESULTS/gpu_check.md"
+PY="${PYTHON:-python}"
+START=$(date +%s)
+FAILED=0
+STEPS=()
+
+# Per-step limits (seconds): 2 x 20 + 30 + 150 + 190 + 50 = 460 s worst case, under 8 minutes.
+T_ENV=20; T_INSTALL=30; T_TESTS=150; T_BENCH=190; T_NF4=50
+
+run_step() {  # run_step NAME LIMIT CMD...: run with a time limit, log, record status; never exits
+    local name=$1 limit=$2; shift 2
+    local log="$LOGS/$name.log" t0 rc=0
+    t0=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" >"$log" 2>&1 || rc=$?
+    local dt=$(( $(date +%s) - t0 )) status="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="TIMED OUT after ${limit}s"; FAILED=1
+    elif [ "$rc" -ne 0 ]; then status="FAILED (exit $rc)"; FAILED=1; fi
+    echo "    -> $status in ${dt}s"
+    tail -n 5 "$log" | sed 's/^/    | /'
+    STEPS+=("$name|$status|${dt}s|$log")
+}
+
+write_summary() {
+    local tmp="$SUMMARY.tmp.$$"
+    {
+        echo "# GPU check"
+        echo
+        echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo "- git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        echo "- total: $(( $(date +%s) - START )) s"
+        echo "- result: $([ "$FAILED" -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED (see below)')"
+        echo
+        echo "| step | status | time |"
+        echo "|---|---|---:|"
+        for s in "${STEPS[@]}"; do IFS='|' read -r n st dt _ <<<"$s"; echo "| $n | $st | $dt |"; done
+        for s in "${STEPS[@]}"; do
+            IFS='|' read -r n st _ log <<<"$s"
+            echo
+            echo "## $n: $st"
+            echo
+            echo '```'
+            tail -n 60 "$log" 2>/dev/null || echo "(no log)"
+            echo '```'
+        done
+        for md in "$RESULTS/kernels_gpu.md" "$RESULTS/nf4_gpu.md"; do
+            if [ -f "$md" ]; then echo; echo "---"; echo; cat "$md"; fi
+        done
+    } >"$tmp"
+    sync "$tmp" 2>/dev/null || true
+    mv -f "$tmp" "$SUMMARY"
+    echo "summary: $SUMMARY"
+}
+trap write_summary EXIT
+
+# 1. Environment.
+run_step environment "$T_ENV" bash -c "nvidia-smi || true; $PY -c 'import sys, torch, triton; \
+print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); \
+print(\"triton\", triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability()); \
+assert torch.cuda.is_available(), \"no CUDA device visible\"'"
+
+# 2. Make `lora_engine.kernels` importable (kernels/ is installed as lora_engine.kernels).
+unset TRITON_INTERPRET
+if ! $PY -c "import lora_engine.kernels.reference" >/dev/null 2>&1; then
+    if ! timeout "$T_INSTALL" $PY -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/pip.log" 2>&1 \
+        || ! $PY -c "import lora_engine.kernels.reference" >/dev/null 2>&1; then
+        SHIM="$(mktemp -d)"
+        mkdir -p "$SHIM/lora_engine"
+        for f in "$ROOT"/lora_engine/*; do ln -s "$f" "$SHIM/lora_engine/$(basename "$f")"; done
+        ln -s "$ROOT/kernels" "$SHIM/lora_engine/kernels"
+        export PYTHONPATH="$SHIM:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+run_step import "$T_ENV" $PY -c "import lora_engine.kernels.triton_ops as t, lora_engine.kernels as k; print(k.__file__)"
+
+# 3. Every kernel against its reference at realistic shapes (and any other test marked gpu).
+run_step gpu-tests "$T_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+    -rs tests/
+
+# 4. Kernel benchmarks (rows are written after each case, so a time limit keeps what was measured).
+#    torch.compile recompiles for every shape: it is timed at 2048 tokens only.
+run_step kernel-bench "$T_BENCH" $PY bench/kernels.py --device cuda --tokens 512 2048 8192 --compile-tokens 2048 \
+    --reps 20 --out-dir "$RESULTS"
+
+# 5. NF4 benchmarks' GPU section, when that script exists.
+if [ -f bench/nf4.py ]; then
+    run_step nf4-bench "$T_NF4" $PY bench/nf4.py --skip-memory --repeats 5 --out "$RESULTS/nf4_gpu.md"
+fi
+
+exit "$FAILED"
