@@ -45,9 +45,10 @@ def render_mask(ex: Example, tokenizer) -> str:
 
 
 def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_only: bool = True,
-          show: int = 0, file=sys.stdout) -> dict:
+          show: int = 0, file=None) -> dict:
     """Analyse a file; print the report to `file` and return the numbers as a dict."""
     records = read_records(path)
+    file = file or sys.stdout
     p = lambda *a: print(*a, file=file)
     if not records:
         raise DataError(f"{path}: the file holds no records")

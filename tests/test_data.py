@@ -156,3 +156,18 @@ def test_check_report(tmp_path):
     assert r["records"] == 8 and r["duplicates"] == 1 and r["empty"] == 1 and r["examples"] == 7
     assert r["truncated"] == 7  # ChatML around each record is ~50 characters
     assert "token-length histogram" in text and "[[It is 0.<|im_end|>\n]]" in text
+
+
+def test_check_command_line(tmp_path, capsys):
+    from lora_engine.data import main
+    from tests.test_train_support import save_tokenizer_files
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    save_tokenizer_files(folder)
+    main(["check", str(write_jsonl(tmp_path / "d.jsonl", chat_records(3))), "--model", str(folder), "--max-length", "64"])
+    out = capsys.readouterr().out
+    assert "records: 3" in out and "loss on [[...]]" in out
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    with pytest.raises(SystemExit, match=r"error: .*bad.jsonl:1: invalid JSON"):
+        main(["check", str(tmp_path / "bad.jsonl"), "--model", str(folder)])

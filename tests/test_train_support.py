@@ -106,13 +106,14 @@ def test_fake_tokenizer_without_template_raises():
 
 def save_tokenizer_files(folder: Path) -> Path:
     """Write FakeTokenizer as a real Hugging Face tokenizer (tokenizer.json + config with the template)."""
-    from tokenizers import AddedToken, Tokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders
     from tokenizers.models import BPE
 
     vocab = {chr(i): i for i in range(3, VOCAB)}
     vocab.update(SPECIALS)
     tok = Tokenizer(BPE(vocab=vocab, merges=[]))  # no merges and no pre-tokenizer: one token per character
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    tok.decoder = decoders.Fuse()  # join the characters back without spaces
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": CHATML, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}))
@@ -127,5 +128,6 @@ def test_saved_tokenizer_matches_fake(tmp_path):
     text = fake.apply_chat_template(chat_records(1)[0]["messages"], add_generation_prompt=True) + "x y\n"
     assert tok.encode(text) == fake.encode(text)
     assert (tok.eos_token_id, tok.pad_token_id) == (fake.eos_token_id, fake.pad_token_id)
+    assert tok.decode(tok.encode(text)) == text
     assert tok.apply_chat_template(chat_records(1)[0]["messages"]) == fake.apply_chat_template(
         chat_records(1)[0]["messages"])
