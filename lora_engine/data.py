@@ -183,12 +183,14 @@ class Batcher:
     index) is all a checkpoint needs to reproduce the stream exactly.
     """
 
-    def __init__(self, rows: list[Row], batch_size: int, seed: int, pad_id: int, shuffle: bool = True):
+    def __init__(self, rows: list[Row], batch_size: int, seed: int, pad_id: int, shuffle: bool = True,
+                 group_by_length: bool = True):
         if not rows:
             raise DataError("no training rows: the dataset is empty after filtering")
         if batch_size < 1:
             raise DataError(f"--batch-size must be >= 1, got {batch_size}")
         self.rows, self.batch_size, self.seed, self.pad_id, self.shuffle = rows, batch_size, seed, pad_id, shuffle
+        self.group_by_length = group_by_length
         self.packed = any(len(r.where) > 1 for r in rows)
         self.epoch, self.index = 0, 0
         self._order = self._make_order()
@@ -199,8 +201,19 @@ class Batcher:
 
     def _make_order(self) -> list[int]:
         order = list(range(len(self.rows)))
-        if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(order)
+        if not self.shuffle:
+            return order
+        rng = random.Random(self.seed + self.epoch)
+        rng.shuffle(order)
+        if self.group_by_length:
+            # Batches of similar lengths waste less compute on padding: sort within windows of 32
+            # batches, then shuffle the batches, so the order stays random at the batch level.
+            w = 32 * self.batch_size
+            order = [i for k in range(0, len(order), w)
+                     for i in sorted(order[k : k + w], key=lambda j: len(self.rows[j].input_ids))]
+            batches = [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+            rng.shuffle(batches)
+            order = [i for b in batches for i in b]
         return order
 
     def next(self) -> dict:
@@ -213,7 +226,8 @@ class Batcher:
         return collate([self.rows[i] for i in take], self.pad_id, self.packed)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_rows": len(self.rows)}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_rows": len(self.rows),
+                "group_by_length": self.group_by_length}
 
     def load_state_dict(self, s: dict) -> None:
         if s["n_rows"] != len(self.rows) or s["seed"] != self.seed:
@@ -222,6 +236,7 @@ class Batcher:
                 f"{len(self.rows)} rows and seed {self.seed}: resume with the same data, max-length and seed"
             )
         self.epoch, self.index = s["epoch"], s["index"]
+        self.group_by_length = s.get("group_by_length", self.group_by_length)
         self._order = self._make_order()
 
 

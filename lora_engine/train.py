@@ -51,6 +51,7 @@ class TrainConfig:
     use_rslora: bool = _f(False, "scale alpha/sqrt(r) instead of alpha/r")
     max_length: int = _f(256, "tokens per example (longer ones are truncated, counts reported)")
     pack: bool = _f(False, "pack several examples per row (attention and positions isolated per example)")
+    group_by_length: bool = _f(True, "batch examples of similar length together (less padding; order still random)")
     completion_only: bool = _f(True, "loss only on responses / assistant turns (prompt and chat formats)")
     save_every: int = _f(100, "checkpoint every N steps (0 = only at the end and on interruption)")
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")

@@ -126,7 +126,7 @@ def run(cfg, explicit: set[str] = frozenset(), tokenizer=None, model=None, log=p
         f"{stats['truncated']} truncated at {cfg.max_length} tokens, {stats['dropped_no_targets']} dropped (no "
         f"target left); {stats['rows']} training rows, {stats['target_tokens']:,} target tokens; "
         f"{len(val_rows)} validation rows")
-    batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad)
+    batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
     steps_per_epoch = math.ceil(batcher.batches_per_epoch / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     opt = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay)
