@@ -49,7 +49,10 @@ void quantize_impl(const T* w, int64_t n, int64_t blocksize, const float* code, 
     const int64_t start = b * blocksize;
     const int64_t end = std::min(start + blocksize, n);
     float am = 0.0f;
-    for (int64_t i = start; i < end; ++i) am = std::max(am, std::fabs(load_as_float(w, i)));
+    for (int64_t i = start; i < end; ++i) {
+      const float a = std::fabs(load_as_float(w, i));
+      am = (a > am || a != a) ? a : am;  // a NaN sticks (std::max would drop it), so the caller sees it
+    }
     const bool full = b < full_blocks;
     float inv = 0.0f, div = 0.0f;
     if (full) {

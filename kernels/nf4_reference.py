@@ -16,6 +16,8 @@ Linear layers never keep the dequantized weight: forward dequantizes, backward d
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from lora_engine.kernels.nf4_format import (
@@ -39,10 +41,20 @@ def check_quantize_args(w: torch.Tensor, blocksize: int, name: str = "weight") -
         raise ValueError(f"nf4 quantize: blocksize {blocksize} not allowed for {name}; use one of {BLOCKSIZES}")
     if w.numel() == 0:
         raise ValueError(f"nf4 quantize: {name} of shape {tuple(w.shape)} is empty")
-    if not bool(torch.isfinite(w).all()):
+
+
+def check_finite(w: torch.Tensor, absmax: torch.Tensor, name: str = "weight") -> None:
+    """Raise ValueError when w holds inf/NaN, seen cheaply in its block maxima (n / blocksize values)."""
+    if not bool(torch.isfinite(absmax).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"nf4 quantize: {name} of shape {tuple(w.shape)} holds {bad} inf/NaN values; "
                          "NF4 scales by the block maximum, so fix the weights first")
+
+
+@functools.cache
+def _dynamic_map_lut(device: torch.device) -> torch.Tensor:
+    """The lookup table of DYNAMIC_MAP_SIGNED, built once per device (it is the same for every weight)."""
+    return _absmax_lut(DYNAMIC_MAP_SIGNED.to(device))
 
 
 def _absmax_lut(code: torch.Tensor) -> torch.Tensor:
@@ -69,7 +81,9 @@ def quantize_absmax(a: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED
     x = torch.clamp(padded * (1.0 / amax).view(-1, 1), -1.0, 1.0)
     t = (x + 1.0) * 0.5
     bins = (t.double() * 65535.0 + 0.5).float().trunc().long()
-    q = _absmax_lut(code)[bins.clamp(0, 65535)]
+    same = code.device == DYNAMIC_MAP_SIGNED.device and torch.equal(code, DYNAMIC_MAP_SIGNED)
+    lut = _dynamic_map_lut(code.device) if same else _absmax_lut(code)
+    q = lut[bins.clamp(0, 65535)]
     q = torch.where((amax == 0).view(-1, 1), torch.zeros_like(q), q)
     return q.reshape(-1)[:n].to(torch.uint8), amax
 
@@ -90,6 +104,7 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         am = a[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, am.unsqueeze(0)])
         scaled = torch.cat([scaled, torch.clamp(a[full:] / am, -1, 1)])
+    check_finite(w, absmax)
     if n % 2:
         scaled = F.pad(scaled, (0, 1))
     code = NF4_CODE.to(a.device)

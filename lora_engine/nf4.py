@@ -100,6 +100,7 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, ba
     ref.check_quantize_args(w, blocksize)
     if choose_backend(w.device, backend) == "cpp" and w.device.type == "cpu":
         packed, absmax = _cpp_ops().nf4_quantize(w.detach(), NF4_CODE, blocksize)
+        ref.check_finite(w, absmax)
         return ref.nf4_from_blocks(packed, absmax, tuple(w.shape), w.dtype, blocksize, double_quant)
     return ref.nf4_quantize(w, blocksize, double_quant)  # no Triton quantizer: it runs once per weight
 

@@ -77,6 +77,15 @@ def test_cpp_op_checks_its_inputs():
         torch.ops.lora_engine.nf4_quantize(torch.randn(64), NF4_CODE[:8], 32)
 
 
+@needs_ext
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cpp_rejects_non_finite(bad):
+    w = torch.randn(4, 64)
+    w[2, 5] = bad
+    with pytest.raises(ValueError, match="weight of shape \\(4, 64\\) holds 1 inf/NaN values"):
+        nf4.quantize(w, 64, backend="cpp")
+
+
 def test_fallback_without_extension(monkeypatch):
     """With the extension unavailable: one warning, then the reference everywhere, never a crash."""
     monkeypatch.setitem(sys.modules, "lora_engine._C", None)  # makes `import lora_engine._C` raise ImportError
