@@ -146,6 +146,11 @@ def run(cfg, explicit: set[str] = frozenset(), tokenizer=None, model=None, log=p
         batcher.load_state_dict(restored["data"])
         log(f"resumed from {ckpt} at step {loop['step']}")
     metrics_path = out / "metrics.jsonl"
+    if ckpt is not None and checkpoint.run_dir_of(ckpt).resolve() != out.resolve() and not metrics_path.exists():
+        # Resumed into a new folder: start its metrics with the history up to the checkpoint.
+        src = checkpoint.run_dir_of(ckpt) / "metrics.jsonl"
+        if src.is_file():
+            atomic.write_text(metrics_path, src.read_text())
     _truncate_metrics(metrics_path, loop["step"])
     runs.write_manifest(out, manifest)
 

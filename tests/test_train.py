@@ -103,13 +103,16 @@ def test_resume_reproduces_the_loss_sequence_exactly(folder, data, tmp_path):
             log=quiet)
     assert m["status"] == "interrupted" and m["final_step"] == 3
     assert (tmp_path / "split/checkpoints/step-00000003/adapter/adapter_model.safetensors").is_file()
-    # A fresh model (different LoRA init): everything must come from the checkpoint.
-    torch.manual_seed(123)
-    m2 = run(_cfg(None, data, resume=str(tmp_path / "split")), {"resume"}, tokenizer=TOK,
-             model=tiny_lora_model(folder, dropout=0.1), log=quiet)
-    assert m2["status"] == "completed" and m2["resumed_from"].endswith("step-00000003")
-    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
-    assert len(straight) == 6 and resumed == straight  # bit-identical, not approximately equal
+    # Fresh models (different LoRA init): everything must come from the checkpoint. Resumed once
+    # into a new folder (metrics history copied), once into the interrupted run's own folder.
+    straight = _losses(tmp_path / "straight")
+    for out in (tmp_path / "elsewhere", None):
+        torch.manual_seed(123)
+        m2 = run(_cfg(out, data, resume=str(tmp_path / "split")), {"resume", "out"} if out else {"resume"},
+                 tokenizer=TOK, model=tiny_lora_model(folder, dropout=0.1), log=quiet)
+        assert m2["status"] == "completed" and m2["resumed_from"].endswith("step-00000003")
+        resumed = _losses(out or tmp_path / "split")
+        assert len(straight) == 6 and resumed == straight  # bit-identical, not approximately equal
 
 
 def test_nan_in_a_run_keeps_the_last_good_checkpoint(folder, data, tmp_path, monkeypatch):
