@@ -84,6 +84,9 @@ def find_runs(root: str | Path) -> list[Path]:
 
 
 def _short(h: dict) -> str:
+    """First 8 hex digits of each file's sha256; for more than two files, their count and one digest of all."""
+    if len(h) > 2:
+        return f"{len(h)} files {hashlib.sha256(''.join(sorted(h.values())).encode()).hexdigest()[:8]}"
     return ",".join(v[:8] for v in h.values()) or "-"
 
 
