@@ -31,13 +31,15 @@ def _base_type(tp):
 
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
-    ap = argparse.ArgumentParser(prog=prog, description=description,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--config", default=None, help="a TOML file of field = value overlaid on the defaults")
     for f in dataclasses.fields(cls):
         tp, _ = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        kw = {"help": f.metadata.get("help", " "), "default": argparse.SUPPRESS, "dest": f.name}
+        # default=SUPPRESS so that only flags actually given land in the namespace (they override
+        # the TOML file); the real default is shown in the help text instead.
+        kw = {"help": f"{f.metadata.get('help', '')} (default: {_default(f)!r})", "default": argparse.SUPPRESS,
+              "dest": f.name}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if tp is bool:
