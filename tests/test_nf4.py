@@ -5,6 +5,7 @@ the state-dict layout, and every bad input a user can hit.
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -238,3 +239,14 @@ def test_linear_shape_and_backend_errors():
         nf4.dequantize(w, backend="cuda")
     with pytest.raises(TypeError, match="expected an NF4Tensor"):
         nf4.dequantize(torch.randn(3))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the Triton backend needs a GPU or TRITON_INTERPRET=1 (as CI sets)")
+def test_every_backend_gives_the_same_values():
+    w = nf4.quantize(torch.randn(40, 72), 64)
+    want = ref.nf4_dequantize(w, torch.bfloat16)
+    backends = ["torch", "triton"] + (["cpp"] if nf4._cpp_ops() is not None else [])
+    for backend in backends:
+        assert torch.equal(nf4.dequantize(w, torch.bfloat16, backend=backend), want), backend
+    assert nf4.choose_backend("cpu") == ("cpp" if "cpp" in backends else "torch")
