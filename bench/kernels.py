@@ -226,12 +226,14 @@ def write_table(rows: list[dict], info: dict, ceil: dict, out_dir: Path, failure
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# Kernel benchmarks ({info.get('gpu', 'cpu')})", "", *header_lines(info),
              f"- ceilings measured in this run: copy {ceil['copy_GB/s']:.3g} GB/s, "
-             f"matmul {ceil['matmul_TFLOP/s']:.3g} TFLOP/s", "",
+             f"matmul {ceil['matmul_TFLOP/s']:.3g} TFLOP/s",
+             "- a fraction above 100% means the ceiling was measured while something else used the device "
+             "(a shared CPU); compare providers within one run, not against the ceiling, then", "",
              "| op | tokens | dtype | provider | mode | ms (median) | p20-p80 | rate | % of ceiling | peak MiB |",
              "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['op']} | {r['tokens']} | {r['dtype']} | {r['provider']} | {r['mode']} | {r['ms']:.3f} | "
-                     f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f} | {r['rate']:.1f} {r['unit']} | "
+                     f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f} | {r['rate']:.3g} {r['unit']} | "
                      f"{100 * r['of_ceiling']:.1f} | {r['peak_MiB']:.0f} |")
     if failures:
         lines += ["", "## Failures", "", *[f"- {f}" for f in failures]]
