@@ -46,10 +46,9 @@ def _specs():
         out.append((f"swiglu_bwd/{t}", swiglu._swiglu_bwd,
                     {"dy_ptr": p, "gate_ptr": p, "up_ptr": p, "dgate_ptr": p, "dup_ptr": p, "n": "i32",
                      "BLOCK": "constexpr"}, {"BLOCK": swiglu.BLOCK}, None, {}, targets))
-        out.append((f"rms_fwd/{t}", rms_norm._rms_fwd,
-                    {"x_ptr": p, "w_ptr": p, "y_ptr": p, "rstd_ptr": "*fp32", "N": "i32", "D": "i32",
-                     "stride_x": "i32", "stride_y": "i32", "eps": "fp32", "ROWS": "constexpr",
-                     "BLOCK_D": "constexpr"}, {"ROWS": 1, "BLOCK_D": 4096}, None,
+        rms_sig = {"x_ptr": p, "w_ptr": p, "y_ptr": p, "rstd_ptr": "*fp32", "N": "i32", "D": "i32",
+                   "stride_x": "i32", "stride_y": "i32", "eps": "fp32", "ROWS": "constexpr", "BLOCK_D": "constexpr"}
+        out.append((f"rms_fwd/{t}", rms_norm._rms_fwd, rms_sig, {"ROWS": 1, "BLOCK_D": 4096}, None,
                     {"num_warps": 8}, targets))
         out.append((f"rms_bwd/{t}", rms_norm._rms_bwd,
                     {"dy_ptr": p, "x_ptr": p, "w_ptr": p, "rstd_ptr": "*fp32", "dx_ptr": p, "dw_ptr": "*fp32",
@@ -63,10 +62,17 @@ def _specs():
         for bwd in (False, True):
             out.append((f"rope_{'bwd' if bwd else 'fwd'}/{t}", rope._rope_kernel, rope_sig,
                         {"BLOCK_T": 32, "BLOCK_HALF": 64, "BACKWARD": bwd}, None, {}, targets))
-        out.append((f"ce_rows/{t}", cross_entropy._ce_rows,
-                    {"z_ptr": p, "labels_ptr": "*i64", "loss_ptr": "*fp32", "N": "i32", "V": "i32", "stride_z": "i32",
-                     "ignore_index": "i32", "ROWS": "constexpr", "BLOCK_V": "constexpr", "COMPUTE_GRAD": "constexpr"},
-                    {"ROWS": 1, "BLOCK_V": 4096, "COMPUTE_GRAD": True}, None, {"num_warps": 8}, targets))
+        ce_sig = {"z_ptr": p, "labels_ptr": "*i64", "loss_ptr": "*fp32", "N": "i32", "V": "i32", "stride_z": "i32",
+                  "ignore_index": "i32", "ROWS": "constexpr", "BLOCK_V": "constexpr", "COMPUTE_GRAD": "constexpr"}
+        out.append((f"ce_rows/{t}", cross_entropy._ce_rows, ce_sig, {"ROWS": 1, "BLOCK_V": 4096, "COMPUTE_GRAD": True},
+                    None, {"num_warps": 8}, targets))
+        if t == "bf16":  # the variants small shapes launch: one token a program, many rows a program
+            out.append(("rope_fwd_T1/bf16", rope._rope_kernel, rope_sig,
+                        {"BLOCK_T": 1, "BLOCK_HALF": 64, "BACKWARD": False}, None, {}, (80,)))
+            out.append(("rms_fwd_rows16/bf16", rms_norm._rms_fwd, rms_sig, {"ROWS": 16, "BLOCK_D": 128}, None,
+                        {}, (80,)))
+            out.append(("ce_rows16/bf16", cross_entropy._ce_rows, ce_sig,
+                        {"ROWS": 16, "BLOCK_V": 256, "COMPUTE_GRAD": True}, None, {}, (80,)))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t]
         # forward: P = x (unit stride along K), Q = W^T (unit stride along K); backward: Q = W (unit along N).
         for layout, unit in (("fwd", ("s_pk", "s_qk")), ("bwd", ("s_pk", "s_qn"))):
