@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_engine import dispatch
+from lora_engine import dispatch, nf4
+from lora_engine.kernels.nf4_format import NF4Tensor
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
@@ -138,8 +139,11 @@ class LoraLinear(nn.Module):
         if weight.dim() != 2:
             raise ValueError(f"LoraLinear: weight must be (out, in), got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
-        self.weight.requires_grad_(False)
+        if isinstance(weight, NF4Tensor):  # QLoRA: the frozen 4-bit base is kept as is (lora_engine/nf4.py)
+            self.weight = weight
+        else:
+            self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+            self.weight.requires_grad_(False)
         if bias is not None:
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
             self.bias.requires_grad_(False)
@@ -178,6 +182,21 @@ class LoraLinear(nn.Module):
         return dispatch.lora_linear(x, self.weight, self.bias, A, B, self.scale, x_dropped=x_dropped,
                                     backend=self.backend)
 
+    # An NF4 base is not a Parameter: these hooks keep bitsandbytes' keys in the state dict and move it.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        nf4.save_nf4_weight(self, destination, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if isinstance(self.weight, NF4Tensor):
+            nf4.load_nf4_weight(self, state_dict, prefix, missing, unexpected, errors)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        nf4.move_nf4_weight(self, fn)
+        return self
+
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A as an fp32 (out, in) tensor."""
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
@@ -185,6 +204,9 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """W <- W + s * B @ A, computed in fp32 and cast once to W's dtype. A second call does nothing."""
+        if isinstance(self.weight, NF4Tensor):
+            raise ValueError("LoraLinear.merge: the base weight is NF4; merging into 4 bits is lossy. Call "
+                             "lora_engine.nf4.dequantize_model(model) first, then merge into the dense weight")
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
@@ -205,17 +227,19 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """{"trainable": n, "total": n}; a tied (shared) tensor counts once."""
+    """{"trainable": n, "total": n}; a tied (shared) tensor counts once, an NF4 base by its elements."""
     params = list(model.parameters())  # parameters() already skips duplicates
+    nf4_bases = {id(m.weight): m.weight.numel for m in model.modules()
+                 if isinstance(getattr(m, "weight", None), NF4Tensor)}
     return {"trainable": sum(p.numel() for p in params if p.requires_grad),
-            "total": sum(p.numel() for p in params)}
+            "total": sum(p.numel() for p in params) + sum(nf4_bases.values())}
 
 
 def target_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the linear layers named by config.target_modules; raises when a name matches nothing."""
     head = _output_head(model)
     # LoraLinear counts as linear so that load_adapter can match an adapter against a LoRA model.
-    linear = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear))}
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear, nf4.Linear4bit))}
     t = config.target_modules
     if isinstance(t, str):
         if t.lower() == ALL_LINEAR:
