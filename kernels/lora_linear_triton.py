@@ -22,6 +22,9 @@ Saved: x_d (x itself without dropout: no copy), t (M x r, tiny), W, A, B (refere
 parameters); x is saved separately only when W or dropout needs it. Recomputed: nothing; u is
 new. One kernel handles both matmuls because it takes strides: C = P Q + s * L R (+ bias).
 
+Tiles: triton.autotune over a few (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) candidates per
+(M, N, K) on a GPU; the interpreter runs the first candidate only (tile_config).
+
 On a GPU the 16-bit operands go to tl.dot as they are (fp32 accumulation); fp32 operands use
 input_precision="ieee" so the result matches torch's fp32 matmul (no TF32). Under
 TRITON_INTERPRET the operands are widened to fp32 right after the load, because the interpreter's
@@ -29,6 +32,8 @@ bf16 arithmetic is wrong (FACTS.md).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -89,11 +94,10 @@ def _lora_mm(
 
 
 def tile_config(dtype: torch.dtype, capability: tuple[int, int] | None) -> dict:
-    """Tile sizes for a GPU of this compute capability (None: the interpreter).
+    """The first (default) tile choice for a GPU of this compute capability (None: the interpreter).
 
-    A few fixed choices rather than triton.autotune, which fails under the interpreter with more
-    than one config. Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * itemsize; the
-    compile test (tests/test_kernels_compile.py) checks each choice against the target's limit.
+    Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * itemsize; the compile test
+    (tests/test_kernels_compile.py) checks this choice against every target's limit.
     """
     if capability is None:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
@@ -104,6 +108,29 @@ def tile_config(dtype: torch.dtype, capability: tuple[int, int] | None) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if big_smem else 32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+# Further candidates on a GPU: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). A candidate that
+# does not fit the device's shared memory fails to compile and the autotuner skips it.
+_CANDIDATES_16BIT = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4)]
+_CANDIDATES_FP32 = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4)]
+
+
+@functools.cache
+def _tuned_kernel(dtype: torch.dtype, capability: tuple[int, int] | None):
+    """_lora_mm under triton.autotune, keyed on (M, N, K): several tiles on a GPU, one in the interpreter.
+
+    Multi-config autotuning needs a driver to time with, so the interpreter gets tile_config alone;
+    the launch path (autotuner, grid from META) is the same in both.
+    """
+    first = tile_config(dtype, capability)
+    meta = {k: first.pop(k) for k in ("num_warps", "num_stages")}
+    configs = [triton.Config(first, **meta)]
+    if capability is not None:
+        for bm, bn, bk, stages, warps in _CANDIDATES_FP32 if dtype == torch.float32 else _CANDIDATES_16BIT:
+            configs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                                         num_warps=warps, num_stages=stages))
+    return triton.autotune(configs=configs, key=["M", "N", "K"])(_lora_mm)
+
+
 def fused_mm(p, q_t, lo, ro_t, scale: float, bias, out_dtype) -> torch.Tensor:
     """C (M, N) = p (M, K) @ q_t (K, N) + scale * lo (M, r) @ ro_t (r, N) (+ bias (N,)); views allowed."""
     M, K = p.shape
@@ -111,18 +138,20 @@ def fused_mm(p, q_t, lo, ro_t, scale: float, bias, out_dtype) -> torch.Tensor:
     c = torch.empty((M, N), dtype=out_dtype, device=p.device)
     if M == 0 or N == 0:
         return c
-    cfg = tile_config(p.dtype, torch.cuda.get_device_capability(p.device) if p.is_cuda else None)
     upcast = not p.is_cuda
     precision = "ieee" if (upcast or p.dtype == torch.float32) else "tf32"
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    kernel = _tuned_kernel(p.dtype, torch.cuda.get_device_capability(p.device) if p.is_cuda else None)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
     with launch_device(p):
-        _lora_mm[grid](
+        kernel[grid](
             p, q_t, lo, ro_t, bias if bias is not None else p, c,
             M, N, K, R, float(scale),
             p.stride(0), p.stride(1), q_t.stride(0), q_t.stride(1), lo.stride(0), lo.stride(1),
             ro_t.stride(0), ro_t.stride(1), c.stride(0), c.stride(1),
-            HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision,
-            BLOCK_R=max(16, next_pow2(R)), **cfg,
+            HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision, BLOCK_R=max(16, next_pow2(R)),
         )
     return c
 

@@ -94,6 +94,12 @@ def _specs():
                 consts = dict(cfg, HAS_BIAS=layout == "fwd", UPCAST=False, BLOCK_R=16,
                               PRECISION="ieee" if t == "fp32" else "tf32", **{n: 1 for n in unit})
                 out.append((f"lora_mm_{layout}/{t}", lora_linear._lora_mm, sig, consts, attrs, opts, (cc,)))
+            if t == "bf16" and layout == "fwd":  # the autotuner's other candidates, on the H100/H200 target
+                for bm, bn, bk, stages, warps in lora_linear._CANDIDATES_16BIT:
+                    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, HAS_BIAS=True, UPCAST=False,
+                                  BLOCK_R=16, PRECISION="tf32", **{n: 1 for n in unit})
+                    out.append((f"lora_mm_{layout}_{bm}x{bn}x{bk}/{t}", lora_linear._lora_mm, sig, consts, attrs,
+                                {"num_warps": warps, "num_stages": stages}, (90,)))
     return out
 
 
