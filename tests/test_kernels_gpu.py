@@ -10,6 +10,7 @@ import pytest
 import torch
 from lora_engine.kernels import reference as ref
 
+from tests.conftest import tol
 from tests.kernel_utils import check_op
 
 pytestmark = [
@@ -107,3 +108,12 @@ def test_dispatch_picks_triton_on_cuda():
     from lora_engine import dispatch
 
     assert dispatch.resolve(torch.ones(1, device="cuda"), None) == "triton"
+
+
+def test_tiny_model_trains_the_same_through_the_kernels_on_cuda():
+    # The CPU test's model and loop (tests/test_kernels_train.py), here with compiled kernels.
+    from tests.test_kernels_train import _train
+
+    ours, want = _train("triton"), _train("torch")
+    assert want[-1] < want[0] - 0.5, want
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(want), **tol("train_fp32"))
