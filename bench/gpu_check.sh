@@ -90,7 +90,8 @@ if ! $PY -c "import lora_engine.kernels.reference" >/dev/null 2>&1; then
         export PYTHONPATH="$SHIM:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     fi
 fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The repository root last (for `tests.` and `bench/` imports): a shim above must win for lora_engine.
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$ROOT"
 run_step import "$T_ENV" $PY -c "import lora_engine.kernels.triton_ops as t, lora_engine.kernels as k; print(k.__file__)"
 
 # 3. Every kernel against its reference at realistic shapes (and any other test marked gpu).
