@@ -15,8 +15,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(metrics_path: str | Path, png_path: str | Path) -> str | None:
-    """Write the training (and validation) loss against step; returns a note when it is skipped."""
+def plot_loss(metrics_path: str | Path, png_path: str | Path, evals: list[tuple[int, float]] = ()) -> str | None:
+    """Write the training (and validation) loss against step; returns a note when it is skipped.
+
+    evals: extra (step, target-task validation loss) points, e.g. before and after training.
+    """
     try:
         import matplotlib
 
@@ -26,7 +29,7 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path) -> str | None:
         return "loss curve skipped: matplotlib is not installed (pip install matplotlib)"
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and r["loss"] == r["loss"]]
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    val = sorted([(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None] + list(evals))
     if not train:
         return "loss curve skipped: no logged steps"
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)

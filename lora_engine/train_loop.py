@@ -234,7 +234,9 @@ def run(cfg, explicit: set[str] = frozenset(), tokenizer=None, model=None, log=p
     if cfg.plot:
         from lora_engine.plot import plot_loss
 
-        note = plot_loss(metrics_path, out / "loss.png")
+        points = [(0, loop["eval_before"]["target"]["loss"]), (loop["step"], after["target"]["loss"])] \
+            if "target" in after else []
+        note = plot_loss(metrics_path, out / "loss.png", points)
         if note:
             log(note)
     manifest.update(status="completed", final_step=loop["step"], ended=runs.now(), skipped_steps=loop["skipped"],
