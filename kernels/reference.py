@@ -10,16 +10,48 @@ import torch
 import torch.nn.functional as F
 
 
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    # Exactly LlamaRMSNorm's operations, so logits equal transformers' bit for bit.
+    h = x.float()
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h * rstd).to(x.dtype), rstd
+
+
+class _RMSNorm(torch.autograd.Function):
+    """Saves x and the (..., 1) fp32 rstd only; autograd on the eager ops would keep the fp32
+    normalised copy and the product as well (two more activations per norm, per layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd  # the normalised input, recomputed
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = (gy * n.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dn = (gy * weight).float()
+            # d/dx of x * rstd(x): rstd * (dn - n * mean(dn * n))
+            dx = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
+        return dx, dweight, None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = weight * (x / sqrt(mean(x^2) + eps)); statistics in fp32, as transformers does.
 
     x: (..., D) any float dtype; weight: (D,). Returns x's dtype (weight's dtype wins if wider,
-    exactly like LlamaRMSNorm: `weight * hidden.to(input_dtype)`).
+    exactly like LlamaRMSNorm: `weight * hidden.to(input_dtype)`). With gradients on, a custom
+    backward keeps only x and rstd alive.
     """
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, eps)
+    return _rms_norm_forward(x, weight, eps)[0]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -27,20 +59,64 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rotate_half_t(y: torch.Tensor) -> torch.Tensor:
+    # The transpose of rotate_half (it is a rotation by -90 degrees: R^T = -R).
+    half = y.shape[-1] // 2
+    return torch.cat((y[..., half:], -y[..., :half]), dim=-1)
+
+
+class _Rope(torch.autograd.Function):
+    """q' = q*cos + R(q)*sin is linear in q: dq = g*cos + R^T(g*sin). Saves cos and sin only."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        dq = gq * cos + _rotate_half_t(gq * sin) if ctx.needs_input_grad[0] else None
+        dk = gk * cos + _rotate_half_t(gk * sin) if ctx.needs_input_grad[1] else None
+        return dq, dk, None, None
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotary embedding, Hugging Face's rotate-half convention.
 
     q: (B, Hq, T, hd), k: (B, Hk, T, hd); cos, sin: (B, T, hd) or (T, hd) in q's dtype.
-    Returns (q', k') with q' = q*cos + rotate_half(q)*sin.
+    Returns (q', k') with q' = q*cos + rotate_half(q)*sin. cos and sin carry no gradient.
     """
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return _Rope.apply(q, k, cos, sin)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class _SwiGLU(torch.autograd.Function):
+    """Saves gate and up; silu(gate) is recomputed in backward instead of being kept per layer."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        s = torch.sigmoid(gate)
+        silu = gate * s
+        dgate = g * up * (s * (1 + gate * (1 - s))) if ctx.needs_input_grad[0] else None
+        dup = g * silu if ctx.needs_input_grad[1] else None
+        return dgate, dup
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise; gate and up have the same shape and dtype."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
     return F.silu(gate) * up
 
 
@@ -71,39 +147,40 @@ def _lce_chunks(n: int, chunk: int):
 class _LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of (hidden @ W^T) without the (N, V) logits ever existing in full.
 
-    Forward walks the tokens in chunks; for each chunk it forms the (chunk, V) logits in fp32,
-    takes logsumexp and the target logit, and, because the loss is the only consumer, computes the
-    gradients right there: dlogits = softmax - onehot(label), dh = dlogits @ W, dW += dlogits^T h.
-    Backward only scales the stored gradients by grad_output. Peak extra memory: O(chunk * V).
+    Only the tokens that carry a label are touched at all (prompt tokens of an SFT batch cost
+    nothing). Forward walks them in chunks; for each chunk it forms the (chunk, V) logits in fp32,
+    and in one pass turns them into softmax probabilities (logsumexp = max + log(sum(exp))) after
+    reading the target logit. Because the loss is the only consumer it computes the gradients right
+    there: dlogits = softmax - onehot(label), dh = dlogits @ W, dW += dlogits^T h. Backward only
+    scales the stored gradients by grad_output. Peak extra memory: O(chunk * V).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
-        n = hidden.shape[0]
-        valid = labels != ignore_index
-        count = int(valid.sum())
+        rows = (labels != ignore_index).nonzero().squeeze(1)  # the counted tokens
+        count = rows.numel()
         need_dh = hidden.requires_grad
         need_dw = weight.requires_grad
         dh = torch.zeros_like(hidden) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s, e in _lce_chunks(n, chunk_size):
-            h = hidden[s:e]
-            lab = labels[s:e]
-            ok = valid[s:e]
+        for s, e in _lce_chunks(count, chunk_size):
+            idx = rows[s:e]
+            h = hidden.index_select(0, idx)
+            lab = labels.index_select(0, idx)
             logits = (h @ weight.t()).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            safe = torch.where(ok, lab, torch.zeros_like(lab))
-            target = logits.gather(1, safe[:, None]).squeeze(1)
-            total += torch.where(ok, lse - target, torch.zeros_like(lse)).sum()
+            target = logits.gather(1, lab[:, None]).squeeze(1)
+            m = logits.amax(dim=-1, keepdim=True)
+            p = logits.sub_(m).exp_()  # in place: the logits become exp(logits - max)
+            z = p.sum(dim=-1, keepdim=True)
+            total += (m.squeeze(1) + z.log().squeeze(1) - target).sum()
             if need_dh or need_dw:
-                g = torch.softmax(logits, dim=-1)
-                g[torch.arange(e - s, device=g.device), safe] -= 1.0
-                g *= ok[:, None]
+                p.div_(z)
+                p[torch.arange(e - s, device=p.device), lab] -= 1.0
                 if need_dh:
-                    dh[s:e] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                    dh.index_copy_(0, idx, (p.to(weight.dtype) @ weight).to(hidden.dtype))
                 if need_dw:
-                    dw += g.t() @ h.float()
+                    dw += p.t() @ h.float()
         scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
         ctx.save_for_backward(
             dh if dh is not None else torch.empty(0), dw if dw is not None else torch.empty(0)
@@ -122,19 +199,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so one chunk's fp32 logits stay near 64 MB (2**24 values)."""
+    return max(16, 2**24 // max(vocab_size, 1))
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "mean",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of logits = hidden @ weight^T against labels, chunked over tokens.
 
     hidden: (N, H); weight: (V, H); labels: (N,) int64 with `ignore_index` for tokens that carry
     no loss. reduction "mean" averages over the counted tokens (0 when there are none), "sum" sums.
-    Returns an fp32 scalar.
+    chunk_size: tokens per chunk (None: default_chunk_size(V)). Returns an fp32 scalar.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -148,7 +230,14 @@ def linear_cross_entropy(
             f"linear_cross_entropy: shapes do not agree: hidden {tuple(hidden.shape)}, "
             f"weight {tuple(weight.shape)}, labels {tuple(labels.shape)}"
         )
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk_size)
+    bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))]
+    if bad.numel():
+        raise ValueError(
+            f"linear_cross_entropy: label {int(bad[0])} is outside the vocabulary [0, {weight.shape[0]}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk)
 
 
 def cross_entropy_unfused(hidden, weight, labels, ignore_index=-100, reduction="mean"):
