@@ -164,19 +164,19 @@ class _NF4Linear(torch.autograd.Function):
     """y = x W^T (+ b) with W in NF4. Only the NF4Tensor (a few bytes per weight) is kept for backward."""
 
     @staticmethod
-    def forward(ctx, x, w: NF4Tensor, bias):
-        ctx.w = w
+    def forward(ctx, x, w: NF4Tensor, bias, dequantize):
+        ctx.w, ctx.dequantize = w, dequantize
         ctx.has_bias = bias is not None
-        return F.linear(x, nf4_dequantize(w, x.dtype), bias)
+        return F.linear(x, dequantize(w, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, dy):
         dx = db = None
         if ctx.needs_input_grad[0]:
-            dx = dy @ nf4_dequantize(ctx.w, dy.dtype)  # dequantized again: W is never saved
+            dx = dy @ ctx.dequantize(ctx.w, dy.dtype)  # dequantized again: W is never saved
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
-        return dx, None, db
+        return dx, None, db, None
 
 
 def _check(x: torch.Tensor, w: NF4Tensor, name: str) -> None:
@@ -190,10 +190,14 @@ def _check(x: torch.Tensor, w: NF4Tensor, name: str) -> None:
         raise ValueError(f"{name}: x must be float32, float16 or bfloat16, got {x.dtype}")
 
 
-def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in) @ W^T -> (..., out) in x.dtype; W (out, in) dequantized to x.dtype on the fly."""
+def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | None = None, dequantize=None) -> torch.Tensor:
+    """x (..., in) @ W^T -> (..., out) in x.dtype; W (out, in) dequantized to x.dtype on the fly.
+
+    dequantize: an implementation with nf4_dequantize's contract (bit-exact with it), e.g. the C++
+    op; None uses this file's PyTorch one.
+    """
     _check(x, w, "nf4_linear")
-    return _NF4Linear.apply(x, w, bias)
+    return _NF4Linear.apply(x, w, bias, dequantize or nf4_dequantize)
 
 
 def nf4_lora_linear(
@@ -204,6 +208,7 @@ def nf4_lora_linear(
     lora_B: torch.Tensor,
     scale: float,
     x_dropped: torch.Tensor | None = None,
+    dequantize=None,
 ) -> torch.Tensor:
     """y = x W^T (+ b) + scale * (xd A^T) B^T with W in NF4 (frozen); grads for x, A (r, in), B (out, r).
 
@@ -211,4 +216,4 @@ def nf4_lora_linear(
     """
     _check(x, w, "nf4_lora_linear")
     xd = x if x_dropped is None else x_dropped
-    return nf4_linear(x, w, bias) + F.linear(F.linear(xd, lora_A), lora_B) * scale
+    return nf4_linear(x, w, bias, dequantize) + F.linear(F.linear(xd, lora_A), lora_B) * scale

@@ -106,9 +106,25 @@ def _nf4_impl(x: torch.Tensor, backend: str | None):
         from lora_engine.kernels import nf4_triton
 
         return nf4_triton
-    from lora_engine.kernels import nf4_reference
+    from lora_engine.kernels import nf4_cpp, nf4_reference
 
+    if backend is None and x.device.type == "cpu" and nf4_cpp.available():
+        # Auto on CPU: the reference's autograd around the C++ dequantizer (bit-identical, ~5-28x faster).
+        return _ReferenceWithCpp(nf4_reference, nf4_cpp.nf4_dequantize)
     return nf4_reference
+
+
+class _ReferenceWithCpp:
+    """nf4_reference's functions with the C++ dequantizer plugged in."""
+
+    def __init__(self, ref, dequantize):
+        self.ref, self.nf4_dequantize = ref, dequantize
+
+    def nf4_linear(self, x, w, bias):
+        return self.ref.nf4_linear(x, w, bias, dequantize=self.nf4_dequantize)
+
+    def nf4_lora_linear(self, x, w, bias, lora_A, lora_B, scale, x_dropped=None):
+        return self.ref.nf4_lora_linear(x, w, bias, lora_A, lora_B, scale, x_dropped, dequantize=self.nf4_dequantize)
 
 
 def nf4_dequantize(weight, dtype: torch.dtype, backend=None) -> torch.Tensor:

@@ -22,11 +22,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lora_engine import dispatch
 from lora_engine.config import ModelConfig
+from lora_engine.kernels import nf4_cpp
 from lora_engine.kernels import nf4_reference as ref
 from lora_engine.kernels.nf4_format import (
     DTYPES,
@@ -114,29 +114,8 @@ def dequantize(w: NF4Tensor, dtype: torch.dtype | None = None, backend: str | No
         raise ValueError(f"nf4.dequantize: dtype {dtype} not supported; use one of {DTYPES}")
     be = choose_backend(w.device, backend)
     if be == "cpp":
-        if w.is_nested:  # the C++ op decodes the double-quantized absmax on the fly
-            flat = _cpp_ops().nf4_dequantize(w.packed, w.absmax, w.code, w.blocksize, w.numel, dtype,
-                                             w.nested_absmax, w.nested_code, w.nested_offset, w.nested_blocksize)
-        else:
-            flat = _cpp_ops().nf4_dequantize(w.packed, w.absmax, w.code, w.blocksize, w.numel, dtype)
-        return flat.view(w.shape)
+        return nf4_cpp.nf4_dequantize(w, dtype)
     return dispatch.nf4_dequantize(w, dtype, backend=be)
-
-
-class _CppNF4Linear(torch.autograd.Function):
-    """y = x W^T (+ b), W dequantized by the C++ op in forward and again in backward (never saved)."""
-
-    @staticmethod
-    def forward(ctx, x, w: NF4Tensor, bias):
-        ctx.w = w
-        ctx.has_bias = bias is not None
-        return F.linear(x, dequantize(w, x.dtype, "cpp"), bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        dx = dy @ dequantize(ctx.w, dy.dtype, "cpp") if ctx.needs_input_grad[0] else None
-        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, None, db
 
 
 class Linear4bit(nn.Module):
@@ -167,9 +146,7 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError("Linear4bit: no weight loaded yet (the module was built as a loading placeholder)")
-        if choose_backend(x.device, self.backend) == "cpp" and x.device.type == "cpu":
-            ref._check(x, self.weight, "Linear4bit")
-            return _CppNF4Linear.apply(x, self.weight, self.bias)
+        # On CPU, dispatch runs the C++ dequantizer when the extension is built, else the reference.
         return dispatch.nf4_linear(x, self.weight, self.bias, backend=self.backend)
 
     # state_dict / load_state_dict / .to(): the NF4 weight is not a Parameter, these hooks carry it.
