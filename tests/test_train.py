@@ -1,6 +1,7 @@
 """The loop: accumulation normalised over the whole batch, the NaN guard, exact resume, and the CLI end to end."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -175,3 +176,13 @@ def test_cli_rejects_bad_values(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match=r"c.toml: unknown setting 'learning_rate'"):
         main(["--config", str(bad)])
+
+
+def test_cli_qlora_on_an_nf4_base(folder, data, tmp_path):
+    out = tmp_path / "q"
+    rc = main(["--model", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "4",
+               "--r", "4", "--max-length", "96", "--quantize", "nf4", "--no-general-eval", "--no-plot"])
+    assert rc == 0 and (out / "adapter/adapter_model.safetensors").is_file()
+    m = json.loads((out / "run.json").read_text())
+    assert m["config"]["quantize"] == "nf4" and m["status"] == "completed"
+    assert all(math.isfinite(json.loads(x)["loss"]) for x in (out / "metrics.jsonl").read_text().splitlines())
