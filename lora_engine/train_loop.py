@@ -11,6 +11,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,8 +89,27 @@ def _truncate_metrics(path: Path, step: int) -> None:
         atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 
-def run(cfg, explicit: set[str] = frozenset(), tokenizer=None, model=None, log=print) -> dict:  # noqa: C901
-    """Train per `cfg` (a train.TrainConfig); returns the run manifest (also written to run.json)."""
+def run(cfg, explicit: set[str] = frozenset(), tokenizer=None, model=None, log=print) -> dict:
+    """Train per `cfg` (a train.TrainConfig); returns the run manifest (also written to run.json).
+
+    SIGINT (Ctrl-C) and SIGTERM, from the start on, end the run at the next step boundary with a
+    checkpoint (handlers are installed only in the main thread, where Python allows them).
+    """
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        return _run(cfg, explicit, tokenizer, model, log, stop)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
     from lora_engine.train import describe, resolve_resume
 
     cfg, ckpt = resolve_resume(cfg, set(explicit))
@@ -161,69 +181,61 @@ def run(cfg, explicit: set[str] = frozenset(), tokenizer=None, model=None, log=p
     log("before training: " + ", ".join(f"{k} loss {v['loss']:.4f} ppl {v['ppl']:.2f}"
                                         for k, v in loop["eval_before"].items()))
 
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
     def save(step):
         return checkpoint.save_checkpoint(out, step, model, opt, sched, dict(loop), batcher.state_dict(), scaler,
                                           cfg.keep_checkpoints)
 
     bar = _Progress(total, loop["step"])
     status = "completed"
-    try:
-        with open(metrics_path, "a") as mf:
-            while loop["step"] < total:
-                t0 = time.time()
-                micro = [batcher.next() for _ in range(cfg.grad_accum)]
-                where = f"step {loop['step'] + 1} (epoch {batcher.epoch}, rows {', '.join(micro[0]['where'][:3])})"
-                try:
-                    res = trainer.train_step(model, opt, sched, micro, cfg.max_grad_norm, amp, scaler,
-                                             cfg.on_nonfinite, where)
-                except trainer.NonFiniteError as e:
-                    good = checkpoint.list_checkpoints(out)
-                    msg = (f"{e}. Training stopped; nothing was saved after the last good checkpoint "
-                           f"({good[-1] if good else 'none yet'}). Lower --lr, check the data at those rows, "
-                           "or pass --on-nonfinite skip")
-                    manifest.update(status="failed", error=msg, final_step=loop["step"], ended=runs.now())
-                    runs.write_manifest(out, manifest)
-                    raise TrainingStopped(msg) from e
-                dt = time.time() - t0
-                loop["step"] += 1
-                loop["tokens"] += res.tokens
-                loop["skipped"] += int(res.skipped)
-                row = {"step": loop["step"], "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
-                       "tokens": res.tokens, "targets": res.targets, "tokens_per_s": res.tokens / dt,
-                       "epoch": batcher.epoch, "skipped": res.skipped}
-                if cfg.eval_every and loop["step"] % cfg.eval_every == 0 and val_rows:
-                    v = run_eval(model, tokenizer, val_rows, None, cfg.eval_batch_size, amp)["target"]["loss"]
-                    row["val_loss"] = v
-                    if loop["best_val"] is None or v < loop["best_val"]:
-                        loop["best_val"] = v
-                        _save_adapter(model, out / "adapter-best")
-                if loop["step"] % cfg.log_every == 0 or row.get("val_loss") is not None:
-                    mf.write(json.dumps(row) + "\n")
-                    mf.flush()
-                bar.update(loop["step"], res.loss, res.lr, res.tokens / dt)
-                if cfg.save_every and loop["step"] % cfg.save_every == 0 and loop["step"] < total:
-                    save(loop["step"])
-                if stop["signal"] or (cfg.stop_after and loop["step"] >= cfg.stop_after and loop["step"] < total):
-                    status = "interrupted"
-                    break
-        bar.close()
-        path = save(loop["step"])
-        if status == "interrupted":
-            why = stop["signal"] or f"--stop-after {cfg.stop_after}"
-            log(f"stopped by {why} at step {loop['step']}; checkpoint {path}; continue with --resume {out}")
-            manifest.update(status="interrupted", final_step=loop["step"], ended=runs.now())
-            runs.write_manifest(out, manifest)
-            return manifest
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+    with open(metrics_path, "a") as mf:
+        while loop["step"] < total:
+            if stop["signal"]:  # arrived during setup or evaluation
+                status = "interrupted"
+                break
+            t0 = time.time()
+            micro = [batcher.next() for _ in range(cfg.grad_accum)]
+            where = f"step {loop['step'] + 1} (epoch {batcher.epoch}, rows {', '.join(micro[0]['where'][:3])})"
+            try:
+                res = trainer.train_step(model, opt, sched, micro, cfg.max_grad_norm, amp, scaler,
+                                         cfg.on_nonfinite, where)
+            except trainer.NonFiniteError as e:
+                good = checkpoint.list_checkpoints(out)
+                msg = (f"{e}. Training stopped; nothing was saved after the last good checkpoint "
+                       f"({good[-1] if good else 'none yet'}). Lower --lr, check the data at those rows, "
+                       "or pass --on-nonfinite skip")
+                manifest.update(status="failed", error=msg, final_step=loop["step"], ended=runs.now())
+                runs.write_manifest(out, manifest)
+                raise TrainingStopped(msg) from e
+            dt = time.time() - t0
+            loop["step"] += 1
+            loop["tokens"] += res.tokens
+            loop["skipped"] += int(res.skipped)
+            row = {"step": loop["step"], "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
+                   "tokens": res.tokens, "targets": res.targets, "tokens_per_s": res.tokens / dt,
+                   "epoch": batcher.epoch, "skipped": res.skipped}
+            if cfg.eval_every and loop["step"] % cfg.eval_every == 0 and val_rows:
+                v = run_eval(model, tokenizer, val_rows, None, cfg.eval_batch_size, amp)["target"]["loss"]
+                row["val_loss"] = v
+                if loop["best_val"] is None or v < loop["best_val"]:
+                    loop["best_val"] = v
+                    _save_adapter(model, out / "adapter-best")
+            if loop["step"] % cfg.log_every == 0 or row.get("val_loss") is not None:
+                mf.write(json.dumps(row) + "\n")
+                mf.flush()
+            bar.update(loop["step"], res.loss, res.lr, res.tokens / dt)
+            if cfg.save_every and loop["step"] % cfg.save_every == 0 and loop["step"] < total:
+                save(loop["step"])
+            if stop["signal"] or (cfg.stop_after and loop["step"] >= cfg.stop_after and loop["step"] < total):
+                status = "interrupted"
+                break
+    bar.close()
+    path = save(loop["step"])
+    if status == "interrupted":
+        why = stop["signal"] or f"--stop-after {cfg.stop_after}"
+        log(f"stopped by {why} at step {loop['step']}; checkpoint {path}; continue with --resume {out}")
+        manifest.update(status="interrupted", final_step=loop["step"], ended=runs.now())
+        runs.write_manifest(out, manifest)
+        return manifest
 
     _save_adapter(model, out / "adapter")
     if not (out / "adapter-best").exists():
