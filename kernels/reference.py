@@ -136,7 +136,12 @@ def lora_linear(
     """
     xd = x if x_dropped is None else x_dropped
     y = F.linear(x, weight, bias)
-    return y + F.linear(F.linear(xd, lora_A), lora_B) * scale
+    h = F.linear(xd, lora_A)  # (..., r)
+    # y += scale * h B^T inside one GEMM: no (..., out) temporaries for the product and its scaling
+    # (PEFT rounds the product before scaling; the difference is within one rounding of fp32).
+    # In place on a view of y (F.linear's output is fresh and contiguous; its backward never reads it).
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=scale)
+    return y
 
 
 def _lce_chunks(n: int, chunk: int):

@@ -150,6 +150,7 @@ def load_model(path, dtype=None, device="cpu", **kwargs) -> CausalLM:
         from lora_engine import nf4
 
         return nf4.load_quantized_model(path, dtype=dtype, device=device, **kwargs)
+    kwargs.pop("quantize", None)
     if kwargs:
         raise TypeError(f"load_model got unexpected arguments: {', '.join(kwargs)}")
     folder = resolve_path(path)
