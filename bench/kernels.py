@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header_lines, machine  # noqa: E402
+
 from lora_engine.kernels import reference as ref  # noqa: E402
 
 GPU_SHAPES = dict(hidden=4096, inter=14336, vocab=128256, r=16, heads=32, kv_heads=8, head_dim=128)

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header_lines, machine  # noqa: E402
-from lora_engine.kernels import nf4_reference as ref  # noqa: E402
 
 from lora_engine import nf4  # noqa: E402
+from lora_engine.kernels import nf4_reference as ref  # noqa: E402
 
 SHAPES = [(4096, 4096), (1536, 576)]  # a 7B-class projection; SmolLM2-135M's MLP up_proj
 

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header_lines, machine  # noqa: E402
+
+from lora_engine import atomic, nf4  # noqa: E402
 from lora_engine.kernels import nf4_reference as ref  # noqa: E402
 from lora_engine.kernels import nf4_triton as tri  # noqa: E402
 from lora_engine.kernels.nf4_format import NF4Tensor  # noqa: E402
-
-from lora_engine import atomic, nf4  # noqa: E402
 
 ROWS = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 SHAPES = [(4096, 4096), (14336, 4096)]  # (out, in): a 7B-class attention projection; Llama-3-8B's up_proj

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
 
 

@@ -38,6 +38,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
 from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from lora_engine.kernels.nf4_format import NF4Tensor
 
 

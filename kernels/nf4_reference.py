@@ -20,6 +20,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
 from lora_engine.kernels.nf4_format import (
     BLOCKSIZES,
     DTYPES,

@@ -52,6 +52,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from lora_engine.kernels._common import check_device, check_float, interpreting, launch_device
 from lora_engine.kernels.nf4_format import NF4Tensor
 

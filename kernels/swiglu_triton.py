@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from lora_engine.kernels._common import check_float, check_same, launch_device
 
 BLOCK = 1024

@@ -7,6 +7,7 @@ gathers them under the names and argument orders that dispatch calls.
 from __future__ import annotations
 
 import torch
+
 from lora_engine.kernels import lora_linear_triton as _lora
 from lora_engine.kernels.cross_entropy_triton import linear_cross_entropy
 from lora_engine.kernels.rms_norm_triton import rms_norm

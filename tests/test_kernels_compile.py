@@ -30,6 +30,7 @@ def _specs():
     that the software pipeliner runs and the shared-memory check below means something.
     """
     import torch
+
     from lora_engine.kernels import cross_entropy_triton as cross_entropy
     from lora_engine.kernels import lora_linear_triton as lora_linear
     from lora_engine.kernels import rms_norm_triton as rms_norm

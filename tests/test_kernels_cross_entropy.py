@@ -14,11 +14,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lora_engine.kernels import reference as ref
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from lora_engine.kernels import reference as ref
 from tests.kernel_utils import check_op, device, needs_triton
 
 pytestmark = needs_triton

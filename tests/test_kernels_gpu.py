@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
-from lora_engine.kernels import reference as ref
 
+from lora_engine.kernels import reference as ref
 from tests.conftest import tol
 from tests.kernel_utils import check_op
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lora_engine.kernels import reference as ref
 
+from lora_engine.kernels import reference as ref
 from tests.kernel_utils import check_op, device, needs_triton
 
 pytestmark = needs_triton
