@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
+from lora_engine.kernels.reference import check_cross_entropy_args
 
 
 @triton.jit
@@ -71,18 +72,7 @@ def _ce_rows(
 
 
 def _check(hidden, weight, labels, reduction, chunk_size):
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
-        raise ValueError(
-            f"linear_cross_entropy: expected hidden (N, H), weight (V, H), labels (N,); got "
-            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
-        )
-    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"linear_cross_entropy: shapes do not agree: hidden {tuple(hidden.shape)}, "
-            f"weight {tuple(weight.shape)}, labels {tuple(labels.shape)}"
-        )
+    check_cross_entropy_args(hidden, weight, labels, reduction)
     check_float("linear_cross_entropy", hidden=hidden, weight=weight)
     if hidden.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")

@@ -204,6 +204,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+def check_cross_entropy_args(hidden, weight, labels, reduction) -> None:
+    """Shape and reduction checks shared by every linear_cross_entropy implementation."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
+        raise ValueError(
+            f"linear_cross_entropy: expected hidden (N, H), weight (V, H), labels (N,); got "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"linear_cross_entropy: shapes do not agree: hidden {tuple(hidden.shape)}, "
+            f"weight {tuple(weight.shape)}, labels {tuple(labels.shape)}"
+        )
+
+
 def default_chunk_size(vocab_size: int) -> int:
     """Tokens per chunk so one chunk's fp32 logits stay near 64 MB (2**24 values)."""
     return max(16, 2**24 // max(vocab_size, 1))
@@ -223,18 +239,7 @@ def linear_cross_entropy(
     no loss. reduction "mean" averages over the counted tokens (0 when there are none), "sum" sums.
     chunk_size: tokens per chunk (None: default_chunk_size(V)). Returns an fp32 scalar.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
-        raise ValueError(
-            f"linear_cross_entropy: expected hidden (N, H), weight (V, H), labels (N,); got "
-            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
-        )
-    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"linear_cross_entropy: shapes do not agree: hidden {tuple(hidden.shape)}, "
-            f"weight {tuple(weight.shape)}, labels {tuple(labels.shape)}"
-        )
+    check_cross_entropy_args(hidden, weight, labels, reduction)
     bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))]
     if bad.numel():
         raise ValueError(
