@@ -39,7 +39,8 @@ def worker_ours(a) -> dict:
 
     import lora_engine as le
 
-    model = le.load_model("smollm2-135m-instruct", dtype=torch.float32)
+    quantize = a.quantize if a.worker == "ours" else None  # "ours-dense": the LoRA step, for the QLoRA ratio
+    model = le.load_model("smollm2-135m-instruct", dtype=torch.float32, quantize=quantize)
     le.apply_lora(model, le.LoraConfig(r=16, lora_alpha=32, target_modules=tuple(TARGETS)), verbose=False)
     model.gradient_checkpointing = a.checkpointing
     model.train()
@@ -64,7 +65,13 @@ def worker_hf(a) -> dict:
 
     from lora_engine.embedded import ensure_converted
 
-    model = tf.AutoModelForCausalLM.from_pretrained(ensure_converted("smollm2-135m-instruct"), dtype=torch.float32)
+    kw = {}
+    if a.quantize == "nf4":  # QLoRA the usual way: bitsandbytes NF4 with double quantization
+        kw["quantization_config"] = tf.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_pretrained(ensure_converted("smollm2-135m-instruct"), dtype=torch.float32,
+                                                    **kw)
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
                                                        lora_dropout=0.0, task_type="CAUSAL_LM"))
     if a.checkpointing:
@@ -98,7 +105,7 @@ def _time(step, a) -> dict:
 
 def _run_worker(name: str, a) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", name, "--steps", str(a.steps), "--batch", str(a.batch),
-           "--seq", str(a.seq)] + (["--checkpointing"] if a.checkpointing else [])
+           "--seq", str(a.seq), "--quantize", a.quantize] + (["--checkpointing"] if a.checkpointing else [])
     env = dict(os.environ)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
@@ -143,21 +150,24 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the workers (0 = torch default)")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
-    ap.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--quantize", choices=["none", "nf4"], default="none",
+                    help="nf4: QLoRA (ours on NF4, theirs on bitsandbytes NF4), plus our LoRA step for the ratio")
+    ap.add_argument("--worker", choices=["ours", "ours-dense", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/results/train_step.md")
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps((worker_ours if a.worker == "ours" else worker_hf)(a)))
+        print(json.dumps((worker_hf if a.worker == "hf" else worker_ours)(a)))
         return
     load = os.getloadavg()
     ours = _run_worker("ours", a)
     hf = _run_worker("hf", a)
+    dense = _run_worker("ours-dense", a) if a.quantize == "nf4" else None
     if ours is None:
         sys.exit("our worker failed; nothing to report")
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
              f"- machine: {_cpu()}, load average at start {load[0]:.1f}; threads: {a.threads or 'torch default'}",
              f"- versions: {json.dumps(_versions())}; git {_git()}",
-             f"- setting: fp32 CPU, batch {a.batch} x {a.seq}, LoRA r=16 alpha 32 on {len(TARGETS)} projections, AdamW"
+             f"- setting: {'QLoRA (NF4 base, double quantization), ' if a.quantize == 'nf4' else ''}fp32 CPU, batch {a.batch} x {a.seq}, LoRA r=16 alpha 32 on {len(TARGETS)} projections, AdamW"
              f"{', gradient checkpointing' if a.checkpointing else ''}; {a.steps} timed steps after one warm-up",
              f"- ours: {_summary(ours)}"]
     if hf is not None:
@@ -167,10 +177,15 @@ def main():
         print(f"All results match (loss {ours['check_loss']:.5f} vs {hf['check_loss']:.5f}). Timings follow.")
         speed = statistics.median(ours["tokens_per_s"]) / statistics.median(hf["tokens_per_s"])
         mem = ours["peak_rss_mb"] / hf["peak_rss_mb"]
-        lines += [f"- transformers + PEFT: {_summary(hf)}",
+        peer = "transformers + PEFT" + (" + bitsandbytes" if a.quantize == "nf4" else "")
+        lines += [f"- {peer}: {_summary(hf)}",
                   f"- ratio: tokens/s {speed:.2f}x theirs (target >= 1.5x), peak RSS {mem:.2f}x theirs (target <= 0.5x)"]
     else:
         lines.append("- transformers + PEFT: not measured (not installed or failed; see stderr)")
+    if dense is not None:
+        ratio = statistics.median(ours["step_s"]) / statistics.median(dense["step_s"])
+        lines += [f"- ours, LoRA on the fp32 base: {_summary(dense)}",
+                  f"- QLoRA step / LoRA step (ours): {ratio:.2f}x (target <= 1.3x)"]
     text = "\n".join(lines) + "\n"
     print(text)
     if not a.no_record:

@@ -217,4 +217,8 @@ def nf4_lora_linear(
     """
     _check(x, w, "nf4_lora_linear")
     xd = x if x_dropped is None else x_dropped
-    return nf4_linear(x, w, bias, dequantize) + F.linear(F.linear(xd, lora_A), lora_B) * scale
+    y = nf4_linear(x, w, bias, dequantize)
+    h = F.linear(xd, lora_A)  # (..., r)
+    # y += scale * h B^T inside one GEMM, in place (y is fresh; the NF4 backward never reads it).
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=scale)
+    return y
