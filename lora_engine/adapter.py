@@ -48,17 +48,6 @@ UNSUPPORTED = {
 }
 
 
-def usual_permissions(path: Path) -> None:
-    """Give `path` the permissions a plain open()/mkdir() would (0666/0777 less the umask).
-
-    lora_engine.atomic builds files with mkstemp and folders with mkdtemp, which are owner-only
-    (0600/0700); a model or adapter is meant to be read by others too.
-    """
-    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
-    os.umask(mask)
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
-
-
 # ---- save ----------------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write the model's LoRA weights and config as a PEFT adapter folder; returns the folder.
@@ -78,8 +67,6 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     config = _peft_config(model, layers, base_model_name_or_path or getattr(model, "name_or_path", None))
     write_bytes(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
     write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        usual_permissions(folder / name)
     return folder
 
 

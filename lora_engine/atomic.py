@@ -26,10 +26,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give `path` the mode a plain open()/mkdir() would (0666/0777 less the umask).
+
+    mkstemp and mkdtemp make owner-only (0600/0700) entries; what we publish (checkpoints,
+    adapters, exports) is meant to be readable by others too.
+    """
+    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
     os.umask(mask)
-    return mask
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -42,7 +47,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; publish with the usual mode
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -88,7 +93,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes an owner-only folder
+        usual_permissions(tmp)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

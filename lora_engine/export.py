@@ -27,8 +27,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from lora_engine.adapter import usual_permissions
-from lora_engine.atomic import atomic_dir
+from lora_engine.atomic import atomic_dir, usual_permissions
 from lora_engine.lora import LoraLinear, lora_layers
 
 # Files of a Hugging Face folder, besides config and weights, that a user of the export needs.
@@ -95,7 +94,7 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(_hf_config(model.config, out_dtype), indent=2) + "\n")
         _carry_files(getattr(model, "source_dir", None), tmp)
-        for f in [*tmp.iterdir(), tmp]:  # before the rename, so the folder appears readable at once
+        for f in tmp.iterdir():  # copied tokenizer files keep their source's mode otherwise
             usual_permissions(f)
     return folder
 
