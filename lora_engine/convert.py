@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_engine.atomic import atomic_dir, write_bytes
+
 # GGUF metadata value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
@@ -377,15 +379,6 @@ def tokenizer_files(g: GGUFFile, cfg: dict) -> dict[str, dict]:
     return {"tokenizer_config.json": config, "special_tokens_map.json": special, "generation_config.json": generation}
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def convert_gguf(gguf_path, out_dir, name_or_path: str | None = None, verbose: bool = True) -> Path:
     """Convert a Llama GGUF file into a Hugging Face folder `out_dir` (created; must be empty).
 
@@ -407,18 +400,16 @@ def convert_gguf(gguf_path, out_dir, name_or_path: str | None = None, verbose: b
         write_safetensors(g, cfg, plan, out / "model.safetensors", log)
     finally:
         g.close()
-    write_atomic(out / "tokenizer.json", tok.to_str().encode())
+    write_bytes(out / "tokenizer.json", tok.to_str().encode())
     for fname, content in tokenizer_files(g, cfg).items():
-        write_atomic(out / fname, json.dumps(content, indent=2, ensure_ascii=False).encode())
-    write_atomic(out / "config.json", json.dumps(cfg, indent=2).encode())  # last: marks the folder complete
+        write_bytes(out / fname, json.dumps(content, indent=2, ensure_ascii=False).encode())
+    write_bytes(out / "config.json", json.dumps(cfg, indent=2).encode())  # last: marks the folder complete
     log(f"lora_engine: converted in {time.perf_counter() - start:.1f} s")
     return out
 
 
 def main(argv=None) -> None:
     import argparse
-    import shutil
-    import tempfile
 
     ap = argparse.ArgumentParser(prog="python -m lora_engine.convert", description=__doc__.splitlines()[0])
     ap.add_argument("gguf", help="a Llama GGUF file")
@@ -431,20 +422,9 @@ def main(argv=None) -> None:
         ap.error(f"{out} exists and is a file")
     if out.is_dir() and any(out.iterdir()) and not a.force:
         ap.error(f"{out} exists and is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Convert beside OUT_DIR and rename into place: an interrupted run leaves OUT_DIR as it was.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         convert_gguf(a.gguf, tmp, name_or_path=str(out))
-        if out.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(out)
 
 
