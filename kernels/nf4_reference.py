@@ -29,6 +29,7 @@ from lora_engine.kernels.nf4_format import (
     NF4_CODE,
     NF4Tensor,
 )
+from lora_engine.kernels.reference import add_low_rank
 
 
 def check_quantize_args(w: torch.Tensor, blocksize: int, name: str = "weight") -> None:
@@ -217,8 +218,4 @@ def nf4_lora_linear(
     """
     _check(x, w, "nf4_lora_linear")
     xd = x if x_dropped is None else x_dropped
-    y = nf4_linear(x, w, bias, dequantize)
-    h = F.linear(xd, lora_A)  # (..., r)
-    # y += scale * h B^T inside one GEMM, in place (y is fresh; the NF4 backward never reads it).
-    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=scale)
-    return y
+    return add_low_rank(nf4_linear(x, w, bias, dequantize), xd, lora_A, lora_B, scale)

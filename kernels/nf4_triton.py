@@ -55,6 +55,7 @@ import triton.language as tl
 
 from lora_engine.kernels._common import check_device, check_float, interpreting, launch_device
 from lora_engine.kernels.nf4_format import NF4Tensor
+from lora_engine.kernels.reference import add_low_rank
 
 DEQUANT_BLOCK = 1024  # elements per program of the dequantization kernel (512 packed bytes)
 FUSED_MAX_ROWS = 512  # rows (tokens) up to which nf4_linear runs the fused kernel; see the docstring
@@ -347,5 +348,5 @@ def nf4_lora_linear(
                          f"{tuple(x.shape)} {x.dtype}")
     check_device(op, x=x, lora_A=lora_A, lora_B=lora_B)
     xd = x if x_dropped is None else x_dropped
-    lora = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A), lora_B)
-    return _NF4Linear.apply(x, w, bias) + lora * scale
+    # _NF4Linear returns a view of its 2-D result: autograd forbids updating it in place.
+    return add_low_rank(_NF4Linear.apply(x, w, bias), xd, lora_A, lora_B, scale, inplace=False)

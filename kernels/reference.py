@@ -134,13 +134,22 @@ def lora_linear(
     x: (..., in); weight: (out, in); lora_A: (r, in); lora_B: (out, r). `x_dropped` is dropout(x)
     when dropout is active (the caller owns the RNG), else x itself is used.
     """
-    xd = x if x_dropped is None else x_dropped
-    y = F.linear(x, weight, bias)
-    h = F.linear(xd, lora_A)  # (..., r)
-    # y += scale * h B^T inside one GEMM: no (..., out) temporaries for the product and its scaling
-    # (PEFT rounds the product before scaling; the difference is within one rounding of fp32).
-    # In place on a view of y (F.linear's output is fresh and contiguous; its backward never reads it).
-    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=scale)
+    return add_low_rank(F.linear(x, weight, bias), x if x_dropped is None else x_dropped, lora_A, lora_B, scale)
+
+
+def add_low_rank(y: torch.Tensor, xd: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scale: float, inplace: bool = True) -> torch.Tensor:
+    """y + scale * (xd A^T) B^T inside one GEMM: no (..., out) temporaries for the product and its scaling.
+
+    inplace=True updates y itself (y must be a fresh base output whose backward never reads it, e.g.
+    F.linear's); pass False when y is a view made inside a custom autograd Function, which autograd
+    forbids to modify in place. PEFT rounds the product before scaling; the difference is within one
+    rounding of the dtype.
+    """
+    h = F.linear(xd, lora_A).reshape(-1, lora_A.shape[0])  # (tokens, r)
+    if not inplace:
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h, lora_B.t(), alpha=scale).view(y.shape)
+    y.view(-1, y.shape[-1]).addmm_(h, lora_B.t(), alpha=scale)
     return y
 
 
