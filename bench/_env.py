@@ -43,3 +43,13 @@ def machine() -> dict:
 
 def header_lines(info: dict) -> list[str]:
     return [f"- {k}: {v}" for k, v in info.items()]
+
+
+def markdown_table(rows: list[dict], float_format: str = ".3g") -> list[str]:
+    """Rows of equal keys -> the lines of a markdown table; floats with `float_format`."""
+    if not rows:
+        return ["(not run)"]
+    keys = list(rows[0])
+    fmt = lambda v: format(v, float_format) if isinstance(v, float) else str(v)  # noqa: E731
+    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + [
+        "| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import header_lines, machine  # noqa: E402
+from _env import header_lines, machine, markdown_table  # noqa: E402
 
 from lora_engine import nf4  # noqa: E402
 from lora_engine.kernels import nf4_reference as ref  # noqa: E402
@@ -167,15 +167,6 @@ def gpu_rows(repeats: int) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> list[str]:
-    if not rows:
-        return ["(not run)"]
-    keys = list(rows[0])
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + [
-        "| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-
-
 def _speedups(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
@@ -203,16 +194,16 @@ def main():
     qua = cpu_quantize_rows(a.repeats)
     mem = [] if a.skip_memory else load_memory_rows(a.model)
     lines = ["# NF4 on CPU", "", *header_lines(info), "",
-             "## Dequantization (blocksize 64, double quantization)", "", *_table(deq), "", *_speedups(deq), "",
-             "## Quantization", "", *_table(qua), "", *_speedups(qua), "",
+             "## Dequantization (blocksize 64, double quantization)", "", *markdown_table(deq, ".3f"), "", *_speedups(deq), "",
+             "## Quantization", "", *markdown_table(qua, ".3f"), "", *_speedups(qua), "",
              f"## Peak memory of load_model({a.model!r}) in a fresh process", "",
              "peak_mb: the process's peak RSS (VmHWM); runtime_mb: its RSS after imports, before loading; "
              "weights_mb: what the loaded model holds. The fp32 weights are ~513 MB: the NF4 load never holds them.",
              "",
-             *_table(mem), ""]
+             *markdown_table(mem, ".3f"), ""]
     gpu = gpu_rows(a.repeats)
     if gpu:
-        lines += ["## GPU dequantization", "", *_table(gpu), ""]
+        lines += ["## GPU dequantization", "", *markdown_table(gpu, ".3f"), ""]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines))
     print("\n".join(lines))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import header_lines, machine  # noqa: E402
+from _env import header_lines, machine, markdown_table  # noqa: E402
 
 from lora_engine import atomic, nf4  # noqa: E402
 from lora_engine.kernels import nf4_reference as ref  # noqa: E402
@@ -158,15 +158,6 @@ def crossover(rows: list[dict]) -> list[str]:
     return out
 
 
-def _table(rows: list[dict]) -> list[str]:
-    if not rows:
-        return ["(not run)"]
-    keys = list(rows[0])
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + [
-        "| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated row counts M")
@@ -189,8 +180,8 @@ def main(argv=None):
     mm = matmul_rows(device, time_it, shapes, row_counts)
     lines = [f"# NF4 Triton kernels ({'smoke run on CPU, numbers meaningless' if a.smoke else device})", "",
              *header_lines(info), f"- copy bandwidth (clone of {copy_bytes >> 20} MiB): {copy:.1f} GB/s", "",
-             "## Dequantization (blocksize 64, double-quantized absmax)", "", *_table(deq), "",
-             "## Fused dequant+matmul vs dequantize + cuBLAS (bf16)", "", *_table(mm), "", *crossover(mm), "", ""]
+             "## Dequantization (blocksize 64, double-quantized absmax)", "", *markdown_table(deq, ".3g"), "",
+             "## Fused dequant+matmul vs dequantize + cuBLAS (bf16)", "", *markdown_table(mm, ".3g"), "", *crossover(mm), "", ""]
     text = "\n".join(lines)
     print(text)
     out = Path(a.out)
