@@ -33,13 +33,13 @@ def _extensions():
     # The CUDA kernels (csrc/*.cu) only where a GPU build is possible: CUDA torch and nvcc present.
     if cuda and torch.cuda.is_available() and CUDA_HOME is not None:
         ext = CUDAExtension(
-            "lora_engine._C",
+            "lora_engine.kernels._C",
             sources + cuda,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false", "-DLORA_ENGINE_TORCH_OP"]},
             extra_link_args=["-fopenmp"],
         )
     else:
-        ext = CppExtension("lora_engine._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+        ext = CppExtension("lora_engine.kernels._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 

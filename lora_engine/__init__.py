@@ -7,9 +7,19 @@
     ...
     le.save_adapter(model, "out/adapter")                  # loads in PEFT
 
-Layers, bottom up: lora_engine.kernels (torch + triton) <- lora_engine.dispatch <- model, LoRA,
-NF4 <- train, eval, generate, export. Public names are imported lazily so `import lora_engine`
-stays cheap.
+Layers, bottom up (tests/test_layers.py enforces them: no cycle, no import from a lower layer to
+a higher one):
+
+  kernels/    Triton kernels and their pure-PyTorch references (torch + triton only)
+  dispatch.py the one place a kernel is chosen;  io/  atomic writes, strict safetensors reading
+  sources/    GGUF import, llama.cpp BPE vocabularies, the embedded default model
+  models/     ModelConfig, the decoder, the tokenizer (no LoRA, no quantization)
+  quant/      NF4 and its checkpoints;  lora/  LoRA layers and PEFT adapter files
+  loading.py, export.py   load_model / save_model;  data/  records -> rows -> batches
+  train/      config, step, loop, checkpoints, lineage, plot;  eval.py, generate.py
+  cli.py      command lines from dataclasses; the commands are `python -m lora_engine.<cmd>`
+
+Public names and submodules are imported lazily so `import lora_engine` stays cheap.
 """
 
 from importlib import import_module
@@ -17,22 +27,32 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ModelConfig": "lora_engine.config",
-    "CausalLM": "lora_engine.model",
+    "ModelConfig": "lora_engine.models.config",
+    "CausalLM": "lora_engine.models.decoder",
     "load_model": "lora_engine.loading",
-    "CheckpointError": "lora_engine.loading",
+    "CheckpointError": "lora_engine.io.safetensors",
     "set_backend": "lora_engine.dispatch",
-    "load_tokenizer": "lora_engine.tokenizer",
-    "Tokenizer": "lora_engine.tokenizer",
+    "load_tokenizer": "lora_engine.models.tokenizer",
+    "Tokenizer": "lora_engine.models.tokenizer",
     "generate": "lora_engine.generate",
-    "LoraConfig": "lora_engine.lora",
-    "LoraLinear": "lora_engine.lora",
-    "apply_lora": "lora_engine.lora",
-    "merge_lora": "lora_engine.lora",
-    "unmerge_lora": "lora_engine.lora",
-    "save_adapter": "lora_engine.adapter",
-    "load_adapter": "lora_engine.adapter",
+    "LoraConfig": "lora_engine.lora.layers",
+    "LoraLinear": "lora_engine.lora.layers",
+    "apply_lora": "lora_engine.lora.layers",
+    "merge_lora": "lora_engine.lora.layers",
+    "unmerge_lora": "lora_engine.lora.layers",
+    "save_adapter": "lora_engine.lora.adapter",
+    "load_adapter": "lora_engine.lora.adapter",
     "save_model": "lora_engine.export",
+}
+
+# Submodules a user reaches as `le.<name>` without importing them first; two keep the names they
+# had before the package was split into layers (le.nf4 is quant/, le.trainer is train/step.py).
+_MODULES = {
+    "nf4": "lora_engine.quant", "trainer": "lora_engine.train.step", "data": "lora_engine.data",
+    "dispatch": "lora_engine.dispatch", "kernels": "lora_engine.kernels", "lora": "lora_engine.lora",
+    "quant": "lora_engine.quant", "models": "lora_engine.models", "train": "lora_engine.train",
+    "io": "lora_engine.io", "sources": "lora_engine.sources", "loading": "lora_engine.loading",
+    "export": "lora_engine.export", "eval": "lora_engine.eval", "cli": "lora_engine.cli",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -40,9 +60,16 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lora_engine' has no attribute {name!r}")
+        value = getattr(import_module(_EXPORTS[name]), name)
+    elif name in _MODULES:
+        value = import_module(_MODULES[name])
+    else:
+        raise AttributeError(f"module 'lora_engine' has no attribute {name!r}")
+    # Cached, and over whatever the import system set: importing lora_engine.generate binds the
+    # module to `lora_engine.generate`, which must stay the function.
+    globals()[name] = value
+    return value
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return sorted(set(globals()) | set(__all__) | set(_MODULES))

@@ -8,135 +8,21 @@ and reported together with the file they concern.
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 from pathlib import Path
 
 import torch
 
-from lora_engine.config import ModelConfig
-from lora_engine.model import CausalLM
-
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-# Keys some checkpoints carry that hold nothing we need (recomputed buffers).
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: the message lists every problem and its file."""
-
-
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Parse a safetensors header: ({name: {dtype, shape, data_offsets}}, byte offset of the data).
-
-    Raises CheckpointError naming the file when the header is truncated or corrupted, or when a
-    tensor's bytes would lie past the end of the file.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CheckpointError(f"{path}: corrupted or truncated safetensors file (header of {n} bytes, file {size})")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupted safetensors header: {e}") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    data_start = 8 + n
-    for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            dtype = ST_DTYPES[info["dtype"]]
-            numel = 1
-            for d in info["shape"]:
-                numel *= d
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupted entry for tensor {name!r}: {info!r}") from e
-        if end - begin != numel * dtype.itemsize or data_start + end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} needs bytes {begin}..{end} of the data section but the file "
-                f"has {size - data_start}: the file is truncated or corrupted"
-            )
-    return header, data_start
-
-
-def read_tensor(path: Path, info: dict, data_start: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor. With `out` (contiguous CPU, same dtype and shape) it is filled in place."""
-    dtype = ST_DTYPES[info["dtype"]]
-    begin, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if out is None or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
-        buf = torch.empty(shape, dtype=dtype)
-    else:
-        buf = out
-    with open(path, "rb") as f:
-        f.seek(data_start + begin)
-        view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
-        got = f.readinto(view) if buf.numel() else 0
-    if got != end - begin:
-        raise CheckpointError(f"{path}: tensor {info} truncated (read {got} of {end - begin} bytes)")
-    return buf
-
-
-def checkpoint_files(folder: Path) -> dict[str, Path]:
-    """{tensor name: file} for a single-file or sharded (model.safetensors.index.json) checkpoint."""
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
-        if missing:
-            raise CheckpointError(f"{index} names shards that do not exist: {', '.join(missing)}")
-        return {k: folder / f for k, f in weight_map.items()}
-    if single.is_file():
-        header, _ = read_safetensors_header(single)
-        return {k: single for k in header}
-    others = sorted(p.name for p in folder.glob("*.safetensors"))
-    hint = f" (found {', '.join(others)})" if others else ""
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """A local folder, or the name of an embedded default model (converted once, then cached)."""
-    from lora_engine import embedded
-
-    if isinstance(path, str) and path in embedded.EMBEDDED_MODELS:
-        return embedded.ensure_converted(path)
-    p = Path(path)
-    if not p.exists():
-        names = ", ".join(embedded.EMBEDDED_MODELS)
-        raise FileNotFoundError(f"model path {str(p)!r} does not exist (embedded models: {names})")
-    if not p.is_dir():
-        raise NotADirectoryError(f"model path {p} is a file; pass the Hugging Face folder that holds config.json")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p} has no config.json; is it a Hugging Face model folder?")
-    return p
-
-
-def _dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        d = getattr(torch, str(name).replace("torch.", ""))
-    except AttributeError:
-        d = None
-    if not isinstance(d, torch.dtype) or not d.is_floating_point:
-        raise ValueError(f"dtype {name!r} is not a floating-point torch dtype (float32, bfloat16, float16)")
-    return d
+from lora_engine.io.safetensors import (
+    IGNORED_SUFFIXES,
+    CheckpointError,
+    checkpoint_files,
+    float_dtype,
+    read_safetensors_header,
+    read_tensor,
+)
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
+from lora_engine.sources.embedded import resolve_path
 
 
 def load_model(path, dtype=None, device="cpu", **kwargs) -> CausalLM:
@@ -147,19 +33,19 @@ def load_model(path, dtype=None, device="cpu", **kwargs) -> CausalLM:
     handled by the quantization module when it is installed in the engine.
     """
     if kwargs.get("quantize") is not None:
-        from lora_engine import nf4
+        from lora_engine.quant.checkpoint import load_quantized_model
 
-        return nf4.load_quantized_model(path, dtype=dtype, device=device, **kwargs)
+        return load_quantized_model(path, dtype=dtype, device=device, **kwargs)
     kwargs.pop("quantize", None)
     if kwargs:
         raise TypeError(f"load_model got unexpected arguments: {', '.join(kwargs)}")
     folder = resolve_path(path)
     cfg = ModelConfig.from_hf(folder / "config.json")
     if "quantization_config" in cfg.extra:
-        from lora_engine import nf4
+        from lora_engine.quant.checkpoint import load_quantized_model
 
-        return nf4.load_quantized_model(folder, dtype=dtype, device=device)
-    dt = _dtype(dtype if dtype is not None else cfg.torch_dtype)
+        return load_quantized_model(folder, dtype=dtype, device=device)
+    dt = float_dtype(dtype if dtype is not None else cfg.torch_dtype)
     with torch.device("meta"):
         model = CausalLM(cfg).to(dt)  # dtype first: on meta this costs nothing
     model = model.to_empty(device=device)

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_engine import nf4
 from lora_engine.kernels import nf4_reference as ref
 from lora_engine.kernels.nf4_format import (
     BLOCKSIZES,
@@ -23,6 +22,7 @@ from lora_engine.kernels.nf4_format import (
     from_bnb_state_dict,
     to_bnb_state_dict,
 )
+from lora_engine.quant import nf4
 
 bnbF = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test extra (the parity oracle)")
 
@@ -116,9 +116,9 @@ def test_state_dict_round_trip_and_method_api():
     w = torch.randn(33, 17, dtype=torch.bfloat16)
     q = nf4.quantize(w, 64)
     back = NF4Tensor.from_state_dict(q.state_dict("layer."), "layer.")
-    assert torch.equal(back.dequantize(torch.float32, backend="torch"), q.dequantize(torch.float32, backend="torch"))
+    assert torch.equal(nf4.dequantize(back, torch.float32, backend="torch"), nf4.dequantize(q, torch.float32, backend="torch"))
     assert back.dtype == torch.bfloat16 and back.shape == (33, 17) and back.dim() == 2
-    assert q.dequantize().dtype == torch.bfloat16
+    assert nf4.dequantize(q).dtype == torch.bfloat16
     # Memory accounting: 4 bits + 8/64 + 32/(64*256) per value plus the two tables.
     big = nf4.quantize(torch.randn(256, 1024), 64)
     bits = 8 * (big.nbytes - 4 * (16 + 256)) / big.numel

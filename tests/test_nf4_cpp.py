@@ -13,16 +13,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_engine import nf4
 from lora_engine.kernels import nf4_reference as ref
 from lora_engine.kernels.nf4_format import BLOCKSIZES, NF4_CODE
+from lora_engine.quant import nf4
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _built() -> bool:
     try:
-        import lora_engine._C  # noqa: F401
+        import lora_engine.kernels._C  # noqa: F401
     except ImportError:
         return False
     return True
@@ -88,7 +88,7 @@ def test_cpp_rejects_non_finite(bad):
 
 def test_fallback_without_extension(monkeypatch):
     """With the extension unavailable: one warning, then the reference everywhere, never a crash."""
-    monkeypatch.setitem(sys.modules, "lora_engine._C", None)  # makes `import lora_engine._C` raise ImportError
+    monkeypatch.setitem(sys.modules, "lora_engine.kernels._C", None)  # makes `import lora_engine.kernels._C` raise ImportError
     monkeypatch.setattr(nf4, "_cpp_ops", nf4._cpp_ops.__wrapped__)
     with pytest.warns(UserWarning, match="C\\+\\+ extension is not built.*pip install --no-build-isolation"):
         assert nf4.choose_backend("cpu") == "torch"
@@ -97,7 +97,7 @@ def test_fallback_without_extension(monkeypatch):
         warnings.simplefilter("ignore")
         q = nf4.quantize(w, 64)
         assert torch.equal(q.packed, ref.nf4_quantize(w, 64).packed)
-        assert torch.equal(q.dequantize(), ref.nf4_dequantize(q))
+        assert torch.equal(nf4.dequantize(q), ref.nf4_dequantize(q))
         lin = torch.nn.Linear(64, 8)
         assert torch.equal(nf4.Linear4bit.from_linear(lin)(w), ref.nf4_linear(w, nf4.quantize(lin.weight), lin.bias))
         with pytest.raises(RuntimeError, match="backend='cpp' requested.*not built"):
@@ -105,7 +105,7 @@ def test_fallback_without_extension(monkeypatch):
 
 
 def test_fallback_warns_once(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lora_engine._C", None)
+    monkeypatch.setitem(sys.modules, "lora_engine.kernels._C", None)
     import functools
 
     fresh = functools.cache(nf4._cpp_ops.__wrapped__)

@@ -4,12 +4,14 @@ import pytest
 import torch
 
 import lora_engine as le
-from lora_engine import data, trainer
-from lora_engine.data_embedded import chatterbot_split
+from lora_engine.data import pipeline as data
+from lora_engine.data.embedded import chatterbot_split
 from lora_engine.kernels import nf4_reference
 from lora_engine.kernels.nf4_format import NF4Tensor
-from lora_engine.lora import LoraLinear
-from lora_engine.nf4 import quantize
+from lora_engine.lora.layers import LoraLinear
+from lora_engine.quant.nf4 import quantize
+from lora_engine.train import step as trainer
+from lora_engine.train.evaluate import evaluate
 
 
 def test_lora_on_an_nf4_base_equals_lora_on_its_dequantized_weight():
@@ -49,7 +51,7 @@ def test_qlora_training_of_the_embedded_model_lowers_the_target_loss(embedded_di
     val_rows = data.prepare(data.examples_from_records(val_recs[:24], tok), max_length=64)
     pad = tok.pad_token_id
     val = data.eval_batches(val_rows, 8, pad)
-    before = trainer.evaluate(model, val)["loss"]
+    before = evaluate(model, val)["loss"]
 
     trainer.seed_everything(0)
     opt = trainer.make_optimizer(model, lr=1e-3)
@@ -57,7 +59,7 @@ def test_qlora_training_of_the_embedded_model_lowers_the_target_loss(embedded_di
     for step in range(20):
         rows = [train_rows[(step * 4 + i) % len(train_rows)] for i in range(4)]
         trainer.train_step(model, opt, sched, [data.collate(rows, pad)])
-    after = trainer.evaluate(model, val)["loss"]
+    after = evaluate(model, val)["loss"]
     print(f"held-out target loss: {before:.4f} -> {after:.4f}")
     assert after < before - 0.1, (before, after)
 

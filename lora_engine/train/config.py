@@ -14,11 +14,10 @@ conversations, evaluating before and after. Every flag comes from TrainConfig (s
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_engine.cli_config import format_config, parse
+from lora_engine.cli import format_config
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -89,22 +88,6 @@ class TrainConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 
 
-def main(argv=None) -> int:
-    from lora_engine.checkpoint import ResumeError
-    from lora_engine.data import DataError
-    from lora_engine.train_loop import TrainingStopped, run
-
-    cfg, explicit = parse(TrainConfig, argv, "python -m lora_engine.train", __doc__.splitlines()[0])
-    try:
-        manifest = run(cfg, explicit, log=print)
-    except (DataError, ResumeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0 if manifest["status"] in ("completed", "interrupted") else 1
-
 
 def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, Path | None]:
     """With --resume: the saved config of the resumed run, overlaid with the flags given now."""
@@ -112,7 +95,7 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
         return cfg, None
     import json
 
-    from lora_engine.checkpoint import ResumeError, latest_checkpoint, run_dir_of
+    from lora_engine.train.checkpoint import ResumeError, latest_checkpoint, run_dir_of
 
     ckpt = latest_checkpoint(cfg.resume)
     saved_path = run_dir_of(ckpt) / "config.json"
@@ -132,6 +115,3 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
 def describe(cfg: TrainConfig) -> str:
     return "resolved config:\n" + format_config(cfg)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The C++ NF4 ops (csrc/nf4.cpp, registered as torch.ops.lora_engine.*) behind the NF4Tensor type.
 
-The extension `lora_engine._C` is optional: `available()` says whether it is built; callers fall
+The extension `lora_engine.kernels._C` is optional: `available()` says whether it is built; callers fall
 back to kernels/nf4_reference.py when it is not (lora_engine.nf4 warns once). Imports torch only.
 """
 
@@ -16,7 +16,7 @@ from lora_engine.kernels.nf4_format import NF4Tensor
 @functools.cache
 def available() -> bool:
     try:
-        import lora_engine._C  # noqa: F401  (importing it registers the ops)
+        import lora_engine.kernels._C  # noqa: F401  (importing it registers the ops)
     except ImportError:
         return False
     return True

@@ -1,13 +1,14 @@
 """The training loop as functions, for use inside your own loop or behind `python -m lora_engine.train`.
 
-    from lora_engine import trainer
+    import lora_engine as le
+    trainer = le.trainer                                          # this module, lora_engine/train/step.py
     opt = trainer.make_optimizer(model, lr=5e-4)                  # AdamW over params that require grad
     sched = trainer.make_scheduler(opt, warmup_steps=10, total_steps=300)
     for step in range(300):
         micro = [batcher.next() for _ in range(grad_accum)]       # lora_engine.data.Batcher
         res = trainer.train_step(model, opt, sched, micro, max_grad_norm=1.0)
         print(res.loss, res.lr, res.tokens)
-    print(trainer.evaluate(model, val_batches))                   # {"loss", "ppl", "tokens"}
+    print(le.train.evaluate.evaluate(model, val_batches))        # {"loss", "ppl", "tokens"}
 
 Accumulation: the loss of one step is the sum of token losses over ALL its micro-batches divided by
 the number of target tokens in all of them, so 4 micro-batches of 1 give exactly the loss and
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_engine.data import n_targets
+from lora_engine.data.pipeline import n_targets
 
 MODEL_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids")
 
@@ -177,26 +178,6 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return StepResult(loss_sum, grad_norm, lr, tokens, total)
-
-
-@torch.no_grad()
-def evaluate(model, batches: list[dict], amp: torch.dtype | None = None) -> dict:
-    """Mean loss per target token over `batches`, its perplexity, and the token count."""
-    was = model.training
-    model.eval()
-    try:
-        total, count = 0.0, 0
-        for b in batches:
-            n = n_targets(b)
-            if n:
-                total += float(micro_batch_loss_sum(model, b, amp))
-                count += n
-    finally:
-        model.train(was)
-    if count == 0:
-        raise ValueError("evaluate: the batches hold no target token")
-    loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 80.0)), "tokens": count}
 
 
 def rng_state() -> dict:

@@ -49,7 +49,7 @@ def ensure_converted(name: str) -> Path:
     target = cache_dir() / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from lora_engine.convert import convert_gguf
+    from lora_engine.sources.gguf import convert_gguf
 
     source = gguf_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,3 +66,18 @@ def ensure_converted(name: str) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A local folder, or the name of an embedded default model (converted once, then cached)."""
+    if isinstance(path, str) and path in EMBEDDED_MODELS:
+        return ensure_converted(path)
+    p = Path(path)
+    if not p.exists():
+        names = ", ".join(EMBEDDED_MODELS)
+        raise FileNotFoundError(f"model path {str(p)!r} does not exist (embedded models: {names})")
+    if not p.is_dir():
+        raise NotADirectoryError(f"model path {p} is a file; pass the Hugging Face folder that holds config.json")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} has no config.json; is it a Hugging Face model folder?")
+    return p

@@ -168,13 +168,6 @@ class NF4Tensor:
     def dim(self) -> int:
         return len(self.shape)
 
-    def dequantize(self, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
-        """Dense tensor of `shape` in `dtype` (default self.dtype). A thin method over
-        lora_engine.nf4.dequantize, which owns the backend choice (torch, triton, cpp)."""
-        from lora_engine import nf4  # the user-facing choice of backend lives above the kernels
-
-        return nf4.dequantize(self, dtype, backend)
-
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The tensors bitsandbytes saves for this weight under `prefix` (e.g. "model.layers.0.mlp.up_proj.")."""
         return to_bnb_state_dict(self, prefix)

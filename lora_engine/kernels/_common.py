@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -46,11 +48,14 @@ def check_device(op: str, **tensors: torch.Tensor) -> None:
         )
 
 
+@triton.jit
+def _probe():
+    pass
+
+
 def interpreting() -> bool:
     """True when @triton.jit produced interpreter functions (TRITON_INTERPRET=1 at import time)."""
-    from lora_engine.kernels.swiglu_triton import _swiglu_fwd
-
-    return type(_swiglu_fwd).__name__ == "InterpretedFunction"
+    return isinstance(_probe, InterpretedFunction)
 
 
 def launch_device(x: torch.Tensor):

@@ -1,0 +1,194 @@
+"""NF4 checkpoints in the layout transformers + bitsandbytes save: load (as stored, or quantizing a
+full-precision checkpoint while it is read) and save. Keys and quant-state format: kernels/nf4_format.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora_engine.io.safetensors import (
+    IGNORED_SUFFIXES,
+    CheckpointError,
+    checkpoint_files,
+    float_dtype,
+    read_safetensors_header,
+    read_tensor,
+)
+from lora_engine.kernels.nf4_format import QUANT_STATE_KEY, NF4Tensor, from_bnb_state_dict
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
+from lora_engine.quant.nf4 import DEFAULT_SKIP, Linear4bit, _skipped, memory_report, quantize
+from lora_engine.sources.embedded import resolve_path
+
+__all__ = ["load_quantized_model", "save_quantized", "transformers_quantization_config"]
+_QS_SUFFIX = ".weight." + QUANT_STATE_KEY
+
+
+def _check_bnb_config(qc, where) -> None:
+    if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        raise CheckpointError(f"{where}: quantization_config {qc!r} is not a bitsandbytes 4-bit config; only NF4 "
+                              "checkpoints (load_in_4bit, bnb_4bit_quant_type='nf4') load directly")
+    if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        raise CheckpointError(f"{where}: bnb_4bit_quant_type is {qc.get('bnb_4bit_quant_type')!r}; only 'nf4' is "
+                              "supported (fp4 is not)")
+    if qc.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+        raise CheckpointError(f"{where}: bnb_4bit_quant_storage {qc['bnb_4bit_quant_storage']!r} is not supported; "
+                              "save with the default uint8 storage")
+
+
+def load_quantized_model(path, dtype=None, device="cpu", quantize: str | None = None, quantize_skip=DEFAULT_SKIP,
+                         blocksize: int = 64, double_quant: bool = True, verbose: bool = True):
+    """Load a CausalLM with NF4 linear layers, tensor by tensor.
+
+    A checkpoint whose config.json has a bitsandbytes `quantization_config` (transformers + bnb
+    save_pretrained) loads as stored. A full-precision checkpoint with quantize="nf4" is quantized
+    while it is read: each weight is read, cast to `dtype`, quantized and dropped, so peak memory is
+    the quantized model plus one full-precision tensor. quantize_skip: module names kept in full
+    precision (default: lm_head; embeddings and norms are never quantized). blocksize/double_quant:
+    the NF4 settings for quantize="nf4". Prints the measured bits per quantized parameter.
+    """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"load_model: quantize={quantize!r} is not supported; use quantize='nf4' or None")
+    if isinstance(quantize_skip, str):
+        quantize_skip = (quantize_skip,)
+    folder = resolve_path(path)
+    cfg = ModelConfig.from_hf(folder / "config.json")
+    qc = cfg.extra.get("quantization_config")
+    if qc is not None:
+        _check_bnb_config(qc, folder / "config.json")
+    files = checkpoint_files(folder)
+    stored = {k[: -len(_QS_SUFFIX)] for k in files if k.endswith(_QS_SUFFIX)}
+    if qc is None and quantize is None:
+        raise ValueError(f"load_quantized_model: {folder} is not quantized; pass quantize='nf4' to quantize it")
+    dt = float_dtype(dtype if dtype is not None else cfg.torch_dtype)
+    with torch.device("meta"):
+        model = CausalLM(cfg).to(dt)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    targets = {}
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, nn.Linear) or (tied and name == "lm_head"):
+            continue
+        if name in stored or (not stored and not _skipped(name, quantize_skip)):
+            targets[name] = Linear4bit(None, m.bias, m.in_features, m.out_features)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, targets[name])
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    model.reset_buffers()
+    _fill(model, folder, files, targets, stored, dt, device, blocksize, double_quant)
+    model.name_or_path, model.source_dir = str(path), str(folder)
+    model.eval()
+    if verbose:
+        r = memory_report(model)
+        print(f"NF4: {len(targets)} linear layers, {r['quantized_params']:,} parameters in "
+              f"{r['quantized_bytes']:,} bytes = {r['bits_per_param']:.3f} bits/param; "
+              f"{r['other_bytes']:,} bytes in {dt} elsewhere")
+    return model
+
+
+def _fill(model, folder, files, targets, stored, dt, device, blocksize, double_quant) -> None:
+    """Read every checkpoint tensor into `model`; quantize or rebuild the NF4 weights; strict checks."""
+    expected = dict(model.state_dict(keep_vars=True))  # placeholders contribute only their biases
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    owner = {}  # checkpoint key -> quantized module path
+    for path in targets:
+        for k in files:
+            if k == path + ".weight" or k.startswith(path + ".weight."):
+                owner[k] = path
+    headers, problems, loaded, nf4_parts = {}, [], set(), {p: {} for p in targets}
+    for name, file in sorted(files.items(), key=lambda kv: (str(kv[1]), kv[0])):
+        if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and "lm_head.weight" not in expected
+                                               and "lm_head" not in targets):
+            continue
+        if file not in headers:
+            headers[file] = read_safetensors_header(file)
+        header, start = headers[file]
+        info = header.get(name)
+        if info is None:
+            problems.append(f"tensor {name} is listed in the index but absent from {file.name}")
+        elif name in owner:
+            path = owner[name]
+            t = read_tensor(file, info, start)
+            if stored:
+                nf4_parts[path][name] = t
+                continue
+            mod = targets[path]
+            if tuple(t.shape) != (mod.out_features, mod.in_features):
+                problems.append(f"wrong shape for {name} in {file.name}: expected "
+                                f"{(mod.out_features, mod.in_features)}, got {tuple(t.shape)}")
+                continue
+            mod.weight = quantize(t.to(device=device, dtype=dt), blocksize, double_quant)
+            del t  # the full-precision tensor is gone before the next one is read
+        elif name not in expected:
+            problems.append(f"unexpected tensor {name} in {file.name}")
+        elif tuple(info["shape"]) != tuple(expected[name].shape):
+            problems.append(f"wrong shape for {name} in {file.name}: expected {tuple(expected[name].shape)}, "
+                            f"got {tuple(info['shape'])}")
+        else:
+            with torch.no_grad():
+                target = expected[name].data
+                buf = read_tensor(file, info, start, out=target)
+                if buf is not target:
+                    target.copy_(buf)
+            loaded.add(name)
+    for path, parts in nf4_parts.items() if stored else ():
+        mod = targets[path]
+        where = str(files.get(path + ".weight", folder))
+        try:
+            w = from_bnb_state_dict(parts, path + ".", where)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if w.shape != (mod.out_features, mod.in_features):
+            problems.append(f"{where}: {path}.weight is an NF4 weight of shape {w.shape}, the model's {path} is "
+                            f"({mod.out_features}, {mod.in_features})")
+            continue
+        mod.weight = w.to(device)
+    missing = sorted(set(expected) - loaded) + sorted(p + ".weight" for p, m in targets.items() if m.weight is None
+                                                      and not any(p in q for q in problems))
+    if missing:
+        problems.append(f"{len(missing)} tensors missing from the checkpoint: {', '.join(missing)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} does not match the model built from its config.json:\n  - "
+                              + "\n  - ".join(problems))
+
+
+def transformers_quantization_config(model: nn.Module) -> dict:
+    """The `quantization_config` transformers 5 writes for BitsAndBytesConfig(load_in_4bit, nf4, ...)."""
+    ws = [m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), NF4Tensor)]
+    if not ws:
+        raise ValueError("save_quantized: the model has no NF4 weights; quantize it first (quantize_model)")
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    skip = sorted({n for n, m in model.named_modules() if isinstance(m, nn.Linear)}) or None
+    return {
+        "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": any(w.is_nested for w in ws), "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0,
+        "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
+    }
+
+
+def save_quantized(model: nn.Module, folder) -> None:
+    """Write `folder`/model.safetensors (bitsandbytes keys for NF4 weights) and config.json with the
+    quantization_config, in the layout transformers + bitsandbytes load. Each file is written atomically."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from lora_engine.io.atomic import write_bytes, write_json
+
+    folder = Path(folder)
+    qc = transformers_quantization_config(model)
+    sd = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # transformers re-ties it; safetensors refuses shared storage
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    for k in [k for k in tensors if k.endswith("quant_map")]:
+        tensors[k] = tensors[k].clone()  # small tables that may share storage across layers
+    config = dict(model.config.extra) if model.config.extra else model.config.to_dict()
+    config["quantization_config"] = qc
+    write_bytes(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
+    write_json(folder / "config.json", config)

@@ -1,0 +1,19 @@
+"""Training: the config and command line (config.py), one optimizer step (step.py), the run with
+checkpoints and evaluation (loop.py, checkpoint.py), lineage (lineage.py) and the loss plot (plot.py).
+
+    python -m lora_engine.train                         # or: from lora_engine.train import TrainConfig, run
+
+Names are resolved lazily so that `import lora_engine.train.step` stays light.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {"TrainConfig": "lora_engine.train.config", "main": "lora_engine.train.command",
+            "run": "lora_engine.train.loop", "TrainingStopped": "lora_engine.train.loop"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lora_engine.train' has no attribute {name!r}")
