@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_engine.cli_config import format_config, parse
+from lora_engine.cli_config import format_config, parse, run_cli
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -90,16 +90,12 @@ class TrainConfig:
 
 
 def main(argv=None) -> int:
-    from lora_engine.checkpoint import ResumeError
-    from lora_engine.data import DataError
-    from lora_engine.train_loop import TrainingStopped, run
-
+    """The exit status: 0 completed or interrupted, 1 stopped on an error; bad input raises (see run_cli)."""
     cfg, explicit = parse(TrainConfig, argv, "python -m lora_engine.train", __doc__.splitlines()[0])
+    from lora_engine.train_loop import TrainingStopped, run  # after parsing: --help needs no torch
+
     try:
         manifest = run(cfg, explicit, log=print)
-    except (DataError, ResumeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -118,7 +114,11 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
     saved_path = run_dir_of(ckpt) / "config.json"
     if not saved_path.is_file():
         raise ResumeError(f"{saved_path} is missing: cannot tell how the resumed run was configured")
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResumeError(f"{saved_path} is not valid JSON ({e}); restore it, or start a new run without --resume") \
+            from e
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in saved.items() if k in known}
     values.update({k: getattr(cfg, k) for k in explicit})
@@ -134,4 +134,4 @@ def describe(cfg: TrainConfig) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
