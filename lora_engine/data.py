@@ -253,4 +253,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from lora_engine.cli_config import run_cli
+
+    sys.exit(run_cli(main))

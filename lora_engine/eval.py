@@ -14,15 +14,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lora_engine.data import DataError, Row, eval_batches, examples_from_records, load_examples, prepare
+from lora_engine.cli_config import add_debug_flag, run_cli, user_input
+from lora_engine.data import Row, eval_batches, examples_from_records, prepare
+from lora_engine.data_formats import read_records
 from lora_engine.trainer import evaluate
 
 
 def target_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int = 256,
-                completion_only: bool = True) -> list[Row]:
-    """Rows of the target-task evaluation set: a file, or the embedded held-out split."""
+                completion_only: bool = True, records=None) -> list[Row]:
+    """Rows of the target-task evaluation set: a file (or its `records`, read already), or the embedded
+    held-out split."""
     if data:
-        exs = load_examples(data, tokenizer, fmt, completion_only)
+        exs = examples_from_records(records if records is not None else read_records(data), tokenizer, fmt,
+                                    completion_only, source=str(data))
     else:
         from lora_engine.data_embedded import chatterbot_split
 
@@ -93,15 +97,22 @@ def main(argv=None):
     ap.add_argument("--general-tokens", type=int, default=128, help="tokens per general-English passage")
     ap.add_argument("--forgetting-threshold", type=float, default=0.05)
     ap.add_argument("--quantize", default="none", choices=["none", "nf4"])
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
     from lora_engine import load_model, load_tokenizer
 
-    tok = load_tokenizer(a.model)
-    model = load_model(a.model, **({"quantize": a.quantize} if a.quantize != "none" else {}))
-    try:
-        target = target_rows(tok, a.data, a.format, a.max_length)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    # The data before the model, so that a bad file is reported in seconds.
+    records = read_records(a.data) if a.data else None
+    if a.adapter:
+        from lora_engine.adapter import read_adapter_config
+
+        with user_input("--adapter"):
+            read_adapter_config(a.adapter)  # not only after the base model's evaluation
+    with user_input("--model"):
+        tok = load_tokenizer(a.model)
+    target = target_rows(tok, a.data, a.format, a.max_length, records=records)
+    with user_input("--model"):
+        model = load_model(a.model, **({"quantize": a.quantize} if a.quantize != "none" else {}))
     general = general_rows(tok, tokens=a.general_tokens) if a.general else None
     before = run_eval(model, tok, target, general, a.batch_size)
     if a.adapter is None:
@@ -110,11 +121,12 @@ def main(argv=None):
         return before
     from lora_engine import load_adapter
 
-    load_adapter(model, a.adapter)
+    with user_input("--adapter"):
+        load_adapter(model, a.adapter)
     cmp = compare(before, run_eval(model, tok, target, general, a.batch_size), a.forgetting_threshold)
     print(format_table(cmp))
     return cmp
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

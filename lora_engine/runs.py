@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from lora_engine import atomic
+from lora_engine.cli_config import CliError, add_debug_flag, run_cli
 
 MANIFEST = "run.json"
 
@@ -117,9 +118,14 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     ls = sub.add_parser("list", help="list the runs under DIR")
     ls.add_argument("dir")
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
+    if not Path(a.dir).is_dir():
+        raise CliError(f"runs list {a.dir}: no such folder; pass the folder that holds the runs (e.g. runs)")
     print(format_runs(a.dir))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(run_cli(main))
