@@ -40,8 +40,8 @@ _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileEx
 
 
 # The engine's own input errors, by module, so that reporting one imports nothing (loading imports torch).
-_ENGINE_ERRORS = (("lora_engine.data_formats", "DataError"), ("lora_engine.loading", "CheckpointError"),
-                  ("lora_engine.checkpoint", "ResumeError"))
+_ENGINE_ERRORS = (("lora_engine.data.formats", "DataError"), ("lora_engine.loading", "CheckpointError"),
+                  ("lora_engine.train.checkpoint", "ResumeError"))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

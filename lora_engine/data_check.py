@@ -12,8 +12,8 @@ import json
 import sys
 from collections import Counter
 
-from lora_engine.cli_config import add_debug_flag, user_input
-from lora_engine.data_formats import DataError, EmptyField, Example, detect_format, read_records, tokenize
+from lora_engine.cli import add_debug_flag, user_input
+from lora_engine.data.formats import DataError, EmptyField, Example, detect_format, read_records, tokenize
 
 
 def histogram(lengths: list[int], bins: int = 10, width: int = 40) -> list[str]:
@@ -105,7 +105,7 @@ def main(argv=None):
     c.add_argument("--show", type=int, default=0, help="index of the example to render")
     add_debug_flag(ap)
     a = ap.parse_args(argv)
-    from lora_engine import load_tokenizer
+    from lora_engine.models.tokenizer import load_tokenizer
 
     records = read_records(a.file)  # before the tokenizer: a bad file is reported at once
     with user_input("--model"):

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lora_engine.cli_config import add_debug_flag, run_cli, user_input
-from lora_engine.data import Row, eval_batches, examples_from_records, prepare
-from lora_engine.data_formats import read_records
-from lora_engine.trainer import evaluate
+from lora_engine.cli import add_debug_flag, run_cli, user_input
+from lora_engine.data.formats import read_records
+from lora_engine.data.pipeline import Row, eval_batches, examples_from_records, prepare
+from lora_engine.train.step import evaluate
 
 
 def target_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int = 256,
@@ -28,7 +28,7 @@ def target_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int 
         exs = examples_from_records(records if records is not None else read_records(data), tokenizer, fmt,
                                     completion_only, source=str(data))
     else:
-        from lora_engine.data_embedded import chatterbot_split
+        from lora_engine.data.embedded import chatterbot_split
 
         exs = examples_from_records(chatterbot_split()[1], tokenizer, "chat", completion_only,
                                     source="the embedded held-out split")
@@ -37,7 +37,7 @@ def target_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int 
 
 def general_rows(tokenizer, pieces: int = 8, tokens: int = 128) -> list[Row]:
     """Fixed passages of general English, `tokens` tokens each, loss on every token."""
-    from lora_engine.data_embedded import general_text
+    from lora_engine.data.embedded import general_text
 
     rows = []
     for i, text in enumerate(general_text(pieces=pieces)):
@@ -99,12 +99,13 @@ def main(argv=None):
     ap.add_argument("--quantize", default="none", choices=["none", "nf4"])
     add_debug_flag(ap)
     a = ap.parse_args(argv)
-    from lora_engine import load_model, load_tokenizer
+    from lora_engine.loading import load_model
+    from lora_engine.models.tokenizer import load_tokenizer
 
     # The data before the model, so that a bad file is reported in seconds.
     records = read_records(a.data) if a.data else None
     if a.adapter:
-        from lora_engine.adapter import read_adapter_config
+        from lora_engine.lora.adapter import read_adapter_config
 
         with user_input("--adapter"):
             read_adapter_config(a.adapter)  # not only after the base model's evaluation
@@ -119,7 +120,7 @@ def main(argv=None):
         print(format_table({"before": before, "after": before, "change": {k: 0.0 for k in before},
                             "warning": None}))
         return before
-    from lora_engine import load_adapter
+    from lora_engine.lora.adapter import load_adapter
 
     with user_input("--adapter"):
         load_adapter(model, a.adapter)

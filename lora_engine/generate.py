@@ -107,8 +107,9 @@ def main(argv=None):
     import argparse
     import sys
 
-    from lora_engine import load_model, load_tokenizer
-    from lora_engine.cli_config import add_debug_flag, user_input
+    from lora_engine.cli import add_debug_flag, user_input
+    from lora_engine.loading import load_model
+    from lora_engine.models.tokenizer import load_tokenizer
 
     ap = argparse.ArgumentParser(prog="python -m lora_engine.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="Hugging Face folder or embedded name")
@@ -133,7 +134,7 @@ def main(argv=None):
     if not 0.0 < a.top_p <= 1.0:
         ap.error(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.adapter:
-        from lora_engine.adapter import read_adapter_config
+        from lora_engine.lora.adapter import read_adapter_config
 
         with user_input("--adapter"):
             read_adapter_config(a.adapter)  # a wrong folder is reported before the model loads
@@ -141,7 +142,7 @@ def main(argv=None):
         model = load_model(a.model, dtype=a.dtype, device=a.device)
         tok = load_tokenizer(a.model)
     if a.adapter:
-        from lora_engine import load_adapter
+        from lora_engine.lora.adapter import load_adapter
 
         with user_input("--adapter"):
             load_adapter(model, a.adapter)
@@ -157,6 +158,6 @@ def main(argv=None):
 if __name__ == "__main__":
     import sys
 
-    from lora_engine.cli_config import run_cli
+    from lora_engine.cli import run_cli
 
     sys.exit(run_cli(main))

@@ -14,8 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from lora_engine import atomic
-from lora_engine.cli_config import CliError, add_debug_flag, run_cli
+from lora_engine.cli import CliError, add_debug_flag, run_cli
+from lora_engine.io import atomic
 
 MANIFEST = "run.json"
 

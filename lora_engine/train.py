@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_engine.cli_config import format_config, parse, run_cli
+from lora_engine.cli import format_config, parse, run_cli
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -92,7 +92,7 @@ class TrainConfig:
 def main(argv=None) -> int:
     """The exit status: 0 completed or interrupted, 1 stopped on an error; bad input raises (see run_cli)."""
     cfg, explicit = parse(TrainConfig, argv, "python -m lora_engine.train", __doc__.splitlines()[0])
-    from lora_engine.train_loop import TrainingStopped, run  # after parsing: --help needs no torch
+    from lora_engine.train.loop import TrainingStopped, run  # after parsing: --help needs no torch
 
     try:
         manifest = run(cfg, explicit, log=print)
@@ -108,7 +108,7 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
         return cfg, None
     import json
 
-    from lora_engine.checkpoint import ResumeError, latest_checkpoint, run_dir_of
+    from lora_engine.train.checkpoint import ResumeError, latest_checkpoint, run_dir_of
 
     ckpt = latest_checkpoint(cfg.resume)
     saved_path = run_dir_of(ckpt) / "config.json"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_engine.cli_config import CliError, run_cli, user_input
-from lora_engine.data_formats import DataError
+from lora_engine.cli import CliError, run_cli, user_input
+from lora_engine.data.formats import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 

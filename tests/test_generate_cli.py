@@ -3,7 +3,7 @@
 import pytest
 
 from lora_engine import load_model, load_tokenizer
-from lora_engine.cli_config import CliError
+from lora_engine.cli import CliError
 from lora_engine.generate import generate, main
 from tests import embedded_fixture
 
