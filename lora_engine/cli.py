@@ -4,20 +4,108 @@ Precedence: dataclass defaults < the TOML file < flags given on the command line
 may carry `help` and `choices`; booleans get --x / --no-x (BooleanOptionalAction). Field names
 use underscores, flags dashes; the TOML file may use either. Validation lives in the dataclass's
 __post_init__, so a bad value from either source gets the same message.
+
+Every command runs as `sys.exit(run_cli(main))`: an error in what the user gave (a data file, a
+folder, a flag) is one line `error: ...` on stderr and exit status 2; anything else is a bug and
+keeps its traceback. `--debug` shows the traceback of input errors too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import types
 import typing
 from pathlib import Path
 
+# Exit statuses: 2 is argparse's for bad usage, and bad input is bad usage found a little later.
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+DEBUG_FLAG = "--debug"
+
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the file and key."""
+
+
+class CliError(ValueError):
+    """Something the user gave a command line is wrong; the message says what, where and what to do."""
+
+
+# OSErrors a user's path causes; their message names the path. Other OSErrors (a full disk, say)
+# are not the user's input and keep their traceback.
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+
+
+# The engine's own input errors, by module, so that reporting one imports nothing (loading imports torch).
+_ENGINE_ERRORS = (("lora_engine.data.formats", "DataError"), ("lora_engine.loading", "CheckpointError"),
+                  ("lora_engine.train.checkpoint", "ResumeError"))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input, not a bug: each is raised only with a message for the user.
+
+    An engine error type is looked up only if its module was imported: if it was not, nothing raised one.
+    """
+    engine = [getattr(sys.modules[m], name, None) for m, name in _ENGINE_ERRORS if m in sys.modules]
+    return (CliError, ConfigError, *[t for t in engine if t is not None], *_PATH_ERRORS)
+
+
+@contextlib.contextmanager
+def user_input(where: str):
+    """Treat a ValueError or path error raised inside as a problem of the input `where` (a flag, a file).
+
+    For calls that read what the user named, whose ValueErrors are documented as "this file is not
+    valid" (load_model, load_adapter, convert_gguf...). Elsewhere a ValueError stays a bug.
+    """
+    try:
+        yield
+    except CliError:
+        raise
+    except (ValueError, *_PATH_ERRORS) as e:
+        raise CliError(f"{where}: {e}" if where else str(e)) from e
+
+
+def add_debug_flag(ap: argparse.ArgumentParser) -> None:
+    """List --debug in --help (run_cli takes it off the command line before the parser sees it)."""
+    ap.add_argument(DEBUG_FLAG, action="store_true", default=argparse.SUPPRESS,
+                    help="on an input error, show the Python traceback too (for bug reports)")
+
+
+def run_cli(main, argv: list[str] | None = None) -> int:
+    """Run `main(argv)` as a command: its exit status, with input errors reported as `error: ...`.
+
+    main may return an int (the exit status) or anything else (status 0). Input errors (see
+    user_errors) print one line on stderr and give status 2; with --debug they are re-raised.
+    Ctrl-C gives status 130 without a traceback. Every other exception propagates: it is a bug.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = DEBUG_FLAG in argv[:end]
+    argv = [a for i, a in enumerate(argv) if not (i < end and a == DEBUG_FLAG)]
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if debug or not isinstance(e, user_errors()):
+            raise
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
+
+
+def _one_line(msg: str) -> str:
+    """A multi-line message (a list of problems) joined so that the report stays one line."""
+    out = ""
+    for line in (x.strip().removeprefix("- ") for x in msg.splitlines()):
+        if line:
+            sep = "" if not out else " " if out.endswith(":") else "; "
+            out += sep + line
+    return out
 
 
 def _base_type(tp):
@@ -33,6 +121,7 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--config", default=None, help="a TOML file of field = value overlaid on the defaults")
+    add_debug_flag(ap)
     for f in dataclasses.fields(cls):
         tp, _ = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
@@ -65,7 +154,7 @@ def load_toml(path: str | Path, cls) -> dict:
     else:
         import tomli as tomllib
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+        raise ConfigError(f"--config {path}: no such file; pass the path of a TOML file of name = value lines")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
@@ -94,6 +183,7 @@ def parse(cls, argv=None, prog: str = "", description: str = ""):
     ap = build_parser(cls, prog, description)
     ns = vars(ap.parse_args(argv))
     config_file = ns.pop("config")
+    ns.pop("debug", None)
     values = {f.name: _default(f) for f in dataclasses.fields(cls)}
     if config_file:
         values.update(load_toml(config_file, cls))

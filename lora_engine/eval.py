@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lora_engine.data.formats import DataError
+from lora_engine.cli import add_debug_flag, run_cli, user_input
+from lora_engine.data.formats import read_records
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval, target_rows
 
 
@@ -30,16 +31,23 @@ def main(argv=None):
     ap.add_argument("--general-tokens", type=int, default=128, help="tokens per general-English passage")
     ap.add_argument("--forgetting-threshold", type=float, default=0.05)
     ap.add_argument("--quantize", default="none", choices=["none", "nf4"])
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
     from lora_engine.loading import load_model
     from lora_engine.models.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(a.model)
-    model = load_model(a.model, **({"quantize": a.quantize} if a.quantize != "none" else {}))
-    try:
-        target = target_rows(tok, a.data, a.format, a.max_length)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    # The data before the model, so that a bad file is reported in seconds.
+    records = read_records(a.data) if a.data else None
+    if a.adapter:
+        from lora_engine.lora.adapter import read_adapter_config
+
+        with user_input("--adapter"):
+            read_adapter_config(a.adapter)  # not only after the base model's evaluation
+    with user_input("--model"):
+        tok = load_tokenizer(a.model)
+    target = target_rows(tok, a.data, a.format, a.max_length, records=records)
+    with user_input("--model"):
+        model = load_model(a.model, **({"quantize": a.quantize} if a.quantize != "none" else {}))
     general = general_rows(tok, tokens=a.general_tokens) if a.general else None
     before = run_eval(model, tok, target, general, a.batch_size)
     if a.adapter is None:
@@ -48,11 +56,12 @@ def main(argv=None):
         return before
     from lora_engine.lora.adapter import load_adapter
 
-    load_adapter(model, a.adapter)
+    with user_input("--adapter"):
+        load_adapter(model, a.adapter)
     cmp = compare(before, run_eval(model, tok, target, general, a.batch_size), a.forgetting_threshold)
     print(format_table(cmp))
     return cmp
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

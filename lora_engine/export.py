@@ -196,20 +196,30 @@ class ExportArgs:
 
 
 def main(argv=None) -> Path:
-    from lora_engine.cli import format_config, parse
+    from lora_engine.cli import format_config, parse, user_input
     from lora_engine.loading import load_model
-    from lora_engine.lora.adapter import load_adapter
+    from lora_engine.lora.adapter import load_adapter, read_adapter_config
 
     args, _ = parse(ExportArgs, argv, prog="python -m lora_engine.export",
                     description="Merge a LoRA adapter into its base model and write a Hugging Face folder.")
     print(format_config(args))
-    model = load_model(args.model)
     if args.adapter:
-        load_adapter(model, args.adapter)
-    out = save_model(model, args.out, merge=True, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        with user_input("--adapter"):
+            read_adapter_config(args.adapter)  # a wrong folder is reported before the model loads
+    with user_input("--model"):
+        model = load_model(args.model)
+    if args.adapter:
+        with user_input("--adapter"):
+            load_adapter(model, args.adapter)
+    with user_input("--out"):
+        out = save_model(model, args.out, merge=True, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from lora_engine.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -107,6 +107,7 @@ def main(argv=None):
     import argparse
     import sys
 
+    from lora_engine.cli import add_debug_flag, user_input
     from lora_engine.loading import load_model
     from lora_engine.models.tokenizer import load_tokenizer
 
@@ -120,15 +121,31 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weights' dtype (default: the checkpoint's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
-    model = load_model(a.model, dtype=a.dtype, device=a.device)
+    # Checked here, not first in generate_tokens: a bad value is reported before the model loads.
+    if a.max_new_tokens < 0:
+        ap.error(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    if a.temperature < 0:
+        ap.error(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
+    if not 0.0 < a.top_p <= 1.0:
+        ap.error(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.adapter:
+        from lora_engine.lora.adapter import read_adapter_config
+
+        with user_input("--adapter"):
+            read_adapter_config(a.adapter)  # a wrong folder is reported before the model loads
+    with user_input("--model"):
+        model = load_model(a.model, dtype=a.dtype, device=a.device)
+        tok = load_tokenizer(a.model)
     if a.adapter:
         from lora_engine.lora.adapter import load_adapter
 
-        load_adapter(model, a.adapter)
-    tok = load_tokenizer(a.model)
+        with user_input("--adapter"):
+            load_adapter(model, a.adapter)
 
     def show(piece):
         sys.stdout.write(piece)
@@ -139,4 +156,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from lora_engine.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -169,5 +169,5 @@ def test_check_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "records: 3" in out and "loss on [[...]]" in out
     (tmp_path / "bad.jsonl").write_text("{oops\n")
-    with pytest.raises(SystemExit, match=r"error: .*bad.jsonl:1: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1: invalid JSON"):
         main(["check", str(tmp_path / "bad.jsonl"), "--model", str(folder)])

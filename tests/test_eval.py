@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lora_engine.data.embedded import chatterbot_split, general_text
+from lora_engine.data.formats import DataError
 from lora_engine.eval import main
 from lora_engine.train.evaluate import compare, evaluate, format_table, general_rows, run_eval
 from tests.test_train_support import (
@@ -74,5 +75,5 @@ def test_eval_cli_base_and_adapter(tmp_path, capsys):
     out = capsys.readouterr().out
     assert set(cmp["before"]) == {"target", "general"} and cmp["before"] != cmp["after"]
     assert "general English ppl" in out and "target-task loss" in out
-    with pytest.raises(SystemExit, match=r"error: .*nope.jsonl does not exist"):
+    with pytest.raises(DataError, match=r"nope.jsonl does not exist"):
         main(["--model", str(folder), "--data", str(tmp_path / "nope.jsonl")])

@@ -3,6 +3,7 @@
 import pytest
 
 from lora_engine import load_model, load_tokenizer
+from lora_engine.cli import CliError
 from lora_engine.generate import generate, main
 from tests import embedded_fixture
 
@@ -49,8 +50,9 @@ def test_stream_pieces_add_up_to_the_result(pair):
     assert "".join(pieces) == text and len(pieces) > 1  # streamed piece by piece
 
 
-def test_cli_errors(embedded_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+def test_cli_errors(tmp_path, capsys):
+    with pytest.raises(CliError, match="--model: model path .*none.* does not exist"):
         main(["--model", str(tmp_path / "none"), "--prompt", "x"])
-    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+    with pytest.raises(SystemExit):  # checked before the model loads
         main(["--model", NAME, "--prompt", "x", "--top-p", "1.5", "--temperature", "1"])
+    assert "--top-p must be in (0, 1], got 1.5" in capsys.readouterr().err

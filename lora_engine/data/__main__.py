@@ -2,6 +2,7 @@
 
 import sys
 
+from lora_engine.cli import run_cli
 from lora_engine.data.check import main
 
-sys.exit(main())
+sys.exit(run_cli(main))

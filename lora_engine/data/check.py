@@ -12,6 +12,7 @@ import json
 import sys
 from collections import Counter
 
+from lora_engine.cli import add_debug_flag, user_input
 from lora_engine.data.formats import DataError, EmptyField, Example, detect_format, read_records, tokenize
 
 
@@ -45,9 +46,9 @@ def render_mask(ex: Example, tokenizer) -> str:
 
 
 def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_only: bool = True,
-          show: int = 0, file=None) -> dict:
-    """Analyse a file; print the report to `file` and return the numbers as a dict."""
-    records = read_records(path)
+          show: int = 0, file=None, records=None) -> dict:
+    """Analyse a file (or its `records`, read already); print the report to `file`, return the numbers as a dict."""
+    records = records if records is not None else read_records(path)
     file = file or sys.stdout
     p = lambda *a: print(*a, file=file)
     if not records:
@@ -102,11 +103,11 @@ def main(argv=None):
     c.add_argument("--completion-only", action=argparse.BooleanOptionalAction, default=True,
                    help="loss only on responses / assistant turns (prompt and chat formats)")
     c.add_argument("--show", type=int, default=0, help="index of the example to render")
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
     from lora_engine.models.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(a.model)
-    try:
-        check(a.file, tok, a.format, a.max_length, a.completion_only, a.show)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    records = read_records(a.file)  # before the tokenizer: a bad file is reported at once
+    with user_input("--model"):
+        tok = load_tokenizer(a.model)
+    check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, records=records)

@@ -56,8 +56,15 @@ def read_records(path: str | Path) -> list[Record]:
     """All records of a JSONL or JSON file. Raises DataError with file:line and the reason."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise DataError(f"data file {path} {what}; pass a JSONL or JSON file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}); "
+                        "save the file as UTF-8") from None
     stripped = text.lstrip()
     if path.suffix == ".json" or stripped.startswith("["):
         try:

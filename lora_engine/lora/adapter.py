@@ -118,7 +118,8 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
     """Parse and check a PEFT adapter_config.json: (LoraConfig, the raw dict)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+        raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the folder that holds "
+                                f"{CONFIG_NAME} (a training run writes <out>/adapter)")
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(

@@ -206,5 +206,6 @@ def load_tokenizer(path_or_name: str | os.PathLike) -> Tokenizer:
     folder = Path(path_or_name)
     if not folder.is_dir():
         names = ", ".join(embedded.EMBEDDED_MODELS)
-        raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist (embedded models: {names})")
+        raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist; pass a Hugging Face model folder "
+                                f"or an embedded model name ({names})")
     return Tokenizer(folder, name_or_path=str(path_or_name))

@@ -75,7 +75,8 @@ def resolve_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         names = ", ".join(EMBEDDED_MODELS)
-        raise FileNotFoundError(f"model path {str(p)!r} does not exist (embedded models: {names})")
+        raise FileNotFoundError(f"model path {str(p)!r} does not exist; pass a Hugging Face model folder or an "
+                                f"embedded model name ({names})")
     if not p.is_dir():
         raise NotADirectoryError(f"model path {p} is a file; pass the Hugging Face folder that holds config.json")
     if not (p / "config.json").is_file():

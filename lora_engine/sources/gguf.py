@@ -62,7 +62,7 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"GGUF file {self.path} does not exist")
+            raise FileNotFoundError(f"GGUF file {self.path} does not exist; pass the path of a .gguf file")
         size = self.path.stat().st_size
         if size < 24:
             raise ValueError(f"{self.path} is not a GGUF file: only {size} bytes")
@@ -411,11 +411,14 @@ def convert_gguf(gguf_path, out_dir, name_or_path: str | None = None, verbose: b
 def main(argv=None) -> None:
     import argparse
 
+    from lora_engine.cli import add_debug_flag, user_input
+
     ap = argparse.ArgumentParser(prog="python -m lora_engine.convert", description=__doc__.splitlines()[0])
     ap.add_argument("gguf", help="a Llama GGUF file")
     ap.add_argument("out_dir", help="the Hugging Face folder to create")
     ap.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
                     help="replace OUT_DIR if it exists and is not empty")
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
     out = Path(a.out_dir)
     if out.exists() and not out.is_dir():
@@ -423,7 +426,8 @@ def main(argv=None) -> None:
     if out.is_dir() and any(out.iterdir()) and not a.force:
         ap.error(f"{out} exists and is not empty; pass --force to replace it")
     # Convert beside OUT_DIR and rename into place: an interrupted run leaves OUT_DIR as it was.
-    with atomic_dir(out) as tmp:
+    # convert_gguf's ValueErrors are documented as "this file is corrupted or unsupported".
+    with user_input(""), atomic_dir(out) as tmp:
         convert_gguf(a.gguf, tmp, name_or_path=str(out))
     print(out)
 

@@ -101,7 +101,11 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
     saved_path = run_dir_of(ckpt) / "config.json"
     if not saved_path.is_file():
         raise ResumeError(f"{saved_path} is missing: cannot tell how the resumed run was configured")
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResumeError(f"{saved_path} is not valid JSON ({e}); restore it, or start a new run without --resume") \
+            from e
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in saved.items() if k in known}
     values.update({k: getattr(cfg, k) for k in explicit})

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from lora_engine.data.pipeline import Row, eval_batches, examples_from_records, load_examples, n_targets, prepare
+from lora_engine.data.formats import read_records
+from lora_engine.data.pipeline import Row, eval_batches, examples_from_records, n_targets, prepare
 from lora_engine.train.step import micro_batch_loss_sum
 
 
@@ -38,10 +39,12 @@ def evaluate(model, batches: list[dict], amp: torch.dtype | None = None) -> dict
 
 
 def target_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int = 256,
-                completion_only: bool = True) -> list[Row]:
-    """Rows of the target-task evaluation set: a file, or the embedded held-out split."""
+                completion_only: bool = True, records=None) -> list[Row]:
+    """Rows of the target-task evaluation set: a file (or its `records`, read already), or the embedded
+    held-out split."""
     if data:
-        exs = load_examples(data, tokenizer, fmt, completion_only)
+        exs = examples_from_records(records if records is not None else read_records(data), tokenizer, fmt,
+                                    completion_only, source=str(data))
     else:
         from lora_engine.data.embedded import chatterbot_split
 

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from lora_engine.cli import CliError, add_debug_flag
 from lora_engine.io import atomic
 
 MANIFEST = "run.json"
@@ -117,6 +118,9 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     ls = sub.add_parser("list", help="list the runs under DIR")
     ls.add_argument("dir")
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
+    if not Path(a.dir).is_dir():
+        raise CliError(f"runs list {a.dir}: no such folder; pass the folder that holds the runs (e.g. runs)")
     print(format_runs(a.dir))
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from lora_engine.data.pipeline import Batcher, examples_from_records, load_examples, prepare, split
+from lora_engine.cli import user_input
+from lora_engine.data.formats import read_records
+from lora_engine.data.pipeline import Batcher, examples_from_records, prepare, split
 from lora_engine.io import atomic
 from lora_engine.train import checkpoint
 from lora_engine.train import lineage as runs
@@ -35,8 +37,15 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_data(cfg, tok, stats: dict):
-    """(train rows, val rows, data files to hash)."""
+def read_data_files(cfg) -> dict[str, list]:
+    """The records of --data and --val-data by path: read and checked (UTF-8, JSON) without a tokenizer."""
+    if cfg.data is None:
+        return {}  # the embedded corpus (--val-data goes with --data only)
+    return {p: read_records(p) for p in (cfg.data, cfg.val_data) if p}
+
+
+def load_data(cfg, tok, stats: dict, records: dict[str, list] | None = None):
+    """(train rows, val rows, data files to hash); `records` as read_data_files returns them."""
     from lora_engine.data.embedded import chatterbot_files, chatterbot_split
 
     if cfg.data is None:
@@ -45,10 +54,12 @@ def load_data(cfg, tok, stats: dict):
         val_ex = examples_from_records(va, tok, "chat", cfg.completion_only, {}, "the embedded held-out split")
         files = chatterbot_files()
     else:
-        train_ex = load_examples(cfg.data, tok, cfg.format, cfg.completion_only, stats)
+        records = records if records is not None else read_data_files(cfg)
+        train_ex = examples_from_records(records[cfg.data], tok, cfg.format, cfg.completion_only, stats, cfg.data)
         files = [Path(cfg.data)]
         if cfg.val_data:
-            val_ex = load_examples(cfg.val_data, tok, cfg.format, cfg.completion_only, {})
+            val_ex = examples_from_records(records[cfg.val_data], tok, cfg.format, cfg.completion_only, {},
+                                           cfg.val_data)
             files.append(Path(cfg.val_data))
         else:
             train_ex, val_ex = split(train_ex, cfg.val_split, cfg.seed)
@@ -118,22 +129,32 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
     cfg, ckpt = resolve_resume(cfg, set(explicit))
     out = Path(cfg.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     cfg = dataclasses.replace(cfg, out=str(out))
+    log(describe(cfg))
+    # The data first, then the model: a bad data file is reported in seconds, and leaves no run folder.
+    records = read_data_files(cfg)
+    if tokenizer is None:
+        from lora_engine.models.tokenizer import load_tokenizer
+
+        with user_input("--model"):
+            tokenizer = load_tokenizer(cfg.model)
+    stats: dict = {}
+    train_rows, val_rows, data_files = load_data(cfg, tokenizer, stats, records)
+    log(f"data: {stats.get('records')} records {stats.get('formats')}, {stats.get('empty', 0)} skipped (empty), "
+        f"{stats['truncated']} truncated at {cfg.max_length} tokens, {stats['dropped_no_targets']} dropped (no "
+        f"target left); {stats['rows']} training rows, {stats['target_tokens']:,} target tokens; "
+        f"{len(val_rows)} validation rows")
     out.mkdir(parents=True, exist_ok=True)
     atomic.clean_temporaries(out)
-    log(describe(cfg))
     atomic.write_json(out / "config.json", dataclasses.asdict(cfg))
     trainer.seed_everything(cfg.seed)
     device = _device(cfg.device)
 
-    if tokenizer is None:
-        from lora_engine.models.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model)
     if model is None:
         from lora_engine.loading import load_model
 
         kw = {"quantize": cfg.quantize} if cfg.quantize != "none" else {}
-        model = load_model(cfg.model, dtype=torch.float32 if device.type == "cpu" else None, device=device, **kw)
+        with user_input("--model"):
+            model = load_model(cfg.model, dtype=torch.float32 if device.type == "cpu" else None, device=device, **kw)
         from lora_engine.lora.layers import LoraConfig, apply_lora
 
         counts = apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -143,12 +164,6 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
     model.gradient_checkpointing = cfg.gradient_checkpointing
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
-    stats: dict = {}
-    train_rows, val_rows, data_files = load_data(cfg, tokenizer, stats)
-    log(f"data: {stats.get('records')} records {stats.get('formats')}, {stats.get('empty', 0)} skipped (empty), "
-        f"{stats['truncated']} truncated at {cfg.max_length} tokens, {stats['dropped_no_targets']} dropped (no "
-        f"target left); {stats['rows']} training rows, {stats['target_tokens']:,} target tokens; "
-        f"{len(val_rows)} validation rows")
     batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
     steps_per_epoch = math.ceil(batcher.batches_per_epoch / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
