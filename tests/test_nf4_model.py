@@ -26,8 +26,9 @@ import pytest
 import torch
 from conftest import tol
 
-from lora_engine import load_model, nf4
-from lora_engine.loading import CheckpointError
+from lora_engine import load_model
+from lora_engine.io.safetensors import CheckpointError
+from lora_engine.quant import nf4
 from tests.bnb_oracle import dequantize_4bit as bnb_dequantize_4bit
 
 sys.path.insert(0, str(Path(__file__).parent))
