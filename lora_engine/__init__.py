@@ -8,11 +8,9 @@
     le.save_adapter(model, "out/adapter")                  # loads in PEFT
 
 Layers, bottom up: lora_engine.kernels (torch + triton) <- lora_engine.dispatch <- model, LoRA,
-NF4 <- train, eval, generate, export. Public names are imported lazily so `import lora_engine`
-stays cheap.
+NF4 <- train, eval, generate, export. Public names and the public submodules (`le.nf4`,
+`le.trainer`, `le.data`, ...) are imported lazily, on first use, so `import lora_engine` stays cheap.
 """
-
-from importlib import import_module
 
 __version__ = "0.1.0"
 
@@ -35,14 +33,32 @@ _EXPORTS = {
     "save_model": "lora_engine.export",
 }
 
-__all__ = sorted(_EXPORTS)
+# The submodules the docstrings point users to. The helpers behind the command lines (cli_config,
+# data_check, data_embedded, plot) stay importable by their full name only; `le.generate` is the
+# function (lora_engine.generate.generate), not its module.
+_SUBMODULES = (
+    "adapter", "atomic", "checkpoint", "config", "convert", "data", "data_formats", "dispatch", "embedded",
+    "eval", "export", "kernels", "loading", "lora", "model", "nf4", "runs", "tokenizer", "train",
+    "train_loop", "trainer",
+)
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
 
 def __getattr__(name):
+    from importlib import import_module
+
     if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
+        value = getattr(import_module(_EXPORTS[name]), name)
+        # Bound here, also so that `generate` stays the function: importing lora_engine.generate
+        # has just bound the module under that name.
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        # import_module also binds the submodule on this package, so later lookups skip this.
+        return import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'lora_engine' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return sorted(set(globals()) | set(__all__))
