@@ -15,9 +15,9 @@ import pytest
 from tokenizers import AddedToken, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from lora_engine.data import examples_from_records
-from lora_engine.data_formats import Record, detect_format, segments
-from lora_engine.tokenizer import load_tokenizer
+from lora_engine.data.formats import Record, detect_format, segments
+from lora_engine.data.pipeline import examples_from_records
+from lora_engine.models.tokenizer import load_tokenizer
 from tests import embedded_fixture
 
 embedded_home = embedded_fixture.embedded_home
