@@ -22,8 +22,6 @@ a higher one):
 Public names and submodules are imported lazily so `import lora_engine` stays cheap.
 """
 
-from importlib import import_module
-
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -55,10 +53,12 @@ _MODULES = {
     "export": "lora_engine.export", "eval": "lora_engine.eval", "cli": "lora_engine.cli",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS) + sorted(_MODULES)
 
 
 def __getattr__(name):
+    from importlib import import_module
+
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
     elif name in _MODULES:

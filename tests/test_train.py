@@ -85,6 +85,25 @@ def test_nan_guard_stops_or_skips(folder, tmp_path):
     assert opt.state == {} or all(not s for s in opt.state.values())  # no Adam moments were touched
 
 
+def test_train_step_on_micro_batches_built_by_hand(folder):
+    """A user's own dicts hold input_ids, labels and attention_mask only (no "where" of data.collate)."""
+    ids = torch.tensor([[5, 40, 41, 42, 43, 2], [5, 50, 51, 2, 0, 0]])
+    micro = [{"input_ids": ids, "labels": ids.masked_fill(ids == 0, -100),
+              "attention_mask": (ids != 0).long()}]
+    model = fresh(folder)
+    opt = trainer.make_optimizer(model, 1e-3)
+    res = trainer.train_step(model, opt, trainer.make_scheduler(opt, 0, 10), micro)
+    assert math.isfinite(res.loss) and (res.tokens, res.targets) == (10, 8)
+    model = _nan_model(folder)
+    opt = trainer.make_optimizer(model, 1e-3)
+    with pytest.raises(trainer.NonFiniteError,
+                       match=r"^non-finite loss \(nan\) in micro-batch 0 \(input_ids of shape \(2, 6\)\)$"):
+        trainer.train_step(model, opt, trainer.make_scheduler(opt, 0, 10), micro)
+    nothing = [dict(micro[0], labels=torch.full_like(ids, -100))]
+    with pytest.raises(ValueError, match=r"^the accumulated batch has no target token \(all labels are -100\)$"):
+        trainer.train_step(model, opt, trainer.make_scheduler(opt, 0, 10), nothing)
+
+
 def _cfg(out, data, **kw):
     base = dict(model="unused", data=str(data), out=str(out), max_steps=6, batch_size=4, grad_accum=2, lr=5e-3,
                 warmup_steps=2, r=4, max_length=96, save_every=2, keep_checkpoints=2, general_eval=False,

@@ -27,6 +27,7 @@ class FakeTokenizer:
     def __init__(self, chat_template: str | None = CHATML):
         self.chat_template = chat_template
         self.bos_token_id = None
+        self.prefix_ids: list[int] = []  # what encode(add_special_tokens=True) puts first: no BOS, like SmolLM2
         self.eos_token_id = 2
         self.eos_token_ids = [2]
         self.pad_token_id = 0

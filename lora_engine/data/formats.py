@@ -191,12 +191,17 @@ def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str
 
 
 def tokenize(record: Record, fmt: str, tokenizer, completion_only: bool = True) -> Example:
-    """Record -> Example (untruncated). Text-like formats get EOS appended as a target."""
+    """Record -> Example (untruncated).
+
+    Text-like formats start as the checkpoint's tokenizer starts a text (`tokenizer.prefix_ids`: the
+    BOS of Llama and Mistral, nothing for SmolLM2; never a target) and get EOS appended as a target.
+    Chat records are exactly what the template renders, which writes its own BOS where it wants one.
+    """
     ids: list[int] = []
     labels: list[int] = []
-    if fmt != "chat" and getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
-        ids.append(tokenizer.bos_token_id)
-        labels.append(-100)
+    if fmt != "chat":
+        ids += tokenizer.prefix_ids
+        labels += [-100] * len(tokenizer.prefix_ids)
     for text, trainable in segments(record, fmt, tokenizer, completion_only):
         piece = tokenizer.encode(text, add_special_tokens=False)
         ids += piece

@@ -5,9 +5,16 @@
 
 Special tokens written in the text (`<|im_start|>`) are recognised as such. bos/eos/pad come from
 tokenizer_config.json, special_tokens_map.json and generation_config.json, in that order of
-preference. The chat template is a Jinja string from the checkpoint, i.e. untrusted input: it is
-rendered in jinja2's ImmutableSandboxedEnvironment, with the globals and settings transformers
-gives it (raise_exception, strftime_now, a JSON `tojson`, trim_blocks and lstrip_blocks).
+preference. What `encode(text, add_special_tokens=True)` adds around the text is what the
+post-processor of tokenizer.json adds (Llama-2's and Mistral's <s>, Llama-3's <|begin_of_text|>,
+nothing for SmolLM2); `prefix_ids` / `suffix_ids` and the booleans add_bos_token / add_eos_token say
+what that is. transformers 5 decides it the same way: with a tokenizer.json it drops the add_bos_token
+/ add_eos_token of tokenizer_config.json (its Llama classes in transformers 4 rebuilt the
+post-processor from them); where the two disagree we follow tokenizer.json and warn.
+
+The chat template is a Jinja string from the checkpoint, i.e. untrusted input: it is rendered in
+jinja2's ImmutableSandboxedEnvironment, with the globals and settings transformers gives it
+(raise_exception, strftime_now, a JSON `tojson`, trim_blocks and lstrip_blocks).
 
 `byte_level_bpe` builds the tokenizer.json of a llama.cpp byte-level vocabulary (the GGUF converter
 uses it). It follows llama.cpp's pre-tokenizer, not transformers' GGUF converter: for `smollm` every
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -64,6 +72,20 @@ class Tokenizer:
         self.pad_token_id = pad if pad is not None else self.eos_token_id
         self.chat_template = _default_template(cfg.get("chat_template"), self.folder)
         self._compiled = None
+        # What encode(text, add_special_tokens=True) puts before and after the text: what
+        # transformers' tokenizer(text) adds, so a training text starts the way pretraining texts did.
+        post = self._tok.post_processor
+        self.prefix_ids, self.suffix_ids = _added_around(json.loads(post.__getstate__())) if post else ([], [])
+        self.add_bos_token = self.bos_token_id is not None and self.prefix_ids[:1] == [self.bos_token_id]
+        self.add_eos_token = self.eos_token_id is not None and self.suffix_ids[-1:] == [self.eos_token_id]
+        for flag in ("add_bos_token", "add_eos_token"):
+            if isinstance(cfg.get(flag), bool) and cfg[flag] != getattr(self, flag):
+                warnings.warn(
+                    f"{self.folder / 'tokenizer_config.json'} sets {flag}={cfg[flag]}, but the post-processor of "
+                    f"tokenizer.json {'does not add' if cfg[flag] else 'adds'} that token; following tokenizer.json, "
+                    "as transformers 5 does (transformers 4's Llama tokenizer classes followed the flag)",
+                    stacklevel=2,
+                )
 
     def _id(self, token: str | None, fallback):
         if token is not None and (i := self._tok.token_to_id(token)) is not None:
@@ -180,6 +202,30 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} should hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def _added_around(processor: dict) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) the text that a post-processor (its tokenizer.json object) adds to a
+    single sequence. These five types are all the `tokenizers` library has."""
+    kind = processor.get("type")
+    if kind == "TemplateProcessing":
+        pieces, special = processor["single"], processor["special_tokens"]
+        at = next(i for i, p in enumerate(pieces) if "Sequence" in p)
+        before, after = ([i for p in part for i in special[p["SpecialToken"]["id"]]["ids"]]
+                         for part in (pieces[:at], pieces[at + 1:]))
+        return before, after
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return [processor["cls"][1]], [processor["sep"][1]]
+    if kind == "ByteLevel":  # offsets only
+        return [], []
+    if kind == "Sequence":  # each wraps the result of the one before
+        before, after = [], []
+        for p in processor["processors"]:
+            b, a = _added_around(p)
+            before, after = b + before, after + a
+        return before, after
+    raise ValueError(f"tokenizer.json: post-processor type {kind!r} is not supported; supported: "
+                     "TemplateProcessing, BertProcessing, RobertaProcessing, ByteLevel, Sequence")
 
 
 def _default_template(template, folder: Path) -> str | None:

@@ -5,7 +5,7 @@
     opt = trainer.make_optimizer(model, lr=5e-4)                  # AdamW over params that require grad
     sched = trainer.make_scheduler(opt, warmup_steps=10, total_steps=300)
     for step in range(300):
-        micro = [batcher.next() for _ in range(grad_accum)]       # lora_engine.data.Batcher
+        micro = [batcher.next() for _ in range(grad_accum)]       # lora_engine.data.pipeline.Batcher
         res = trainer.train_step(model, opt, sched, micro, max_grad_norm=1.0)
         print(res.loss, res.lr, res.tokens)
     print(le.train.evaluate.evaluate(model, val_batches))        # {"loss", "ppl", "tokens"}
@@ -125,8 +125,11 @@ def accumulate_gradients(model, micro_batches: list[dict], total: int, amp: torc
     for i, b in enumerate(micro_batches):
         part = micro_batch_loss_sum(model, b, amp) / total
         if not torch.isfinite(part):
-            rows = ", ".join(b["where"][:4])
-            return loss_sum, f"non-finite loss ({float(part.detach())}) in micro-batch {i} (rows {rows})"
+            # "where" (file:line of each row) is there when data.collate made the batch, not in one
+            # built by hand from input_ids/labels/attention_mask: then the shape says which it was.
+            rows = (f"rows {', '.join(b['where'][:4])}" if b.get("where")
+                    else f"input_ids of shape {tuple(b['input_ids'].shape)}")
+            return loss_sum, f"non-finite loss ({float(part.detach())}) in micro-batch {i} ({rows})"
         (scaler.scale(part) if scaler is not None else part).backward()
         loss_sum += float(part.detach())
     return loss_sum, None
@@ -135,7 +138,9 @@ def accumulate_gradients(model, micro_batches: list[dict], total: int, amp: torc
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float | None = 1.0,
                amp: torch.dtype | None = None, scaler=None, on_nonfinite: str = "stop",
                where: str = "") -> StepResult:
-    """One optimizer step over `micro_batches` (each a dict from data.collate, tensors (B, T)).
+    """One optimizer step over `micro_batches`: dicts of (B, T) long tensors, from data.collate or
+    built by hand (input_ids and labels, -100 where no loss is taken; attention_mask, position_ids,
+    segment_ids optional).
 
     on_nonfinite: "stop" raises NonFiniteError (nothing is updated); "skip" leaves the parameters
     and optimizer state untouched, advances the schedule, and returns skipped=True.
@@ -150,7 +155,8 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     if total == 0:
-        raise ValueError(f"{where}: the accumulated batch has no target token (all labels are -100)")
+        raise ValueError(f"{where + ': ' if where else ''}the accumulated batch has no target token (all labels "
+                         "are -100)")
     loss_sum, problem = accumulate_gradients(model, micro_batches, total, amp, scaler)
     grad_norm = float("nan")
     if problem is None:
@@ -164,7 +170,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     if problem is not None:
         optimizer.zero_grad(set_to_none=True)
         if on_nonfinite == "stop":
-            raise NonFiniteError(f"{where}: {problem}")
+            raise NonFiniteError(f"{where + ': ' if where else ''}{problem}")
         with warnings.catch_warnings():  # the schedule advances on a skipped step on purpose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             scheduler.step()
