@@ -44,13 +44,15 @@ _EXPORTS = {
 }
 
 # Submodules a user reaches as `le.<name>` without importing them first; two keep the names they
-# had before the package was split into layers (le.nf4 is quant/, le.trainer is train/step.py).
+# had before the package was split into layers (le.nf4 is quant/, le.trainer train/step.py, le.convert
+# sources/gguf.py, le.runs train/lineage.py).
 _MODULES = {
     "nf4": "lora_engine.quant", "trainer": "lora_engine.train.step", "data": "lora_engine.data",
     "dispatch": "lora_engine.dispatch", "kernels": "lora_engine.kernels", "lora": "lora_engine.lora",
     "quant": "lora_engine.quant", "models": "lora_engine.models", "train": "lora_engine.train",
     "io": "lora_engine.io", "sources": "lora_engine.sources", "loading": "lora_engine.loading",
     "export": "lora_engine.export", "eval": "lora_engine.eval", "cli": "lora_engine.cli",
+    "convert": "lora_engine.sources.gguf", "runs": "lora_engine.train.lineage",
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_MODULES)
