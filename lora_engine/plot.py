@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_engine import atomic
+from lora_engine.io import atomic
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -21,13 +21,15 @@ import math
 import pytest
 import torch
 
-from lora_engine import dispatch, nf4, trainer
-from lora_engine.config import ModelConfig
+from lora_engine import dispatch
 from lora_engine.dispatch import set_backend
 from lora_engine.kernels import nf4_cpp
-from lora_engine.lora import LoraConfig, apply_lora
-from lora_engine.model import CausalLM
-from lora_engine.train import main
+from lora_engine.lora.layers import LoraConfig, apply_lora
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
+from lora_engine.quant import nf4
+from lora_engine.train import step as trainer
+from lora_engine.train.config import main
 from tests.kernel_utils import device, needs_triton
 from tests.test_train_support import chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
 
