@@ -10,7 +10,8 @@ made from the tensor's device and an explicit `backend=` argument, nothing else:
                     TRITON_INTERPRET=1).
 
 Modules carry a `backend` attribute (None by default) that they pass through; set it on a whole
-model with `set_backend(model, name)`.
+model with `set_backend(model, name)`. Under torch.autocast every backend follows one rule
+(kernels/amp.py): the matmul ops compute in the autocast dtype, the loss stays fp32.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels import amp
 from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
 from lora_engine.kernels.reference import check_cross_entropy_args
 
@@ -128,6 +129,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+@amp.like_linear
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -139,7 +141,8 @@ def linear_cross_entropy(
     """Cross-entropy of hidden (N, H) @ weight (V, H)^T against labels (N,) -> fp32 scalar.
 
     reduction "mean" averages over tokens whose label is not ignore_index, "sum" sums them.
-    chunk_size tokens of logits exist at a time (memory O(chunk_size * V)).
+    chunk_size tokens of logits exist at a time (memory O(chunk_size * V)). Under autocast the
+    head matmul runs in the autocast dtype (kernels/amp.py); lse, softmax and loss stay fp32.
     """
     _check(hidden, weight, labels, reduction, chunk_size)
     return LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk_size)

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels import amp
 from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
 
 
@@ -217,12 +218,15 @@ class LoraLinear(torch.autograd.Function):
         return dx, dw, db, dA, dB, None, dxd
 
 
+@amp.like_linear
 def lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, x_dropped=None) -> torch.Tensor:
     """y = x W^T (+ bias) + scale * (x_dropped A^T) B^T with the low-rank path fused into the matmul.
 
     x (..., in); weight (out, in) bf16/fp16/fp32 (frozen) or an NF4Tensor (QLoRA kernels);
     lora_A (r, in); lora_B (out, r); bias (out,) or None; x_dropped like x or None (= x).
-    Returns (..., out) in x's dtype. Differentiable in x, lora_A, lora_B (and bias, weight).
+    Returns (..., out) in x's dtype. Differentiable in x, lora_A, lora_B (and bias, weight). Under
+    autocast every tensor is cast to the autocast dtype first and the result has that dtype
+    (kernels/amp.py): the autograd Function itself never sees autocast.
     """
     if type(weight).__name__ == "NF4Tensor":
         from lora_engine.kernels import nf4_triton

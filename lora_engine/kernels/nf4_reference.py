@@ -21,6 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from lora_engine.kernels import amp
 from lora_engine.kernels.nf4_format import (
     BLOCKSIZES,
     DTYPES,
@@ -192,16 +193,19 @@ def _check(x: torch.Tensor, w: NF4Tensor, name: str) -> None:
         raise ValueError(f"{name}: x must be float32, float16 or bfloat16, got {x.dtype}")
 
 
+@amp.like_linear
 def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | None = None, dequantize=None) -> torch.Tensor:
     """x (..., in) @ W^T -> (..., out) in x.dtype; W (out, in) dequantized to x.dtype on the fly.
 
     dequantize: an implementation with nf4_dequantize's contract (bit-exact with it), e.g. the C++
-    op; None uses this file's PyTorch one.
+    op; None uses this file's PyTorch one. Under autocast x and bias are cast to the autocast dtype
+    and W is dequantized to it (kernels/amp.py).
     """
     _check(x, w, "nf4_linear")
     return _NF4Linear.apply(x, w, bias, dequantize or nf4_dequantize)
 
 
+@amp.like_linear
 def nf4_lora_linear(
     x: torch.Tensor,
     w: NF4Tensor,

@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels import amp
 from lora_engine.kernels._common import check_device, check_float, interpreting, launch_device
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.kernels.reference import add_low_rank
@@ -310,16 +311,19 @@ def _check_linear(op: str, x: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | N
     check_device(op, x=x, **{"weight.packed": w.packed})
 
 
+@amp.like_linear
 def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) -> (..., out) = x W'^T (+ bias (out,)) in x.dtype; W' (out, in) decoded from NF4.
 
     Differentiable in x (and bias); W is frozen. Rows <= FUSED_MAX_ROWS run fused, else dequantize
-    and matmul; backward decodes W again either way.
+    and matmul; backward decodes W again either way. Under autocast x and bias are cast to the
+    autocast dtype and W' is decoded to it (kernels/amp.py).
     """
     _check_linear("nf4_linear", x, w, bias)
     return _NF4Linear.apply(x, w, bias)
 
 
+@amp.like_linear
 def nf4_lora_linear(
     x: torch.Tensor,
     w: NF4Tensor,

@@ -1,13 +1,17 @@
 """Pure-PyTorch references for every kernel: the test oracle, the CPU path and the benchmark baseline.
 
 Each function computes exactly what Hugging Face transformers / PEFT compute, in the same order of
-operations, so the model matches them bit for bit on CPU in fp32. This file imports torch only.
+operations, so the model matches them bit for bit on CPU in fp32. Under torch.autocast the matmul
+ops follow kernels/amp.py (inputs cast to the autocast dtype, loss in fp32). This file imports
+torch only.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from lora_engine.kernels import amp
 
 
 def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -120,6 +124,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@amp.like_linear
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -132,7 +137,8 @@ def lora_linear(
     """y = x W^T (+ b) + scale * (dropout(x) A^T) B^T, in PEFT's order of operations.
 
     x: (..., in); weight: (out, in); lora_A: (r, in); lora_B: (out, r). `x_dropped` is dropout(x)
-    when dropout is active (the caller owns the RNG), else x itself is used.
+    when dropout is active (the caller owns the RNG), else x itself is used. Under autocast every
+    tensor is cast to the autocast dtype first (kernels/amp.py); the result has that dtype.
     """
     return add_low_rank(F.linear(x, weight, bias), x if x_dropped is None else x_dropped, lora_A, lora_B, scale)
 
@@ -144,12 +150,16 @@ def add_low_rank(y: torch.Tensor, xd: torch.Tensor, lora_A: torch.Tensor, lora_B
     inplace=True updates y itself (y must be a fresh base output whose backward never reads it, e.g.
     F.linear's); pass False when y is a view made inside a custom autograd Function, which autograd
     forbids to modify in place. PEFT rounds the product before scaling; the difference is within one
-    rounding of the dtype.
+    rounding of the dtype. The term is computed in y's dtype whatever xd, A and B hold and whatever
+    autocast says: the in-place addmm_ is not autocast, and y's dtype is the caller's choice.
     """
-    h = F.linear(xd, lora_A).reshape(-1, lora_A.shape[0])  # (tokens, r)
-    if not inplace:
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h, lora_B.t(), alpha=scale).view(y.shape)
-    y.view(-1, y.shape[-1]).addmm_(h, lora_B.t(), alpha=scale)
+    dt = y.dtype
+    xd, lora_A, lora_B = xd.to(dt), lora_A.to(dt), lora_B.to(dt)  # no-ops when they match
+    with amp.off(y):
+        h = F.linear(xd, lora_A).reshape(-1, lora_A.shape[0])  # (tokens, r)
+        if not inplace:
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h, lora_B.t(), alpha=scale).view(y.shape)
+        y.view(-1, y.shape[-1]).addmm_(h, lora_B.t(), alpha=scale)
     return y
 
 
@@ -234,6 +244,7 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(16, 2**24 // max(vocab_size, 1))
 
 
+@amp.like_linear
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -246,7 +257,8 @@ def linear_cross_entropy(
 
     hidden: (N, H); weight: (V, H); labels: (N,) int64 with `ignore_index` for tokens that carry
     no loss. reduction "mean" averages over the counted tokens (0 when there are none), "sum" sums.
-    chunk_size: tokens per chunk (None: default_chunk_size(V)). Returns an fp32 scalar.
+    chunk_size: tokens per chunk (None: default_chunk_size(V)). Returns an fp32 scalar. Under
+    autocast the head matmul runs in the autocast dtype (kernels/amp.py); the softmax stays fp32.
     """
     check_cross_entropy_args(hidden, weight, labels, reduction)
     bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))]
