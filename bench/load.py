@@ -22,7 +22,7 @@ from _env import header_lines, machine  # noqa: E402
 CHILD = r"""
 import json, resource, sys, time
 import torch, lora_engine
-from lora_engine.loading import resolve_path
+from lora_engine.sources.embedded import resolve_path
 def rss_mb():
     with open("/proc/self/status") as f:
         for line in f:

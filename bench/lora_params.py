@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header_lines, machine  # noqa: E402
 
 from lora_engine import LoraConfig, ModelConfig, apply_lora  # noqa: E402
-from lora_engine.model import CausalLM  # noqa: E402
+from lora_engine.models.decoder import CausalLM  # noqa: E402
 
 TARGET_SETS = {
     "q, v": ("q_proj", "v_proj"),
@@ -39,8 +39,8 @@ OUT = Path(__file__).resolve().parent / "results" / "lora_params.md"
 
 def embedded_config(name: str = "smollm2-135m-instruct") -> ModelConfig:
     """The embedded model's config from its GGUF header alone (the tensors are never read)."""
-    from lora_engine.convert import GGUFFile, hf_config
-    from lora_engine.embedded import gguf_path
+    from lora_engine.sources.embedded import gguf_path
+    from lora_engine.sources.gguf import GGUFFile, hf_config
 
     return ModelConfig.from_hf(hf_config(GGUFFile(gguf_path(name)), name_or_path=name))
 
@@ -97,7 +97,7 @@ def main(argv=None) -> str:
     text = "\n".join(lines)
     print(text)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    from lora_engine.atomic import write_text
+    from lora_engine.io.atomic import write_text
 
     write_text(OUT, text)
     return text

@@ -112,8 +112,8 @@ def cpu_quantize_rows(repeats: int) -> list[dict]:
 CHILD = r"""
 import json, sys, time
 import torch, lora_engine
-from lora_engine import nf4
-from lora_engine.loading import resolve_path
+from lora_engine.quant import nf4
+from lora_engine.sources.embedded import resolve_path
 resolve_path(sys.argv[1])
 with open("/proc/self/status") as f:
     base = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header_lines, machine, markdown_table  # noqa: E402
 
-from lora_engine import atomic, nf4  # noqa: E402
+from lora_engine import nf4  # noqa: E402
+from lora_engine.io import atomic
 from lora_engine.kernels import nf4_reference as ref  # noqa: E402
 from lora_engine.kernels import nf4_triton as tri  # noqa: E402
 from lora_engine.kernels.nf4_format import NF4Tensor  # noqa: E402

@@ -63,7 +63,7 @@ def worker_hf(a) -> dict:
     import torch
     import transformers as tf
 
-    from lora_engine.embedded import ensure_converted
+    from lora_engine.sources.embedded import ensure_converted
 
     kw = {}
     if a.quantize == "nf4":  # QLoRA the usual way: bitsandbytes NF4 with double quantization

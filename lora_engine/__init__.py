@@ -17,21 +17,21 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ModelConfig": "lora_engine.config",
-    "CausalLM": "lora_engine.model",
+    "ModelConfig": "lora_engine.models.config",
+    "CausalLM": "lora_engine.models.decoder",
     "load_model": "lora_engine.loading",
     "CheckpointError": "lora_engine.loading",
     "set_backend": "lora_engine.dispatch",
-    "load_tokenizer": "lora_engine.tokenizer",
-    "Tokenizer": "lora_engine.tokenizer",
+    "load_tokenizer": "lora_engine.models.tokenizer",
+    "Tokenizer": "lora_engine.models.tokenizer",
     "generate": "lora_engine.generate",
-    "LoraConfig": "lora_engine.lora",
-    "LoraLinear": "lora_engine.lora",
-    "apply_lora": "lora_engine.lora",
-    "merge_lora": "lora_engine.lora",
-    "unmerge_lora": "lora_engine.lora",
-    "save_adapter": "lora_engine.adapter",
-    "load_adapter": "lora_engine.adapter",
+    "LoraConfig": "lora_engine.lora.layers",
+    "LoraLinear": "lora_engine.lora.layers",
+    "apply_lora": "lora_engine.lora.layers",
+    "merge_lora": "lora_engine.lora.layers",
+    "unmerge_lora": "lora_engine.lora.layers",
+    "save_adapter": "lora_engine.lora.adapter",
+    "load_adapter": "lora_engine.lora.adapter",
     "save_model": "lora_engine.export",
 }
 

@@ -5,7 +5,7 @@ A folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys
 paths equal Hugging Face's (`model.layers.0.self_attn.q_proj`), so the key is PEFT's exactly.
 Per-module ranks and alphas travel in `rank_pattern` / `alpha_pattern`, as PEFT writes them.
 
-Files are written atomically (lora_engine.atomic: temporary file, fsync, rename), the weights first and the config
+Files are written atomically (lora_engine.io.atomic: temporary file, fsync, rename), the weights first and the config
 last, so a folder with a config always has the weights it describes. Loading checks every key and
 shape before touching the model, so a bad adapter leaves the model as it was.
 """
@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
-from lora_engine.atomic import write_bytes
-from lora_engine.loading import CheckpointError, read_safetensors_header, read_tensor
-from lora_engine.lora import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_scale, target_paths
+from lora_engine.io.atomic import write_bytes
+from lora_engine.io.safetensors import CheckpointError, read_safetensors_header, read_tensor
+from lora_engine.lora.layers import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_scale, target_paths
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_engine import atomic
+from lora_engine.io import atomic
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -37,10 +37,10 @@ def checkpoint_dir(out: str | Path, step: int) -> Path:
 
 
 def save_adapter_if_available(model, folder: Path) -> bool:
-    """Write the PEFT adapter when the model carries LoRA layers (lora_engine.adapter)."""
+    """Write the PEFT adapter when the model carries LoRA layers (lora_engine.lora.adapter)."""
     if not any(n.endswith(("lora_A", "lora_B")) or ".lora_A" in n for n, _ in model.named_parameters()):
         return False
-    from lora_engine.adapter import save_adapter
+    from lora_engine.lora.adapter import save_adapter
 
     save_adapter(model, folder)
     return True
@@ -49,7 +49,7 @@ def save_adapter_if_available(model, folder: Path) -> bool:
 def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, loop_state: dict,
                     data_state: dict, scaler=None, keep: int = 3) -> Path:
     """Save everything a resume needs; returns the checkpoint folder. Older ones beyond `keep` go."""
-    from lora_engine.trainer import rng_state
+    from lora_engine.train.step import rng_state
 
     target = checkpoint_dir(out, step)
     trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -120,7 +120,7 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler, scaler=None) 
     Returns {"loop": ..., "data": ..., "meta": ...} for the caller to restore its loop and data
     position. Raises ResumeError when the checkpoint's trainable parameters differ from the model's.
     """
-    from lora_engine.trainer import set_rng_state
+    from lora_engine.train.step import set_rng_state
 
     ckpt = Path(ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_engine.atomic import atomic_dir, write_bytes
+from lora_engine.io.atomic import atomic_dir, write_bytes
 
 # GGUF metadata value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -332,7 +332,7 @@ def write_safetensors(g: GGUFFile, cfg: dict, plan, path: Path, log) -> None:
 
 def build_tokenizer(g: GGUFFile):
     """A `tokenizers.Tokenizer` (byte-level BPE) from the GGUF vocabulary, merges and token types."""
-    from lora_engine.tokenizer import BYTE_LEVEL_PRE_TOKENIZERS, byte_level_bpe
+    from lora_engine.sources.bpe import BYTE_LEVEL_PRE_TOKENIZERS, byte_level_bpe
 
     m, where = g.metadata, g.path
     kind, pre = m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre", "gpt-2")

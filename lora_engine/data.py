@@ -1,6 +1,6 @@
 """Training data: files -> token ids with loss masks -> (packed) rows -> batches.
 
-    from lora_engine.data import load_examples, prepare, Batcher
+    from lora_engine.data.pipeline import load_examples, prepare, Batcher
     stats = {}
     exs = load_examples("train.jsonl", tok, fmt="auto", stats=stats)       # list[Example]
     rows = prepare(exs, max_length=256, pack=False, stats=stats)           # truncated (or packed) rows
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_engine.data_formats import (
+from lora_engine.data.formats import (
     DataError,
     EmptyField,
     Example,
@@ -247,7 +247,7 @@ def eval_batches(rows: list[Row], batch_size: int, pad_id: int) -> list[dict]:
 
 
 def main(argv=None):
-    from lora_engine.data_check import main as check_main
+    from lora_engine.data.check import main as check_main
 
     return check_main(argv)
 

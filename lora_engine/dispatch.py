@@ -94,7 +94,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped=None, backend=
 
 # ---- NF4 (QLoRA) ---------------------------------------------------------------------------------
 # torch: kernels/nf4_reference.py (pure PyTorch, bit-exact with bitsandbytes); triton:
-# kernels/nf4_triton.py. The C++ CPU op (csrc/) is chosen by lora_engine.nf4, which owns it.
+# kernels/nf4_triton.py. The C++ CPU op (csrc/) is chosen by lora_engine.quant.nf4, which owns it.
 
 
 def _is_nf4(weight) -> bool:

@@ -49,7 +49,7 @@ def ensure_converted(name: str) -> Path:
     target = cache_dir() / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from lora_engine.convert import convert_gguf
+    from lora_engine.sources.gguf import convert_gguf
 
     source = gguf_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)

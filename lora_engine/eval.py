@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lora_engine.data import DataError, Row, eval_batches, examples_from_records, load_examples, prepare
-from lora_engine.trainer import evaluate
+from lora_engine.data.pipeline import DataError, Row, eval_batches, examples_from_records, load_examples, prepare
+from lora_engine.train.step import evaluate
 
 
 def target_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int = 256,
@@ -24,7 +24,7 @@ def target_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int 
     if data:
         exs = load_examples(data, tokenizer, fmt, completion_only)
     else:
-        from lora_engine.data_embedded import chatterbot_split
+        from lora_engine.data.embedded import chatterbot_split
 
         exs = examples_from_records(chatterbot_split()[1], tokenizer, "chat", completion_only,
                                     source="the embedded held-out split")
@@ -33,7 +33,7 @@ def target_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int 
 
 def general_rows(tokenizer, pieces: int = 8, tokens: int = 128) -> list[Row]:
     """Fixed passages of general English, `tokens` tokens each, loss on every token."""
-    from lora_engine.data_embedded import general_text
+    from lora_engine.data.embedded import general_text
 
     rows = []
     for i, text in enumerate(general_text(pieces=pieces)):
@@ -94,7 +94,8 @@ def main(argv=None):
     ap.add_argument("--forgetting-threshold", type=float, default=0.05)
     ap.add_argument("--quantize", default="none", choices=["none", "nf4"])
     a = ap.parse_args(argv)
-    from lora_engine import load_model, load_tokenizer
+    from lora_engine.loading import load_model
+    from lora_engine.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(a.model)
     model = load_model(a.model, **({"quantize": a.quantize} if a.quantize != "none" else {}))
@@ -108,7 +109,7 @@ def main(argv=None):
         print(format_table({"before": before, "after": before, "change": {k: 0.0 for k in before},
                             "warning": None}))
         return before
-    from lora_engine import load_adapter
+    from lora_engine.lora.adapter import load_adapter
 
     load_adapter(model, a.adapter)
     cmp = compare(before, run_eval(model, tok, target, general, a.batch_size), a.forgetting_threshold)

@@ -9,7 +9,7 @@ the tokenizer and generation files of the folder the model was loaded from (`mod
 
 With merge=True each LoRA layer's weight is written as W + s * B @ A, computed in fp32 per tensor
 and cast once to the output dtype; the model in memory is not changed. The folder is built under a
-temporary name and renamed into place (lora_engine.atomic.atomic_dir), so an interrupted export
+temporary name and renamed into place (lora_engine.io.atomic.atomic_dir), so an interrupted export
 never leaves a half-written model under the final name.
 """
 
@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from lora_engine.atomic import atomic_dir, usual_permissions
-from lora_engine.lora import LoraLinear, lora_layers
+from lora_engine.io.atomic import atomic_dir, usual_permissions
+from lora_engine.lora.layers import LoraLinear, lora_layers
 
 # Files of a Hugging Face folder, besides config and weights, that a user of the export needs.
 CARRIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
@@ -196,9 +196,9 @@ class ExportArgs:
 
 
 def main(argv=None) -> Path:
-    from lora_engine.adapter import load_adapter
-    from lora_engine.cli_config import format_config, parse
+    from lora_engine.cli import format_config, parse
     from lora_engine.loading import load_model
+    from lora_engine.lora.adapter import load_adapter
 
     args, _ = parse(ExportArgs, argv, prog="python -m lora_engine.export",
                     description="Merge a LoRA adapter into its base model and write a Hugging Face folder.")

@@ -107,7 +107,8 @@ def main(argv=None):
     import argparse
     import sys
 
-    from lora_engine import load_model, load_tokenizer
+    from lora_engine.loading import load_model
+    from lora_engine.models.tokenizer import load_tokenizer
 
     ap = argparse.ArgumentParser(prog="python -m lora_engine.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="Hugging Face folder or embedded name")
@@ -124,7 +125,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     model = load_model(a.model, dtype=a.dtype, device=a.device)
     if a.adapter:
-        from lora_engine import load_adapter
+        from lora_engine.lora.adapter import load_adapter
 
         load_adapter(model, a.adapter)
     tok = load_tokenizer(a.model)

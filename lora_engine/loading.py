@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lora_engine.config import ModelConfig
-from lora_engine.model import CausalLM
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -112,7 +112,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 
 def resolve_path(path: str | os.PathLike) -> Path:
     """A local folder, or the name of an embedded default model (converted once, then cached)."""
-    from lora_engine import embedded
+    from lora_engine.sources import embedded
 
     if isinstance(path, str) and path in embedded.EMBEDDED_MODELS:
         return embedded.ensure_converted(path)
@@ -147,7 +147,7 @@ def load_model(path, dtype=None, device="cpu", **kwargs) -> CausalLM:
     handled by the quantization module when it is installed in the engine.
     """
     if kwargs.get("quantize") is not None:
-        from lora_engine import nf4
+        from lora_engine.quant import nf4
 
         return nf4.load_quantized_model(path, dtype=dtype, device=device, **kwargs)
     kwargs.pop("quantize", None)
@@ -156,7 +156,7 @@ def load_model(path, dtype=None, device="cpu", **kwargs) -> CausalLM:
     folder = resolve_path(path)
     cfg = ModelConfig.from_hf(folder / "config.json")
     if "quantization_config" in cfg.extra:
-        from lora_engine import nf4
+        from lora_engine.quant import nf4
 
         return nf4.load_quantized_model(folder, dtype=dtype, device=device)
     dt = _dtype(dtype if dtype is not None else cfg.torch_dtype)

@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_engine import dispatch, nf4
+from lora_engine import dispatch
 from lora_engine.kernels.nf4_format import NF4Tensor
+from lora_engine.quant import nf4
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
@@ -206,7 +207,7 @@ class LoraLinear(nn.Module):
         """W <- W + s * B @ A, computed in fp32 and cast once to W's dtype. A second call does nothing."""
         if isinstance(self.weight, NF4Tensor):
             raise ValueError("LoraLinear.merge: the base weight is NF4; merging into 4 bits is lossy. Call "
-                             "lora_engine.nf4.dequantize_model(model) first, then merge into the dense weight")
+                             "lora_engine.quant.nf4.dequantize_model(model) first, then merge into the dense weight")
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
-from lora_engine.config import ModelConfig
+from lora_engine.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from lora_engine import dispatch
-from lora_engine.config import ModelConfig
+from lora_engine.io.safetensors import (
+    IGNORED_SUFFIXES,
+    CheckpointError,
+    _dtype,
+    checkpoint_files,
+    read_safetensors_header,
+    read_tensor,
+)
 from lora_engine.kernels import nf4_cpp
 from lora_engine.kernels import nf4_reference as ref
 from lora_engine.kernels.nf4_format import (
@@ -36,16 +43,9 @@ from lora_engine.kernels.nf4_format import (
     from_bnb_state_dict,
     to_bnb_state_dict,
 )
-from lora_engine.loading import (
-    IGNORED_SUFFIXES,
-    CheckpointError,
-    _dtype,
-    checkpoint_files,
-    read_safetensors_header,
-    read_tensor,
-    resolve_path,
-)
-from lora_engine.model import CausalLM
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
+from lora_engine.sources.embedded import resolve_path
 
 BACKENDS = ("torch", "triton", "cpp")
 # Module names kept in full precision by default: the output head (its logits feed the loss directly
@@ -424,7 +424,7 @@ def save_quantized(model: nn.Module, folder) -> None:
     quantization_config, in the layout transformers + bitsandbytes load. Each file is written atomically."""
     from safetensors.torch import save as safetensors_bytes
 
-    from lora_engine.atomic import write_bytes, write_json
+    from lora_engine.io.atomic import write_bytes, write_json
 
     folder = Path(folder)
     qc = transformers_quantization_config(model)

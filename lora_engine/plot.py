@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from lora_engine import atomic
+from lora_engine.io import atomic
 
 
 def read_metrics(path: str | Path) -> list[dict]:

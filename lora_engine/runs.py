@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lora_engine import atomic
+from lora_engine.io import atomic
 
 MANIFEST = "run.json"
 

@@ -205,7 +205,7 @@ def _default_template(template, folder: Path) -> str | None:
 
 def load_tokenizer(path_or_name: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a Hugging Face folder or of an embedded model name ("smollm2-135m-instruct")."""
-    from lora_engine import embedded
+    from lora_engine.sources import embedded
 
     if isinstance(path_or_name, str) and path_or_name in embedded.EMBEDDED_MODELS:
         return Tokenizer(embedded.ensure_converted(path_or_name), name_or_path=path_or_name)

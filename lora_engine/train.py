@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_engine.cli_config import format_config, parse
+from lora_engine.cli import format_config, parse
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -108,9 +108,9 @@ def eval_steps(total: int, eval_every: int | None) -> list[int]:
 
 
 def main(argv=None) -> int:
-    from lora_engine.checkpoint import ResumeError
-    from lora_engine.data import DataError
-    from lora_engine.train_loop import TrainingStopped, run
+    from lora_engine.data.pipeline import DataError
+    from lora_engine.train.checkpoint import ResumeError
+    from lora_engine.train.loop import TrainingStopped, run
 
     cfg, explicit = parse(TrainConfig, argv, "python -m lora_engine.train", __doc__.splitlines()[0])
     try:
@@ -130,7 +130,7 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
         return cfg, None
     import json
 
-    from lora_engine.checkpoint import ResumeError, latest_checkpoint, run_dir_of
+    from lora_engine.train.checkpoint import ResumeError, latest_checkpoint, run_dir_of
 
     ckpt = latest_checkpoint(cfg.resume)
     saved_path = run_dir_of(ckpt) / "config.json"

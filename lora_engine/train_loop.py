@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 
-from lora_engine import atomic, checkpoint, runs, trainer
-from lora_engine.data import Batcher, examples_from_records, load_examples, prepare, split
+from lora_engine.data.pipeline import Batcher, examples_from_records, load_examples, prepare, split
 from lora_engine.eval import compare, format_table, general_rows, run_eval
+from lora_engine.io import atomic
+from lora_engine.train import checkpoint
+from lora_engine.train import lineage as runs
+from lora_engine.train import step as trainer
 
 
 class TrainingStopped(RuntimeError):
@@ -34,7 +37,7 @@ def _device(name: str) -> torch.device:
 
 def load_data(cfg, tok, stats: dict):
     """(train rows, val rows, data files to hash)."""
-    from lora_engine.data_embedded import chatterbot_files, chatterbot_split
+    from lora_engine.data.embedded import chatterbot_files, chatterbot_split
 
     if cfg.data is None:
         tr, va = chatterbot_split()
@@ -110,7 +113,7 @@ def run(cfg, explicit: set[str] = frozenset(), tokenizer=None, model=None, log=p
 
 
 def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
-    from lora_engine.train import describe, eval_steps, resolve_resume
+    from lora_engine.train.config import describe, eval_steps, resolve_resume
 
     cfg, ckpt = resolve_resume(cfg, set(explicit))
     out = Path(cfg.out or time.strftime("runs/%Y%m%d-%H%M%S"))
@@ -123,15 +126,15 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
     device = _device(cfg.device)
 
     if tokenizer is None:
-        from lora_engine import load_tokenizer
+        from lora_engine.models.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     if model is None:
-        from lora_engine import load_model
+        from lora_engine.loading import load_model
 
         kw = {"quantize": cfg.quantize} if cfg.quantize != "none" else {}
         model = load_model(cfg.model, dtype=torch.float32 if device.type == "cpu" else None, device=device, **kw)
-        from lora_engine import LoraConfig, apply_lora
+        from lora_engine.lora.layers import LoraConfig, apply_lora
 
         counts = apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                               target_modules=tuple(cfg.target_modules.split(",")),
@@ -252,7 +255,7 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
     cmp = compare(loop["eval_before"], after, cfg.forgetting_threshold)
     log(format_table(cmp))
     if cfg.plot:
-        from lora_engine.plot import plot_loss
+        from lora_engine.train.plot import plot_loss
 
         points = [(0, loop["eval_before"]["target"]["loss"]), (loop["step"], after["target"]["loss"])] \
             if "target" in after else []

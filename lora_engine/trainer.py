@@ -1,10 +1,10 @@
 """The training loop as functions, for use inside your own loop or behind `python -m lora_engine.train`.
 
-    from lora_engine import trainer
+    from lora_engine.train import step as trainer
     opt = trainer.make_optimizer(model, lr=5e-4)                  # AdamW over params that require grad
     sched = trainer.make_scheduler(opt, warmup_steps=10, total_steps=300)
     for step in range(300):
-        micro = [batcher.next() for _ in range(grad_accum)]       # lora_engine.data.Batcher
+        micro = [batcher.next() for _ in range(grad_accum)]       # lora_engine.data.pipeline.Batcher
         res = trainer.train_step(model, opt, sched, micro, max_grad_norm=1.0)
         print(res.loss, res.lr, res.tokens)
     print(trainer.evaluate(model, val_batches))                   # {"loss", "ppl", "tokens"}
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_engine.data import n_targets
+from lora_engine.data.pipeline import n_targets
 
 MODEL_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids")
 

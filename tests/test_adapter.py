@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lora_engine import LoraConfig, apply_lora, load_adapter, load_model, merge_lora, save_adapter
-from lora_engine.config import ModelConfig
-from lora_engine.loading import CheckpointError
-from lora_engine.lora import DEFAULT_TARGETS, lora_layers
-from lora_engine.model import CausalLM
+from lora_engine.io.safetensors import CheckpointError
+from lora_engine.lora.layers import DEFAULT_TARGETS, lora_layers
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
 from tests.conftest import tol
 from tests.hf_models import make_hf_model
 

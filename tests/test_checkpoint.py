@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_engine import atomic, checkpoint, trainer
+from lora_engine.io import atomic
+from lora_engine.train import checkpoint
+from lora_engine.train import step as trainer
 from tests.test_train_support import chat_records, save_tokenizer_files, tiny_lora_model, tiny_model_folder, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lora_engine import load_model, load_tokenizer
-from lora_engine.convert import convert_gguf, main
-from lora_engine.tokenizer import byte_alphabet
+from lora_engine.sources.bpe import byte_alphabet
+from lora_engine.sources.gguf import convert_gguf, main
 from tests import embedded_fixture
 from tests.conftest import tol
 from tests.hf_models import make_hf_model

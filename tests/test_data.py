@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from lora_engine.data import Batcher, DataError, collate, load_examples, prepare, split
-from lora_engine.data_check import check
-from lora_engine.data_formats import ALPACA_PROMPT
+from lora_engine.data.check import check
+from lora_engine.data.formats import ALPACA_PROMPT
+from lora_engine.data.pipeline import Batcher, DataError, collate, load_examples, prepare, split
 from tests.test_train_support import FakeTokenizer, chat_records, tiny_lora_model, tiny_model_folder, write_jsonl
 
 TOK = FakeTokenizer()
@@ -159,7 +159,7 @@ def test_check_report(tmp_path):
 
 
 def test_check_command_line(tmp_path, capsys):
-    from lora_engine.data import main
+    from lora_engine.data.pipeline import main
     from tests.test_train_support import save_tokenizer_files
 
     folder = tmp_path / "tok"

@@ -6,7 +6,8 @@ import importlib.util
 import pytest
 import torch
 
-from lora_engine import embedded, load_model, load_tokenizer
+from lora_engine import load_model, load_tokenizer
+from lora_engine.sources import embedded
 from tests import embedded_fixture
 from tests.conftest import tol
 
@@ -32,7 +33,7 @@ def hf_model(embedded_dir):
 
 
 def test_config_matches_the_gguf_metadata(embedded_dir):
-    from lora_engine.config import ModelConfig
+    from lora_engine.models.config import ModelConfig
 
     cfg = ModelConfig.from_hf(embedded_dir)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
@@ -88,7 +89,7 @@ def test_load_by_embedded_name_reuses_the_cache(embedded_dir, monkeypatch):
     def no_conversion(*a, **k):
         raise AssertionError("converted again although the cache is complete")
 
-    monkeypatch.setattr("lora_engine.convert.convert_gguf", no_conversion)
+    monkeypatch.setattr("lora_engine.sources.gguf.convert_gguf", no_conversion)
     assert embedded.ensure_converted(NAME) == embedded_dir
     model = load_model(NAME)
     assert model.config.num_hidden_layers == 30 and model.source_dir == str(embedded_dir)

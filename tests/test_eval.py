@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from lora_engine.data_embedded import chatterbot_split, general_text
+from lora_engine.data.embedded import chatterbot_split, general_text
 from lora_engine.eval import compare, format_table, general_rows, main, run_eval
-from lora_engine.trainer import evaluate
+from lora_engine.train.step import evaluate
 from tests.test_train_support import (
     FakeTokenizer,
     chat_records,
@@ -64,7 +64,7 @@ def test_run_eval_matches_the_loss_of_the_whole_set(tmp_path):
 
 
 def test_eval_cli_base_and_adapter(tmp_path, capsys):
-    from lora_engine.adapter import save_adapter
+    from lora_engine.lora.adapter import save_adapter
 
     folder = save_tokenizer_files(tiny_model_folder(tmp_path / "m"))
     save_adapter(tiny_lora_model(folder), tmp_path / "adapter")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lora_engine import LoraConfig, apply_lora, load_model, merge_lora, save_adapter, save_model
-from lora_engine.config import ModelConfig
 from lora_engine.export import main, parse_size
-from lora_engine.lora import lora_layers
-from lora_engine.model import CausalLM
+from lora_engine.lora.layers import lora_layers
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
 from tests.conftest import tol
 from tests.hf_models import make_hf_model
 

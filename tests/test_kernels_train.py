@@ -7,10 +7,10 @@ dropout on two projections (one in attention, one in the MLP), ~15 launches a st
 
 import torch
 
-from lora_engine.config import ModelConfig
 from lora_engine.dispatch import set_backend
-from lora_engine.lora import LoraConfig, apply_lora
-from lora_engine.model import CausalLM
+from lora_engine.lora.layers import LoraConfig, apply_lora
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
 from tests.conftest import tol
 from tests.kernel_utils import device, needs_triton
 

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_engine import LoraConfig, LoraLinear, apply_lora, merge_lora, set_backend, unmerge_lora
-from lora_engine.config import ModelConfig
-from lora_engine.lora import DEFAULT_TARGETS, count_parameters, lora_layers
-from lora_engine.model import CausalLM
+from lora_engine.lora.layers import DEFAULT_TARGETS, count_parameters, lora_layers
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
 from tests.conftest import tol
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,

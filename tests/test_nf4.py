@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_engine import nf4
 from lora_engine.kernels import nf4_reference as ref
 from lora_engine.kernels.nf4_format import (
     BLOCKSIZES,
@@ -23,6 +22,7 @@ from lora_engine.kernels.nf4_format import (
     from_bnb_state_dict,
     to_bnb_state_dict,
 )
+from lora_engine.quant import nf4
 
 bnbF = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test extra (the parity oracle)")
 

@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_engine import nf4
 from lora_engine.kernels import nf4_reference as ref
 from lora_engine.kernels.nf4_format import BLOCKSIZES, NF4_CODE
+from lora_engine.quant import nf4
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

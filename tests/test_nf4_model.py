@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import tol
 
-from lora_engine import load_model, nf4
-from lora_engine.loading import CheckpointError
+from lora_engine import load_model
+from lora_engine.io.safetensors import CheckpointError
+from lora_engine.quant import nf4
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_models import make_hf_model  # noqa: E402

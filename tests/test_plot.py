@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_engine import plot
-from lora_engine.train import TrainConfig, eval_steps
+from lora_engine.train import plot
+from lora_engine.train.config import TrainConfig, eval_steps
 
 
 def test_ema_is_debiased_and_exact():

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import lora_engine as le
-from lora_engine import data, trainer
-from lora_engine.data_embedded import chatterbot_split
+from lora_engine.data import pipeline as data
+from lora_engine.data.embedded import chatterbot_split
 from lora_engine.kernels import nf4_reference
 from lora_engine.kernels.nf4_format import NF4Tensor
-from lora_engine.lora import LoraLinear
-from lora_engine.nf4 import quantize
+from lora_engine.lora.layers import LoraLinear
+from lora_engine.quant.nf4 import quantize
+from lora_engine.train import step as trainer
 
 
 def test_lora_on_an_nf4_base_equals_lora_on_its_dequantized_weight():

@@ -6,7 +6,7 @@ import unicodedata
 
 import pytest
 
-from lora_engine.tokenizer import Tokenizer, load_tokenizer
+from lora_engine.models.tokenizer import Tokenizer, load_tokenizer
 from tests import embedded_fixture
 
 embedded_home = embedded_fixture.embedded_home
@@ -223,7 +223,7 @@ def test_save_copies_the_files(tmp_path):
 
 
 def test_byte_level_bpe_token_types_and_post_processor():
-    from lora_engine.tokenizer import byte_alphabet, byte_level_bpe
+    from lora_engine.sources.bpe import byte_alphabet, byte_level_bpe
 
     chars = [byte_alphabet()[b] for b in range(256)]
     tokens = chars + ["<eos>", "<think>", "<bad control>"]  # the last holds a raw space: not byte-spelled
@@ -242,7 +242,7 @@ def test_byte_level_bpe_token_types_and_post_processor():
     ({"pre_tokenizer": "llama3"}, "pre-tokenizer 'llama3' is not supported"),
 ])
 def test_byte_level_bpe_errors(kw, match):
-    from lora_engine.tokenizer import byte_level_bpe
+    from lora_engine.sources.bpe import byte_level_bpe
 
     args = {"tokens": ["a", "b"], "merges": [], **kw}
     with pytest.raises(ValueError, match=match):

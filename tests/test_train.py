@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from lora_engine import trainer
-from lora_engine.data import collate, load_examples, prepare
-from lora_engine.train import TrainConfig, main
-from lora_engine.train_loop import TrainingStopped, run
+from lora_engine.data.pipeline import collate, load_examples, prepare
+from lora_engine.train import step as trainer
+from lora_engine.train.config import TrainConfig, main
+from lora_engine.train.loop import TrainingStopped, run
 from tests.test_train_support import (
     FakeTokenizer,
     chat_records,
@@ -138,7 +138,7 @@ def test_nan_in_a_run_keeps_the_last_good_checkpoint(folder, data, tmp_path, mon
 
 def test_cli_end_to_end(folder, data, tmp_path, capsys):
     from lora_engine import load_adapter, load_model
-    from lora_engine.runs import main as runs_main
+    from lora_engine.train.lineage import main as runs_main
 
     out = tmp_path / "run"
     cfg = tmp_path / "c.toml"
@@ -178,7 +178,7 @@ def test_cli_rejects_bad_values(tmp_path, capsys):
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
     bad = tmp_path / "c.toml"
     bad.write_text("learning_rate = 1\n")
-    from lora_engine.cli_config import ConfigError
+    from lora_engine.cli import ConfigError
 
     with pytest.raises(ConfigError, match=r"c.toml: unknown setting 'learning_rate'"):
         main(["--config", str(bad)])
