@@ -149,7 +149,8 @@ def test_nan_in_a_run_keeps_the_last_good_checkpoint(folder, data, tmp_path, mon
     monkeypatch.setattr(trainer, "micro_batch_loss_sum", poisoned)
     with pytest.raises(TrainingStopped, match=r"step 4 \(epoch 0, rows .*non-finite loss.*last good checkpoint "
                                               r"\(.*step-00000002\)"):
-        run(_cfg(tmp_path / "r", data), tokenizer=TOK, model=fresh(folder), log=lambda *a: None)
+        # No mid-run evaluation, whose forward calls would shift the count above.
+        run(_cfg(tmp_path / "r", data, eval_every=0), tokenizer=TOK, model=fresh(folder), log=lambda *a: None)
     manifest = json.loads((tmp_path / "r/run.json").read_text())
     assert manifest["status"] == "failed" and "non-finite" in manifest["error"]
     assert [p.name for p in (tmp_path / "r/checkpoints").iterdir()] == ["step-00000002"]
@@ -173,12 +174,17 @@ def test_cli_end_to_end(folder, data, tmp_path, capsys):
         assert (out / name).is_file(), name
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all({"loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
-    assert "val_loss" in rows[1]
+    assert "val_loss" in rows[1] and "val_loss" not in rows[3]  # the last step is the final evaluation's
+    assert [r["target_tokens_seen"] for r in rows] == [sum(r["targets"] for r in rows[: i + 1]) for i in range(4)]
     m = json.loads((out / "run.json").read_text())
     assert m["status"] == "completed" and m["config"]["lr"] == 0.005 and m["config"]["r"] == 4
     assert set(m["base_model"]["sha256"]) >= {str(folder / "model.safetensors")}
     assert list(m["data"]["sha256"]) == [str(data)] and m["package_version"] and m["started"] and m["ended"]
     assert {"before", "after", "change"} <= set(m["eval"]) and "general" in m["eval"]["after"]
+    # adapter-best/ is the final adapter exactly when the final evaluation is at least as good as step 2's.
+    final_is_best = m["eval"]["after"]["target"]["loss"] <= rows[1]["val_loss"]
+    same = [(out / d / "adapter_model.safetensors").read_bytes() for d in ("adapter", "adapter-best")]
+    assert (same[0] == same[1]) == final_is_best
     model = load_model(folder)
     load_adapter(model, out / "adapter", verbose=False)
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0

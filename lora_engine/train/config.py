@@ -14,6 +14,7 @@ conversations, evaluating before and after. Every flag comes from TrainConfig (s
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,14 @@ class TrainConfig:
     completion_only: bool = _f(True, "loss only on responses / assistant turns (prompt and chat formats)")
     save_every: int = _f(100, "checkpoint every N steps (0 = only at the end and on interruption)")
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")
-    eval_every: int = _f(0, "validation loss every N steps, saving adapter-best/ (0 = only before and after)")
+    # Default (None): 3 evaluations during the run, at 1/4, 1/2 and 3/4 of it (eval_steps below), besides
+    # those before and after. Measured on a project CPU (2 cores, shared) with the default run, 120 steps
+    # of 8 chats (~530 padded tokens a step) and 42 held-out chats (3.5k padded tokens): one evaluation
+    # costs about 2 train steps (26-37 s CPU time against 19-22 s a step; a forward is ~1/3.5 of a
+    # step per token), so the three cost ~5% of the run. A fixed N would not scale with the run: with
+    # a large --data, the 10% --val-split makes one evaluation ~3% of an epoch's time.
+    eval_every: int | None = _f(None, "validation loss every N steps, saving adapter-best/ (0 = only before and "
+                                      "after; default: 3 times during the run, at 1/4, 1/2 and 3/4)")
     eval_batch_size: int = _f(16, "batch size of evaluations")
     general_eval: bool = _f(True, "measure general-English perplexity before and after (forgetting check)")
     general_tokens: int = _f(128, "tokens per general-English passage (8 passages)")
@@ -78,7 +86,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "save_every", "eval_every", "warmup_steps", "stop_after"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:  # eval_every may be None (the default schedule)
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ValueError("--max-steps 0 needs --epochs > 0")
@@ -86,6 +94,16 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+def eval_steps(total: int, eval_every: int | None) -> list[int]:
+    """The steps after which the validation loss is measured during a run of `total` steps.
+
+    Every eval_every steps (None: ceil(total / 4), i.e. 3 times for total >= 7; 0: never), but not at
+    the last step, where the evaluation after training measures the same weights anyway.
+    """
+    every = math.ceil(total / 4) if eval_every is None else eval_every
+    return list(range(every, total, every)) if every else []
 
 
 

@@ -124,7 +124,7 @@ def run(cfg, explicit: set[str] = frozenset(), tokenizer=None, model=None, log=p
 
 
 def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
-    from lora_engine.train.config import describe, resolve_resume
+    from lora_engine.train.config import describe, eval_steps, resolve_resume
 
     cfg, ckpt = resolve_resume(cfg, set(explicit))
     out = Path(cfg.out or time.strftime("runs/%Y%m%d-%H%M%S"))
@@ -177,11 +177,12 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
                                  runs.hash_files(runs.model_weight_files(base_dir)) if base_dir else {},
                                  runs.hash_files(data_files), str(ckpt) if ckpt else None)
     manifest["data"].update({k: v for k, v in stats.items() if isinstance(v, int | dict)})
-    loop = {"step": 0, "tokens": 0, "skipped": 0, "best_val": None, "eval_before": None}
+    loop = {"step": 0, "tokens": 0, "targets": 0, "skipped": 0, "best_val": None, "eval_before": None}
     if ckpt is not None:
         restored = checkpoint.load_checkpoint(ckpt, model, opt, sched, scaler)
         loop = restored["loop"]
         batcher.load_state_dict(restored["data"])
+        loop.setdefault("targets", None)  # a checkpoint from before the count: it stays unknown
         log(f"resumed from {ckpt} at step {loop['step']}")
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None and checkpoint.run_dir_of(ckpt).resolve() != out.resolve() and not metrics_path.exists():
@@ -203,6 +204,7 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
         return checkpoint.save_checkpoint(out, step, model, opt, sched, dict(loop), batcher.state_dict(), scaler,
                                           cfg.keep_checkpoints)
 
+    evals_at = set(eval_steps(total, cfg.eval_every)) if val_rows else set()
     bar = _Progress(total, loop["step"])
     status = "completed"
     with open(metrics_path, "a") as mf:
@@ -227,11 +229,15 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
             dt = time.time() - t0
             loop["step"] += 1
             loop["tokens"] += res.tokens
+            if loop["targets"] is not None:
+                loop["targets"] += res.targets
             loop["skipped"] += int(res.skipped)
             row = {"step": loop["step"], "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
                    "tokens": res.tokens, "targets": res.targets, "tokens_per_s": res.tokens / dt,
                    "epoch": batcher.epoch, "skipped": res.skipped}
-            if cfg.eval_every and loop["step"] % cfg.eval_every == 0 and val_rows:
+            if loop["targets"] is not None:
+                row["target_tokens_seen"] = loop["targets"]  # the plot's second axis
+            if loop["step"] in evals_at:
                 v = run_eval(model, tokenizer, val_rows, None, cfg.eval_batch_size, amp)["target"]["loss"]
                 row["val_loss"] = v
                 if loop["best_val"] is None or v < loop["best_val"]:
@@ -256,9 +262,11 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
         return manifest
 
     _save_adapter(model, out / "adapter")
-    if not (out / "adapter-best").exists():
-        _save_adapter(model, out / "adapter-best")  # no mid-run evaluation: the final one is the best known
     after = run_eval(model, tokenizer, val_rows, general, cfg.eval_batch_size, amp)
+    # The last step has no mid-run evaluation (eval_steps): the final one decides whether it is the best.
+    best_kept = loop["best_val"] is not None and (out / "adapter-best").exists()
+    if not best_kept or ("target" in after and after["target"]["loss"] <= loop["best_val"]):
+        _save_adapter(model, out / "adapter-best")
     cmp = compare(loop["eval_before"], after, cfg.forgetting_threshold)
     log(format_table(cmp))
     if cfg.plot:

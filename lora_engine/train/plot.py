@@ -1,8 +1,15 @@
-"""The loss curve of a run as a PNG, from its metrics.jsonl. matplotlib is optional."""
+"""The loss curve of a run as a PNG, from its metrics.jsonl. matplotlib is optional.
+
+The picture: the raw per-step train loss faint, its debiased EMA drawn over it, the validation loss
+(held-out target task) as points at every evaluation, steps on the bottom axis and target tokens
+seen (the tokens the loss is taken on) on the top one.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from pathlib import Path
 
 from lora_engine.io import atomic
@@ -15,10 +22,60 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def ema(values: list[float], weight: float = 0.9) -> list[float]:
+    """Debiased exponential moving average: s_i = weight*s_{i-1} + (1-weight)*x_i, divided by 1 - weight**(i+1).
+
+    Without the division the curve would start at (1-weight)*x_0, far below the data; with it the
+    first point is x_0 itself and a constant series stays constant (TensorBoard's smoothing).
+    """
+    if not 0 <= weight < 1:
+        raise ValueError(f"ema: weight must be in [0, 1), got {weight}")
+    out, s = [], 0.0
+    for i, x in enumerate(values):
+        s = weight * s + (1 - weight) * x
+        out.append(s / (1 - weight ** (i + 1)))
+    return out
+
+
+def smoothing_weight(n: int) -> float:
+    """EMA weight for n points: a window of about n/15 steps (1 to 50), so a 120-step run averages ~8."""
+    window = min(50.0, max(1.0, n / 15))
+    return 1 - 1 / window
+
+
+def _step_to_tokens(steps: list[int], seen: list[int]):
+    """(forward, inverse) maps between step and target tokens seen, for secondary_xaxis.
+
+    Piecewise linear through (0, 0) and the logged points, extended beyond them at the mean rate so
+    the axis margins map too.
+    """
+    import numpy as np
+
+    xs = np.array([0, *steps], dtype=float)
+    ys = np.array([0, *seen], dtype=float)
+    rate = ys[-1] / xs[-1]
+
+    def interp(v, xp, fp, slope):
+        v = np.asarray(v, dtype=float)
+        inside = np.interp(v, xp, fp)
+        return np.where(v < xp[0], fp[0] + (v - xp[0]) * slope,
+                        np.where(v > xp[-1], fp[-1] + (v - xp[-1]) * slope, inside))
+
+    return (lambda v: interp(v, xs, ys, rate)), (lambda v: interp(v, ys, xs, 1 / rate))
+
+
+def _tokens_label(x, _pos=None) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:g}{unit}"
+    return f"{x:g}"
+
+
 def plot_loss(metrics_path: str | Path, png_path: str | Path, evals: list[tuple[int, float]] = ()) -> str | None:
     """Write the training (and validation) loss against step; returns a note when it is skipped.
 
     evals: extra (step, target-task validation loss) points, e.g. before and after training.
+    The PNG appears complete or not at all (rendered in memory, then written atomically).
     """
     try:
         import matplotlib
@@ -28,23 +85,53 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, evals: list[tuple[
     except ImportError:
         return "loss curve skipped: matplotlib is not installed (pip install matplotlib)"
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and r["loss"] == r["loss"]]
+    # NaN losses are the steps skipped by --on-nonfinite skip.
+    train = [r for r in rows if r.get("loss") is not None and math.isfinite(r["loss"])]
     val = sorted([(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None] + list(evals))
     if not train:
         return "loss curve skipped: no logged steps"
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per target token")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    atomic.write_bytes(png_path, tmp.read_bytes())
-    tmp.unlink()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    buf = io.BytesIO()
+    try:
+        _draw(ax, train, val, Path(png_path).parent.name or "run")
+        fig.tight_layout()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    atomic.write_bytes(png_path, buf.getvalue())
     return None
+
+
+def _draw(ax, train: list[dict], val: list[tuple[int, float]], title: str) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    steps = [r["step"] for r in train]
+    losses = [r["loss"] for r in train]
+    weight = smoothing_weight(len(losses))
+    smooth = ema(losses, weight)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="train loss (per step)")
+    ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train loss (EMA, ~{round(1 / (1 - weight))} steps)")
+    if val:
+        ax.plot(*zip(*val), "o", ls=":", lw=1, color="tab:orange", ms=6, mec="white", mew=0.8,
+                label="validation loss (held-out)", zorder=3, clip_on=False)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per target token (nats)")
+    # A loss that falls by more than 10x (e.g. memorising a tiny set) reads better on a log scale.
+    shown = losses + [v for _, v in val]
+    if min(shown) > 0 and max(shown) / min(shown) > 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 0.2, 0.5, 1, 2, 5: a decade alone says little
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3)
+    ax.set_xlim(left=0)
+    seen = [r["target_tokens_seen"] for r in train if "target_tokens_seen" in r]
+    if len(seen) == len(train) and seen[-1] > 0:  # absent in metrics from before the field existed
+        top = ax.secondary_xaxis("top", functions=_step_to_tokens(steps, seen))
+        top.set_xlabel("target tokens seen")
+        top.xaxis.set_major_formatter(FuncFormatter(_tokens_label))
+    summary = f"final train EMA {smooth[-1]:.3f}"
+    if val:
+        summary += f", validation {val[0][1]:.3f} \u2192 {val[-1][1]:.3f}"
+    ax.set_title(f"{title}: {summary}", fontsize=10)
+    ax.legend(loc="best", fontsize=9)
