@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from lora_engine.kernels import reference
+from lora_engine.kernels.nf4_format import NF4Tensor
 
 BACKENDS = ("torch", "triton")
 
@@ -99,7 +100,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped=None, backend=
 
 
 def _is_nf4(weight) -> bool:
-    return type(weight).__name__ == "NF4Tensor"
+    return isinstance(weight, NF4Tensor)
 
 
 def _nf4_impl(x: torch.Tensor, backend: str | None):

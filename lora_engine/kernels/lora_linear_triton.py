@@ -41,6 +41,7 @@ import triton.language as tl
 
 from lora_engine.kernels import amp
 from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
+from lora_engine.kernels.nf4_format import NF4Tensor
 
 
 @triton.jit
@@ -228,7 +229,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, x_dropped=None) 
     autocast every tensor is cast to the autocast dtype first and the result has that dtype
     (kernels/amp.py): the autograd Function itself never sees autocast.
     """
-    if type(weight).__name__ == "NF4Tensor":
+    if isinstance(weight, NF4Tensor):
         from lora_engine.kernels import nf4_triton
 
         return nf4_triton.nf4_lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped)
