@@ -17,6 +17,7 @@ from conftest import tol
 from lora_engine import load_model
 from lora_engine.io.safetensors import CheckpointError
 from lora_engine.quant import nf4
+from lora_engine.quant.checkpoint import save_quantized
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_models import make_hf_model  # noqa: E402
@@ -86,7 +87,7 @@ def test_quantize_while_loading_matches_bnb(hf_folder, bnb_saved):
 def test_save_quantized_loads_in_transformers(hf_folder, bnb_saved, tmp_path):
     bnb_folder, theirs = bnb_saved
     ours = load_model(hf_folder, quantize="nf4")
-    nf4.save_quantized(ours, tmp_path)
+    save_quantized(ours, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "bitsandbytes" and cfg["bnb_4bit_quant_type"] == "nf4"
     assert cfg["bnb_4bit_use_double_quant"] is True
