@@ -3,9 +3,10 @@
     python -m lora_engine.export --model PATH --adapter DIR --out DIR [--dtype bfloat16]
 
 The folder holds config.json (the original config.json, kept in model.config.extra, with the dtype
-updated), the weights as safetensors (one `model.safetensors`, or shards of at most
-`max_shard_size` bytes plus `model.safetensors.index.json`, named as transformers names them) and
-the tokenizer and generation files of the folder the model was loaded from (`model.source_dir`).
+updated; ModelConfig.to_hf() when there is none), the weights as safetensors, streamed one tensor at
+a time (one `model.safetensors`, or shards of at most `max_shard_size` bytes plus
+`model.safetensors.index.json`, named as transformers names them) and the tokenizer and generation
+files of the folder the model was loaded from (`model.source_dir`).
 
 With merge=True each LoRA layer's weight is written as W + s * B @ A, computed in fp32 per tensor
 and cast once to the output dtype; the model in memory is not changed. The folder is built under a
@@ -16,26 +17,22 @@ never leaves a half-written model under the final name.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
-from lora_engine.io.atomic import atomic_dir, usual_permissions
+from lora_engine.io.atomic import atomic_dir, copy_file, write_json
+from lora_engine.io.safetensors import FLOAT_DTYPES, dtype_name, float_dtype, write_safetensors
 from lora_engine.lora.layers import LoraLinear, lora_layers
 
 # Files of a Hugging Face folder, besides config and weights, that a user of the export needs.
 CARRIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                  "generation_config.json", "chat_template*")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = FLOAT_DTYPES
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -84,29 +81,25 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
         weight_map, total = {}, 0
         for i, shard in enumerate(shards, 1):
             file = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {name: _export_tensor(state, layers, name, out_dtype, merge) for name in shard}
-            save_file(tensors, tmp / file, metadata={"format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            layout = {name: _export_layout(state[name], out_dtype) for name in shard}
+            total += write_safetensors(tmp / file, layout, lambda name: _export_tensor(state, layers, name, out_dtype,
+                                                                                      merge), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, file))
-            del tensors
         if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(_hf_config(model.config, out_dtype), indent=2) + "\n")
+            write_json(tmp / "model.safetensors.index.json",
+                       {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        write_json(tmp / "config.json", _hf_config(model.config, out_dtype))
         _carry_files(getattr(model, "source_dir", None), tmp)
-        for f in tmp.iterdir():  # copied tokenizer files keep their source's mode otherwise
-            usual_permissions(f)
     return folder
 
 
 def _out_dtype(model: nn.Module, dtype) -> torch.dtype:
     if dtype is None:
         return next(p.dtype for n, p in model.named_parameters() if not n.endswith(("lora_A", "lora_B")))
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
-        return DTYPES[dtype.replace("torch.", "")]
-    raise ValueError(f"save_model: dtype must be one of {', '.join(DTYPES)} (or None for the model's), got {dtype!r}")
+    try:
+        return float_dtype(dtype, choices=DTYPES.values())
+    except ValueError as e:
+        raise ValueError(f"save_model: {e} (or None for the model's)") from None
 
 
 def _tensor_names(model: nn.Module, state: dict) -> list[str]:
@@ -130,6 +123,10 @@ def _plan_shards(state: dict, names: list[str], dtype: torch.dtype, limit: int) 
     return shards
 
 
+def _export_layout(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.dtype, tuple[int, ...]]:
+    return (dtype if t.is_floating_point() else t.dtype), tuple(t.shape)
+
+
 def _export_tensor(state: dict, layers: dict[str, LoraLinear], name: str, dtype: torch.dtype,
                    merge: bool) -> torch.Tensor:
     module_path, _, leaf = name.rpartition(".")
@@ -143,25 +140,12 @@ def _export_tensor(state: dict, layers: dict[str, LoraLinear], name: str, dtype:
 
 def _hf_config(cfg, dtype: torch.dtype) -> dict:
     """The original config.json with the dtype updated, or one built from ModelConfig if there is none."""
-    name = str(dtype).replace("torch.", "")
-    out = dict(cfg.extra) if cfg.extra else _config_from_fields(cfg)
+    name = dtype_name(dtype)
+    out = dict(cfg.extra) if cfg.extra else cfg.to_hf()
     out["dtype"] = name
     if "torch_dtype" in out:  # files from transformers < 5 carry this key; keep both in step
         out["torch_dtype"] = name
     return out
-
-
-def _config_from_fields(cfg) -> dict:
-    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
-    return {
-        "architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps, "rope_parameters": rope, "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_bias": cfg.qkv_bias if cfg.model_type != "qwen2" else False, "mlp_bias": cfg.mlp_bias,
-    }
 
 
 def _carry_files(source: str | None, dest: Path) -> list[str]:
@@ -171,7 +155,7 @@ def _carry_files(source: str | None, dest: Path) -> list[str]:
     for pattern in CARRIED_FILES:
         for f in sorted(Path(source).glob(pattern)):
             if f.is_file() and not (dest / f.name).exists():
-                shutil.copy2(f, dest / f.name)
+                copy_file(f, dest / f.name)  # the usual mode, not the source's
                 copied.append(f.name)
     return copied
 

@@ -12,39 +12,41 @@ from pathlib import Path
 
 import torch
 
-from lora_engine.io.safetensors import (
-    IGNORED_SUFFIXES,
-    CheckpointError,
-    checkpoint_files,
-    float_dtype,
-    read_safetensors_header,
-    read_tensor,
-)
+from lora_engine.io.safetensors import float_dtype, load_checkpoint
+from lora_engine.kernels.nf4_format import BLOCKSIZES
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 from lora_engine.sources.embedded import resolve_path
 
+QUANTIZE_METHODS = (None, "nf4")
 
-def load_model(path, dtype=None, device="cpu", **kwargs) -> CausalLM:
+
+def load_model(path, dtype=None, device="cpu", *, quantize: str | None = None, quantize_skip=("lm_head",),
+               blocksize: int = 64, double_quant: bool = True, verbose: bool = True) -> CausalLM:
     """Load a Llama-family model from a Hugging Face folder or an embedded name.
 
     dtype: None takes the checkpoint's config (`dtype` / `torch_dtype`), else e.g. torch.bfloat16 or
-    "float32". device: where the parameters live. Further keyword arguments (quantize=...) are
-    handled by the quantization module when it is installed in the engine.
+    "float32". device: where the parameters live ("cpu", "cuda", torch.device).
+    quantize: None, or "nf4" to quantize the linear layers while the weights are read (bitsandbytes'
+    NF4 bytes). A checkpoint saved in NF4 (config.json with a bitsandbytes quantization_config) loads
+    as stored either way, with the blocksize and double quantization it was saved with.
+    quantize_skip: module names kept in full precision with quantize="nf4" (a name matches a module
+    path, its last part or any part of it). blocksize (32, 64, ..., 4096) and double_quant: the NF4
+    settings. verbose: print the NF4 model's bits per parameter.
+    Raises ValueError naming the argument when one is out of range.
     """
-    if kwargs.get("quantize") is not None:
+    quantize_skip = _check_arguments(dtype, device, quantize, quantize_skip, blocksize, double_quant)
+    if quantize is not None:
         from lora_engine.quant.checkpoint import load_quantized_model
 
-        return load_quantized_model(path, dtype=dtype, device=device, **kwargs)
-    kwargs.pop("quantize", None)
-    if kwargs:
-        raise TypeError(f"load_model got unexpected arguments: {', '.join(kwargs)}")
+        return load_quantized_model(path, dtype=dtype, device=device, quantize=quantize, quantize_skip=quantize_skip,
+                                    blocksize=blocksize, double_quant=double_quant, verbose=verbose)
     folder = resolve_path(path)
     cfg = ModelConfig.from_hf(folder / "config.json")
     if "quantization_config" in cfg.extra:
         from lora_engine.quant.checkpoint import load_quantized_model
 
-        return load_quantized_model(folder, dtype=dtype, device=device)
+        return load_quantized_model(folder, dtype=dtype, device=device, verbose=verbose)
     dt = float_dtype(dtype if dtype is not None else cfg.torch_dtype)
     with torch.device("meta"):
         model = CausalLM(cfg).to(dt)  # dtype first: on meta this costs nothing
@@ -58,47 +60,41 @@ def load_model(path, dtype=None, device="cpu", **kwargs) -> CausalLM:
     return model
 
 
+def _check_arguments(dtype, device, quantize, quantize_skip, blocksize, double_quant) -> tuple[str, ...]:
+    """ValueError naming the first argument out of range; returns quantize_skip as a tuple of names."""
+    if dtype is not None:
+        float_dtype(dtype)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"load_model: device={device!r} is not a torch device ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"load_model: device={device!r} but this torch sees no CUDA device; use device='cpu'")
+    if quantize not in QUANTIZE_METHODS:
+        raise ValueError(f"load_model: quantize={quantize!r} is not supported; use quantize='nf4' or None")
+    try:
+        names = (quantize_skip,) if isinstance(quantize_skip, str) else tuple(quantize_skip)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"load_model: quantize_skip={quantize_skip!r} must be a module name or a sequence of "
+                         "module names, e.g. ('lm_head',)")
+    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"load_model: blocksize={blocksize!r} is not allowed; use one of {BLOCKSIZES}")
+    if not isinstance(double_quant, bool):
+        raise ValueError(f"load_model: double_quant={double_quant!r} must be True or False")
+    if quantize is None:
+        given = [f"{k}={v!r}" for k, v, changed in (("quantize_skip", quantize_skip, names != ("lm_head",)),
+                                                     ("blocksize", blocksize, blocksize != 64),
+                                                     ("double_quant", double_quant, not double_quant)) if changed]
+        if given:
+            raise ValueError(f"load_model: {', '.join(given)} applies only with quantize='nf4'; pass quantize='nf4' "
+                             "or leave the NF4 settings at their defaults")
+    return names
+
+
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
     """Fill every parameter and buffer of `model` from the checkpoint in `folder`, strictly."""
-    files = checkpoint_files(folder)
-    expected = dict(model.state_dict(keep_vars=True))
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied:
-        expected.pop("lm_head.weight", None)
-    headers: dict[Path, tuple[dict, int]] = {}
-    problems: list[str] = []
-    loaded = set()
-    for name, file in sorted(files.items(), key=lambda kv: (str(kv[1]), kv[0])):
-        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
-            continue
-        if file not in headers:
-            headers[file] = read_safetensors_header(file)
-        header, start = headers[file]
-        if name not in header:
-            problems.append(f"tensor {name} is listed in the index but absent from {file.name}")
-            continue
-        if name not in expected:
-            problems.append(f"unexpected tensor {name} in {file.name}")
-            continue
-        info = header[name]
-        param = expected[name]
-        if tuple(info["shape"]) != tuple(param.shape):
-            problems.append(
-                f"wrong shape for {name} in {file.name}: expected {tuple(param.shape)}, got {tuple(info['shape'])}"
-            )
-            continue
-        with torch.no_grad():
-            target = param.data
-            buf = read_tensor(file, info, start, out=target)
-            if buf is not target:
-                target.copy_(buf)
-        loaded.add(name)
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        where = ", ".join(sorted({p.name for p in files.values()})) or "the checkpoint"
-        problems.append(f"{len(missing)} tensors missing from {where}: {', '.join(missing)}")
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {folder} does not match the {model.config.model_type} model built from its "
-            "config.json; make sure config.json and the weights belong together:\n  - " + "\n  - ".join(problems)
-        )
+    skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in skip}
+    load_checkpoint(folder, expected, skip=skip, what=f"the {model.config.model_type} model built from its config.json")

@@ -160,3 +160,88 @@ def test_loaded_values_equal_checkpoint(good):
     ref = load_file(good / "model.safetensors")
     for name, t in m.state_dict().items():
         torch.testing.assert_close(t, ref[name], rtol=0, atol=0)
+
+
+# ---- load_model's arguments ------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dtype": "int8"}, "dtype 'int8' is not a floating-point torch dtype"),
+    ({"device": "gpu0"}, "load_model: device='gpu0' is not a torch device"),
+    ({"device": 3.5}, "load_model: device=3.5 is not a torch device"),
+    ({"quantize": "int8"}, "load_model: quantize='int8' is not supported; use quantize='nf4' or None"),
+    ({"quantize": "nf4", "quantize_skip": 7}, "load_model: quantize_skip=7 must be a module name or a sequence"),
+    ({"quantize": "nf4", "quantize_skip": ["lm_head", None]}, "quantize_skip=.* must be a module name"),
+    ({"quantize": "nf4", "blocksize": 100}, r"load_model: blocksize=100 is not allowed; use one of \(32, 64"),
+    ({"quantize": "nf4", "blocksize": True}, "load_model: blocksize=True is not allowed"),
+    ({"quantize": "nf4", "double_quant": "yes"}, "load_model: double_quant='yes' must be True or False"),
+    ({"blocksize": 128}, "load_model: blocksize=128 applies only with quantize='nf4'"),
+    ({"double_quant": False, "quantize_skip": ()},
+     r"load_model: quantize_skip=\(\), double_quant=False applies only with quantize='nf4'"),
+])
+def test_bad_arguments_name_themselves(good, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_model(good, **kwargs)
+
+
+def test_unknown_keyword_is_a_type_error(good):
+    with pytest.raises(TypeError, match="quantise"):
+        load_model(good, quantise="nf4")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_without_cuda(good):
+    with pytest.raises(ValueError, match="device='cuda' but this torch sees no CUDA device"):
+        load_model(good, device="cuda")
+
+
+# ---- NF4 through the strict loader's hook: the same strictness ---------------------------------------
+def test_quantize_while_loading_is_as_strict(broken):
+    def edit(t):
+        del t["model.layers.0.self_attn.q_proj.weight"]  # a quantized layer's weight
+        t["model.layers.1.mlp.up_proj.weight"] = torch.zeros(112, 60)  # a quantized layer, wrong shape
+        t["model.layers.1.mlp.up_proj.weight.absmax"] = torch.zeros(3)  # NF4 parts in a full-precision file
+        del t["model.norm.weight"]  # a layer kept in full precision
+
+    _edit_weights(broken, edit)
+    with pytest.raises(CheckpointError) as e:
+        load_model(broken, quantize="nf4", verbose=False)
+    msg = str(e.value)
+    assert "wrong shape for model.layers.1.mlp.up_proj.weight in model.safetensors: expected (112, 64), got (112, 60)" in msg
+    assert "unexpected tensor model.layers.1.mlp.up_proj.weight.absmax in model.safetensors" in msg
+    assert "2 tensors missing from model.safetensors: model.layers.0.self_attn.q_proj.weight, model.norm.weight" in msg
+
+
+def test_nf4_round_trip_through_save_quantized(good, tmp_path):
+    """Quantize while loading, save in bitsandbytes' layout, load as stored: the same model, bit for bit."""
+    from lora_engine.quant.checkpoint import save_quantized
+    from lora_engine.quant.nf4 import Linear4bit
+
+    ours = load_model(good, quantize="nf4", quantize_skip=(), blocksize=128, verbose=False)
+    assert isinstance(ours.lm_head, Linear4bit)
+    save_quantized(ours, tmp_path / "nf4")
+    assert sorted(p.name for p in (tmp_path / "nf4").iterdir()) == ["config.json", "model.safetensors"]
+    back = load_model(tmp_path / "nf4", verbose=False)
+    for name, m in ours.named_modules():
+        if isinstance(m, Linear4bit):
+            w, v = m.weight, back.get_submodule(name).weight
+            assert torch.equal(w.packed, v.packed) and torch.equal(w.absmax, v.absmax) and w.blocksize == 128, name
+    ids = torch.tensor([[1, 5, 9, 33, 2, 70]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), ours(ids), rtol=0, atol=0)
+
+
+def test_stored_nf4_problems_are_collected(good, tmp_path):
+    from lora_engine.quant.checkpoint import save_quantized
+
+    save_quantized(load_model(good, quantize="nf4", verbose=False), tmp_path)
+
+    def edit(t):
+        key = "model.layers.0.mlp.up_proj.weight.absmax"
+        t[key] = t[key][:-1].clone()
+        t["model.layers.1.extra.weight"] = torch.zeros(1)
+
+    _edit_weights(tmp_path, edit)
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path, verbose=False)
+    msg = str(e.value)
+    assert "unexpected tensor model.layers.1.extra.weight" in msg
+    assert "model.layers.0.mlp.up_proj" in msg and "absmax has 111 entries but shape (112, 64)" in msg

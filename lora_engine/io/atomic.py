@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -37,14 +38,24 @@ def usual_permissions(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file + fsync + rename + fsync of the folder)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Stream a file into place: a binary file object on a temporary beside `path`, published as `path`
+    (fsync, rename, fsync of the folder) when the block succeeds.
+
+        with atomic_file(out / "model.safetensors") as f:
+            for chunk in chunks:
+                f.write(chunk)
+
+    Large files are never built in memory. If the block raises, the temporary is removed and an
+    existing `path` is left untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         usual_permissions(tmp)
@@ -54,6 +65,18 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file + fsync + rename + fsync of the folder)."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def copy_file(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy `src` to `dest` atomically, in chunks (the mode is the usual one, not the source's)."""
+    with open(src, "rb") as fi, atomic_file(dest) as fo:
+        shutil.copyfileobj(fi, fo)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

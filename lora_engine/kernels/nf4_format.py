@@ -34,6 +34,8 @@ NF4_VALUES = (
 )
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit allows
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax with blocks of 256
+# The dequantization dtypes. The package's dtype table is lora_engine/io/safetensors.py, which the
+# kernels cannot import (they sit below io); these three and their names are all NF4 needs.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -189,7 +191,7 @@ class NF4Tensor:
 
 # ---- bitsandbytes' state-dict layout (bitsandbytes.functional.QuantState.as_dict(packed=True)) ------------------
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
-_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in DTYPES}
 
 
 def to_bnb_state_dict(w: NF4Tensor, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save as safetensors_bytes
 
-from lora_engine.io.atomic import write_bytes
-from lora_engine.io.safetensors import CheckpointError, read_safetensors_header, read_tensor
+from lora_engine.io.atomic import write_text
+from lora_engine.io.safetensors import CheckpointError, read_safetensors_header, read_tensor, save_tensors
 from lora_engine.lora.layers import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_scale, target_paths
 
 CONFIG_NAME = "adapter_config.json"
@@ -65,8 +64,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
     config = _peft_config(model, layers, base_model_name_or_path or getattr(model, "name_or_path", None))
-    write_bytes(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
-    write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
 

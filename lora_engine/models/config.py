@@ -19,6 +19,8 @@ from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,54 @@ class ModelConfig:
             extra=cfg,
         )
 
+    def to_hf(self) -> dict:
+        """The config.json that transformers reads for this model, built from the fields (not `extra`):
+        ModelConfig.from_hf(c.to_hf()) == c. Raises ValueError when the switches (biases, q/k norm)
+        do not fit what the family's transformers class computes."""
+        _check_family(self)
+        rope = {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta}
+        cfg = {
+            "architectures": [ARCHITECTURES[self.model_type]], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            # transformers >= 5 reads rope_parameters; older versions rope_theta and rope_scaling.
+            "rope_parameters": rope, "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings, "dtype": self.torch_dtype,
+        }
+        if self.rope_scaling:
+            cfg["rope_scaling"] = dict(rope)
+        if self.model_type in ("llama", "qwen3"):
+            cfg["attention_bias"] = self.qkv_bias
+        if self.model_type == "llama":
+            cfg["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            cfg["sliding_window"] = None
+        if self.model_type in ("qwen2", "qwen3"):
+            cfg["use_sliding_window"] = False
+        return cfg
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("extra")
         return d
+
+
+def _check_family(c: ModelConfig) -> None:
+    """What each family's transformers class can express: (qkv_bias, o_bias, mlp_bias, qk_norm)."""
+    fixed = {  # None: free (config.json has a switch for it)
+        "llama": (None, c.qkv_bias, None, False),  # attention_bias covers q, k, v and o
+        "mistral": (False, False, False, False),
+        "qwen2": (True, False, False, False),
+        "qwen3": (None, c.qkv_bias, False, True),
+    }[c.model_type]
+    for name, want in zip(("qkv_bias", "o_bias", "mlp_bias", "qk_norm"), fixed):
+        if want is not None and getattr(c, name) != want:
+            raise ValueError(f"to_hf: a {c.model_type} model with {name}={getattr(c, name)} has no transformers "
+                             f"config; {c.model_type} has {name}={want}"
+                             + (" (attention_bias sets qkv_bias and o_bias together)" if name == "o_bias" else ""))
 
 
 def _rope_parameters(cfg: dict, where: str) -> dict:

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from datetime import datetime
 from pathlib import Path
+
+from lora_engine.io.atomic import copy_file
 
 # Files `save` copies: what a Hugging Face tokenizer folder holds.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -180,12 +181,7 @@ class Tokenizer:
         for name in TOKENIZER_FILES:
             src = self.folder / name
             if src.is_file() and src.resolve() != (out / name).resolve():
-                tmp = out / f".{name}.tmp"
-                with open(src, "rb") as fi, open(tmp, "wb") as fo:
-                    shutil.copyfileobj(fi, fo)
-                    fo.flush()
-                    os.fsync(fo.fileno())
-                os.replace(tmp, out / name)
+                copy_file(src, out / name)
         return out
 
     def __repr__(self) -> str:

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from lora_engine.io.safetensors import (
-    IGNORED_SUFFIXES,
     CheckpointError,
+    StoredTensor,
     checkpoint_files,
+    dtype_name,
     float_dtype,
-    read_safetensors_header,
-    read_tensor,
+    load_checkpoint,
+    save_tensors,
 )
 from lora_engine.kernels.nf4_format import QUANT_STATE_KEY, NF4Tensor, from_bnb_state_dict
 from lora_engine.models.config import ModelConfig
@@ -78,7 +79,7 @@ def load_quantized_model(path, dtype=None, device="cpu", quantize: str | None = 
     model = model.to_empty(device=device)
     model.tie_weights()
     model.reset_buffers()
-    _fill(model, folder, files, targets, stored, dt, device, blocksize, double_quant)
+    _fill(model, folder, targets, stored, dt, device, blocksize, double_quant)
     model.name_or_path, model.source_dir = str(path), str(folder)
     model.eval()
     if verbose:
@@ -89,72 +90,52 @@ def load_quantized_model(path, dtype=None, device="cpu", quantize: str | None = 
     return model
 
 
-def _fill(model, folder, files, targets, stored, dt, device, blocksize, double_quant) -> None:
-    """Read every checkpoint tensor into `model`; quantize or rebuild the NF4 weights; strict checks."""
-    expected = dict(model.state_dict(keep_vars=True))  # placeholders contribute only their biases
-    if getattr(model.config, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)
-    owner = {}  # checkpoint key -> quantized module path
-    for path in targets:
-        for k in files:
-            if k == path + ".weight" or k.startswith(path + ".weight."):
-                owner[k] = path
-    headers, problems, loaded, nf4_parts = {}, [], set(), {p: {} for p in targets}
-    for name, file in sorted(files.items(), key=lambda kv: (str(kv[1]), kv[0])):
-        if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and "lm_head.weight" not in expected
-                                               and "lm_head" not in targets):
-            continue
-        if file not in headers:
-            headers[file] = read_safetensors_header(file)
-        header, start = headers[file]
-        info = header.get(name)
-        if info is None:
-            problems.append(f"tensor {name} is listed in the index but absent from {file.name}")
-        elif name in owner:
-            path = owner[name]
-            t = read_tensor(file, info, start)
-            if stored:
-                nf4_parts[path][name] = t
+def _fill(model, folder, targets, stored, dt, device, blocksize, double_quant) -> None:
+    """Read every checkpoint tensor into `model` through the strict loader, with an NF4 hook: stored NF4
+    parts are collected and assembled at the end; full-precision weights of `targets` are quantized as
+    they are read, the full-precision tensor dropped before the next is read."""
+    skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in skip}  # targets: biases
+    if not stored:  # shape-only placeholders, so the loader checks their shapes and reports them missing
+        for path, mod in targets.items():
+            expected[path + ".weight"] = torch.empty(mod.out_features, mod.in_features, device="meta")
+    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in targets}
+    where: dict[str, Path] = {}
+
+    def hook(t: StoredTensor) -> bool:
+        path, _, rest = t.name.partition(".weight")
+        if path not in targets or rest[:1] not in ("", "."):
+            return False
+        if stored:
+            parts[path][t.name] = t.read()
+            if not rest or path not in where:
+                where[path] = t.file
+            return True
+        if rest:
+            return False  # a full-precision layer has only .weight: anything else is unexpected
+        w = t.read()
+        targets[path].weight = quantize(w.to(device=device, dtype=dt), blocksize, double_quant)
+        del w  # the full-precision tensor is gone before the next one is read
+        return True
+
+    def assemble() -> list[str]:
+        problems = []
+        for path, sd in parts.items() if stored else ():
+            mod, file = targets[path], str(where.get(path, folder))
+            try:
+                w = from_bnb_state_dict(sd, path + ".", file)
+            except ValueError as e:
+                problems.append(str(e))
                 continue
-            mod = targets[path]
-            if tuple(t.shape) != (mod.out_features, mod.in_features):
-                problems.append(f"wrong shape for {name} in {file.name}: expected "
-                                f"{(mod.out_features, mod.in_features)}, got {tuple(t.shape)}")
+            if w.shape != (mod.out_features, mod.in_features):
+                problems.append(f"{file}: {path}.weight is an NF4 weight of shape {w.shape}, the model's {path} is "
+                                f"({mod.out_features}, {mod.in_features})")
                 continue
-            mod.weight = quantize(t.to(device=device, dtype=dt), blocksize, double_quant)
-            del t  # the full-precision tensor is gone before the next one is read
-        elif name not in expected:
-            problems.append(f"unexpected tensor {name} in {file.name}")
-        elif tuple(info["shape"]) != tuple(expected[name].shape):
-            problems.append(f"wrong shape for {name} in {file.name}: expected {tuple(expected[name].shape)}, "
-                            f"got {tuple(info['shape'])}")
-        else:
-            with torch.no_grad():
-                target = expected[name].data
-                buf = read_tensor(file, info, start, out=target)
-                if buf is not target:
-                    target.copy_(buf)
-            loaded.add(name)
-    for path, parts in nf4_parts.items() if stored else ():
-        mod = targets[path]
-        where = str(files.get(path + ".weight", folder))
-        try:
-            w = from_bnb_state_dict(parts, path + ".", where)
-        except ValueError as e:
-            problems.append(str(e))
-            continue
-        if w.shape != (mod.out_features, mod.in_features):
-            problems.append(f"{where}: {path}.weight is an NF4 weight of shape {w.shape}, the model's {path} is "
-                            f"({mod.out_features}, {mod.in_features})")
-            continue
-        mod.weight = w.to(device)
-    missing = sorted(set(expected) - loaded) + sorted(p + ".weight" for p, m in targets.items() if m.weight is None
-                                                      and not any(p in q for q in problems))
-    if missing:
-        problems.append(f"{len(missing)} tensors missing from the checkpoint: {', '.join(missing)}")
-    if problems:
-        raise CheckpointError(f"checkpoint {folder} does not match the model built from its config.json:\n  - "
-                              + "\n  - ".join(problems))
+            mod.weight = w.to(device)
+        return problems
+
+    load_checkpoint(folder, expected, hook, skip=skip, finish=assemble,
+                    what=f"the {model.config.model_type} model built from its config.json")
 
 
 def transformers_quantization_config(model: nn.Module) -> dict:
@@ -165,7 +146,7 @@ def transformers_quantization_config(model: nn.Module) -> dict:
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     skip = sorted({n for n, m in model.named_modules() if isinstance(m, nn.Linear)}) or None
     return {
-        "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."),
+        "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": dtype_name(dtype),
         "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": any(w.is_nested for w in ws), "llm_int8_enable_fp32_cpu_offload": False,
         "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0,
@@ -175,20 +156,16 @@ def transformers_quantization_config(model: nn.Module) -> dict:
 
 def save_quantized(model: nn.Module, folder) -> None:
     """Write `folder`/model.safetensors (bitsandbytes keys for NF4 weights) and config.json with the
-    quantization_config, in the layout transformers + bitsandbytes load. Each file is written atomically."""
-    from safetensors.torch import save as safetensors_bytes
-
-    from lora_engine.io.atomic import write_bytes, write_json
+    quantization_config, in the layout transformers + bitsandbytes load. Each file is written atomically,
+    the weights one tensor at a time, the config last."""
+    from lora_engine.io.atomic import write_json
 
     folder = Path(folder)
     qc = transformers_quantization_config(model)
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)  # transformers re-ties it; safetensors refuses shared storage
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    for k in [k for k in tensors if k.endswith("quant_map")]:
-        tensors[k] = tensors[k].clone()  # small tables that may share storage across layers
-    config = dict(model.config.extra) if model.config.extra else model.config.to_dict()
+        sd.pop("lm_head.weight", None)  # transformers re-ties it
+    save_tensors(folder / "model.safetensors", sd, metadata={"format": "pt"})
+    config = dict(model.config.extra) if model.config.extra else model.config.to_hf()
     config["quantization_config"] = qc
-    write_bytes(folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
     write_json(folder / "config.json", config)

@@ -306,28 +306,26 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_safetensors(g: GGUFFile, cfg: dict, plan, path: Path, log) -> None:
     """Stream every tensor of `plan` into one float32 safetensors file: one tensor in memory at a time."""
-    header, offset = {"__metadata__": {"format": "pt", "source": g.path.name}}, 0
-    for _, hf, shape in plan:
-        n = math.prod(shape) * 4
-        header[hf] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for i, (name, hf, _) in enumerate(plan):
-            w = g.dequantize(name)
-            if hf.endswith("q_proj.weight"):
-                w = unpermute_rows(w, cfg["num_attention_heads"])
-            elif hf.endswith("k_proj.weight"):
-                w = unpermute_rows(w, cfg["num_key_value_heads"])
-            f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
-            if sys.stderr.isatty():
-                log(f"\r  {i + 1}/{len(plan)} tensors", end="" if i + 1 < len(plan) else "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    import torch
+
+    from lora_engine.io.safetensors import write_safetensors as write_streamed
+
+    source = {hf: name for name, hf, _ in plan}
+    done = []
+
+    def dequantized(hf: str) -> torch.Tensor:
+        w = g.dequantize(source[hf])
+        if hf.endswith("q_proj.weight"):
+            w = unpermute_rows(w, cfg["num_attention_heads"])
+        elif hf.endswith("k_proj.weight"):
+            w = unpermute_rows(w, cfg["num_key_value_heads"])
+        done.append(hf)
+        if sys.stderr.isatty():
+            log(f"\r  {len(done)}/{len(plan)} tensors", end="" if len(done) < len(plan) else "\n")
+        return torch.from_numpy(np.ascontiguousarray(w, dtype="<f4"))
+
+    layout = {hf: (torch.float32, shape) for _, hf, shape in plan}
+    write_streamed(path, layout, dequantized, metadata={"format": "pt", "source": g.path.name})
 
 
 def build_tokenizer(g: GGUFFile):

@@ -1,0 +1,263 @@
+"""lora_engine.io: the streaming atomic writer, the streaming safetensors writer, and the strict
+checkpoint loader with its per-tensor hook (on a small module, no model needed)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_engine.io import atomic
+from lora_engine.io.safetensors import (
+    CheckpointError,
+    StoredTensor,
+    float_dtype,
+    load_checkpoint,
+    save_tensors,
+    write_safetensors,
+)
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ---- atomic_file -----------------------------------------------------------------------------------
+def test_atomic_file_streams_chunks(tmp_path):
+    with atomic.atomic_file(tmp_path / "out.bin") as f:
+        for i in range(4):
+            f.write(bytes([i]) * 1000)
+        assert not (tmp_path / "out.bin").exists()  # only the temporary exists until the block ends
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(bytes([i]) * 1000 for i in range(4))
+    assert _leftovers(tmp_path) == ["out.bin"]
+
+
+def test_exception_mid_write_leaves_no_file_and_no_temporary(tmp_path):
+    with pytest.raises(RuntimeError, match="disk on fire"), atomic.atomic_file(tmp_path / "new.bin") as f:
+        f.write(b"half of it")
+        raise RuntimeError("disk on fire")
+    assert _leftovers(tmp_path) == []
+
+
+def test_exception_mid_write_keeps_the_old_file(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic.atomic_file(tmp_path / "model.bin") as f:
+        f.write(b"new, but interrupted")
+        raise KeyboardInterrupt
+    assert (tmp_path / "model.bin").read_bytes() == b"old"
+    assert _leftovers(tmp_path) == ["model.bin"]
+
+
+def test_copy_file_is_atomic_and_gives_the_usual_mode(tmp_path):
+    src = tmp_path / "src.json"
+    src.write_text("{}")
+    src.chmod(0o600)
+    atomic.copy_file(src, tmp_path / "sub" / "dst.json")
+    dst = tmp_path / "sub" / "dst.json"
+    assert dst.read_text() == "{}" and dst.stat().st_mode & 0o777 != 0o600
+
+
+# ---- write_safetensors -----------------------------------------------------------------------------
+def _mixed():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "b.bf16": torch.randn(3, 5, generator=g).bfloat16(),
+        "a.f32": torch.randn(7, generator=g),
+        "c.u8": torch.arange(5, dtype=torch.uint8),  # odd byte count before wider tensors would misalign them
+        "d.bool": torch.tensor([True, False, True]),
+        "e.scalar": torch.tensor(2.5, dtype=torch.float64),
+        "f.empty": torch.empty(0, 4, dtype=torch.float16),
+        "g.i64": torch.tensor([-1, 2**40]),
+    }
+
+
+def test_written_file_reads_back_in_safetensors(tmp_path):
+    tensors = _mixed()
+    n = save_tensors(tmp_path / "t.safetensors", tensors, metadata={"format": "pt"})
+    back = load_file(tmp_path / "t.safetensors")
+    assert sorted(back) == sorted(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+    assert n == sum(t.numel() * t.element_size() for t in tensors.values())
+    header_len = int.from_bytes((tmp_path / "t.safetensors").read_bytes()[:8], "little")
+    header = json.loads((tmp_path / "t.safetensors").read_bytes()[8:8 + header_len])
+    assert header["__metadata__"] == {"format": "pt"} and header_len % 8 == 0
+    for k, info in header.items():  # each tensor starts aligned to its item size
+        if k != "__metadata__":
+            assert info["data_offsets"][0] % tensors[k].element_size() == 0, k
+
+
+def test_writer_makes_each_tensor_only_when_it_writes_it(tmp_path):
+    made = []
+
+    def get(name):
+        assert made == sorted(made) and name not in made  # one at a time, in order, once each
+        made.append(name)
+        return torch.full((4,), float(len(made)))
+
+    layout = {f"t{i}": (torch.float32, (4,)) for i in range(5)}
+    write_safetensors(tmp_path / "s.safetensors", layout, get)
+    assert made == sorted(layout)
+    assert torch.equal(load_file(tmp_path / "s.safetensors")["t3"], torch.full((4,), 4.0))
+
+
+def test_writer_rejects_a_tensor_that_breaks_its_layout_and_leaves_nothing(tmp_path):
+    layout = {"a": (torch.float32, (2, 2)), "b": (torch.float32, (3,))}
+    with pytest.raises(ValueError, match=r"write_safetensors: b is torch.float32 \(4,\), the layout says "
+                                         r"torch.float32 \(3,\)"):
+        write_safetensors(tmp_path / "x.safetensors", layout, lambda name: torch.zeros(layout[name][1] if name == "a"
+                                                                                      else (4,)))
+    assert _leftovers(tmp_path) == []
+
+
+def test_float_dtype():
+    assert float_dtype("bfloat16") is torch.bfloat16 and float_dtype("torch.float16") is torch.float16
+    assert float_dtype(torch.float32) is torch.float32
+    with pytest.raises(ValueError, match="dtype 'int8' is not a floating-point torch dtype"):
+        float_dtype("int8")
+    with pytest.raises(ValueError, match="dtype 'add' is not a floating-point"):
+        float_dtype("add")
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, got 'float64'"):
+        float_dtype("float64", choices=(torch.float32, torch.bfloat16))
+
+
+# ---- load_checkpoint and its hook ------------------------------------------------------------------
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(3, 2, bias=False)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    torch.manual_seed(0)
+    ref = Tiny()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def _expected(m):
+    return dict(m.state_dict(keep_vars=True))
+
+
+def test_plain_load_reads_every_tensor_in_place(folder):
+    m = Tiny()
+    ptrs = {k: v.data_ptr() for k, v in m.state_dict().items()}
+    load_checkpoint(folder, _expected(m))
+    ref = load_file(folder / "model.safetensors")
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, ref[k]) and v.data_ptr() == ptrs[k], k  # read into the preallocated storage
+
+
+def test_a_hook_claims_some_tensors(folder):
+    m = Tiny()
+    seen, claimed = [], {}
+
+    def hook(t: StoredTensor) -> bool:
+        seen.append(t.name)
+        if t.name.startswith("a."):
+            claimed[t.name] = t.read() * 2  # read, convert, keep: the default read is skipped
+            return True
+        return False
+
+    before = m.a.weight.detach().clone()
+    load_checkpoint(folder, _expected(m), hook)
+    ref = load_file(folder / "model.safetensors")
+    assert seen == ["a.bias", "a.weight", "b.weight"]
+    assert torch.equal(claimed["a.weight"], 2 * ref["a.weight"])
+    assert torch.equal(m.a.weight, before)  # claimed: not read into the parameter
+    assert torch.equal(m.b.weight, ref["b.weight"])
+
+
+def test_a_hook_may_claim_tensors_the_module_does_not_expect(folder):
+    save_file({**load_file(folder / "model.safetensors"), "a.weight.scale": torch.ones(1)}, folder / "model.safetensors")
+    m = Tiny()
+    with pytest.raises(CheckpointError, match=r"unexpected tensor a\.weight\.scale in model\.safetensors"):
+        load_checkpoint(folder, _expected(m))
+    load_checkpoint(folder, _expected(m), lambda t: t.name == "a.weight.scale")
+
+
+def test_strictness_holds_through_the_hook_path(folder):
+    sd = load_file(folder / "model.safetensors")
+    del sd["a.bias"]
+    sd["b.weight"] = torch.zeros(2, 5)
+    sd["c.weight"] = torch.zeros(1)
+    save_file(sd, folder / "model.safetensors")
+    seen = []
+
+    def hook(t):
+        seen.append(t.name)
+        return False
+
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(folder, _expected(Tiny()), hook, what="the tiny model")
+    msg = str(e.value)
+    assert f"checkpoint {folder} does not match the tiny model" in msg
+    assert "wrong shape for b.weight in model.safetensors: expected (2, 3), got (2, 5)" in msg
+    assert "unexpected tensor c.weight in model.safetensors" in msg
+    assert "1 tensors missing from model.safetensors: a.bias" in msg
+    assert "b.weight" not in seen  # a wrong-shaped expected tensor never reaches the hook
+
+
+def test_meta_placeholders_are_shape_checked_and_reported_missing(folder):
+    sd = load_file(folder / "model.safetensors")
+    sd["b.weight"] = torch.zeros(2, 5)
+    save_file(sd, folder / "model.safetensors")
+    m = Tiny()
+    expected = _expected(m)
+    expected["b.weight"] = torch.empty(2, 3, device="meta")
+    expected["z.weight"] = torch.empty(1, device="meta")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(folder, expected, lambda t: t.name in ("b.weight", "z.weight"))
+    assert "wrong shape for b.weight" in str(e.value) and "1 tensors missing from model.safetensors: z.weight" in str(e.value)
+
+
+def test_an_unclaimed_meta_tensor_is_a_hook_bug(folder):
+    expected = _expected(Tiny())
+    expected["b.weight"] = torch.empty(2, 3, device="meta")
+    with pytest.raises(RuntimeError, match="b.weight is expected on the meta device .* the hook did not claim it"):
+        load_checkpoint(folder, expected)
+
+
+def test_a_hook_that_raises_checkpoint_error_joins_the_report(folder):
+    def hook(t):
+        if t.name == "a.weight":
+            raise CheckpointError(f"{t.file.name}: {t.name} is stored as {t.dtype}, the hook wants int8")
+        return False
+
+    sd = load_file(folder / "model.safetensors")
+    sd["c.weight"] = torch.zeros(1)
+    save_file(sd, folder / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(folder, _expected(Tiny()), hook, finish=lambda: ["finish found this too"])
+    msg = str(e.value)
+    assert "model.safetensors: a.weight is stored as torch.float32, the hook wants int8" in msg
+    assert "unexpected tensor c.weight" in msg and "finish found this too" in msg  # the walk went on
+
+
+def test_a_hook_that_raises_anything_else_propagates_naming_the_tensor(folder):
+    def hook(t):
+        if t.name == "b.weight":
+            raise ZeroDivisionError("bad math")
+        return False
+
+    with pytest.raises(ZeroDivisionError, match="bad math") as e:
+        load_checkpoint(folder, _expected(Tiny()), hook)
+    assert any("while loading tensor b.weight from" in n for n in e.value.__notes__)
+
+
+def test_skip_and_sharded_index(folder):
+    sd = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    save_file({"a.weight": sd["a.weight"], "a.bias": sd["a.bias"]}, folder / "one.safetensors")
+    save_file({"b.weight": sd["b.weight"], "x.rotary_emb.inv_freq": torch.ones(2)}, folder / "two.safetensors")
+    index = {"weight_map": {"a.weight": "one.safetensors", "a.bias": "one.safetensors",
+                            "b.weight": "two.safetensors", "x.rotary_emb.inv_freq": "two.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    m = Tiny()
+    expected = _expected(m)
+    expected.pop("b.weight")
+    load_checkpoint(folder, expected, skip={"b.weight"})  # ignored suffixes and skipped names pass unread
+    assert torch.equal(m.a.weight, sd["a.weight"])
