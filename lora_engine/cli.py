@@ -40,7 +40,7 @@ _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileEx
 
 
 # The engine's own input errors, by module, so that reporting one imports nothing (loading imports torch).
-_ENGINE_ERRORS = (("lora_engine.data.formats", "DataError"), ("lora_engine.loading", "CheckpointError"),
+_ENGINE_ERRORS = (("lora_engine.data.formats", "DataError"), ("lora_engine.io.safetensors", "CheckpointError"),
                   ("lora_engine.train.checkpoint", "ResumeError"))
 
 
