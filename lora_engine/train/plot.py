@@ -7,7 +7,6 @@ seen (the tokens the loss is taken on) on the top one.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -75,7 +74,7 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, evals: list[tuple[
     """Write the training (and validation) loss against step; returns a note when it is skipped.
 
     evals: extra (step, target-task validation loss) points, e.g. before and after training.
-    The PNG appears complete or not at all (rendered in memory, then written atomically).
+    The PNG appears complete or not at all (streamed into a temporary, then renamed into place).
     """
     try:
         import matplotlib
@@ -91,14 +90,13 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, evals: list[tuple[
     if not train:
         return "loss curve skipped: no logged steps"
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    buf = io.BytesIO()
     try:
         _draw(ax, train, val, Path(png_path).parent.name or "run")
         fig.tight_layout()
-        fig.savefig(buf, format="png")
+        with atomic.atomic_file(png_path) as f:
+            fig.savefig(f, format="png")
     finally:
         plt.close(fig)
-    atomic.write_bytes(png_path, buf.getvalue())
     return None
 
 
