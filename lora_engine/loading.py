@@ -16,12 +16,13 @@ from lora_engine.io.safetensors import float_dtype, load_checkpoint
 from lora_engine.kernels.nf4_format import BLOCKSIZES
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
+from lora_engine.quant.nf4 import DEFAULT_SKIP
 from lora_engine.sources.embedded import resolve_path
 
 QUANTIZE_METHODS = (None, "nf4")
 
 
-def load_model(path, dtype=None, device="cpu", *, quantize: str | None = None, quantize_skip=("lm_head",),
+def load_model(path, dtype=None, device="cpu", *, quantize: str | None = None, quantize_skip=DEFAULT_SKIP,
                blocksize: int = 64, double_quant: bool = True, verbose: bool = True) -> CausalLM:
     """Load a Llama-family model from a Hugging Face folder or an embedded name.
 
@@ -84,7 +85,7 @@ def _check_arguments(dtype, device, quantize, quantize_skip, blocksize, double_q
     if not isinstance(double_quant, bool):
         raise ValueError(f"load_model: double_quant={double_quant!r} must be True or False")
     if quantize is None:
-        given = [f"{k}={v!r}" for k, v, changed in (("quantize_skip", quantize_skip, names != ("lm_head",)),
+        given = [f"{k}={v!r}" for k, v, changed in (("quantize_skip", quantize_skip, names != DEFAULT_SKIP),
                                                      ("blocksize", blocksize, blocksize != 64),
                                                      ("double_quant", double_quant, not double_quant)) if changed]
         if given:
