@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header_lines, machine, markdown_table  # noqa: E402
 
 from lora_engine import nf4  # noqa: E402
+from lora_engine.kernels import nf4_cpp  # noqa: E402
 from lora_engine.kernels import nf4_reference as ref  # noqa: E402
 
 SHAPES = [(4096, 4096), (1536, 576)]  # a 7B-class projection; SmolLM2-135M's MLP up_proj
@@ -69,7 +70,7 @@ def _bnb():
 def cpu_dequantize_rows(repeats: int) -> list[dict]:
     rows = []
     bnbF = _bnb()
-    have_cpp = nf4._cpp_ops() is not None
+    have_cpp = nf4_cpp.available()
     for shape in SHAPES:
         for dtype in (torch.bfloat16, torch.float32):
             w_dense = (torch.randn(shape) * 0.02).to(dtype)
@@ -97,7 +98,7 @@ def cpu_quantize_rows(repeats: int) -> list[dict]:
     shape = SHAPES[0]
     w_dense = (torch.randn(shape) * 0.02).to(torch.bfloat16)
     impls = {"torch reference": lambda: nf4.quantize(w_dense, backend="torch")}
-    if nf4._cpp_ops() is not None:
+    if nf4_cpp.available():
         impls["C++ (csrc/nf4.cpp)"] = lambda: nf4.quantize(w_dense, backend="cpp")
     if bnbF is not None:
         impls["bitsandbytes"] = lambda: bnbF.quantize_4bit(w_dense, blocksize=64, compress_statistics=True,
@@ -188,7 +189,7 @@ def main():
     import bitsandbytes
 
     info["bitsandbytes"] = bitsandbytes.__version__
-    info["cpp_extension"] = nf4._cpp_ops() is not None
+    info["cpp_extension"] = nf4_cpp.available()
     info["loadavg_1m"] = os.getloadavg()[0]  # a shared machine slows every row; ratios stay comparable
     deq = cpu_dequantize_rows(a.repeats)
     qua = cpu_quantize_rows(a.repeats)

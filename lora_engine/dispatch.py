@@ -1,13 +1,18 @@
 """The one place where a kernel is chosen.
 
-Every hot op of the model, the LoRA layers and NF4 goes through a function here. The choice is
-made from the tensor's device and an explicit `backend=` argument, nothing else:
+Every hot op of the model, the LoRA layers and NF4 goes through a function here, and every
+function asks one question, `choose_backend(device, backend)`, answered from the tensor's device
+and an explicit `backend=` argument, nothing else:
 
-  backend=None      "auto": Triton on a CUDA GPU of compute capability >= 7.5 when triton imports,
-                    the PyTorch reference (kernels/reference.py) everywhere else.
-  backend="torch"   the reference, always.
-  backend="triton"  the Triton kernel, also on CPU tensors (that is how the tests run them under
+  backend=None      "auto": "triton" on a CUDA GPU of compute capability >= 7.5 when triton
+                    imports (else "torch"); "cpp" on CPU when the C++ extension is built (else
+                    "torch", with one warning).
+  backend="torch"   the PyTorch reference (kernels/reference.py, kernels/nf4_reference.py), always.
+  backend="triton"  the Triton kernels, also on CPU tensors (that is how the tests run them under
                     TRITON_INTERPRET=1).
+  backend="cpp"     the reference with the C++ ops of csrc/ (kernels/nf4_cpp.py) plugged in where
+                    there is one: NF4 quantize (CPU) and dequantize (CPU; CUDA when built with nvcc).
+                    Ops without a C++ version run the reference. Bit-identical to "torch".
 
 Modules carry a `backend` attribute (None by default) that they pass through; set it on a whole
 model with `set_backend(model, name)`. Under torch.autocast every backend follows one rule
@@ -21,10 +26,10 @@ import warnings
 
 import torch
 
-from lora_engine.kernels import reference
+from lora_engine.kernels import nf4_cpp, nf4_reference, reference
 from lora_engine.kernels.nf4_format import NF4Tensor
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpp")
 
 
 @functools.cache
@@ -39,27 +44,63 @@ def _triton_kernels():
     return triton_ops, ""
 
 
-def resolve(x: torch.Tensor, backend: str | None) -> str:
-    """Which backend runs an op whose main input is x."""
+@functools.cache
+def _warn_no_cpp() -> None:
+    warnings.warn(
+        "lora_engine: the C++ extension is not built (no lora_engine.kernels._C); NF4 on CPU uses the PyTorch "
+        "reference. Build it with `pip install --no-build-isolation -e .` for faster quantization and "
+        "dequantization.",
+        stacklevel=4,
+    )
+
+
+def _cpp_serves(device: torch.device) -> bool:
+    """The C++ extension is built and has a kernel for this device type."""
+    if not nf4_cpp.available():
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and nf4_cpp.has_cuda())
+
+
+def choose_backend(device: torch.device | str, backend: str | None = None) -> str:
+    """The backend ("torch", "triton" or "cpp") that runs an op on `device`; see the module doc.
+
+    An explicit backend that cannot run here raises (RuntimeError, with the reason) instead of
+    silently running something else; None never raises.
+    """
+    device = torch.device(device)
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         if backend == "triton" and _triton_kernels()[0] is None:
             raise RuntimeError(f"backend='triton' requested but triton is unusable: {_triton_kernels()[1]}")
+        if backend == "cpp" and not _cpp_serves(device):
+            why = ("the C++ extension is not built (pip install --no-build-isolation -e .)" if not nf4_cpp.available()
+                   else f"the C++ extension has no {device.type} kernels")
+            raise RuntimeError(f"backend='cpp' requested for a {device.type} tensor but {why}")
         return backend
-    if not x.is_cuda:
-        return "torch"
-    mod, why = _triton_kernels()
-    if mod is None:
-        warnings.warn(f"lora_engine: triton unavailable ({why}); using the PyTorch reference", stacklevel=3)
-        return "torch"
-    if torch.cuda.get_device_capability(x.device) < (7, 5):
-        warnings.warn("lora_engine: GPU older than sm_75; using the PyTorch reference kernels", stacklevel=3)
-        return "torch"
-    return "triton"
+    if device.type == "cuda":
+        mod, why = _triton_kernels()
+        if mod is None:
+            warnings.warn(f"lora_engine: triton unavailable ({why}); using the PyTorch reference", stacklevel=3)
+            return "torch"
+        if torch.cuda.get_device_capability(device) < (7, 5):
+            warnings.warn("lora_engine: GPU older than sm_75; using the PyTorch reference kernels", stacklevel=3)
+            return "torch"
+        return "triton"
+    if device.type == "cpu":
+        if nf4_cpp.available():
+            return "cpp"
+        _warn_no_cpp()
+    return "torch"
+
+
+def resolve(x: torch.Tensor, backend: str | None) -> str:
+    """Which backend runs an op whose main input is x: choose_backend(x.device, backend)."""
+    return choose_backend(x.device, backend)
 
 
 def _impl(x: torch.Tensor, backend: str | None):
+    # No dense op has a C++ version: "cpp" runs the reference for them.
     return _triton_kernels()[0] if resolve(x, backend) == "triton" else reference
 
 
@@ -95,8 +136,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped=None, backend=
 
 
 # ---- NF4 (QLoRA) ---------------------------------------------------------------------------------
-# torch: kernels/nf4_reference.py (pure PyTorch, bit-exact with bitsandbytes); triton:
-# kernels/nf4_triton.py. The C++ CPU op (csrc/) is chosen by lora_engine.quant.nf4, which owns it.
+# Three modules with the same functions: kernels/nf4_reference.py (pure PyTorch, bit-exact with
+# bitsandbytes), kernels/nf4_triton.py, kernels/nf4_cpp.py (the reference around the C++ ops).
 
 
 def _is_nf4(weight) -> bool:
@@ -104,32 +145,24 @@ def _is_nf4(weight) -> bool:
 
 
 def _nf4_impl(x: torch.Tensor, backend: str | None):
-    if resolve(x, backend) == "triton":
+    be = resolve(x, backend)
+    if be == "triton":
         from lora_engine.kernels import nf4_triton
 
         return nf4_triton
-    from lora_engine.kernels import nf4_cpp, nf4_reference
-
-    if backend is None and x.device.type == "cpu" and nf4_cpp.available():
-        # Auto on CPU: the reference's autograd around the C++ dequantizer (bit-identical, ~5-28x faster).
-        return _ReferenceWithCpp(nf4_reference, nf4_cpp.nf4_dequantize)
-    return nf4_reference
+    return nf4_cpp if be == "cpp" else nf4_reference
 
 
-class _ReferenceWithCpp:
-    """nf4_reference's functions with the C++ dequantizer plugged in."""
-
-    def __init__(self, ref, dequantize):
-        self.ref, self.nf4_dequantize = ref, dequantize
-
-    def nf4_linear(self, x, w, bias):
-        return self.ref.nf4_linear(x, w, bias, dequantize=self.nf4_dequantize)
-
-    def nf4_lora_linear(self, x, w, bias, lora_A, lora_B, scale, x_dropped=None):
-        return self.ref.nf4_lora_linear(x, w, bias, lora_A, lora_B, scale, x_dropped, dequantize=self.nf4_dequantize)
+def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, backend=None) -> NF4Tensor:
+    """w (fp32/fp16/bf16) -> NF4Tensor, bitsandbytes' bytes. There is no Triton quantizer (it runs once per
+    weight): "triton" quantizes with the reference, and "cpp" on a GPU tensor too (the C++ op is CPU-only)."""
+    nf4_reference.check_quantize_args(w, blocksize)
+    if resolve(w, backend) == "cpp" and w.device.type == "cpu":
+        return nf4_cpp.nf4_quantize(w, blocksize, double_quant)
+    return nf4_reference.nf4_quantize(w, blocksize, double_quant)
 
 
-def nf4_dequantize(weight, dtype: torch.dtype, backend=None) -> torch.Tensor:
+def nf4_dequantize(weight: NF4Tensor, dtype: torch.dtype, backend=None) -> torch.Tensor:
     """NF4Tensor -> dense tensor of weight.shape in `dtype`: code[q] * absmax[block], cast once."""
     return _nf4_impl(weight.packed, backend).nf4_dequantize(weight, dtype)
 
@@ -143,7 +176,7 @@ def set_backend(model: torch.nn.Module, backend: str | None) -> torch.nn.Module:
     """Set the kernel backend of every module of `model` that dispatches (None = auto)."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    for m in model.modules():
+    for m in model.modules():  # an unusable backend raises at the first forward, naming the reason
         if hasattr(m, "backend"):
             m.backend = backend
     return model

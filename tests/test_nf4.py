@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_engine.kernels import nf4_cpp
 from lora_engine.kernels import nf4_reference as ref
 from lora_engine.kernels.nf4_format import (
     BLOCKSIZES,
@@ -257,7 +258,7 @@ def test_linear_shape_and_backend_errors():
                     reason="the Triton backend needs a GPU or TRITON_INTERPRET=1 (as CI sets)")
 def test_every_backend_gives_the_same_values():
     w = nf4.quantize(torch.randn(40, 72), 64)
-    backends = ["torch", "triton"] + (["cpp"] if nf4._cpp_ops() is not None else [])
+    backends = ["torch", "triton"] + (["cpp"] if nf4_cpp.available() else [])
     # fp32 output: the Triton interpreter truncates on a bf16 store where a GPU rounds (FACTS.md).
     for dtype in (torch.float32, torch.float16):
         want = ref.nf4_dequantize(w, dtype)

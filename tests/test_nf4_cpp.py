@@ -5,6 +5,7 @@ compiler at install time); CI builds it (scripts/setup.sh installs with --no-bui
 The fallback tests always run.
 """
 
+import functools
 import sys
 import warnings
 
@@ -13,6 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_engine import dispatch
+from lora_engine.kernels import nf4_cpp
 from lora_engine.kernels import nf4_reference as ref
 from lora_engine.kernels.nf4_format import BLOCKSIZES, NF4_CODE
 from lora_engine.quant import nf4
@@ -20,15 +23,7 @@ from lora_engine.quant import nf4
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _built() -> bool:
-    try:
-        import lora_engine.kernels._C  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_ext = pytest.mark.skipif(not _built(), reason="C++ extension not built (pip install --no-build-isolation -e .)")
+needs_ext = pytest.mark.skipif(not nf4_cpp.available(), reason="C++ extension not built (pip install --no-build-isolation -e .)")
 
 
 @needs_ext
@@ -86,10 +81,17 @@ def test_cpp_rejects_non_finite(bad):
         nf4.quantize(w, 64, backend="cpp")
 
 
+def _without_extension(monkeypatch):
+    """As if the extension were never built: `import lora_engine.kernels._C` raises ImportError, and the
+    probe and the warn-once are fresh (monkeypatch restores the real, cached ones afterwards)."""
+    monkeypatch.setitem(sys.modules, "lora_engine.kernels._C", None)
+    for module, name in ((nf4_cpp, "available"), (nf4_cpp, "has_cuda"), (dispatch, "_warn_no_cpp")):
+        monkeypatch.setattr(module, name, functools.cache(getattr(module, name).__wrapped__))
+
+
 def test_fallback_without_extension(monkeypatch):
     """With the extension unavailable: one warning, then the reference everywhere, never a crash."""
-    monkeypatch.setitem(sys.modules, "lora_engine.kernels._C", None)  # makes `import lora_engine.kernels._C` raise ImportError
-    monkeypatch.setattr(nf4, "_cpp_ops", nf4._cpp_ops.__wrapped__)
+    _without_extension(monkeypatch)
     with pytest.warns(UserWarning, match="C\\+\\+ extension is not built.*pip install --no-build-isolation"):
         assert nf4.choose_backend("cpu") == "torch"
     w = torch.randn(8, 64)
@@ -105,13 +107,31 @@ def test_fallback_without_extension(monkeypatch):
 
 
 def test_fallback_warns_once(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lora_engine.kernels._C", None)
-    import functools
-
-    fresh = functools.cache(nf4._cpp_ops.__wrapped__)
-    monkeypatch.setattr(nf4, "_cpp_ops", fresh)
+    _without_extension(monkeypatch)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for _ in range(3):
             nf4.dequantize(nf4.quantize(torch.randn(4, 32), 32))
     assert sum("C++ extension is not built" in str(w.message) for w in seen) == 1
+
+
+@needs_ext
+def test_cpp_is_a_model_backend():
+    """set_backend(model, "cpp") is the reference with the C++ dequantizer: the same values as auto on CPU
+    and as "torch", for a QLoRA-style model mixing NF4 and dense ops."""
+    from lora_engine.dispatch import set_backend
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    x = torch.randn(5, 64)
+    model = nf4.quantize_model(dense, skip=())
+    outs = {}
+    for backend in (None, "cpp", "torch"):
+        set_backend(model, backend)
+        outs[backend] = model(x)
+    assert torch.equal(outs[None], outs["cpp"]) and torch.equal(outs["cpp"], outs["torch"])
+    assert dispatch.choose_backend("cpu") == "cpp"
+    with pytest.raises(RuntimeError, match="backend='cpp' requested for a meta tensor.*no meta kernels"):
+        dispatch.choose_backend("meta", "cpp")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        set_backend(model, "cuda")

@@ -9,32 +9,28 @@ The format and its bitsandbytes state-dict layout: kernels/nf4_format.py. The Py
   quantize_model / dequantize_model: swap nn.Linear <-> Linear4bit by module name (gpt-fast style)
   checkpoints in the transformers + bitsandbytes layout: quant/checkpoint.py
 
-Backends (chosen here, in `choose_backend`, and nowhere else): "torch" the reference, "triton"
-(kernels/nf4_triton.py, via dispatch), "cpp" (csrc/, torch.ops.lora_engine, built by setup.py).
-None picks triton for CUDA tensors (when dispatch says triton is usable), cpp for CPU tensors when
-the extension is built, else torch. All of them give identical bytes.
+Backends: "torch" the reference, "triton" (kernels/nf4_triton.py), "cpp" (csrc/, torch.ops.lora_engine,
+built by setup.py), chosen by lora_engine.dispatch.choose_backend (re-exported here) and nowhere else.
+None picks triton for CUDA tensors when triton is usable, cpp for CPU tensors when the extension is
+built, else torch. All of them give identical bytes.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 from torch import nn
 
 from lora_engine import dispatch
-from lora_engine.kernels import nf4_cpp
-from lora_engine.kernels import nf4_reference as ref
+from lora_engine.dispatch import BACKENDS, choose_backend
 from lora_engine.kernels.nf4_format import (
     DTYPES,
-    NF4_CODE,
     NF4Tensor,
     from_bnb_state_dict,
     to_bnb_state_dict,
 )
 
-BACKENDS = ("torch", "triton", "cpp")
 # Module names kept in full precision by default: the output head (its logits feed the loss directly
 # and, when tied, it is the embedding). Embeddings and norms are not nn.Linear, so never quantized.
 DEFAULT_SKIP = ("lm_head",)
@@ -46,49 +42,10 @@ __all__ = [
 ]
 
 
-@functools.cache
-def _cpp_ops():
-    """torch.ops.lora_engine when the C++ extension (lora_engine.kernels._C) is built, else None, warning once."""
-    try:
-        import lora_engine.kernels._C  # noqa: F401  (importing it registers the ops)
-    except ImportError as e:
-        warnings.warn(
-            f"lora_engine: the C++ extension is not built ({e}); NF4 on CPU uses the PyTorch reference. "
-            "Build it with `pip install --no-build-isolation -e .` for faster quantization and dequantization.",
-            stacklevel=3,
-        )
-        return None
-    return torch.ops.lora_engine
-
-
-def choose_backend(device: torch.device | str, backend: str | None = None) -> str:
-    """The one place an NF4 backend is chosen: explicit `backend`, else by device (see the module doc)."""
-    device = torch.device(device)
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"nf4: backend must be one of {BACKENDS} or None, got {backend!r}")
-        if backend == "cpp" and (_cpp_ops() is None or device.type not in ("cpu", "cuda")):
-            raise RuntimeError(f"nf4: backend='cpp' requested for a {device.type} tensor but the C++ extension "
-                               "is not built (pip install --no-build-isolation -e .)")
-        if backend == "triton":
-            dispatch.resolve(torch.empty(0, device="meta"), "triton")  # raises when triton is unusable
-        return backend
-    if device.type == "cuda":
-        return dispatch.resolve(torch.empty(0, device=device), None)
-    if device.type == "cpu" and _cpp_ops() is not None:
-        return "cpp"
-    return "torch"
-
-
 def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, backend: str | None = None) -> NF4Tensor:
     """w (any shape; fp32, fp16 or bf16) -> NF4Tensor, byte for byte what bitsandbytes.functional.quantize_4bit
     (quant_type="nf4", compress_statistics=double_quant) writes. blocksize: 32, 64, ..., 4096."""
-    ref.check_quantize_args(w, blocksize)
-    if choose_backend(w.device, backend) == "cpp" and w.device.type == "cpu":
-        packed, absmax = _cpp_ops().nf4_quantize(w.detach(), NF4_CODE, blocksize)
-        ref.check_finite(w, absmax)
-        return ref.nf4_from_blocks(packed, absmax, tuple(w.shape), w.dtype, blocksize, double_quant)
-    return ref.nf4_quantize(w, blocksize, double_quant)  # no Triton quantizer: it runs once per weight
+    return dispatch.nf4_quantize(w, blocksize, double_quant, backend)
 
 
 def dequantize(w: NF4Tensor, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
@@ -98,10 +55,7 @@ def dequantize(w: NF4Tensor, dtype: torch.dtype | None = None, backend: str | No
     dtype = w.dtype if dtype is None else dtype
     if dtype not in DTYPES:
         raise ValueError(f"nf4.dequantize: dtype {dtype} not supported; use one of {DTYPES}")
-    be = choose_backend(w.device, backend)
-    if be == "cpp":
-        return nf4_cpp.nf4_dequantize(w, dtype)
-    return dispatch.nf4_dequantize(w, dtype, backend=be)
+    return dispatch.nf4_dequantize(w, dtype, backend=backend)
 
 
 class Linear4bit(nn.Module):
@@ -132,7 +86,6 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError("Linear4bit: no weight loaded yet (the module was built as a loading placeholder)")
-        # On CPU, dispatch runs the C++ dequantizer when the extension is built, else the reference.
         return dispatch.nf4_linear(x, self.weight, self.bias, backend=self.backend)
 
     # state_dict / load_state_dict / .to(): the NF4 weight is not a Parameter, these hooks carry it.
