@@ -85,7 +85,8 @@ def test_lora_linear_errors():
     f = ops().lora_linear
     with pytest.raises(ValueError, match=r"lora_linear: x has shape \(5, 15\) \(15 features\), weight expects 16"):
         f(x[:, :15], w, None, a, b, 1.0)
-    with pytest.raises(ValueError, match=r"lora_A \(4, 16\) and lora_B \(24, 3\) do not fit weight \(24, 16\)"):
+    with pytest.raises(ValueError, match=r"lora_A must be \(r, 16\) and lora_B \(24, r\) with r >= 1 for a weight \(24, 16\); "
+                                         r"got lora_A \(4, 16\) and lora_B \(24, 3\)"):
         f(x, w, None, a, b[:, :3], 1.0)
     with pytest.raises(ValueError, match="lora_linear: lora_A is torch.float16 but x is torch.float32"):
         f(x, w, None, a.half(), b, 1.0)
@@ -95,7 +96,7 @@ def test_lora_linear_errors():
         f(x, w, torch.randn(23, device=dev), a, b, 1.0)
     with pytest.raises(ValueError, match=r"lora_linear: x_dropped \(5, 8\)"):
         f(x, w, None, a, b, 1.0, x[:, :8])
-    with pytest.raises(ValueError, match=r"lora_linear: weight \(out, in\), lora_A \(r, in\), lora_B \(out, r\) must be 2-D"):
+    with pytest.raises(ValueError, match=r"lora_linear: weight must be 2-D \(out, in\), got shape \(16,\)"):
         f(x, w[0], None, a, b, 1.0)
     with pytest.raises(ValueError, match="lora_linear: lora_B is on meta but x is on"):
         f(x, w, None, a, b.to("meta"), 1.0)

@@ -42,7 +42,7 @@ def matmul(cc, nested, dt, rows):
     cfg = T.matmul_config(rows)
     sig = {"a_ptr": "*" + dt, **weight_sig(nested), "bias_ptr": "*" + dt, "c_ptr": "*" + dt, "offset": "fp32",
            **dict.fromkeys(INTS, "i32")}
-    cx = {"BLOCKSIZE": 64, "NESTED": nested, "NESTED_BLOCKSIZE": 256, "HAS_BIAS": True, "DOT_FP32": False,
+    cx = {"BLOCKSIZE": 64, "NESTED": nested, "NESTED_BLOCKSIZE": 256, "HAS_BIAS": True, "UPCAST": False,
           "GROUP_M": T.GROUP_M, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}}
     sig.update(dict.fromkeys(cx, "constexpr"))
     opts = {"enable_fp_fusion": False, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}

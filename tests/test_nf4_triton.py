@@ -303,14 +303,14 @@ def test_error_matmul_operand():
 def test_error_lora_shapes(a_shape, b_shape):
     x = torch.randn(2, 16, device=DEVICE)
     A, B = torch.randn(a_shape, device=DEVICE), torch.randn(b_shape, device=DEVICE)
-    with pytest.raises(ValueError, match=r"lora_A must be \(r, 16\) and lora_B \(8, r\) for weight \(8, 16\)"):
+    with pytest.raises(ValueError, match=r"lora_A must be \(r, 16\) and lora_B \(8, r\) with r >= 1 for a weight \(8, 16\)"):
         tri.nf4_lora_linear(x, _w(), None, A, B, 1.0)
 
 
 def test_error_lora_dtype_and_dropped():
     x = torch.randn(2, 16, device=DEVICE)
     A, B = torch.randn(4, 16, device=DEVICE), torch.randn(8, 4, device=DEVICE)
-    with pytest.raises(ValueError, match="lora_A .* and lora_B .* must have x's dtype torch.float32"):
+    with pytest.raises(ValueError, match="lora_[AB] is torch.float16 but x is torch.float32; cast them to one dtype"):
         tri.nf4_lora_linear(x, _w(), None, A.half(), B, 1.0)
     with pytest.raises(ValueError, match=r"x_dropped \(2, 15\) torch.float32 must match x \(2, 16\)"):
         tri.nf4_lora_linear(x, _w(), None, A, B, 1.0, x_dropped=torch.randn(2, 15, device=DEVICE))

@@ -84,7 +84,7 @@ def _check(hidden, weight, labels, reduction, chunk_size):
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
 
 
-class LinearCrossEntropy(torch.autograd.Function):
+class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
         N, V = hidden.shape[0], weight.shape[0]
@@ -145,4 +145,4 @@ def linear_cross_entropy(
     head matmul runs in the autocast dtype (kernels/amp.py); lse, softmax and loss stay fp32.
     """
     _check(hidden, weight, labels, reduction, chunk_size)
-    return LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk_size)
+    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk_size)

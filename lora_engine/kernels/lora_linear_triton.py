@@ -40,7 +40,16 @@ import triton
 import triton.language as tl
 
 from lora_engine.kernels import amp
-from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
+from lora_engine.kernels._common import (
+    check_device,
+    check_float,
+    check_lora,
+    dot_acc,
+    grouped_tile,
+    interpreting,
+    launch_device,
+    next_pow2,
+)
 from lora_engine.kernels.nf4_format import NF4Tensor
 
 
@@ -53,15 +62,7 @@ def _lora_mm(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M row-blocks share the same column blocks of Q while in L2.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * grid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)  # Q's column blocks in L2
 
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -73,10 +74,7 @@ def _lora_mm(
         kmask = rk + k0 < K
         p = tl.load(p_ptrs, mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
         q = tl.load(q_ptrs, mask=kmask[:, None] & (rn[None, :] < N), other=0.0)
-        if UPCAST:
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
-        acc = tl.dot(p, q, acc, input_precision=PRECISION)
+        acc = dot_acc(acc, p, q, UPCAST, PRECISION)
         p_ptrs += BLOCK_K * s_pk
         q_ptrs += BLOCK_K * s_qk
 
@@ -86,10 +84,7 @@ def _lora_mm(
                  other=0.0)
     ro = tl.load(r_ptr + rr[:, None] * s_rr + rn[None, :] * s_rn, mask=(rr[:, None] < R) & (rn[None, :] < N),
                  other=0.0)
-    if UPCAST:
-        lo = lo.to(tl.float32)
-        ro = ro.to(tl.float32)
-    acc += scale * tl.dot(lo, ro, input_precision=PRECISION)
+    acc += scale * dot_acc(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), lo, ro, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
@@ -141,7 +136,7 @@ def fused_mm(p, q_t, lo, ro_t, scale: float, bias, out_dtype) -> torch.Tensor:
     c = torch.empty((M, N), dtype=out_dtype, device=p.device)
     if M == 0 or N == 0:
         return c
-    upcast = not p.is_cuda
+    upcast = interpreting()
     precision = "ieee" if (upcast or p.dtype == torch.float32) else "tf32"
     kernel = _tuned_kernel(p.dtype, torch.cuda.get_device_capability(p.device) if p.is_cuda else None)
 
@@ -161,30 +156,22 @@ def fused_mm(p, q_t, lo, ro_t, scale: float, bias, out_dtype) -> torch.Tensor:
 
 def _check(x, weight, bias, lora_A, lora_B, x_dropped):
     check_float("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
-    check_device("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        raise ValueError(f"lora_linear: weight (out, in), lora_A (r, in), lora_B (out, r) must be 2-D; got "
-                         f"{tuple(weight.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    check_device("lora_linear", x=x, weight=weight)
+    if weight.dim() != 2:
+        raise ValueError(f"lora_linear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     N, K = weight.shape
-    r = lora_A.shape[0]
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"lora_linear: x has shape {tuple(x.shape)} ({x.shape[-1] if x.dim() else 0} features), "
                          f"weight expects {K}")
-    if lora_A.shape[1] != K or lora_B.shape != (N, r) or r < 1:
-        raise ValueError(f"lora_linear: lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit "
-                         f"weight {tuple(weight.shape)}: expected ({r}, {K}) and ({N}, {r}) with r >= 1")
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype != x.dtype:
-            raise ValueError(f"lora_linear: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"lora_linear: weight is {weight.dtype} but x is {x.dtype}; cast them to one dtype")
+    check_lora("lora_linear", x, N, K, lora_A, lora_B, x_dropped)
     if bias is not None and (bias.shape != (N,) or bias.device != x.device):
         raise ValueError(f"lora_linear: bias has shape {tuple(bias.shape)} on {bias.device}, expected ({N},) "
                          f"on {x.device}")
-    if x_dropped is not None and (x_dropped.shape != x.shape or x_dropped.dtype != x.dtype):
-        raise ValueError(f"lora_linear: x_dropped {tuple(x_dropped.shape)} {x_dropped.dtype} must match "
-                         f"x {tuple(x.shape)} {x.dtype}")
 
 
-class LoraLinear(torch.autograd.Function):
+class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, x_dropped):
         lead = x.shape[:-1]
@@ -234,4 +221,4 @@ def lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, x_dropped=None) 
 
         return nf4_triton.nf4_lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped)
     _check(x, weight, bias, lora_A, lora_B, x_dropped)
-    return LoraLinear.apply(x, weight, bias, lora_A, lora_B, scale, x_dropped)
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, x_dropped)

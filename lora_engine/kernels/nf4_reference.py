@@ -163,7 +163,7 @@ def nf4_dequantize(w: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     return out.to(dtype).view(w.shape)
 
 
-class _NF4Linear(torch.autograd.Function):
+class NF4LinearFunction(torch.autograd.Function):
     """y = x W^T (+ b) with W in NF4. Only the NF4Tensor (a few bytes per weight) is kept for backward."""
 
     @staticmethod
@@ -202,7 +202,7 @@ def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | None = None, 
     and W is dequantized to it (kernels/amp.py).
     """
     _check(x, w, "nf4_linear")
-    return _NF4Linear.apply(x, w, bias, dequantize or nf4_dequantize)
+    return NF4LinearFunction.apply(x, w, bias, dequantize or nf4_dequantize)
 
 
 @amp.like_linear

@@ -54,7 +54,15 @@ import triton
 import triton.language as tl
 
 from lora_engine.kernels import amp
-from lora_engine.kernels._common import check_device, check_float, interpreting, launch_device
+from lora_engine.kernels._common import (
+    check_device,
+    check_float,
+    check_lora,
+    dot_acc,
+    grouped_tile,
+    interpreting,
+    launch_device,
+)
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.kernels.reference import add_low_rank
 
@@ -111,18 +119,10 @@ def _nf4_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, bias_ptr, c_ptr,
     offset, M, P, R, w_stride_r, w_stride_p, stride_am, stride_ar, stride_cm, stride_cp,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering (Triton tutorial 03): neighbouring programs share W' column blocks in L2.
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_p = tl.cdiv(P, BLOCK_P)
-    in_group = GROUP_M * n_p
-    first_m = (pid // in_group) * GROUP_M
-    group_rows = min(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_rows
-    pid_p = (pid % in_group) // group_rows
+    pid_m, pid_p = grouped_tile(tl.program_id(0), M, P, BLOCK_M, BLOCK_P, GROUP_M)  # W' column blocks in L2
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -139,10 +139,7 @@ def _nf4_matmul_kernel(
                         packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset,
                         BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)  # (BLOCK_R, BLOCK_P) fp32
         w = w.to(c_ptr.dtype.element_ty)  # W' in the compute dtype, rounded once as the reference does
-        if DOT_FP32:  # interpreter: widen exactly, bf16 math is broken there
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(a, w, input_precision="ieee")
+        acc = dot_acc(acc, a, w, UPCAST, "ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
     c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_p.to(tl.int64)[None, :] * stride_cp
@@ -252,7 +249,7 @@ def nf4_matmul(a: torch.Tensor, w: NF4Tensor, transpose: bool, bias: torch.Tenso
         _nf4_matmul_kernel[grid](
             a, packed, absmax, code, nabs, ncode, bias if bias is not None else c, c,
             offset, M, P, R, w_stride_r, w_stride_p, a.stride(0), a.stride(1), c.stride(0), c.stride(1),
-            **_weight_meta(w), HAS_BIAS=bias is not None, DOT_FP32=interpreting(),
+            **_weight_meta(w), HAS_BIAS=bias is not None, UPCAST=interpreting(),
             GROUP_M=GROUP_M, enable_fp_fusion=False, **cfg,
         )
     return c
@@ -278,7 +275,7 @@ def _backward_2d(dy2: torch.Tensor, w: NF4Tensor) -> torch.Tensor:
     return dy2 @ nf4_dequantize(w, dy2.dtype)  # dequantized again, freed after the product
 
 
-class _NF4Linear(torch.autograd.Function):
+class NF4LinearFunction(torch.autograd.Function):
     """y = x W'^T (+ b). Saves nothing but a reference to the frozen NF4Tensor."""
 
     @staticmethod
@@ -320,7 +317,7 @@ def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | None = None) 
     autocast dtype and W' is decoded to it (kernels/amp.py).
     """
     _check_linear("nf4_linear", x, w, bias)
-    return _NF4Linear.apply(x, w, bias)
+    return NF4LinearFunction.apply(x, w, bias)
 
 
 @amp.like_linear
@@ -340,17 +337,7 @@ def nf4_lora_linear(
     """
     op = "nf4_lora_linear"
     _check_linear(op, x, w, bias)
-    n_out, n_in = w.shape
-    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != n_in or lora_B.shape[0] != n_out \
-            or lora_A.shape[0] != lora_B.shape[1]:
-        raise ValueError(f"{op}: lora_A must be (r, {n_in}) and lora_B ({n_out}, r) for weight {w.shape}, got "
-                         f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}")
-    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
-        raise ValueError(f"{op}: lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must have x's dtype {x.dtype}")
-    if x_dropped is not None and (x_dropped.shape != x.shape or x_dropped.dtype != x.dtype):
-        raise ValueError(f"{op}: x_dropped {tuple(x_dropped.shape)} {x_dropped.dtype} must match x "
-                         f"{tuple(x.shape)} {x.dtype}")
-    check_device(op, x=x, lora_A=lora_A, lora_B=lora_B)
+    check_lora(op, x, *w.shape, lora_A, lora_B, x_dropped)
     xd = x if x_dropped is None else x_dropped
-    # _NF4Linear returns a view of its 2-D result: autograd forbids updating it in place.
-    return add_low_rank(_NF4Linear.apply(x, w, bias), xd, lora_A, lora_B, scale, inplace=False)
+    # NF4LinearFunction returns a view of its 2-D result: autograd forbids updating it in place.
+    return add_low_rank(NF4LinearFunction.apply(x, w, bias), xd, lora_A, lora_B, scale, inplace=False)

@@ -21,7 +21,7 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     return weight * (h * rstd).to(x.dtype), rstd
 
 
-class _RMSNorm(torch.autograd.Function):
+class RMSNormFunction(torch.autograd.Function):
     """Saves x and the (..., 1) fp32 rstd only; autograd on the eager ops would keep the fp32
     normalised copy and the product as well (two more activations per norm, per layer)."""
 
@@ -54,7 +54,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     backward keeps only x and rstd alive.
     """
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _RMSNorm.apply(x, weight, eps)
+        return RMSNormFunction.apply(x, weight, eps)
     return _rms_norm_forward(x, weight, eps)[0]
 
 
@@ -69,7 +69,7 @@ def _rotate_half_t(y: torch.Tensor) -> torch.Tensor:
     return torch.cat((y[..., half:], -y[..., :half]), dim=-1)
 
 
-class _Rope(torch.autograd.Function):
+class RopeFunction(torch.autograd.Function):
     """q' = q*cos + R(q)*sin is linear in q: dq = g*cos + R^T(g*sin). Saves cos and sin only."""
 
     @staticmethod
@@ -95,11 +95,11 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         cos, sin = cos[None], sin[None]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _Rope.apply(q, k, cos, sin)
+        return RopeFunction.apply(q, k, cos, sin)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-class _SwiGLU(torch.autograd.Function):
+class SwiGLUFunction(torch.autograd.Function):
     """Saves gate and up; silu(gate) is recomputed in backward instead of being kept per layer."""
 
     @staticmethod
@@ -120,7 +120,7 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise; gate and up have the same shape and dtype."""
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _SwiGLU.apply(gate, up)
+        return SwiGLUFunction.apply(gate, up)
     return F.silu(gate) * up
 
 
@@ -168,7 +168,7 @@ def _lce_chunks(n: int, chunk: int):
         yield start, min(start + chunk, n)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+class LinearCrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy of (hidden @ W^T) without the (N, V) logits ever existing in full.
 
     Only the tokens that carry a label are touched at all (prompt tokens of an SFT batch cost
@@ -268,7 +268,7 @@ def linear_cross_entropy(
             f"and is not ignore_index ({ignore_index})"
         )
     chunk = chunk_size or default_chunk_size(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk)
+    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk)
 
 
 def cross_entropy_unfused(hidden, weight, labels, ignore_index=-100, reduction="mean"):

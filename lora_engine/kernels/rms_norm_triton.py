@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
+from lora_engine.kernels._common import check_device, check_float, launch_device, row_tile
 
 
 @triton.jit
@@ -69,9 +69,10 @@ def _rms_bwd(
         tl.store(dw_ptr + pid * D + cols, dw, mask=cmask)
 
 
-def _rows_per_program(D: int) -> int:
-    """Rows a program handles: one for wide rows (D >= 2048), more for narrow ones (~2048 elements)."""
-    return max(1, min(16, 2048 // next_pow2(D)))
+def launch_settings(D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, rows a program handles, num_warps): up to 16 narrow rows, one wide row (D > 1024) with
+    8 warps from D > 2048 (kernels/_common.py:row_tile)."""
+    return row_tile(D, max_rows=16)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -94,10 +95,9 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N and D:
         with launch_device(x):
-            rows = _rows_per_program(D)
+            block, rows, warps = launch_settings(D)
             _rms_fwd[(triton.cdiv(N, rows),)](x2, weight.contiguous(), y, rstd, N, D, x2.stride(0), y.stride(0),
-                                              float(eps), ROWS=rows, BLOCK_D=next_pow2(D),
-                                              num_warps=4 if D <= 2048 else 8)
+                                              float(eps), ROWS=rows, BLOCK_D=block, num_warps=warps)
     return y.view(x.shape), x2, rstd
 
 
@@ -105,7 +105,7 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
     N, D = x2.shape
     dy2 = _rows(dy)
     dx = torch.empty_like(x2)
-    rows = _rows_per_program(D)
+    block, rows, warps = launch_settings(D)
     blocks = triton.cdiv(N, rows)
     programs = max(1, min(blocks, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count
                           if x2.is_cuda else 4))
@@ -114,14 +114,14 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
         with launch_device(x2):
             _rms_bwd[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_part, N, D,
                                   dy2.stride(0), x2.stride(0), dx.stride(0),
-                                  ROWS=rows, BLOCK_D=next_pow2(D), COMPUTE_DW=need_dw, num_warps=4 if D <= 2048 else 8)
+                                  ROWS=rows, BLOCK_D=block, COMPUTE_DW=need_dw, num_warps=warps)
     dw = None
     if need_dw:
         dw = (dw_part.sum(0) if N else torch.zeros(D, device=x2.device)).to(weight.dtype)
     return dx, dw
 
 
-class RMSNorm(torch.autograd.Function):
+class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         y, x2, rstd = rms_norm_forward(x, weight, eps)
@@ -138,4 +138,4 @@ class RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., D) fp32/fp16/bf16, weight (D,) -> (..., D) in promote(x.dtype, weight.dtype)."""
-    return RMSNorm.apply(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps)

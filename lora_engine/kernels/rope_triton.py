@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
+from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2, row_tile
 
 
 @triton.jit
@@ -117,7 +117,7 @@ def rope_apply(q, k, cos, sin, backward: bool = False):
         return qo, ko
     half = hd // 2
     # About 2048 elements of each half per program: 32 tokens of a 128-wide head.
-    block_t = min(next_pow2(T), max(1, 2048 // next_pow2(half)))
+    block_half, block_t, warps = row_tile(half, max_rows=next_pow2(T))
     grid = (B * triton.cdiv(T, block_t), Hq + Hk)
     sc_b = 0 if c.shape[0] == 1 else c.stride(0)
     with launch_device(q):
@@ -126,12 +126,12 @@ def rope_apply(q, k, cos, sin, backward: bool = False):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
             sc_b, c.stride(1),
-            BLOCK_T=block_t, BLOCK_HALF=next_pow2(half), BACKWARD=backward,
+            BLOCK_T=block_t, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=warps,
         )
     return qo, ko
 
 
-class Rope(torch.autograd.Function):
+class RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         qo, ko = rope_apply(q, k, cos, sin)
@@ -148,4 +148,4 @@ class Rope(torch.autograd.Function):
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q (B, Hq, T, hd), k (B, Hk, T, hd), cos/sin (B, T, hd) or (T, hd) -> (q', k'), rotate-half RoPE."""
-    return Rope.apply(q, k, cos, sin)
+    return RopeFunction.apply(q, k, cos, sin)

@@ -74,7 +74,7 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     return dgate, dup
 
 
-class SwiGLU(torch.autograd.Function):
+class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         y = swiglu_forward(gate, up)
@@ -89,4 +89,4 @@ class SwiGLU(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up. gate, up: (..., F), same shape, dtype and device -> (..., F) in that dtype."""
-    return SwiGLU.apply(gate, up)
+    return SwiGLUFunction.apply(gate, up)
