@@ -21,7 +21,6 @@ model with `set_backend(model, name)`. Under torch.autocast every backend follow
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -32,20 +31,32 @@ from lora_engine.kernels.nf4_format import NF4Tensor
 BACKENDS = ("torch", "triton", "cpp")
 
 
-@functools.cache
+_triton: tuple | None = None  # (module or None, reason), once asked; a global torch.compile reads as a constant
+
+
 def _triton_kernels():
     """The Triton kernel module, or None (with the reason) when triton cannot be used here."""
-    try:
-        import triton  # noqa: F401
+    global _triton
+    if _triton is None:
+        try:
+            import triton  # noqa: F401
 
-        from lora_engine.kernels import triton_ops
-    except Exception as e:  # ImportError, or triton failing to find a driver/compiler
-        return None, f"{type(e).__name__}: {e}"
-    return triton_ops, ""
+            from lora_engine.kernels import triton_ops
+        except Exception as e:  # ImportError, or triton failing to find a driver/compiler
+            _triton = None, f"{type(e).__name__}: {e}"
+        else:
+            _triton = triton_ops, ""
+    return _triton
 
 
-@functools.cache
+_warned_no_cpp = False
+
+
 def _warn_no_cpp() -> None:
+    global _warned_no_cpp
+    if _warned_no_cpp:
+        return
+    _warned_no_cpp = True
     warnings.warn(
         "lora_engine: the C++ extension is not built (no lora_engine.kernels._C); NF4 on CPU uses the PyTorch "
         "reference. Build it with `pip install --no-build-isolation -e .` for faster quantization and "

@@ -5,7 +5,6 @@ compiler at install time); CI builds it (scripts/setup.sh installs with --no-bui
 The fallback tests always run.
 """
 
-import functools
 import sys
 import warnings
 
@@ -85,8 +84,9 @@ def _without_extension(monkeypatch):
     """As if the extension were never built: `import lora_engine.kernels._C` raises ImportError, and the
     probe and the warn-once are fresh (monkeypatch restores the real, cached ones afterwards)."""
     monkeypatch.setitem(sys.modules, "lora_engine.kernels._C", None)
-    for module, name in ((nf4_cpp, "available"), (nf4_cpp, "has_cuda"), (dispatch, "_warn_no_cpp")):
-        monkeypatch.setattr(module, name, functools.cache(getattr(module, name).__wrapped__))
+    monkeypatch.setattr(nf4_cpp, "_built", None)
+    monkeypatch.setattr(nf4_cpp, "_register_fakes", lambda: None)  # the real ops keep theirs
+    monkeypatch.setattr(dispatch, "_warned_no_cpp", False)
 
 
 def test_fallback_without_extension(monkeypatch):

@@ -10,28 +10,48 @@ Imports torch and the kernels package only.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from lora_engine.kernels import nf4_reference as ref
 from lora_engine.kernels.nf4_format import NF4_CODE, NF4Tensor
 
+_built: bool | None = None  # the one probe's answer; None until asked
 
-@functools.cache
+
 def available() -> bool:
-    """Whether the C++ extension is built (importing it registers torch.ops.lora_engine.*)."""
-    try:
-        import lora_engine.kernels._C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the C++ extension is built (importing it registers torch.ops.lora_engine.*, and this
+    registers their fake implementations, so torch.compile and FakeTensorMode trace through them).
+
+    A plain module global, not functools.cache: torch.compile reads it as a constant instead of
+    tracing the probe."""
+    global _built
+    if _built is None:
+        try:
+            import lora_engine.kernels._C  # noqa: F401
+        except ImportError:
+            _built = False
+        else:
+            _register_fakes()
+            _built = True
+    return _built
 
 
-@functools.cache
 def has_cuda() -> bool:
     """Whether the built extension has a CUDA kernel for nf4_dequantize (csrc/nf4_dequant.cu)."""
     return available() and torch._C._dispatch_has_kernel_for_dispatch_key("lora_engine::nf4_dequantize", "CUDA")
+
+
+def _register_fakes() -> None:
+    """Shapes and dtypes of the C++ ops' outputs (csrc/nf4.cpp), for tracing without running them."""
+    @torch.library.register_fake("lora_engine::nf4_quantize")
+    def _quantize_fake(w, code, blocksize):
+        n = w.numel()
+        return w.new_empty(((n + 1) // 2,), dtype=torch.uint8), w.new_empty((-(-n // blocksize),), dtype=torch.float32)
+
+    @torch.library.register_fake("lora_engine::nf4_dequantize")
+    def _dequantize_fake(packed, absmax, code, blocksize, numel, dtype, nested_absmax=None, nested_code=None,
+                         nested_offset=0.0, nested_blocksize=256):
+        return packed.new_empty((numel,), dtype=dtype)
 
 
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:

@@ -20,6 +20,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from lora_engine.kernels import amp
 from lora_engine.kernels.nf4_format import (
@@ -47,7 +48,10 @@ def check_quantize_args(w: torch.Tensor, blocksize: int, name: str = "weight") -
 
 
 def check_finite(w: torch.Tensor, absmax: torch.Tensor, name: str = "weight") -> None:
-    """Raise ValueError when w holds inf/NaN, seen cheaply in its block maxima (n / blocksize values)."""
+    """Raise ValueError when w holds inf/NaN, seen cheaply in its block maxima (n / blocksize values).
+    A fake tensor (a memory plan, a compiler's trace) has no values to check."""
+    if is_fake(absmax):
+        return
     if not bool(torch.isfinite(absmax).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"nf4 quantize: {name} of shape {tuple(w.shape)} holds {bad} inf/NaN values; "
@@ -84,7 +88,7 @@ def quantize_absmax(a: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED
     x = torch.clamp(padded * (1.0 / amax).view(-1, 1), -1.0, 1.0)
     t = (x + 1.0) * 0.5
     bins = (t.double() * 65535.0 + 0.5).float().trunc().long()
-    same = code.device == DYNAMIC_MAP_SIGNED.device and torch.equal(code, DYNAMIC_MAP_SIGNED)
+    same = not is_fake(a) and code.device == DYNAMIC_MAP_SIGNED.device and torch.equal(code, DYNAMIC_MAP_SIGNED)
     lut = _dynamic_map_lut(code.device) if same else _absmax_lut(code)
     q = lut[bins.clamp(0, 65535)]
     q = torch.where((amax == 0).view(-1, 1), torch.zeros_like(q), q)
@@ -127,7 +131,8 @@ def nf4_from_blocks(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int
     dyn = DYNAMIC_MAP_SIGNED.to(packed.device)
     qabs, nested = quantize_absmax(absmax - offset, dyn)
     return NF4Tensor(packed, qabs, code, blocksize, shape, dtype,
-                     nested_absmax=nested, nested_code=dyn.clone(), nested_offset=offset.item())
+                     nested_absmax=nested, nested_code=dyn.clone(),
+                     nested_offset=0.0 if is_fake(offset) else offset.item())  # a fake weight has no mean
 
 
 def absmax_fp32(w: NF4Tensor) -> torch.Tensor:

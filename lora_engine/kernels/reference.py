@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from lora_engine.kernels import amp
 
@@ -181,6 +182,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
+        if traced(hidden):
+            return _lce_static(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size)
         rows = (labels != ignore_index).nonzero().squeeze(1)  # the counted tokens
         count = rows.numel()
         need_dh = hidden.requires_grad
@@ -223,6 +226,43 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+def traced(t: torch.Tensor) -> bool:
+    """True under torch.compile or for a fake tensor (a memory plan): shapes must not depend on data."""
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
+def _lce_static(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
+    """LinearCrossEntropyFunction.forward with data-independent shapes: every token in chunks, the
+    ignored ones masked out (they cost compute, unlike the eager path, but no graph break)."""
+    n = hidden.shape[0]
+    need_dh, need_dw = hidden.requires_grad, weight.requires_grad
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    valid_all = labels != ignore_index
+    for s, e in _lce_chunks(n, chunk_size):
+        h, valid = hidden[s:e], valid_all[s:e]
+        lab = torch.where(valid, labels[s:e], 0)
+        logits = (h @ weight.t()).float()
+        target = logits.gather(1, lab[:, None]).squeeze(1)
+        m = logits.amax(dim=-1, keepdim=True)
+        p = (logits - m).exp()
+        z = p.sum(dim=-1, keepdim=True)
+        total = total + torch.where(valid, m.squeeze(1) + z.log().squeeze(1) - target, 0.0).sum()
+        if need_dh or need_dw:
+            p = (p / z - F.one_hot(lab, p.shape[1]).float()) * valid[:, None].float()
+            if need_dh:
+                dh[s:e] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_dw:
+                dw += p.t() @ h.float()
+    count = valid_all.sum()
+    scale = 1.0 / count.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=hidden.device)
+    ctx.save_for_backward(dh if dh is not None else torch.empty(0), dw if dw is not None else torch.empty(0))
+    ctx.scale = scale
+    ctx.flags = (need_dh, need_dw, weight.dtype)
+    return total * scale
+
+
 def check_cross_entropy_args(hidden, weight, labels, reduction) -> None:
     """Shape and reduction checks shared by every linear_cross_entropy implementation."""
     if reduction not in ("mean", "sum"):
@@ -236,6 +276,23 @@ def check_cross_entropy_args(hidden, weight, labels, reduction) -> None:
         raise ValueError(
             f"linear_cross_entropy: shapes do not agree: hidden {tuple(hidden.shape)}, "
             f"weight {tuple(weight.shape)}, labels {tuple(labels.shape)}"
+        )
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Every label is in [0, vocab_size) or ignore_index. Eagerly a ValueError naming the label; under
+    torch.compile an in-graph assert (a data-dependent branch would break the graph); fake tensors
+    have no values to check."""
+    outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if traced(labels):
+        torch._assert_async(~outside.any(), f"linear_cross_entropy: a label is outside the vocabulary "
+                                            f"[0, {vocab_size}) and is not ignore_index ({ignore_index})")
+        return
+    bad = labels[outside]
+    if bad.numel():
+        raise ValueError(
+            f"linear_cross_entropy: label {int(bad[0])} is outside the vocabulary [0, {vocab_size}) "
+            f"and is not ignore_index ({ignore_index})"
         )
 
 
@@ -261,12 +318,7 @@ def linear_cross_entropy(
     autocast the head matmul runs in the autocast dtype (kernels/amp.py); the softmax stays fp32.
     """
     check_cross_entropy_args(hidden, weight, labels, reduction)
-    bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))]
-    if bad.numel():
-        raise ValueError(
-            f"linear_cross_entropy: label {int(bad[0])} is outside the vocabulary [0, {weight.shape[0]}) "
-            f"and is not ignore_index ({ignore_index})"
-        )
+    check_labels(labels, weight.shape[0], ignore_index)
     chunk = chunk_size or default_chunk_size(weight.shape[0])
     return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk)
 

@@ -1,0 +1,106 @@
+"""torch.compile and fake tensors through the engine's real code path (CPU: the reference and C++ ops).
+
+`torch.compile(model.loss, fullgraph=True)` must trace a LoRA and a QLoRA model with no graph break
+(fullgraph raises on the first one) and give the eager loss and gradients; every op must also run
+under FakeTensorMode, which is how a compiler, FSDP2 and a memory plan see a step without running it.
+"""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import lora_engine as le
+from lora_engine import dispatch
+from lora_engine.kernels import nf4_cpp
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+
+
+def _model(quantized: bool, backend: str | None) -> CausalLM:
+    torch.manual_seed(0)
+    model = CausalLM(CFG)
+    if quantized:
+        le.nf4.quantize_model(model)
+    le.apply_lora(model, le.LoraConfig(r=4, lora_alpha=8), verbose=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at init would hide a wrong gradient of A
+            torch.nn.init.normal_(p, std=0.02)
+    dispatch.set_backend(model, backend)
+    return model
+
+
+def _loss_and_grads(model, loss_fn, ids, labels):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(ids, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not nf4_cpp.available(),
+                                                                   reason="C++ extension not built"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_compiled_loss_has_no_graph_break_and_equals_eager(quantized, backend):
+    torch._dynamo.reset()
+    model = _model(quantized, backend)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, CFG.vocab_size, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt: ignored tokens must stay ignored in the traced loss
+    want, want_grads = _loss_and_grads(model, model.loss, ids, labels)
+    compiled = torch.compile(model.loss, fullgraph=True)  # raises on any graph break
+    got, got_grads = _loss_and_grads(model, compiled, ids, labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == 7 * 2 * CFG.num_hidden_layers
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_loss_rejects_an_out_of_vocabulary_label():
+    """The eager label check cannot branch on data under compile; in the graph an assert (or, first,
+    inductor's own bounds check on the gather) still stops the step instead of training on garbage."""
+    torch._dynamo.reset()
+    model = _model(False, "torch")
+    ids = torch.randint(0, CFG.vocab_size, (1, 6))
+    labels = ids.clone()
+    labels[0, 3] = CFG.vocab_size
+    with pytest.raises(ValueError, match="label 64 is outside the vocabulary"):
+        model.loss(ids, labels)
+    with pytest.raises(RuntimeError, match="outside the vocabulary|index out of bounds"):
+        torch.compile(model.loss, fullgraph=True)(ids, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_a_training_step_runs_on_fake_tensors(quantized, backend):
+    """Forward and backward of the whole model under FakeTensorMode: shapes only, nothing computed."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # constants (the NF4 code) become fake
+        model = _model(quantized, backend)
+        for _, m in model.named_modules():  # the NF4 weights too: they are plain attributes
+            w = getattr(m, "weight", None)
+            if isinstance(w, le.nf4.NF4Tensor):
+                assert all(mode.is_our_fake(t) for t in (w.packed, w.absmax) if t is not None)
+        ids = torch.randint(0, CFG.vocab_size, (2, 12))
+        loss = model.loss(ids, ids)
+        loss.backward()
+        assert loss.shape == () and loss.dtype == torch.float32
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert grads and all(g is not None and mode.is_our_fake(g) for g in grads)
+
+
+@pytest.mark.skipif(not nf4_cpp.available(), reason="C++ extension not built")
+def test_cpp_ops_have_fake_implementations():
+    w = torch.randn(6, 40)
+    q = le.nf4.quantize(w, 32, backend="cpp")
+    with FakeTensorMode() as mode:
+        fw = mode.from_tensor(w)
+        packed, absmax = torch.ops.lora_engine.nf4_quantize(fw, mode.from_tensor(q.code), 32)
+        assert (packed.shape, packed.dtype, absmax.shape, absmax.dtype) == ((120,), torch.uint8, (8,), torch.float32)
+        out = torch.ops.lora_engine.nf4_dequantize(mode.from_tensor(q.packed), mode.from_tensor(absmax.new_empty(8)),
+                                                   mode.from_tensor(q.code), 32, 240, torch.bfloat16)
+        assert (out.shape, out.dtype) == ((240,), torch.bfloat16)
