@@ -74,6 +74,10 @@ def _rows_per_program(D: int) -> int:
     return max(1, min(16, 2048 // next_pow2(D)))
 
 
+def _num_warps(D: int) -> int:
+    return 4 if D <= 2048 else 8
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -97,7 +101,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
             rows = _rows_per_program(D)
             _rms_fwd[(triton.cdiv(N, rows),)](x2, weight.contiguous(), y, rstd, N, D, x2.stride(0), y.stride(0),
                                               float(eps), ROWS=rows, BLOCK_D=next_pow2(D),
-                                              num_warps=4 if D <= 2048 else 8)
+                                              num_warps=_num_warps(D))
     return y.view(x.shape), x2, rstd
 
 
@@ -114,7 +118,7 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
         with launch_device(x2):
             _rms_bwd[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_part, N, D,
                                   dy2.stride(0), x2.stride(0), dx.stride(0),
-                                  ROWS=rows, BLOCK_D=next_pow2(D), COMPUTE_DW=need_dw, num_warps=4 if D <= 2048 else 8)
+                                  ROWS=rows, BLOCK_D=next_pow2(D), COMPUTE_DW=need_dw, num_warps=_num_warps(D))
     dw = None
     if need_dw:
         dw = (dw_part.sum(0) if N else torch.zeros(D, device=x2.device)).to(weight.dtype)
@@ -139,3 +143,24 @@ class RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., D) fp32/fp16/bf16, weight (D,) -> (..., D) in promote(x.dtype, weight.dtype)."""
     return RMSNorm.apply(x, weight, eps)
+
+
+def compile_specs() -> list:
+    """The GPU compilations of tests/test_kernels_compile.py (kernels/compile_spec.py), tiled by the
+    launchers' own rules: a 4096-wide row (one row a program) in bf16 on every target and fp32 on
+    sm_80, D = 4231 (BLOCK_D 8192, the widest tile a test runs) and D = 128 (16 rows a program)."""
+    from lora_engine.kernels.compile_spec import TARGETS, CompileSpec, signature
+
+    ints = dict.fromkeys(("N", "D", "stride_x", "stride_y", "stride_dy", "stride_dx"), "i32")
+    specs = []
+    for t, d, targets in (("bf16", 4096, TARGETS), ("fp32", 4096, (80,)), ("bf16", 4231, (80,)), ("bf16", 128, (80,))):
+        tiles = {"ROWS": _rows_per_program(d), "BLOCK_D": next_pow2(d)}
+        opts = {"num_warps": _num_warps(d)}
+        fwd = {k: v for k, v in ints.items() if k in ("N", "D", "stride_x", "stride_y")}
+        bwd = {k: v for k, v in ints.items() if k != "stride_y"}
+        specs.append(CompileSpec(f"rms_fwd_D{d}/{t}", _rms_fwd,
+                                 signature(_rms_fwd, t, rstd_ptr="*fp32", eps="fp32", **fwd), tiles, targets, opts))
+        specs.append(CompileSpec(f"rms_bwd_D{d}/{t}", _rms_bwd,
+                                 signature(_rms_bwd, t, rstd_ptr="*fp32", dw_ptr="*fp32", **bwd),
+                                 dict(tiles, COMPUTE_DW=True), targets, opts))
+    return specs
