@@ -208,7 +208,7 @@ def matmul_config(rows: int) -> dict:
     rows a narrower column tile too, so a 4096-wide weight still makes 128 programs for ~132 SMs.
     Two stages, not three: the per-element gathers of the decode are pipelined through shared
     memory, and three stages of a 64x64 tile need ~110 KB, over the 99 KB of sm_86/sm_89
-    (tests/test_nf4_compile.py checks every target's limit).
+    (tests/test_kernels_compile.py, from compile_specs() below, checks every target's limit).
     """
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     block_p = 32 if rows <= 16 else 64
