@@ -11,11 +11,11 @@ from lora_engine.io.safetensors import CheckpointError
 from lora_engine.lora.layers import DEFAULT_TARGETS, lora_layers
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
-from tests.conftest import tol
+from tests.conftest import require_oracle, tol
 from tests.hf_models import make_hf_model
 
-peft = pytest.importorskip("peft", reason="PEFT is a test extra: the parity oracle for adapter files")
-transformers = pytest.importorskip("transformers", reason="transformers is a test extra: the parity oracle")
+peft = require_oracle("peft")
+transformers = require_oracle("transformers")
 
 
 @pytest.fixture(scope="module")

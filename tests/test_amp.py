@@ -30,6 +30,7 @@ from lora_engine.models.decoder import CausalLM
 from lora_engine.quant import nf4
 from lora_engine.train import step as trainer
 from lora_engine.train.command import main
+from tests.conftest import TOLERANCE
 from tests.kernel_utils import device, needs_triton
 from tests.test_train_support import chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
 
@@ -130,23 +131,11 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidde
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5)
 STEPS = 2  # the second step checks the update (optimizer, fp16 scaler) as well
 
-# Tolerances of the autocast runs against fp32, as relative errors (gradients: norm-wise per adapter
-# tensor). A rounding to bf16 (8 significant bits) errs by at most u = 2**-8 relative, to fp16 (11
-# bits) by u = 2**-11; autocast rounds at every cast and every GEMM output. A value of this 2-layer
-# model goes through about 16 roundings from the embedding to the loss (per layer: the normed input,
-# the q/k/v outputs, attention, o_proj's input and output, gate/up, down's input and output; then
-# the head's inputs and logits), and a gradient through as many again on the way back: 32 u in the
-# worst case, ~sqrt(32) u ~ 6 u when the roundings are independent. The tolerance, 16 u (0.0625
-# bf16, 0.0078 fp16), lies between. Observed on the reference: <= 0.013 and 0.0016 (~3 u). Under
-# TRITON_INTERPRET the kernels' bf16 stores truncate instead of rounding (FACTS.md: errors all one
-# way, so they add up): observed 0.027 (7 u); on a GPU they round. A wrong kernel (a dropped term, a
-# wrong scale or cast) is off by O(1).
-GRAD_TOL = {torch.bfloat16: 16 * 2**-8, torch.float16: 16 * 2**-11}
-# The loss (~4.3, a mean over 16 tokens of logsumexp minus the target logit) is a smooth average:
-# each token's error is a sum of roundings of both signs and the mean over tokens cancels them
-# further, so it is as accurate as one or two roundings of the loss itself: 2 u relative (0.0078
-# bf16, 0.00098 fp16; observed <= 5e-4 and 3e-5).
-LOSS_TOL = {torch.bfloat16: 2 * 2**-8, torch.float16: 2 * 2**-11}
+# Tolerances of the autocast runs against fp32, relative (gradients norm-wise per adapter tensor),
+# derived in tests/conftest.py's TOLERANCE.
+AMP_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+GRAD_TOL = {dt: TOLERANCE[f"amp_grad_{n}"][0] for dt, n in AMP_NAME.items()}
+LOSS_TOL = {dt: TOLERANCE[f"amp_loss_{n}"][0] for dt, n in AMP_NAME.items()}
 # SGD, not AdamW: Adam's first step is lr * sign(g) element by element, so a gradient element near
 # zero that rounding flips moves its parameter by 2 lr in any precision; SGD's step is proportional
 # to the gradient, so the parameters after a step differ by lr times the gradient's error only.

@@ -12,9 +12,10 @@ import torch
 
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
+from tests.conftest import require_oracle
 from tests.hf_models import FAMILIES, hf_config
 
-tf = pytest.importorskip("transformers", reason="transformers is a test extra (the parity oracle)")
+tf = require_oracle("transformers")
 
 
 def _ours(family, tie=False) -> ModelConfig:

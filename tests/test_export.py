@@ -11,10 +11,10 @@ from lora_engine.export import main, parse_size
 from lora_engine.lora.layers import lora_layers
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
-from tests.conftest import tol
+from tests.conftest import require_oracle, tol
 from tests.hf_models import make_hf_model
 
-transformers = pytest.importorskip("transformers", reason="transformers is a test extra: the parity oracle")
+transformers = require_oracle("transformers")
 
 
 @pytest.fixture(scope="module")

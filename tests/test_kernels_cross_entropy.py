@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lora_engine.kernels import reference as ref
-from tests.kernel_utils import check_op, device, needs_triton
+from tests.kernel_utils import LaunchSpy, assert_accurate, check_op, device, needs_triton
 
 pytestmark = needs_triton
 
@@ -47,6 +47,34 @@ def test_linear_cross_entropy(n, h, v, chunk, dtype, reduction, train_head, igno
              dtype, device(), needs_grad=(True, train_head), names=["hidden", "weight"])
 
 
+@settings(max_examples=8)
+@given(block=st.sampled_from([16, 32]), blocks=st.integers(3, 5), cut=st.integers(1, 15), n=st.integers(1, 20),
+       peak=st.sampled_from(["first", "middle", "last"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_online_softmax_over_several_vocabulary_blocks(block, blocks, cut, n, peak, dtype):
+    # V <= 4096 fits one block, so without max_block_v the online max/sum loop never runs twice at
+    # test sizes. Here V spans `blocks` blocks, the last partly masked (cut < block columns), and the
+    # largest logits sit in the first, a middle or the last block: the running max moves, or not.
+    v = block * (blocks - 1) + cut
+    h = 24
+    hid = torch.randn(n, h, dtype=torch.float64)
+    w = torch.randn(v, h, dtype=torch.float64) / h**0.5
+    first = {"first": 0, "middle": block, "last": block * (blocks - 1)}[peak]
+    w[first:first + min(block, v - first)] *= 4
+    labels = torch.randint(0, v, (n,))
+
+    def wrap(f, **kw):
+        return lambda hid, w: f(hid, w, labels, -100, "mean", **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        from lora_engine.kernels import cross_entropy_triton
+
+        spy = LaunchSpy(mp, cross_entropy_triton, "_ce_rows")
+        check_op(wrap(ops().linear_cross_entropy, chunk_size=7, max_block_v=block), wrap(ref.linear_cross_entropy),
+                 [hid, w], None, dtype, device(), names=["hidden", "weight"])
+    assert spy.launches and all(k["BLOCK_V"] == block for k in spy.launches)
+    assert all(k["args"][4] == v for k in spy.launches) and -(-v // block) == blocks  # V, the loop's bound
+
+
 def test_all_tokens_ignored_gives_zero_loss_and_grads():
     dev = device()
     hid = torch.randn(6, 8, device=dev, requires_grad=True)
@@ -63,7 +91,7 @@ def test_sum_is_mean_times_count():
     labels = torch.tensor([1, 2, -100, 3, 4, 5, -100, 6, 7], device=dev)
     s = ops().linear_cross_entropy(hid, w, labels, -100, "sum")
     m = ops().linear_cross_entropy(hid, w, labels, -100, "mean")
-    torch.testing.assert_close(s, m * 7)
+    assert_accurate(s, m * 7)
 
 
 def test_linear_cross_entropy_errors():
@@ -84,6 +112,9 @@ def test_linear_cross_entropy_errors():
         f(hid, w, torch.tensor([1, 2, 10, -100], device=dev), -100, "mean")
     with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
         f(hid, w, labels, -100, "mean", chunk_size=0)
+    for bad in (0, 48):
+        with pytest.raises(ValueError, match=f"max_block_v must be a power of two, got {bad}"):
+            f(hid, w, labels, -100, "mean", max_block_v=bad)
 
 
 # ---- memory -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_engine.kernels import reference as ref
-from tests.kernel_utils import check_op, device, needs_triton
+from tests.kernel_utils import LaunchSpy, assert_accurate, check_op, device, needs_triton
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 
@@ -46,6 +46,26 @@ def test_rms_norm(rows, d, dtype, wide_weight):
     check_op(wrap(ops().rms_norm), wrap(ref.rms_norm), [x, w], [dy], dtype, device(), names=["x", "weight"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rms_norm_wide_rows(dtype, monkeypatch):
+    # D = 4231 > 2048: the wide branch (one row a program, 8 warps, BLOCK_D = 8192 with 3961 masked
+    # columns), which the drawn sizes above (D <= 300) never reach. The spies prove the launches took it.
+    from lora_engine.kernels import rms_norm_triton
+
+    fwd = LaunchSpy(monkeypatch, rms_norm_triton, "_rms_fwd")
+    bwd = LaunchSpy(monkeypatch, rms_norm_triton, "_rms_bwd")
+    d = 4231
+    x = torch.randn(3, d, dtype=torch.float64) * 3
+    w = 1 + 0.3 * torch.randn(d, dtype=torch.float64)
+    dy = torch.randn(3, d, dtype=torch.float64)
+    check_op(lambda x, w: ops().rms_norm(x, w, 1e-6), lambda x, w: ref.rms_norm(x, w, 1e-6), [x, w], [dy], dtype,
+             device(), names=["x", "weight"])
+    for spy, extra in ((fwd, {}), (bwd, {"COMPUTE_DW": True})):
+        assert [{k: launch[k] for k in ("ROWS", "BLOCK_D", "num_warps", *extra)} for launch in spy.launches] == \
+            [{"ROWS": 1, "BLOCK_D": 8192, "num_warps": 8, **extra}]
+    assert fwd.launches[0]["grid"] == (3,)  # a program per row
+
+
 def test_rms_norm_3d_input_and_weight_grad_flag():
     dev = device()
     x = torch.randn(2, 3, 40, device=dev, requires_grad=True)
@@ -55,7 +75,7 @@ def test_rms_norm_3d_input_and_weight_grad_flag():
     (gx,) = torch.autograd.grad(y.sum(), (x,))
     xr = x.detach().cpu().requires_grad_()
     (gr,) = torch.autograd.grad(ref.rms_norm(xr, w.cpu(), 1e-5).sum(), (xr,))
-    torch.testing.assert_close(gx.cpu(), gr, rtol=1e-5, atol=1e-5)
+    assert_accurate(gx, gr)
 
 
 def _cos_sin(b, t, hd, dtype=torch.float64):
@@ -94,8 +114,8 @@ def test_rope_backward_is_the_inverse_rotation():
 
     q2, k2 = rope_apply(q, k, cos.to(dev), sin.to(dev))
     q3, k3 = rope_apply(q2, k2, cos.to(dev), sin.to(dev), backward=True)
-    torch.testing.assert_close(q3, q, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(k3, k, rtol=1e-5, atol=1e-5)
+    assert_accurate(q3, q, name="q")
+    assert_accurate(k3, k, name="k")
 
 
 def test_rope_accepts_2d_tables():
@@ -105,7 +125,7 @@ def test_rope_accepts_2d_tables():
     got = ops().rope(q, k, cos[0].to(dev), sin[0].to(dev))
     want = ref.rope(q.cpu(), k.cpu(), cos[0], sin[0])
     for g, w in zip(got, want):
-        torch.testing.assert_close(g.cpu(), w, rtol=1e-6, atol=1e-6)
+        assert_accurate(g, w)
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_engine.kernels import reference as ref
-from tests.kernel_utils import check_op, device, needs_triton
+from tests.kernel_utils import assert_accurate, check_op, device, needs_triton
 
 pytestmark = needs_triton
 
@@ -73,7 +73,7 @@ def test_public_signature_takes_bias_as_keyword():
     a, b, bias = torch.randn(4, 16, device=dev), torch.randn(24, 4, device=dev), torch.randn(24, device=dev)
     got = K.lora_linear(x, w, a, b, 0.25, bias=bias)
     want = ref.lora_linear(x.cpu(), w.cpu(), bias.cpu(), a.cpu(), b.cpu(), 0.25)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    assert_accurate(got, want)
     with pytest.raises(TypeError):
         K.lora_linear(x, w, a, b, 0.25, bias)  # bias is keyword-only: a positional 6th would be ambiguous
 

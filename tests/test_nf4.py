@@ -25,8 +25,9 @@ from lora_engine.kernels.nf4_format import (
 )
 from lora_engine.quant import nf4
 from tests.bnb_oracle import dequantize_4bit as bnb_dequantize_4bit
+from tests.conftest import require_oracle
 
-bnbF = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test extra (the parity oracle)")
+bnbF = require_oracle("bitsandbytes.functional")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -24,21 +24,22 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import tol
 
 from lora_engine import load_model
 from lora_engine.io.safetensors import CheckpointError
 from lora_engine.quant import nf4
 from lora_engine.quant.checkpoint import save_quantized
 from tests.bnb_oracle import dequantize_4bit as bnb_dequantize_4bit
+from tests.conftest import require_oracle, tol
+from tests.kernel_utils import assert_accurate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_models import make_hf_model  # noqa: E402
 
-tf = pytest.importorskip("transformers", reason="transformers is a test extra (the parity oracle)")
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a test extra (the parity oracle)")
-bnbF = pytest.importorskip("bitsandbytes.functional")
-bnb_modules = pytest.importorskip("bitsandbytes.nn.modules")
+tf = require_oracle("transformers")
+bnb = require_oracle("bitsandbytes")
+bnbF = require_oracle("bitsandbytes.functional")
+bnb_modules = require_oracle("bitsandbytes.nn.modules")
 
 
 def _bnb_config(double_quant=True, blocksize=None):
@@ -195,10 +196,10 @@ def test_bnb_forward_is_a_peer_not_the_oracle(bnb_ref, bnb_fast_path):
     repacked = getattr(m.weight.quant_state, "packing_format_for_cpu", False)
     assert repacked is bnb_fast_path
     assert torch.equal(m.weight.data.view(-1), bnb_ref.packed[name]) is not bnb_fast_path
-    # Rounding scale of the product: |x| @ |W|^T. fp32: kernel_fp32; bf16 inputs, absmax and output: kernel_bf16.
+    # The kernel rule (tests/kernel_utils.py) with the rounding scale of a product, |x| @ |W|^T: in
+    # fp32, or in bf16 (inputs, absmax and output) on the fast path.
     scale = x.double().abs() @ dense.weight.double().abs().T + dense.bias.double().abs()
-    atol = tol("kernel_bf16" if bnb_fast_path else "kernel_fp32")["atol"]
-    assert ((got - want).abs() <= atol * scale).all(), float(((got - want).abs() / scale).max())
+    assert_accurate(got, want, torch.bfloat16 if bnb_fast_path else torch.float32, scale=scale, name="bnb forward")
 
 
 def test_without_double_quant_and_skip_list(hf_folder):

@@ -2,9 +2,9 @@
 
 Dequantization is a table lookup times a scale: exact in fp32 and fp16. bf16 is exact on a GPU;
 under TRITON_INTERPRET the fp32 -> bf16 conversion truncates (FACTS.md), so there each element must
-be either the round-to-nearest value or the truncated one, nothing else. Matmuls follow the
-low-precision rule of tests/conftest.py: |ours - fp64| <= 2 |torch same dtype - fp64| + eps, with
-eps = TOLERANCE atol * (|a| @ |b|), the scale of any rounding error of the product.
+be either the round-to-nearest value or the truncated one, nothing else. Matmuls follow the rule
+of tests/kernel_utils.py with scale |a| @ |b|, the magnitude any rounding error of a product a @ b
+scales with: |ours - fp64| <= 2 |torch same dtype - fp64| + rtol |fp64| + atol (|a| @ |b|).
 """
 
 import importlib.util
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.bnb_oracle import dequantize_4bit as bnb_dequantize_4bit
-from tests.conftest import TOLERANCE, tol
+from tests.kernel_utils import LaunchSpy, assert_accurate
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("run with TRITON_INTERPRET=1 (CI does): the Triton kernels need it or a GPU",
@@ -26,11 +26,11 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 from lora_engine.kernels import nf4_reference as ref  # noqa: E402
 from lora_engine.kernels import nf4_triton as tri  # noqa: E402
 from lora_engine.kernels.nf4_format import DYNAMIC_MAP_SIGNED, NF4_CODE, NF4Tensor  # noqa: E402
+from tests.conftest import require_oracle
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-KIND = {torch.float32: "kernel_fp32", torch.float16: "kernel_fp16", torch.bfloat16: "kernel_bf16"}
 
 
 def random_nf4(n_out, n_in, blocksize, nested, seed, dtype=torch.float32):
@@ -62,11 +62,7 @@ def assert_dequant_exact(ours, w, dtype):
 
 def assert_matmul_rule(ours, same, exact, scale, dtype, what):
     """ours, same: results in `dtype`; exact, scale: fp64 (the product of |a| and |b| for scale)."""
-    err = (ours.double() - exact).abs()
-    allowed = 2 * (same.double() - exact).abs() + TOLERANCE[KIND[dtype]][1] * scale
-    bad = err > allowed
-    assert not bad.any(), (f"{what} {dtype}: {int(bad.sum())}/{err.numel()} elements off; worst excess "
-                           f"{float((err - allowed).max()):.3g}, |err| max {float(err.max()):.3g}")
+    assert_accurate(ours, exact, dtype, same=same, scale=scale, name=f"{what} {dtype}")
 
 
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 90), st.integers(1, 90))  # rows, in, out
@@ -92,7 +88,7 @@ def test_dequantize_spans_nested_groups():
 
 @pytest.mark.parametrize("nested", [False, True])
 def test_dequantize_matches_bitsandbytes(nested):
-    bnb = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test extra")
+    bnb = require_oracle("bitsandbytes.functional")
     x = torch.randn(48, 200)
     q, s = bnb.quantize_4bit(x, blocksize=64, compress_statistics=nested, quant_type="nf4")
     kw = {}
@@ -141,12 +137,13 @@ def test_fused_strided_input():
     # A column slice: the kernel takes strides, so no copy is needed and none may be wrong.
     w, dense, g = _matmul_case(5, 33, 20, 64, False, torch.float32, 3)
     x = torch.randn(33, 5, generator=g).to(DEVICE).T  # (5, 33), strides (1, 5)
-    torch.testing.assert_close(tri.nf4_matmul(x, w, transpose=True), ref.nf4_linear(x, w), **tol("kernel_fp32"))
+    assert_accurate(tri.nf4_matmul(x, w, transpose=True), ref.nf4_linear(x, w))
 
 
-@pytest.mark.parametrize("rows", [7, tri.FUSED_MAX_ROWS + 3])  # the fused path, then dequantize + matmul
+# Row counts on both sides of FUSED_MAX_ROWS: fused up to it, dequantize + matmul above it.
+@pytest.mark.parametrize("rows, fused", [(7, True), (tri.FUSED_MAX_ROWS, True), (tri.FUSED_MAX_ROWS + 1, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nf4_linear_autograd_both_paths(rows, dtype):
+def test_nf4_linear_autograd_both_paths(rows, fused, dtype, monkeypatch):
     w = random_nf4(24, 40, 64, True, seed=rows)
     x = torch.randn(1, rows, 40).to(DEVICE, dtype)
     b = torch.randn(24).to(DEVICE, dtype)
@@ -154,16 +151,26 @@ def test_nf4_linear_autograd_both_paths(rows, dtype):
     grads = []
     for impl in (tri, ref):
         xi, bi = x.clone().requires_grad_(), b.clone().requires_grad_()
+        if impl is tri:  # which kernels the forward and the backward launched, with what
+            matmul = LaunchSpy(monkeypatch, tri, "_nf4_matmul_kernel")
+            dequant = LaunchSpy(monkeypatch, tri, "_nf4_dequant_kernel")
         y = impl.nf4_linear(xi, w, bi)
         y.backward(dy)
         grads.append((y, xi.grad, bi.grad))
+    if fused:  # y = x W'^T, then dX = dY W': the fused kernel twice, W' never materialised
+        assert not dequant.launches
+        assert [(k["args"][0].shape, k["args"][9:12]) for k in matmul.launches] == \
+            [((rows, 40), (rows, 24, 40)), ((rows, 24), (rows, 40, 24))]  # a, then (M, P, R)
+    else:  # W' decoded to a dense tensor in forward and again in backward, each fed to a torch matmul
+        assert not matmul.launches
+        assert [(k["args"][5].shape, k["args"][5].dtype) for k in dequant.launches] == [((24, 40), dtype)] * 2
     dense = ref.nf4_dequantize(w, dtype).double()
     (y, dx, db), (y_ref, dx_ref, db_ref) = grads
     assert y.shape == (1, rows, 24) and dx.shape == x.shape
     assert_matmul_rule(y, y_ref, x.double() @ dense.T + b.double(), x.double().abs() @ dense.abs().T + b.double().abs(),
                        dtype, "nf4_linear y")
     assert_matmul_rule(dx, dx_ref, dy.double() @ dense, dy.double().abs() @ dense.abs(), dtype, "nf4_linear dX")
-    torch.testing.assert_close(db, db_ref, **tol(KIND[dtype]))
+    assert_accurate(db, db_ref, dtype)
 
 
 def _lora_fwd_bwd(linear, x, w, bias, A, B, s, keep, dy):
@@ -201,11 +208,6 @@ def test_nf4_lora_linear_grads(shape, rank, nested, dtype, seed):
     for name, o, s_, e, sc in zip(("y", "dx", "dA", "dB"), ours, same, exact, scale):
         assert o.dtype == dtype
         assert_matmul_rule(o, s_, e, sc, dtype, f"nf4_lora_linear {name}")
-
-
-def test_dispatch_policy_by_rows():
-    assert tri.use_fused(1) and tri.use_fused(tri.FUSED_MAX_ROWS)
-    assert not tri.use_fused(tri.FUSED_MAX_ROWS + 1)
 
 
 def test_dispatch_backend_triton_reaches_these_kernels(monkeypatch):

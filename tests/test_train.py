@@ -136,24 +136,38 @@ def test_resume_reproduces_the_loss_sequence_exactly(folder, data, tmp_path):
         assert len(straight) == 6 and resumed == straight  # bit-identical, not approximately equal
 
 
-def test_nan_in_a_run_keeps_the_last_good_checkpoint(folder, data, tmp_path, monkeypatch):
-    real = trainer.micro_batch_loss_sum
-    calls = {"n": 0}
+def _nan_loss_at_step(n: int):
+    """trainer.train_step, except that optimizer step n (1-based, global) sees a NaN loss.
 
-    def poisoned(model, batch, amp=None):
-        calls["n"] += 1
-        out = real(model, batch, amp)
-        # Call 1 is the evaluation before training, then 2 micro-batches per step: step 4 gets the NaN.
-        return out * float("nan") if calls["n"] > 7 else out
+    Keyed on the schedule, which advances exactly once per training step (scheduler.last_epoch is
+    the number of steps taken), not on a count of forward calls, which evaluations also make.
+    """
+    real_step, real_loss = trainer.train_step, trainer.micro_batch_loss_sum
 
-    monkeypatch.setattr(trainer, "micro_batch_loss_sum", poisoned)
-    with pytest.raises(TrainingStopped, match=r"step 4 \(epoch 0, rows .*non-finite loss.*last good checkpoint "
-                                              r"\(.*step-00000002\)"):
-        # No mid-run evaluation, whose forward calls would shift the count above.
-        run(_cfg(tmp_path / "r", data, eval_every=0), tokenizer=TOK, model=fresh(folder), log=lambda *a: None)
+    def train_step(model, optimizer, scheduler, micro_batches, *args, **kwargs):
+        if scheduler.last_epoch + 1 != n:
+            return real_step(model, optimizer, scheduler, micro_batches, *args, **kwargs)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(trainer, "micro_batch_loss_sum", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+            return real_step(model, optimizer, scheduler, micro_batches, *args, **kwargs)
+
+    return train_step
+
+
+@pytest.mark.parametrize("bad_step, kept", [(3, ["step-00000002"]), (6, ["step-00000002", "step-00000004"])])
+def test_nan_in_a_run_keeps_the_last_good_checkpoint(folder, data, tmp_path, monkeypatch, bad_step, kept):
+    monkeypatch.setattr(trainer, "train_step", _nan_loss_at_step(bad_step))
+    with pytest.raises(TrainingStopped, match=rf"step {bad_step} \(epoch \d+, rows .*non-finite loss.*last good "
+                                              rf"checkpoint \(.*{kept[-1]}\)"):
+        # Mid-run evaluations on: their forward calls must not move the step that fails.
+        run(_cfg(tmp_path / "r", data, eval_every=2), tokenizer=TOK, model=fresh(folder), log=lambda *a: None)
     manifest = json.loads((tmp_path / "r/run.json").read_text())
     assert manifest["status"] == "failed" and "non-finite" in manifest["error"]
-    assert [p.name for p in (tmp_path / "r/checkpoints").iterdir()] == ["step-00000002"]
+    assert manifest["final_step"] == bad_step - 1
+    assert sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir()) == kept  # nothing saved after the NaN
+    # Every step before the bad one logged and finite; nothing of the bad step written.
+    losses = _losses(tmp_path / "r")
+    assert len(losses) == bad_step - 1 and all(math.isfinite(x) for x in losses)
 
 
 def test_cli_end_to_end(folder, data, tmp_path, capsys):

@@ -72,7 +72,10 @@ def _ce_rows(
             tl.store(zrow[:, None] + cols[None, :], g.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(hidden, weight, labels, reduction, chunk_size):
+MAX_BLOCK_V = 4096  # vocabulary columns a program holds at a time; larger vocabularies loop over blocks
+
+
+def _check(hidden, weight, labels, reduction, chunk_size, max_block_v):
     check_cross_entropy_args(hidden, weight, labels, reduction)
     check_float("linear_cross_entropy", hidden=hidden, weight=weight)
     if hidden.dtype != weight.dtype:
@@ -82,11 +85,13 @@ def _check(hidden, weight, labels, reduction, chunk_size):
     check_device("linear_cross_entropy", hidden=hidden, weight=weight, labels=labels)
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    if max_block_v < 1 or max_block_v & (max_block_v - 1):
+        raise ValueError(f"linear_cross_entropy: max_block_v must be a power of two, got {max_block_v}")
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, max_block_v):
         N, V = hidden.shape[0], weight.shape[0]
         valid = labels != ignore_index
         bad = valid & ((labels < 0) | (labels >= V))
@@ -100,8 +105,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
         losses = torch.empty(N, dtype=torch.float32, device=hidden.device)
         labels = labels.contiguous()
-        block_v = min(next_pow2(V), 4096)
-        rows = max(1, min(16, 4096 // block_v))  # one row a program for real vocabularies
+        block_v, rows = _tiles(V, max_block_v)
         with launch_device(hidden):
             for s in range(0, N, chunk_size):
                 e = min(s + chunk_size, N)
@@ -126,7 +130,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         g = grad_out * ctx.scale
         gh = dh * g.to(dh.dtype) if dh is not None else None
         gw = (dw * g).to(ctx.weight_dtype) if dw is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
+
+
+def _tiles(V: int, max_block_v: int = MAX_BLOCK_V) -> tuple[int, int]:
+    """(BLOCK_V, ROWS) of _ce_rows: one row a program for real vocabularies, several for tiny ones."""
+    block_v = min(next_pow2(V), max_block_v)
+    return block_v, max(1, min(16, 4096 // block_v))
 
 
 @amp.like_linear
@@ -137,12 +147,32 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int = 1024,
+    max_block_v: int = MAX_BLOCK_V,
 ) -> torch.Tensor:
     """Cross-entropy of hidden (N, H) @ weight (V, H)^T against labels (N,) -> fp32 scalar.
 
     reduction "mean" averages over tokens whose label is not ignore_index, "sum" sums them.
     chunk_size tokens of logits exist at a time (memory O(chunk_size * V)). Under autocast the
     head matmul runs in the autocast dtype (kernels/amp.py); lse, softmax and loss stay fp32.
+    max_block_v (a power of two) caps the vocabulary columns a program holds at once; the online
+    softmax loops over ceil(V / block) blocks (a test lowers it to reach that loop at small V).
     """
-    _check(hidden, weight, labels, reduction, chunk_size)
-    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk_size)
+    _check(hidden, weight, labels, reduction, chunk_size, max_block_v)
+    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk_size, max_block_v)
+
+
+def compile_specs() -> list:
+    """The GPU compilations of tests/test_kernels_compile.py (kernels/compile_spec.py), tiled by
+    _tiles: a real vocabulary (4096-column blocks, one row a program) in bf16 on every target and
+    fp32 on sm_80, and a 256-word one (16 rows a program)."""
+    from lora_engine.kernels.compile_spec import TARGETS, CompileSpec, signature
+
+    specs = []
+    for t, vocab, targets in (("bf16", 49152, TARGETS), ("fp32", 49152, (80,)), ("bf16", 256, (80,))):
+        block_v, rows = _tiles(vocab)
+        sig = signature(_ce_rows, t, labels_ptr="*i64", loss_ptr="*fp32", N="i32", V="i32", stride_z="i32",
+                        ignore_index="i32")
+        specs.append(CompileSpec(f"ce_rows_V{vocab}/{t}", _ce_rows, sig,
+                                 {"ROWS": rows, "BLOCK_V": block_v, "COMPUTE_GRAD": True}, targets,
+                                 {"num_warps": 8}))
+    return specs

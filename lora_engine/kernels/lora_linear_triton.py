@@ -222,3 +222,41 @@ def lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, x_dropped=None) 
         return nf4_triton.nf4_lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped)
     _check(x, weight, bias, lora_A, lora_B, x_dropped)
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, x_dropped)
+
+
+def compile_specs() -> list:
+    """The GPU compilations of tests/test_kernels_compile.py (kernels/compile_spec.py).
+
+    _lora_mm as the JIT specializes it at run time (unit strides become constants, 16-divisible
+    pointers and sizes are marked), so the software pipeliner runs and the shared-memory check
+    means something; both operand layouts it is launched with (forward: P = x and Q = W^T unit
+    along K; backward: Q = W unit along N), tile_config's choice for each target in bf16, for
+    sm_80 and sm_90 in fp16 (forward) and fp32, and the autotuner's other 16-bit candidates on sm_90.
+    """
+    from lora_engine.kernels.compile_spec import TARGETS, CompileSpec, signature
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    strides = ("s_pm", "s_pk", "s_qk", "s_qn", "s_lm", "s_lr", "s_rr", "s_rn", "s_cm", "s_cn")
+    specs = []
+    for t, dtype in dtypes.items():
+        for layout, unit in (("fwd", ("s_pk", "s_qk")), ("bwd", ("s_pk", "s_qn"))):
+            if t == "fp16" and layout == "bwd":
+                continue
+            sig = signature(_lora_mm, t, M="i32", N="i32", K="i32", R="i32", scale="fp32",
+                            **{n: "constexpr" if n in unit else "i32" for n in strides})
+            names = list(sig)
+            aligned = [n for n in ("p_ptr", "q_ptr", "c_ptr", "M", "N", "K", "s_pm", "s_pk", "s_qk", "s_qn", "s_cm")
+                       if n not in unit]
+            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+            fixed = dict(HAS_BIAS=layout == "fwd", UPCAST=False, BLOCK_R=16, **{n: 1 for n in unit})
+            for cc in TARGETS if t == "bf16" else (80, 90):
+                cfg = tile_config(dtype, (cc // 10, cc % 10))
+                opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+                consts = dict(cfg, PRECISION="ieee" if t == "fp32" else "tf32", **fixed)
+                specs.append(CompileSpec(f"lora_mm_{layout}/{t}", _lora_mm, sig, consts, (cc,), opts, attrs))
+            if t == "bf16" and layout == "fwd":  # the autotuner's other candidates, on the H100/H200 target
+                for bm, bn, bk, stages, warps in _CANDIDATES_16BIT:
+                    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PRECISION="tf32", **fixed)
+                    specs.append(CompileSpec(f"lora_mm_{layout}_{bm}x{bn}x{bk}/{t}", _lora_mm, sig, consts, (90,),
+                                             {"num_warps": warps, "num_stages": stages}, attrs))
+    return specs

@@ -205,7 +205,7 @@ def matmul_config(rows: int) -> dict:
     rows a narrower column tile too, so a 4096-wide weight still makes 128 programs for ~132 SMs.
     Two stages, not three: the per-element gathers of the decode are pipelined through shared
     memory, and three stages of a 64x64 tile need ~110 KB, over the 99 KB of sm_86/sm_89
-    (tests/test_nf4_compile.py checks every target's limit).
+    (tests/test_kernels_compile.py, from compile_specs() below, checks every target's limit).
     """
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     block_p = 32 if rows <= 16 else 64
@@ -341,3 +341,38 @@ def nf4_lora_linear(
     xd = x if x_dropped is None else x_dropped
     # NF4LinearFunction returns a view of its 2-D result: autograd forbids updating it in place.
     return add_low_rank(NF4LinearFunction.apply(x, w, bias), xd, lora_A, lora_B, scale, inplace=False)
+
+
+def compile_specs() -> list:
+    """The GPU compilations of tests/test_kernels_compile.py (kernels/compile_spec.py), all with
+    enable_fp_fusion=False as launched: on every target the nested bf16 dequantization and the
+    largest matmul tile (the most shared memory, from matmul_config); once each the other dtypes
+    and the small tiles of decoding (1, 16, 32 rows)."""
+    from lora_engine.kernels.compile_spec import TARGETS, CompileSpec, signature
+
+    def weight(nested):  # a nested absmax is uint8 codes, a plain one fp32
+        return {"packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
+                "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "offset": "fp32"}
+
+    def meta(nested):
+        return {"BLOCKSIZE": 64, "NESTED": nested, "NESTED_BLOCKSIZE": 256}
+
+    def dequant(t, nested, targets):
+        sig = signature(_nf4_dequant_kernel, t, n="i64", **weight(nested))
+        return CompileSpec(f"nf4_dequant{'_nested' if nested else ''}/{t}", _nf4_dequant_kernel, sig,
+                           dict(meta(nested), BLOCK=DEQUANT_BLOCK), targets,
+                           {"enable_fp_fusion": False, "num_warps": 4})
+
+    def matmul(t, nested, rows, targets):
+        cfg = matmul_config(rows)
+        ints = ("M", "P", "R", "w_stride_r", "w_stride_p", "stride_am", "stride_ar", "stride_cm", "stride_cp")
+        sig = signature(_nf4_matmul_kernel, t, **weight(nested), **dict.fromkeys(ints, "i32"))
+        consts = dict(meta(nested), HAS_BIAS=True, UPCAST=False, GROUP_M=GROUP_M,
+                      **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})
+        opts = {"enable_fp_fusion": False, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        return CompileSpec(f"nf4_matmul_rows{rows}{'_nested' if nested else ''}/{t}", _nf4_matmul_kernel, sig,
+                           consts, targets, opts)
+
+    return [dequant("bf16", True, TARGETS), matmul("bf16", True, 1024, TARGETS),
+            dequant("fp32", False, (80,)), matmul("fp32", False, 1, (80,)), matmul("fp16", False, 32, (86,)),
+            matmul("bf16", True, 16, (90,))]

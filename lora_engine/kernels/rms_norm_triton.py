@@ -139,3 +139,25 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., D) fp32/fp16/bf16, weight (D,) -> (..., D) in promote(x.dtype, weight.dtype)."""
     return RMSNormFunction.apply(x, weight, eps)
+
+
+def compile_specs() -> list:
+    """The GPU compilations of tests/test_kernels_compile.py (kernels/compile_spec.py), tiled by the
+    launchers' own rules: a 4096-wide row (one row a program) in bf16 on every target and fp32 on
+    sm_80, D = 4231 (BLOCK_D 8192, the widest tile a test runs) and D = 128 (16 rows a program)."""
+    from lora_engine.kernels.compile_spec import TARGETS, CompileSpec, signature
+
+    ints = dict.fromkeys(("N", "D", "stride_x", "stride_y", "stride_dy", "stride_dx"), "i32")
+    specs = []
+    for t, d, targets in (("bf16", 4096, TARGETS), ("fp32", 4096, (80,)), ("bf16", 4231, (80,)), ("bf16", 128, (80,))):
+        block, rows, warps = launch_settings(d)
+        tiles = {"ROWS": rows, "BLOCK_D": block}
+        opts = {"num_warps": warps}
+        fwd = {k: v for k, v in ints.items() if k in ("N", "D", "stride_x", "stride_y")}
+        bwd = {k: v for k, v in ints.items() if k != "stride_y"}
+        specs.append(CompileSpec(f"rms_fwd_D{d}/{t}", _rms_fwd,
+                                 signature(_rms_fwd, t, rstd_ptr="*fp32", eps="fp32", **fwd), tiles, targets, opts))
+        specs.append(CompileSpec(f"rms_bwd_D{d}/{t}", _rms_bwd,
+                                 signature(_rms_bwd, t, rstd_ptr="*fp32", dw_ptr="*fp32", **bwd),
+                                 dict(tiles, COMPUTE_DW=True), targets, opts))
+    return specs

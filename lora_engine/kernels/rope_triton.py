@@ -149,3 +149,25 @@ class RopeFunction(torch.autograd.Function):
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q (B, Hq, T, hd), k (B, Hk, T, hd), cos/sin (B, T, hd) or (T, hd) -> (q', k'), rotate-half RoPE."""
     return RopeFunction.apply(q, k, cos, sin)
+
+
+def compile_specs() -> list:
+    """The GPU compilations of tests/test_kernels_compile.py (kernels/compile_spec.py): forward and
+    backward for a 128-wide head as rope_apply tiles it, bf16 on every target, fp32 on sm_80, and
+    the one-token-a-program variant of short sequences."""
+    from lora_engine.kernels.compile_spec import TARGETS, CompileSpec, signature
+
+    ints = ("T", "Hq", "HALF", "sq_b", "sq_h", "sq_t", "sk_b", "sk_h", "sk_t", "sqo_b", "sqo_h", "sqo_t",
+            "sko_b", "sko_h", "sko_t", "sc_b", "sc_t")
+    half = 64
+    _, block_t, _ = row_tile(half, max_rows=4096)  # rope_apply's rule for a long sequence
+    specs = []
+    for t, targets in (("bf16", TARGETS), ("fp32", (80,))):
+        sig = signature(_rope_kernel, t, **dict.fromkeys(ints, "i32"))
+        for bwd in (False, True):
+            specs.append(CompileSpec(f"rope_{'bwd' if bwd else 'fwd'}/{t}", _rope_kernel, sig,
+                                     {"BLOCK_T": block_t, "BLOCK_HALF": half, "BACKWARD": bwd}, targets))
+        if t == "bf16":
+            specs.append(CompileSpec("rope_fwd_T1/bf16", _rope_kernel, sig,
+                                     {"BLOCK_T": 1, "BLOCK_HALF": half, "BACKWARD": False}, (80,)))
+    return specs

@@ -90,3 +90,12 @@ class SwiGLUFunction(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up. gate, up: (..., F), same shape, dtype and device -> (..., F) in that dtype."""
     return SwiGLUFunction.apply(gate, up)
+
+
+def compile_specs() -> list:
+    """The GPU compilations of tests/test_kernels_compile.py (kernels/compile_spec.py): both kernels
+    in bf16 for every target, fp32 on sm_80. The dtype changes only loads and stores here."""
+    from lora_engine.kernels.compile_spec import TARGETS, CompileSpec, signature
+
+    return [CompileSpec(f"{k.fn.__name__}/{t}", k, signature(k, t, n="i32"), {"BLOCK": BLOCK}, targets)
+            for t, targets in (("bf16", TARGETS), ("fp32", (80,))) for k in (_swiglu_fwd, _swiglu_bwd)]
