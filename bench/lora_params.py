@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header_lines, machine  # noqa: E402
 
 from lora_engine import LoraConfig, ModelConfig, apply_lora  # noqa: E402
+from lora_engine.lora.layers import count_parameters  # noqa: E402
 from lora_engine.models.decoder import CausalLM  # noqa: E402
 
 TARGET_SETS = {
@@ -60,7 +61,8 @@ def closed_form(cfg: ModelConfig, targets, r: int) -> int:
 def measure(cfg: ModelConfig, targets, r: int) -> dict[str, int]:
     with torch.device("meta"):
         model = CausalLM(cfg)
-        counts = apply_lora(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets), verbose=False)
+        apply_lora(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets), verbose=False)
+        counts = count_parameters(model)
     want = closed_form(cfg, targets, r)
     if counts["trainable"] != want:
         raise RuntimeError(f"apply_lora made {counts['trainable']} trainable parameters, the closed form says {want}")

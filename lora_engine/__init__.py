@@ -3,7 +3,7 @@
     import lora_engine as le
     model = le.load_model("smollm2-135m-instruct")        # or a local Hugging Face folder
     tok = le.load_tokenizer("smollm2-135m-instruct")
-    le.apply_lora(model, le.LoraConfig(r=16, lora_alpha=32))
+    le.apply_lora(model, le.LoraConfig(r=16, lora_alpha=32))   # returns the model, as PEFT does
     ...
     le.save_adapter(model, "out/adapter")                  # loads in PEFT
 
@@ -38,8 +38,10 @@ _EXPORTS = {
     "apply_lora": "lora_engine.lora.layers",
     "merge_lora": "lora_engine.lora.layers",
     "unmerge_lora": "lora_engine.lora.layers",
+    "count_parameters": "lora_engine.lora.layers",
     "save_adapter": "lora_engine.lora.adapter",
     "load_adapter": "lora_engine.lora.adapter",
+    "read_adapter_config": "lora_engine.lora.adapter",
     "save_model": "lora_engine.export",
 }
 

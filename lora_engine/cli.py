@@ -1,13 +1,19 @@
 """Command lines from one config dataclass: every field becomes a flag, `--config file.toml` overlays.
 
 Precedence: dataclass defaults < the TOML file < flags given on the command line. Field metadata
-may carry `help` and `choices`; booleans get --x / --no-x (BooleanOptionalAction). Field names
-use underscores, flags dashes; the TOML file may use either. Validation lives in the dataclass's
-__post_init__, so a bad value from either source gets the same message.
+(see `option`) may carry `help`, `choices`, `positional` (an argument, not a flag) and `required`;
+booleans get --x / --no-x (BooleanOptionalAction). Field names use underscores, flags dashes; the
+TOML file may use either. Validation lives in the dataclass's __post_init__, so a bad value from
+either source gets the same message. `parse` reads one command line, `parse_command` one with
+subcommands (`runs list DIR`); `option_like` declares a field with another dataclass's default and
+help, so two commands share one declaration of a setting.
 
 Every command runs as `sys.exit(run_cli(main))`: an error in what the user gave (a data file, a
 folder, a flag) is one line `error: ...` on stderr and exit status 2; anything else is a bug and
 keeps its traceback. `--debug` shows the traceback of input errors too.
+
+The library speaks through `logging` (loggers under "lora_engine"); a command shows those
+messages as plain lines with `log_to` (a command's own results it prints).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import logging
 import sys
 import types
 import typing
@@ -117,25 +125,57 @@ def _base_type(tp):
     return tp, False
 
 
+def option(default=dataclasses.MISSING, help: str = "", **meta):
+    """A dataclass field that becomes a command-line option: `x: int = option(3, "what x is")`.
+
+    meta: choices=[...]; positional=True (an argument given by position, no default needed);
+    required=True (a flag that must be given).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def option_like(cls, name: str, **meta):
+    """The field `name` of dataclass `cls` (default, help, choices) for another dataclass, `meta` overriding.
+
+    So a setting two commands share is declared once: eval's --max-length is TrainConfig's.
+    """
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:
+        raise AttributeError(f"option_like: {cls.__name__} has no field {name!r}")
+    if f.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=f.default_factory, metadata={**f.metadata, **meta})
+    return dataclasses.field(default=f.default, metadata={**f.metadata, **meta})
+
+
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
-    hints = typing.get_type_hints(cls)
     ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--config", default=None, help="a TOML file of field = value overlaid on the defaults")
     add_debug_flag(ap)
+    _add_fields(ap, cls)
+    return ap
+
+
+def _add_fields(ap: argparse.ArgumentParser, cls) -> None:
+    """--config, then one argument per field of `cls`."""
+    hints = typing.get_type_hints(cls)
+    ap.add_argument("--config", default=None, help="a TOML file of field = value overlaid on the defaults")
     for f in dataclasses.fields(cls):
         tp, _ = _base_type(hints[f.name])
+        help_ = f.metadata.get("help", "")
+        kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        if f.metadata.get("positional"):
+            ap.add_argument(f.name, type=tp, help=help_, **kw)
+            continue
         flag = "--" + f.name.replace("_", "-")
         # default=SUPPRESS so that only flags actually given land in the namespace (they override
         # the TOML file); the real default is shown in the help text instead.
-        kw = {"help": f"{f.metadata.get('help', '')} (default: {_default(f)!r})", "default": argparse.SUPPRESS,
-              "dest": f.name}
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
+        required = bool(f.metadata.get("required"))
+        shown = required or "default" in help_  # the help says it already, in words
+        kw.update(help=help_ if shown else f"{help_} (default: {_default(f)!r})", default=argparse.SUPPRESS,
+                  dest=f.name, required=required)
         if tp is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
             ap.add_argument(flag, type=tp, metavar=f.name.upper(), **kw)
-    return ap
 
 
 def _default(f):
@@ -181,7 +221,29 @@ def load_toml(path: str | Path, cls) -> dict:
 def parse(cls, argv=None, prog: str = "", description: str = ""):
     """(config instance, names set explicitly on the command line)."""
     ap = build_parser(cls, prog, description)
+    return _config(ap, cls, vars(ap.parse_args(argv)))
+
+
+def parse_command(commands: dict[str, type], argv=None, prog: str = "", description: str = ""):
+    """(subcommand, config instance, names set explicitly) for `prog SUBCOMMAND ...`, one dataclass a subcommand.
+
+    A subcommand's help is the first line of its dataclass's docstring.
+    """
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    add_debug_flag(ap)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    parsers = {}
+    for name, cls in commands.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        parsers[name] = sub.add_parser(name, help=doc, description=doc)
+        _add_fields(parsers[name], cls)
     ns = vars(ap.parse_args(argv))
+    name = ns.pop("cmd")
+    cfg, explicit = _config(parsers[name], commands[name], ns)
+    return name, cfg, explicit
+
+
+def _config(ap: argparse.ArgumentParser, cls, ns: dict):
     config_file = ns.pop("config")
     ns.pop("debug", None)
     values = {f.name: _default(f) for f in dataclasses.fields(cls)}
@@ -192,6 +254,40 @@ def parse(cls, argv=None, prog: str = "", description: str = ""):
         return cls(**values), set(ns)
     except (ValueError, TypeError) as e:
         ap.error(str(e))
+
+
+@contextlib.contextmanager
+def log_to(stream_name: str = "stderr", level: int = logging.INFO):
+    """While a command runs, show the engine's log messages (logger "lora_engine") as plain lines.
+
+    stream_name: "stdout" or "stderr", looked up when the command starts (so a captured or
+    redirected stream is the one written to). The handler and level are removed afterwards.
+    """
+    if stream_name not in ("stdout", "stderr"):
+        raise ValueError(f"log_to: stream_name must be 'stdout' or 'stderr', got {stream_name!r}")
+    logger = logging.getLogger("lora_engine")
+    handler = logging.StreamHandler(getattr(sys, stream_name))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def logs_to(stream_name: str = "stderr"):
+    """Decorator form of log_to for a command's `main(argv)`."""
+    def wrap(main):
+        @functools.wraps(main)
+        def command(argv=None):
+            with log_to(stream_name):
+                return main(argv)
+        return command
+    return wrap
 
 
 def format_config(cfg) -> str:

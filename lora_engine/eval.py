@@ -10,29 +10,40 @@ perplexity rises past --forgetting-threshold. The evaluation itself: lora_engine
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
-from lora_engine.cli import add_debug_flag, run_cli, user_input
+from lora_engine.cli import logs_to, option, option_like, parse, run_cli, user_input
 from lora_engine.data.formats import read_records
+from lora_engine.train.config import TrainConfig, quantize_method
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval, target_rows
 
 
+@dataclass
+class EvalConfig:
+    """The command line of `python -m lora_engine.eval`: the settings it shares with training are
+    TrainConfig's fields (defaults, help, choices), declared once there."""
+
+    model: str = option_like(TrainConfig, "model")
+    adapter: str | None = option(None, "LoRA adapter folder; without it only the base is evaluated")
+    data: str | None = option(None, "evaluation file (default: the embedded held-out chat split)")
+    format: str = option_like(TrainConfig, "format")
+    max_length: int = option_like(TrainConfig, "max_length")
+    batch_size: int = option_like(TrainConfig, "eval_batch_size")
+    general: bool = option_like(TrainConfig, "general_eval")
+    general_tokens: int = option_like(TrainConfig, "general_tokens")
+    forgetting_threshold: float = option_like(TrainConfig, "forgetting_threshold")
+    quantize: str = option_like(TrainConfig, "quantize")
+
+    def __post_init__(self):
+        for name in ("max_length", "batch_size", "general_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+@logs_to("stdout")
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m lora_engine.eval", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--adapter", default=None, help="LoRA adapter folder; without it only the base is evaluated")
-    ap.add_argument("--data", default=None, help="evaluation file (default: the embedded held-out chat split)")
-    ap.add_argument("--format", default="auto")
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--general", action=argparse.BooleanOptionalAction, default=True,
-                    help="also measure perplexity on general English (forgetting check)")
-    ap.add_argument("--general-tokens", type=int, default=128, help="tokens per general-English passage")
-    ap.add_argument("--forgetting-threshold", type=float, default=0.05)
-    ap.add_argument("--quantize", default="none", choices=["none", "nf4"])
-    add_debug_flag(ap)
-    a = ap.parse_args(argv)
+    a, _ = parse(EvalConfig, argv, "python -m lora_engine.eval", __doc__.splitlines()[0])
     from lora_engine.loading import load_model
     from lora_engine.models.tokenizer import load_tokenizer
 
@@ -47,7 +58,7 @@ def main(argv=None):
         tok = load_tokenizer(a.model)
     target = target_rows(tok, a.data, a.format, a.max_length, records=records)
     with user_input("--model"):
-        model = load_model(a.model, **({"quantize": a.quantize} if a.quantize != "none" else {}))
+        model = load_model(a.model, quantize=quantize_method(a.quantize))
     general = general_rows(tok, tokens=a.general_tokens) if a.general else None
     before = run_eval(model, tok, target, general, a.batch_size)
     if a.adapter is None:

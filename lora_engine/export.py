@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lora_engine.cli import logs_to, option
 from lora_engine.io.atomic import atomic_dir, copy_file, write_json
 from lora_engine.io.safetensors import FLOAT_DTYPES, dtype_name, float_dtype, write_safetensors
 from lora_engine.lora.layers import LoraLinear, lora_layers
@@ -163,12 +164,11 @@ def _carry_files(source: str | None, dest: Path) -> list[str]:
 # ---- command line --------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ExportArgs:
-    model: str | None = dataclasses.field(default=None, metadata={"help": "base model folder or embedded name"})
-    adapter: str | None = dataclasses.field(default=None, metadata={"help": "LoRA adapter folder (PEFT format)"})
-    out: str | None = dataclasses.field(default=None, metadata={"help": "output folder"})
-    dtype: str | None = dataclasses.field(default=None, metadata={
-        "help": "weights' dtype on disk (default: the model's)", "choices": list(DTYPES)})
-    max_shard_size: str = dataclasses.field(default="5GB", metadata={"help": "largest shard, e.g. 500MB"})
+    model: str | None = option(None, "base model folder or embedded name")
+    adapter: str | None = option(None, "LoRA adapter folder (PEFT format)")
+    out: str | None = option(None, "output folder")
+    dtype: str | None = option(None, "weights' dtype on disk (default: the model's)", choices=list(DTYPES))
+    max_shard_size: str = option("5GB", "largest shard, e.g. 500MB")
 
     def __post_init__(self):
         for name in ("model", "out"):
@@ -179,6 +179,7 @@ class ExportArgs:
         parse_size(self.max_shard_size)
 
 
+@logs_to("stdout")
 def main(argv=None) -> Path:
     from lora_engine.cli import format_config, parse, user_input
     from lora_engine.loading import load_model

@@ -5,9 +5,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
+
+from lora_engine.cli import logs_to, option, option_like, parse, run_cli, user_input
+from lora_engine.train.config import TrainConfig, resolve_device
 
 
 @torch.no_grad()
@@ -103,43 +108,45 @@ def generate(
     return text
 
 
-def main(argv=None):
-    import argparse
-    import sys
+@dataclass
+class GenerateConfig:
+    """The command line of `python -m lora_engine.generate`; --model and --device are TrainConfig's."""
 
-    from lora_engine.cli import add_debug_flag, user_input
+    model: str = option_like(TrainConfig, "model")
+    adapter: str | None = option(None, "a LoRA adapter folder (PEFT format) to apply")
+    prompt: str | None = option(None, "the prompt (with --chat, the user's message)", required=True)
+    chat: bool = option(False, "wrap the prompt in the model's chat template")
+    max_new_tokens: int = option(128, "tokens to generate at most")
+    temperature: float = option(0.0, "0 = greedy")
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    seed: int | None = option(None, "seed of the sampling (default: unseeded)")
+    dtype: str | None = option(None, "weights' dtype (default: the checkpoint's)",
+                               choices=["float32", "bfloat16", "float16"])
+    device: str = option_like(TrainConfig, "device")
+
+    def __post_init__(self):
+        # Checked here, not first in generate_tokens: a bad value is reported before the model loads.
+        if self.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@logs_to("stderr")  # stdout is the generated text
+def main(argv=None):
     from lora_engine.loading import load_model
     from lora_engine.models.tokenizer import load_tokenizer
 
-    ap = argparse.ArgumentParser(prog="python -m lora_engine.generate", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="Hugging Face folder or embedded name")
-    ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) to apply")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
-                    help="wrap the prompt in the model's chat template")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="weights' dtype (default: the checkpoint's)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_debug_flag(ap)
-    a = ap.parse_args(argv)
-    # Checked here, not first in generate_tokens: a bad value is reported before the model loads.
-    if a.max_new_tokens < 0:
-        ap.error(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
-    if a.temperature < 0:
-        ap.error(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
-    if not 0.0 < a.top_p <= 1.0:
-        ap.error(f"--top-p must be in (0, 1], got {a.top_p}")
+    a, _ = parse(GenerateConfig, argv, "python -m lora_engine.generate", __doc__.splitlines()[0])
     if a.adapter:
         from lora_engine.lora.adapter import read_adapter_config
 
         with user_input("--adapter"):
             read_adapter_config(a.adapter)  # a wrong folder is reported before the model loads
     with user_input("--model"):
-        model = load_model(a.model, dtype=a.dtype, device=a.device)
+        model = load_model(a.model, dtype=a.dtype, device=resolve_device(a.device))
         tok = load_tokenizer(a.model)
     if a.adapter:
         from lora_engine.lora.adapter import load_adapter
@@ -156,8 +163,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-
-    from lora_engine.cli import run_cli
-
     sys.exit(run_cli(main))

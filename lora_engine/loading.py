@@ -33,7 +33,7 @@ def load_model(path, dtype=None, device="cpu", *, quantize: str | None = None, q
     as stored either way, with the blocksize and double quantization it was saved with.
     quantize_skip: module names kept in full precision with quantize="nf4" (a name matches a module
     path, its last part or any part of it). blocksize (32, 64, ..., 4096) and double_quant: the NF4
-    settings. verbose: print the NF4 model's bits per parameter.
+    settings. verbose: log (INFO) the NF4 model's bits per parameter.
     Raises ValueError naming the argument when one is out of range.
     """
     quantize_skip = _check_arguments(dtype, device, quantize, quantize_skip, blocksize, double_quant)

@@ -8,6 +8,7 @@ import torch
 
 from lora_engine import LoraConfig, apply_lora, load_adapter, load_model, merge_lora, save_adapter
 from lora_engine.io.safetensors import CheckpointError
+from lora_engine.lora.adapter import read_adapter_config
 from lora_engine.lora.layers import DEFAULT_TARGETS, lora_layers
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
@@ -95,8 +96,9 @@ def test_peft_adapter_loads_in_ours(tmp_path, family, kw):
     theirs = _peft_trained(folder, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM", **kw))
     theirs.save_pretrained(tmp_path / "adapter")
     ours = load_model(folder)
-    config = load_adapter(ours, tmp_path / "adapter", verbose=False)
-    assert config.rank_pattern == kw.get("rank_pattern", {})
+    assert load_adapter(ours, tmp_path / "adapter", verbose=False) is ours  # PEFT's rule: the model
+    config, _ = read_adapter_config(tmp_path / "adapter")
+    assert config.rank_pattern == kw.get("rank_pattern", {}) and ours.lora_config == config
     ids = _ids()
     with torch.no_grad():
         ref = theirs(ids).logits

@@ -1,5 +1,6 @@
 """LoRA layers: the invariants (hypothesis, one LoraLinear), apply_lora on a model, and bad configs."""
 
+import logging
 import math
 import os
 
@@ -138,15 +139,18 @@ def _model():
     return CausalLM(CFG).eval()
 
 
-def test_apply_lora_counts_freezes_and_keeps_keys(capsys):
+def test_apply_lora_counts_freezes_and_keeps_keys(caplog, capsys):
     model = _model()
     keys = set(model.state_dict())
     total0 = count_parameters(model)["total"]
-    counts = apply_lora(model, LoraConfig(r=4, lora_alpha=8))
+    with caplog.at_level(logging.INFO, logger="lora_engine"):
+        assert apply_lora(model, LoraConfig(r=4, lora_alpha=8)) is model  # PEFT's rule: the model
     D, F_, kv = 64, 112, 2 * 16
     per_layer = 4 * ((D + D) + (D + kv) * 2 + (D + D) + (D + F_) * 2 + (F_ + D))
-    assert counts == {"trainable": 2 * per_layer, "total": total0 + 2 * per_layer}
-    assert "LoRA on 14 layers (r=4)" in capsys.readouterr().out
+    assert count_parameters(model) == {"trainable": 2 * per_layer, "total": total0 + 2 * per_layer}
+    assert [r.name for r in caplog.records] == ["lora_engine.lora.layers"]
+    assert "LoRA on 14 layers (r=4)" in caplog.records[0].getMessage()
+    assert capsys.readouterr().out == ""  # through logging, not print
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in model.state_dict() if n.endswith((".lora_A", ".lora_B"))}
     assert {k for k in model.state_dict() if not k.endswith((".lora_A", ".lora_B"))} == keys
@@ -177,10 +181,10 @@ def test_merge_lora_on_the_model():
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         y = model(ids)
-        merge_lora(merge_lora(model))
+        assert merge_lora(merge_lora(model)) is model
         assert all(m.merged for _, m in lora_layers(model))
         torch.testing.assert_close(model(ids), y, rtol=1e-4, atol=1e-4)
-        unmerge_lora(model)
+        assert unmerge_lora(model) is model
         torch.testing.assert_close(model(ids), y, rtol=1e-5, atol=1e-5)
 
 

@@ -7,13 +7,14 @@ trained on is shown between [[ and ]].
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass
 
-from lora_engine.cli import add_debug_flag, user_input
-from lora_engine.data.formats import DataError, EmptyField, Example, detect_format, read_records, tokenize
+from lora_engine.cli import option, parse_command, user_input
+from lora_engine.data.formats import FORMATS, DataError, EmptyField, Example, detect_format, read_records, tokenize
+from lora_engine.sources.embedded import DEFAULT_MODEL
 
 
 def histogram(lengths: list[int], bins: int = 10, width: int = 40) -> list[str]:
@@ -47,10 +48,10 @@ def render_mask(ex: Example, tokenizer) -> str:
 
 def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_only: bool = True,
           show: int = 0, file=None, records=None) -> dict:
-    """Analyse a file (or its `records`, read already); print the report to `file`, return the numbers as a dict."""
+    """Analyse a file (or its `records`, read already); write the report to `file` (a text stream) when one is
+    given; return the numbers as a dict."""
     records = records if records is not None else read_records(path)
-    file = file or sys.stdout
-    p = lambda *a: print(*a, file=file)
+    p = (lambda line: file.write(line + "\n")) if file is not None else (lambda line: None)
     if not records:
         raise DataError(f"{path}: the file holds no records")
     formats, empty, examples, dup = Counter(), [], [], Counter()
@@ -92,22 +93,23 @@ def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_
             "target_tokens_cut": targets_cut}
 
 
+@dataclass
+class CheckArgs:
+    """Report on a training data file: counts, lengths, duplicates, truncation, a rendered loss mask."""
+
+    file: str = option(help="the data file (JSONL or JSON)", positional=True)
+    model: str = option(DEFAULT_MODEL, "whose tokenizer and chat template to use")
+    format: str = option("auto", "data format", choices=["auto", *FORMATS])
+    max_length: int = option(256, "tokens per example (training truncates longer ones)")
+    completion_only: bool = option(True, "loss only on responses / assistant turns (prompt and chat formats)")
+    show: int = option(0, "index of the example to render")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m lora_engine.data", description="Inspect a training data file.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help=__doc__.splitlines()[0])
-    c.add_argument("file")
-    c.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer and chat template to use")
-    c.add_argument("--format", default="auto", help="auto, text, alpaca, prompt_completion or chat")
-    c.add_argument("--max-length", type=int, default=256)
-    c.add_argument("--completion-only", action=argparse.BooleanOptionalAction, default=True,
-                   help="loss only on responses / assistant turns (prompt and chat formats)")
-    c.add_argument("--show", type=int, default=0, help="index of the example to render")
-    add_debug_flag(ap)
-    a = ap.parse_args(argv)
+    _, a, _ = parse_command({"check": CheckArgs}, argv, "python -m lora_engine.data", "Inspect a training data file.")
     from lora_engine.models.tokenizer import load_tokenizer
 
     records = read_records(a.file)  # before the tokenizer: a bad file is reported at once
     with user_input("--model"):
         tok = load_tokenizer(a.model)
-    check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, records=records)
+    check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, file=sys.stdout, records=records)

@@ -8,11 +8,15 @@ Per-module ranks and alphas travel in `rank_pattern` / `alpha_pattern`, as PEFT 
 Files are written atomically (lora_engine.io.atomic: temporary file, fsync, rename), the weights first and the config
 last, so a folder with a config always has the weights it describes. Loading checks every key and
 shape before touching the model, so a bad adapter leaves the model as it was.
+
+load_adapter returns the model, as PEFT's loading does (and apply_lora); the adapter's LoraConfig
+is read_adapter_config(folder)[0], or `model.lora_config` after loading.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +30,8 @@ from lora_engine.lora.layers import LoraConfig, LoraLinear, apply_lora, lora_lay
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+
+logger = logging.getLogger(__name__)
 
 # adapter_config.json fields that change what the adapter computes and that we do not implement:
 # field -> (value(s) that are fine, what it is). Anything else in the file is bookkeeping.
@@ -153,12 +159,13 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
     return config, raw
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = True) -> LoraConfig:
-    """Load a LoRA adapter saved by PEFT or by save_adapter into `model`; returns its LoraConfig.
+def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = True) -> nn.Module:
+    """Load a LoRA adapter saved by PEFT or by save_adapter into `model`; returns `model`.
 
     A model without LoRA gets LoRA layers from the adapter's config (apply_lora, so the rest is
     frozen). A model that already has LoRA layers must have exactly the adapter's layers and ranks;
     their weights are replaced and their scales follow the adapter's lora_alpha.
+    The adapter's LoraConfig becomes `model.lora_config`. Logs one line (INFO) unless verbose=False.
     Raises before changing anything when a key or shape does not fit.
     """
     folder = Path(folder)
@@ -188,8 +195,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
             m.dropout.train(m.training)
     model.lora_config = config
     if verbose:
-        print(f"loaded LoRA adapter {folder} into {len(layers)} layers")
-    return config
+        logger.info(f"loaded LoRA adapter {folder} into {len(layers)} layers")
+    return model
 
 
 def _expected_layers(model, config: LoraConfig, existing: dict, folder: Path) -> dict[str, tuple]:

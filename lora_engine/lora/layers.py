@@ -19,10 +19,15 @@ Target names follow PEFT: a name matches a module whose path equals it or ends w
 a single string is a regular expression matched against the whole path; "all-linear" means every
 linear layer but the output head. rank_pattern / alpha_pattern override r / lora_alpha for the
 modules whose path ends with one of their keys (regular expressions, PEFT's `get_pattern_key`).
+
+Functions that change a model in place return the model, as PEFT's do (apply_lora, merge_lora,
+unmerge_lora, adapter.load_adapter); counts come from count_parameters, layers from lora_layers.
+Summaries go to this module's logger (`logging`), not to stdout.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterator
@@ -38,6 +43,8 @@ from lora_engine.quant import nf4
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -278,12 +285,12 @@ def _output_head(model: nn.Module) -> str | None:
 
 
 def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
-               adapter_dtype: torch.dtype | None = torch.float32, verbose: bool = True) -> dict[str, int]:
-    """Put LoRA on the targeted linear layers of `model` (in place) and freeze everything else.
+               adapter_dtype: torch.dtype | None = torch.float32, verbose: bool = True) -> nn.Module:
+    """Put LoRA on the targeted linear layers of `model` (in place) and freeze everything else; returns `model`.
 
     adapter_dtype: dtype of lora_A / lora_B (fp32 by default, see the module docstring; None = the
-    base weight's dtype). Returns {"trainable": n, "total": n} and prints a one-line summary
-    unless verbose=False. The config is kept as `model.lora_config` (save_adapter writes it).
+    base weight's dtype). Logs a one-line summary (INFO) unless verbose=False; the counts it gives
+    are count_parameters(model). The config is kept as `model.lora_config` (save_adapter writes it).
     """
     config = config or LoraConfig()
     existing = [n for n, _ in lora_layers(model)]
@@ -305,12 +312,13 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
         layer.train(parent.training)  # a new module starts in training mode: keep an eval model in eval
         setattr(parent, child, layer)
     model.lora_config = config
-    counts = count_parameters(model)
     if verbose:
+        counts = count_parameters(model)
         ranks = sorted({m.r for _, m in lora_layers(model)})
-        print(f"LoRA on {len(paths)} layers (r={'/'.join(map(str, ranks))}): {counts['trainable']:,} trainable "
-              f"of {counts['total']:,} parameters ({100 * counts['trainable'] / counts['total']:.3f}%)")
-    return counts
+        logger.info(f"LoRA on {len(paths)} layers (r={'/'.join(map(str, ranks))}): {counts['trainable']:,} "
+                    f"trainable of {counts['total']:,} parameters "
+                    f"({100 * counts['trainable'] / counts['total']:.3f}%)")
+    return model
 
 
 def _require_lora(model: nn.Module, what: str) -> list[LoraLinear]:

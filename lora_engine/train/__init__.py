@@ -1,5 +1,6 @@
-"""Training: the config and command line (config.py), one optimizer step (step.py), the run with
-checkpoints and evaluation (loop.py, checkpoint.py), lineage (lineage.py) and the loss plot (plot.py).
+"""Training: the config (config.py), one optimizer step (step.py), the run with its LoopState,
+checkpoints and evaluation (loop.py, checkpoint.py, evaluate.py), the command line (command.py),
+lineage (lineage.py) and the loss plot (plot.py).
 
     python -m lora_engine.train                         # or: from lora_engine.train import TrainConfig, run
 
@@ -9,7 +10,8 @@ Names are resolved lazily so that `import lora_engine.train.step` stays light.
 from importlib import import_module
 
 _EXPORTS = {"TrainConfig": "lora_engine.train.config", "main": "lora_engine.train.command",
-            "run": "lora_engine.train.loop", "TrainingStopped": "lora_engine.train.loop"}
+            "run": "lora_engine.train.loop", "TrainingStopped": "lora_engine.train.loop",
+            "LoopState": "lora_engine.train.loop"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -5,6 +5,7 @@ Layout of one checkpoint, `<out>/checkpoints/step-00000100/`:
   adapter/                 the PEFT adapter at this step (adapter_config.json + safetensors)
   trainable.safetensors    every trainable parameter under its model name (restored bit-exactly)
   state.pt                 optimizer, scheduler, grad scaler, RNG states, data position, loop state
+                           (loop.LoopState as a plain dict, so the file holds no class of ours)
   meta.json                step, time, the files above; written last inside the folder
 
 The folder is built under a temporary name and renamed into place (atomic.atomic_dir), so a crash
@@ -48,7 +49,10 @@ def save_adapter_if_available(model, folder: Path) -> bool:
 
 def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, loop_state: dict,
                     data_state: dict, scaler=None, keep: int = 3) -> Path:
-    """Save everything a resume needs; returns the checkpoint folder. Older ones beyond `keep` go."""
+    """Save everything a resume needs; returns the checkpoint folder. Older ones beyond `keep` go.
+
+    loop_state and data_state: plain data (LoopState.to_dict(), Batcher.state_dict()), returned as saved
+    by load_checkpoint."""
     from lora_engine.train.step import rng_state
 
     target = checkpoint_dir(out, step)

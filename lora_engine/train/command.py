@@ -1,14 +1,40 @@
-"""`python -m lora_engine.train`: the command line over TrainConfig (config.py) and run (loop.py)."""
+"""`python -m lora_engine.train`: the command line over TrainConfig (config.py) and run (loop.py).
+
+The run's messages (the resolved config, data counts, evaluations) are log records shown on stdout;
+the progress bar goes to stderr.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from lora_engine.cli import parse
+from lora_engine.cli import logs_to, parse
 from lora_engine.train.config import TrainConfig
 from lora_engine.train.config import __doc__ as _config_doc
 
 
+class ProgressBar:
+    """On a terminal one line on stderr, redrawn in place after every step; elsewhere (a log file) a
+    line every 5% of the run (loop.ProgressLog's lines, printed)."""
+
+    def __init__(self, total: int, start: int):
+        from lora_engine.train.loop import ProgressLog  # here: `--help` stays free of torch
+
+        self.lines = ProgressLog(total, start, log=lambda line: print(line, file=sys.stderr, flush=True))
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, loss: float, lr: float, tps: float) -> None:
+        if self.tty:
+            print("\r" + self.lines.line(step, loss, lr, tps), end="", file=sys.stderr, flush=True)
+        else:
+            self.lines.update(step, loss, lr, tps)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+@logs_to("stdout")
 def main(argv=None) -> int:
     from lora_engine.data.formats import DataError
     from lora_engine.train.checkpoint import ResumeError
@@ -16,7 +42,7 @@ def main(argv=None) -> int:
 
     cfg, explicit = parse(TrainConfig, argv, "python -m lora_engine.train", _config_doc.splitlines()[0])
     try:
-        manifest = run(cfg, explicit, log=print)
+        manifest = run(cfg, explicit, progress=ProgressBar)
     except (DataError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

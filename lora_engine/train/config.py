@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lora_engine.cli import format_config
+from lora_engine.cli import option as _f
+from lora_engine.sources.embedded import DEFAULT_MODEL
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def _f(default, help_, **kw):
-    return field(default=default, metadata={"help": help_, **kw})
-
-
 @dataclass
 class TrainConfig:
-    model: str = _f("smollm2-135m-instruct", "Hugging Face model folder or embedded model name")
+    model: str = _f(DEFAULT_MODEL, "Hugging Face model folder or embedded model name")
     data: str | None = _f(None, "training file (JSONL/JSON); default: the embedded chatterbot conversations")
     format: str = _f("auto", "data format", choices=["auto", "text", "alpaca", "prompt_completion", "chat"])
     val_data: str | None = _f(None, "validation file (default: --val-split of --data)")
@@ -96,6 +94,23 @@ class TrainConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 
 
+def quantize_method(choice: str) -> str | None:
+    """A --quantize choice as load_model's `quantize=` takes it: "none" -> None (full precision), "nf4" -> "nf4".
+
+    The one place the string is mapped, for every command with a --quantize flag (train, eval).
+    """
+    return None if choice == "none" else choice
+
+
+def resolve_device(name: str):
+    """A --device value as a torch.device: "auto" is cuda when one is available, else cpu."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def eval_steps(total: int, eval_every: int | None) -> list[int]:
     """The steps after which the validation loss is measured during a run of `total` steps.
 
@@ -104,7 +119,6 @@ def eval_steps(total: int, eval_every: int | None) -> list[int]:
     """
     every = math.ceil(total / 4) if eval_every is None else eval_every
     return list(range(every, total, every)) if every else []
-
 
 
 def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, Path | None]:

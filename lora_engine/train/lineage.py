@@ -7,14 +7,14 @@ resumed from, the evaluation results, start and end times, and the final status.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from lora_engine.cli import CliError, add_debug_flag
+from lora_engine.cli import CliError, option, parse_command
 from lora_engine.io import atomic
 
 MANIFEST = "run.json"
@@ -113,14 +113,16 @@ def format_runs(root: str | Path) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+@dataclass
+class ListArgs:
+    """list the runs under DIR"""
+
+    dir: str = option(help="the folder that holds the runs (searched recursively for run.json)", positional=True)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m lora_engine.runs", description="List training runs and their lineage.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ls = sub.add_parser("list", help="list the runs under DIR")
-    ls.add_argument("dir")
-    add_debug_flag(ap)
-    a = ap.parse_args(argv)
+    _, a, _ = parse_command({"list": ListArgs}, argv, "python -m lora_engine.runs",
+                            "List training runs and their lineage.")
     if not Path(a.dir).is_dir():
         raise CliError(f"runs list {a.dir}: no such folder; pass the folder that holds the runs (e.g. runs)")
     print(format_runs(a.dir))
-

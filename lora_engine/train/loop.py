@@ -1,19 +1,28 @@
 """The run behind `python -m lora_engine.train`: set up, evaluate, train, checkpoint, evaluate, record.
 
-Kept apart from train.py (the config and command line) so that a test or a notebook can call
-`run(TrainConfig(...), tokenizer=..., model=...)` with objects it built itself.
+Kept apart from config.py (the config) and command.py (the command line) so that a test or a
+notebook can call `run(TrainConfig(...), tokenizer=..., model=...)` with objects it built itself.
+
+One function a stage: _setup (config, data, model, optimizer; the state new or resumed; the
+evaluation before), _train (one _step after another, _validate at the evaluation steps, a
+checkpoint every --save-every), _finish (final evaluation, adapters, plot, run.json). What carries
+from one step to the next is a LoopState, which every checkpoint saves. Messages go through
+`logging` (this module's logger) unless `run` is given a `log`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import signal
-import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,17 +33,106 @@ from lora_engine.io import atomic
 from lora_engine.train import checkpoint
 from lora_engine.train import lineage as runs
 from lora_engine.train import step as trainer
+from lora_engine.train.config import TrainConfig, describe, eval_steps, quantize_method, resolve_device, resolve_resume
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped on an error (e.g. a NaN loss); the message says what, where, and which checkpoint is good."""
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass
+class LoopState:
+    """What the loop carries from one step to the next; every checkpoint saves it, as a plain dict.
+
+    The rest of a resume lives elsewhere in the checkpoint: the data position (epoch, index) is the
+    Batcher's state, the RNG states the checkpoint's own; the metrics history is metrics.jsonl, cut
+    back to `step` on resume.
+    """
+
+    step: int = 0                    # optimizer steps done
+    tokens: int = 0                  # tokens trained on (StepResult.tokens summed)
+    targets: int | None = 0          # target tokens trained on; None: resumed from a checkpoint older than the count
+    skipped: int = 0                 # steps skipped on a non-finite loss (--on-nonfinite skip)
+    best_val: float | None = None    # the best mid-run validation loss, whose adapter is adapter-best/
+    eval_before: dict | None = None  # the evaluation before training: a resumed run compares against it
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoopState:
+        """The state as a checkpoint saved it. One from before the target count ("targets" absent) keeps
+        the count unknown (None). Raises ValueError on a dict this version cannot read."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown or "step" not in d:
+            raise ValueError(f"the loop state {sorted(d)} is not one this version writes (unknown fields "
+                             f"{unknown or 'none'}, step {'present' if 'step' in d else 'missing'}); resume with "
+                             "the lora_engine version that wrote the checkpoint")
+        return cls(**{"targets": None, **d})
+
+
+@dataclass
+class _Stop:
+    """Set by the signal handler; the loop looks at it between steps."""
+
+    signal: str | None = None
+
+
+@dataclass
+class _Run:
+    """What the stages share, set up once by _setup."""
+
+    cfg: TrainConfig
+    out: Path
+    tokenizer: Any
+    model: torch.nn.Module
+    val_rows: list
+    general: list | None  # general-English rows, None without --general-eval
+    batcher: Batcher
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler | None
+    amp: torch.dtype | None
+    total: int  # optimizer steps of the whole run
+    evals_at: set[int]
+    manifest: dict
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def save(self, state: LoopState) -> Path:
+        return checkpoint.save_checkpoint(self.out, state.step, self.model, self.opt, self.sched, state.to_dict(),
+                                          self.batcher.state_dict(), self.scaler, self.cfg.keep_checkpoints)
+
+
+class ProgressLog:
+    """The default progress report: one line through `log` every 5% of the run and at its end.
+
+    The interface `run` expects of a progress report: built as `progress(total, first_step)`, then
+    update(step, loss, lr, tokens_per_s) after every step and close() at the end.
+    """
+
+    def __init__(self, total: int, start: int, log: Callable[[str], None] | None = None):
+        self.total, self.start, self.t0 = total, start, time.time()
+        self.log = log or logger.info
+
+    def line(self, step: int, loss: float, lr: float, tps: float) -> str:
+        eta = (time.time() - self.t0) / max(1, step - self.start) * (self.total - step)
+        bar = "#" * int(20 * step / self.total)
+        return (f"step {step}/{self.total} [{bar:<20}] loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+
+    def update(self, step: int, loss: float, lr: float, tps: float) -> None:
+        if step % max(1, self.total // 20) == 0 or step == self.total:
+            self.log(self.line(step, loss, lr, tps))
+
+    def close(self) -> None:
+        pass
 
 
 def read_data_files(cfg) -> dict[str, list]:
@@ -73,29 +171,6 @@ def _save_adapter(model, folder: Path) -> None:
         checkpoint.save_adapter_if_available(model, tmp)
 
 
-class _Progress:
-    """A one-line progress bar on stderr: step, loss, lr, tokens/s, ETA."""
-
-    def __init__(self, total: int, start: int):
-        self.total, self.start, self.t0 = total, start, time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float, lr: float, tps: float):
-        done = step - self.start
-        eta = (time.time() - self.t0) / max(1, done) * (self.total - step)
-        bar = "#" * int(20 * step / self.total)
-        line = (f"step {step}/{self.total} [{bar:<20}] loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif step % max(1, self.total // 20) == 0 or step == self.total:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.tty:
-            print(file=sys.stderr)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the metrics of steps <= step (a resumed run rewrites what came after its checkpoint)."""
     if path.is_file():
@@ -103,33 +178,78 @@ def _truncate_metrics(path: Path, step: int) -> None:
         atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 
-def run(cfg, explicit: set[str] = frozenset(), tokenizer=None, model=None, log=print) -> dict:
-    """Train per `cfg` (a train.TrainConfig); returns the run manifest (also written to run.json).
+def run(cfg: TrainConfig, explicit: set[str] = frozenset(), tokenizer=None, model=None,
+        log: Callable[[str], None] | None = None, progress=None) -> dict:
+    """Train per `cfg`; returns the run manifest (also written to run.json).
 
+    tokenizer, model: objects built by the caller (model with LoRA on it), else loaded from cfg.
+    log: where the run's messages go (default: this module's logger, at INFO). progress: a class
+    like ProgressLog, called as progress(total, first_step) (default: ProgressLog through `log`).
     SIGINT (Ctrl-C) and SIGTERM, from the start on, end the run at the next step boundary with a
     checkpoint (handlers are installed only in the main thread, where Python allows them).
     """
-    stop = {"signal": None}
+    log = log or logger.info
+    stop = _Stop()
 
     def on_signal(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
+        stop.signal = signal.Signals(signum).name
 
     main = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        return _run(cfg, explicit, tokenizer, model, log, stop)
+        r, state = _setup(cfg, explicit, tokenizer, model, log)
+        bar = progress(r.total, state.step) if progress else ProgressLog(r.total, state.step, log)
+        status = _train(r, state, stop, bar)
+        bar.close()
+        return _finish(r, state, status, stop.signal, log)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
 
 
-def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
-    from lora_engine.train.config import describe, eval_steps, resolve_resume
-
+def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, LoopState]:
+    """Everything before the first step; the state is the checkpoint's with --resume, else new."""
     cfg, ckpt = resolve_resume(cfg, set(explicit))
     out = Path(cfg.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     cfg = dataclasses.replace(cfg, out=str(out))
     log(describe(cfg))
+    tokenizer, train_rows, val_rows, data_files, stats = _load_inputs(cfg, tokenizer, log)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.clean_temporaries(out)
+    atomic.write_json(out / "config.json", dataclasses.asdict(cfg))
+    trainer.seed_everything(cfg.seed)  # before apply_lora, which draws the initial lora_A
+    device = resolve_device(cfg.device)
+    if model is None:
+        model = _build_model(cfg, device, log)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(batcher.batches_per_epoch / cfg.grad_accum)))
+    opt = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    amp = trainer.autocast_dtype(device, cfg.precision)
+    base_dir = getattr(model, "source_dir", None)
+    manifest = runs.new_manifest(dataclasses.asdict(cfg),
+                                 runs.hash_files(runs.model_weight_files(base_dir)) if base_dir else {},
+                                 runs.hash_files(data_files), str(ckpt) if ckpt else None)
+    manifest["data"].update({k: v for k, v in stats.items() if isinstance(v, int | dict)})
+    r = _Run(cfg, out, tokenizer, model, val_rows,
+             general_rows(tokenizer, tokens=cfg.general_tokens) if cfg.general_eval else None, batcher, opt,
+             trainer.make_scheduler(opt, cfg.warmup_steps, total, cfg.min_lr_ratio),
+             torch.amp.GradScaler(device.type) if amp == torch.float16 else None, amp, total,
+             set(eval_steps(total, cfg.eval_every)) if val_rows else set(), manifest)
+    state = _restore(r, ckpt, log) if ckpt is not None else LoopState()
+    _start_metrics(r, ckpt, state.step)
+    runs.write_manifest(out, manifest)
+    if state.eval_before is None:
+        state.eval_before = run_eval(model, tokenizer, val_rows, r.general, cfg.eval_batch_size, amp)
+    manifest["eval"]["before"] = state.eval_before
+    log("before training: " + ", ".join(f"{k} loss {v['loss']:.4f} ppl {v['ppl']:.2f}"
+                                        for k, v in state.eval_before.items()))
+    return r, state
+
+
+def _load_inputs(cfg: TrainConfig, tokenizer, log):
+    """(tokenizer, train rows, val rows, data files, data stats); the tokenizer is cfg.model's unless given."""
     # The data first, then the model: a bad data file is reported in seconds, and leaves no run folder.
     records = read_data_files(cfg)
     if tokenizer is None:
@@ -143,142 +263,133 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
         f"{stats['truncated']} truncated at {cfg.max_length} tokens, {stats['dropped_no_targets']} dropped (no "
         f"target left); {stats['rows']} training rows, {stats['target_tokens']:,} target tokens; "
         f"{len(val_rows)} validation rows")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.clean_temporaries(out)
-    atomic.write_json(out / "config.json", dataclasses.asdict(cfg))
-    trainer.seed_everything(cfg.seed)
-    device = _device(cfg.device)
+    return tokenizer, train_rows, val_rows, data_files, stats
 
-    if model is None:
-        from lora_engine.loading import load_model
 
-        kw = {"quantize": cfg.quantize} if cfg.quantize != "none" else {}
-        with user_input("--model"):
-            model = load_model(cfg.model, dtype=torch.float32 if device.type == "cpu" else None, device=device, **kw)
-        from lora_engine.lora.layers import LoraConfig, apply_lora
+def _build_model(cfg: TrainConfig, device: torch.device, log):
+    """cfg.model loaded (fp32 on CPU, quantized per --quantize), with LoRA on cfg.target_modules."""
+    from lora_engine.loading import load_model
+    from lora_engine.lora.layers import LoraConfig, apply_lora, count_parameters
 
-        counts = apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                              target_modules=tuple(cfg.target_modules.split(",")),
-                                              use_rslora=cfg.use_rslora), verbose=False)
-        log(f"LoRA: {counts['trainable']:,} trainable of {counts['total']:,} parameters")
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    with user_input("--model"):
+        model = load_model(cfg.model, dtype=torch.float32 if device.type == "cpu" else None, device=device,
+                           quantize=quantize_method(cfg.quantize))
+    apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora),
+               verbose=False)
+    counts = count_parameters(model)
+    log(f"LoRA: {counts['trainable']:,} trainable of {counts['total']:,} parameters")
+    return model
 
-    batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
-    steps_per_epoch = math.ceil(batcher.batches_per_epoch / cfg.grad_accum)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    opt = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    sched = trainer.make_scheduler(opt, cfg.warmup_steps, total, cfg.min_lr_ratio)
-    amp = trainer.autocast_dtype(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
 
-    base_dir = getattr(model, "source_dir", None)
-    manifest = runs.new_manifest(dataclasses.asdict(cfg),
-                                 runs.hash_files(runs.model_weight_files(base_dir)) if base_dir else {},
-                                 runs.hash_files(data_files), str(ckpt) if ckpt else None)
-    manifest["data"].update({k: v for k, v in stats.items() if isinstance(v, int | dict)})
-    loop = {"step": 0, "tokens": 0, "targets": 0, "skipped": 0, "best_val": None, "eval_before": None}
-    if ckpt is not None:
-        restored = checkpoint.load_checkpoint(ckpt, model, opt, sched, scaler)
-        loop = restored["loop"]
-        batcher.load_state_dict(restored["data"])
-        loop.setdefault("targets", None)  # a checkpoint from before the count: it stays unknown
-        log(f"resumed from {ckpt} at step {loop['step']}")
-    metrics_path = out / "metrics.jsonl"
-    if ckpt is not None and checkpoint.run_dir_of(ckpt).resolve() != out.resolve() and not metrics_path.exists():
+def _restore(r: _Run, ckpt: Path, log) -> LoopState:
+    """Parameters, optimizer, scheduler, scaler, RNG and data position from `ckpt`; returns its loop state."""
+    restored = checkpoint.load_checkpoint(ckpt, r.model, r.opt, r.sched, r.scaler)
+    try:
+        state = LoopState.from_dict(restored["loop"])
+    except ValueError as e:
+        raise checkpoint.ResumeError(f"{ckpt}: {e}") from e
+    r.batcher.load_state_dict(restored["data"])
+    log(f"resumed from {ckpt} at step {state.step}")
+    return state
+
+
+def _start_metrics(r: _Run, ckpt: Path | None, step: int) -> None:
+    """metrics.jsonl holds the steps up to `step`: a resumed run's history, nothing after its checkpoint."""
+    if ckpt is not None and checkpoint.run_dir_of(ckpt).resolve() != r.out.resolve() and not r.metrics_path.exists():
         # Resumed into a new folder: start its metrics with the history up to the checkpoint.
         src = checkpoint.run_dir_of(ckpt) / "metrics.jsonl"
         if src.is_file():
-            atomic.write_text(metrics_path, src.read_text())
-    _truncate_metrics(metrics_path, loop["step"])
-    runs.write_manifest(out, manifest)
+            atomic.write_text(r.metrics_path, src.read_text())
+    _truncate_metrics(r.metrics_path, step)
 
-    general = general_rows(tokenizer, tokens=cfg.general_tokens) if cfg.general_eval else None
-    if loop["eval_before"] is None:
-        loop["eval_before"] = run_eval(model, tokenizer, val_rows, general, cfg.eval_batch_size, amp)
-    manifest["eval"]["before"] = loop["eval_before"]
-    log("before training: " + ", ".join(f"{k} loss {v['loss']:.4f} ppl {v['ppl']:.2f}"
-                                        for k, v in loop["eval_before"].items()))
 
-    def save(step):
-        return checkpoint.save_checkpoint(out, step, model, opt, sched, dict(loop), batcher.state_dict(), scaler,
-                                          cfg.keep_checkpoints)
-
-    evals_at = set(eval_steps(total, cfg.eval_every)) if val_rows else set()
-    bar = _Progress(total, loop["step"])
-    status = "completed"
-    with open(metrics_path, "a") as mf:
-        while loop["step"] < total:
-            if stop["signal"]:  # arrived during setup or evaluation
-                status = "interrupted"
-                break
-            t0 = time.time()
-            micro = [batcher.next() for _ in range(cfg.grad_accum)]
-            where = f"step {loop['step'] + 1} (epoch {batcher.epoch}, rows {', '.join(micro[0]['where'][:3])})"
-            try:
-                res = trainer.train_step(model, opt, sched, micro, cfg.max_grad_norm, amp, scaler,
-                                         cfg.on_nonfinite, where)
-            except trainer.NonFiniteError as e:
-                good = checkpoint.list_checkpoints(out)
-                msg = (f"{e}. Training stopped; nothing was saved after the last good checkpoint "
-                       f"({good[-1] if good else 'none yet'}). Lower --lr, check the data at those rows, "
-                       "or pass --on-nonfinite skip")
-                manifest.update(status="failed", error=msg, final_step=loop["step"], ended=runs.now())
-                runs.write_manifest(out, manifest)
-                raise TrainingStopped(msg) from e
-            dt = time.time() - t0
-            loop["step"] += 1
-            loop["tokens"] += res.tokens
-            if loop["targets"] is not None:
-                loop["targets"] += res.targets
-            loop["skipped"] += int(res.skipped)
-            row = {"step": loop["step"], "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
-                   "tokens": res.tokens, "targets": res.targets, "tokens_per_s": res.tokens / dt,
-                   "epoch": batcher.epoch, "skipped": res.skipped}
-            if loop["targets"] is not None:
-                row["target_tokens_seen"] = loop["targets"]  # the plot's second axis
-            if loop["step"] in evals_at:
-                v = run_eval(model, tokenizer, val_rows, None, cfg.eval_batch_size, amp)["target"]["loss"]
-                row["val_loss"] = v
-                if loop["best_val"] is None or v < loop["best_val"]:
-                    loop["best_val"] = v
-                    _save_adapter(model, out / "adapter-best")
-            if loop["step"] % cfg.log_every == 0 or row.get("val_loss") is not None:
+def _train(r: _Run, state: LoopState, stop: _Stop, bar) -> str:
+    """Steps until the run's end ("completed") or a signal or --stop-after ("interrupted")."""
+    cfg = r.cfg
+    with open(r.metrics_path, "a") as mf:
+        while state.step < r.total:
+            if stop.signal:  # arrived during setup or evaluation
+                return "interrupted"
+            row = _step(r, state)
+            if state.step in r.evals_at:
+                _validate(r, state, row)
+            if state.step % cfg.log_every == 0 or row.get("val_loss") is not None:
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
-            bar.update(loop["step"], res.loss, res.lr, res.tokens / dt)
-            if cfg.save_every and loop["step"] % cfg.save_every == 0 and loop["step"] < total:
-                save(loop["step"])
-            if stop["signal"] or (cfg.stop_after and loop["step"] >= cfg.stop_after and loop["step"] < total):
-                status = "interrupted"
-                break
-    bar.close()
-    path = save(loop["step"])
-    if status == "interrupted":
-        why = stop["signal"] or f"--stop-after {cfg.stop_after}"
-        log(f"stopped by {why} at step {loop['step']}; checkpoint {path}; continue with --resume {out}")
-        manifest.update(status="interrupted", final_step=loop["step"], ended=runs.now())
-        runs.write_manifest(out, manifest)
-        return manifest
+            bar.update(state.step, row["loss"], row["lr"], row["tokens_per_s"])
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < r.total:
+                r.save(state)
+            if stop.signal or (cfg.stop_after and cfg.stop_after <= state.step < r.total):
+                return "interrupted"
+    return "completed"
 
-    _save_adapter(model, out / "adapter")
-    after = run_eval(model, tokenizer, val_rows, general, cfg.eval_batch_size, amp)
+
+def _step(r: _Run, state: LoopState) -> dict:
+    """One optimizer step over --grad-accum micro-batches; advances `state`, returns its metrics row."""
+    t0 = time.time()
+    micro = [r.batcher.next() for _ in range(r.cfg.grad_accum)]
+    where = f"step {state.step + 1} (epoch {r.batcher.epoch}, rows {', '.join(micro[0]['where'][:3])})"
+    try:
+        res = trainer.train_step(r.model, r.opt, r.sched, micro, r.cfg.max_grad_norm, r.amp, r.scaler,
+                                 r.cfg.on_nonfinite, where)
+    except trainer.NonFiniteError as e:
+        good = checkpoint.list_checkpoints(r.out)
+        msg = (f"{e}. Training stopped; nothing was saved after the last good checkpoint "
+               f"({good[-1] if good else 'none yet'}). Lower --lr, check the data at those rows, "
+               "or pass --on-nonfinite skip")
+        r.manifest.update(status="failed", error=msg, final_step=state.step, ended=runs.now())
+        runs.write_manifest(r.out, r.manifest)
+        raise TrainingStopped(msg) from e
+    dt = time.time() - t0
+    state.step += 1
+    state.tokens += res.tokens
+    if state.targets is not None:
+        state.targets += res.targets
+    state.skipped += int(res.skipped)
+    row = {"step": state.step, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "tokens": res.tokens,
+           "targets": res.targets, "tokens_per_s": res.tokens / dt, "epoch": r.batcher.epoch, "skipped": res.skipped}
+    if state.targets is not None:
+        row["target_tokens_seen"] = state.targets  # the plot's second axis
+    return row
+
+
+def _validate(r: _Run, state: LoopState, row: dict) -> None:
+    """The mid-run validation loss into `row`; a new best is saved as adapter-best/."""
+    v = run_eval(r.model, r.tokenizer, r.val_rows, None, r.cfg.eval_batch_size, r.amp)["target"]["loss"]
+    row["val_loss"] = v
+    if state.best_val is None or v < state.best_val:
+        state.best_val = v
+        _save_adapter(r.model, r.out / "adapter-best")
+
+
+def _finish(r: _Run, state: LoopState, status: str, stopped_by: str | None, log) -> dict:
+    """The last checkpoint; when completed, the adapters, the evaluation after, the plot. Returns the manifest."""
+    path = r.save(state)
+    if status == "interrupted":
+        why = stopped_by or f"--stop-after {r.cfg.stop_after}"
+        log(f"stopped by {why} at step {state.step}; checkpoint {path}; continue with --resume {r.out}")
+        r.manifest.update(status="interrupted", final_step=state.step, ended=runs.now())
+        runs.write_manifest(r.out, r.manifest)
+        return r.manifest
+    _save_adapter(r.model, r.out / "adapter")
+    after = run_eval(r.model, r.tokenizer, r.val_rows, r.general, r.cfg.eval_batch_size, r.amp)
     # The last step has no mid-run evaluation (eval_steps): the final one decides whether it is the best.
-    best_kept = loop["best_val"] is not None and (out / "adapter-best").exists()
-    if not best_kept or ("target" in after and after["target"]["loss"] <= loop["best_val"]):
-        _save_adapter(model, out / "adapter-best")
-    cmp = compare(loop["eval_before"], after, cfg.forgetting_threshold)
+    best_kept = state.best_val is not None and (r.out / "adapter-best").exists()
+    if not best_kept or ("target" in after and after["target"]["loss"] <= state.best_val):
+        _save_adapter(r.model, r.out / "adapter-best")
+    cmp = compare(state.eval_before, after, r.cfg.forgetting_threshold)
     log(format_table(cmp))
-    if cfg.plot:
+    if r.cfg.plot:
         from lora_engine.train.plot import plot_loss
 
-        points = [(0, loop["eval_before"]["target"]["loss"]), (loop["step"], after["target"]["loss"])] \
+        points = [(0, state.eval_before["target"]["loss"]), (state.step, after["target"]["loss"])] \
             if "target" in after else []
-        note = plot_loss(metrics_path, out / "loss.png", points)
+        note = plot_loss(r.metrics_path, r.out / "loss.png", points)
         if note:
             log(note)
-    manifest.update(status="completed", final_step=loop["step"], ended=runs.now(), skipped_steps=loop["skipped"],
-                    tokens=loop["tokens"])
-    manifest["eval"] = cmp
-    runs.write_manifest(out, manifest)
-    return manifest
+    r.manifest.update(status="completed", final_step=state.step, ended=runs.now(), skipped_steps=state.skipped,
+                      tokens=state.tokens)
+    r.manifest["eval"] = cmp
+    runs.write_manifest(r.out, r.manifest)
+    return r.manifest
