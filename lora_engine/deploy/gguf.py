@@ -114,7 +114,7 @@ def modelfile_text(gguf_name: str, template: str | None, eos: str | None) -> str
 def write_modelfile(gguf_path: str | os.PathLike, template: str | None, eos: str | None) -> Path:
     gguf_path = Path(gguf_path)
     text = modelfile_text(gguf_path.name, template, eos)
-    if "TEMPLATE" not in text:
+    if "\nTEMPLATE " not in text:
         warnings.warn(f"save_gguf: {gguf_path.stem}.Modelfile has no TEMPLATE: the chat template is not ChatML, "
                       "Llama 3 or Mistral; Ollama will choose one from the GGUF metadata", stacklevel=3)
     out = gguf_path.with_name(gguf_path.stem + ".Modelfile")
