@@ -1,6 +1,14 @@
 """save_model: the model as a Hugging Face folder that transformers loads, LoRA merged in or not.
 
     python -m lora_engine.export --model PATH --adapter DIR --out DIR [--dtype bfloat16]
+    python -m lora_engine.export --model PATH --adapter DIR --gguf OUT.gguf [--gguf-type q8_0]
+    python -m lora_engine.export --model NF4_OR_16BIT --adapter QLORA --merge-into dequantized --out DIR
+    python -m lora_engine.export --model NF4 --adapter QLORA --base PATH_16BIT --gguf OUT.gguf
+
+--gguf writes one GGUF file for llama.cpp / Ollama and an Ollama Modelfile beside it
+(lora_engine/deploy/gguf.py). A QLoRA adapter is merged into full-precision weights, never into
+4 bits: --merge-into dequantized or --base PATH_16BIT (lora_engine/deploy/qlora.py says which to
+pick when).
 
 The folder holds config.json (the original config.json, kept in model.config.extra, with the dtype
 updated; ModelConfig.to_hf() when there is none), the weights as safetensors, streamed one tensor at
@@ -29,6 +37,7 @@ from lora_engine.cli import logs_to, option
 from lora_engine.io.atomic import atomic_dir, copy_file, write_json
 from lora_engine.io.safetensors import FLOAT_DTYPES, dtype_name, float_dtype, write_safetensors
 from lora_engine.lora.layers import LoraLinear, lora_layers
+from lora_engine.sources.gguf_write import GGUF_TYPES
 
 # Files of a Hugging Face folder, besides config and weights, that a user of the export needs.
 CARRIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
@@ -169,11 +178,27 @@ class ExportArgs:
     out: str | None = option(None, "output folder")
     dtype: str | None = option(None, "weights' dtype on disk (default: the model's)", choices=list(DTYPES))
     max_shard_size: str = option("5GB", "largest shard, e.g. 500MB")
+    gguf: str | None = option(None, "also (or instead of --out) write this GGUF file for llama.cpp / Ollama, and a "
+                                    "Modelfile beside it")
+    gguf_type: str = option("f16", "GGUF type of the weight matrices (norms stay f32)", choices=list(GGUF_TYPES))
+    merge_into: str | None = option(None, "QLoRA: merge into the dequantized NF4 weights training saw",
+                                    choices=["dequantized"])
+    base: str | None = option(None, "QLoRA: merge into this full-precision checkpoint, the one --model (NF4) was "
+                                    "quantized from")
 
     def __post_init__(self):
-        for name in ("model", "out"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
+        if not self.model:
+            raise ValueError("--model is required")
+        if not self.out and not self.gguf:
+            raise ValueError("--out or --gguf is required: a Hugging Face folder, a GGUF file, or both")
+        if self.gguf_type not in GGUF_TYPES:
+            raise ValueError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {self.gguf_type!r}")
+        if self.merge_into not in (None, "dequantized"):
+            raise ValueError(f"--merge-into must be 'dequantized', got {self.merge_into!r}")
+        if self.merge_into and self.base:
+            raise ValueError("--merge-into dequantized and --base are two different merges; pick one")
+        if (self.merge_into or self.base) and not self.adapter:
+            raise ValueError(f"--{'merge-into' if self.merge_into else 'base'} merges a QLoRA adapter: pass --adapter")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         parse_size(self.max_shard_size)
@@ -191,14 +216,29 @@ def main(argv=None) -> Path:
     if args.adapter:
         with user_input("--adapter"):
             read_adapter_config(args.adapter)  # a wrong folder is reported before the model loads
-    with user_input("--model"):
-        model = load_model(args.model)
-    if args.adapter:
-        with user_input("--adapter"):
-            load_adapter(model, args.adapter)
-    with user_input("--out"):
-        out = save_model(model, args.out, merge=True, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    print(f"wrote {out}")
+    if args.merge_into or args.base:
+        from lora_engine.deploy import qlora
+
+        with user_input("--base" if args.base else "--merge-into"):
+            model = (qlora.load_onto_base(args.model, args.adapter, args.base) if args.base
+                     else qlora.load_dequantized(args.model, args.adapter))
+    else:
+        with user_input("--model"):
+            model = load_model(args.model)
+        if args.adapter:
+            with user_input("--adapter"):
+                load_adapter(model, args.adapter)
+    out = None
+    if args.gguf:
+        from lora_engine.deploy.gguf import save_gguf
+
+        with user_input("--gguf"):
+            out = save_gguf(model, args.gguf, args.gguf_type)
+        print(f"wrote {out} and {out.with_name(out.stem + '.Modelfile')}")
+    if args.out:
+        with user_input("--out"):
+            out = save_model(model, args.out, merge=True, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        print(f"wrote {out}")
     return out
 
 

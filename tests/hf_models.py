@@ -38,12 +38,18 @@ def hf_config(family: str, tie: bool = False):
     raise ValueError(family)
 
 
-def make_hf_model(family: str, folder: Path, tie: bool = False, shard_size: str | None = None, seed: int = 0):
-    """Build a random fp32 transformers model, save it to `folder`, return it in eval mode."""
+def make_hf_model(family: str, folder: Path, tie: bool = False, shard_size: str | None = None, seed: int = 0,
+                  **overrides):
+    """Build a random fp32 transformers model, save it to `folder`, return it in eval mode.
+
+    overrides: config fields to change (vocab_size=320, head_dim=128, ...)."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(hf_config(family, tie), dtype=torch.float32)
+    config = hf_config(family, tie)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random norms and biases too, so a missed bias or norm weight shows in the logits.
     with torch.no_grad():
         for name, p in model.named_parameters():

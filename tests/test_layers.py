@@ -4,7 +4,7 @@ Layers, bottom up (a module may import its own layer and those below, never abov
 
   0 kernels           torch and triton only (plus the standard library)
   1 io, dispatch, cli
-  2 sources           GGUF import, BPE vocabularies, the embedded model
+  2 sources           GGUF import and export (gguf_write), BPE vocabularies, the embedded model
   3 models            config, decoder, tokenizer
   4 quant             NF4
   5 lora              LoRA layers, adapter files
@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent / "lora_engine"
 LAYERS = {
     "lora_engine.kernels": 0,
     "lora_engine.io": 1, "lora_engine.dispatch": 1, "lora_engine.cli": 1,
-    "lora_engine.sources": 2,
+    "lora_engine.sources": 2, "lora_engine.sources.gguf_write": 2,
     "lora_engine.models": 3,
     "lora_engine.quant": 4,
     "lora_engine.lora": 5,
-    "lora_engine.loading": 6, "lora_engine.export": 6, "lora_engine.data": 6,
+    "lora_engine.loading": 6, "lora_engine.export": 6, "lora_engine.data": 6, "lora_engine.deploy": 6,
     "lora_engine.train": 7,
     "lora_engine.eval": 8, "lora_engine.generate": 8, "lora_engine.convert": 8, "lora_engine.runs": 8,
     "lora_engine": 9,  # the facade: imports nothing eagerly

@@ -15,7 +15,8 @@ bit-identical to transformers' own GGUF dequantizer (tests/test_embedded.py chec
 
 llama.cpp stores the rows of the Q and K projections permuted for its interleaved RoPE; we undo
 it so the weights fit Hugging Face's rotate-half RoPE (FACTS.md). The vocabulary's pre-tokenizer
-follows `tokenizer.ggml.pre` the way llama.cpp does (tokenizer.py: byte_level_bpe).
+follows `tokenizer.ggml.pre` the way llama.cpp does (tokenizer.py: byte_level_bpe). The names and the
+permutation are shared with the writer (sources/gguf_layout.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 
 from lora_engine.cli import logs_to, option, parse, user_input
 from lora_engine.io.atomic import atomic_dir, write_bytes
+from lora_engine.sources.gguf_layout import TENSOR_NAMES, unpermute_rows
 
 logger = logging.getLogger(__name__)
 
@@ -45,21 +47,6 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 # ggml types we dequantize (all through gguf.quants): F32, F16, BF16 and the classic/k-quant blocks.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-# GGUF tensor name -> Hugging Face name ({} = layer index).
-TENSOR_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
-    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-}
 
 
 class GGUFFile:
@@ -302,12 +289,6 @@ def tensor_plan(g: GGUFFile, cfg: dict) -> list[tuple[str, str, tuple[int, ...]]
     if problems:
         raise ValueError(f"{g.path} does not hold a Llama model we can convert:\n  - " + "\n  - ".join(problems))
     return sorted(plan, key=lambda t: t[1])
-
-
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation (its interleaved RoPE -> HF rotate-half). w: (rows, cols)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_safetensors(g: GGUFFile, cfg: dict, plan, path: Path,

@@ -1,0 +1,122 @@
+"""save_gguf: a model (LoRA merged in) as one GGUF file for llama.cpp, plus an Ollama Modelfile beside it.
+
+    save_gguf(model, "out/model.gguf", gguf_type="q8_0")   # writes out/model.gguf, out/model.Modelfile
+    ollama create my-model -f out/model.Modelfile
+
+The weights are what save_model(merge=True) writes (W + s * B @ A in fp32 per tensor, one tensor
+at a time), cast once to the GGUF type by sources/gguf_write.py; the model in memory is not changed. The
+tokenizer and chat template come from the folder the model was loaded from (`model.source_dir`).
+
+The Modelfile's TEMPLATE is Ollama's Go-template form of the chat template. Jinja cannot be
+translated in general, so we recognise the families whose markers we know (ChatML, Llama 3,
+Mistral [INST]) and write their template; for any other we leave TEMPLATE out (Ollama then picks
+one from the GGUF's tokenizer.chat_template) and say so in the file and in a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lora_engine.io.atomic import write_text
+from lora_engine.kernels.nf4_format import NF4Tensor
+from lora_engine.lora.layers import lora_layers
+from lora_engine.sources.gguf_write import GGUF_TYPES, chat_template, read_json, write_gguf
+
+# Chat-template family: (marker in the Jinja template, Ollama TEMPLATE, stop strings).
+OLLAMA_TEMPLATES = {
+    "chatml": ("<|im_start|>",
+               "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+               "{{ end }}<|im_start|>assistant\n",
+               ("<|im_start|>", "<|im_end|>")),
+    "llama3": ("<|start_header_id|>",
+               "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+               "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+               ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    "mistral": ("[INST]",
+                '{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ .Content }}[/INST]'
+                '{{- else if eq .Role "assistant" }}{{ .Content }}</s>{{- end }}{{- end }}',
+                ("[INST]", "[/INST]")),
+}
+
+
+def save_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "f16", modelfile: bool = True,
+              verbose: bool = True) -> Path:
+    """Write `model` with its LoRA merged as a GGUF file (and `<stem>.Modelfile` beside it); returns the path.
+
+    gguf_type: f32, f16, bf16, q8_0, q4_0 or q4_1 for the 2-D weights (norms and biases stay F32).
+    Raises ValueError for NF4 weights (merge a QLoRA adapter with export's --merge-into dequantized
+    or --base), an unsupported family or tokenizer, before anything is written.
+    """
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"save_gguf: gguf_type {gguf_type!r} is not supported; supported: {', '.join(GGUF_TYPES)}")
+    nf4 = [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), NF4Tensor)]
+    if nf4:
+        raise ValueError(f"save_gguf: {nf4[0]} (and {len(nf4) - 1} more) holds NF4 weights; GGUF export needs full "
+                         "precision: merge into the dequantized weights (--merge-into dequantized) or into the "
+                         "original checkpoint (--base PATH_16BIT)")
+    source = getattr(model, "source_dir", None)
+    if not source:
+        raise ValueError("save_gguf: the model has no source_dir (the folder it was loaded from), so there is no "
+                         "tokenizer to put into the GGUF file; load it with load_model(folder)")
+    cfg = model.config
+    config = {**cfg.to_hf(), **{k: cfg.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                if cfg.extra.get(k) is not None}}
+    state = model.state_dict()
+    layers = dict(lora_layers(model))
+    tied = getattr(cfg, "tie_word_embeddings", False)  # llama.cpp re-ties a missing output.weight
+    names = [n for n in state if not n.endswith((".lora_A", ".lora_B")) and not (tied and n == "lm_head.weight")]
+
+    def merged(name: str) -> torch.Tensor:  # (out, in) fp32
+        module, _, leaf = name.rpartition(".")
+        t = state[name].detach().float()
+        if leaf == "weight" and module in layers and not layers[module].merged:
+            t = t + layers[module].delta_weight()
+        return t.cpu()
+
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose and sys.stderr.isatty() else None
+    path = write_gguf(path, config, {n: tuple(state[n].shape) for n in names},
+                      merged,
+                      source, gguf_type, name=Path(str(getattr(model, "name_or_path", "") or path)).name, log=log)
+    if modelfile:
+        write_modelfile(path, chat_template(source), _eos_token(source))
+    return path
+
+
+def _eos_token(folder) -> str | None:
+    t = (read_json(Path(folder) / "tokenizer_config.json") or {}).get("eos_token")
+    return t.get("content") if isinstance(t, dict) else t
+
+
+def modelfile_text(gguf_name: str, template: str | None, eos: str | None) -> str:
+    """An Ollama Modelfile for the GGUF file `gguf_name` (beside it): FROM, TEMPLATE, PARAMETER stop."""
+    family = next((f for f, (marker, _, _) in OLLAMA_TEMPLATES.items() if template and marker in template), None)
+    stem = gguf_name.rsplit(".", 1)[0]
+    lines = [f"# Written by lora_engine.export. Create the model with: ollama create NAME -f {stem}.Modelfile",
+             f"FROM ./{gguf_name}"]
+    stops = [eos] if eos else []
+    if family:
+        _, go, extra = OLLAMA_TEMPLATES[family]
+        lines.append(f'TEMPLATE """{go}"""')
+        stops += [s for s in extra if s not in stops]
+    else:
+        lines.append("# No TEMPLATE: the chat template is none we translate to Ollama's Go templates (ChatML, Llama 3, "
+                     "Mistral); Ollama chooses one from the GGUF file's tokenizer.chat_template.")
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(gguf_path: str | os.PathLike, template: str | None, eos: str | None) -> Path:
+    gguf_path = Path(gguf_path)
+    text = modelfile_text(gguf_path.name, template, eos)
+    if "\nTEMPLATE " not in text:
+        warnings.warn(f"save_gguf: {gguf_path.stem}.Modelfile has no TEMPLATE: the chat template is not ChatML, "
+                      "Llama 3 or Mistral; Ollama will choose one from the GGUF metadata", stacklevel=3)
+    out = gguf_path.with_name(gguf_path.stem + ".Modelfile")
+    write_text(out, text)
+    return out
