@@ -16,6 +16,7 @@ import sys
 from lora_engine.cli import add_debug_flag, run_cli, user_input
 from lora_engine.data.formats import read_records
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval, target_rows
+from lora_engine.train.suite import general_suite, read_suite, score_suite
 
 
 def main(argv=None):
@@ -31,6 +32,9 @@ def main(argv=None):
     ap.add_argument("--general-tokens", type=int, default=128, help="tokens per general-English passage")
     ap.add_argument("--forgetting-threshold", type=float, default=0.05)
     ap.add_argument("--quantize", default="none", choices=["none", "nf4"])
+    ap.add_argument("--suite", action="append", default=[], metavar="FILE.jsonl|general",
+                    help="also score a suite of multiple-choice and generation items (lora_engine/train/suite.py); "
+                         "'general' is the embedded general-ability suite; may be repeated")
     add_debug_flag(ap)
     a = ap.parse_args(argv)
     from lora_engine.loading import load_model
@@ -38,6 +42,8 @@ def main(argv=None):
 
     # The data before the model, so that a bad file is reported in seconds.
     records = read_records(a.data) if a.data else None
+    with user_input("--suite"):
+        suites = {s: general_suite() if s == "general" else read_suite(s) for s in a.suite}
     if a.adapter:
         from lora_engine.lora.adapter import read_adapter_config
 
@@ -50,16 +56,26 @@ def main(argv=None):
         model = load_model(a.model, **({"quantize": a.quantize} if a.quantize != "none" else {}))
     general = general_rows(tok, tokens=a.general_tokens) if a.general else None
     before = run_eval(model, tok, target, general, a.batch_size)
+    if suites:
+        before["suite"] = {s: score_suite(model, tok, items) for s, items in suites.items()}
     if a.adapter is None:
         print(format_table({"before": before, "after": before, "change": {k: 0.0 for k in before},
                             "warning": None}))
+        for s, r in before.get("suite", {}).items():
+            print(f"suite {s}: {r['score']:.1f} points ({r['correct']}/{r['items']})")
         return before
     from lora_engine.lora.adapter import load_adapter
 
     with user_input("--adapter"):
         load_adapter(model, a.adapter)
-    cmp = compare(before, run_eval(model, tok, target, general, a.batch_size), a.forgetting_threshold)
+    after = run_eval(model, tok, target, general, a.batch_size)
+    if suites:
+        after["suite"] = {s: score_suite(model, tok, items) for s, items in suites.items()}
+    cmp = compare(before, after, a.forgetting_threshold)
     print(format_table(cmp))
+    for s in suites:
+        b, f = before["suite"][s]["score"], after["suite"][s]["score"]
+        print(f"suite {s}: {b:.1f} -> {f:.1f} points ({f - b:+.1f})")
     return cmp
 
 

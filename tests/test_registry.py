@@ -363,7 +363,7 @@ def test_key_file_must_be_private(tmp_path, reg_dir, capsys):
 
 # ---- the gate -----------------------------------------------------------------------------------------
 def test_gate_refuses_a_general_regression_and_force_is_recorded(runs, reg_dir, tmp_path, capsys):
-    suite = lambda b, a: {"suite": {"general": {"before": {"score": b}, "after": {"score": a}}}}
+    suite = lambda b, a: {"before": {"suite": {"general": {"score": b}}}, "after": {"suite": {"general": {"score": a}}}}
     fine = variant(runs[0], tmp_path / "fine", eval=suite(60.0, 58.5))
     worse = variant(runs[1], tmp_path / "worse", eval=suite(60.0, 57.0))
     with Registry() as reg:

@@ -472,7 +472,7 @@ class Registry:
         """Make the version `ref` names hold `stage`; returns the history entry.
 
         The gate: a version whose general-ability suite score fell by more than `max_regression` points
-        (run.json eval.suite.general before/after) is refused unless `force`, and a forced promotion
+        (run.json eval.before/after.suite.general) is refused unless `force`, and a forced promotion
         records the gate's finding.
         """
         if stage not in STAGES:
@@ -620,10 +620,11 @@ def resolve_ref(ref: str, root: str | os.PathLike | None = None) -> Path:
 
 
 def general_regression(ev: dict) -> dict | None:
-    """{"before", "after", "drop"} (points) of the general-ability suite in a run's eval record, or None."""
-    g = (ev.get("suite") or {}).get("general") or {}
+    """{"before", "after", "drop"} (points) of the general-ability suite in a run's eval record
+    (eval.before.suite.general.score and eval.after's, as training records them), or None."""
     try:
-        before, after = float(g["before"]["score"]), float(g["after"]["score"])
+        before = float(ev["before"]["suite"]["general"]["score"])
+        after = float(ev["after"]["suite"]["general"]["score"])
     except (KeyError, TypeError, ValueError):
         return None
     return {"before": before, "after": after, "drop": before - after}

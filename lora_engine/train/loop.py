@@ -25,6 +25,7 @@ from lora_engine.train import checkpoint
 from lora_engine.train import lineage as runs
 from lora_engine.train import step as trainer
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval
+from lora_engine.train.suite import general_suite, score_suite
 
 
 class TrainingStopped(RuntimeError):
@@ -194,11 +195,14 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
     runs.write_manifest(out, manifest)
 
     general = general_rows(tokenizer, tokens=cfg.general_tokens) if cfg.general_eval else None
+    suite = general_suite() if cfg.general_eval else None  # the registry's promotion gate reads its scores
     if loop["eval_before"] is None:
         loop["eval_before"] = run_eval(model, tokenizer, val_rows, general, cfg.eval_batch_size, amp)
+        if suite:
+            loop["eval_before"]["suite"] = {"general": score_suite(model, tokenizer, suite)}
     manifest["eval"]["before"] = loop["eval_before"]
     log("before training: " + ", ".join(f"{k} loss {v['loss']:.4f} ppl {v['ppl']:.2f}"
-                                        for k, v in loop["eval_before"].items()))
+                                        for k, v in loop["eval_before"].items() if k != "suite"))
 
     def save(step):
         return checkpoint.save_checkpoint(out, step, model, opt, sched, dict(loop), batcher.state_dict(), scaler,
@@ -263,6 +267,11 @@ def _run(cfg, explicit, tokenizer, model, log, stop) -> dict:  # noqa: C901
 
     _save_adapter(model, out / "adapter")
     after = run_eval(model, tokenizer, val_rows, general, cfg.eval_batch_size, amp)
+    if suite:
+        after["suite"] = {"general": score_suite(model, tokenizer, suite)}
+        if "suite" in loop["eval_before"]:
+            log(f"general suite: {loop['eval_before']['suite']['general']['score']:.1f} -> "
+                f"{after['suite']['general']['score']:.1f} points")
     # The last step has no mid-run evaluation (eval_steps): the final one decides whether it is the best.
     best_kept = loop["best_val"] is not None and (out / "adapter-best").exists()
     if not best_kept or ("target" in after and after["target"]["loss"] <= loop["best_val"]):
