@@ -55,6 +55,7 @@ _MODULES = {
     "io": "lora_engine.io", "sources": "lora_engine.sources", "loading": "lora_engine.loading",
     "export": "lora_engine.export", "eval": "lora_engine.eval", "cli": "lora_engine.cli",
     "convert": "lora_engine.sources.gguf", "runs": "lora_engine.train.lineage",
+    "registry": "lora_engine.io.registry",
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_MODULES)

@@ -17,6 +17,7 @@ from lora_engine.cli import logs_to, option, option_like, parse, run_cli, user_i
 from lora_engine.data.formats import read_records
 from lora_engine.train.config import TrainConfig, quantize_method
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval, target_rows
+from lora_engine.train.suite import general_suite, read_suite, score_suite
 
 
 @dataclass
@@ -34,6 +35,9 @@ class EvalConfig:
     general_tokens: int = option_like(TrainConfig, "general_tokens")
     forgetting_threshold: float = option_like(TrainConfig, "forgetting_threshold")
     quantize: str = option_like(TrainConfig, "quantize")
+    suite: str | None = option(None, "also score suites of multiple-choice and generation items "
+                                     "(lora_engine/train/suite.py), comma-separated FILE.jsonl names; 'general' "
+                                     "is the embedded general-ability suite")
 
     def __post_init__(self):
         for name in ("max_length", "batch_size", "general_tokens"):
@@ -49,6 +53,9 @@ def main(argv=None):
 
     # The data before the model, so that a bad file is reported in seconds.
     records = read_records(a.data) if a.data else None
+    with user_input("--suite"):
+        names = [s.strip() for s in (a.suite or "").split(",") if s.strip()]
+        suites = {s: general_suite() if s == "general" else read_suite(s) for s in names}
     if a.adapter:
         from lora_engine.lora.adapter import read_adapter_config
 
@@ -61,16 +68,26 @@ def main(argv=None):
         model = load_model(a.model, quantize=quantize_method(a.quantize))
     general = general_rows(tok, tokens=a.general_tokens) if a.general else None
     before = run_eval(model, tok, target, general, a.batch_size)
+    if suites:
+        before["suite"] = {s: score_suite(model, tok, items) for s, items in suites.items()}
     if a.adapter is None:
         print(format_table({"before": before, "after": before, "change": {k: 0.0 for k in before},
                             "warning": None}))
+        for s, r in before.get("suite", {}).items():
+            print(f"suite {s}: {r['score']:.1f} points ({r['correct']}/{r['items']})")
         return before
     from lora_engine.lora.adapter import load_adapter
 
     with user_input("--adapter"):
         load_adapter(model, a.adapter)
-    cmp = compare(before, run_eval(model, tok, target, general, a.batch_size), a.forgetting_threshold)
+    after = run_eval(model, tok, target, general, a.batch_size)
+    if suites:
+        after["suite"] = {s: score_suite(model, tok, items) for s, items in suites.items()}
+    cmp = compare(before, after, a.forgetting_threshold)
     print(format_table(cmp))
+    for s in suites:
+        b, f = before["suite"][s]["score"], after["suite"][s]["score"]
+        print(f"suite {s}: {b:.1f} -> {f:.1f} points ({f - b:+.1f})")
     return cmp
 
 

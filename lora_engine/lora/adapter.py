@@ -119,9 +119,19 @@ def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
 
 
 # ---- load ----------------------------------------------------------------------------------------
+def adapter_folder(folder: str | os.PathLike) -> Path:
+    """The folder itself, or for a registry reference ("registry:NAME@production", "registry:NAME@v3")
+    the registry's copy of that version, after checking every file against its recorded sha256."""
+    if isinstance(folder, str) and folder.startswith("registry:"):
+        from lora_engine.io.registry import resolve_ref
+
+        return resolve_ref(folder)
+    return Path(folder)
+
+
 def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
-    """Parse and check a PEFT adapter_config.json: (LoraConfig, the raw dict)."""
-    folder = Path(folder)
+    """Parse and check a PEFT adapter_config.json (in a folder or a registry reference): (LoraConfig, the raw dict)."""
+    folder = adapter_folder(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the folder that holds "
                                 f"{CONFIG_NAME} (a training run writes <out>/adapter)")
@@ -166,9 +176,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
     frozen). A model that already has LoRA layers must have exactly the adapter's layers and ranks;
     their weights are replaced and their scales follow the adapter's lora_alpha.
     The adapter's LoraConfig becomes `model.lora_config`. Logs one line (INFO) unless verbose=False.
+    `folder` may be a registry reference, "registry:NAME@production" or "registry:NAME@v3" (verified first).
     Raises before changing anything when a key or shape does not fit.
     """
-    folder = Path(folder)
+    folder = adapter_folder(folder)
     config, raw = read_adapter_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():

@@ -70,9 +70,14 @@ def ensure_converted(name: str) -> Path:
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """A local folder, or the name of an embedded default model (converted once, then cached)."""
+    """A local folder, the name of an embedded default model (converted once, then cached), or a registry
+    reference to a published merged model ("registry:NAME@v3", verified first)."""
     if isinstance(path, str) and path in EMBEDDED_MODELS:
         return ensure_converted(path)
+    if isinstance(path, str) and path.startswith("registry:"):
+        from lora_engine.io.registry import resolve_ref
+
+        path = resolve_ref(path)
     p = Path(path)
     if not p.exists():
         names = ", ".join(EMBEDDED_MODELS)

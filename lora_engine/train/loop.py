@@ -35,6 +35,7 @@ from lora_engine.train import lineage as runs
 from lora_engine.train import step as trainer
 from lora_engine.train.config import TrainConfig, describe, eval_steps, quantize_method, resolve_device, resolve_resume
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval
+from lora_engine.train.suite import general_suite, score_suite
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class _Run:
     model: torch.nn.Module
     val_rows: list
     general: list | None  # general-English rows, None without --general-eval
+    suite: list | None  # the general-ability suite (the registry's promotion gate reads its scores), or None
     batcher: Batcher
     opt: torch.optim.Optimizer
     sched: Any
@@ -233,7 +235,8 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
                                  runs.hash_files(data_files), str(ckpt) if ckpt else None)
     manifest["data"].update({k: v for k, v in stats.items() if isinstance(v, int | dict)})
     r = _Run(cfg, out, tokenizer, model, val_rows,
-             general_rows(tokenizer, tokens=cfg.general_tokens) if cfg.general_eval else None, batcher, opt,
+             general_rows(tokenizer, tokens=cfg.general_tokens) if cfg.general_eval else None,
+             general_suite() if cfg.general_eval else None, batcher, opt,
              trainer.make_scheduler(opt, cfg.warmup_steps, total, cfg.min_lr_ratio),
              torch.amp.GradScaler(device.type) if amp == torch.float16 else None, amp, total,
              set(eval_steps(total, cfg.eval_every)) if val_rows else set(), manifest)
@@ -242,9 +245,11 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
     runs.write_manifest(out, manifest)
     if state.eval_before is None:
         state.eval_before = run_eval(model, tokenizer, val_rows, r.general, cfg.eval_batch_size, amp)
+        if r.suite:
+            state.eval_before["suite"] = {"general": score_suite(model, tokenizer, r.suite)}
     manifest["eval"]["before"] = state.eval_before
     log("before training: " + ", ".join(f"{k} loss {v['loss']:.4f} ppl {v['ppl']:.2f}"
-                                        for k, v in state.eval_before.items()))
+                                        for k, v in state.eval_before.items() if k != "suite"))
     return r, state
 
 
@@ -374,6 +379,11 @@ def _finish(r: _Run, state: LoopState, status: str, stopped_by: str | None, log)
         return r.manifest
     _save_adapter(r.model, r.out / "adapter")
     after = run_eval(r.model, r.tokenizer, r.val_rows, r.general, r.cfg.eval_batch_size, r.amp)
+    if r.suite:
+        after["suite"] = {"general": score_suite(r.model, r.tokenizer, r.suite)}
+        if "suite" in state.eval_before:
+            log(f"general suite: {state.eval_before['suite']['general']['score']:.1f} -> "
+                f"{after['suite']['general']['score']:.1f} points")
     # The last step has no mid-run evaluation (eval_steps): the final one decides whether it is the best.
     best_kept = state.best_val is not None and (r.out / "adapter-best").exists()
     if not best_kept or ("target" in after and after["target"]["loss"] <= state.best_val):

@@ -1,0 +1,165 @@
+"""Evaluation suites: multiple-choice log-likelihood scoring, generation matching, the embedded general
+suite, `eval --suite`, and the suite scores training records for the registry's gate."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lora_engine.eval import main as eval_main
+from lora_engine.io.registry import general_regression
+from lora_engine.train.suite import choice_logprobs, general_suite, read_suite, score_item, score_suite
+from tests.test_train_support import FakeTokenizer, chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
+
+TOK = FakeTokenizer()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    from lora_engine import load_model
+
+    return load_model(folder).eval()
+
+
+def test_choice_logprobs_equal_one_sequence_at_a_time(model):
+    """The padded batch gives each choice what it gets alone: the sum of log p(token | everything before)."""
+    ctx, choices = "Question: 2+2?\nAnswer:", ["4", "four hundred and six", "x"]
+    got = choice_logprobs(model, TOK, ctx, choices)
+    for c, g in zip(choices, got):
+        ids = TOK.encode(ctx) + TOK.encode(" " + c)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
+        n = len(TOK.encode(ctx))
+        want = sum(float(logp[t - 1, ids[t]]) for t in range(n, len(ids)))
+        assert g == pytest.approx(want, abs=1e-4)
+
+
+def test_multiple_choice_picks_the_likeliest_choice(model):
+    ctx = "Question: which?\nAnswer:"
+    lp = choice_logprobs(model, TOK, ctx, ["ab", "cd", "ef"])
+    best = max(range(3), key=lp.__getitem__)
+    for answer in range(3):
+        item = {"kind": "multiple_choice", "question": "which?", "choices": ["ab", "cd", "ef"], "answer": answer}
+        assert score_item(model, TOK, item) == (answer == best)
+
+
+class Parrot(torch.nn.Module):
+    """Answers `text` and then end of sequence, whatever it is asked: a model whose output is known."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.ids = TOK.encode(text) + [TOK.eos_token_id]
+
+    def new_cache(self, batch, max_len):
+        return {"calls": 0}
+
+    def forward(self, x, attention_mask=None, cache=None):
+        logits = torch.zeros(x.shape[0], x.shape[1], 128)
+        logits[:, -1, self.ids[min(cache["calls"], len(self.ids) - 1)]] = 1.0
+        cache["calls"] += 1
+        return logits
+
+
+@pytest.mark.parametrize("expected, match, ok", [
+    ("Paris", "exact", True), (" Paris ", "exact", True), ("Pari", "exact", False), ("Paris, France", "exact", False),
+    ("aris", "contains", True), ("is the", "contains", True), ("Rome", "contains", False),
+])
+def test_generation_items_match_exactly_or_by_containment(expected, match, ok):
+    item = {"kind": "generation", "prompt": "Capital of France?", "expected": expected, "match": match, "chat": True}
+    assert score_item(Parrot("Paris\nis the capital"), TOK, item) is ok
+
+
+def test_greedy_is_generates_greedy_decoding(model):
+    from lora_engine.generate import generate_ids
+    from lora_engine.train.suite import greedy
+
+    ids = TOK.encode("Hello there")
+    want = generate_ids(model, ids, max_new_tokens=12, eos_token_id=[])
+    assert greedy(model, ids, 12, set()) == want and len(want) == 12
+
+
+def test_read_suite_and_its_errors(tmp_path):
+    f = write_jsonl(tmp_path / "s.jsonl", [{"question": "Q?", "choices": ["a", "b"], "answer": "b"},
+                                           {"prompt": "Say hi", "expected": "hi", "match": "contains"}])
+    items = read_suite(f)
+    assert items[0]["answer"] == 1 and items[1] == {"kind": "generation", "prompt": "Say hi", "expected": "hi",
+                                                    "match": "contains", "chat": False}
+    for record, msg in [({"question": "Q", "choices": ["a"], "answer": 0}, r"s.jsonl:1: a multiple-choice item needs"),
+                        ({"question": "Q", "choices": ["a", "b"], "answer": 2}, r"answer 2 is neither an index"),
+                        ({"question": "Q", "choices": ["a", "b"], "answer": "c"}, r"answer 'c' is neither"),
+                        ({"prompt": "p", "expected": " "}, r"needs a non-empty prompt and expected"),
+                        ({"prompt": "p", "expected": "e", "match": "regex"}, r"match 'regex'; use one of exact"),
+                        ({"text": "x"}, r"either question/choices/answer .* got keys \['text'\]")]:
+        with pytest.raises(ValueError, match=msg):
+            read_suite(write_jsonl(tmp_path / "s.jsonl", [record]))
+    (tmp_path / "s.jsonl").write_text("\n{not json\n")
+    with pytest.raises(ValueError, match=r"s.jsonl:2: not valid JSON"):
+        read_suite(tmp_path / "s.jsonl")
+    (tmp_path / "s.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="the suite holds no items"):
+        read_suite(tmp_path / "s.jsonl")
+
+
+def test_general_suite_is_fixed_and_well_formed():
+    a, b = general_suite(), general_suite()
+    assert a == b and len(a) == 100
+    assert [it["answer"] for it in a[:8]] == [0, 1, 2, 3, 0, 1, 2, 3]
+    for it in a:
+        assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4 and len(it["context"].split()) == 12
+    # The right answer is the passage's own continuation: its words follow the context in the text.
+    from lora_engine.data.embedded import general_text
+
+    first = general_text(n_chars=100 * 160, pieces=100)[0]
+    assert first.startswith(a[0]["context"] + " " + a[0]["choices"][a[0]["answer"]])
+
+
+def test_score_suite_counts_points(model, tmp_path):
+    items = read_suite(write_jsonl(tmp_path / "s.jsonl", [
+        {"question": "Q?", "choices": ["a", "b"], "answer": a} for a in (0, 1)]))
+    res = score_suite(model, TOK, items)
+    # The two items ask the same question with opposite answers: exactly one is right.
+    assert res == {"score": 50.0, "items": 2, "correct": 1, "multiple_choice": {"items": 2, "correct": 1}}
+
+
+def test_eval_cli_scores_suites_before_and_after(folder, tmp_path, capsys):
+    from lora_engine.lora.adapter import save_adapter
+    from tests.test_train_support import tiny_lora_model
+
+    torch.manual_seed(0)
+    save_adapter(tiny_lora_model(folder), tmp_path / "adapter")
+    suite = write_jsonl(tmp_path / "s.jsonl", [{"question": "Q?", "choices": ["a", "b"], "answer": 0}])
+    data = write_jsonl(tmp_path / "val.jsonl", chat_records(4))
+    cmp = eval_main(["--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--data", str(data),
+                     "--no-general", "--suite", f"{suite},general"])
+    out = capsys.readouterr().out
+    assert set(cmp["before"]["suite"]) == {str(suite), "general"} and cmp["after"]["suite"]["general"]["items"] == 100
+    assert f"suite {suite}: " in out and "suite general: " in out and " points (" in out
+    gate = general_regression(cmp)
+    assert gate["drop"] == pytest.approx(cmp["before"]["suite"]["general"]["score"]
+                                         - cmp["after"]["suite"]["general"]["score"])
+    from lora_engine.cli import run_cli
+
+    rc = run_cli(eval_main, ["--model", str(folder), "--suite", str(tmp_path / "none.jsonl")])
+    assert rc == 2 and "error: --suite: " in capsys.readouterr().err
+
+
+def test_training_records_the_general_suite_for_the_gate(folder, tmp_path):
+    from lora_engine.train.command import main as train
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(12))
+    rc = train(["--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                "--batch-size", "4", "--r", "4", "--max-length", "96", "--general-tokens", "16", "--no-plot",
+                "--save-every", "0", "--eval-every", "0"])
+    assert rc == 0
+    ev = json.loads((tmp_path / "run/run.json").read_text())["eval"]
+    for when in ("before", "after"):
+        s = ev[when]["suite"]["general"]
+        assert s["items"] == 100 and 0 <= s["score"] <= 100 and math.isfinite(s["score"])
+    assert general_regression(ev)["after"] == ev["after"]["suite"]["general"]["score"]
