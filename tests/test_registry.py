@@ -256,7 +256,7 @@ def test_registry_references_in_generate_eval_and_export(base, runs, reg_dir, tm
         reg.promote("chat@v1", "production")
     ref = "registry:chat@production"
     generate_main(["--model", str(base), "--adapter", ref, "--prompt", "Hi", "--max-new-tokens", "3"])
-    assert "loaded LoRA adapter" in capsys.readouterr().out
+    assert "loaded LoRA adapter" in capsys.readouterr().err  # generate's log lines go to stderr, text to stdout
     data = write_jsonl(tmp_path / "val.jsonl", chat_records(4))
     by_ref = eval_main(["--model", str(base), "--adapter", ref, "--data", str(data), "--no-general"])
     by_path = eval_main(["--model", str(base), "--adapter", str(runs[0] / "adapter"), "--data", str(data),

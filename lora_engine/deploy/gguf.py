@@ -15,8 +15,8 @@ one from the GGUF's tokenizer.chat_template) and say so in the file and in a war
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -27,6 +27,8 @@ from lora_engine.io.atomic import write_text
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.lora.layers import lora_layers
 from lora_engine.sources.gguf_write import GGUF_TYPES, chat_template, read_json, write_gguf
+
+logger = logging.getLogger(__name__)
 
 # Chat-template family: (marker in the Jinja template, Ollama TEMPLATE, stop strings).
 OLLAMA_TEMPLATES = {
@@ -79,7 +81,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "f16",
             t = t + layers[module].delta_weight()
         return t.cpu()
 
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose and sys.stderr.isatty() else None
+    log = logger.info if verbose else None
     path = write_gguf(path, config, {n: tuple(state[n].shape) for n in names},
                       merged,
                       source, gguf_type, name=Path(str(getattr(model, "name_or_path", "") or path)).name, log=log)
