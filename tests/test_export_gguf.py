@@ -30,11 +30,11 @@ from lora_engine.models.tokenizer import Tokenizer
 from lora_engine.sources import gguf_write
 from lora_engine.sources.gguf import GGUFFile, build_tokenizer, convert_gguf
 from lora_engine.sources.gguf_layout import unpermute_rows
-from tests.conftest import tol
+from tests.conftest import require_oracle, tol
 from tests.hf_models import make_hf_model
 
-transformers = pytest.importorskip("transformers", reason="transformers is a test extra: the GGUF oracle")
-gguf = pytest.importorskip("gguf", reason="gguf is a dependency of the GGUF reader and writer")
+transformers = require_oracle("transformers")  # its GGUF reader is the oracle
+import gguf  # noqa: E402  (a core dependency: the reader and the writer use it)
 
 VOCAB = 320  # byte-level BPE needs its 256 byte tokens, plus specials and a few merges
 ERROR_BOUND = {"f32": 1e-4, "f16": 3e-3, "bf16": 2e-2, "q8_0": 5e-2, "q4_0": 0.6, "q4_1": 0.6}

@@ -15,6 +15,13 @@ from lora_engine.kernels import nf4_cpp
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 
@@ -104,3 +111,68 @@ def test_cpp_ops_have_fake_implementations():
         out = torch.ops.lora_engine.nf4_dequantize(mode.from_tensor(q.packed), mode.from_tensor(absmax.new_empty(8)),
                                                    mode.from_tensor(q.code), 32, 240, torch.bfloat16)
         assert (out.shape, out.dtype) == ((240,), torch.bfloat16)
+
+
+# ---- the Triton launchers as custom ops -----------------------------------------------------------
+
+TRITON_OPS = ["swiglu_fwd_triton", "swiglu_bwd_triton", "rms_norm_fwd_triton", "rms_norm_bwd_triton", "rope_triton",
+              "cross_entropy_rows_triton", "lora_mm_triton", "nf4_dequantize_triton", "nf4_matmul_triton"]
+
+
+def _triton_op_samples():
+    """One call of every Triton launcher op on small CPU tensors (run by the interpreter)."""
+    from lora_engine.kernels import nf4_triton
+    from lora_engine.kernels.nf4_reference import nf4_quantize
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    w = nf4_quantize(r(24, 64), 64, True)
+    parts = (*nf4_triton._weight_args(w), w.blocksize, True, w.nested_blocksize)
+    return {
+        "swiglu_fwd_triton": (r(3, 40), r(3, 40)),
+        "swiglu_bwd_triton": (r(3, 40), r(3, 40), r(3, 40)),
+        "rms_norm_fwd_triton": (r(5, 48), r(48), 1e-6),
+        "rms_norm_bwd_triton": (r(5, 48), r(5, 48), r(48), r(5).abs() + 0.5, True),
+        "rope_triton": (r(1, 4, 6, 16), r(1, 2, 6, 16), r(1, 6, 16), r(1, 6, 16), False),
+        "cross_entropy_rows_triton": (r(6, 50), torch.tensor([1, -100, 3, 49, 0, 7]), -100, True, 16),
+        "lora_mm_triton": (r(7, 32), r(32, 24), r(7, 4), r(4, 24), 0.5, r(24), torch.float32),
+        "nf4_dequantize_triton": (*parts, [24, 64], torch.float32),
+        "nf4_matmul_triton": (r(5, 64), *parts, 24, 64, True, None),
+    }
+
+
+@pytest.mark.skipif(not _interpreting(), reason="runs the Triton ops on CPU: needs TRITON_INTERPRET=1, as CI sets")
+@pytest.mark.parametrize("name", TRITON_OPS)
+def test_triton_launcher_is_a_custom_op_whose_fake_matches_it(name):
+    """torch.library.opcheck: the schema is right and the fake implementation gives the real op's
+    shapes, strides and dtypes (what torch.compile and a memory plan rely on)."""
+    import lora_engine.kernels.triton_ops  # noqa: F401  (imports every launcher: registers the ops)
+    from lora_engine.kernels import nf4_triton  # noqa: F401
+
+    op = getattr(torch.ops.lora_engine, name)
+    torch.library.opcheck(op, _triton_op_samples()[name],
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_a_triton_training_step_runs_on_fake_tensors_without_a_gpu_or_the_interpreter(monkeypatch):
+    """The Triton path of a QLoRA step on fake tensors: what a memory plan for a GPU runs on a CPU-only
+    machine. Fake CUDA tensors are unreliable without a CUDA build of torch (Tensor.to, indexing and
+    RNG ops fail), so the plan runs on fake CPU tensors; the launchers accept those without
+    TRITON_INTERPRET because nothing is launched, only the custom ops' fakes run."""
+    pytest.importorskip("triton")
+    from lora_engine.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)  # as on a machine without the interpreter
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        model = _model(True, "triton")
+        ids = torch.randint(0, CFG.vocab_size, (2, 12))
+        loss = model.loss(ids, ids)
+        loss.backward()
+        assert mode.is_our_fake(loss)
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    real = torch.ones(2, 8)
+    with pytest.raises(ValueError, match="CPU tensor; Triton kernels need a CUDA device"):
+        _common.check_device("op", x=real)

@@ -5,6 +5,7 @@ fed a wrong shape does not fail: it reads or writes out of bounds.
 
   checks         check_float, check_same, check_device, check_lora (the low-rank factors of a layer)
   launch         launch_device, next_pow2, row_tile (whole-row kernels: RMSNorm, RoPE)
+  ops            kernel_op: a launcher as a torch.library custom op with its fake implementation
   in a kernel    grouped_tile (the L2-friendly program order of the matmuls), dot_acc (tl.dot that
                  widens to fp32 under the interpreter: pass UPCAST=interpreting())
 """
@@ -16,6 +17,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,7 +49,7 @@ def check_device(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {n0} is on {t0.device}; move them to one device")
     if t0.device.type not in ("cuda", "cpu"):
         raise ValueError(f"{op}: {n0} is on {t0.device}; the Triton kernels run on CUDA devices")
-    if t0.device.type == "cpu" and not interpreting():
+    if t0.device.type == "cpu" and not interpreting() and not is_fake(t0):  # a fake tensor is never launched
         raise ValueError(
             f"{op}: {n0} is a CPU tensor; Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set "
             "before triton is imported (use backend='torch' for the PyTorch reference on CPU)"
@@ -62,6 +64,22 @@ def _probe():
 def interpreting() -> bool:
     """True when @triton.jit produced interpreter functions (TRITON_INTERPRET=1 at import time)."""
     return isinstance(_probe, InterpretedFunction)
+
+
+def kernel_op(name: str, fake, mutates_args=()):
+    """Register a launcher as the custom op torch.ops.lora_engine.<name>, with `fake` (same arguments,
+    outputs of the real shapes, strides and dtypes, nothing launched) as its fake implementation.
+
+    That is what lets torch.compile trace through a Triton kernel without a graph break and
+    FakeTensorMode (a memory plan, FSDP2) run a step on tensors that have no data, also "cuda" ones
+    on a machine without a GPU. Autograd stays in the autograd.Functions around the ops (traceable),
+    so the tensors saved for backward are exactly those the eager step keeps. Arguments and results
+    are tensors and scalars only (an NF4Tensor is passed as its parts)."""
+    def wrap(fn):
+        op = torch.library.custom_op(f"lora_engine::{name}", mutates_args=mutates_args)(fn)
+        op.register_fake(fake)
+        return op
+    return wrap
 
 
 def launch_device(x: torch.Tensor):

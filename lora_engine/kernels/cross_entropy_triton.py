@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from lora_engine.kernels import amp
-from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2
-from lora_engine.kernels.reference import check_cross_entropy_args
+from lora_engine.kernels._common import check_device, check_float, kernel_op, launch_device, next_pow2
+from lora_engine.kernels.reference import check_cross_entropy_args, traced
 
 
 @triton.jit
@@ -94,35 +94,35 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, max_block_v):
         N, V = hidden.shape[0], weight.shape[0]
         valid = labels != ignore_index
-        bad = valid & ((labels < 0) | (labels >= V))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"linear_cross_entropy: labels[{i}] = {int(labels[i])} is outside [0, {V}) "
-                             f"and is not ignore_index ({ignore_index})")
-        count = int(valid.sum())
+        if traced(hidden):  # no data to branch on: the count stays a tensor
+            count = valid.sum().clamp(min=1).float()
+        else:
+            bad = valid & ((labels < 0) | (labels >= V))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"linear_cross_entropy: labels[{i}] = {int(labels[i])} is outside [0, {V}) "
+                                 f"and is not ignore_index ({ignore_index})")
+            count = max(int(valid.sum()), 1)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(hidden) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        losses = torch.empty(N, dtype=torch.float32, device=hidden.device)
         labels = labels.contiguous()
-        block_v, rows = _tiles(V, max_block_v)
-        with launch_device(hidden):
-            for s in range(0, N, chunk_size):
-                e = min(s + chunk_size, N)
-                h = hidden[s:e]
-                z = h @ weight.t()  # (c, V), becomes the gradient block in place
-                _ce_rows[(triton.cdiv(e - s, rows),)](z, labels[s:], losses[s:], e - s, V, z.stride(0), ignore_index,
-                                                      ROWS=rows, BLOCK_V=block_v, COMPUTE_GRAD=need_dh or need_dw,
-                                                      num_warps=8)
-                if need_dh:
-                    dh[s:e] = z @ weight
-                if need_dw:
-                    dw.addmm_(z.t().float(), h.float())
-                del z
-        ctx.scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+        losses = []
+        for s in range(0, N, chunk_size):
+            e = min(s + chunk_size, N)
+            h = hidden[s:e]
+            z = h @ weight.t()  # (c, V), becomes the gradient block in place
+            losses.append(_ce_rows_op(z, labels[s:e], ignore_index, need_dh or need_dw, max_block_v))
+            if need_dh:
+                dh[s:e] = z @ weight
+            if need_dw:
+                dw.addmm_(z.t().float(), h.float())
+            del z
+        ctx.scale = 1.0 / count if reduction == "mean" else 1.0
         ctx.save_for_backward(dh if need_dh else None, dw if need_dw else None)
         ctx.weight_dtype = weight.dtype
-        return losses.sum() * ctx.scale
+        total = torch.cat(losses).sum() if losses else torch.zeros((), dtype=torch.float32, device=hidden.device)
+        return total * ctx.scale
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -131,6 +131,26 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         gh = dh * g.to(dh.dtype) if dh is not None else None
         gw = (dw * g).to(ctx.weight_dtype) if dw is not None else None
         return gh, gw, None, None, None, None, None
+
+
+def _ce_rows_fake(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, compute_grad: bool,
+                  max_block_v: int) -> torch.Tensor:
+    return torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+
+
+@kernel_op("cross_entropy_rows_triton", _ce_rows_fake, mutates_args=("z",))
+def _ce_rows_op(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, compute_grad: bool,
+                max_block_v: int) -> torch.Tensor:
+    """Per-row loss (fp32) of logits z (c, V) against labels (c,); with compute_grad z becomes
+    softmax(z) - onehot(label) in place (0 on ignored rows)."""
+    losses = _ce_rows_fake(z, labels, ignore_index, compute_grad, max_block_v)
+    c, V = z.shape
+    if c:
+        block_v, rows = _tiles(V, max_block_v)
+        with launch_device(z):
+            _ce_rows[(triton.cdiv(c, rows),)](z, labels, losses, c, V, z.stride(0), ignore_index,
+                                              ROWS=rows, BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, num_warps=8)
+    return losses
 
 
 def _tiles(V: int, max_block_v: int = MAX_BLOCK_V) -> tuple[int, int]:

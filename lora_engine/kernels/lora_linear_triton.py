@@ -47,6 +47,7 @@ from lora_engine.kernels._common import (
     dot_acc,
     grouped_tile,
     interpreting,
+    kernel_op,
     launch_device,
     next_pow2,
 )
@@ -129,11 +130,22 @@ def _tuned_kernel(dtype: torch.dtype, capability: tuple[int, int] | None):
     return triton.autotune(configs=configs, key=["M", "N", "K"])(_lora_mm)
 
 
+def _fused_mm_fake(p: torch.Tensor, q_t: torch.Tensor, lo: torch.Tensor, ro_t: torch.Tensor, scale: float,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty((p.shape[0], q_t.shape[1]), dtype=out_dtype, device=p.device)
+
+
 def fused_mm(p, q_t, lo, ro_t, scale: float, bias, out_dtype) -> torch.Tensor:
     """C (M, N) = p (M, K) @ q_t (K, N) + scale * lo (M, r) @ ro_t (r, N) (+ bias (N,)); views allowed."""
+    return _fused_mm_op(p, q_t, lo, ro_t, float(scale), bias, out_dtype)
+
+
+@kernel_op("lora_mm_triton", _fused_mm_fake)
+def _fused_mm_op(p: torch.Tensor, q_t: torch.Tensor, lo: torch.Tensor, ro_t: torch.Tensor, scale: float,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     M, K = p.shape
     N, R = q_t.shape[1], lo.shape[1]
-    c = torch.empty((M, N), dtype=out_dtype, device=p.device)
+    c = _fused_mm_fake(p, q_t, lo, ro_t, scale, bias, out_dtype)
     if M == 0 or N == 0:
         return c
     upcast = interpreting()

@@ -61,6 +61,7 @@ from lora_engine.kernels._common import (
     dot_acc,
     grouped_tile,
     interpreting,
+    kernel_op,
     launch_device,
 )
 from lora_engine.kernels.nf4_format import NF4Tensor
@@ -187,13 +188,28 @@ def nf4_dequantize(w: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     dtype = w.dtype if dtype is None else dtype
     if dtype not in OUT_DTYPES:
         raise ValueError(f"nf4_dequantize: dtype {dtype} not supported; use one of {OUT_DTYPES}")
-    out = torch.empty(w.shape, dtype=dtype, device=w.device)
-    n = w.numel
+    return _nf4_dequant_op(*_weight_args(w), w.blocksize, w.is_nested, w.nested_blocksize, list(w.shape), dtype)
+
+
+def _nf4_dequant_fake(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, nabs: torch.Tensor,
+                      ncode: torch.Tensor, offset: float, blocksize: int, nested: bool, nested_blocksize: int,
+                      shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=packed.device)
+
+
+@kernel_op("nf4_dequantize_triton", _nf4_dequant_fake)
+def _nf4_dequant_op(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, nabs: torch.Tensor,
+                    ncode: torch.Tensor, offset: float, blocksize: int, nested: bool, nested_blocksize: int,
+                    shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """An NF4 weight given as its parts (_weight_args) -> the dense tensor of `shape`."""
+    out = _nf4_dequant_fake(packed, absmax, code, nabs, ncode, offset, blocksize, nested, nested_blocksize,
+                            shape, dtype)
+    n = out.numel()
     if n:
-        with launch_device(w.packed):
+        with launch_device(packed):
             _nf4_dequant_kernel[(triton.cdiv(n, DEQUANT_BLOCK),)](
-                *_weight_args(w)[:5], out, _weight_args(w)[5], n, **_weight_meta(w),
-                BLOCK=DEQUANT_BLOCK, num_warps=4, enable_fp_fusion=False,
+                packed, absmax, code, nabs, ncode, out, offset, n, BLOCKSIZE=blocksize, NESTED=nested,
+                NESTED_BLOCKSIZE=nested_blocksize, BLOCK=DEQUANT_BLOCK, num_warps=4, enable_fp_fusion=False,
             )
     return out
 
@@ -237,20 +253,38 @@ def nf4_matmul(a: torch.Tensor, w: NF4Tensor, transpose: bool, bias: torch.Tenso
                              f"{tuple(bias.shape)} {bias.dtype}")
         check_device(op, a=a, bias=bias)
         bias = bias.contiguous()
-    M = a.shape[0]
-    c = torch.empty((M, P), dtype=a.dtype, device=a.device)
+    return _nf4_matmul_op(a, *_weight_args(w), w.blocksize, w.is_nested, w.nested_blocksize, n_out, n_in,
+                          transpose, bias)
+
+
+def _nf4_matmul_fake(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                     nabs: torch.Tensor, ncode: torch.Tensor, offset: float, blocksize: int, nested: bool,
+                     nested_blocksize: int, n_out: int, n_in: int, transpose: bool,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty((a.shape[0], n_out if transpose else n_in), dtype=a.dtype, device=a.device)
+
+
+@kernel_op("nf4_matmul_triton", _nf4_matmul_fake)
+def _nf4_matmul_op(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                   nabs: torch.Tensor, ncode: torch.Tensor, offset: float, blocksize: int, nested: bool,
+                   nested_blocksize: int, n_out: int, n_in: int, transpose: bool,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """nf4_matmul on an NF4 weight (n_out, n_in) given as its parts; arguments checked by nf4_matmul."""
+    c = _nf4_matmul_fake(a, packed, absmax, code, nabs, ncode, offset, blocksize, nested, nested_blocksize,
+                         n_out, n_in, transpose, bias)
+    M, P = c.shape
+    R = n_in if transpose else n_out
     if M == 0 or P == 0:
         return c
     cfg = matmul_config(M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
     w_stride_r, w_stride_p = (1, n_in) if transpose else (n_in, 1)
-    packed, absmax, code, nabs, ncode, offset = _weight_args(w)
     with launch_device(a):
         _nf4_matmul_kernel[grid](
             a, packed, absmax, code, nabs, ncode, bias if bias is not None else c, c,
             offset, M, P, R, w_stride_r, w_stride_p, a.stride(0), a.stride(1), c.stride(0), c.stride(1),
-            **_weight_meta(w), HAS_BIAS=bias is not None, UPCAST=interpreting(),
-            GROUP_M=GROUP_M, enable_fp_fusion=False, **cfg,
+            BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, HAS_BIAS=bias is not None,
+            UPCAST=interpreting(), GROUP_M=GROUP_M, enable_fp_fusion=False, **cfg,
         )
     return c
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_engine.kernels._common import check_device, check_float, launch_device, row_tile
+from lora_engine.kernels._common import check_device, check_float, kernel_op, launch_device, row_tile
 
 
 @triton.jit
@@ -80,30 +80,35 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """-> (y with x's shape, x as (N, D) rows, rstd (N,) fp32)."""
-    check_float("rms_norm", x=x, weight=weight)
-    check_device("rms_norm", x=x, weight=weight)
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},) for x "
-                         f"of shape {tuple(x.shape)}")
-    if not eps > 0:
-        raise ValueError(f"rms_norm: eps must be positive, got {eps}")
-    x2 = _rows(x)
+def _rms_fwd_fake(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     N, D = x2.shape
-    y = torch.empty((N, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    return (torch.empty((N, D), dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device),
+            torch.empty(N, dtype=torch.float32, device=x2.device))
+
+
+@kernel_op("rms_norm_fwd_triton", _rms_fwd_fake)
+def _rms_fwd_op(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 (N, D) rows with unit last stride -> (y (N, D) contiguous, rstd (N,) fp32)."""
+    y, rstd = _rms_fwd_fake(x2, weight, eps)
+    N, D = x2.shape
     if N and D:
-        with launch_device(x):
+        with launch_device(x2):
             block, rows, warps = launch_settings(D)
             _rms_fwd[(triton.cdiv(N, rows),)](x2, weight.contiguous(), y, rstd, N, D, x2.stride(0), y.stride(0),
                                               float(eps), ROWS=rows, BLOCK_D=block, num_warps=warps)
-    return y.view(x.shape), x2, rstd
+    return y, rstd
 
 
-def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool):
+def _rms_bwd_fake(dy2, x2, weight, rstd, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dw = torch.empty(x2.shape[1] if need_dw else 0, dtype=weight.dtype, device=x2.device)
+    return torch.empty_like(x2), dw
+
+
+@kernel_op("rms_norm_bwd_triton", _rms_bwd_fake)
+def _rms_bwd_op(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx like x2, dw (D,) in weight's dtype, or (0,) when not needed)."""
     N, D = x2.shape
-    dy2 = _rows(dy)
     dx = torch.empty_like(x2)
     block, rows, warps = launch_settings(D)
     blocks = triton.cdiv(N, rows)
@@ -115,10 +120,28 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
             _rms_bwd[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_part, N, D,
                                   dy2.stride(0), x2.stride(0), dx.stride(0),
                                   ROWS=rows, BLOCK_D=block, COMPUTE_DW=need_dw, num_warps=warps)
-    dw = None
-    if need_dw:
-        dw = (dw_part.sum(0) if N else torch.zeros(D, device=x2.device)).to(weight.dtype)
-    return dx, dw
+    if not need_dw:
+        return dx, torch.empty(0, dtype=weight.dtype, device=x2.device)
+    return dx, (dw_part.sum(0) if N else torch.zeros(D, device=x2.device)).to(weight.dtype)
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """-> (y with x's shape, x as (N, D) rows, rstd (N,) fp32)."""
+    check_float("rms_norm", x=x, weight=weight)
+    check_device("rms_norm", x=x, weight=weight)
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},) for x "
+                         f"of shape {tuple(x.shape)}")
+    if not eps > 0:
+        raise ValueError(f"rms_norm: eps must be positive, got {eps}")
+    x2 = _rows(x)
+    y, rstd = _rms_fwd_op(x2, weight, float(eps))
+    return y.view(x.shape), x2, rstd
+
+
+def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool):
+    dx, dw = _rms_bwd_op(_rows(dy), x2, weight, rstd, bool(need_dw))
+    return dx, dw if need_dw else None
 
 
 class RMSNormFunction(torch.autograd.Function):

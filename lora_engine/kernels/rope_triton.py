@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_engine.kernels._common import check_device, check_float, launch_device, next_pow2, row_tile
+from lora_engine.kernels._common import check_device, check_float, kernel_op, launch_device, next_pow2, row_tile
 
 
 @triton.jit
@@ -105,14 +105,25 @@ def _check(q, k, cos, sin):
 def rope_apply(q, k, cos, sin, backward: bool = False):
     """Rotate q and k (or their gradients with backward=True) -> (q', k') in new tensors."""
     _check(q, k, cos, sin)
-    B, Hq, T, hd = q.shape
-    Hk = k.shape[1]
     c = _last_contiguous(cos if cos.dim() == 3 else cos[None])
     s = _last_contiguous(sin if sin.dim() == 3 else sin[None])
     if c.stride() != s.stride():
         c, s = c.contiguous(), s.contiguous()
-    q, k = _last_contiguous(q), _last_contiguous(k)
-    qo, ko = torch.empty_like(q), torch.empty_like(k)  # same layout as the inputs
+    return _rope_op(_last_contiguous(q), _last_contiguous(k), c, s, backward)
+
+
+def _rope_fake(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
+               backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k)  # same layout as the inputs
+
+
+@kernel_op("rope_triton", _rope_fake)
+def _rope_op(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
+             backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k unit last stride; c, s (1 or B, T, hd) with equal strides -> (q', k') in new tensors."""
+    B, Hq, T, hd = q.shape
+    Hk = k.shape[1]
+    qo, ko = _rope_fake(q, k, c, s, backward)
     if q.numel() == 0:
         return qo, ko
     half = hd // 2

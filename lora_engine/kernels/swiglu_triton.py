@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_engine.kernels._common import check_float, check_same, launch_device
+from lora_engine.kernels._common import check_float, check_same, kernel_op, launch_device
 
 BLOCK = 1024
 
@@ -52,11 +52,13 @@ def _swiglu_bwd(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.const
     tl.store(dup_ptr + offs, du.to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    check_float("swiglu", gate=gate, up=up)
-    check_same("swiglu", gate=gate, up=up)
-    gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty_like(gate)
+def _swiglu_fwd_fake(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+@kernel_op("swiglu_fwd_triton", _swiglu_fwd_fake)
+def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(gate)  # gate, up contiguous (swiglu_forward)
     n = gate.numel()
     if n:
         with launch_device(gate):
@@ -64,14 +66,29 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    dy = dy.contiguous()
+def _swiglu_bwd_fake(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
+            torch.empty(up.shape, dtype=up.dtype, device=up.device))
+
+
+@kernel_op("swiglu_bwd_triton", _swiglu_bwd_fake)
+def _swiglu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n:
         with launch_device(gate):
             _swiglu_bwd[(triton.cdiv(n, BLOCK),)](dy, gate, up, dgate, dup, n, BLOCK=BLOCK)
     return dgate, dup
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    check_float("swiglu", gate=gate, up=up)
+    check_same("swiglu", gate=gate, up=up)
+    return _swiglu_fwd_op(gate.contiguous(), up.contiguous())
+
+
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    return _swiglu_bwd_op(dy.contiguous(), gate, up)
 
 
 class SwiGLUFunction(torch.autograd.Function):
