@@ -246,11 +246,13 @@ def _lce_static(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size
         logits = (h @ weight.t()).float()
         target = logits.gather(1, lab[:, None]).squeeze(1)
         m = logits.amax(dim=-1, keepdim=True)
-        p = (logits - m).exp()
+        p = logits.sub_(m).exp_()  # in place, as the eager path: one (chunk, V) fp32 buffer
         z = p.sum(dim=-1, keepdim=True)
         total = total + torch.where(valid, m.squeeze(1) + z.log().squeeze(1) - target, 0.0).sum()
         if need_dh or need_dw:
-            p = (p / z - F.one_hot(lab, p.shape[1]).float()) * valid[:, None].float()
+            p.div_(z)
+            p.scatter_add_(1, lab[:, None], -valid[:, None].to(p.dtype))  # - onehot(label) on counted rows
+            p.mul_(valid[:, None])
             if need_dh:
                 dh[s:e] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_dw:
