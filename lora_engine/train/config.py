@@ -51,6 +51,8 @@ class TrainConfig:
     pack: bool = _f(False, "pack several examples per row (attention and positions isolated per example)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding; order still random)")
     completion_only: bool = _f(True, "loss only on responses / assistant turns (prompt and chat formats)")
+    dedup: bool = _f(False, "drop exact and near-duplicate training records, and those that duplicate the "
+                            "validation data, before training (counts logged and in run.json)")
     save_every: int = _f(100, "checkpoint every N steps (0 = only at the end and on interruption)")
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")
     # Default (None): 3 evaluations during the run, at 1/4, 1/2 and 3/4 of it (eval_steps below), besides
