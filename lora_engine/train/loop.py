@@ -30,7 +30,7 @@ from lora_engine.cli import user_input
 from lora_engine.data import quality
 from lora_engine.data.formats import read_records
 from lora_engine.data.pipeline import Batcher, examples_from_records, prepare, split
-from lora_engine.io import atomic
+from lora_engine.io import atomic, registry
 from lora_engine.train import checkpoint
 from lora_engine.train import lineage as runs
 from lora_engine.train import step as trainer
@@ -268,7 +268,7 @@ def _load_inputs(cfg: TrainConfig, tokenizer, log):
         from lora_engine.models.tokenizer import load_tokenizer
 
         with user_input("--model"):
-            tokenizer = load_tokenizer(cfg.model)
+            tokenizer = load_tokenizer(registry.local_path(cfg.model, cfg.registry))
     stats: dict = {}
     train_rows, val_rows, data_files = load_data(cfg, tokenizer, stats, records)
     log(f"data: {stats.get('records')} records {stats.get('formats')}, {stats.get('empty', 0)} skipped (empty), "
@@ -292,7 +292,8 @@ def _build_model(cfg: TrainConfig, device: torch.device, log):
     from lora_engine.lora.layers import LoraConfig, apply_lora, count_parameters
 
     with user_input("--model"):
-        model = load_model(cfg.model, dtype=torch.float32 if device.type == "cpu" else None, device=device,
+        model = load_model(registry.local_path(cfg.model, cfg.registry),
+                           dtype=torch.float32 if device.type == "cpu" else None, device=device,
                            quantize=quantize_method(cfg.quantize))
     apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora),
