@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from lora_engine.cli import logs_to, option, option_like, parse, run_cli, user_input
 from lora_engine.data.formats import read_records
+from lora_engine.io import registry
 from lora_engine.train.config import TrainConfig, quantize_method
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval, target_rows
 from lora_engine.train.suite import general_suite, read_suite, score_suite
@@ -38,6 +39,7 @@ class EvalConfig:
     suite: str | None = option(None, "also score suites of multiple-choice and generation items "
                                      "(lora_engine/train/suite.py), comma-separated FILE.jsonl names; 'general' "
                                      "is the embedded general-ability suite")
+    registry: str | None = option_like(TrainConfig, "registry")
 
     def __post_init__(self):
         for name in ("max_length", "batch_size", "general_tokens"):
@@ -48,6 +50,8 @@ class EvalConfig:
 @logs_to("stdout")
 def main(argv=None):
     a, _ = parse(EvalConfig, argv, "python -m lora_engine.eval", __doc__.splitlines()[0])
+    with user_input(""):
+        a = registry.resolve_fields(a, ("model", "adapter"), a.registry)
     from lora_engine.loading import load_model
     from lora_engine.models.tokenizer import load_tokenizer
 

@@ -185,6 +185,9 @@ class ExportArgs:
                                     choices=["dequantized"])
     base: str | None = option(None, "QLoRA: merge into this full-precision checkpoint, the one --model (NF4) was "
                                     "quantized from")
+    registry: str | None = option(None, "the registry that registry:NAME@REF references in --model, --adapter and "
+                                        "--base are read from (default: $LORA_ENGINE_REGISTRY, else "
+                                        "~/.local/share/lora_engine/registry)")
 
     def __post_init__(self):
         if not self.model:
@@ -213,6 +216,10 @@ def main(argv=None) -> Path:
     args, _ = parse(ExportArgs, argv, prog="python -m lora_engine.export",
                     description="Merge a LoRA adapter into its base model and write a Hugging Face folder.")
     print(format_config(args))
+    from lora_engine.io import registry
+
+    with user_input(""):
+        args = registry.resolve_fields(args, ("model", "adapter", "base"), args.registry)
     if args.adapter:
         with user_input("--adapter"):
             read_adapter_config(args.adapter)  # a wrong folder is reported before the model loads

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_engine.cli import logs_to, option, option_like, parse, run_cli, user_input
+from lora_engine.io import registry
 from lora_engine.train.config import TrainConfig, resolve_device
 
 
@@ -123,6 +124,7 @@ class GenerateConfig:
     dtype: str | None = option(None, "weights' dtype (default: the checkpoint's)",
                                choices=["float32", "bfloat16", "float16"])
     device: str = option_like(TrainConfig, "device")
+    registry: str | None = option_like(TrainConfig, "registry")
 
     def __post_init__(self):
         # Checked here, not first in generate_tokens: a bad value is reported before the model loads.
@@ -140,6 +142,8 @@ def main(argv=None):
     from lora_engine.models.tokenizer import load_tokenizer
 
     a, _ = parse(GenerateConfig, argv, "python -m lora_engine.generate", __doc__.splitlines()[0])
+    with user_input(""):
+        a = registry.resolve_fields(a, ("model", "adapter"), a.registry)
     if a.adapter:
         from lora_engine.lora.adapter import read_adapter_config
 

@@ -1,8 +1,9 @@
 """`python -m lora_engine.data check FILE`: what training would make of a data file.
 
-Prints record and format counts, a token-length histogram, exact duplicates, empty fields, what
-truncation at --max-length would do, and one example rendered with its loss mask: text that is
-trained on is shown between [[ and ]].
+Prints record and format counts, a token-length histogram, empty fields, what truncation at
+--max-length would do, the data-quality findings of quality.py (exact and near duplicates, overlap
+with --val, short responses, conflicting responses, length outliers, chat role sequences), and one
+example rendered with its loss mask: text that is trained on is shown between [[ and ]].
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from lora_engine.cli import option, parse_command, user_input
+from lora_engine.data import quality
 from lora_engine.data.formats import FORMATS, DataError, EmptyField, Example, detect_format, read_records, tokenize
 from lora_engine.sources.embedded import DEFAULT_MODEL
 
@@ -47,9 +49,11 @@ def render_mask(ex: Example, tokenizer) -> str:
 
 
 def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_only: bool = True,
-          show: int = 0, file=None, records=None) -> dict:
-    """Analyse a file (or its `records`, read already); write the report to `file` (a text stream) when one is
-    given; return the numbers as a dict."""
+          show: int = 0, file=None, records=None, val_records=None, near_threshold: float = quality.NEAR_THRESHOLD,
+          min_response_words: int = quality.MIN_RESPONSE_WORDS) -> dict:
+    """Analyse a file (or its `records`, read already), and its overlap with `val_records` when given; write the
+    report to `file` (a text stream) when one is given; return the numbers as a dict ("quality": the summary of
+    quality.analyse)."""
     records = records if records is not None else read_records(path)
     p = (lambda line: file.write(line + "\n")) if file is not None else (lambda line: None)
     if not records:
@@ -74,7 +78,6 @@ def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_
     p(f"empty fields: {len(empty)} records (skipped by training)")
     for msg in empty[:5]:
         p(f"  {msg}")
-    p(f"exact duplicates: {sum(n - 1 for n in dups.values())} extra copies of {len(dups)} records")
     if lengths:
         s = sorted(lengths)
         p(f"tokens per example: min {s[0]}, median {s[len(s) // 2]}, max {s[-1]}, total {sum(s)}; "
@@ -84,18 +87,23 @@ def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_
             p("  " + line)
     p(f"truncation at --max-length {max_length}: {len(over)} examples truncated, {targets_cut} target tokens "
       f"cut, {len(lost)} examples would be dropped (no target left)")
+    report = quality.analyse(records, fmt, val_records, near_threshold, min_response_words)
+    p(f"\ndata quality ({len(records)} records{f' and {len(val_records)} validation records' if val_records else ''};"
+      f" near-duplicates: Jaccard >= {near_threshold} of {quality.SHINGLE}-word shingles):")
+    for line in report.lines():
+        p("  " + line)
     if examples:
         ex = examples[min(show, len(examples) - 1)]
         p(f"\nexample {ex.where} ({len(ex.input_ids)} tokens, {ex.n_targets} targets; loss on [[...]]):")
         p(render_mask(ex, tokenizer))
     return {"records": len(records), "formats": dict(formats), "examples": len(examples), "empty": len(empty),
             "duplicates": sum(n - 1 for n in dups.values()), "truncated": len(over), "dropped": len(lost),
-            "target_tokens_cut": targets_cut}
+            "target_tokens_cut": targets_cut, "quality": report.summary()}
 
 
 @dataclass
 class CheckArgs:
-    """Report on a training data file: counts, lengths, duplicates, truncation, a rendered loss mask."""
+    """Report on a training data file: counts, lengths, truncation, data quality, a rendered loss mask."""
 
     file: str = option(help="the data file (JSONL or JSON)", positional=True)
     model: str = option(DEFAULT_MODEL, "whose tokenizer and chat template to use")
@@ -103,6 +111,16 @@ class CheckArgs:
     max_length: int = option(256, "tokens per example (training truncates longer ones)")
     completion_only: bool = option(True, "loss only on responses / assistant turns (prompt and chat formats)")
     show: int = option(0, "index of the example to render")
+    val: str | None = option(None, "a validation file: report its records that duplicate or nearly duplicate FILE's")
+    near_threshold: float = option(quality.NEAR_THRESHOLD, "Jaccard similarity (of word 3-shingles) from which "
+                                                           "two records are near-duplicates")
+    min_response_words: int = option(quality.MIN_RESPONSE_WORDS, "responses with fewer words are reported as short")
+
+    def __post_init__(self):
+        if not 0 < self.near_threshold <= 1:
+            raise ValueError(f"--near-threshold must be in (0, 1], got {self.near_threshold}")
+        if self.min_response_words < 0:
+            raise ValueError(f"--min-response-words must be >= 0, got {self.min_response_words}")
 
 
 def main(argv=None):
@@ -110,6 +128,8 @@ def main(argv=None):
     from lora_engine.models.tokenizer import load_tokenizer
 
     records = read_records(a.file)  # before the tokenizer: a bad file is reported at once
+    val_records = read_records(a.val) if a.val else None
     with user_input("--model"):
         tok = load_tokenizer(a.model)
-    check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, file=sys.stdout, records=records)
+    check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, file=sys.stdout, records=records,
+          val_records=val_records, near_threshold=a.near_threshold, min_response_words=a.min_response_words)

@@ -619,6 +619,28 @@ def resolve_ref(ref: str, root: str | os.PathLike | None = None) -> Path:
         return reg.resolve(ref)
 
 
+def local_path(value: str | None, root: str | os.PathLike | None = None) -> str | None:
+    """A registry reference resolved (and verified) to its local folder in the registry `root` (None:
+    $LORA_ENGINE_REGISTRY, else default_root()); any other value unchanged. For commands with --registry DIR."""
+    if isinstance(value, str) and value.startswith(PREFIX):
+        return str(resolve_ref(value, root))
+    return value
+
+
+def resolve_fields(cfg, names: tuple[str, ...], root: str | os.PathLike | None = None):
+    """The config dataclass `cfg` with each field in `names` that holds a registry reference replaced by its
+    verified local folder (local_path); a reference that fails names its flag."""
+    import dataclasses
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = local_path(getattr(cfg, name), root)
+        except RegistryError as e:
+            raise RegistryError(f"--{name.replace('_', '-')}: {e}") from e
+    return dataclasses.replace(cfg, **out)
+
+
 def general_regression(ev: dict) -> dict | None:
     """{"before", "after", "drop"} (points) of the general-ability suite in a run's eval record
     (eval.before.suite.general.score and eval.after's, as training records them), or None."""

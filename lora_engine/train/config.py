@@ -51,6 +51,8 @@ class TrainConfig:
     pack: bool = _f(False, "pack several examples per row (attention and positions isolated per example)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding; order still random)")
     completion_only: bool = _f(True, "loss only on responses / assistant turns (prompt and chat formats)")
+    dedup: bool = _f(False, "drop exact and near-duplicate training records, and those that duplicate the "
+                            "validation data, before training (counts logged and in run.json)")
     save_every: int = _f(100, "checkpoint every N steps (0 = only at the end and on interruption)")
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")
     # Default (None): 3 evaluations during the run, at 1/4, 1/2 and 3/4 of it (eval_steps below), besides
@@ -66,6 +68,8 @@ class TrainConfig:
     general_tokens: int = _f(128, "tokens per general-English passage (8 passages)")
     forgetting_threshold: float = _f(0.05, "warn when general-English perplexity rises by more than this")
     resume: str | None = _f(None, "continue from a checkpoint folder, or the newest checkpoint of a run folder")
+    registry: str | None = _f(None, "the registry that registry:NAME@REF references are read from (default: "
+                                    "$LORA_ENGINE_REGISTRY, else ~/.local/share/lora_engine/registry)")
     stop_after: int = _f(0, "stop (with a checkpoint) after this step, as if interrupted; 0 = off")
     seed: int = _f(0, "seed of data order, LoRA initialisation and dropout")
     quantize: str = _f("none", "base weights: none, or nf4 (QLoRA)", choices=["none", "nf4"])
@@ -129,6 +133,9 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
 
     from lora_engine.train.checkpoint import ResumeError, latest_checkpoint, run_dir_of
 
+    if cfg.resume.startswith("registry:"):
+        raise ResumeError(_registry_resume_message(cfg.resume, cfg.registry))
+
     ckpt = latest_checkpoint(cfg.resume)
     saved_path = run_dir_of(ckpt) / "config.json"
     if not saved_path.is_file():
@@ -146,6 +153,21 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
     if "out" not in explicit:
         values["out"] = str(run_dir_of(ckpt))
     return TrainConfig(**values), ckpt
+
+
+def _registry_resume_message(ref: str, root: str | None) -> str:
+    """Why --resume cannot take a registry reference, and where the checkpoints of that version may still be."""
+    from lora_engine.io import registry
+
+    head = (f"--resume {ref}: a published version holds the adapter (or model), config.json, run.json, "
+            "metrics.jsonl and the data manifest, not a checkpoint (optimizer, scheduler and RNG state, data "
+            "position), so training cannot continue from it")
+    try:
+        with registry.Registry(root, create=False) as reg:
+            run_dir = reg.show(ref.removeprefix(registry.PREFIX))["lineage"]["run_dir"]
+    except (registry.RegistryError, OSError) as e:
+        return f"{head} ({e})"
+    return f"{head}; resume from the run it was published from, --resume {run_dir}, if that folder still exists"
 
 
 def describe(cfg: TrainConfig) -> str:

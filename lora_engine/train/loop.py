@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from lora_engine.cli import user_input
+from lora_engine.data import quality
 from lora_engine.data.formats import read_records
 from lora_engine.data.pipeline import Batcher, examples_from_records, prepare, split
-from lora_engine.io import atomic
+from lora_engine.io import atomic, registry
 from lora_engine.train import checkpoint
 from lora_engine.train import lineage as runs
 from lora_engine.train import step as trainer
@@ -145,24 +146,30 @@ def read_data_files(cfg) -> dict[str, list]:
 
 
 def load_data(cfg, tok, stats: dict, records: dict[str, list] | None = None):
-    """(train rows, val rows, data files to hash); `records` as read_data_files returns them."""
+    """(train rows, val rows, data files to hash); `records` as read_data_files returns them.
+
+    stats gets the data counts, "quality" (quality.analyse's summary of the training records against the
+    validation records, the file's or the held-out split's) and with --dedup "dedup" (records dropped).
+    """
     from lora_engine.data.embedded import chatterbot_files, chatterbot_split
 
     if cfg.data is None:
-        tr, va = chatterbot_split()
-        train_ex = examples_from_records(tr, tok, "chat", cfg.completion_only, stats, "the embedded corpus")
-        val_ex = examples_from_records(va, tok, "chat", cfg.completion_only, {}, "the embedded held-out split")
+        (tr, va), fmt, src = chatterbot_split(), "chat", ("the embedded corpus", "the embedded held-out split")
         files = chatterbot_files()
     else:
         records = records if records is not None else read_data_files(cfg)
-        train_ex = examples_from_records(records[cfg.data], tok, cfg.format, cfg.completion_only, stats, cfg.data)
-        files = [Path(cfg.data)]
-        if cfg.val_data:
-            val_ex = examples_from_records(records[cfg.val_data], tok, cfg.format, cfg.completion_only, {},
-                                           cfg.val_data)
-            files.append(Path(cfg.val_data))
-        else:
-            train_ex, val_ex = split(train_ex, cfg.val_split, cfg.seed)
+        tr, va, fmt, src = records[cfg.data], records.get(cfg.val_data), cfg.format, (cfg.data, cfg.val_data)
+        files = [Path(p) for p in (cfg.data, cfg.val_data) if p]
+    if cfg.dedup:  # before the split, so that the held-out part shares no duplicate with the rest
+        tr, stats["dedup"] = quality.dedup(tr, fmt, against=va)
+    train_ex = examples_from_records(tr, tok, fmt, cfg.completion_only, stats, src[0])
+    if va is not None:
+        val_ex = examples_from_records(va, tok, fmt, cfg.completion_only, {}, src[1])
+    else:
+        train_ex, val_ex = split(train_ex, cfg.val_split, cfg.seed)
+    by_where = {r.where: r for r in tr}
+    val_used = va if va is not None else [by_where[e.where] for e in val_ex]
+    stats["quality"] = quality.analyse([by_where[e.where] for e in train_ex], fmt, val_used).summary()
     train_rows = prepare(train_ex, cfg.max_length, cfg.pack, stats)
     val_rows = prepare(val_ex, cfg.max_length, False, {}) if val_ex else []
     return train_rows, val_rows, files
@@ -261,13 +268,21 @@ def _load_inputs(cfg: TrainConfig, tokenizer, log):
         from lora_engine.models.tokenizer import load_tokenizer
 
         with user_input("--model"):
-            tokenizer = load_tokenizer(cfg.model)
+            tokenizer = load_tokenizer(registry.local_path(cfg.model, cfg.registry))
     stats: dict = {}
     train_rows, val_rows, data_files = load_data(cfg, tokenizer, stats, records)
     log(f"data: {stats.get('records')} records {stats.get('formats')}, {stats.get('empty', 0)} skipped (empty), "
         f"{stats['truncated']} truncated at {cfg.max_length} tokens, {stats['dropped_no_targets']} dropped (no "
         f"target left); {stats['rows']} training rows, {stats['target_tokens']:,} target tokens; "
         f"{len(val_rows)} validation rows")
+    if "dedup" in stats:
+        d = stats["dedup"]
+        log(f"--dedup dropped {sum(d.values())} training records: {d['exact']} exact duplicates, {d['near']} "
+            f"near-duplicates, {d['val_overlap']} duplicating validation records")
+    q = stats["quality"]
+    log("data quality: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in q.items() if k != "records")
+        + (f" (details: python -m lora_engine.data check {cfg.data})" if cfg.data and any(
+            n for k, n in q.items() if k != "records") else ""))
     return tokenizer, train_rows, val_rows, data_files, stats
 
 
@@ -277,7 +292,8 @@ def _build_model(cfg: TrainConfig, device: torch.device, log):
     from lora_engine.lora.layers import LoraConfig, apply_lora, count_parameters
 
     with user_input("--model"):
-        model = load_model(cfg.model, dtype=torch.float32 if device.type == "cpu" else None, device=device,
+        model = load_model(registry.local_path(cfg.model, cfg.registry),
+                           dtype=torch.float32 if device.type == "cpu" else None, device=device,
                            quantize=quantize_method(cfg.quantize))
     apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora),
