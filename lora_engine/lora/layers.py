@@ -20,6 +20,17 @@ a single string is a regular expression matched against the whole path; "all-lin
 linear layer but the output head. rank_pattern / alpha_pattern override r / lora_alpha for the
 modules whose path ends with one of their keys (regular expressions, PEFT's `get_pattern_key`).
 
+DoRA (use_dora=True, PEFT's formulation, peft/tuners/lora/dora.py and variants.py): a trainable
+magnitude m (out,), initialised to the row norms of W + s·B@A (= ||W||_row since B = 0), and
+
+    y = m / ||W + s·B@A||_row ⊙ (x W^T + s · x A^T B^T) + b
+
+where the norm is computed without gradient (the DoRA paper, section 4.3: "treating ||V + ΔV||_c as a
+constant"). With dropout in training PEFT applies the magnitude to the dropped input only:
+y = x W^T + b + (m/n - 1) ⊙ dropout(x) W^T + m/n ⊙ s · dropout(x) A^T B^T; so does this file. The
+norm needs the dense W (dequantized on the fly for an NF4 base, QDoRA) and one (out, in) fp32
+temporary per layer and forward: that is DoRA's extra cost over LoRA.
+
 Functions that change a model in place return the model, as PEFT's do (apply_lora, merge_lora,
 unmerge_lora, adapter.load_adapter); counts come from count_parameters, layers from lora_layers.
 Summaries go to this module's logger (`logging`), not to stdout.
@@ -58,6 +69,7 @@ class LoraConfig:
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
 
     def __post_init__(self):
         _check_rank("r", self.r)
@@ -67,6 +79,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1), got {d!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraConfig.use_rslora must be True or False, got {self.use_rslora!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         t = self.target_modules
         if isinstance(t, str):
             if not t:
@@ -133,12 +147,13 @@ class LoraLinear(nn.Module):
 
     weight: (out, in), frozen; bias: (out,) or None, frozen; lora_A: (r, in), kaiming-uniform
     (a = sqrt(5), like nn.Linear and PEFT); lora_B: (out, r), zeros, so the layer starts as the base.
+    With use_dora: lora_magnitude_vector (out,), the row norms of W (see the module docstring).
     forward: x (..., in) -> (..., out) in x's dtype.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, use_rslora: bool = False,
-                 adapter_dtype: torch.dtype | None = torch.float32):
+                 adapter_dtype: torch.dtype | None = torch.float32, use_dora: bool = False):
         super().__init__()
         _check_rank("r", r)
         _check_alpha("lora_alpha", lora_alpha)
@@ -166,6 +181,12 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
         self.backend: str | None = None
+        self.use_dora = use_dora
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(dtype))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
+        self._merged_norm: torch.Tensor | None = None  # DoRA: the norm used by merge, needed by unmerge
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, **kw) -> LoraLinear:
@@ -174,7 +195,7 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"scale={self.scale:g}, merged={self.merged}")
+                f"scale={self.scale:g}, dora={self.use_dora}, merged={self.merged}")
 
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T (+ b): the base matmul alone (used once merged). A quantized base replaces this."""
@@ -187,8 +208,41 @@ class LoraLinear(nn.Module):
         if A.dtype != x.dtype:  # fp32 adapters on a bf16/fp16 model: compute in the activation dtype
             A, B = A.to(x.dtype), B.to(x.dtype)
         x_dropped = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else None
+        if self.use_dora:
+            return self._dora_forward(x, A, B, x_dropped)
         return dispatch.lora_linear(x, self.weight, self.bias, A, B, self.scale, x_dropped=x_dropped,
                                     backend=self.backend)
+
+    def _dora_forward(self, x, A, B, x_dropped):
+        # m / ||W + s·BA||_row, the norm a constant (detached) as in PEFT; (out,) fp32
+        ratio = self.lora_magnitude_vector.float() / self.weight_norm()
+        if x_dropped is None:  # one fused call: ratio ⊙ (x W^T + s x A^T B^T), then the bias
+            y = dispatch.lora_linear(x, self.weight, None, A, B, self.scale, backend=self.backend)
+            y = y * ratio.to(y.dtype)
+            return y + self.bias.to(y.dtype) if self.bias is not None else y
+        # PEFT with dropout: the base output of the clean x, the magnitude on the dropped x's paths only
+        base = self._base(x, self.bias)
+        low_rank = F.linear(F.linear(x_dropped, A), B)
+        r = ratio.to(base.dtype)
+        return base + (r - 1) * self._base(x_dropped, None) + r * (self.scale * low_rank).to(base.dtype)
+
+    def _base(self, x, bias):
+        if isinstance(self.weight, NF4Tensor):
+            return dispatch.nf4_linear(x, self.weight, bias, backend=self.backend)
+        return F.linear(x, self.weight, bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight W (out, in) in fp32, dequantized when it is NF4; no gradient."""
+        if isinstance(self.weight, NF4Tensor):
+            return dispatch.nf4_dequantize(self.weight, torch.float32, backend=self.backend)
+        return self.weight.detach().float()
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s·B@A|| of each output row, (out,) fp32, without gradient (DoRA's detached norm)."""
+        if self.merged:  # W holds the merged weight; the norm belongs to the unmerged one
+            return self._merged_norm
+        return torch.linalg.norm(self.dense_weight() + self.delta_lora(), dim=1)
 
     # An NF4 base is not a Parameter: these hooks keep bitsandbytes' keys in the state dict and move it.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -205,26 +259,42 @@ class LoraLinear(nn.Module):
         nf4.move_nf4_weight(self, fn)
         return self
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_lora(self) -> torch.Tensor:
         """s * B @ A as an fp32 (out, in) tensor."""
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
 
+    def delta_weight(self) -> torch.Tensor:
+        """What merging adds to W, (out, in) fp32: s * B @ A; with DoRA (m/n - 1) ⊙ W + m/n ⊙ s * B @ A, so
+        that W + delta = m/n ⊙ (W + s * B @ A) (n = weight_norm(), W dequantized when NF4)."""
+        if not self.use_dora:
+            return self.delta_lora()
+        w, delta = self.dense_weight(), self.delta_lora()
+        ratio = (self.lora_magnitude_vector.detach().float() / torch.linalg.norm(w + delta, dim=1)).unsqueeze(1)
+        return (ratio - 1) * w + ratio * delta
+
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + s * B @ A, computed in fp32 and cast once to W's dtype. A second call does nothing."""
+        """W <- W + delta_weight(), computed in fp32 and cast once to W's dtype. A second call does nothing."""
         if isinstance(self.weight, NF4Tensor):
             raise ValueError("LoraLinear.merge: the base weight is NF4; merging into 4 bits is lossy. Call "
                              "lora_engine.quant.nf4.dequantize_model(model) first, then merge into the dense weight")
         if not self.merged:
+            if self.use_dora:  # unmerge divides by m/n: keep the n of the unmerged weight, as PEFT does
+                self._merged_norm = self.weight_norm()
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - s * B @ A (in fp32): restores W up to one rounding of W's dtype."""
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
+        """W <- W - s * B @ A (DoRA: W / (m/n) - s * B @ A), in fp32: restores W up to one rounding of its dtype."""
+        if not self.merged:
+            return
+        w = self.weight.float()
+        if self.use_dora:
+            w = w / (self.lora_magnitude_vector.float() / self._merged_norm).unsqueeze(1)
+            self._merged_norm = None
+        self.weight.copy_((w - self.delta_lora()).to(self.weight.dtype))
+        self.merged = False
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
@@ -307,7 +377,8 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
         parent = model.get_submodule(parent_name)
         r, alpha = config.rank_and_alpha(path)
         layer = LoraLinear.from_linear(getattr(parent, child), r, alpha, lora_dropout=config.lora_dropout,
-                                       use_rslora=config.use_rslora, adapter_dtype=adapter_dtype)
+                                       use_rslora=config.use_rslora, adapter_dtype=adapter_dtype,
+                                       use_dora=config.use_dora)
         layer.backend = getattr(model, "backend", None)
         layer.train(parent.training)  # a new module starts in training mode: keep an eval model in eval
         setattr(parent, child, layer)
@@ -315,7 +386,8 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
     if verbose:
         counts = count_parameters(model)
         ranks = sorted({m.r for _, m in lora_layers(model)})
-        logger.info(f"LoRA on {len(paths)} layers (r={'/'.join(map(str, ranks))}): {counts['trainable']:,} "
+        kind = "DoRA" if config.use_dora else "LoRA"
+        logger.info(f"{kind} on {len(paths)} layers (r={'/'.join(map(str, ranks))}): {counts['trainable']:,} "
                     f"trainable of {counts['total']:,} parameters "
                     f"({100 * counts['trainable'] / counts['total']:.3f}%)")
     return model

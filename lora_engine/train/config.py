@@ -47,6 +47,8 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: str = _f(ALL_PROJECTIONS, "comma-separated module names that get LoRA")
     use_rslora: bool = _f(False, "scale alpha/sqrt(r) instead of alpha/r")
+    use_dora: bool = _f(False, "DoRA (PEFT's use_dora): a trained magnitude per output row on top of LoRA; "
+                               "costs one weight-norm of W + s*B@A per layer and step")
     max_length: int = _f(256, "tokens per example (longer ones are truncated, counts reported)")
     pack: bool = _f(False, "pack several examples per row (attention and positions isolated per example)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding; order still random)")

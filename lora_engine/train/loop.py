@@ -280,7 +280,8 @@ def _build_model(cfg: TrainConfig, device: torch.device, log):
         model = load_model(cfg.model, dtype=torch.float32 if device.type == "cpu" else None, device=device,
                            quantize=quantize_method(cfg.quantize))
     apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora),
+                                 target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora,
+                                 use_dora=cfg.use_dora),
                verbose=False)
     counts = count_parameters(model)
     log(f"LoRA: {counts['trainable']:,} trainable of {counts['total']:,} parameters")
