@@ -5,7 +5,8 @@ A folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys
 paths equal Hugging Face's (`model.layers.0.self_attn.q_proj`), so the key is PEFT's exactly.
 Per-module ranks and alphas travel in `rank_pattern` / `alpha_pattern`, as PEFT writes them.
 DoRA adds `...<path>.lora_magnitude_vector` (out,) per layer (no `.weight` suffix: PEFT's key) and
-`use_dora: true` in the config.
+`use_dora: true` in the config. modules_to_save are stored whole under their plain keys,
+`base_model.model.<module path>.weight` (PEFT drops its `modules_to_save.default.` infix on save).
 
 Files are written atomically (lora_engine.io.atomic: temporary file, fsync, rename), the weights first and the config
 last, so a folder with a config always has the weights it describes. Loading checks every key and
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +29,15 @@ import torch.nn as nn
 
 from lora_engine.io.atomic import write_text
 from lora_engine.io.safetensors import CheckpointError, read_safetensors_header, read_tensor, save_tensors
-from lora_engine.lora.layers import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_scale, target_paths
+from lora_engine.lora.layers import (
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    lora_layers,
+    lora_scale,
+    saved_module_paths,
+    target_paths,
+)
 
 MAGNITUDE = "lora_magnitude_vector"
 CONFIG_NAME = "adapter_config.json"
@@ -39,7 +49,6 @@ logger = logging.getLogger(__name__)
 # adapter_config.json fields that change what the adapter computes and that we do not implement:
 # field -> (value(s) that are fine, what it is). Anything else in the file is bookkeeping.
 UNSUPPORTED = {
-    "modules_to_save": ((None, []), "modules_to_save (fully trained extra modules)"),
     "bias": (("none", None), "trained biases (bias != 'none')"),
     "lora_bias": ((False, None), "lora_bias (a bias on lora_B)"),
     "fan_in_fan_out": ((False, None), "fan_in_fan_out (Conv1D-style transposed weights)"),
@@ -74,6 +83,13 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         if m.use_dora:
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().cpu().contiguous()
     config = _peft_config(model, layers, base_model_name_or_path or getattr(model, "name_or_path", None))
+    if config["modules_to_save"]:
+        warnings.warn(f"save_adapter: the adapter carries modules_to_save {config['modules_to_save']}: PEFT and "
+                      "transformers load it, vLLM refuses adapters with modules_to_save (merge it with "
+                      "lora_engine.export instead)", stacklevel=2)
+        for path in saved_module_paths(model, model.lora_config):
+            for name, p in model.get_submodule(path).named_parameters(recurse=False):
+                tensors[f"{PREFIX}{path}.{name}"] = p.detach().cpu().contiguous()
     save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
@@ -108,7 +124,7 @@ def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | No
         "bias": "none",
         "fan_in_fan_out": False,
         "use_dora": dora.pop(),
-        "modules_to_save": None,
+        "modules_to_save": list(cfg.modules_to_save) if cfg and cfg.modules_to_save else None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "init_lora_weights": True,
@@ -170,7 +186,7 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
             r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8), lora_dropout=raw.get("lora_dropout", 0.0),
             target_modules=raw["target_modules"], use_rslora=raw.get("use_rslora", False),
             rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
-            use_dora=bool(raw.get("use_dora") or False),
+            use_dora=bool(raw.get("use_dora") or False), modules_to_save=raw.get("modules_to_save") or (),
         )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
@@ -198,8 +214,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
     if any(m.merged for m in existing.values()):
         raise ValueError("load_adapter: the model's LoRA is merged into its weights; call unmerge_lora(model) first")
     expected = _expected_layers(model, config, existing, folder)
+    whole = _expected_saved(model, config, existing, folder)
     header, start = read_safetensors_header(weights)
-    tensors = _check_keys(header, expected, weights, raw.get("base_model_name_or_path"), model)
+    tensors = _check_keys(header, expected, whole, weights, raw.get("base_model_name_or_path"), model)
     if not existing:
         apply_lora(model, config, verbose=False)
     layers = dict(lora_layers(model))
@@ -214,6 +231,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
             m.scale = lora_scale(m.r, m.lora_alpha, m.use_rslora)
             m.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
             m.dropout.train(m.training)
+        for key, (path, name, _) in whole.items():
+            getattr(model.get_submodule(path), name).copy_(read_tensor(weights, header[key], start))
     model.lora_config = config
     if verbose:
         logger.info(f"loaded LoRA adapter {folder} into {len(layers)} layers")
@@ -254,12 +273,35 @@ def _expected_layers(model, config: LoraConfig, existing: dict, folder: Path) ->
             for p, (r, i, o) in shapes.items()}
 
 
-def _check_keys(header: dict, expected: dict, file: Path, adapter_base, model) -> dict[str, tuple[str, ...]]:
-    """Map every adapter key onto a layer and check its shape: {path: (A key, B key[, magnitude key])}."""
+def _expected_saved(model, config: LoraConfig, existing: dict, folder: Path) -> dict[str, tuple]:
+    """{file key: (module path, parameter name, shape)} of the adapter's modules_to_save."""
+    if existing and tuple(getattr(model, "lora_config", LoraConfig()).modules_to_save) != config.modules_to_save:
+        raise ValueError(f"{folder}: the adapter's modules_to_save {list(config.modules_to_save)} differ from the "
+                         "model's; load it into a model without LoRA instead")
+    try:
+        paths = saved_module_paths(model, config)
+    except ValueError as e:
+        raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
+    return {f"{PREFIX}{p}.{n}": (p, n, tuple(t.shape))
+            for p in paths for n, t in model.get_submodule(p).named_parameters(recurse=False)}
+
+
+def _check_keys(header: dict, expected: dict, whole: dict, file: Path, adapter_base,
+                model) -> dict[str, tuple[str, ...]]:
+    """Map every adapter key onto a layer (or a module to save, `whole`) and check its shape:
+    {path: (A key, B key[, magnitude key])}."""
     problems, found = [], {}
     base_note = (f" (the adapter was made for {adapter_base!r}, this model is "
                  f"{getattr(model, 'name_or_path', 'unnamed')!r})")
+    for key in whole:
+        if key not in header:
+            problems.append(f"missing tensor {key} (the config lists its module in modules_to_save)")
+        elif tuple(header[key]["shape"]) != whole[key][2]:
+            problems.append(f"{key}: the adapter's tensor is {tuple(header[key]['shape'])}, this model's module "
+                            f"needs {whole[key][2]}")
     for key, info in header.items():
+        if key in whole:
+            continue
         path, kind = _split_key(key)
         if path is None:
             problems.append(f"unexpected tensor {key!r} (not a lora_A/lora_B weight: a PEFT feature we do not "

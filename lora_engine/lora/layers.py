@@ -31,6 +31,10 @@ y = x W^T + b + (m/n - 1) ⊙ dropout(x) W^T + m/n ⊙ s · dropout(x) A^T B^T; 
 norm needs the dense W (dequantized on the fly for an NF4 base, QDoRA) and one (out, in) fp32
 temporary per layer and forward: that is DoRA's extra cost over LoRA.
 
+modules_to_save (PEFT's name): modules trained in full beside the adapter, e.g. embed_tokens and
+lm_head for added tokens. Each gets its own trainable copy of its parameters (as PEFT's
+ModulesToSaveWrapper does), so a tied embedding and head come apart, exactly as in PEFT.
+
 Functions that change a model in place return the model, as PEFT's do (apply_lora, merge_lora,
 unmerge_lora, adapter.load_adapter); counts come from count_parameters, layers from lora_layers.
 Summaries go to this module's logger (`logging`), not to stdout.
@@ -70,6 +74,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_rank("r", self.r)
@@ -81,6 +86,11 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.use_rslora must be True or False, got {self.use_rslora!r}")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
+        m = () if self.modules_to_save is None else self.modules_to_save
+        if isinstance(m, str) or not isinstance(m, (list, tuple)) or not all(isinstance(n, str) and n for n in m):
+            raise ValueError(f"LoraConfig.modules_to_save must be a list of module names such as ['embed_tokens', "
+                             f"'lm_head'], got {self.modules_to_save!r}")
+        self.modules_to_save = tuple(m)
         t = self.target_modules
         if isinstance(t, str):
             if not t:
@@ -350,6 +360,29 @@ def target_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     return sorted({n for found in wanted.values() for n in found}, key=order.__getitem__)
 
 
+def saved_module_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the modules named by config.modules_to_save (PEFT's suffix rule); raises on a name that matches
+    nothing, a LoRA target, or a module with an NF4 weight."""
+    lora = set(target_paths(model, config)) if config.modules_to_save else set()
+    out = []
+    for name in config.modules_to_save:
+        found = [n for n, _ in model.named_modules() if n and (n == name or n.endswith("." + name))]
+        if not found:
+            raise ValueError(f"LoraConfig.modules_to_save: {name!r} matches no module of the model (try "
+                             "embed_tokens or lm_head)")
+        for path in found:
+            m = model.get_submodule(path)
+            if path in lora or isinstance(m, LoraLinear):
+                raise ValueError(f"LoraConfig.modules_to_save: {path!r} is also a LoRA target; train it one way")
+            if isinstance(getattr(m, "weight", None), NF4Tensor) or isinstance(m, nf4.Linear4bit):
+                raise ValueError(f"LoraConfig.modules_to_save: {path!r} holds an NF4 weight, which cannot be "
+                                 "trained; keep it in full precision (load_model quantize_skip)")
+            if not any(True for _ in m.parameters(recurse=False)):
+                raise ValueError(f"LoraConfig.modules_to_save: {path!r} has no parameters of its own")
+            out.append(path)
+    return out
+
+
 def _output_head(model: nn.Module) -> str | None:
     return "lm_head" if isinstance(getattr(model, "lm_head", None), nn.Linear) else None
 
@@ -370,6 +403,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
             "apply_lora once per model (load_adapter loads weights into existing layers)"
         )
     paths = target_paths(model, config)
+    saved = saved_module_paths(model, config)  # checked before anything changes
     for p in model.parameters():
         p.requires_grad_(False)
     for path in paths:
@@ -382,6 +416,10 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
         layer.backend = getattr(model, "backend", None)
         layer.train(parent.training)  # a new module starts in training mode: keep an eval model in eval
         setattr(parent, child, layer)
+    for path in saved:
+        module = model.get_submodule(path)
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=True))
     model.lora_config = config
     if verbose:
         counts = count_parameters(model)
