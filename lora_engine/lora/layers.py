@@ -46,6 +46,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -197,6 +198,7 @@ class LoraLinear(nn.Module):
         else:
             self.register_parameter("lora_magnitude_vector", None)
         self._merged_norm: torch.Tensor | None = None  # DoRA: the norm used by merge, needed by unmerge
+        self.disabled = False  # adapters_disabled(model): the base layer alone (DPO's reference model)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, **kw) -> LoraLinear:
@@ -214,6 +216,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # B @ A already lives in W: adding the LoRA path again would count it twice
             return self.base_linear(x)
+        if self.disabled:
+            return self._base(x, self.bias)
         A, B = self.lora_A, self.lora_B
         if A.dtype != x.dtype:  # fp32 adapters on a bf16/fp16 model: compute in the activation dtype
             A, B = A.to(x.dtype), B.to(x.dtype)
@@ -312,6 +316,27 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     for name, m in model.named_modules():
         if isinstance(m, LoraLinear):
             yield name, m
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block every LoRA/DoRA layer computes its base layer alone (PEFT's disable_adapter), so the
+    model is its own reference without a second copy of the weights. Raises when the adapter is merged or
+    the model has modules_to_save (their base values are not kept)."""
+    layers = _require_lora(model, "adapters_disabled")
+    if any(m.merged for m in layers):
+        raise ValueError("adapters_disabled: the LoRA is merged into the weights; call unmerge_lora(model) first")
+    saved = getattr(getattr(model, "lora_config", None), "modules_to_save", ())
+    if saved:
+        raise ValueError(f"adapters_disabled: the model trains modules_to_save {list(saved)} in place, so the base "
+                         "model cannot be recovered from it; train without --modules-to-save")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
