@@ -201,8 +201,7 @@ def test_bad_config_json(base, tmp_path):
                                       "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     (dict(target_modules=None), "target_modules is missing"),
     (dict(peft_type="IA3"), "peft_type 'IA3' is not supported; only LoRA"),
-    (dict(use_dora=True), "use_dora=True asks for DoRA"),
-    (dict(modules_to_save=["lm_head"]), "modules_to_save.*does not support yet"),
+    (dict(modules_to_save=["lm_headx"]), "modules_to_save: 'lm_headx' matches no module"),
     (dict(bias="all"), "bias='all' asks for trained biases"),
     (dict(layers_to_transform=[0]), "layers_to_transform"),
 ])

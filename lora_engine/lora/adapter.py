@@ -4,6 +4,9 @@ A folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys
 `base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r); our module
 paths equal Hugging Face's (`model.layers.0.self_attn.q_proj`), so the key is PEFT's exactly.
 Per-module ranks and alphas travel in `rank_pattern` / `alpha_pattern`, as PEFT writes them.
+DoRA adds `...<path>.lora_magnitude_vector` (out,) per layer (no `.weight` suffix: PEFT's key) and
+`use_dora: true` in the config. modules_to_save are stored whole under their plain keys,
+`base_model.model.<module path>.weight` (PEFT drops its `modules_to_save.default.` infix on save).
 
 Files are written atomically (lora_engine.io.atomic: temporary file, fsync, rename), the weights first and the config
 last, so a folder with a config always has the weights it describes. Loading checks every key and
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,8 +29,17 @@ import torch.nn as nn
 
 from lora_engine.io.atomic import write_text
 from lora_engine.io.safetensors import CheckpointError, read_safetensors_header, read_tensor, save_tensors
-from lora_engine.lora.layers import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_scale, target_paths
+from lora_engine.lora.layers import (
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    lora_layers,
+    lora_scale,
+    saved_module_paths,
+    target_paths,
+)
 
+MAGNITUDE = "lora_magnitude_vector"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -36,8 +49,6 @@ logger = logging.getLogger(__name__)
 # adapter_config.json fields that change what the adapter computes and that we do not implement:
 # field -> (value(s) that are fine, what it is). Anything else in the file is bookkeeping.
 UNSUPPORTED = {
-    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA)"),
-    "modules_to_save": ((None, []), "modules_to_save (fully trained extra modules)"),
     "bias": (("none", None), "trained biases (bias != 'none')"),
     "lora_bias": ((False, None), "lora_bias (a bias on lora_B)"),
     "fan_in_fan_out": ((False, None), "fan_in_fan_out (Conv1D-style transposed weights)"),
@@ -69,7 +80,16 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     for path, m in layers.items():
         tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
+        if m.use_dora:
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().cpu().contiguous()
     config = _peft_config(model, layers, base_model_name_or_path or getattr(model, "name_or_path", None))
+    if config["modules_to_save"]:
+        warnings.warn(f"save_adapter: the adapter carries modules_to_save {config['modules_to_save']}: PEFT and "
+                      "transformers load it, vLLM refuses adapters with modules_to_save (merge it with "
+                      "lora_engine.export instead)", stacklevel=2)
+        for path in saved_module_paths(model, model.lora_config):
+            for name, p in model.get_submodule(path).named_parameters(recurse=False):
+                tensors[f"{PREFIX}{path}.{name}"] = p.detach().cpu().contiguous()
     save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
@@ -84,6 +104,9 @@ def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | No
     rslora = {m.use_rslora for m in layers.values()}
     if len(rslora) > 1:
         raise ValueError("save_adapter: some LoRA layers use rsLoRA and others do not; PEFT's format has one flag")
+    dora = {m.use_dora for m in layers.values()}
+    if len(dora) > 1:
+        raise ValueError("save_adapter: some LoRA layers use DoRA and others do not; PEFT's format has one flag")
     # Only what differs from the global values goes into the patterns, keyed by full module path.
     rank_pattern = {p: m.r for p, m in layers.items() if m.r != r}
     alpha_pattern = {p: m.lora_alpha for p, m in layers.items() if m.lora_alpha != alpha}
@@ -100,8 +123,8 @@ def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | No
         "alpha_pattern": alpha_pattern,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
-        "modules_to_save": None,
+        "use_dora": dora.pop(),
+        "modules_to_save": list(cfg.modules_to_save) if cfg and cfg.modules_to_save else None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "init_lora_weights": True,
@@ -163,6 +186,7 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
             r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8), lora_dropout=raw.get("lora_dropout", 0.0),
             target_modules=raw["target_modules"], use_rslora=raw.get("use_rslora", False),
             rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
+            use_dora=bool(raw.get("use_dora") or False), modules_to_save=raw.get("modules_to_save") or (),
         )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
@@ -190,8 +214,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
     if any(m.merged for m in existing.values()):
         raise ValueError("load_adapter: the model's LoRA is merged into its weights; call unmerge_lora(model) first")
     expected = _expected_layers(model, config, existing, folder)
+    whole = _expected_saved(model, config, existing, folder)
     header, start = read_safetensors_header(weights)
-    tensors = _check_keys(header, expected, weights, raw.get("base_model_name_or_path"), model)
+    tensors = _check_keys(header, expected, whole, weights, raw.get("base_model_name_or_path"), model)
     if not existing:
         apply_lora(model, config, verbose=False)
     layers = dict(lora_layers(model))
@@ -199,11 +224,15 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
         for path, m in layers.items():
             m.lora_A.copy_(read_tensor(weights, header[tensors[path][0]], start))
             m.lora_B.copy_(read_tensor(weights, header[tensors[path][1]], start))
+            if config.use_dora:
+                m.lora_magnitude_vector.copy_(read_tensor(weights, header[tensors[path][2]], start))
             m.lora_alpha = config.rank_and_alpha(path)[1]
             m.use_rslora = config.use_rslora
             m.scale = lora_scale(m.r, m.lora_alpha, m.use_rslora)
             m.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
             m.dropout.train(m.training)
+        for key, (path, name, _) in whole.items():
+            getattr(model.get_submodule(path), name).copy_(read_tensor(weights, header[key], start))
     model.lora_config = config
     if verbose:
         logger.info(f"loaded LoRA adapter {folder} into {len(layers)} layers")
@@ -229,52 +258,88 @@ def _expected_layers(model, config: LoraConfig, existing: dict, folder: Path) ->
             if r != m.r:
                 raise ValueError(f"{folder}: {path} has rank {r} in the adapter but {m.r} on the model; "
                                  "load it into a model without LoRA instead")
-        return {p: ((m.r, m.in_features), (m.out_features, m.r)) for p, m in existing.items()}
-    out = {}
-    for p in paths:
-        w = model.get_submodule(p).weight
-        r = config.rank_and_alpha(p)[0]
-        out[p] = ((r, w.shape[1]), (w.shape[0], r))
-    return out
+            if config.use_dora != m.use_dora:
+                raise ValueError(f"{folder}: the adapter {'is' if config.use_dora else 'is not'} DoRA but {path} on "
+                                 f"the model {'is' if m.use_dora else 'is not'}; load it into a model without LoRA "
+                                 "instead")
+        shapes = {p: (m.r, m.in_features, m.out_features) for p, m in existing.items()}
+    else:
+        shapes = {}
+        for p in paths:
+            w = model.get_submodule(p).weight
+            shapes[p] = (config.rank_and_alpha(p)[0], w.shape[1], w.shape[0])
+    # {path: {kind: shape}}: lora_A (r, in), lora_B (out, r), DoRA's magnitude (out,)
+    return {p: {"lora_A": (r, i), "lora_B": (o, r)} | ({MAGNITUDE: (o,)} if config.use_dora else {})
+            for p, (r, i, o) in shapes.items()}
 
 
-def _check_keys(header: dict, expected: dict, file: Path, adapter_base, model) -> dict[str, tuple[str, str]]:
-    """Map every adapter key onto a layer and check its shape: {path: (A key, B key)}."""
+def _expected_saved(model, config: LoraConfig, existing: dict, folder: Path) -> dict[str, tuple]:
+    """{file key: (module path, parameter name, shape)} of the adapter's modules_to_save."""
+    if existing and tuple(getattr(model, "lora_config", LoraConfig()).modules_to_save) != config.modules_to_save:
+        raise ValueError(f"{folder}: the adapter's modules_to_save {list(config.modules_to_save)} differ from the "
+                         "model's; load it into a model without LoRA instead")
+    try:
+        paths = saved_module_paths(model, config)
+    except ValueError as e:
+        raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
+    return {f"{PREFIX}{p}.{n}": (p, n, tuple(t.shape))
+            for p in paths for n, t in model.get_submodule(p).named_parameters(recurse=False)}
+
+
+def _check_keys(header: dict, expected: dict, whole: dict, file: Path, adapter_base,
+                model) -> dict[str, tuple[str, ...]]:
+    """Map every adapter key onto a layer (or a module to save, `whole`) and check its shape:
+    {path: (A key, B key[, magnitude key])}."""
     problems, found = [], {}
     base_note = (f" (the adapter was made for {adapter_base!r}, this model is "
                  f"{getattr(model, 'name_or_path', 'unnamed')!r})")
+    for key in whole:
+        if key not in header:
+            problems.append(f"missing tensor {key} (the config lists its module in modules_to_save)")
+        elif tuple(header[key]["shape"]) != whole[key][2]:
+            problems.append(f"{key}: the adapter's tensor is {tuple(header[key]['shape'])}, this model's module "
+                            f"needs {whole[key][2]}")
     for key, info in header.items():
+        if key in whole:
+            continue
         path, kind = _split_key(key)
         if path is None:
             problems.append(f"unexpected tensor {key!r} (not a lora_A/lora_B weight: a PEFT feature we do not "
-                            "support, such as DoRA's lora_magnitude_vector or LoRA on embeddings)")
+                            "support, such as LoRA on embeddings)")
             continue
         if path not in expected:
             problems.append(f"the adapter has weights for {path}, which this model has no LoRA layer for")
             continue
-        want = expected[path][0 if kind == "lora_A" else 1]
+        if kind not in expected[path]:
+            problems.append(f"unexpected tensor {key!r}: a DoRA magnitude in an adapter whose config says "
+                            "use_dora=false")
+            continue
+        want = expected[path][kind]
         if tuple(info["shape"]) != want:
             problems.append(f"{path}.{kind}: the adapter's tensor is {tuple(info['shape'])}, this model's "
                             f"layer needs {want}")
             continue
         found.setdefault(path, {})[kind] = key
-    for path in expected:
-        for kind in ("lora_A", "lora_B"):
+    for path, kinds in expected.items():
+        for kind in kinds:
             if kind not in found.get(path, {}):
-                problems.append(f"missing tensor {PREFIX}{path}.{kind}.weight")
+                problems.append(f"missing tensor {PREFIX}{path}.{kind}{'' if kind == MAGNITUDE else '.weight'}")
     if problems:
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
         raise CheckpointError(
             f"{file} does not fit this model{base_note if adapter_base else ''}; was the adapter made for "
             "another base model?\n  - " + "\n  - ".join(shown)
         )
-    return {p: (d["lora_A"], d["lora_B"]) for p, d in found.items()}
+    return {p: tuple(d[k] for k in expected[p]) for p, d in found.items()}
 
 
 def _split_key(key: str) -> tuple[str | None, str | None]:
-    """'base_model.model.<path>.lora_A.weight' -> (<path>, 'lora_A'); anything else -> (None, None)."""
+    """'base_model.model.<path>.lora_A.weight' -> (<path>, 'lora_A'), also lora_B and DoRA's
+    '<path>.lora_magnitude_vector'; anything else -> (None, None)."""
     if not key.startswith(PREFIX):
         return None, None
+    if key.endswith("." + MAGNITUDE):
+        return key[len(PREFIX):-len(MAGNITUDE) - 1], MAGNITUDE
     for kind in ("lora_A", "lora_B"):
         suffix = f".{kind}.weight"
         if key.endswith(suffix):

@@ -20,6 +20,21 @@ a single string is a regular expression matched against the whole path; "all-lin
 linear layer but the output head. rank_pattern / alpha_pattern override r / lora_alpha for the
 modules whose path ends with one of their keys (regular expressions, PEFT's `get_pattern_key`).
 
+DoRA (use_dora=True, PEFT's formulation, peft/tuners/lora/dora.py and variants.py): a trainable
+magnitude m (out,), initialised to the row norms of W + s·B@A (= ||W||_row since B = 0), and
+
+    y = m / ||W + s·B@A||_row ⊙ (x W^T + s · x A^T B^T) + b
+
+where the norm is computed without gradient (the DoRA paper, section 4.3: "treating ||V + ΔV||_c as a
+constant"). With dropout in training PEFT applies the magnitude to the dropped input only:
+y = x W^T + b + (m/n - 1) ⊙ dropout(x) W^T + m/n ⊙ s · dropout(x) A^T B^T; so does this file. The
+norm needs the dense W (dequantized on the fly for an NF4 base, QDoRA) and one (out, in) fp32
+temporary per layer and forward: that is DoRA's extra cost over LoRA.
+
+modules_to_save (PEFT's name): modules trained in full beside the adapter, e.g. embed_tokens and
+lm_head for added tokens. Each gets its own trainable copy of its parameters (as PEFT's
+ModulesToSaveWrapper does), so a tied embedding and head come apart, exactly as in PEFT.
+
 Functions that change a model in place return the model, as PEFT's do (apply_lora, merge_lora,
 unmerge_lora, adapter.load_adapter); counts come from count_parameters, layers from lora_layers.
 Summaries go to this module's logger (`logging`), not to stdout.
@@ -31,6 +46,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +74,8 @@ class LoraConfig:
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_rank("r", self.r)
@@ -67,6 +85,13 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1), got {d!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraConfig.use_rslora must be True or False, got {self.use_rslora!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
+        m = () if self.modules_to_save is None else self.modules_to_save
+        if isinstance(m, str) or not isinstance(m, (list, tuple)) or not all(isinstance(n, str) and n for n in m):
+            raise ValueError(f"LoraConfig.modules_to_save must be a list of module names such as ['embed_tokens', "
+                             f"'lm_head'], got {self.modules_to_save!r}")
+        self.modules_to_save = tuple(m)
         t = self.target_modules
         if isinstance(t, str):
             if not t:
@@ -133,12 +158,13 @@ class LoraLinear(nn.Module):
 
     weight: (out, in), frozen; bias: (out,) or None, frozen; lora_A: (r, in), kaiming-uniform
     (a = sqrt(5), like nn.Linear and PEFT); lora_B: (out, r), zeros, so the layer starts as the base.
+    With use_dora: lora_magnitude_vector (out,), the row norms of W (see the module docstring).
     forward: x (..., in) -> (..., out) in x's dtype.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, use_rslora: bool = False,
-                 adapter_dtype: torch.dtype | None = torch.float32):
+                 adapter_dtype: torch.dtype | None = torch.float32, use_dora: bool = False):
         super().__init__()
         _check_rank("r", r)
         _check_alpha("lora_alpha", lora_alpha)
@@ -166,6 +192,13 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
         self.backend: str | None = None
+        self.use_dora = use_dora
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(dtype))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
+        self._merged_norm: torch.Tensor | None = None  # DoRA: the norm used by merge, needed by unmerge
+        self.disabled = False  # adapters_disabled(model): the base layer alone (DPO's reference model)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, **kw) -> LoraLinear:
@@ -174,7 +207,7 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"scale={self.scale:g}, merged={self.merged}")
+                f"scale={self.scale:g}, dora={self.use_dora}, merged={self.merged}")
 
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T (+ b): the base matmul alone (used once merged). A quantized base replaces this."""
@@ -183,12 +216,47 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # B @ A already lives in W: adding the LoRA path again would count it twice
             return self.base_linear(x)
+        if self.disabled:
+            return self._base(x, self.bias)
         A, B = self.lora_A, self.lora_B
         if A.dtype != x.dtype:  # fp32 adapters on a bf16/fp16 model: compute in the activation dtype
             A, B = A.to(x.dtype), B.to(x.dtype)
         x_dropped = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else None
+        if self.use_dora:
+            return self._dora_forward(x, A, B, x_dropped)
         return dispatch.lora_linear(x, self.weight, self.bias, A, B, self.scale, x_dropped=x_dropped,
                                     backend=self.backend)
+
+    def _dora_forward(self, x, A, B, x_dropped):
+        # m / ||W + s·BA||_row, the norm a constant (detached) as in PEFT; (out,) fp32
+        ratio = self.lora_magnitude_vector.float() / self.weight_norm()
+        if x_dropped is None:  # one fused call: ratio ⊙ (x W^T + s x A^T B^T), then the bias
+            y = dispatch.lora_linear(x, self.weight, None, A, B, self.scale, backend=self.backend)
+            y = y * ratio.to(y.dtype)
+            return y + self.bias.to(y.dtype) if self.bias is not None else y
+        # PEFT with dropout: the base output of the clean x, the magnitude on the dropped x's paths only
+        base = self._base(x, self.bias)
+        low_rank = F.linear(F.linear(x_dropped, A), B)
+        r = ratio.to(base.dtype)
+        return base + (r - 1) * self._base(x_dropped, None) + r * (self.scale * low_rank).to(base.dtype)
+
+    def _base(self, x, bias):
+        if isinstance(self.weight, NF4Tensor):
+            return dispatch.nf4_linear(x, self.weight, bias, backend=self.backend)
+        return F.linear(x, self.weight, bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight W (out, in) in fp32, dequantized when it is NF4; no gradient."""
+        if isinstance(self.weight, NF4Tensor):
+            return dispatch.nf4_dequantize(self.weight, torch.float32, backend=self.backend)
+        return self.weight.detach().float()
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s·B@A|| of each output row, (out,) fp32, without gradient (DoRA's detached norm)."""
+        if self.merged:  # W holds the merged weight; the norm belongs to the unmerged one
+            return self._merged_norm
+        return torch.linalg.norm(self.dense_weight() + self.delta_lora(), dim=1)
 
     # An NF4 base is not a Parameter: these hooks keep bitsandbytes' keys in the state dict and move it.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -205,26 +273,42 @@ class LoraLinear(nn.Module):
         nf4.move_nf4_weight(self, fn)
         return self
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_lora(self) -> torch.Tensor:
         """s * B @ A as an fp32 (out, in) tensor."""
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
 
+    def delta_weight(self) -> torch.Tensor:
+        """What merging adds to W, (out, in) fp32: s * B @ A; with DoRA (m/n - 1) ⊙ W + m/n ⊙ s * B @ A, so
+        that W + delta = m/n ⊙ (W + s * B @ A) (n = weight_norm(), W dequantized when NF4)."""
+        if not self.use_dora:
+            return self.delta_lora()
+        w, delta = self.dense_weight(), self.delta_lora()
+        ratio = (self.lora_magnitude_vector.detach().float() / torch.linalg.norm(w + delta, dim=1)).unsqueeze(1)
+        return (ratio - 1) * w + ratio * delta
+
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + s * B @ A, computed in fp32 and cast once to W's dtype. A second call does nothing."""
+        """W <- W + delta_weight(), computed in fp32 and cast once to W's dtype. A second call does nothing."""
         if isinstance(self.weight, NF4Tensor):
             raise ValueError("LoraLinear.merge: the base weight is NF4; merging into 4 bits is lossy. Call "
                              "lora_engine.quant.nf4.dequantize_model(model) first, then merge into the dense weight")
         if not self.merged:
+            if self.use_dora:  # unmerge divides by m/n: keep the n of the unmerged weight, as PEFT does
+                self._merged_norm = self.weight_norm()
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - s * B @ A (in fp32): restores W up to one rounding of W's dtype."""
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
+        """W <- W - s * B @ A (DoRA: W / (m/n) - s * B @ A), in fp32: restores W up to one rounding of its dtype."""
+        if not self.merged:
+            return
+        w = self.weight.float()
+        if self.use_dora:
+            w = w / (self.lora_magnitude_vector.float() / self._merged_norm).unsqueeze(1)
+            self._merged_norm = None
+        self.weight.copy_((w - self.delta_lora()).to(self.weight.dtype))
+        self.merged = False
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
@@ -232,6 +316,27 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     for name, m in model.named_modules():
         if isinstance(m, LoraLinear):
             yield name, m
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block every LoRA/DoRA layer computes its base layer alone (PEFT's disable_adapter), so the
+    model is its own reference without a second copy of the weights. Raises when the adapter is merged or
+    the model has modules_to_save (their base values are not kept)."""
+    layers = _require_lora(model, "adapters_disabled")
+    if any(m.merged for m in layers):
+        raise ValueError("adapters_disabled: the LoRA is merged into the weights; call unmerge_lora(model) first")
+    saved = getattr(getattr(model, "lora_config", None), "modules_to_save", ())
+    if saved:
+        raise ValueError(f"adapters_disabled: the model trains modules_to_save {list(saved)} in place, so the base "
+                         "model cannot be recovered from it; train without --modules-to-save")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -280,6 +385,29 @@ def target_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     return sorted({n for found in wanted.values() for n in found}, key=order.__getitem__)
 
 
+def saved_module_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the modules named by config.modules_to_save (PEFT's suffix rule); raises on a name that matches
+    nothing, a LoRA target, or a module with an NF4 weight."""
+    lora = set(target_paths(model, config)) if config.modules_to_save else set()
+    out = []
+    for name in config.modules_to_save:
+        found = [n for n, _ in model.named_modules() if n and (n == name or n.endswith("." + name))]
+        if not found:
+            raise ValueError(f"LoraConfig.modules_to_save: {name!r} matches no module of the model (try "
+                             "embed_tokens or lm_head)")
+        for path in found:
+            m = model.get_submodule(path)
+            if path in lora or isinstance(m, LoraLinear):
+                raise ValueError(f"LoraConfig.modules_to_save: {path!r} is also a LoRA target; train it one way")
+            if isinstance(getattr(m, "weight", None), NF4Tensor) or isinstance(m, nf4.Linear4bit):
+                raise ValueError(f"LoraConfig.modules_to_save: {path!r} holds an NF4 weight, which cannot be "
+                                 "trained; keep it in full precision (load_model quantize_skip)")
+            if not any(True for _ in m.parameters(recurse=False)):
+                raise ValueError(f"LoraConfig.modules_to_save: {path!r} has no parameters of its own")
+            out.append(path)
+    return out
+
+
 def _output_head(model: nn.Module) -> str | None:
     return "lm_head" if isinstance(getattr(model, "lm_head", None), nn.Linear) else None
 
@@ -300,6 +428,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
             "apply_lora once per model (load_adapter loads weights into existing layers)"
         )
     paths = target_paths(model, config)
+    saved = saved_module_paths(model, config)  # checked before anything changes
     for p in model.parameters():
         p.requires_grad_(False)
     for path in paths:
@@ -307,15 +436,21 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
         parent = model.get_submodule(parent_name)
         r, alpha = config.rank_and_alpha(path)
         layer = LoraLinear.from_linear(getattr(parent, child), r, alpha, lora_dropout=config.lora_dropout,
-                                       use_rslora=config.use_rslora, adapter_dtype=adapter_dtype)
+                                       use_rslora=config.use_rslora, adapter_dtype=adapter_dtype,
+                                       use_dora=config.use_dora)
         layer.backend = getattr(model, "backend", None)
         layer.train(parent.training)  # a new module starts in training mode: keep an eval model in eval
         setattr(parent, child, layer)
+    for path in saved:
+        module = model.get_submodule(path)
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=True))
     model.lora_config = config
     if verbose:
         counts = count_parameters(model)
         ranks = sorted({m.r for _, m in lora_layers(model)})
-        logger.info(f"LoRA on {len(paths)} layers (r={'/'.join(map(str, ranks))}): {counts['trainable']:,} "
+        kind = "DoRA" if config.use_dora else "LoRA"
+        logger.info(f"{kind} on {len(paths)} layers (r={'/'.join(map(str, ranks))}): {counts['trainable']:,} "
                     f"trainable of {counts['total']:,} parameters "
                     f"({100 * counts['trainable'] / counts['total']:.3f}%)")
     return model

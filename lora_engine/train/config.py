@@ -47,6 +47,13 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: str = _f(ALL_PROJECTIONS, "comma-separated module names that get LoRA")
     use_rslora: bool = _f(False, "scale alpha/sqrt(r) instead of alpha/r")
+    use_dora: bool = _f(False, "DoRA (PEFT's use_dora): a trained magnitude per output row on top of LoRA; "
+                               "costs one weight-norm of W + s*B@A per layer and step")
+    loraplus_lr_ratio: float | None = _f(None, "LoRA+: lora_B (and DoRA magnitudes) learn at this multiple of "
+                                               "--lr (the paper suggests 16); default: one learning rate")
+    modules_to_save: str | None = _f(None, "comma-separated modules trained in full and saved in the adapter, PEFT's "
+                                           "modules_to_save (e.g. embed_tokens,lm_head for added tokens); vLLM "
+                                           "refuses such adapters")
     max_length: int = _f(256, "tokens per example (longer ones are truncated, counts reported)")
     pack: bool = _f(False, "pack several examples per row (attention and positions isolated per example)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding; order still random)")
@@ -94,6 +101,8 @@ class TrainConfig:
             raise ValueError("--max-steps 0 needs --epochs > 0")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ValueError(f"--loraplus-lr-ratio must be > 0, got {self.loraplus_lr_ratio}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 

@@ -234,7 +234,7 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(batcher.batches_per_epoch / cfg.grad_accum)))
-    opt = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    opt = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay, loraplus_lr_ratio=cfg.loraplus_lr_ratio)
     amp = trainer.autocast_dtype(device, cfg.precision)
     base_dir = getattr(model, "source_dir", None)
     manifest = runs.new_manifest(dataclasses.asdict(cfg),
@@ -296,7 +296,9 @@ def _build_model(cfg: TrainConfig, device: torch.device, log):
                            dtype=torch.float32 if device.type == "cpu" else None, device=device,
                            quantize=quantize_method(cfg.quantize))
     apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora),
+                                 target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora,
+                                 use_dora=cfg.use_dora,
+                                 modules_to_save=tuple(cfg.modules_to_save.split(",")) if cfg.modules_to_save else ()),
                verbose=False)
     counts = count_parameters(model)
     log(f"LoRA: {counts['trainable']:,} trainable of {counts['total']:,} parameters")

@@ -65,10 +65,29 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     return params
 
 
-def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-    """AdamW over the parameters that require grad (the LoRA A and B matrices)."""
-    params = [p for _, p in trainable_parameters(model)]
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
+                   loraplus_lr_ratio: float | None = None):
+    """AdamW over the parameters that require grad (the LoRA A and B matrices, DoRA magnitudes, modules_to_save).
+
+    loraplus_lr_ratio (LoRA+, Hayou et al. 2024; PEFT's create_loraplus_optimizer): two parameter
+    groups, param_groups[0] at `lr` (lora_A and every other matrix) and param_groups[1] at
+    lr * ratio (lora_B and, as PEFT groups them, 1-D parameters such as DoRA's magnitude). The
+    schedule scales both groups alike; the logged lr is group 0's.
+    """
+    named = trainable_parameters(model)
+    if loraplus_lr_ratio is None:
+        return torch.optim.AdamW([p for _, p in named], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if isinstance(loraplus_lr_ratio, bool) or not loraplus_lr_ratio > 0 or math.isinf(loraplus_lr_ratio):
+        raise ValueError(f"--loraplus-lr-ratio must be a positive number (16 in the LoRA+ paper), got "
+                         f"{loraplus_lr_ratio!r}")
+    fast = [p for n, p in named if n.endswith("lora_B") or p.ndim == 1]
+    if not fast:
+        raise ValueError("--loraplus-lr-ratio: the model has no lora_B parameter to train faster; LoRA+ needs LoRA "
+                         "layers (apply_lora)")
+    ids = {id(p) for p in fast}
+    groups = [{"params": [p for _, p in named if id(p) not in ids], "lr": lr},
+              {"params": fast, "lr": lr * loraplus_lr_ratio}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
