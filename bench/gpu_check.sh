@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: the GPU test subset (every kernel against its reference at Llama-3-8B shapes, bf16 and
 # fp16: `pytest -m gpu`), the kernel benchmarks (bench/kernels.py), the NF4 Triton tests and
-# benchmark (bench/nf4_triton.py), in under 8 minutes. Writes one summary, gpu_check.md, under $OUT (or bench/results/
+# benchmark (bench/nf4_triton.py) and the memory plan against max_memory_allocated (bench/plan_vs_gpu.py),
+# in under 10 minutes. Writes one summary, gpu_check.md, under $OUT (or bench/results/
 # when OUT is unset), beside the benchmarks' CSV and table; a failing or timed-out step is reported
 # there and the next step still runs. Exit status: 0 only when every step passed.
 #
@@ -22,8 +23,8 @@ START=$(date +%s)
 FAILED=0
 STEPS=()
 
-# Per-step limits (seconds): 2 x 20 + 30 + 110 + 150 + 50 + 80 = 460 s worst case, under 8 minutes.
-T_ENV=20; T_INSTALL=30; T_TESTS=110; T_BENCH=150; T_NF4_TESTS=50; T_NF4_BENCH=80
+# Per-step limits (seconds): 2 x 20 + 30 + 110 + 150 + 50 + 80 + 120 = 580 s worst case, under 10 minutes.
+T_ENV=20; T_INSTALL=30; T_TESTS=110; T_BENCH=150; T_NF4_TESTS=50; T_NF4_BENCH=80; T_PLAN=120
 
 run_step() {  # run_step NAME LIMIT CMD...: run with a time limit, log, record status; never exits
     local name=$1 limit=$2; shift 2
@@ -61,7 +62,7 @@ write_summary() {
             tail -n 60 "$log" 2>/dev/null || echo "(no log)"
             echo '```'
         done
-        for md in "$RESULTS/kernels_gpu.md" "$RESULTS/nf4_triton_gpu.md"; do
+        for md in "$RESULTS/kernels_gpu.md" "$RESULTS/nf4_triton_gpu.md" "$RESULTS/plan_vs_gpu.md"; do
             if [ -f "$md" ]; then echo; echo "---"; echo; cat "$md"; fi
         done
     } >"$tmp"
@@ -97,5 +98,9 @@ run_step kernel-bench "$T_BENCH" $PY bench/kernels.py --device cuda --tokens 512
 #    the CPU benchmark against bitsandbytes, which the GPU machine does not have.)
 run_step nf4-triton-tests "$T_NF4_TESTS" $PY -m pytest -q -p no:cacheprovider tests/test_nf4_triton.py
 run_step nf4-triton-bench "$T_NF4_BENCH" $PY bench/nf4_triton.py --out "$RESULTS/nf4_triton_gpu.md"
+
+# 6. The memory plan against the GPU: torch.cuda.max_memory_allocated of real 8B-shaped QLoRA steps
+#    (random weights) next to lora_engine.plan's planned peak, at a few context lengths.
+run_step plan-vs-gpu "$T_PLAN" $PY bench/plan_vs_gpu.py --lengths 2048 8192 --out "$RESULTS/plan_vs_gpu.md"
 
 exit "$FAILED"

@@ -9,8 +9,8 @@ Layers, bottom up (a module may import its own layer and those below, never abov
   4 quant             NF4
   5 lora              LoRA layers, adapter files
   6 loading, export, data
-  7 train             config, step, evaluation, loop, checkpoints, lineage, plot
-  8 eval, generate, convert, runs, registry: the commands on top
+  7 train             config, step, evaluation, loop, checkpoints, lineage, plot, memory
+  8 eval, generate, convert, runs, registry, plan: the commands on top
 
 Also: no import cycle between modules, code inside the package imports the defining module rather
 than a package's re-exports (`from lora_engine.lora import LoraConfig` is for users), and the kernels
@@ -37,7 +37,7 @@ LAYERS = {
     "lora_engine.loading": 6, "lora_engine.export": 6, "lora_engine.data": 6, "lora_engine.deploy": 6,
     "lora_engine.train": 7,
     "lora_engine.eval": 8, "lora_engine.generate": 8, "lora_engine.convert": 8, "lora_engine.runs": 8,
-    "lora_engine.registry": 8,
+    "lora_engine.registry": 8, "lora_engine.plan": 8,
     "lora_engine": 9,  # the facade: imports nothing eagerly
 }
 KERNEL_THIRD_PARTY = {"torch", "triton"}

@@ -1,0 +1,243 @@
+"""Memory of a training step, counted op by op: live tensor storage, its peak and what it is made of.
+
+    with StorageTracker(device_rounding=512) as t:     # a TorchDispatchMode
+        t.track_model(model, optimizer)                # what exists before the step: weights, adapters
+        run_step(model, optimizer, batch, amp)         # forward, backward, clip, AdamW step
+    t.report()   # {"peak_bytes", "weights", "adapters_and_optimizer", "activations", "transient", ...}
+
+Every op's outputs are looked at as they are made: a storage not seen before is counted (its
+nbytes, rounded up to `device_rounding` as the CUDA caching allocator rounds every block to 512
+bytes) and a weak reference to it is kept, whose callback uncounts it when the storage dies. So the
+count is what the allocator holds for tensors, at every op boundary, and works the same on real
+tensors (a measurement) and on fake ones under FakeTensorMode (a plan: shapes only, nothing
+computed). What no dispatch mode sees: memory a kernel allocates inside itself and frees before
+returning (cuBLAS, SDPA and flash-attention workspaces); `extra_workspace` adds a model of it per op.
+
+The peak is split after the step, from the life of each storage (allocated at event a, freed at
+event f, events numbered across the step) against the event of the peak:
+  weights                 frozen parameters and buffers, NF4 packed bytes and scales
+  adapters_and_optimizer  trainable parameters, their .grad, the optimizer's state
+  activations             tensors autograd saved for backward (the saved-tensor hook saw them), and
+                          whatever the forward made that was still alive when the forward ended
+                          (checkpointed layer inputs, offloaded copies' handles)
+  transient               the rest: an op's outputs in flight, backward's gradients of activations,
+                          the loss chunk's logits, workspaces
+Also the FLOPs of the step: 2*m*n*k per matmul (mm, addmm, bmm, baddbmm) and the attention kernels'
+own matmuls (4*B*H*T*S*hd forward, halved when causal; backward 2.5x forward, as flash attention
+recomputes the scores).
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("weights", "adapters_and_optimizer", "activations", "transient")
+aten = torch.ops.aten
+_MATMULS = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2), aten.bmm.default: (0, 1),
+            aten.baddbmm.default: (1, 2)}
+# attention op -> (is the backward, index of its is_causal argument)
+_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default: (False, 4),
+              aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (True, 7)}
+
+
+@dataclass
+class _Life:
+    nbytes: int
+    alloc: int                  # event number of the allocation
+    phase: str                  # forward, backward, optimizer (when it was allocated)
+    free: int | None = None     # event number of the free, None while alive
+    kind: str | None = None     # weights / adapters_and_optimizer / saved, when known
+
+
+@dataclass
+class StepMemory:
+    """The result of a tracked step (bytes); `by_phase` gives the peak of each phase."""
+
+    peak_bytes: int
+    breakdown: dict[str, int]
+    peak_phase: str
+    by_phase: dict[str, int] = field(default_factory=dict)
+    flops: int = 0
+
+    def to_dict(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, **self.breakdown, "peak_phase": self.peak_phase,
+                "peak_by_phase": dict(self.by_phase), "flops": self.flops}
+
+
+def _round(nbytes: int, rounding: int) -> int:
+    return -(-nbytes // rounding) * rounding if rounding > 1 else nbytes
+
+
+class StorageTracker(TorchDispatchMode):
+    """Counts live tensor storage at every op (see the module docstring).
+
+    device_rounding: allocation granularity in bytes (512 for the CUDA caching allocator, 1 for CPU).
+    extra_workspace: optional fn(func, args, out) -> bytes, a kernel's internal workspace counted at
+    that op only (allocated and freed inside it) - for the parts of a GPU kernel a CPU run cannot show.
+    """
+
+    def __init__(self, device_rounding: int = 1, extra_workspace=None):
+        super().__init__()
+        self.rounding = device_rounding
+        self.extra_workspace = extra_workspace
+        self.lives: dict[int, _Life] = {}       # id(storage) -> its life; ids stay valid while alive
+        self._refs: dict[int, weakref.ref] = {}
+        self.event = 0
+        self.live = 0
+        self.peak = 0
+        self.peak_event = 0
+        self.peak_phase = "forward"
+        self.phase = "forward"
+        self.by_phase: dict[str, int] = {}
+        self.flops = 0
+        self._kinds_pending: dict[int, str] = {}
+
+    # ---- counting ----------------------------------------------------------------------------
+    def _see(self, t: torch.Tensor, kind: str | None = None) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" and not _is_fake(t):
+            return
+        try:
+            st = t.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # a tensor without storage (a sparse or nested one)
+            return
+        key = id(st)
+        life = self.lives.get(key)
+        if life is not None and life.free is None:
+            if kind is not None and life.kind in (None, "saved"):
+                life.kind = kind
+            return
+        nbytes = _round(st.nbytes(), self.rounding)
+        self.event += 1
+        self.lives[key] = _Life(nbytes, self.event, self.phase, kind=kind)
+        self._refs[key] = weakref.ref(st, lambda _, k=key: self._freed(k))
+        self.live += nbytes
+        self._note_peak(self.live)
+
+    def _freed(self, key: int) -> None:
+        life = self.lives.pop(key, None)
+        self._refs.pop(key, None)
+        if life is None:
+            return
+        self.event += 1
+        life.free = self.event
+        self.live -= life.nbytes
+        self._dead.append(life)
+
+    def _note_peak(self, total: int) -> None:
+        self.by_phase[self.phase] = max(self.by_phase.get(self.phase, 0), total)
+        if total > self.peak:
+            self.peak, self.peak_event, self.peak_phase = total, self.event, self.phase
+            self._peak_extra = total - self.live  # the workspace part of a peak, if any
+
+    def __enter__(self):
+        self._dead: list[_Life] = []
+        self._peak_extra = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._see(t)
+        self._count_flops(func, args, out)
+        if self.extra_workspace is not None:
+            extra = self.extra_workspace(func, args, out)
+            if extra:
+                self._note_peak(self.live + _round(extra, self.rounding))
+        return out
+
+    # ---- what a storage is -------------------------------------------------------------------
+    def track_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Count what exists before the step: frozen weights, buffers, NF4 tensors, trainable parameters,
+        gradients and optimizer state (from an earlier step)."""
+        for p in model.parameters():
+            self._see(p, "adapters_and_optimizer" if p.requires_grad else "weights")
+            if p.grad is not None:
+                self._see(p.grad, "adapters_and_optimizer")
+        for b in model.buffers():
+            self._see(b, "weights")
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            for name in ("packed", "absmax", "code", "nested_absmax", "nested_code"):
+                t = getattr(w, name, None)
+                if isinstance(t, torch.Tensor) and not isinstance(w, torch.Tensor):
+                    self._see(t, "weights")
+        if optimizer is not None:
+            self.track_optimizer(optimizer)
+        self._note_peak(self.live)
+
+    def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mark the optimizer's state and the gradients as adapters_and_optimizer (call after a step)."""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                self._see(p, "adapters_and_optimizer")
+                if p.grad is not None:
+                    self._see(p.grad, "adapters_and_optimizer")
+        for state in optimizer.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    self._see(v, "adapters_and_optimizer")
+
+    @contextmanager
+    def forward_phase(self):
+        """The forward: tensors autograd saves are marked as activations; at its end, everything the
+        forward made that is still alive is an activation too (checkpoint inputs, say)."""
+        self.phase = "forward"
+
+        def pack(t):
+            self._see(t, "saved")
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        for life in self.lives.values():
+            if life.phase == "forward" and life.free is None and life.kind is None:
+                life.kind = "saved"
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+    # ---- FLOPs -------------------------------------------------------------------------------
+    def _count_flops(self, func, args, out) -> None:
+        if func in _MATMULS:
+            a, b = (args[i] for i in _MATMULS[func])
+            batch = a.shape[0] if a.dim() == 3 else 1
+            self.flops += 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+        elif func in _ATTENTION:
+            backward, causal_arg = _ATTENTION[func]
+            q, k = args[1:3] if backward else args[0:2]  # backward's first argument is the output gradient
+            B, H, T, hd = q.shape
+            S = k.shape[2]
+            causal = len(args) > causal_arg and bool(args[causal_arg])
+            fwd = 4 * B * H * T * S * hd // (2 if causal else 1)
+            self.flops += fwd * 5 // 2 if backward else fwd
+
+    # ---- the result --------------------------------------------------------------------------
+    def report(self) -> StepMemory:
+        """The peak and its split (see the module docstring)."""
+        parts = dict.fromkeys(CATEGORIES, 0)
+        at = self.peak_event
+        for life in list(self.lives.values()) + self._dead:
+            if life.alloc <= at and (life.free is None or life.free > at):
+                parts[_category(life)] += life.nbytes
+        parts["transient"] += self._peak_extra
+        return StepMemory(self.peak, parts, self.peak_phase, dict(self.by_phase), self.flops)
+
+
+def _category(life: _Life) -> str:
+    if life.kind == "saved":
+        return "activations"
+    return life.kind or "transient"
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
