@@ -168,6 +168,14 @@ def materialize(model):
     return model
 
 
+def _triton_usable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build(cfg: PlanConfig, model):
     """The LoRA (or QLoRA) model and its AdamW as train builds them, from a materialized model (its
     weights quantized here with --quantize nf4). Returns (model, optimizer, autocast dtype or None)."""
@@ -185,9 +193,10 @@ def build(cfg: PlanConfig, model):
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if hasattr(model, "offload_activations"):
         model.offload_activations = cfg.offload_activations
-    # The switch for the GPU kernels: "triton" once its ops have fake implementations (issue 11 item 1);
-    # until then the reference ops stand in for them.
-    dispatch.set_backend(model, "torch")
+    # The kernels the step would run: on a GPU the Triton ones, whose launchers are custom ops with fake
+    # implementations (kernels/_common.py:kernel_op), so they run here on fake CPU tensors; on CPU the
+    # reference (the C++ dequantizer allocates what the reference does).
+    dispatch.set_backend(model, "triton" if cfg.device == "cuda" and _triton_usable() else "torch")
     return model, make_optimizer(model, lr=1e-4), (None if cfg.precision == "fp32" else dtype)
 
 

@@ -21,13 +21,6 @@ LLAMA2 = {"model_type": "llama", "vocab_size": 256, "hidden_size": 256, "interme
           "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_act": "silu",
           "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "torch_dtype": "float32"}
 
-# kernels/reference.py's _lce_static (the loss's path on fake tensors and under torch.compile) allocates
-# about 6 (chunk x vocab) fp32 buffers where the eager path allocates one: the plan over-counts the
-# loss chunk until that path works in place like the eager one (requested of the kernels' owner).
-LCE_STATIC = pytest.mark.xfail(strict=True, reason="kernels/reference.py _lce_static is not in place like the "
-                                                   "eager loss: the plan over-counts the loss chunk")
-
-
 @pytest.fixture(scope="module")
 def llama2_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama2")
@@ -64,13 +57,12 @@ def _check(cfg: P.PlanConfig, model_config):
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_plan_equals_the_measured_peak_two_layer_llama(llama2_dir, quantize, checkpointing):
-    """A vocabulary of 256 keeps the loss chunk (see LCE_STATIC) a small part of the peak here."""
+    """A vocabulary of 256: the loss chunk is a small part of the peak here; the embedded model tests a real one."""
     cfg = P.PlanConfig(model=str(llama2_dir), seq_len=1024, batch_size=2, quantize=quantize, r=8,
                        precision="fp32", device="cpu", gradient_checkpointing=checkpointing)
     _check(cfg, P.read_config(cfg.model))
 
 
-@LCE_STATIC
 def test_plan_equals_the_measured_peak_embedded_model(embedded_home):
     cfg = P.PlanConfig(model="smollm2-135m-instruct", seq_len=128, batch_size=1, r=8, precision="fp32",
                        device="cpu")
@@ -89,12 +81,31 @@ def test_the_plan_splits_the_peak_and_counts_flops(llama2_dir):
     assert r["flops"] >= 4 * 255 * 2 * (D * D * 2 + 2 * D * kv + 3 * D * F)
 
 
-def test_cuda_plan_rounds_allocations_and_adds_attention_workspace(llama2_dir):
+def test_cuda_plan_rounds_allocations_and_adds_attention_workspace(llama2_dir, monkeypatch):
     base = dict(model=str(llama2_dir), seq_len=300, batch_size=1, r=8, precision="bf16")
     cpu = P.plan_step(P.PlanConfig(**base, device="cpu"))
+    monkeypatch.setattr(P, "_triton_usable", lambda: False)  # the CPU plan's kernels: only the GPU rules differ
     gpu = P.plan_step(P.PlanConfig(**base, device="cuda"))
     assert gpu["peak_bytes"] > cpu["peak_bytes"]
     assert gpu["overhead_bytes"] >= P.CUDA_CONTEXT_BYTES and gpu["total_bytes"] > gpu["peak_bytes"]
+
+
+def test_cuda_plan_runs_the_triton_kernels(llama2_dir, monkeypatch):
+    """On --device cuda the step goes through the Triton launchers (their fake implementations), as a GPU
+    step would, not through the reference."""
+    pytest.importorskip("triton")
+    from lora_engine.kernels import lora_linear_triton, swiglu_triton
+
+    calls = []
+    for mod, name in ((lora_linear_triton, "_fused_mm_op"), (swiglu_triton, "_swiglu_fwd_op")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    base = dict(model=str(llama2_dir), seq_len=64, batch_size=1, r=8, precision="bf16")
+    P.plan_step(P.PlanConfig(**base, device="cuda"))
+    assert "_fused_mm_op" in calls and "_swiglu_fwd_op" in calls
+    calls.clear()
+    P.plan_step(P.PlanConfig(**base, device="cpu"))
+    assert calls == []
 
 
 def test_fit_finds_the_longest_length_within_the_budget(llama2_dir):
