@@ -11,12 +11,14 @@ Layers, bottom up (tests/test_layers.py enforces them: no cycle, no import from 
 a higher one):
 
   kernels/    Triton kernels and their pure-PyTorch references (torch + triton only)
-  dispatch.py the one place a kernel is chosen;  io/  atomic writes, strict safetensors reading
+  dispatch.py the one place a kernel is chosen (torch / triton / cpp);  io/  atomic writes,
+              strict safetensors reading, the registry store
   sources/    GGUF import, llama.cpp BPE vocabularies, the embedded default model
   models/     ModelConfig, the decoder, the tokenizer (no LoRA, no quantization)
   quant/      NF4 and its checkpoints;  lora/  LoRA layers and PEFT adapter files
-  loading.py, export.py   load_model / save_model;  data/  records -> rows -> batches
-  train/      config, step, loop, checkpoints, lineage, plot;  eval.py, generate.py
+  loading.py, export.py   load_model / save_model;  deploy/  GGUF, QLoRA merges;  data/  records -> rows -> batches
+  train/      config, step, loop, checkpoints, lineage, plot, suites, DPO, the memory counter
+  eval.py, generate.py, registry.py, plan.py ...   the commands
   cli.py      command lines from dataclasses; the commands are `python -m lora_engine.<cmd>`
 
 Public names and submodules are imported lazily so `import lora_engine` stays cheap.
