@@ -57,7 +57,7 @@ _MODULES = {
     "io": "lora_engine.io", "sources": "lora_engine.sources", "loading": "lora_engine.loading",
     "export": "lora_engine.export", "eval": "lora_engine.eval", "cli": "lora_engine.cli",
     "convert": "lora_engine.sources.gguf", "runs": "lora_engine.train.lineage",
-    "registry": "lora_engine.io.registry",
+    "registry": "lora_engine.io.registry", "plan": "lora_engine.plan", "deploy": "lora_engine.deploy",
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_MODULES)
