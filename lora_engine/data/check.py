@@ -3,7 +3,9 @@
 Prints record and format counts, a token-length histogram, empty fields, what truncation at
 --max-length would do, the data-quality findings of quality.py (exact and near duplicates, overlap
 with --val, short responses, conflicting responses, length outliers, chat role sequences), and one
-example rendered with its loss mask: text that is trained on is shown between [[ and ]].
+example rendered with its loss mask: text that is trained on is shown between [[ and ]]. A file of
+preference records ({prompt, chosen, rejected}, for train --objective dpo) gets preference.py's
+checks instead: every empty, malformed or identical pair named, and the pairs truncation would drop.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from lora_engine.cli import option, parse_command, user_input
-from lora_engine.data import quality
+from lora_engine.data import preference, quality
 from lora_engine.data.formats import FORMATS, DataError, EmptyField, Example, detect_format, read_records, tokenize
 from lora_engine.sources.embedded import DEFAULT_MODEL
 
@@ -58,6 +60,9 @@ def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_
     p = (lambda line: file.write(line + "\n")) if file is not None else (lambda line: None)
     if not records:
         raise DataError(f"{path}: the file holds no records")
+    if fmt == "auto" and preference.is_preference(records):  # DPO data: its own checks (data/preference.py)
+        p(f"file: {path}")
+        return preference.check_preferences(records, tokenizer, max_length, p)
     formats, empty, examples, dup = Counter(), [], [], Counter()
     for r in records:
         dup[json.dumps(r.data, sort_keys=True, ensure_ascii=False)] += 1

@@ -93,3 +93,34 @@ def chatterbot_split() -> tuple[list[Record], list[Record]]:
     seen = {json.dumps(r.data, sort_keys=True) for r in train}
     held = [r for i, r in enumerate(recs) if i % 20 == 19 and json.dumps(r.data, sort_keys=True) not in seen]
     return train, held
+
+
+def preference_pairs(records: list[Record]) -> list[Record]:
+    """Preference records from chat records: prompt = the conversation before its last assistant turn, chosen = that
+    turn, rejected = the last answer of the conversation half the list away (another topic, as the files are in
+    topic order), or the next one whose answer differs. Deterministic; the rejected answer is a real, fluent reply
+    that does not answer the prompt, which the model must learn to rank below the right one."""
+    def last_answer(r: Record) -> int:
+        return max(i for i, m in enumerate(r.data["messages"]) if m["role"] == "assistant")
+
+    answers = [r.data["messages"][last_answer(r)]["content"] for r in records]
+    out = []
+    for i, r in enumerate(records):
+        j = (i + len(records) // 2) % len(records)
+        for _ in range(len(records)):
+            if answers[j] != answers[i]:
+                break
+            j = (j + 1) % len(records)
+        else:
+            continue  # every answer is this one: no pair to make
+        k = last_answer(r)
+        out.append(Record({"prompt": r.data["messages"][:k], "chosen": answers[i], "rejected": answers[j]},
+                          f"{r.where} (rejected: {records[j].where})"))
+    return out
+
+
+def chatterbot_preference_split() -> tuple[list[Record], list[Record]]:
+    """(train, held-out) preference records built by preference_pairs from chatterbot_split's two parts, each part
+    drawing its rejected answers from itself, so no held-out answer is seen in training."""
+    train, held = chatterbot_split()
+    return preference_pairs(train), preference_pairs(held)

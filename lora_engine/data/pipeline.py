@@ -216,14 +216,18 @@ class Batcher:
             order = [i for b in batches for i in b]
         return order
 
-    def next(self) -> dict:
+    def next_indices(self) -> list[int]:
+        """The row indices of the next micro-batch (the position advances)."""
         if self.index >= len(self._order):
             self.epoch += 1
             self.index = 0
             self._order = self._make_order()
         take = self._order[self.index : self.index + self.batch_size]
         self.index += len(take)
-        return collate([self.rows[i] for i in take], self.pad_id, self.packed)
+        return take
+
+    def next(self) -> dict:
+        return collate([self.rows[i] for i in self.next_indices()], self.pad_id, self.packed)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_rows": len(self.rows),

@@ -1,10 +1,12 @@
 """`python -m lora_engine.train`: LoRA fine-tuning from the command line.
 
 With no arguments it fine-tunes the embedded SmolLM2-135M-Instruct on the embedded chatterbot
-conversations, evaluating before and after. Every flag comes from TrainConfig (see --help);
-`--config run.toml` overlays a file. The output folder (--out) holds:
+conversations, evaluating before and after. --objective dpo trains on preference pairs instead
+(default: pairs built from the same conversations), --finetune full every weight instead of LoRA.
+Every flag comes from TrainConfig (see --help); `--config run.toml` overlays a file. The output folder (--out) holds:
 
   adapter/, adapter-best/    the PEFT adapter at the end, and at the best validation loss
+  model/, model-best/        instead, with --finetune full: Hugging Face model folders
   checkpoints/step-N/        resumable checkpoints (--save-every, and on Ctrl-C / SIGTERM)
   metrics.jsonl              one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, ...
   loss.png                   the loss curve (when matplotlib is installed)
@@ -54,6 +56,14 @@ class TrainConfig:
     modules_to_save: str | None = _f(None, "comma-separated modules trained in full and saved in the adapter, PEFT's "
                                            "modules_to_save (e.g. embed_tokens,lm_head for added tokens); vLLM "
                                            "refuses such adapters")
+    objective: str = _f("sft", "sft: next-token loss on the responses; dpo: DPO preference tuning on {prompt, chosen, "
+                               "rejected} records (default data: pairs from the embedded conversations), the "
+                               "reference being the model with its adapter switched off", choices=["sft", "dpo"])
+    dpo_beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference (--objective dpo)")
+    finetune: str = _f("lora", "lora: train LoRA adapters on a frozen base; full: train every weight (AdamW in fp32 "
+                               "needs ~16 bytes per parameter, weights + gradients + 2 moments, e.g. ~2.2 GB for "
+                               "135M parameters before activations, against ~4 for LoRA), written as a Hugging "
+                               "Face folder model/", choices=["lora", "full"])
     max_length: int = _f(256, "tokens per example (longer ones are truncated, counts reported)")
     pack: bool = _f(False, "pack several examples per row (attention and positions isolated per example)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding; order still random)")
@@ -105,6 +115,34 @@ class TrainConfig:
             raise ValueError(f"--loraplus-lr-ratio must be > 0, got {self.loraplus_lr_ratio}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        self._check_method()
+
+    def _check_method(self):
+        """The combinations of --objective and --finetune with other flags that cannot work, refused by name."""
+        if self.objective not in ("sft", "dpo"):
+            raise ValueError(f"--objective must be sft or dpo, got {self.objective!r}")
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"--finetune must be lora or full, got {self.finetune!r}")
+        if not self.dpo_beta > 0 or math.isinf(self.dpo_beta):
+            raise ValueError(f"--dpo-beta must be a positive number (0.1 in the DPO paper), got {self.dpo_beta}")
+        if self.objective == "dpo":
+            if self.pack:
+                raise ValueError("--objective dpo scores each response as one row: drop --pack")
+            if self.modules_to_save:
+                raise ValueError("--objective dpo takes its reference from the model with the adapter switched off, "
+                                 "which --modules-to-save (trained in place) does not allow; drop --modules-to-save")
+            if self.finetune == "full":
+                raise ValueError("--objective dpo with --finetune full would need a second, frozen copy of the model "
+                                 "as the reference; use --finetune lora (the reference is the adapter switched off)")
+        if self.finetune == "full":
+            if quantize_method(self.quantize) is not None:
+                raise ValueError(f"--finetune full trains every weight, which --quantize {self.quantize} stores in 4 "
+                                 "bits and cannot train: use --quantize none, or --finetune lora for QLoRA")
+            lora_only = [f"--{n.replace('_', '-')}" for n in ("use_dora", "loraplus_lr_ratio", "modules_to_save")
+                         if getattr(self, n)]
+            if lora_only:
+                raise ValueError(f"{', '.join(lora_only)} configure LoRA adapters; --finetune full has none (drop "
+                                 "them, or use --finetune lora)")
 
 
 def quantize_method(choice: str) -> str | None:

@@ -12,11 +12,14 @@ Sequence log-probabilities come from dispatch.linear_cross_entropy with reductio
 a time, so the (tokens x vocab) logits are never materialised, for the policy or the reference.
 
 A preference batch is a dict of (B, T) long tensors: chosen_input_ids, chosen_labels,
-chosen_attention_mask and the same three for rejected (each row: prompt + response, prompt labels -100).
+chosen_attention_mask and the same three for rejected (each row: prompt + response, prompt labels -100),
+as data.preference.PairBatcher makes them. train_step is step.train_step's counterpart for DPO (the
+loop picks it with --objective dpo); evaluate gives the held-out loss and reward accuracy.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,9 @@ import torch.nn.functional as F
 
 from lora_engine import dispatch
 from lora_engine.lora.layers import adapters_disabled
+from lora_engine.train.step import StepResult, _autocast, apply_gradients
+
+SIDES = ("chosen", "rejected")
 
 
 @dataclass
@@ -67,3 +73,77 @@ def dpo_batch_loss(model, batch: dict, beta: float = 0.1) -> DPOResult:
     with torch.no_grad(), adapters_disabled(model):
         ref_c, ref_r = logps("chosen"), logps("rejected")
     return dpo_loss(logps("chosen"), logps("rejected"), ref_c, ref_r, beta)
+
+
+def _on_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _counts(micro_batches: list[dict]) -> tuple[int, int, int]:
+    """(pairs, input tokens without padding, response tokens) of the micro-batches, both sides."""
+    pairs = sum(b["chosen_input_ids"].shape[0] for b in micro_batches)
+    tokens = sum(int(b[f"{s}_attention_mask"].sum()) if b.get(f"{s}_attention_mask") is not None
+                 else b[f"{s}_input_ids"].numel() for b in micro_batches for s in SIDES)
+    targets = sum(int((b[f"{s}_labels"][:, 1:] != -100).sum()) for b in micro_batches for s in SIDES)
+    return pairs, tokens, targets
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float | None = 1.0,
+               amp: torch.dtype | None = None, scaler=None, on_nonfinite: str = "stop", where: str = "",
+               beta: float = 0.1) -> StepResult:
+    """One DPO optimizer step over preference micro-batches; step.train_step's arguments and result.
+
+    The loss is the mean over all pairs of the step (each micro-batch's pair sum / all pairs), so
+    accumulation gives the loss and gradients of one large batch. result.extra holds reward_margin
+    and reward_accuracy over the step's pairs; result.loss is the DPO loss.
+    """
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+    model.train()
+    device = next(model.parameters()).device
+    n, tokens, targets = _counts(micro_batches)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, margin_sum, correct, problem = 0.0, 0.0, 0.0, None
+    for i, b in enumerate(micro_batches):
+        with _autocast(device, amp):
+            res = dpo_batch_loss(model, _on_device(b, device), beta)
+        rows = res.loss.new_tensor(b["chosen_input_ids"].shape[0])
+        part = res.loss.float() * rows / n
+        if not torch.isfinite(part):
+            problem = (f"non-finite DPO loss ({float(part.detach())}) in micro-batch {i} (rows "
+                       f"{', '.join(b.get('where', [])[:4]) or '?'})")
+            break
+        (scaler.scale(part) if scaler is not None else part).backward()
+        loss_sum += float(part.detach())
+        margin_sum += res.reward_margin * float(rows)
+        correct += res.reward_accuracy * float(rows)
+    grad_norm, skipped = apply_gradients(model, optimizer, scheduler, max_grad_norm, scaler, on_nonfinite, where,
+                                         problem)
+    extra = {"reward_margin": math.nan if skipped else margin_sum / n,
+             "reward_accuracy": math.nan if skipped else correct / n}
+    return StepResult(math.nan if skipped else loss_sum, grad_norm, lr, tokens, targets, skipped, extra)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], beta: float = 0.1, amp: torch.dtype | None = None) -> dict:
+    """{"loss", "reward_margin", "reward_accuracy", "pairs"} over preference batches (means over pairs), in eval
+    mode. Before training (B = 0) the loss is ln 2 and the accuracy 0: no pair's margin is above zero yet."""
+    if not batches:
+        raise ValueError("dpo.evaluate: no preference batch to evaluate")
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss, margin, correct, n = 0.0, 0.0, 0.0, 0
+    try:
+        for b in batches:
+            k = b["chosen_input_ids"].shape[0]
+            with _autocast(device, amp):
+                res = dpo_batch_loss(model, _on_device(b, device), beta)
+            loss += float(res.loss) * k
+            margin += res.reward_margin * k
+            correct += res.reward_accuracy * k
+            n += k
+    finally:
+        model.train(was)
+    return {"loss": loss / n, "reward_margin": margin / n, "reward_accuracy": correct / n, "pairs": n}

@@ -8,11 +8,18 @@ evaluation before), _train (one _step after another, _validate at the evaluation
 checkpoint every --save-every), _finish (final evaluation, adapters, plot, run.json). What carries
 from one step to the next is a LoopState, which every checkpoint saves. Messages go through
 `logging` (this module's logger) unless `run` is given a `log`.
+
+The objective picks the data and the step function, nothing else: --objective dpo reads preference
+pairs (data.preference) and steps with dpo.train_step, and its evaluations add "preference" (the
+held-out DPO loss, reward margin and accuracy; mid-run, the loss that picks the best adapter) to the
+target loss on the chosen responses. --finetune full trains every weight (step.full_finetuning) and
+writes model/ and model-best/ (export.save_model) where LoRA writes adapter/ and adapter-best/.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -31,7 +38,7 @@ from lora_engine.data import quality
 from lora_engine.data.formats import read_records
 from lora_engine.data.pipeline import Batcher, examples_from_records, prepare, split
 from lora_engine.io import atomic, registry
-from lora_engine.train import checkpoint
+from lora_engine.train import checkpoint, dpo
 from lora_engine.train import lineage as runs
 from lora_engine.train import step as trainer
 from lora_engine.train.config import TrainConfig, describe, eval_steps, quantize_method, resolve_device, resolve_resume
@@ -103,6 +110,30 @@ class _Run:
     total: int  # optimizer steps of the whole run
     evals_at: set[int]
     manifest: dict
+    step_fn: Callable = trainer.train_step  # step.train_step, or dpo.train_step with --objective dpo
+    val_pairs: list | None = None  # --objective dpo: the held-out preference batches
+
+    def evaluate(self, general: list | None = None) -> dict:
+        """run_eval's dict; with DPO also "preference" (dpo.evaluate on the held-out pairs)."""
+        out = run_eval(self.model, self.tokenizer, self.val_rows, general, self.cfg.eval_batch_size, self.amp)
+        if self.val_pairs:
+            out["preference"] = dpo.evaluate(self.model, self.val_pairs, self.cfg.dpo_beta, self.amp)
+        return out
+
+    def val_loss(self, ev: dict) -> float | None:
+        """The loss that picks the best weights: the DPO loss with DPO, else the target loss."""
+        key = "preference" if self.val_pairs else "target"
+        return ev[key]["loss"] if key in ev else None
+
+    def save_result(self, name: str) -> None:
+        """The trained weights as <out>/<name>: the adapter (LoRA), or a Hugging Face model folder (full, named
+        model... in place of adapter...)."""
+        if self.cfg.finetune == "full":
+            from lora_engine.export import save_model
+
+            save_model(self.model, self.out / name.replace("adapter", "model"))
+        else:
+            _save_adapter(self.model, self.out / name)
 
     @property
     def metrics_path(self) -> Path:
@@ -143,6 +174,29 @@ def read_data_files(cfg) -> dict[str, list]:
     if cfg.data is None:
         return {}  # the embedded corpus (--val-data goes with --data only)
     return {p: read_records(p) for p in (cfg.data, cfg.val_data) if p}
+
+
+def load_pairs(cfg, tok, stats: dict, records: dict[str, list] | None = None, warn=None):
+    """--objective dpo: (train pair rows, val pair rows, data files to hash), as load_data for preference records;
+    the embedded default is chatterbot_preference_split. `warn` hears of pairs truncation drops."""
+    from lora_engine.data import preference
+    from lora_engine.data.embedded import chatterbot_files, chatterbot_preference_split
+
+    if cfg.data is None:
+        (tr, va), src = chatterbot_preference_split(), ("the embedded pairs", "the embedded held-out pairs")
+        files = chatterbot_files()
+    else:
+        records = records if records is not None else read_data_files(cfg)
+        tr, va, src = records[cfg.data], records.get(cfg.val_data), (cfg.data, cfg.val_data)
+        files = [Path(p) for p in (cfg.data, cfg.val_data) if p]
+    train_pairs = preference.pairs_from_records(tr, tok, stats, src[0])
+    if va is not None:
+        val_pairs = preference.pairs_from_records(va, tok, {}, src[1])
+    else:
+        train_pairs, val_pairs = split(train_pairs, cfg.val_split, cfg.seed)
+    train_rows = preference.prepare_pairs(train_pairs, cfg.max_length, stats, warn)
+    val_rows = preference.prepare_pairs(val_pairs, cfg.max_length, {}, warn) if val_pairs else []
+    return train_rows, val_rows, files
 
 
 def load_data(cfg, tok, stats: dict, records: dict[str, list] | None = None):
@@ -230,9 +284,19 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
     device = resolve_device(cfg.device)
     if model is None:
         model = _build_model(cfg, device, log)
+    elif cfg.finetune == "full":
+        trainer.full_finetuning(model)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
+    val_pairs = None
+    if cfg.objective == "dpo":
+        from lora_engine.data.preference import PairBatcher, pair_batches
+
+        batcher = PairBatcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
+        val_pairs = pair_batches(val_rows, cfg.eval_batch_size, pad) if val_rows else None
+        val_rows = [c for c, _ in val_rows]  # the target loss before and after: on the chosen responses
+    else:
+        batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(batcher.batches_per_epoch / cfg.grad_accum)))
     opt = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay, loraplus_lr_ratio=cfg.loraplus_lr_ratio)
     amp = trainer.autocast_dtype(device, cfg.precision)
@@ -246,18 +310,25 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
              general_suite() if cfg.general_eval else None, batcher, opt,
              trainer.make_scheduler(opt, cfg.warmup_steps, total, cfg.min_lr_ratio),
              torch.amp.GradScaler(device.type) if amp == torch.float16 else None, amp, total,
-             set(eval_steps(total, cfg.eval_every)) if val_rows else set(), manifest)
+             set(eval_steps(total, cfg.eval_every)) if val_rows else set(), manifest,
+             functools.partial(dpo.train_step, beta=cfg.dpo_beta) if cfg.objective == "dpo" else trainer.train_step,
+             val_pairs)
     state = _restore(r, ckpt, log) if ckpt is not None else LoopState()
     _start_metrics(r, ckpt, state.step)
     runs.write_manifest(out, manifest)
     if state.eval_before is None:
-        state.eval_before = run_eval(model, tokenizer, val_rows, r.general, cfg.eval_batch_size, amp)
+        state.eval_before = r.evaluate(r.general)
         if r.suite:
             state.eval_before["suite"] = {"general": score_suite(model, tokenizer, r.suite)}
     manifest["eval"]["before"] = state.eval_before
-    log("before training: " + ", ".join(f"{k} loss {v['loss']:.4f} ppl {v['ppl']:.2f}"
-                                        for k, v in state.eval_before.items() if k != "suite"))
+    log("before training: " + _eval_line(state.eval_before))
     return r, state
+
+
+def _eval_line(ev: dict) -> str:
+    return ", ".join(f"{k} loss {v['loss']:.4f} " + (f"reward accuracy {v['reward_accuracy']:.3f}" if k == "preference"
+                                                      else f"ppl {v['ppl']:.2f}")
+                     for k, v in ev.items() if k != "suite")
 
 
 def _load_inputs(cfg: TrainConfig, tokenizer, log):
@@ -270,6 +341,13 @@ def _load_inputs(cfg: TrainConfig, tokenizer, log):
         with user_input("--model"):
             tokenizer = load_tokenizer(registry.local_path(cfg.model, cfg.registry))
     stats: dict = {}
+    if cfg.objective == "dpo":
+        train_rows, val_rows, data_files = load_pairs(cfg, tokenizer, stats, records, log)
+        log(f"data: {stats['records']} preference records {stats['formats']}, {stats['truncated']} pairs truncated "
+            f"at {cfg.max_length} tokens, {stats['dropped_no_targets']} dropped (no response token left); "
+            f"{stats['rows']} training pairs, {stats['target_tokens']:,} response tokens; {len(val_rows)} "
+            "validation pairs")
+        return tokenizer, train_rows, val_rows, data_files, stats
     train_rows, val_rows, data_files = load_data(cfg, tokenizer, stats, records)
     log(f"data: {stats.get('records')} records {stats.get('formats')}, {stats.get('empty', 0)} skipped (empty), "
         f"{stats['truncated']} truncated at {cfg.max_length} tokens, {stats['dropped_no_targets']} dropped (no "
@@ -295,6 +373,12 @@ def _build_model(cfg: TrainConfig, device: torch.device, log):
         model = load_model(registry.local_path(cfg.model, cfg.registry),
                            dtype=torch.float32 if device.type == "cpu" else None, device=device,
                            quantize=quantize_method(cfg.quantize))
+    if cfg.finetune == "full":
+        trainer.full_finetuning(model)
+        n = count_parameters(model)["trainable"]
+        log(f"full fine-tuning: {n:,} trainable parameters; fp32 AdamW holds ~{16 * n / 2**30:.2f} GiB "
+            "(16 bytes per parameter) before activations")
+        return model
     apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora,
                                  use_dora=cfg.use_dora,
@@ -354,8 +438,8 @@ def _step(r: _Run, state: LoopState) -> dict:
     micro = [r.batcher.next() for _ in range(r.cfg.grad_accum)]
     where = f"step {state.step + 1} (epoch {r.batcher.epoch}, rows {', '.join(micro[0]['where'][:3])})"
     try:
-        res = trainer.train_step(r.model, r.opt, r.sched, micro, r.cfg.max_grad_norm, r.amp, r.scaler,
-                                 r.cfg.on_nonfinite, where)
+        res = r.step_fn(r.model, r.opt, r.sched, micro, r.cfg.max_grad_norm, r.amp, r.scaler, r.cfg.on_nonfinite,
+                        where)
     except trainer.NonFiniteError as e:
         good = checkpoint.list_checkpoints(r.out)
         msg = (f"{e}. Training stopped; nothing was saved after the last good checkpoint "
@@ -371,19 +455,25 @@ def _step(r: _Run, state: LoopState) -> dict:
         state.targets += res.targets
     state.skipped += int(res.skipped)
     row = {"step": state.step, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "tokens": res.tokens,
-           "targets": res.targets, "tokens_per_s": res.tokens / dt, "epoch": r.batcher.epoch, "skipped": res.skipped}
+           "targets": res.targets, "tokens_per_s": res.tokens / dt, "epoch": r.batcher.epoch, "skipped": res.skipped,
+           **res.extra}
     if state.targets is not None:
         row["target_tokens_seen"] = state.targets  # the plot's second axis
     return row
 
 
 def _validate(r: _Run, state: LoopState, row: dict) -> None:
-    """The mid-run validation loss into `row`; a new best is saved as adapter-best/."""
-    v = run_eval(r.model, r.tokenizer, r.val_rows, None, r.cfg.eval_batch_size, r.amp)["target"]["loss"]
+    """The mid-run validation loss into `row` (with DPO also val_reward_accuracy); a new best is saved as
+    adapter-best/ (model-best/)."""
+    if r.val_pairs:
+        ev = dpo.evaluate(r.model, r.val_pairs, r.cfg.dpo_beta, r.amp)
+        v, row["val_reward_accuracy"] = ev["loss"], ev["reward_accuracy"]
+    else:
+        v = run_eval(r.model, r.tokenizer, r.val_rows, None, r.cfg.eval_batch_size, r.amp)["target"]["loss"]
     row["val_loss"] = v
     if state.best_val is None or v < state.best_val:
         state.best_val = v
-        _save_adapter(r.model, r.out / "adapter-best")
+        r.save_result("adapter-best")
 
 
 def _finish(r: _Run, state: LoopState, status: str, stopped_by: str | None, log) -> dict:
@@ -395,24 +485,30 @@ def _finish(r: _Run, state: LoopState, status: str, stopped_by: str | None, log)
         r.manifest.update(status="interrupted", final_step=state.step, ended=runs.now())
         runs.write_manifest(r.out, r.manifest)
         return r.manifest
-    _save_adapter(r.model, r.out / "adapter")
-    after = run_eval(r.model, r.tokenizer, r.val_rows, r.general, r.cfg.eval_batch_size, r.amp)
+    r.save_result("adapter")
+    after = r.evaluate(r.general)
     if r.suite:
         after["suite"] = {"general": score_suite(r.model, r.tokenizer, r.suite)}
         if "suite" in state.eval_before:
             log(f"general suite: {state.eval_before['suite']['general']['score']:.1f} -> "
                 f"{after['suite']['general']['score']:.1f} points")
     # The last step has no mid-run evaluation (eval_steps): the final one decides whether it is the best.
-    best_kept = state.best_val is not None and (r.out / "adapter-best").exists()
-    if not best_kept or ("target" in after and after["target"]["loss"] <= state.best_val):
-        _save_adapter(r.model, r.out / "adapter-best")
+    best = "model-best" if r.cfg.finetune == "full" else "adapter-best"
+    best_kept = state.best_val is not None and (r.out / best).exists()
+    final = r.val_loss(after)
+    if not best_kept or (final is not None and final <= state.best_val):
+        r.save_result("adapter-best")
     cmp = compare(state.eval_before, after, r.cfg.forgetting_threshold)
     log(format_table(cmp))
+    if "preference" in after and "preference" in state.eval_before:
+        b, a = state.eval_before["preference"], after["preference"]
+        log(f"held-out preference pairs: DPO loss {b['loss']:.4f} -> {a['loss']:.4f}, reward accuracy "
+            f"{b['reward_accuracy']:.3f} -> {a['reward_accuracy']:.3f}")
     if r.cfg.plot:
         from lora_engine.train.plot import plot_loss
 
-        points = [(0, state.eval_before["target"]["loss"]), (state.step, after["target"]["loss"])] \
-            if "target" in after else []
+        before_loss, after_loss = r.val_loss(state.eval_before), r.val_loss(after)  # the metric the curve plots
+        points = [(0, before_loss), (state.step, after_loss)] if after_loss is not None else []
         note = plot_loss(r.metrics_path, r.out / "loss.png", points)
         if note:
             log(note)

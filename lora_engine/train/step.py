@@ -23,7 +23,7 @@ import math
 import random
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +44,7 @@ class StepResult:
     tokens: int          # input tokens (padding excluded) in the accumulated batch
     targets: int         # target tokens in the accumulated batch
     skipped: bool = False
+    extra: dict = field(default_factory=dict)  # further per-step metrics (DPO: reward_margin, reward_accuracy)
 
 
 def seed_everything(seed: int) -> None:
@@ -65,9 +66,33 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     return params
 
 
+def full_finetuning(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every parameter of a plain (un-adapted, unquantized) model trainable, for full fine-tuning; returns it.
+
+    A tied embedding and head are one Parameter, so they stay tied: the optimizer sees it once and
+    its gradient is the sum of both uses. Memory with fp32 AdamW: ~16 bytes per parameter (weight 4,
+    gradient 4, the two moments 8) before activations, against ~4 for a frozen LoRA base.
+    Raises ValueError for a model with LoRA layers or an NF4 (QLoRA) base, whose weights cannot train.
+    """
+    from lora_engine.kernels.nf4_format import NF4Tensor
+
+    names = [n for n, _ in model.named_parameters()]
+    if any(".lora_" in n for n in names):
+        raise ValueError("full fine-tuning: the model carries LoRA layers (apply_lora); load the model again without "
+                         "them, or train the adapter instead (--finetune lora)")
+    if any(isinstance(getattr(m, "weight", None), NF4Tensor) for m in model.modules()) or any(
+            not p.is_floating_point() for p in model.parameters()):
+        raise ValueError("full fine-tuning: the base weights are quantized (NF4), which cannot be trained; load the "
+                         "model in full precision (--quantize none), or train a QLoRA adapter (--finetune lora)")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
                    loraplus_lr_ratio: float | None = None):
-    """AdamW over the parameters that require grad (the LoRA A and B matrices, DoRA magnitudes, modules_to_save).
+    """AdamW over the parameters that require grad (the LoRA A and B matrices, DoRA magnitudes, modules_to_save;
+    every parameter after full_finetuning).
 
     loraplus_lr_ratio (LoRA+, Hayou et al. 2024; PEFT's create_loraplus_optimizer): two parameter
     groups, param_groups[0] at `lr` (lora_A and every other matrix) and param_groups[1] at
@@ -167,7 +192,6 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     model.train()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     total = sum(n_targets(b) for b in micro_batches)
     tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else b["input_ids"].numel()
                  for b in micro_batches)
@@ -177,6 +201,20 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
         raise ValueError(f"{where + ': ' if where else ''}the accumulated batch has no target token (all labels "
                          "are -100)")
     loss_sum, problem = accumulate_gradients(model, micro_batches, total, amp, scaler)
+    grad_norm, skipped = apply_gradients(model, optimizer, scheduler, max_grad_norm, scaler, on_nonfinite, where,
+                                         problem)
+    return StepResult(float("nan") if skipped else loss_sum, grad_norm, lr, tokens, total, skipped=skipped)
+
+
+def apply_gradients(model, optimizer, scheduler, max_grad_norm: float | None, scaler, on_nonfinite: str,
+                    where: str, problem: str | None) -> tuple[float, bool]:
+    """The second half of a step, after the backward passes: clip, check, update, schedule.
+
+    problem: what went wrong in the backward passes (a non-finite loss), or None. Returns (grad norm
+    before clipping, skipped). on_nonfinite "stop" raises NonFiniteError; "skip" drops the gradients,
+    advances the schedule and returns skipped=True. Shared by every objective's step (dpo.train_step).
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = float("nan")
     if problem is None:
         if scaler is not None:
@@ -193,7 +231,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
         with warnings.catch_warnings():  # the schedule advances on a skipped step on purpose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             scheduler.step()
-        return StepResult(float("nan"), grad_norm, lr, tokens, total, skipped=True)
+        return grad_norm, True
     if scaler is not None:
         # fp16: an overflow is expected now and then; the scaler skips that step and lowers its scale.
         scaler.step(optimizer)
@@ -202,7 +240,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return StepResult(loss_sum, grad_norm, lr, tokens, total)
+    return grad_norm, False
 
 
 def rng_state() -> dict:
