@@ -231,6 +231,8 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
     if model is None:
         model = _build_model(cfg, device, log)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.offload_activations = cfg.offload_activations
+    model.mlp_chunk_size = cfg.mlp_chunk_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(batcher.batches_per_epoch / cfg.grad_accum)))
