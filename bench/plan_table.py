@@ -1,10 +1,13 @@
 """Planned peaks of a LoRA / QLoRA training step for Llama-3.x 1B / 8B / 70B shapes (lora_engine/plan.py).
 
-    python bench/plan_table.py            # writes bench/results/plan.md (and plan.json beside it)
+    python bench/plan_table.py            # writes bench/results/plan_table.md (and plan.json beside it)
+    python bench/plan_table.py --long     # only the long-context rows: plan_long_table.md, plan_long.json
 
 Configs are the published config.json numbers (Llama-3.2-1B, Llama-3.1-8B, Llama-3.1-70B); r=16 on
 all seven projections, batch 1, bf16, gradient checkpointing, --device cuda. Shapes only: no weights,
 no GPU; each plan is two fake training steps (about 30 s for 8B on one CPU core).
+The long-context rows (Llama-3.1-8B QLoRA) add what issue 11 item 4 built: each layer's checkpointed
+input offloaded to CPU memory and the MLP run 4,096 tokens at a time (LONG below).
 """
 
 from __future__ import annotations
@@ -34,32 +37,41 @@ MODELS = {
                       "num_attention_heads": 64, "num_key_value_heads": 8, "rope_parameters": {**ROPE, "factor": 8.0}},
 }
 CONTEXTS = (2048, 8192, 32768, 131072)
+LONG = {"offload_activations": True, "mlp_chunk_size": 4096}
+LONG_CONTEXTS = (4096, 32768, 100000, 131072)
 
 
-def main():
-    rows = []
-    for name, hf in MODELS.items():
-        mc = ModelConfig.from_hf(hf)
-        for quantize in ("none", "nf4"):
-            for n in CONTEXTS:
-                cfg = P.PlanConfig(model=name, seq_len=n, quantize=quantize, r=16, precision="bf16", device="cuda",
-                                   gradient_checkpointing=True)
-                t0 = time.perf_counter()
-                r = P.plan_step(cfg, mc)
-                rows.append({"model": name, "method": "QLoRA" if quantize == "nf4" else "LoRA", **r,
-                             "plan_seconds": round(time.perf_counter() - t0, 1)})
-                print(name, quantize, n, f"{r['total_bytes'] / 2**30:.2f} GiB", flush=True)
+def _row(name, hf, quantize, n, method, **options):
+    cfg = P.PlanConfig(model=name, seq_len=n, quantize=quantize, r=16, precision="bf16", device="cuda",
+                       gradient_checkpointing=True, **options)
+    t0 = time.perf_counter()
+    r = P.plan_step(cfg, ModelConfig.from_hf(hf))
+    print(name, method, n, f"{r['total_bytes'] / 2**30:.2f} GiB", flush=True)
+    return {"model": name, "method": method, **r, "plan_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def write(rows, stem):
     out = ROOT / "bench" / "results"
-    (out / "plan.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     g = 2**30
     lines = ["| model | method | context | peak (GiB) | weights | adapters+AdamW | activations | transient | "
-             "+ CUDA overhead = total (GiB) | TFLOPs/step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "+ CUDA overhead = total (GiB) | offloaded to CPU (GiB) | TFLOPs/step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['seq_len']:,} | {r['peak_bytes'] / g:.2f} | "
                      f"{r['weights'] / g:.2f} | {r['adapters_and_optimizer'] / g:.2f} | {r['activations'] / g:.2f} | "
-                     f"{r['transient'] / g:.2f} | {r['total_bytes'] / g:.2f} | {r['flops'] / 1e12:.0f} |")
-    (out / "plan_table.md").write_text("\n".join(lines) + "\n")
+                     f"{r['transient'] / g:.2f} | {r['total_bytes'] / g:.2f} | {r.get('offloaded_bytes', 0) / g:.2f} | "
+                     f"{r['flops'] / 1e12:.0f} |")
+    (out / f"{stem}_table.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv):
+    if "--long" not in argv:
+        write([_row(name, hf, q, n, "QLoRA" if q == "nf4" else "LoRA")
+               for name, hf in MODELS.items() for q in ("none", "nf4") for n in CONTEXTS], "plan")
+    write([_row("Llama-3.1-8B", MODELS["Llama-3.1-8B"], "nf4", n, "QLoRA, offload + MLP chunks", **LONG)
+           for n in LONG_CONTEXTS], "plan_long")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

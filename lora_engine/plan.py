@@ -63,6 +63,7 @@ class PlanConfig:
     gradient_checkpointing: bool = option_like(TrainConfig, "gradient_checkpointing")
     offload_activations: bool = option(False, "with --gradient-checkpointing: keep the checkpointed hidden "
                                               "states in CPU memory (--device cuda only)")
+    mlp_chunk_size: int = option_like(TrainConfig, "mlp_chunk_size")
     device: str = option("cuda", "the device planned for", choices=["cpu", "cuda"])
     fit: str | None = option(None, "find the longest --seq-len whose peak fits this size (e.g. 24GiB, 6GB), "
                                    "by bisection")
@@ -72,6 +73,8 @@ class PlanConfig:
         for name in ("seq_len", "batch_size", "r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.mlp_chunk_size < 0:
+            raise ValueError(f"--mlp-chunk-size must be >= 0 tokens (0 = off), got {self.mlp_chunk_size}")
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be >= 2 (a token and the next one it predicts), got {self.seq_len}")
         if self.offload_activations and not self.gradient_checkpointing:
@@ -191,8 +194,8 @@ def build(cfg: PlanConfig, model):
     with user_input("--target-modules"):
         apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2.0 * cfg.r, target_modules=targets), verbose=False)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    if hasattr(model, "offload_activations"):
-        model.offload_activations = cfg.offload_activations
+    model.offload_activations = cfg.offload_activations
+    model.mlp_chunk_size = cfg.mlp_chunk_size
     # The kernels the step would run: on a GPU the Triton ones, whose launchers are custom ops with fake
     # implementations (kernels/_common.py:kernel_op), so they run here on fake CPU tensors; on CPU the
     # reference (the C++ dequantizer allocates what the reference does).
@@ -250,7 +253,8 @@ def plan_step(cfg: PlanConfig, model_config=None) -> dict:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model, opt, amp = build(cfg, materialize(meta))
         tracker = StorageTracker(device_rounding=512 if on_gpu else 1,
-                                 extra_workspace=cuda_workspace if on_gpu else None)
+                                 extra_workspace=cuda_workspace if on_gpu else None,
+                                 host_rounding="pow2" if on_gpu else 1)
         with tracker:
             tracker.track_model(model, opt)
             tracked_steps(model, opt, batch, total, amp, tracker)
@@ -304,10 +308,13 @@ def format_plan(cfg: PlanConfig, r: dict) -> str:
     lines = [f"planned training step on {cfg.device}: {cfg.model}, {cfg.quantize} base, LoRA r={cfg.r}, "
              f"{cfg.precision}, batch {r['batch_size']} x {r['seq_len']} tokens"
              + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
-             + (", offloaded activations" if cfg.offload_activations else ""),
+             + (", offloaded activations" if cfg.offload_activations else "")
+             + (f", MLP in chunks of {cfg.mlp_chunk_size} tokens" if cfg.mlp_chunk_size else ""),
              f"  peak of live tensors  {_gib(r['peak_bytes']):>12}  (during {r['peak_phase']})"]
     for k in ("weights", "adapters_and_optimizer", "activations", "transient"):
         lines.append(f"    {k:<22}{_gib(r[k]):>12}")
+    if r.get("offloaded_bytes"):
+        lines.append(f"  host memory (offload) {_gib(r['offloaded_bytes']):>12}  (pinned CPU memory, not in the peak)")
     if r["overhead_bytes"]:
         lines.append(f"  + CUDA overhead       {_gib(r['overhead_bytes']):>12}  (context, cuBLAS workspace, "
                      f"{FRAGMENTATION:.0%} fragmentation)")

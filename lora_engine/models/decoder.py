@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
 from lora_engine.models.config import ModelConfig
+from lora_engine.models.offload import HostOffloader, checkpoint_offloaded
+from lora_engine.models.recompute import chunked_rows
 
 
 class RMSNorm(nn.Module):
@@ -128,8 +130,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(D, F_, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(F_, D, bias=cfg.mlp_bias)
         self.backend: str | None = None
+        self.chunk_size = 0  # > 0: that many tokens at a time, recomputed in backward (models/recompute.py)
 
     def forward(self, x):
+        if self.chunk_size:
+            return chunked_rows(self._rows, x, [p for p in self.parameters() if p.requires_grad], self.chunk_size)
+        return self._rows(x)
+
+    def _rows(self, x):  # (..., D) -> (..., D) through (..., F): each token on its own
         return self.down_proj(dispatch.swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
 
 
@@ -165,7 +173,22 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False
+        # With gradient_checkpointing: each layer's input in CPU memory until backward (models/offload.py).
+        self.offload_activations = False
+        self._offloader = HostOffloader()
         self.backend: str | None = None
+
+    @property
+    def mlp_chunk_size(self) -> int:
+        """Tokens per block of every layer's MLP, recomputed block by block in backward; 0 = unchunked."""
+        return self.model.layers[0].mlp.chunk_size if len(self.model.layers) else 0
+
+    @mlp_chunk_size.setter
+    def mlp_chunk_size(self, n: int):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"mlp_chunk_size must be a whole number of tokens >= 0 (0 = off), got {n!r}")
+        for layer in self.model.layers:
+            layer.mlp.chunk_size = n
 
     # ---- forward -------------------------------------------------------------------------------
     def hidden_states(
@@ -191,7 +214,10 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training and cache is None:
+            if self.gradient_checkpointing and self.training and cache is None and self.offload_activations:
+                x = checkpoint_offloaded(lambda h, f=layer, i=i: f(h, cos, sin, mask, None, i), x,
+                                         [p for p in layer.parameters() if p.requires_grad], self._offloader)
+            elif self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i)

@@ -93,6 +93,10 @@ class TrainConfig:
     precision: str = _f("auto", "auto: fp32 on CPU, bf16 (or fp16) autocast on GPU",
                         choices=["auto", "fp32", "bf16", "fp16"])
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    offload_activations: bool = _f(False, "with --gradient-checkpointing: keep each layer's checkpointed input in "
+                                          "CPU memory until backward (asynchronous copies on a GPU)")
+    mlp_chunk_size: int = _f(0, "run each MLP this many tokens at a time, recomputed in backward, so the "
+                                "(tokens x intermediate) tensors never live at once (0 = off)")
     device: str = _f("auto", "cpu, cuda, cuda:1... (auto: cuda when available)")
     on_nonfinite: str = _f("stop", "on a NaN/inf loss or gradient: stop, or skip the step and count it",
                            choices=["stop", "skip"])
@@ -116,6 +120,11 @@ class TrainConfig:
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         self._check_method()
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("--offload-activations offloads the checkpointed hidden states: it needs "
+                             "--gradient-checkpointing")
+        if self.mlp_chunk_size < 0:
+            raise ValueError(f"--mlp-chunk-size must be >= 0 tokens (0 = off), got {self.mlp_chunk_size}")
 
     def _check_method(self):
         """The combinations of --objective and --finetune with other flags that cannot work, refused by name."""

@@ -287,6 +287,8 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
     elif cfg.finetune == "full":
         trainer.full_finetuning(model)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.offload_activations = cfg.offload_activations
+    model.mlp_chunk_size = cfg.mlp_chunk_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     val_pairs = None
     if cfg.objective == "dpo":

@@ -22,6 +22,10 @@ event f, events numbered across the step) against the event of the peak:
                           (checkpointed layer inputs, offloaded copies' handles)
   transient               the rest: an op's outputs in flight, backward's gradients of activations,
                           the loss chunk's logits, workspaces
+Host memory is counted apart: the copies lora_engine::offload_to_host makes (models/offload.py:
+checkpointed hidden states kept in CPU memory) are never part of the device peak; their own peak
+is `offloaded_bytes` (rounded with `host_rounding`: the CUDA pinned-memory allocator hands out
+blocks of a power of two bytes).
 Also the FLOPs of the step: 2*m*n*k per matmul (mm, addmm, bmm, baddbmm) and the attention kernels'
 own matmuls (4*B*H*T*S*hd forward, halved when causal; backward 2.5x forward, as flash attention
 recomputes the scores).
@@ -37,8 +41,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lora_engine.models import offload  # noqa: F401  (registers torch.ops.lora_engine.offload_to_host)
+
 CATEGORIES = ("weights", "adapters_and_optimizer", "activations", "transient")
 aten = torch.ops.aten
+OFFLOAD_TO_HOST = torch.ops.lora_engine.offload_to_host.default
 _MATMULS = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2), aten.bmm.default: (0, 1),
             aten.baddbmm.default: (1, 2)}
 # attention op -> (is the backward, index of its is_causal argument)
@@ -64,13 +71,16 @@ class StepMemory:
     peak_phase: str
     by_phase: dict[str, int] = field(default_factory=dict)
     flops: int = 0
+    offloaded_bytes: int = 0  # peak of host memory holding offloaded activations (not in peak_bytes)
 
     def to_dict(self) -> dict:
         return {"peak_bytes": self.peak_bytes, **self.breakdown, "peak_phase": self.peak_phase,
-                "peak_by_phase": dict(self.by_phase), "flops": self.flops}
+                "peak_by_phase": dict(self.by_phase), "flops": self.flops, "offloaded_bytes": self.offloaded_bytes}
 
 
-def _round(nbytes: int, rounding: int) -> int:
+def _round(nbytes: int, rounding: int | str) -> int:
+    if rounding == "pow2":
+        return 1 << max(nbytes - 1, 0).bit_length()
     return -(-nbytes // rounding) * rounding if rounding > 1 else nbytes
 
 
@@ -80,11 +90,15 @@ class StorageTracker(TorchDispatchMode):
     device_rounding: allocation granularity in bytes (512 for the CUDA caching allocator, 1 for CPU).
     extra_workspace: optional fn(func, args, out) -> bytes, a kernel's internal workspace counted at
     that op only (allocated and freed inside it) - for the parts of a GPU kernel a CPU run cannot show.
+    host_rounding: the same for offloaded host copies: bytes, or "pow2" (CUDA's pinned-memory allocator).
     """
 
-    def __init__(self, device_rounding: int = 1, extra_workspace=None):
+    def __init__(self, device_rounding: int = 1, extra_workspace=None, host_rounding: int | str = 1):
         super().__init__()
         self.rounding = device_rounding
+        self.host_rounding = host_rounding
+        self.host_live = 0
+        self.host_peak = 0
         self.extra_workspace = extra_workspace
         self.lives: dict[int, _Life] = {}       # id(storage) -> its life; ids stay valid while alive
         self._refs: dict[int, weakref.ref] = {}
@@ -100,6 +114,7 @@ class StorageTracker(TorchDispatchMode):
 
     # ---- counting ----------------------------------------------------------------------------
     def _see(self, t: torch.Tensor, kind: str | None = None) -> None:
+        """Count t's storage if it is new (kind "host": in host memory, apart from the device count)."""
         if not isinstance(t, torch.Tensor) or t.device.type == "meta" and not _is_fake(t):
             return
         try:
@@ -112,10 +127,15 @@ class StorageTracker(TorchDispatchMode):
             if kind is not None and life.kind in (None, "saved"):
                 life.kind = kind
             return
-        nbytes = _round(st.nbytes(), self.rounding)
+        host = kind == "host"
+        nbytes = _round(st.nbytes(), self.host_rounding if host else self.rounding)
         self.event += 1
         self.lives[key] = _Life(nbytes, self.event, self.phase, kind=kind)
         self._refs[key] = weakref.ref(st, lambda _, k=key: self._freed(k))
+        if host:
+            self.host_live += nbytes
+            self.host_peak = max(self.host_peak, self.host_live)
+            return
         self.live += nbytes
         self._note_peak(self.live)
 
@@ -126,7 +146,10 @@ class StorageTracker(TorchDispatchMode):
             return
         self.event += 1
         life.free = self.event
-        self.live -= life.nbytes
+        if life.kind == "host":
+            self.host_live -= life.nbytes
+        else:
+            self.live -= life.nbytes
         self._dead.append(life)
 
     def _note_peak(self, total: int) -> None:
@@ -143,9 +166,10 @@ class StorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        kind = "host" if func is OFFLOAD_TO_HOST else None
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._see(t)
+                self._see(t, kind)
         self._count_flops(func, args, out)
         if self.extra_workspace is not None:
             extra = self.extra_workspace(func, args, out)
@@ -225,10 +249,10 @@ class StorageTracker(TorchDispatchMode):
         parts = dict.fromkeys(CATEGORIES, 0)
         at = self.peak_event
         for life in list(self.lives.values()) + self._dead:
-            if life.alloc <= at and (life.free is None or life.free > at):
+            if life.kind != "host" and life.alloc <= at and (life.free is None or life.free > at):
                 parts[_category(life)] += life.nbytes
         parts["transient"] += self._peak_extra
-        return StepMemory(self.peak, parts, self.peak_phase, dict(self.by_phase), self.flops)
+        return StepMemory(self.peak, parts, self.peak_phase, dict(self.by_phase), self.flops, self.host_peak)
 
 
 def _category(life: _Life) -> str:

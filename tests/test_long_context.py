@@ -1,0 +1,211 @@
+"""Long-context memory options (issue 11 item 4): offloaded checkpoints, the chunked MLP, plain causal SDPA.
+
+Each option changes where tensors live, never what a step computes: the loss and gradients of a
+tiny LoRA / QLoRA model on CPU are compared with the plain step's. Offloading recomputes the same
+ops on the same inputs, so it is bit for bit; the chunked MLP sums the weight gradients block by
+block, so it is equal to rounding (fp32, relative 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lora_engine import plan as P
+from lora_engine.lora.layers import LoraConfig, apply_lora
+from lora_engine.models import decoder
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.decoder import CausalLM
+from lora_engine.models.recompute import chunked_rows
+from lora_engine.quant.nf4 import quantize_model
+from lora_engine.train.config import TrainConfig
+
+TINY = {"model_type": "llama", "vocab_size": 97, "hidden_size": 64, "intermediate_size": 176,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "torch_dtype": "float32"}
+
+
+def tiny_lora(quantize: str = "none", dropout: float = 0.0) -> CausalLM:
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.from_hf(TINY))
+    if quantize == "nf4":
+        quantize_model(model)
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8.0, lora_dropout=dropout), verbose=False)
+    with torch.no_grad():  # lora_B starts at zero, which would leave lora_A's gradient zero too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.train()
+
+
+def step(model: CausalLM, amp=None, seed: int = 1, **options) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward + backward of a fixed batch with the given model attributes set; (loss, grads by name)."""
+    for k, v in options.items():
+        setattr(model, k, v)
+    model.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 37), generator=g)  # 37: not a multiple of any chunk
+    torch.manual_seed(seed)  # dropout masks
+    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        loss = model.loss(ids, ids)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_step(a, b, exact: bool):
+    (la, ga), (lb, gb) = a, b
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    assert all(g.abs().sum() > 0 for g in ga.values())  # every adapter trains, also the first layer's
+    if exact:
+        assert torch.equal(la, lb)
+        for n in ga:
+            assert torch.equal(ga[n], gb[n]), n
+    else:
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+        for n in ga:
+            torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_offloaded_checkpoints_equal_the_plain_step_bit_for_bit(quantize):
+    model = tiny_lora(quantize)
+    plain = step(model, gradient_checkpointing=False)
+    offloaded = step(model, gradient_checkpointing=True, offload_activations=True)
+    assert_same_step(plain, offloaded, exact=True)
+
+
+def test_offload_replays_dropout_and_autocast():
+    """The recomputation in backward draws the forward's dropout masks and runs under its autocast."""
+    model = tiny_lora(dropout=0.2)
+    for amp in (None, torch.bfloat16):
+        plain = step(model, amp, gradient_checkpointing=False)
+        offloaded = step(model, amp, gradient_checkpointing=True, offload_activations=True)
+        assert_same_step(plain, offloaded, exact=True)
+    torch.manual_seed(5)
+    a = torch.rand(3)
+    torch.manual_seed(5)
+    step(model, seed=5, gradient_checkpointing=False)
+    b = torch.rand(3)
+    torch.manual_seed(5)
+    step(model, seed=5, gradient_checkpointing=True, offload_activations=True)
+    assert torch.equal(b, torch.rand(3)) and not torch.equal(a, b)  # backward's replay leaves the RNG as plain
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+@pytest.mark.parametrize("chunk", [1, 8, 30])
+def test_chunked_mlp_equals_the_unchunked_step(quantize, chunk):
+    model = tiny_lora(quantize)
+    plain = step(model)
+    chunked = step(model, mlp_chunk_size=chunk)
+    assert_same_step(plain, chunked, exact=False)
+    model.mlp_chunk_size = 0
+    assert_same_step(plain, step(model), exact=True)  # off again: the plain path
+
+
+def test_chunked_mlp_with_offloaded_checkpoints():
+    model = tiny_lora()
+    plain = step(model)
+    both = step(model, mlp_chunk_size=16, gradient_checkpointing=True, offload_activations=True)
+    assert_same_step(plain, both, exact=False)
+
+
+def test_chunked_rows_keeps_only_its_input_for_backward():
+    """What autograd saves for the chunked MLP is x: not the (tokens x intermediate) tensors."""
+    mlp = tiny_lora().model.layers[0].mlp
+    mlp.chunk_size = 8
+    x = torch.randn(2, 40, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = mlp(x)
+    assert saved == [torch.Size([80, 64])] and y.shape == x.shape
+    ref = mlp._rows(x)
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    dx = x.grad.clone()
+    x.grad = None
+    ref.sum().backward()
+    torch.testing.assert_close(dx, x.grad)
+
+
+def test_chunked_rows_refuses_a_chunk_below_one():
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        chunked_rows(lambda t: t, torch.ones(4, 2), [], 0)
+    with pytest.raises(ValueError, match="mlp_chunk_size must be a whole number"):
+        tiny_lora().mlp_chunk_size = -2
+
+
+def test_plain_causal_attention_passes_no_mask_to_sdpa(monkeypatch):
+    """No (T x T) mask for the plain causal case, so SDPA may pick its flash / memory-efficient kernels."""
+    seen = []
+    real = decoder.F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((attn_mask, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", sdpa)
+    step(tiny_lora(), gradient_checkpointing=True, offload_activations=True, mlp_chunk_size=8)
+    assert seen and all(m is None and causal for m, causal in seen)
+
+
+# ---- the plan ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "config.json").write_text(json.dumps({**TINY, "hidden_size": 128, "intermediate_size": 512,
+                                               "num_hidden_layers": 6}))
+    return d
+
+
+def test_plan_counts_offloaded_hidden_states_in_host_memory(tiny_dir, monkeypatch):
+    monkeypatch.setattr(P, "_triton_usable", lambda: False)  # the reference kernels: faster, same tensors
+    base = dict(model=str(tiny_dir), seq_len=512, r=4, precision="bf16", device="cuda",
+                gradient_checkpointing=True)
+    kept = P.plan_step(P.PlanConfig(**base))
+    off = P.plan_step(P.PlanConfig(**base, offload_activations=True))
+    hidden = 512 * 128 * 2  # one layer's input (T, D) in bf16: 2**17 bytes, a power of two already
+    assert kept["offloaded_bytes"] == 0
+    assert off["offloaded_bytes"] == 6 * hidden  # every layer's input, in pinned host memory
+    # At the peak (the last layer's backward) the plain checkpoint holds all six inputs on the device,
+    # the offloaded one none. It holds the copy brought back instead, and a second (T, D) buffer: the
+    # backward's output gradient, which autograd cannot reuse in place while the Function's backward
+    # holds it; and the layer's adapter gradients come back together, as the Function's outputs.
+    assert kept["activations"] - off["activations"] == 6 * hidden
+    assert off["transient"] - kept["transient"] <= 2 * hidden
+    assert kept["peak_bytes"] - off["peak_bytes"] >= 2 * hidden
+
+
+def test_plan_counts_the_chunked_mlp(tiny_dir, monkeypatch):
+    monkeypatch.setattr(P, "_triton_usable", lambda: False)
+    base = dict(model=str(tiny_dir), seq_len=512, r=4, precision="bf16", device="cuda",
+                gradient_checkpointing=True, offload_activations=True)
+    whole = P.plan_step(P.PlanConfig(**base))
+    chunked = P.plan_step(P.PlanConfig(**base, mlp_chunk_size=64))
+    inter = 512 * 512 * 2  # one (T, F) bf16 tensor
+    assert whole["peak_bytes"] - chunked["peak_bytes"] >= 2 * inter
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--mlp-chunk-size", "-1"], "--mlp-chunk-size must be >= 0"),
+])
+def test_plan_flag_errors(tiny_dir, args, match, capsys):
+    with pytest.raises(SystemExit):
+        P.main(["--model", str(tiny_dir)] + args)
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"offload_activations": True}, "--offload-activations .* needs --gradient-checkpointing"),
+    ({"mlp_chunk_size": -4}, "--mlp-chunk-size must be >= 0"),
+])
+def test_train_flag_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
