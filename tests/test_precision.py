@@ -184,6 +184,37 @@ def test_fp32_weights_under_autocast_are_cast_every_step():
     assert {n for n in frozen.values() if n.endswith("proj.weight")} <= cast
 
 
+class _Outputs(TorchDispatchMode):
+    """Records (shape, dtype) of every op's tensor outputs during a step."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[tuple[int, ...], torch.dtype]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.seen.add((tuple(t.shape), t.dtype))
+        return out
+
+
+def test_an_nf4_base_dequantizes_straight_to_bf16():
+    from lora_engine.quant import nf4
+
+    torch.manual_seed(0)
+    model = CausalLM(CFG).to(BF16)
+    nf4.quantize_model(model)  # every projection; NF4Tensor.dtype is the bf16 it was quantized from
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8), verbose=False)
+    shapes = {(m.out_features, m.in_features) for m in model.modules() if hasattr(m, "lora_A")}
+    opt = trainer.make_optimizer(model, lr=1e-3)
+    sched = trainer.make_scheduler(opt, warmup_steps=0, total_steps=10)
+    with _Outputs() as ops:  # 2 x 12 tokens: no activation has a weight's (out, in) shape
+        trainer.train_step(model, opt, sched, [_batch()], amp=BF16)
+    dense = {dt for shape, dt in ops.seen if shape in shapes}
+    assert dense == {BF16}, f"dequantized weights of dtypes {dense}"
+
+
 # ---- gradients agree with fp32 --------------------------------------------------------------------
 
 
