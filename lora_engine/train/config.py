@@ -90,7 +90,8 @@ class TrainConfig:
     stop_after: int = _f(0, "stop (with a checkpoint) after this step, as if interrupted; 0 = off")
     seed: int = _f(0, "seed of data order, LoRA initialisation and dropout")
     quantize: str = _f("none", "base weights: none, or nf4 (QLoRA)", choices=["none", "nf4"])
-    precision: str = _f("auto", "auto: fp32 on CPU, bf16 (or fp16) autocast on GPU",
+    precision: str = _f("auto", "auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU multiplies bf16 natively, with "
+                                "the frozen weights stored in bf16; else fp32 on CPU, fp16 on GPU",
                         choices=["auto", "fp32", "bf16", "fp16"])
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     offload_activations: bool = _f(False, "with --gradient-checkpointing: keep each layer's checkpointed input in "

@@ -43,6 +43,7 @@ from lora_engine.train import lineage as runs
 from lora_engine.train import step as trainer
 from lora_engine.train.config import TrainConfig, describe, eval_steps, quantize_method, resolve_device, resolve_resume
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval
+from lora_engine.train.precision import resolve_precision
 from lora_engine.train.suite import general_suite, score_suite
 
 logger = logging.getLogger(__name__)
@@ -301,11 +302,16 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
         batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(batcher.batches_per_epoch / cfg.grad_accum)))
     opt = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay, loraplus_lr_ratio=cfg.loraplus_lr_ratio)
-    amp = trainer.autocast_dtype(device, cfg.precision)
+    prec = resolve_precision(device, cfg.precision)
+    amp = prec.autocast
+    stored = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
+    log(f"precision: {prec.name} ({prec.reason}); frozen weights stored in {', '.join(stored) or '-'}, "
+        f"LoRA adapters and optimizer state in float32")
     base_dir = getattr(model, "source_dir", None)
     manifest = runs.new_manifest(dataclasses.asdict(cfg),
                                  runs.hash_files(runs.model_weight_files(base_dir)) if base_dir else {},
                                  runs.hash_files(data_files), str(ckpt) if ckpt else None)
+    manifest["precision"] = prec.to_dict()
     manifest["data"].update({k: v for k, v in stats.items() if isinstance(v, int | dict)})
     r = _Run(cfg, out, tokenizer, model, val_rows,
              general_rows(tokenizer, tokens=cfg.general_tokens) if cfg.general_eval else None,
@@ -367,13 +373,14 @@ def _load_inputs(cfg: TrainConfig, tokenizer, log):
 
 
 def _build_model(cfg: TrainConfig, device: torch.device, log):
-    """cfg.model loaded (fp32 on CPU, quantized per --quantize), with LoRA on cfg.target_modules."""
+    """cfg.model loaded in --precision's storage dtype (train/precision.py), quantized per --quantize, with LoRA
+    on cfg.target_modules (fp32 adapters)."""
     from lora_engine.loading import load_model
     from lora_engine.lora.layers import LoraConfig, apply_lora, count_parameters
 
     with user_input("--model"):
         model = load_model(registry.local_path(cfg.model, cfg.registry),
-                           dtype=torch.float32 if device.type == "cpu" else None, device=device,
+                           dtype=resolve_precision(device, cfg.precision).storage, device=device,
                            quantize=quantize_method(cfg.quantize))
     if cfg.finetune == "full":
         trainer.full_finetuning(model)

@@ -13,8 +13,9 @@
 Accumulation: the loss of one step is the sum of token losses over ALL its micro-batches divided by
 the number of target tokens in all of them, so 4 micro-batches of 1 give exactly the loss and
 gradients of one batch of 4, whatever the lengths (a mean of per-micro-batch means would weight a
-short example's tokens more). Precision: fp32 on CPU; on GPU autocast to bf16 (fp16 with a grad
-scaler where bf16 is missing).
+short example's tokens more). Precision (train/precision.py): autocast to bf16 where the CPU or GPU
+multiplies bf16 natively, with the frozen weights stored in bf16; fp16 with a grad scaler on a GPU
+without bf16; fp32 on other CPUs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_engine.data.pipeline import n_targets
+from lora_engine.train.precision import resolve_precision
 
 MODEL_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids")
 
@@ -129,15 +131,9 @@ def make_scheduler(optimizer, warmup_steps: int, total_steps: int, min_ratio: fl
 
 
 def autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:
-    """None (plain fp32) on CPU or with precision fp32; bf16 or fp16 on GPU."""
-    device = torch.device(device)
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+    """torch.autocast's dtype for a --precision choice on `device`, None for fp32 (train/precision.py's rule:
+    auto is bf16 on a CPU with native bf16 matmul and on a GPU with bf16, fp16 on an older GPU, else fp32)."""
+    return resolve_precision(device, precision).autocast
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
