@@ -20,13 +20,13 @@ PATH_16BIT again must give --model's NF4 bytes exactly (our NF4 is bit-exact wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
 
 import torch
 
+from lora_engine.io.digest import sha256_file
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.loading import load_model
 from lora_engine.lora.adapter import load_adapter
@@ -125,11 +125,7 @@ def _hashes(folder: Path) -> dict[str, str]:
     """sha256 of the weight files and config.json, by file name: what train/lineage.py records."""
     out = {}
     for p in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")):
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        out[p.name] = h.hexdigest()
+        out[p.name] = sha256_file(p)
     return out
 
 

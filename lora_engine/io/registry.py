@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from lora_engine.io import atomic
+from lora_engine.io.digest import sha256_file
 
 PREFIX = "registry:"
 STAGES = ("production", "staging")
@@ -81,14 +82,6 @@ def default_root() -> Path:
         return Path(os.environ[ROOT_ENV])
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(data) / "lora_engine" / "registry"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def content_digest(files: dict[str, str]) -> str:

@@ -16,16 +16,9 @@ from pathlib import Path
 
 from lora_engine.cli import CliError, option, parse_command
 from lora_engine.io import atomic
+from lora_engine.io.digest import sha256_file
 
 MANIFEST = "run.json"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hash_files(paths) -> dict[str, str]:
