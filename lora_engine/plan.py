@@ -172,9 +172,12 @@ def materialize(model):
 
 
 def _triton_usable() -> bool:
+    """dispatch's own answer (its one probe of the Triton kernels), not a second import check."""
+    from lora_engine import dispatch
+
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        dispatch.choose_backend("cpu", "triton")
+    except RuntimeError:
         return False
     return True
 

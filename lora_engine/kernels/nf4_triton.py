@@ -174,10 +174,6 @@ def _weight_args(w: NF4Tensor) -> tuple:
     return w.packed, w.absmax, w.code, w.absmax, w.code, 0.0
 
 
-def _weight_meta(w: NF4Tensor) -> dict:
-    return {"BLOCKSIZE": w.blocksize, "NESTED": w.is_nested, "NESTED_BLOCKSIZE": w.nested_blocksize}
-
-
 def nf4_dequantize(w: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """NF4Tensor (out, in) -> dense (out, in) tensor in `dtype` (default w.dtype) on w's device.
 
