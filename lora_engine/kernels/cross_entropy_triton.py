@@ -33,7 +33,7 @@ import triton.language as tl
 
 from lora_engine.kernels import amp
 from lora_engine.kernels._common import check_device, check_float, kernel_op, launch_device, next_pow2
-from lora_engine.kernels.reference import check_cross_entropy_args, traced
+from lora_engine.kernels.reference import check_cross_entropy_args, check_labels, traced
 
 
 @triton.jit
@@ -97,11 +97,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if traced(hidden):  # no data to branch on: the count stays a tensor
             count = valid.sum().clamp(min=1).float()
         else:
-            bad = valid & ((labels < 0) | (labels >= V))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"linear_cross_entropy: labels[{i}] = {int(labels[i])} is outside [0, {V}) "
-                                 f"and is not ignore_index ({ignore_index})")
+            check_labels(labels, V, ignore_index)  # the reference's check and message, one of them
             count = max(int(valid.sum()), 1)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(hidden) if need_dh else None
