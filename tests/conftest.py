@@ -15,6 +15,18 @@ from hypothesis import HealthCheck, settings
 # Session fixtures for the embedded model: converted once into a private $LORA_ENGINE_HOME.
 from tests.embedded_fixture import embedded_dir, embedded_gguf, embedded_home  # noqa: F401
 
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random llama checkpoint folder (tests/hf_models.py), one per test module; each test loads
+    its own copy of the model from it."""
+    from tests.hf_models import make_hf_model
+
+    folder = tmp_path_factory.mktemp("llama")
+    make_hf_model("llama", folder)
+    return folder
+
+
 settings.register_profile(
     "dev", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

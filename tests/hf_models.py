@@ -58,3 +58,10 @@ def make_hf_model(family: str, folder: Path, tie: bool = False, shard_size: str 
     kw = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kw)
     return model.eval()
+
+
+def load_hf(folder: Path):
+    """transformers' model of a checkpoint folder, fp32, in eval mode (the oracle side of a parity test)."""
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

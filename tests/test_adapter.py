@@ -13,22 +13,10 @@ from lora_engine.lora.layers import DEFAULT_TARGETS, lora_layers
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 from tests.conftest import require_oracle, tol
-from tests.hf_models import make_hf_model
+from tests.hf_models import load_hf, make_hf_model
 
 peft = require_oracle("peft")
 transformers = require_oracle("transformers")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny random llama checkpoint folder shared by the tests (each loads its own copy)."""
-    folder = tmp_path_factory.mktemp("llama")
-    make_hf_model("llama", folder)
-    return folder
-
-
-def _hf(folder):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def _randomize_b(model):
@@ -61,18 +49,18 @@ def test_our_adapter_loads_in_peft(base, tmp_path, targets, rslora, rank_pattern
     assert (tmp_path / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
     paths = sorted(p for p, _ in lora_layers(ours))
     assert cfg["target_modules"] == (sorted(targets) if "." not in "".join(targets) else paths)
-    theirs = peft.PeftModel.from_pretrained(_hf(base), tmp_path).eval()
+    theirs = peft.PeftModel.from_pretrained(load_hf(base), tmp_path).eval()
     ids = _ids()
     with torch.no_grad():
         got, ref = ours(ids), theirs(ids).logits
-        plain = _hf(base)(ids).logits
+        plain = load_hf(base)(ids).logits
     assert (got - plain).abs().max() > 1e-3  # the adapter changes the output, so the match means something
     torch.testing.assert_close(got, ref, **tol("logits_fp32"))
 
 
 def _peft_trained(folder, cfg, steps=3):
     """A PEFT model after a few AdamW steps, so every B is nonzero."""
-    model = peft.get_peft_model(_hf(folder), cfg)
+    model = peft.get_peft_model(load_hf(folder), cfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):

@@ -10,21 +10,10 @@ from lora_engine.kernels import nf4_reference
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.lora.layers import DEFAULT_TARGETS, LoraLinear, lora_layers
 from tests.conftest import require_oracle, tol
-from tests.hf_models import make_hf_model
+from tests.hf_models import load_hf
 
 peft = require_oracle("peft")
 transformers = require_oracle("transformers")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llama")
-    make_hf_model("llama", folder)
-    return folder
-
-
-def _hf(folder):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def _ids(n=2, t=13):
@@ -93,11 +82,11 @@ def test_our_dora_adapter_loads_in_peft(base, tmp_path, targets, rslora):
                verbose=False)
     _randomize(ours)
     save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(_hf(base), tmp_path).eval()
+    theirs = peft.PeftModel.from_pretrained(load_hf(base), tmp_path).eval()
     assert theirs.peft_config["default"].use_dora
     ids = _ids()
     with torch.no_grad():
-        got, ref, plain = ours(ids), theirs(ids).logits, _hf(base)(ids).logits
+        got, ref, plain = ours(ids), theirs(ids).logits, load_hf(base)(ids).logits
     assert (got - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, ref, **tol("logits_fp32"))
 
@@ -115,7 +104,7 @@ def _peft_trained(model, cfg, steps=3):
 
 
 def test_peft_dora_adapter_loads_in_ours(base, tmp_path):
-    theirs = _peft_trained(_hf(base), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
+    theirs = _peft_trained(load_hf(base), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
                                                       target_modules=["q_proj", "v_proj", "down_proj"]))
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(load_model(base), tmp_path, verbose=False)
@@ -131,7 +120,7 @@ def test_peft_dora_adapter_loads_in_ours(base, tmp_path):
 
 def _dequantized_hf(folder, nf4_model):
     """transformers' model with every linear weight replaced by our NF4 model's dequantized weight."""
-    hf = _hf(folder)
+    hf = load_hf(folder)
     with torch.no_grad():
         for name, m in nf4_model.named_modules():
             w = getattr(m, "weight", None)
@@ -193,7 +182,7 @@ def test_merge_and_unmerge(base, tmp_path):
     torch.testing.assert_close(merged, unmerged, **tol("logits_fp32"))
     torch.testing.assert_close(twice, merged, rtol=0, atol=0)
     save_adapter(ours, tmp_path)  # the adapter itself is unchanged by merging
-    theirs = peft.PeftModel.from_pretrained(_hf(base), tmp_path).merge_and_unload()
+    theirs = peft.PeftModel.from_pretrained(load_hf(base), tmp_path).merge_and_unload()
     for p, m in lora_layers(ours):
         torch.testing.assert_close(m.weight, theirs.get_submodule(p).weight, rtol=1e-6, atol=1e-6)
     unmerge_lora(ours)

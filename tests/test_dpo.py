@@ -11,17 +11,9 @@ from lora_engine import LoraConfig, apply_lora, load_model, save_adapter
 from lora_engine.lora.layers import adapters_disabled, lora_layers
 from lora_engine.train.dpo import dpo_batch_loss, dpo_loss, sequence_logps
 from tests.conftest import require_oracle
-from tests.hf_models import make_hf_model
 
 peft = require_oracle("peft")
 transformers = require_oracle("transformers")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llama")
-    make_hf_model("llama", folder)
-    return folder
 
 
 def _side(prompts, responses, T):
