@@ -2,6 +2,7 @@
 
     python bench/plan_table.py            # writes bench/results/plan_table.md (and plan.json beside it)
     python bench/plan_table.py --long     # only the long-context rows: plan_long_table.md, plan_long.json
+    python bench/plan_table.py --short    # only the 4k-in-6-GiB row (every memory option): plan_short_table.md
 
 Configs are the published config.json numbers (Llama-3.2-1B, Llama-3.1-8B, Llama-3.1-70B); r=16 on
 all seven projections, batch 1, bf16, gradient checkpointing, --device cuda. Shapes only: no weights,
@@ -39,6 +40,9 @@ MODELS = {
 CONTEXTS = (2048, 8192, 32768, 131072)
 LONG = {"offload_activations": True, "mlp_chunk_size": 4096}
 LONG_CONTEXTS = (4096, 32768, 100000, 131072)
+# 4,096 tokens within 6 GiB: besides LONG, the frozen embedding and head in CPU memory (the head copied to
+# the GPU for the loss only), the loss 256 tokens at a time and the MLP 1,024 (models/decoder.py).
+SHORT = {**LONG, "mlp_chunk_size": 1024, "loss_chunk_size": 256, "embedding_on_cpu": True, "head_on_cpu": True}
 
 
 def _row(name, hf, quantize, n, method, **options):
@@ -62,10 +66,16 @@ def write(rows, stem):
                      f"{r['weights'] / g:.2f} | {r['adapters_and_optimizer'] / g:.2f} | {r['activations'] / g:.2f} | "
                      f"{r['transient'] / g:.2f} | {r['total_bytes'] / g:.2f} | {r.get('offloaded_bytes', 0) / g:.2f} | "
                      f"{r['flops'] / 1e12:.0f} |")
+        if r.get("host_weight_bytes"):
+            lines[-1] += f" host weights {r['host_weight_bytes'] / g:.2f} GiB |"
     (out / f"{stem}_table.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv):
+    if "--short" in argv:
+        write([_row("Llama-3.1-8B", MODELS["Llama-3.1-8B"], "nf4", 4096, "QLoRA, every memory option", **SHORT)],
+              "plan_short")
+        return
     if "--long" not in argv:
         write([_row(name, hf, q, n, "QLoRA" if q == "nf4" else "LoRA")
                for name, hf in MODELS.items() for q in ("none", "nf4") for n in CONTEXTS], "plan")

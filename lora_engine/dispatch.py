@@ -130,9 +130,14 @@ def swiglu(gate, up, backend=None):
     return _impl(gate, backend).swiglu(gate, up)
 
 
-def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", backend=None):
-    """Chunked head matmul + cross-entropy; hidden (N, H), weight (V, H), labels (N,) -> fp32 scalar."""
-    return _impl(hidden, backend).linear_cross_entropy(hidden, weight, labels, ignore_index, reduction)
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", backend=None,
+                         chunk_size=None):
+    """Chunked head matmul + cross-entropy; hidden (N, H), weight (V, H), labels (N,) -> fp32 scalar.
+    chunk_size: tokens per (chunk, V) block of logits (None: the backend's default)."""
+    impl = _impl(hidden, backend)
+    if chunk_size is None:
+        return impl.linear_cross_entropy(hidden, weight, labels, ignore_index, reduction)
+    return impl.linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped=None, backend=None):

@@ -20,6 +20,7 @@ from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 from lora_engine.models.recompute import chunked_rows
 from lora_engine.quant.nf4 import quantize_model
+from lora_engine.train import planning
 from lora_engine.train.config import TrainConfig
 
 TINY = {"model_type": "llama", "vocab_size": 97, "hidden_size": 64, "intermediate_size": 176,
@@ -166,7 +167,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_plan_counts_offloaded_hidden_states_in_host_memory(tiny_dir, monkeypatch):
-    monkeypatch.setattr(P, "_triton_usable", lambda: False)  # the reference kernels: faster, same tensors
+    monkeypatch.setattr(planning, "_triton_usable", lambda: False)  # the reference kernels: faster, same tensors
     base = dict(model=str(tiny_dir), seq_len=512, r=4, precision="bf16", device="cuda",
                 gradient_checkpointing=True)
     kept = P.plan_step(P.PlanConfig(**base))
@@ -184,7 +185,7 @@ def test_plan_counts_offloaded_hidden_states_in_host_memory(tiny_dir, monkeypatc
 
 
 def test_plan_counts_the_chunked_mlp(tiny_dir, monkeypatch):
-    monkeypatch.setattr(P, "_triton_usable", lambda: False)
+    monkeypatch.setattr(planning, "_triton_usable", lambda: False)
     base = dict(model=str(tiny_dir), seq_len=512, r=4, precision="bf16", device="cuda",
                 gradient_checkpointing=True, offload_activations=True)
     whole = P.plan_step(P.PlanConfig(**base))
@@ -209,3 +210,70 @@ def test_plan_flag_errors(tiny_dir, args, match, capsys):
 def test_train_flag_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_host_embedding_head_and_loss_chunks_equal_the_plain_step_bit_for_bit(quantize):
+    """Keeping the embedding and head in CPU memory and smaller loss chunks change where tensors live and
+    how the loss is blocked, not what a step computes (on CPU: the same device; the code path is the GPU's).
+    Host matrices: bit for bit; loss chunks: equal to the head matmul's rounding (its row count changes)."""
+    plain = step(tiny_lora(quantize))
+    model = tiny_lora(quantize).keep_on_host(embedding=True, head=True)
+    assert model.embedding_on_cpu and model.head_on_cpu
+    assert_same_step(plain, step(model), exact=True)
+    assert_same_step(plain, step(model, loss_chunk_size=5), exact=False)
+    logits = model(torch.arange(10)[None])
+    assert torch.equal(logits, tiny_lora(quantize)(torch.arange(10)[None]))
+
+
+def test_keep_on_host_refuses_a_trained_head():
+    model = tiny_lora()
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="the head is trained.*--head-on-cpu"):
+        model.keep_on_host(head=True)
+
+
+def test_plan_counts_host_weights_apart(monkeypatch, tmp_path):
+    monkeypatch.setattr(planning, "_triton_usable", lambda: False)
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "vocab_size": 4096}))
+    base = dict(model=str(tmp_path), seq_len=64, r=4, precision="bf16", device="cuda")
+    plain = P.plan_step(P.PlanConfig(**base))
+    host = P.plan_step(P.PlanConfig(**base, embedding_on_cpu=True, head_on_cpu=True, loss_chunk_size=16))
+    table = 4096 * 64 * 2  # one (V, D) bf16 matrix
+    assert host["host_weight_bytes"] == 2 * table
+    assert plain["weights"] - host["weights"] >= table  # the embedding is gone; the head only during the loss
+    assert host["peak_bytes"] < plain["peak_bytes"]
+
+
+def test_auto_memory_picks_nothing_when_roomy_options_when_tight_and_errors_when_impossible(monkeypatch):
+    monkeypatch.setattr(planning, "_triton_usable", lambda: False)
+    cfg = P.PlanConfig(model="tiny", seq_len=256, r=4, precision="fp32", device="cpu")
+    mc = ModelConfig.from_hf({**TINY, "vocab_size": 4096})
+    plain = P.plan_step(cfg, mc)
+    assert planning.auto_memory(cfg, plain["total_bytes"], mc)[0] == {}
+    picked, r = planning.auto_memory(cfg, plain["total_bytes"] - 1, mc)
+    assert picked and r["total_bytes"] < plain["total_bytes"]
+    assert list(picked) == [n for n, _, gpu in planning.AUTO_OPTIONS if not gpu][:len(picked)]  # in order, CPU ones
+    with pytest.raises(ValueError, match=r"--auto-memory .*nothing fits.*planned peak is .*weights alone"):
+        planning.auto_memory(cfg, 1024, mc)
+
+
+def test_train_auto_memory_logs_its_choice(monkeypatch, tmp_path):
+    from lora_engine.train import planning as pl
+
+    seen = {}
+
+    def fake_auto(cfg, budget, model_config=None):
+        seen.update(cfg=cfg, budget=budget)
+        return {"gradient_checkpointing": True}, {"total_bytes": 3 * 2**30}
+
+    monkeypatch.setattr(pl, "auto_memory", fake_auto)
+    logs = []
+    tc = TrainConfig(auto_memory="4GiB", max_length=64, batch_size=2, device="cpu")
+    out = pl.plan_training(tc, torch.device("cpu"), "smollm2-135m-instruct", logs.append)
+    assert out.gradient_checkpointing and seen["budget"] == 4 * 2**30 and seen["cfg"].seq_len == 64
+    assert "--auto-memory 4GiB: --gradient-checkpointing; planned peak 3.00 GiB" in logs[0]
+    with pytest.raises(ValueError, match="--auto-memory '4XB' is not a size"):
+        pl.plan_training(TrainConfig(auto_memory="4XB"), torch.device("cpu"), "x", logs.append)
+    with pytest.raises(ValueError, match="--auto-memory plans a LoRA/QLoRA"):
+        TrainConfig(auto_memory="4GiB", use_dora=True)

@@ -334,3 +334,43 @@ def test_bench_script_smoke(tmp_path):
                                                  for i in ("fused", "dequant+matmul", "dense matmul")}
     text = out.read_text()
     assert text.startswith("earlier results\n") and "## Dequantization" in text and "fused faster at M in" in text
+
+
+@pytest.mark.parametrize("n_out, n_in", [(200, 72), (131, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_in_slabs_equals_the_whole_weight(n_out, n_in, dtype, monkeypatch):
+    """Above FUSED_MAX_ROWS with a small WORKSPACE_ELEMENTS the weight is decoded slab by slab into one
+    workspace (row slabs in forward, column slabs in backward): every slab is exact, and y, dX equal the
+    one-matmul path's to the matmul's own rounding (each product still sums over the whole K)."""
+    w = random_nf4(n_out, n_in, 64, True, seed=n_out)
+    rows = tri.FUSED_MAX_ROWS + 3
+    x = torch.randn(rows, n_in).to(DEVICE, dtype)
+    b = torch.randn(n_out).to(DEVICE, dtype)
+    dy = torch.randn(rows, n_out).to(DEVICE, dtype)
+    whole = ref.nf4_dequantize(w, dtype)
+    for r0, c0, shape in ((64, 0, (64, n_in)), (0, 64, (n_out, n_in - 64)), (n_out - 5, n_in - 7, (5, 7))):
+        out = torch.empty(shape, dtype=dtype, device=DEVICE)
+        tri.nf4_dequantize_slab(w, out, r0, c0)
+        assert torch.equal(out, tri.nf4_dequantize(w, dtype)[r0:r0 + shape[0], c0:c0 + shape[1]])
+    results = []
+    for elements in (tri.WORKSPACE_ELEMENTS, 64 * min(n_in, n_out)):
+        monkeypatch.setattr(tri, "WORKSPACE_ELEMENTS", elements)
+        slabs = LaunchSpy(monkeypatch, tri, "_nf4_dequant_tile_kernel")
+        xi, bi = x.clone().requires_grad_(), b.clone().requires_grad_()
+        y = tri.nf4_linear(xi, w, bi)
+        y.backward(dy)
+        results.append((y.detach(), xi.grad, bi.grad, len(slabs.launches)))
+    (y0, dx0, db0, n0), (y1, dx1, db1, n1) = results
+    # forward: row slabs of 64; backward: column slabs of 64 (the smallest slab)
+    assert n0 == 0 and n1 == -(-n_out // 64) + -(-n_in // 64) and n1 >= 4
+    dense = whole.double()
+    assert_matmul_rule(y1, y0, x.double() @ dense.T + b.double(), x.double().abs() @ dense.abs().T + b.double().abs(),
+                       dtype, "slabbed y")
+    assert_matmul_rule(dx1, dx0, dy.double() @ dense, dy.double().abs() @ dense.abs(), dtype, "slabbed dX")
+    assert torch.equal(db1, db0)
+
+
+def test_error_dequantize_slab_outside_the_weight():
+    w = random_nf4(24, 40, 64, False, seed=0)
+    with pytest.raises(ValueError, match=r"nf4_dequantize_slab: out \(8, 8\).*at \(20, 0\) is not a slab"):
+        tri.nf4_dequantize_slab(w, torch.empty(8, 8, device=DEVICE), 20, 0)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lora_engine import plan as P
+from lora_engine.train import planning
 from lora_engine.train import step as trainer
 from lora_engine.train.memory import StorageTracker
 
@@ -84,7 +85,7 @@ def test_the_plan_splits_the_peak_and_counts_flops(llama2_dir):
 def test_cuda_plan_rounds_allocations_and_adds_attention_workspace(llama2_dir, monkeypatch):
     base = dict(model=str(llama2_dir), seq_len=300, batch_size=1, r=8, precision="bf16")
     cpu = P.plan_step(P.PlanConfig(**base, device="cpu"))
-    monkeypatch.setattr(P, "_triton_usable", lambda: False)  # the CPU plan's kernels: only the GPU rules differ
+    monkeypatch.setattr(planning, "_triton_usable", lambda: False)  # the CPU plan's kernels: only the GPU rules differ
     gpu = P.plan_step(P.PlanConfig(**base, device="cuda"))
     assert gpu["peak_bytes"] > cpu["peak_bytes"]
     assert gpu["overhead_bytes"] >= P.CUDA_CONTEXT_BYTES and gpu["total_bytes"] > gpu["peak_bytes"]

@@ -17,6 +17,10 @@ otherwise round the nested absmax differently.
 Kernels
   _nf4_dequant_kernel   one program per DEQUANT_BLOCK elements -> dense W' (out, in); it walks bytes
                         (one absmax decode per two elements) and interleaves the two nibbles' values.
+  _nf4_dequant_tile_kernel  a (rows, cols) slab of W' at (row0, col0), element by element: above
+                        FUSED_MAX_ROWS the weight is dequantized slab by slab into one reused workspace
+                        (WORKSPACE_ELEMENTS), never whole, each slab multiplied by cuBLAS (row slabs in
+                        forward, column slabs in backward, so every product sums over the full K).
   _nf4_matmul_kernel    C (M, P) = A (M, R) @ B (R, P), where B[r, p] = W'[r * s_r + p * s_p]:
                           forward  y  = x  W'^T : A = x  (M, in),  R = in,  P = out, (s_r, s_p) = (1, in)
                           backward dX = dY W'   : A = dY (M, out), R = out, P = in,  (s_r, s_p) = (in, 1)
@@ -68,6 +72,11 @@ from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.kernels.reference import add_low_rank
 
 DEQUANT_BLOCK = 1024  # elements per program of the dequantization kernel (512 packed bytes)
+# Above FUSED_MAX_ROWS a weight is dequantized in slabs of at most this many elements into one reused
+# workspace (32 MiB in bf16), each slab fed to its own cuBLAS matmul: a (14336, 4096) projection then never
+# exists whole (112 MiB in bf16), in 4 slabs of 4096 x 4096 products, still large enough for cuBLAS.
+WORKSPACE_ELEMENTS = 2**24
+TILE_R, TILE_C = 32, 64  # the slab kernel's tile
 FUSED_MAX_ROWS = 512  # rows (tokens) up to which nf4_linear runs the fused kernel; see the docstring
 GROUP_M = 8  # programs of the matmul walk GROUP_M row blocks per column block, for L2 reuse of W' tiles
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -113,6 +122,23 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, o
     w = tl.interleave(hi, lo)  # (BLOCK,) in element order
     flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=flat < n)  # an odd n drops the pad nibble
+
+
+@triton.jit
+def _nf4_dequant_tile_kernel(packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, out_ptr, offset,
+                             row0, col0, rows, cols, n_in, stride_out,
+                             BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # out[r, c] = W'[row0 + r, col0 + c] for a (rows, cols) slab of W' (n_in columns), out rows stride_out
+    # apart: any rectangle, so a row slab or a column slab, element by element from its flat index.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r < rows)[:, None] & (c < cols)[None, :]
+    flat = (row0 + r).to(tl.int64)[:, None] * n_in + (col0 + c).to(tl.int64)[None, :]
+    w = _nf4_decode(flat, mask, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset,
+                    BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+    out = out_ptr + r.to(tl.int64)[:, None] * stride_out + c.to(tl.int64)[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -210,6 +236,47 @@ def _nf4_dequant_op(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     return out
 
 
+def _nf4_dequant_tile_fake(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, nabs: torch.Tensor,
+                           ncode: torch.Tensor, offset: float, blocksize: int, nested: bool, nested_blocksize: int,
+                           n_in: int, row0: int, col0: int, out: torch.Tensor) -> None:
+    return None
+
+
+@kernel_op("nf4_dequantize_slab_triton", _nf4_dequant_tile_fake, mutates_args=("out",))
+def _nf4_dequant_tile_op(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, nabs: torch.Tensor,
+                         ncode: torch.Tensor, offset: float, blocksize: int, nested: bool, nested_blocksize: int,
+                         n_in: int, row0: int, col0: int, out: torch.Tensor) -> None:
+    """out (rows, cols), unit column stride = W'[row0:row0 + rows, col0:col0 + cols] of a weight with n_in columns."""
+    rows, cols = out.shape
+    if rows and cols:
+        with launch_device(packed):
+            _nf4_dequant_tile_kernel[(triton.cdiv(rows, TILE_R), triton.cdiv(cols, TILE_C))](
+                packed, absmax, code, nabs, ncode, out, offset, row0, col0, rows, cols, n_in, out.stride(0),
+                BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, BLOCK_R=TILE_R,
+                BLOCK_C=TILE_C, num_warps=4, enable_fp_fusion=False,
+            )
+
+
+def nf4_dequantize_slab(w: NF4Tensor, out: torch.Tensor, row0: int, col0: int) -> torch.Tensor:
+    """W'[row0:row0 + R, col0:col0 + C] decoded into out (R, C) (column stride 1, any row stride); returns out."""
+    _check_weight("nf4_dequantize_slab", w)
+    R, C = out.shape
+    if out.dtype not in OUT_DTYPES or out.dim() != 2 or (C > 1 and out.stride(1) != 1) \
+            or not (row0 >= 0 and row0 + R <= w.shape[0] and col0 >= 0 and col0 + C <= w.shape[1]):
+        raise ValueError(f"nf4_dequantize_slab: out {tuple(out.shape)} {out.dtype} (strides {out.stride()}) at "
+                         f"({row0}, {col0}) is not a slab of the NF4 weight {w.shape} with unit column stride")
+    _nf4_dequant_tile_op(*_weight_args(w), w.blocksize, w.is_nested, w.nested_blocksize, w.shape[1], row0, col0,
+                         out)
+    return out
+
+
+def slab(total: int, other: int) -> int:
+    """Rows (or columns) of W' per slab so a slab holds at most WORKSPACE_ELEMENTS (`other` long each), a
+    multiple of 64; `total` (one slab) when the whole weight fits."""
+    step = WORKSPACE_ELEMENTS // max(other, 1)
+    return total if step >= total else max(64, step // 64 * 64)
+
+
 def matmul_config(rows: int) -> dict:
     """Tile sizes and launch options of _nf4_matmul_kernel for `rows` rows (also compiled by the tests).
 
@@ -296,13 +363,38 @@ def use_fused(rows: int) -> bool:
 def _forward_2d(x2: torch.Tensor, w: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if use_fused(x2.shape[0]):
         return nf4_matmul(x2, w, transpose=True, bias=bias)
-    return torch.nn.functional.linear(x2, nf4_dequantize(w, x2.dtype), bias)
+    n_out, n_in = w.shape
+    step = slab(n_out, n_in)
+    if step >= n_out:
+        return torch.nn.functional.linear(x2, nf4_dequantize(w, x2.dtype), bias)
+    # y[:, rows] = x W'[rows]^T per row slab of W' (contiguous in the flat NF4 layout), each product over
+    # the whole of `in`: the same sums as one matmul, written straight into y's columns.
+    y = x2.new_empty((x2.shape[0], n_out))
+    ws = x2.new_empty((step, n_in))
+    for s in range(0, n_out, step):
+        e = min(s + step, n_out)
+        wb = nf4_dequantize_slab(w, ws[: e - s], s, 0)
+        if bias is None:
+            torch.mm(x2, wb.t(), out=y[:, s:e])
+        else:
+            torch.addmm(bias[s:e], x2, wb.t(), out=y[:, s:e])
+    return y
 
 
 def _backward_2d(dy2: torch.Tensor, w: NF4Tensor) -> torch.Tensor:
     if use_fused(dy2.shape[0]):
         return nf4_matmul(dy2, w, transpose=False)
-    return dy2 @ nf4_dequantize(w, dy2.dtype)  # dequantized again, freed after the product
+    n_out, n_in = w.shape
+    step = slab(n_in, n_out)
+    if step >= n_in:
+        return dy2 @ nf4_dequantize(w, dy2.dtype)  # dequantized again, freed after the product
+    # dX[:, cols] = dY W'[:, cols] per column slab, each over the whole of `out` (no partial sums rounded).
+    dx = dy2.new_empty((dy2.shape[0], n_in))
+    ws = dy2.new_empty((n_out, step))
+    for s in range(0, n_in, step):
+        e = min(s + step, n_in)
+        torch.mm(dy2, nf4_dequantize_slab(w, ws[:, : e - s], 0, s), out=dx[:, s:e])
+    return dx
 
 
 class NF4LinearFunction(torch.autograd.Function):
@@ -403,6 +495,14 @@ def compile_specs() -> list:
         return CompileSpec(f"nf4_matmul_rows{rows}{'_nested' if nested else ''}/{t}", _nf4_matmul_kernel, sig,
                            consts, targets, opts)
 
-    return [dequant("bf16", True, TARGETS), matmul("bf16", True, 1024, TARGETS),
+    def dequant_slab(t, nested, targets):
+        ints = ("row0", "col0", "rows", "cols", "n_in", "stride_out")
+        sig = signature(_nf4_dequant_tile_kernel, t, **weight(nested), **dict.fromkeys(ints, "i32"))
+        return CompileSpec(f"nf4_dequant_slab{'_nested' if nested else ''}/{t}", _nf4_dequant_tile_kernel, sig,
+                           dict(meta(nested), BLOCK_R=TILE_R, BLOCK_C=TILE_C), targets,
+                           {"enable_fp_fusion": False, "num_warps": 4})
+
+    return [dequant("bf16", True, TARGETS), dequant_slab("bf16", True, TARGETS), dequant_slab("fp32", False, (80,)),
+            matmul("bf16", True, 1024, TARGETS),
             dequant("fp32", False, (80,)), matmul("fp32", False, 1, (80,)), matmul("fp16", False, 32, (86,)),
             matmul("bf16", True, 16, (90,))]

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
 from lora_engine.models.config import ModelConfig
-from lora_engine.models.offload import HostOffloader, checkpoint_offloaded
+from lora_engine.models.offload import HostOffloader, checkpoint_offloaded, offload_to_device
 from lora_engine.models.recompute import chunked_rows
 
 
@@ -177,6 +177,12 @@ class CausalLM(nn.Module):
         self.offload_activations = False
         self._offloader = HostOffloader()
         self.backend: str | None = None
+        # Tokens per chunk of the loss's (chunk x vocab) logits; 0 = the backend's default.
+        self.loss_chunk_size = 0
+        # Frozen matrices kept in CPU memory (keep_on_host): the embedding looked up there, the head copied
+        # to the device for the loss only.
+        self.embedding_on_cpu = False
+        self.head_on_cpu = False
 
     @property
     def mlp_chunk_size(self) -> int:
@@ -189,6 +195,39 @@ class CausalLM(nn.Module):
             raise ValueError(f"mlp_chunk_size must be a whole number of tokens >= 0 (0 = off), got {n!r}")
         for layer in self.model.layers:
             layer.mlp.chunk_size = n
+
+    def keep_on_host(self, embedding: bool = False, head: bool = False) -> CausalLM:
+        """Keep the frozen input embedding and/or output head in CPU memory instead of the device.
+
+        embedding: the (V, D) table stays on the CPU; a step looks up its (B, T) rows there and copies the
+        (B, T, D) result to the device (for Llama-3.1-8B: 1 GiB of bf16 off the GPU for 32 KiB per 4k tokens).
+        head: the (V, D) head stays in (pinned) CPU memory and is copied whole to the device for the loss (or
+        the logits) and freed after it: the loss computes the head's input gradient in its forward, so
+        backward needs no head, and the device holds it only while the loss runs (1 GiB host-to-device per
+        micro-batch, ~40 ms at 25 GB/s). With tied weights the two are one matrix: either flag moves both.
+        Both must be frozen (not in modules_to_save): their gradients would need them on the device.
+        """
+        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        embedding, head = embedding or (tied and head), head or (tied and embedding)
+        for flag, name, w in ((embedding, "embedding", self.model.embed_tokens.weight),
+                              (head, "head", self.lm_head.weight)):
+            if flag and w.requires_grad:
+                raise ValueError(f"keep_on_host: the {name} is trained (modules_to_save?); only a frozen matrix "
+                                 f"can stay in CPU memory. Drop --{name}-on-cpu or train it elsewhere")
+        pin = self.lm_head.weight.device.type == "cuda"
+        if head:
+            self.lm_head.weight.data = self.lm_head.weight.data.to("cpu").pin_memory() if pin else \
+                self.lm_head.weight.data.to("cpu")
+        if embedding and not (tied and head):
+            self.model.embed_tokens.weight.data = self.model.embed_tokens.weight.data.to("cpu")
+        self.embedding_on_cpu, self.head_on_cpu = embedding, head
+        return self
+
+    def head_weight(self, device: torch.device) -> torch.Tensor:
+        """The head's (V, D) weight on `device`: itself, or with head_on_cpu a fresh device copy (freed when
+        the caller drops it)."""
+        w = self.lm_head.weight
+        return offload_to_device(w.detach(), device) if self.head_on_cpu else w
 
     # ---- forward -------------------------------------------------------------------------------
     def hidden_states(
@@ -211,7 +250,11 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         mask = _attention_mask(attention_mask, segment_ids, B, T, past, input_ids.device)
-        x = self.model.embed_tokens(input_ids)
+        if self.embedding_on_cpu:  # rows gathered in CPU memory, only the (B, T, D) result goes to the device
+            emb = self.model.embed_tokens
+            x = emb(input_ids.to(emb.weight.device)).to(input_ids.device)
+        else:
+            x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None and self.offload_activations:
@@ -227,7 +270,10 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None):
         """Logits (B, T, V) in the model's dtype."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache))
+        h = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache)
+        if self.head_on_cpu:
+            return F.linear(h, self.head_weight(h.device), self.lm_head.bias)
+        return self.lm_head(h)
 
     def loss(self, input_ids, labels, attention_mask=None, reduction="mean", position_ids=None,
              segment_ids=None):
@@ -242,7 +288,8 @@ class CausalLM(nn.Module):
         h = h[:, :-1].reshape(-1, D)
         target = labels[:, 1:].reshape(-1)
         return dispatch.linear_cross_entropy(
-            h, self.lm_head.weight, target, ignore_index=-100, reduction=reduction, backend=self.backend
+            h, self.head_weight(h.device), target, ignore_index=-100, reduction=reduction, backend=self.backend,
+            chunk_size=self.loss_chunk_size or None,
         )
 
     def tie_weights(self):

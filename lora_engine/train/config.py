@@ -98,6 +98,15 @@ class TrainConfig:
                                           "CPU memory until backward (asynchronous copies on a GPU)")
     mlp_chunk_size: int = _f(0, "run each MLP this many tokens at a time, recomputed in backward, so the "
                                 "(tokens x intermediate) tensors never live at once (0 = off)")
+    loss_chunk_size: int = _f(0, "tokens per (chunk x vocabulary) block of the loss's logits (0: the backend's "
+                                 "default, 1024 on a GPU); smaller saves memory at short context")
+    embedding_on_cpu: bool = _f(False, "keep the frozen input embedding in CPU memory: rows looked up there, only "
+                                       "the (tokens x hidden) result copied to the device")
+    head_on_cpu: bool = _f(False, "keep the frozen output head in CPU memory, copied to the device for the loss "
+                                  "only (one head-sized host-to-device copy per micro-batch)")
+    auto_memory: str | None = _f(None, "before training, plan the step (python -m lora_engine.plan) and switch on "
+                                       "memory options cheapest first until it fits this size (e.g. 24GiB; on a "
+                                       "CPU only those a CPU has)")
     device: str = _f("auto", "cpu, cuda, cuda:1... (auto: cuda when available)")
     on_nonfinite: str = _f("stop", "on a NaN/inf loss or gradient: stop, or skip the step and count it",
                            choices=["stop", "skip"])
@@ -124,8 +133,12 @@ class TrainConfig:
         if self.offload_activations and not self.gradient_checkpointing:
             raise ValueError("--offload-activations offloads the checkpointed hidden states: it needs "
                              "--gradient-checkpointing")
-        if self.mlp_chunk_size < 0:
-            raise ValueError(f"--mlp-chunk-size must be >= 0 tokens (0 = off), got {self.mlp_chunk_size}")
+        if self.auto_memory is not None and (self.finetune == "full" or self.use_dora or self.objective == "dpo"):
+            raise ValueError("--auto-memory plans a LoRA/QLoRA next-token step; it cannot plan --finetune full, "
+                             "--use-dora or --objective dpo: drop --auto-memory and set the memory flags yourself")
+        for name in ("mlp_chunk_size", "loss_chunk_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 tokens (0 = off), got {getattr(self, name)}")
 
     def _check_method(self):
         """The combinations of --objective and --finetune with other flags that cannot work, refused by name."""

@@ -48,7 +48,7 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"sequence_logps: row {int(empty.nonzero()[0])} has no response token (all labels -100 "
                          "after the first position); a truncated prompt leaves nothing to score")
     h = model.hidden_states(input_ids, attention_mask)[:, :-1]  # (B, T-1, D)
-    w = model.lm_head.weight
+    w = model.head_weight(h.device)  # a device copy when the head is kept in CPU memory
     return torch.stack([-dispatch.linear_cross_entropy(h[i], w, targets[i], reduction="sum", backend=model.backend)
                         for i in range(h.shape[0])])
 

@@ -283,6 +283,10 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
     atomic.write_json(out / "config.json", dataclasses.asdict(cfg))
     trainer.seed_everything(cfg.seed)  # before apply_lora, which draws the initial lora_A
     device = resolve_device(cfg.device)
+    if cfg.auto_memory:  # the memory options, picked by planning this run's step before anything is loaded
+        from lora_engine.train import planning
+
+        cfg = planning.plan_training(cfg, device, str(registry.local_path(cfg.model, cfg.registry)), log)
     if model is None:
         model = _build_model(cfg, device, log)
     elif cfg.finetune == "full":
@@ -290,6 +294,8 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = cfg.offload_activations
     model.mlp_chunk_size = cfg.mlp_chunk_size
+    model.loss_chunk_size = cfg.loss_chunk_size
+    model.keep_on_host(embedding=cfg.embedding_on_cpu, head=cfg.head_on_cpu)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     val_pairs = None
     if cfg.objective == "dpo":

@@ -22,7 +22,9 @@ event f, events numbered across the step) against the event of the peak:
                           (checkpointed layer inputs, offloaded copies' handles)
   transient               the rest: an op's outputs in flight, backward's gradients of activations,
                           the loss chunk's logits, workspaces
-Host memory is counted apart: the copies lora_engine::offload_to_host makes (models/offload.py:
+Host memory is counted apart: frozen weights the model keeps in CPU memory (track_model's host=, an
+embedding or head: models/decoder.py:keep_on_host) as host_weight_bytes, unrounded; and the copies
+lora_engine::offload_to_host makes (models/offload.py:
 checkpointed hidden states kept in CPU memory) are never part of the device peak; their own peak
 is `offloaded_bytes` (rounded with `host_rounding`: the CUDA pinned-memory allocator hands out
 blocks of a power of two bytes).
@@ -47,7 +49,7 @@ CATEGORIES = ("weights", "adapters_and_optimizer", "activations", "transient")
 aten = torch.ops.aten
 OFFLOAD_TO_HOST = torch.ops.lora_engine.offload_to_host.default
 _MATMULS = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2), aten.bmm.default: (0, 1),
-            aten.baddbmm.default: (1, 2)}
+            aten.baddbmm.default: (1, 2), aten.mm.out: (0, 1), aten.addmm.out: (1, 2)}  # out=: NF4 slabs
 # attention op -> (is the backward, index of its is_causal argument)
 _ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default: (False, 4),
               aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (True, 7)}
@@ -60,6 +62,7 @@ class _Life:
     phase: str                  # forward, backward, optimizer (when it was allocated)
     free: int | None = None     # event number of the free, None while alive
     kind: str | None = None     # weights / adapters_and_optimizer / saved, when known
+    origin: str = ""            # the op that made it and its shape (for `largest`)
 
 
 @dataclass
@@ -72,10 +75,13 @@ class StepMemory:
     by_phase: dict[str, int] = field(default_factory=dict)
     flops: int = 0
     offloaded_bytes: int = 0  # peak of host memory holding offloaded activations (not in peak_bytes)
+    host_weight_bytes: int = 0  # frozen weights kept in CPU memory (track_model's host=), not in peak_bytes
+    largest: list = field(default_factory=list)  # [(bytes, category, origin)] of the biggest storages at the peak
 
     def to_dict(self) -> dict:
         return {"peak_bytes": self.peak_bytes, **self.breakdown, "peak_phase": self.peak_phase,
-                "peak_by_phase": dict(self.by_phase), "flops": self.flops, "offloaded_bytes": self.offloaded_bytes}
+                "peak_by_phase": dict(self.by_phase), "flops": self.flops, "offloaded_bytes": self.offloaded_bytes,
+                "host_weight_bytes": self.host_weight_bytes, "largest_at_peak": [list(x) for x in self.largest]}
 
 
 def _round(nbytes: int, rounding: int | str) -> int:
@@ -99,6 +105,7 @@ class StorageTracker(TorchDispatchMode):
         self.host_rounding = host_rounding
         self.host_live = 0
         self.host_peak = 0
+        self.host_weights = 0
         self.extra_workspace = extra_workspace
         self.lives: dict[int, _Life] = {}       # id(storage) -> its life; ids stay valid while alive
         self._refs: dict[int, weakref.ref] = {}
@@ -113,7 +120,7 @@ class StorageTracker(TorchDispatchMode):
         self._kinds_pending: dict[int, str] = {}
 
     # ---- counting ----------------------------------------------------------------------------
-    def _see(self, t: torch.Tensor, kind: str | None = None) -> None:
+    def _see(self, t: torch.Tensor, kind: str | None = None, origin: str = "") -> None:
         """Count t's storage if it is new (kind "host": in host memory, apart from the device count)."""
         if not isinstance(t, torch.Tensor) or t.device.type == "meta" and not _is_fake(t):
             return
@@ -127,11 +134,15 @@ class StorageTracker(TorchDispatchMode):
             if kind is not None and life.kind in (None, "saved"):
                 life.kind = kind
             return
-        host = kind == "host"
-        nbytes = _round(st.nbytes(), self.host_rounding if host else self.rounding)
+        host = kind in ("host", "host_weights")
+        rounding = 1 if kind == "host_weights" else self.host_rounding if host else self.rounding
+        nbytes = _round(st.nbytes(), rounding)
         self.event += 1
-        self.lives[key] = _Life(nbytes, self.event, self.phase, kind=kind)
+        self.lives[key] = _Life(nbytes, self.event, self.phase, kind=kind, origin=origin)
         self._refs[key] = weakref.ref(st, lambda _, k=key: self._freed(k))
+        if kind == "host_weights":
+            self.host_weights += nbytes
+            return
         if host:
             self.host_live += nbytes
             self.host_peak = max(self.host_peak, self.host_live)
@@ -146,7 +157,9 @@ class StorageTracker(TorchDispatchMode):
             return
         self.event += 1
         life.free = self.event
-        if life.kind == "host":
+        if life.kind == "host_weights":
+            self.host_weights -= life.nbytes
+        elif life.kind == "host":
             self.host_live -= life.nbytes
         else:
             self.live -= life.nbytes
@@ -169,7 +182,7 @@ class StorageTracker(TorchDispatchMode):
         kind = "host" if func is OFFLOAD_TO_HOST else None
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._see(t, kind)
+                self._see(t, kind, f"{func.__name__} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
         self._count_flops(func, args, out)
         if self.extra_workspace is not None:
             extra = self.extra_workspace(func, args, out)
@@ -178,9 +191,13 @@ class StorageTracker(TorchDispatchMode):
         return out
 
     # ---- what a storage is -------------------------------------------------------------------
-    def track_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def track_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    host: tuple = ()) -> None:
         """Count what exists before the step: frozen weights, buffers, NF4 tensors, trainable parameters,
-        gradients and optimizer state (from an earlier step)."""
+        gradients and optimizer state (from an earlier step). host: frozen tensors that live in CPU memory
+        on the planned machine (a kept-on-host embedding or head), counted apart as host_weight_bytes."""
+        for t in host:
+            self._see(t, "host_weights")
         for p in model.parameters():
             self._see(p, "adapters_and_optimizer" if p.requires_grad else "weights")
             if p.grad is not None:
@@ -244,15 +261,23 @@ class StorageTracker(TorchDispatchMode):
             self.flops += fwd * 5 // 2 if backward else fwd
 
     # ---- the result --------------------------------------------------------------------------
-    def report(self) -> StepMemory:
-        """The peak and its split (see the module docstring)."""
+    def report(self, top: int = 12) -> StepMemory:
+        """The peak and its split (see the module docstring), with the `top` biggest storages that are not
+        weights alive at the peak (what to cut next)."""
         parts = dict.fromkeys(CATEGORIES, 0)
         at = self.peak_event
+        alive = []
         for life in list(self.lives.values()) + self._dead:
-            if life.kind != "host" and life.alloc <= at and (life.free is None or life.free > at):
+            if life.kind not in ("host", "host_weights") and life.alloc <= at and (life.free is None or life.free > at):
                 parts[_category(life)] += life.nbytes
+                if life.kind != "weights":
+                    alive.append((life.nbytes, _category(life), life.origin or "(before the step)"))
         parts["transient"] += self._peak_extra
-        return StepMemory(self.peak, parts, self.peak_phase, dict(self.by_phase), self.flops, self.host_peak)
+        if self._peak_extra:
+            alive.append((self._peak_extra, "transient", "workspace inside the op (extra_workspace)"))
+        largest = sorted(alive, key=lambda x: -x[0])[:top]
+        return StepMemory(self.peak, parts, self.peak_phase, dict(self.by_phase), self.flops, self.host_peak,
+                          self.host_weights, largest)
 
 
 def _category(life: _Life) -> str:

@@ -1,0 +1,370 @@
+"""The memory plan of a training step (python -m lora_engine.plan's engine; train --auto-memory uses it too).
+
+See lora_engine/plan.py for the method. It lives here, in the train layer, because `train --auto-memory`
+plans its own run before training, and the train layer may not import the commands above it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_engine.cli import CliError, option, option_like, user_input
+from lora_engine.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+GiB = 2**30
+# Besides live tensors, a CUDA process holds (all assumed, to be measured by bench/gpu_check.sh):
+#   the CUDA context and kernel images: ~500 MiB on an H100 with torch 2.x (not in memory_allocated);
+#   cuBLAS/cuBLASLt workspaces: up to 32 MiB per handle, through the caching allocator;
+#   fragmentation of the caching allocator: blocks reserved but not allocated, a few % of the peak.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+FRAGMENTATION = 0.03
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass
+class PlanConfig:
+    """The command line of `python -m lora_engine.plan`."""
+
+    model: str = option_like(TrainConfig, "model", help="Hugging Face model folder, its config.json, or an "
+                                                           "embedded model name (only the config is read)")
+    seq_len: int = option(2048, "tokens per row")
+    batch_size: int = option(1, "rows per step")
+    quantize: str = option_like(TrainConfig, "quantize")
+    r: int = option_like(TrainConfig, "r")
+    target_modules: str = option_like(TrainConfig, "target_modules")
+    precision: str = option("bf16", "weights and autocast dtype (fp32: no autocast)", choices=list(PRECISIONS))
+    gradient_checkpointing: bool = option_like(TrainConfig, "gradient_checkpointing")
+    offload_activations: bool = option(False, "with --gradient-checkpointing: keep the checkpointed hidden "
+                                              "states in CPU memory (--device cuda only)")
+    mlp_chunk_size: int = option_like(TrainConfig, "mlp_chunk_size")
+    loss_chunk_size: int = option_like(TrainConfig, "loss_chunk_size")
+    embedding_on_cpu: bool = option_like(TrainConfig, "embedding_on_cpu")
+    head_on_cpu: bool = option_like(TrainConfig, "head_on_cpu")
+    device: str = option("cuda", "the device planned for", choices=["cpu", "cuda"])
+    fit: str | None = option(None, "find the longest --seq-len whose peak fits this size (e.g. 24GiB, 6GB), "
+                                   "by bisection")
+    json: bool = option(False, "print the result as one JSON object on the last line")
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("mlp_chunk_size", "loss_chunk_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 tokens (0 = off), got "
+                                 f"{getattr(self, name)}")
+        for name in ("embedding_on_cpu", "head_on_cpu"):
+            if getattr(self, name) and self.device != "cuda":
+                raise ValueError(f"--{name.replace('_', '-')} keeps a matrix in CPU memory instead of the GPU's: it "
+                                 "needs --device cuda (on --device cpu it is in CPU memory already)")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be >= 2 (a token and the next one it predicts), got {self.seq_len}")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("--offload-activations offloads the checkpointed hidden states: it needs "
+                             "--gradient-checkpointing")
+        if self.offload_activations and self.device != "cuda":
+            raise ValueError("--offload-activations moves activations from the GPU to CPU memory: it needs --device "
+                             "cuda (on --device cpu they are in CPU memory already)")
+        if self.fit is not None:
+            parse_size(self.fit)
+        if not [m for m in self.target_modules.split(",") if m.strip()]:
+            raise ValueError("--target-modules is empty; give comma-separated module names, e.g. q_proj,v_proj")
+
+
+def parse_size(text: str, flag: str = "--fit") -> int:
+    """'24GiB' -> 25769803776, '6GB' -> 6e9, '512MiB', '1000' (bytes). ValueError naming `flag` otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"{flag} {text!r} is not a size; write a positive number with a unit, e.g. 24GiB, 6GB or "
+                         "512MiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def read_config(model: str):
+    """The ModelConfig of --model: a folder, a config.json path, or an embedded name (read from its GGUF
+    metadata, nothing converted)."""
+    from lora_engine.models.config import ModelConfig
+    from lora_engine.sources.embedded import EMBEDDED_MODELS, gguf_path
+
+    if model in EMBEDDED_MODELS:
+        from lora_engine.sources.gguf import GGUFFile, hf_config
+
+        g = GGUFFile(gguf_path(model))
+        try:
+            return ModelConfig.from_hf(hf_config(g, model))
+        finally:
+            g.close()
+    p = Path(model)
+    if not p.exists():
+        raise FileNotFoundError(f"--model {model!r}: no such folder or file; pass a Hugging Face model folder, its "
+                                f"config.json, or an embedded model name ({', '.join(EMBEDDED_MODELS)})")
+    return ModelConfig.from_hf(p)
+
+
+def cuda_workspace(func, args, out) -> int:
+    """Bytes a CUDA kernel allocates inside itself at this op, which the CPU op run in its place does not.
+
+    Flash-attention's backward (FlashAttention-2, which SDPA runs for bf16/fp16): an fp32 dq accumulator
+    (B, H, T rounded up to 128, hd), fp32 softmax row sums (B, H, T rounded), and for grouped-query
+    attention dk and dv expanded to all H heads (B, H, S, hd) before they are summed per KV head.
+    """
+    import torch
+
+    if func is not torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
+        return 0
+    q, k = args[1], args[2]
+    B, H, T, hd = q.shape
+    S, Hk = k.shape[2], k.shape[1]
+    t128 = -(-T // 128) * 128
+    extra = 4 * B * H * t128 * hd + 4 * B * H * t128
+    if Hk != H:
+        extra += 2 * B * H * S * hd * k.element_size()
+    return extra
+
+
+def cuda_overhead(peak: int) -> int:
+    """What a CUDA process needs besides the planned peak (see CUDA_OVERHEAD comment above)."""
+    return CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES + int(FRAGMENTATION * peak)
+
+
+def meta_model(cfg: PlanConfig, model_config):
+    """The bare model on the meta device in the planned dtype, as load_model first builds it (outside any
+    FakeTensorMode: a module cast inside one fails to swap its parameters)."""
+    import torch
+
+    from lora_engine.models.decoder import CausalLM
+
+    with torch.device("meta"):
+        return CausalLM(model_config).to(_dtype(cfg.precision))
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def materialize(model):
+    """meta_model's model given storage on the CPU (fake under a FakeTensorMode, uninitialised otherwise)."""
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    model.reset_buffers()
+    return model
+
+
+def _triton_usable() -> bool:
+    """dispatch's own answer (its one probe of the Triton kernels), not a second import check."""
+    from lora_engine import dispatch
+
+    try:
+        dispatch.choose_backend("cpu", "triton")
+    except RuntimeError:
+        return False
+    return True
+
+
+def build(cfg: PlanConfig, model):
+    """The LoRA (or QLoRA) model and its AdamW as train builds them, from a materialized model (its
+    weights quantized here with --quantize nf4). Returns (model, optimizer, autocast dtype or None)."""
+    from lora_engine import dispatch
+    from lora_engine.lora.layers import LoraConfig, apply_lora
+    from lora_engine.quant.nf4 import quantize_model
+    from lora_engine.train.step import make_optimizer
+
+    dtype = _dtype(cfg.precision)
+    if cfg.quantize == "nf4":
+        quantize_model(model)
+    targets = tuple(m.strip() for m in cfg.target_modules.split(",") if m.strip())
+    with user_input("--target-modules"):
+        apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2.0 * cfg.r, target_modules=targets), verbose=False)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.offload_activations = cfg.offload_activations
+    model.mlp_chunk_size = cfg.mlp_chunk_size
+    model.loss_chunk_size = cfg.loss_chunk_size
+    model.keep_on_host(embedding=cfg.embedding_on_cpu, head=cfg.head_on_cpu)
+    # The kernels the step would run: on a GPU the Triton ones, whose launchers are custom ops with fake
+    # implementations (kernels/_common.py:kernel_op), so they run here on fake CPU tensors; on CPU the
+    # reference (the C++ dequantizer allocates what the reference does).
+    dispatch.set_backend(model, "triton" if cfg.device == "cuda" and _triton_usable() else "torch")
+    return model, make_optimizer(model, lr=1e-4), (None if cfg.precision == "fp32" else dtype)
+
+
+def tracked_steps(model, optimizer, batch: dict, total: int, amp, tracker, steps: int = 2,
+                  max_grad_norm: float = 1.0):
+    """`steps` training steps as train/step.py's train_step runs them (the loss summed over target tokens
+    and divided by their count, backward, gradient clipping, AdamW, zero_grad), with the tracker told
+    which phase is running. train_step itself reads values (loss finiteness, the norm) that fake tensors
+    do not have; everything it allocates is here. total: the batch's target tokens (data.pipeline.n_targets)."""
+    import torch
+
+    from lora_engine.train.step import micro_batch_loss_sum
+
+    model.train()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        with tracker.forward_phase():
+            part = micro_batch_loss_sum(model, batch, amp) / total
+        tracker.set_phase("backward")
+        part.backward()
+        tracker.set_phase("optimizer")
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        tracker.track_optimizer(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        del part
+        tracker.set_phase("forward")
+
+
+def host_weights(model) -> tuple:
+    """The frozen matrices the planned model keeps in CPU memory (keep_on_host): on the fake CPU tensors of
+    a --device cuda plan they look like the rest, so the tracker is told."""
+    out = []
+    if model.embedding_on_cpu:
+        out.append(model.model.embed_tokens.weight)
+    if model.head_on_cpu and model.lm_head.weight is not model.model.embed_tokens.weight:
+        out.append(model.lm_head.weight)
+    return tuple(out)
+
+
+def batch_of(batch_size: int, seq_len: int, vocab: int) -> dict:
+    """A full training batch: every token a target (the most the loss can cost)."""
+    import torch
+
+    ids = torch.arange(batch_size * seq_len).reshape(batch_size, seq_len) % vocab
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def plan_step(cfg: PlanConfig, model_config=None) -> dict:
+    """Plan one configuration: {"peak_bytes", the four parts, "peak_phase", "flops", ...} (bytes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lora_engine.data.pipeline import n_targets
+    from lora_engine.train.memory import StorageTracker
+
+    model_config = model_config or read_config(cfg.model)
+    on_gpu = cfg.device == "cuda"
+    meta = meta_model(cfg, model_config)
+    batch = batch_of(cfg.batch_size, cfg.seq_len, model_config.vocab_size)  # real: tiny, and n_targets reads it
+    total = n_targets(batch)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model, opt, amp = build(cfg, materialize(meta))
+        tracker = StorageTracker(device_rounding=512 if on_gpu else 1,
+                                 extra_workspace=cuda_workspace if on_gpu else None,
+                                 host_rounding="pow2" if on_gpu else 1)
+        with tracker:
+            tracker.track_model(model, opt, host=host_weights(model))
+            tracked_steps(model, opt, batch, total, amp, tracker)
+    result = tracker.report().to_dict()
+    result["flops"] = result["flops"] // 2  # two steps were counted
+    tokens = cfg.batch_size * cfg.seq_len
+    result.update(seq_len=cfg.seq_len, batch_size=cfg.batch_size, tokens=tokens, device=cfg.device,
+                  overhead_bytes=cuda_overhead(result["peak_bytes"]) if on_gpu else 0)
+    result["total_bytes"] = result["peak_bytes"] + result["overhead_bytes"]
+    return result
+
+
+def fit(cfg: PlanConfig, budget: int, model_config=None, lo: int = 2, hi: int | None = None) -> tuple[int, dict]:
+    """The longest seq_len (a multiple of 64 above 64) whose total_bytes fits `budget`, by bisection, and its plan.
+
+    The peak grows with the length, so bisection holds. Raises CliError when not even `lo` tokens fit.
+    """
+    import dataclasses
+
+    model_config = model_config or read_config(cfg.model)
+    hi = hi or max(model_config.max_position_embeddings, 2048)
+
+    def at(n):
+        return plan_step(dataclasses.replace(cfg, seq_len=n, fit=None), model_config)
+
+    best = at(lo)
+    if best["total_bytes"] > budget:
+        raise CliError(f"--fit {cfg.fit}: not even {lo} tokens fit; the planned peak is {_gib(best['total_bytes'])} "
+                       f"(weights alone {_gib(best['weights'])})")
+    top = at(hi)
+    if top["total_bytes"] <= budget:
+        return hi, top
+    lo_n, hi_n = lo, hi  # lo fits, hi does not
+    while hi_n - lo_n > (1 if hi_n <= 128 else 64):
+        mid = (lo_n + hi_n) // 2
+        if mid > 128:
+            mid -= mid % 64
+        r = at(mid)
+        if r["total_bytes"] <= budget:
+            lo_n, best = mid, r
+        else:
+            hi_n = mid
+    return lo_n, best
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+# train --auto-memory: the memory options it switches on, one after another (each keeps the ones before),
+# cheapest in step time first. Options only a GPU has (host memory apart from the device's) come last
+# among equals and are skipped on --device cpu.
+AUTO_OPTIONS = (
+    ("loss_chunk_size", 256, False),           # smaller (chunk x vocab) logits: more launches, nothing recomputed
+    ("embedding_on_cpu", True, True),          # a (tokens x hidden) copy per micro-batch
+    ("gradient_checkpointing", True, False),   # every layer's forward run again in backward (~+1/3 FLOPs)
+    ("offload_activations", True, True),       # each layer's input to pinned host memory and back, overlapped
+    ("head_on_cpu", True, True),               # the head (V x D) copied to the device once per micro-batch
+    ("mlp_chunk_size", 1024, False),           # the MLP recomputed a second time, block by block
+)
+
+
+def auto_memory(cfg: PlanConfig, budget: int, model_config=None) -> tuple[dict, dict]:
+    """The options of AUTO_OPTIONS, switched on in order until plan_step(cfg + options) fits `budget` (its
+    total_bytes), and that plan: ({name: value} picked, result). Nothing is picked when cfg fits as it is;
+    an option already on in cfg stays on. ValueError with the best planned peak when nothing fits."""
+    import dataclasses
+
+    model_config = model_config or read_config(cfg.model)
+    picked: dict = {}
+    result = plan_step(cfg, model_config)
+    for name, value, gpu_only in AUTO_OPTIONS:
+        if result["total_bytes"] <= budget:
+            return picked, result
+        if (gpu_only and cfg.device != "cuda") or getattr(cfg, name):
+            continue
+        picked[name] = value
+        result = plan_step(dataclasses.replace(cfg, **picked), model_config)
+    if result["total_bytes"] <= budget:
+        return picked, result
+    raise ValueError(f"--auto-memory {_gib(budget)}: nothing fits a batch of {cfg.batch_size} x {cfg.seq_len} "
+                     f"tokens; with every option ({', '.join(picked) or 'all already on'}) the planned peak is "
+                     f"{_gib(result['total_bytes'])} (weights alone {_gib(result['weights'])}). Lower "
+                     "--batch-size or --max-length, or use --quantize nf4")
+
+
+def plan_training(cfg: TrainConfig, device, model_path: str, log) -> TrainConfig:
+    """train --auto-memory: cfg with the memory options auto_memory picks for its step (batch_size x
+    max_length tokens, the longest a batch can be) on `device` within cfg.auto_memory; logs the choice."""
+    import dataclasses
+
+    import torch
+
+    from lora_engine.train.precision import resolve_precision
+
+    budget = parse_size(cfg.auto_memory, "--auto-memory")
+    dtype = resolve_precision(device, cfg.precision).storage
+    plan_cfg = PlanConfig(model=model_path, seq_len=max(cfg.max_length, 2), batch_size=cfg.batch_size,
+                          quantize=cfg.quantize, r=cfg.r, target_modules=cfg.target_modules,
+                          precision={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+                          device="cuda" if torch.device(device).type == "cuda" else "cpu",
+                          **{name: getattr(cfg, name) for name, _, _ in AUTO_OPTIONS})
+    picked, result = auto_memory(plan_cfg, budget)
+    log(f"--auto-memory {cfg.auto_memory}: " + (", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                                                         for k, v in picked.items()) or "no option needed")
+        + f"; planned peak {_gib(result['total_bytes'])} for {cfg.batch_size} x {cfg.max_length} tokens")
+    return dataclasses.replace(cfg, **picked)
