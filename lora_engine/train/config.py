@@ -99,6 +99,10 @@ class TrainConfig:
     mlp_chunk_size: int = _f(0, "run each MLP this many tokens at a time, recomputed in backward, so the "
                                 "(tokens x intermediate) tensors never live at once (0 = off)")
     device: str = _f("auto", "cpu, cuda, cuda:1... (auto: cuda when available)")
+    distributed: str | None = _f(None, "under torchrun: ddp (replicated base, adapter gradients all-reduced) or fsdp "
+                                       "(base sharded with FSDP2); none in one process. Default: ddp when "
+                                       "WORLD_SIZE > 1, else none", choices=["ddp", "fsdp", "none"])
+    dist_timeout: float = _f(300.0, "seconds a rank waits in a collective (e.g. for a failed peer) before it raises")
     on_nonfinite: str = _f("stop", "on a NaN/inf loss or gradient: stop, or skip the step and count it",
                            choices=["stop", "skip"])
     log_every: int = _f(1, "write a metrics line every N steps")
@@ -124,6 +128,8 @@ class TrainConfig:
         if self.offload_activations and not self.gradient_checkpointing:
             raise ValueError("--offload-activations offloads the checkpointed hidden states: it needs "
                              "--gradient-checkpointing")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.mlp_chunk_size < 0:
             raise ValueError(f"--mlp-chunk-size must be >= 0 tokens (0 = off), got {self.mlp_chunk_size}")
 
@@ -207,6 +213,8 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
     values.update({k: getattr(cfg, k) for k in explicit})
     values["resume"] = str(ckpt)
     values["stop_after"] = cfg.stop_after if "stop_after" in explicit else 0
+    # How the resumed run is launched is today's choice: a 2-process run resumes in 1 process and back.
+    values["distributed"] = cfg.distributed if "distributed" in explicit else None
     if "out" not in explicit:
         values["out"] = str(run_dir_of(ckpt))
     return TrainConfig(**values), ckpt
