@@ -38,7 +38,7 @@ class ProgressBar:
 def main(argv=None) -> int:
     from lora_engine.data.formats import DataError
     from lora_engine.train.checkpoint import ResumeError
-    from lora_engine.train.distributed import DistributedError, world_from_env
+    from lora_engine.train.distributed import DistributedError, peer_failed, world_from_env
     from lora_engine.train.loop import TrainingStopped, run
 
     cfg, explicit = parse(TrainConfig, argv, "python -m lora_engine.train", _config_doc.splitlines()[0])
@@ -52,4 +52,12 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         say(e)
         return 1
+    except Exception as e:
+        rank, world, _ = world_from_env()
+        if world > 1 and peer_failed(e):  # a consequence: the rank that failed first shows the cause
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: rank {rank} stopped: another rank failed (its error is shown above) or timed out: {first}",
+                  file=sys.stderr)
+            return 1
+        raise
     return 0 if manifest["status"] in ("completed", "interrupted") else 1

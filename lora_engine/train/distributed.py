@@ -244,6 +244,14 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
+def peer_failed(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another rank died or timed out (that rank reports the cause)."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(e)
+    return (isinstance(e, dist_error) or (isinstance(e, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting"))))
+
+
 def _all_reduce_flat(params: list[torch.Tensor]) -> None:
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     torch.distributed.all_reduce(flat)

@@ -449,7 +449,7 @@ def _restore(r: _Run, ckpt: Path, log) -> LoopState:
         restored = checkpoint.load_checkpoint(ckpt, r.model, r.opt, r.sched, r.scaler,
                                               r.dist.shard_optimizer_state if r.dist.active else None)
     was = restored["meta"].get("world_size", 1) * restored["meta"].get("grad_accum", r.cfg.grad_accum)
-    if was != r.dist.world * r.cfg.grad_accum:
+    if was != r.dist.world * r.cfg.grad_accum and r.dist.main:
         logger.warning(f"resuming a checkpoint of {was} micro-batches per step with {r.dist.world} processes x "
                        f"--grad-accum {r.cfg.grad_accum}: the global batch changes, so the losses will not be those "
                        f"the saved run would have had (keep world size x --grad-accum at {was} for that)")
