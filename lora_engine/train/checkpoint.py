@@ -48,17 +48,20 @@ def save_adapter_if_available(model, folder: Path) -> bool:
 
 
 def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, loop_state: dict,
-                    data_state: dict, scaler=None, keep: int = 3) -> Path:
+                    data_state: dict, scaler=None, keep: int = 3, optimizer_state: dict | None = None,
+                    meta: dict | None = None) -> Path:
     """Save everything a resume needs; returns the checkpoint folder. Older ones beyond `keep` go.
 
     loop_state and data_state: plain data (LoopState.to_dict(), Batcher.state_dict()), returned as saved
-    by load_checkpoint."""
+    by load_checkpoint. optimizer_state: what to save for the optimizer (default optimizer.state_dict();
+    a distributed run passes its state gathered to full tensors, so the file is the same whatever the
+    world size). meta: further fields of meta.json (a distributed run: world_size, grad_accum)."""
     from lora_engine.train.step import rng_state
 
     target = checkpoint_dir(out, step)
     trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
     state = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_state(),
@@ -70,9 +73,9 @@ def save_checkpoint(out: str | Path, step: int, model, optimizer, scheduler, loo
         has_adapter = save_adapter_if_available(model, tmp / "adapter")
         save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save(state, tmp / "state.pt")
-        meta = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "adapter": has_adapter, "trainable": sorted(trainable), "format": 1}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        info = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "adapter": has_adapter, "trainable": sorted(trainable), "format": 1, **(meta or {})}
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
     prune(out, keep)
     return target
 
@@ -118,8 +121,11 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent
 
 
-def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler, scaler=None) -> dict:
+def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler, scaler=None, fit_optimizer_state=None) -> dict:
     """Restore parameters, optimizer, scheduler, scaler and RNG states in place.
+
+    fit_optimizer_state: a function that makes the saved (full) optimizer state fit `optimizer`
+    before it is loaded (a sharded run distributes it like the parameters: Dist.shard_optimizer_state).
 
     Returns {"loop": ..., "data": ..., "meta": ...} for the caller to restore its loop and data
     position. Raises ResumeError when the checkpoint's trainable parameters differ from the model's.
@@ -146,7 +152,8 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler, scaler=None) 
     # Our own file, written by save_checkpoint: it holds Python and NumPy RNG states, which the
     # weights-only unpickler refuses.
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"] if fit_optimizer_state is None
+                              else fit_optimizer_state(optimizer, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])

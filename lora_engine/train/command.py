@@ -38,15 +38,26 @@ class ProgressBar:
 def main(argv=None) -> int:
     from lora_engine.data.formats import DataError
     from lora_engine.train.checkpoint import ResumeError
+    from lora_engine.train.distributed import DistributedError, peer_failed, world_from_env
     from lora_engine.train.loop import TrainingStopped, run
 
     cfg, explicit = parse(TrainConfig, argv, "python -m lora_engine.train", _config_doc.splitlines()[0])
+    # Under torchrun these errors come from the same input or an agreed decision on every rank: rank 0 says it.
+    say = (lambda e: print(f"error: {e}", file=sys.stderr)) if world_from_env()[0] == 0 else (lambda e: None)
     try:
         manifest = run(cfg, explicit, progress=ProgressBar)
-    except (DataError, ResumeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, ResumeError, DistributedError) as e:
+        say(e)
         return 2
     except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(e)
         return 1
+    except Exception as e:
+        rank, world, _ = world_from_env()
+        if world > 1 and peer_failed(e):  # a consequence: the rank that failed first shows the cause
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: rank {rank} stopped: another rank failed (its error is shown above) or timed out: {first}",
+                  file=sys.stderr)
+            return 1
+        raise
     return 0 if manifest["status"] in ("completed", "interrupted") else 1

@@ -108,6 +108,10 @@ class TrainConfig:
                                        "memory options cheapest first until it fits this size (e.g. 24GiB; on a "
                                        "CPU only those a CPU has)")
     device: str = _f("auto", "cpu, cuda, cuda:1... (auto: cuda when available)")
+    distributed: str | None = _f(None, "under torchrun: ddp (replicated base, adapter gradients all-reduced) or fsdp "
+                                       "(base sharded with FSDP2); none in one process. Default: ddp when "
+                                       "WORLD_SIZE > 1, else none", choices=["ddp", "fsdp", "none"])
+    dist_timeout: float = _f(300.0, "seconds a rank waits in a collective (e.g. for a failed peer) before it raises")
     on_nonfinite: str = _f("stop", "on a NaN/inf loss or gradient: stop, or skip the step and count it",
                            choices=["stop", "skip"])
     log_every: int = _f(1, "write a metrics line every N steps")
@@ -139,6 +143,12 @@ class TrainConfig:
         for name in ("mlp_chunk_size", "loss_chunk_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 tokens (0 = off), got {getattr(self, name)}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.distributed == "fsdp" and (self.embedding_on_cpu or self.head_on_cpu or self.auto_memory):
+            raise ValueError("--distributed fsdp shards the embedding and head with the layers: it cannot keep them "
+                             "in CPU memory (--embedding-on-cpu, --head-on-cpu), and --auto-memory plans one "
+                             "unsharded process; drop those flags or use --distributed ddp")
 
     def _check_method(self):
         """The combinations of --objective and --finetune with other flags that cannot work, refused by name."""
@@ -220,6 +230,8 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
     values.update({k: getattr(cfg, k) for k in explicit})
     values["resume"] = str(ckpt)
     values["stop_after"] = cfg.stop_after if "stop_after" in explicit else 0
+    # How the resumed run is launched is today's choice: a 2-process run resumes in 1 process and back.
+    values["distributed"] = cfg.distributed if "distributed" in explicit else None
     if "out" not in explicit:
         values["out"] = str(run_dir_of(ckpt))
     return TrainConfig(**values), ckpt

@@ -14,10 +14,17 @@ pairs (data.preference) and steps with dpo.train_step, and its evaluations add "
 held-out DPO loss, reward margin and accuracy; mid-run, the loss that picks the best adapter) to the
 target loss on the chosen responses. --finetune full trains every weight (step.full_finetuning) and
 writes model/ and model-best/ (export.save_model) where LoRA writes adapter/ and adapter-best/.
+
+Under torchrun (train/distributed.py) every rank runs this same loop on the same global data stream,
+keeping its share of each step's micro-batches; rank 0 alone logs and writes (metrics, run.json,
+adapters, checkpoints), the others take part in the collectives that gather what it writes. Every
+rank evaluates the whole validation set (FSDP needs all ranks in each forward; under DDP it is
+duplicated work, the same numbers on every rank).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -38,7 +45,7 @@ from lora_engine.data import quality
 from lora_engine.data.formats import read_records
 from lora_engine.data.pipeline import Batcher, examples_from_records, prepare, split
 from lora_engine.io import atomic, registry
-from lora_engine.train import checkpoint, dpo
+from lora_engine.train import checkpoint, distributed, dpo
 from lora_engine.train import lineage as runs
 from lora_engine.train import step as trainer
 from lora_engine.train.config import TrainConfig, describe, eval_steps, quantize_method, resolve_device, resolve_resume
@@ -113,6 +120,7 @@ class _Run:
     manifest: dict
     step_fn: Callable = trainer.train_step  # step.train_step, or dpo.train_step with --objective dpo
     val_pairs: list | None = None  # --objective dpo: the held-out preference batches
+    dist: distributed.Dist = dataclasses.field(default_factory=distributed.Dist)  # this process's rank and world
 
     def evaluate(self, general: list | None = None) -> dict:
         """run_eval's dict; with DPO also "preference" (dpo.evaluate on the held-out pairs)."""
@@ -128,21 +136,31 @@ class _Run:
 
     def save_result(self, name: str) -> None:
         """The trained weights as <out>/<name>: the adapter (LoRA), or a Hugging Face model folder (full, named
-        model... in place of adapter...)."""
-        if self.cfg.finetune == "full":
-            from lora_engine.export import save_model
+        model... in place of adapter...). Every rank calls it (sharded weights are gathered); rank 0 writes."""
+        with self.dist.gathered(self.model):
+            if self.dist.main and self.cfg.finetune == "full":
+                from lora_engine.export import save_model
 
-            save_model(self.model, self.out / name.replace("adapter", "model"))
-        else:
-            _save_adapter(self.model, self.out / name)
+                save_model(self.model, self.out / name.replace("adapter", "model"))
+            elif self.dist.main:
+                _save_adapter(self.model, self.out / name)
+        self.dist.barrier()
 
     @property
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
     def save(self, state: LoopState) -> Path:
-        return checkpoint.save_checkpoint(self.out, state.step, self.model, self.opt, self.sched, state.to_dict(),
-                                          self.batcher.state_dict(), self.scaler, self.cfg.keep_checkpoints)
+        """A checkpoint of `state` (every rank calls it; rank 0 writes full tensors, the same at any world size)."""
+        with self.dist.gathered(self.model):
+            opt_state = self.dist.optimizer_state(self.opt) if self.dist.active else None
+            if self.dist.main:
+                checkpoint.save_checkpoint(self.out, state.step, self.model, self.opt, self.sched, state.to_dict(),
+                                           self.batcher.state_dict(), self.scaler, self.cfg.keep_checkpoints,
+                                           opt_state, {"world_size": self.dist.world,
+                                                       "grad_accum": self.cfg.grad_accum})
+        self.dist.barrier()
+        return checkpoint.checkpoint_dir(self.out, state.step)
 
 
 class ProgressLog:
@@ -252,6 +270,12 @@ def run(cfg: TrainConfig, explicit: set[str] = frozenset(), tokenizer=None, mode
     SIGINT (Ctrl-C) and SIGTERM, from the start on, end the run at the next step boundary with a
     checkpoint (handlers are installed only in the main thread, where Python allows them).
     """
+    dist = distributed.init(cfg)
+    package_log = logging.getLogger("lora_engine")
+    level = package_log.level
+    if not dist.main:  # rank 0 reports for all
+        log, progress = (lambda *_: None), _Silent
+        package_log.setLevel(logging.WARNING)
     log = log or logger.info
     stop = _Stop()
 
@@ -261,7 +285,7 @@ def run(cfg: TrainConfig, explicit: set[str] = frozenset(), tokenizer=None, mode
     main = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        r, state = _setup(cfg, explicit, tokenizer, model, log)
+        r, state = _setup(cfg, explicit, tokenizer, model, log, dist)
         bar = progress(r.total, state.step) if progress else ProgressLog(r.total, state.step, log)
         status = _train(r, state, stop, bar)
         bar.close()
@@ -269,20 +293,31 @@ def run(cfg: TrainConfig, explicit: set[str] = frozenset(), tokenizer=None, mode
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        dist.close()
+        package_log.setLevel(level)
 
 
-def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, LoopState]:
+class _Silent(ProgressLog):
+    """The progress report of ranks other than 0."""
+
+    def update(self, step: int, loss: float, lr: float, tps: float) -> None:
+        pass
+
+
+def _setup(cfg: TrainConfig, explicit, tokenizer, model, log, dist=None) -> tuple[_Run, LoopState]:
     """Everything before the first step; the state is the checkpoint's with --resume, else new."""
+    dist = dist or distributed.Dist()
     cfg, ckpt = resolve_resume(cfg, set(explicit))
-    out = Path(cfg.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    out = Path(dist.broadcast_object(cfg.out or time.strftime("runs/%Y%m%d-%H%M%S")))  # rank 0's clock names it
     cfg = dataclasses.replace(cfg, out=str(out))
     log(describe(cfg))
     tokenizer, train_rows, val_rows, data_files, stats = _load_inputs(cfg, tokenizer, log)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.clean_temporaries(out)
-    atomic.write_json(out / "config.json", dataclasses.asdict(cfg))
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.clean_temporaries(out)
+        atomic.write_json(out / "config.json", dataclasses.asdict(cfg))
     trainer.seed_everything(cfg.seed)  # before apply_lora, which draws the initial lora_A
-    device = resolve_device(cfg.device)
+    device = dist.device(resolve_device(cfg.device))
     if cfg.auto_memory:  # the memory options, picked by planning this run's step before anything is loaded
         from lora_engine.train import planning
 
@@ -296,6 +331,14 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
     model.mlp_chunk_size = cfg.mlp_chunk_size
     model.loss_chunk_size = cfg.loss_chunk_size
     model.keep_on_host(embedding=cfg.embedding_on_cpu, head=cfg.head_on_cpu)
+    prec = resolve_precision(device, cfg.precision)
+    if dist.strategy == "fsdp" and prec.autocast == torch.float16:
+        raise distributed.DistributedError("--distributed fsdp with fp16 needs a sharded grad scaler, not implemented: "
+                                           "use --precision bf16 or fp32, or --distributed ddp")
+    model = distributed.prepare(dist, model)
+    if dist.active:
+        log(f"distributed: {dist.strategy} over {dist.world} processes ({dist.backend}); each step takes "
+            f"{dist.world} x {cfg.grad_accum} micro-batches of {cfg.batch_size}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     val_pairs = None
     if cfg.objective == "dpo":
@@ -306,9 +349,9 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
         val_rows = [c for c, _ in val_rows]  # the target loss before and after: on the chosen responses
     else:
         batcher = Batcher(train_rows, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(batcher.batches_per_epoch / cfg.grad_accum)))
+    per_step = cfg.grad_accum * dist.world  # micro-batches of the global stream per optimizer step
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(batcher.batches_per_epoch / per_step)))
     opt = trainer.make_optimizer(model, cfg.lr, cfg.weight_decay, loraplus_lr_ratio=cfg.loraplus_lr_ratio)
-    prec = resolve_precision(device, cfg.precision)
     amp = prec.autocast
     stored = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
     log(f"precision: {prec.name} ({prec.reason}); frozen weights stored in {', '.join(stored) or '-'}, "
@@ -318,6 +361,7 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
                                  runs.hash_files(runs.model_weight_files(base_dir)) if base_dir else {},
                                  runs.hash_files(data_files), str(ckpt) if ckpt else None)
     manifest["precision"] = prec.to_dict()
+    manifest["distributed"] = dist.to_dict()
     manifest["data"].update({k: v for k, v in stats.items() if isinstance(v, int | dict)})
     r = _Run(cfg, out, tokenizer, model, val_rows,
              general_rows(tokenizer, tokens=cfg.general_tokens) if cfg.general_eval else None,
@@ -326,10 +370,11 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log) -> tuple[_Run, Loo
              torch.amp.GradScaler(device.type) if amp == torch.float16 else None, amp, total,
              set(eval_steps(total, cfg.eval_every)) if val_rows else set(), manifest,
              functools.partial(dpo.train_step, beta=cfg.dpo_beta) if cfg.objective == "dpo" else trainer.train_step,
-             val_pairs)
+             val_pairs, dist)
     state = _restore(r, ckpt, log) if ckpt is not None else LoopState()
-    _start_metrics(r, ckpt, state.step)
-    runs.write_manifest(out, manifest)
+    if dist.main:
+        _start_metrics(r, ckpt, state.step)
+        runs.write_manifest(out, manifest)
     if state.eval_before is None:
         state.eval_before = r.evaluate(r.general)
         if r.suite:
@@ -406,7 +451,14 @@ def _build_model(cfg: TrainConfig, device: torch.device, log):
 
 def _restore(r: _Run, ckpt: Path, log) -> LoopState:
     """Parameters, optimizer, scheduler, scaler, RNG and data position from `ckpt`; returns its loop state."""
-    restored = checkpoint.load_checkpoint(ckpt, r.model, r.opt, r.sched, r.scaler)
+    with r.dist.gathered(r.model, write_back=True):
+        restored = checkpoint.load_checkpoint(ckpt, r.model, r.opt, r.sched, r.scaler,
+                                              r.dist.shard_optimizer_state if r.dist.active else None)
+    was = restored["meta"].get("world_size", 1) * restored["meta"].get("grad_accum", r.cfg.grad_accum)
+    if was != r.dist.world * r.cfg.grad_accum and r.dist.main:
+        logger.warning(f"resuming a checkpoint of {was} micro-batches per step with {r.dist.world} processes x "
+                       f"--grad-accum {r.cfg.grad_accum}: the global batch changes, so the losses will not be those "
+                       f"the saved run would have had (keep world size x --grad-accum at {was} for that)")
     try:
         state = LoopState.from_dict(restored["loop"])
     except ValueError as e:
@@ -429,20 +481,23 @@ def _start_metrics(r: _Run, ckpt: Path | None, step: int) -> None:
 def _train(r: _Run, state: LoopState, stop: _Stop, bar) -> str:
     """Steps until the run's end ("completed") or a signal or --stop-after ("interrupted")."""
     cfg = r.cfg
-    with open(r.metrics_path, "a") as mf:
+    # A signal may reach one rank only, or the ranks at different steps: they stop together (one
+    # all-reduce of the flag a step), else one would wait in a collective the others never enter.
+    stopping = lambda: r.dist.any(stop.signal is not None)  # noqa: E731
+    if state.step < r.total and stopping():  # arrived during setup or evaluation
+        return "interrupted"
+    with open(r.metrics_path, "a") if r.dist.main else contextlib.nullcontext() as mf:
         while state.step < r.total:
-            if stop.signal:  # arrived during setup or evaluation
-                return "interrupted"
             row = _step(r, state)
             if state.step in r.evals_at:
                 _validate(r, state, row)
-            if state.step % cfg.log_every == 0 or row.get("val_loss") is not None:
+            if mf and (state.step % cfg.log_every == 0 or row.get("val_loss") is not None):
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
             bar.update(state.step, row["loss"], row["lr"], row["tokens_per_s"])
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < r.total:
                 r.save(state)
-            if stop.signal or (cfg.stop_after and cfg.stop_after <= state.step < r.total):
+            if stopping() or (cfg.stop_after and cfg.stop_after <= state.step < r.total):
                 return "interrupted"
     return "completed"
 
@@ -450,18 +505,21 @@ def _train(r: _Run, state: LoopState, stop: _Stop, bar) -> str:
 def _step(r: _Run, state: LoopState) -> dict:
     """One optimizer step over --grad-accum micro-batches; advances `state`, returns its metrics row."""
     t0 = time.time()
-    micro = [r.batcher.next() for _ in range(r.cfg.grad_accum)]
+    # The global step's micro-batches, the same on every rank; this rank trains on its share of them.
+    micro = [r.batcher.next() for _ in range(r.cfg.grad_accum * r.dist.world)]
     where = f"step {state.step + 1} (epoch {r.batcher.epoch}, rows {', '.join(micro[0]['where'][:3])})"
+    sync = {"sync": r.dist} if r.dist.active else {}
     try:
-        res = r.step_fn(r.model, r.opt, r.sched, micro, r.cfg.max_grad_norm, r.amp, r.scaler, r.cfg.on_nonfinite,
-                        where)
+        res = r.step_fn(r.model, r.opt, r.sched, r.dist.share(micro), r.cfg.max_grad_norm, r.amp, r.scaler,
+                        r.cfg.on_nonfinite, where, **sync)
     except trainer.NonFiniteError as e:
         good = checkpoint.list_checkpoints(r.out)
         msg = (f"{e}. Training stopped; nothing was saved after the last good checkpoint "
                f"({good[-1] if good else 'none yet'}). Lower --lr, check the data at those rows, "
                "or pass --on-nonfinite skip")
         r.manifest.update(status="failed", error=msg, final_step=state.step, ended=runs.now())
-        runs.write_manifest(r.out, r.manifest)
+        if r.dist.main:
+            runs.write_manifest(r.out, r.manifest)
         raise TrainingStopped(msg) from e
     dt = time.time() - t0
     state.step += 1
@@ -495,10 +553,11 @@ def _finish(r: _Run, state: LoopState, status: str, stopped_by: str | None, log)
     """The last checkpoint; when completed, the adapters, the evaluation after, the plot. Returns the manifest."""
     path = r.save(state)
     if status == "interrupted":
-        why = stopped_by or f"--stop-after {r.cfg.stop_after}"
+        why = stopped_by or (f"--stop-after {r.cfg.stop_after}" if r.cfg.stop_after else "a signal to another rank")
         log(f"stopped by {why} at step {state.step}; checkpoint {path}; continue with --resume {r.out}")
         r.manifest.update(status="interrupted", final_step=state.step, ended=runs.now())
-        runs.write_manifest(r.out, r.manifest)
+        if r.dist.main:
+            runs.write_manifest(r.out, r.manifest)
         return r.manifest
     r.save_result("adapter")
     after = r.evaluate(r.general)
@@ -519,7 +578,7 @@ def _finish(r: _Run, state: LoopState, status: str, stopped_by: str | None, log)
         b, a = state.eval_before["preference"], after["preference"]
         log(f"held-out preference pairs: DPO loss {b['loss']:.4f} -> {a['loss']:.4f}, reward accuracy "
             f"{b['reward_accuracy']:.3f} -> {a['reward_accuracy']:.3f}")
-    if r.cfg.plot:
+    if r.cfg.plot and r.dist.main:
         from lora_engine.train.plot import plot_loss
 
         before_loss, after_loss = r.val_loss(state.eval_before), r.val_loss(after)  # the metric the curve plots
@@ -530,5 +589,6 @@ def _finish(r: _Run, state: LoopState, status: str, stopped_by: str | None, log)
     r.manifest.update(status="completed", final_step=state.step, ended=runs.now(), skipped_steps=state.skipped,
                       tokens=state.tokens)
     r.manifest["eval"] = cmp
-    runs.write_manifest(r.out, r.manifest)
+    if r.dist.main:
+        runs.write_manifest(r.out, r.manifest)
     return r.manifest

@@ -153,23 +153,34 @@ def micro_batch_loss_sum(model, batch: dict, amp: torch.dtype | None = None) -> 
                           position_ids=b.get("position_ids"), segment_ids=b.get("segment_ids")).float()
 
 
+def _nonfinite_loss(part: torch.Tensor, i: int, b: dict) -> str:
+    # "where" (file:line of each row) is there when data.collate made the batch, not in one
+    # built by hand from input_ids/labels/attention_mask: then the shape says which it was.
+    rows = (f"rows {', '.join(b['where'][:4])}" if b.get("where")
+            else f"input_ids of shape {tuple(b['input_ids'].shape)}")
+    return f"non-finite loss ({float(part.detach())}) in micro-batch {i} ({rows})"
+
+
 def accumulate_gradients(model, micro_batches: list[dict], total: int, amp: torch.dtype | None = None,
-                         scaler=None) -> tuple[float, str | None]:
+                         scaler=None, sync=None) -> tuple[float, str | None]:
     """Backward over each micro-batch of (sum of its token losses) / total, adding into .grad.
 
     total: target tokens of all micro-batches together, so the gradient is that of the mean over
     the whole accumulated batch. Returns (that mean loss, None) or (partial loss, what went wrong)
     when a micro-batch's loss is not finite (its backward is then not run).
+    sync: a train.distributed.Dist when the step spans several ranks (total is then the global count):
+    the ranks agree on each micro-batch's finiteness before its backward, so they all run the same
+    backward passes (FSDP's collectives live in them); the problem reported is the first rank's.
     """
     loss_sum = 0.0
     for i, b in enumerate(micro_batches):
         part = micro_batch_loss_sum(model, b, amp) / total
-        if not torch.isfinite(part):
-            # "where" (file:line of each row) is there when data.collate made the batch, not in one
-            # built by hand from input_ids/labels/attention_mask: then the shape says which it was.
-            rows = (f"rows {', '.join(b['where'][:4])}" if b.get("where")
-                    else f"input_ids of shape {tuple(b['input_ids'].shape)}")
-            return loss_sum, f"non-finite loss ({float(part.detach())}) in micro-batch {i} ({rows})"
+        finite = bool(torch.isfinite(part))
+        if not finite if sync is None else sync.any(not finite):
+            problem = None if finite else _nonfinite_loss(part, i, b)
+            if sync is None:
+                return loss_sum, problem
+            return loss_sum, sync.first(problem and f"{problem} on rank {sync.rank}")
         (scaler.scale(part) if scaler is not None else part).backward()
         loss_sum += float(part.detach())
     return loss_sum, None
@@ -177,10 +188,14 @@ def accumulate_gradients(model, micro_batches: list[dict], total: int, amp: torc
 
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float | None = 1.0,
                amp: torch.dtype | None = None, scaler=None, on_nonfinite: str = "stop",
-               where: str = "") -> StepResult:
+               where: str = "", sync=None) -> StepResult:
     """One optimizer step over `micro_batches`: dicts of (B, T) long tensors, from data.collate or
     built by hand (input_ids and labels, -100 where no loss is taken; attention_mask, position_ids,
     segment_ids optional).
+
+    sync: a train.distributed.Dist when the step spans several ranks, each passing its own share of
+    the global step's micro-batches: the counts, the loss and the (DDP) gradients are summed over
+    the ranks, so every rank steps on the global step's gradient and returns its global numbers.
 
     on_nonfinite: "stop" raises NonFiniteError (nothing is updated); "skip" leaves the parameters
     and optimizer state untouched, advances the schedule, and returns skipped=True.
@@ -191,12 +206,17 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     total = sum(n_targets(b) for b in micro_batches)
     tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else b["input_ids"].numel()
                  for b in micro_batches)
+    if sync is not None:
+        total, tokens = (int(x) for x in sync.sum([total, tokens]))
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     if total == 0:
         raise ValueError(f"{where + ': ' if where else ''}the accumulated batch has no target token (all labels "
                          "are -100)")
-    loss_sum, problem = accumulate_gradients(model, micro_batches, total, amp, scaler)
+    loss_sum, problem = accumulate_gradients(model, micro_batches, total, amp, scaler, sync)
+    if sync is not None and problem is None:
+        loss_sum = sync.sum([loss_sum])[0]
+        sync.reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
     grad_norm, skipped = apply_gradients(model, optimizer, scheduler, max_grad_norm, scaler, on_nonfinite, where,
                                          problem)
     return StepResult(float("nan") if skipped else loss_sum, grad_norm, lr, tokens, total, skipped=skipped)
