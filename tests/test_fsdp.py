@@ -23,7 +23,8 @@ WORLD = 2
 STEPS = 3
 ROWS, T = 4, 24  # the global batch: each rank takes ROWS // WORLD rows
 # name: (quantize, dtype, use_dora); QDoRA adapts q_proj and v_proj only, so the other projections stay
-# plain Linear4bit layers (the NF4 base without LoRA) under FSDP.
+# plain Linear4bit layers (the NF4 base without LoRA) under FSDP, and recomputes each layer in backward
+# (gradient checkpointing: the forward, and so the NF4 view, runs again on the re-gathered parameters).
 CASES = {
     "lora_fp32": (None, torch.float32, False),
     "lora_bf16": (None, torch.bfloat16, False),
@@ -44,6 +45,7 @@ def _build(folder, case):
     with torch.no_grad():  # B != 0, so that A has a gradient at the first step too
         for _, m in lora_layers(model):
             m.lora_B.normal_(0.0, 0.05)
+    model.gradient_checkpointing = dora
     return model.train()
 
 
@@ -120,7 +122,8 @@ def _gathered_bytes_expected(model):
     return total
 
 
-def _run_case(folder, case, rank):
+def _run_case(folder, case, rank, out_dir):
+    from lora_engine.lora.adapter import save_adapter
     from lora_engine.train import fsdp
 
     halves = [slice(r * ROWS // WORLD, (r + 1) * ROWS // WORLD) for r in range(WORLD)]
@@ -160,6 +163,12 @@ def _run_case(folder, case, rank):
     out["state"] = fsdp.full_trainable_state(sharded)
     with fsdp.gathered_trainable(sharded):
         out["gathered_state"] = {n: p.detach().clone() for n, p in sharded.named_parameters() if p.requires_grad}
+        if rank == 0:  # the PEFT adapter files of both runs, written by the one-process code
+            save_adapter(sharded, os.path.join(out_dir, case, "sharded"))
+            save_adapter(ref, os.path.join(out_dir, case, "ref"))
+    fresh = fsdp.shard(_build(folder, case))  # resume: the one-process state into a sharded model
+    fsdp.load_full_trainable_state(fresh, out["ref_state"])
+    out["loaded_state"] = fsdp.full_trainable_state(fresh)
     out["restored_is_dtensor"] = all(type(p).__name__ == "DTensor" for p in sharded.parameters() if p.requires_grad)
     return out
 
@@ -168,7 +177,7 @@ def _worker(rank, folder, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        results = {case: _run_case(folder, case, rank) for case in CASES}
+        results = {case: _run_case(folder, case, rank, out_dir) for case in CASES}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -181,7 +190,10 @@ def ranks(tmp_path_factory):
     make_hf_model("llama", tmp / "model")
     os.environ["OMP_NUM_THREADS"] = "1"
     mp.spawn(_worker, args=(str(tmp / "model"), str(tmp / "pg"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    reports = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for case in CASES:
+        reports[0][case]["adapters"] = tmp / case
+    return reports
 
 
 # Tolerances. The reference is one process with gradient accumulation over the same row halves the ranks
@@ -220,7 +232,21 @@ def test_full_trainable_state_after_adamw_steps_equals_one_process(ranks, case):
             assert got.device.type == "cpu" and type(got) is torch.Tensor and got.dtype == p.dtype == torch.float32
             torch.testing.assert_close(got, p, **STATE_TOL, msg=lambda m, n=n: f"{case} {n}: {m}")
             torch.testing.assert_close(r["gathered_state"][n], got, rtol=0, atol=0)
+            torch.testing.assert_close(r["loaded_state"][n], p, rtol=0, atol=0)  # load_full_trainable_state
         assert r["restored_is_dtensor"], "gathered_trainable did not put the shards back"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_adapter_saved_from_the_sharded_model_equals_one_process(ranks, case):
+    from safetensors.torch import load_file
+
+    folder = ranks[0][case]["adapters"]
+    ours, ref = load_file(folder / "sharded" / "adapter_model.safetensors"), load_file(
+        folder / "ref" / "adapter_model.safetensors")
+    assert ours.keys() == ref.keys() and len(ref) == (12 if CASES[case][2] else 28)  # DoRA: q, v x 2 layers x (A, B, m)
+    for k, t in ref.items():
+        torch.testing.assert_close(ours[k], t, **STATE_TOL, msg=lambda m, k=k: f"{case} {k}: {m}")
+    assert (folder / "sharded" / "adapter_config.json").read_text() == (folder / "ref" / "adapter_config.json").read_text()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -301,6 +327,20 @@ def test_shard_refuses_what_it_cannot_shard(one_rank):
     sharded = fsdp.shard(apply_lora(load_model(one_rank, verbose=False), LoraConfig(r=2), verbose=False))
     with pytest.raises(ValueError, match="already sharded"):
         fsdp.shard(sharded)
+
+
+def test_load_full_trainable_state_checks_keys_and_shapes(one_rank):
+    from lora_engine.train import fsdp
+
+    model = fsdp.shard(_build(one_rank, "lora_fp32"))
+    state = fsdp.full_trainable_state(model)
+    name = next(iter(state))
+    with pytest.raises(ValueError, match=r"1 trainable parameters missing \(first \['" + name.replace(".", r"\.")):
+        fsdp.load_full_trainable_state(model, {k: v for k, v in state.items() if k != name})
+    with pytest.raises(ValueError, match="0 trainable parameters missing .* 1 unexpected"):
+        fsdp.load_full_trainable_state(model, state | {"extra.lora_A": torch.zeros(1)})
+    with pytest.raises(ValueError, match=f"{name} is \\(1, 1\\) in the state"):
+        fsdp.load_full_trainable_state(model, state | {name: torch.zeros(1, 1)})
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=needs_triton)])

@@ -2,6 +2,7 @@
 
     shard(model, mesh=None) -> model          fully_shard per decoder layer, then the root (in place)
     full_trainable_state(model) -> {name: t}  the trainable parameters gathered whole, on CPU, every rank
+    load_full_trainable_state(model, state)   the inverse: each rank keeps its shard of the whole tensors
     gathered_trainable(model)                 a block in which they are plain whole Parameters (save_adapter)
     local_parameter_bytes(model)              {"frozen": bytes, "trainable": bytes} held by this rank
 
@@ -21,7 +22,16 @@ a layer, so gathering them in fp32 costs nothing, and their gradients reduce in 
 
 Gradients are summed across ranks, not averaged (gradient divide factor 1): the training step
 normalises each rank's loss by the target tokens of the whole global batch, so the sum is exactly the
-one-process gradient (up to the order of fp32 sums).
+one-process gradient (up to the order of fp32 sums; with 2 ranks against one process accumulating the
+same two micro-batches it is bit for bit, tests/test_fsdp.py). With gradient accumulation call
+model.set_requires_gradient_sync(False) for all but the last micro-batch to reduce once per step.
+
+Saving and resuming: full_trainable_state / load_full_trainable_state for the adapters (names as in one
+process, any world size); save_adapter inside gathered_trainable; the optimizer through
+torch.distributed.checkpoint.state_dict.get_/set_optimizer_state_dict(..., StateDictOptions(
+full_state_dict=True)). state_dict() of a sharded NF4 model names the exposed parts (weight_packed, ...),
+not bitsandbytes' keys. Not covered: code that reads the head outside model.forward / model.loss (DPO's
+hidden_states + lm_head.weight): register it with register_fsdp_forward_method first.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.lora.layers import LoraLinear
@@ -97,6 +107,29 @@ def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """{parameter name: whole tensor on CPU} for every trainable parameter, the names and values of the
     unsharded model's named_parameters(). A collective: every rank must call it (each gets the dict)."""
     return {n: _full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_full_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy whole tensors (full_trainable_state's, saved by any world size) into the trainable parameters of a
+    sharded or unsharded model: each rank keeps its own shard. The keys must be exactly the trainable
+    parameter names; ValueError naming the first missing or unexpected one, or a shape that differs."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(f"load_full_trainable_state: {len(missing)} trainable parameters missing (first "
+                         f"{missing[:1]}), {len(unexpected)} unexpected (first {unexpected[:1]}): the state was "
+                         "saved from a model with other adapters")
+    for n, p in params.items():
+        if tuple(state[n].shape) != tuple(p.shape):
+            raise ValueError(f"load_full_trainable_state: {n} is {tuple(state[n].shape)} in the state, "
+                             f"{tuple(p.shape)} in the model")
+        if isinstance(p, DTensor):
+            full = state[n].to(device=p.device, dtype=p.dtype)
+            p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
+        else:
+            p.copy_(state[n])
+    return model
 
 
 @contextmanager
