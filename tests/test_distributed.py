@@ -90,23 +90,25 @@ def one(folder, data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two(folder, data, tmp_path_factory):
-    """The same on 2 processes with --grad-accum 1: DDP LoRA, DDP QLoRA, FSDP LoRA."""
+    """The same on 2 processes with --grad-accum 1: DDP LoRA, DDP QLoRA, FSDP LoRA, FSDP QLoRA (NF4 sharded)."""
     runs = {}
-    for name, extra in (("ddp", ()), ("ddp-qlora", ("--quantize", "nf4")), ("fsdp", ("--distributed", "fsdp"))):
+    for name, extra in (("ddp", ()), ("ddp-qlora", ("--quantize", "nf4")), ("fsdp", ("--distributed", "fsdp")),
+                        ("fsdp-qlora", ("--distributed", "fsdp", "--quantize", "nf4"))):
         out = tmp_path_factory.mktemp("two") / name
         _ok(_torchrun(_args(folder, data, out, *extra)))
         runs[name] = out
     return runs
 
 
-@pytest.mark.parametrize("name, ref", [("ddp", "lora"), ("ddp-qlora", "qlora"), ("fsdp", "lora")])
+@pytest.mark.parametrize("name, ref", [("ddp", "lora"), ("ddp-qlora", "qlora"), ("fsdp", "lora"),
+                                       ("fsdp-qlora", "qlora")])
 def test_two_processes_equal_one_with_double_accumulation(one, two, name, ref):
     _same_losses(_losses(two[name]), _losses(one[ref]))
     assert _losses(one[ref])[1] != _losses(one[ref])[4]  # it trained
     _same_adapters(_adapter(two[name]), _adapter(one[ref]))
     m = json.loads((two[name] / "run.json").read_text())
     assert m["status"] == "completed" and m["distributed"] == {
-        "world_size": 2, "backend": "gloo", "strategy": "fsdp" if name == "fsdp" else "ddp"}
+        "world_size": 2, "backend": "gloo", "strategy": name.split("-")[0]}
     assert json.loads((two[name] / "checkpoints/step-00000002/meta.json").read_text())["world_size"] == 2
 
 
@@ -186,15 +188,6 @@ def test_bad_combinations_are_refused_before_anything_runs(folder, data, tmp_pat
     assert main([*args, *extra]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
-
-
-def test_fsdp_shard_refuses_nf4_weights(folder):
-    from lora_engine import load_model
-    from lora_engine.train.fsdp import shard
-
-    with pytest.raises(NotImplementedError, match=r"--distributed fsdp: sharding NF4 \(QLoRA\) weights is not "
-                                                  r"implemented .*e\.g\. model\.layers\.0\.mlp\.down_proj"):
-        shard(load_model(folder, quantize="nf4"))
 
 
 def test_dist_timeout_must_be_positive():

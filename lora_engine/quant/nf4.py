@@ -38,7 +38,7 @@ DEFAULT_SKIP = ("lm_head",)
 __all__ = [
     "BACKENDS", "DEFAULT_SKIP", "NF4Tensor", "Linear4bit", "quantize", "dequantize", "choose_backend",
     "quantize_model", "dequantize_model", "memory_report",
-    "save_nf4_weight", "load_nf4_weight", "move_nf4_weight",
+    "save_nf4_weight", "load_nf4_weight", "move_nf4_weight", "expose_nf4_parameters",
 ]
 
 
@@ -143,6 +143,55 @@ def move_nf4_weight(module: nn.Module, fn) -> None:
         moved = fn(w.packed)  # uint8: a float cast returns it unchanged, a move moves it
         if moved.device != w.device:
             module.weight = w.to(moved.device)
+
+
+# ---- FSDP2 (train/fsdp.py): the NF4 weight as tensors the sharder sees ---------------------------------------------
+# An NF4Tensor is a dataclass, not a torch.Tensor, so fully_shard would leave it whole on every rank. Exposed, the
+# parts that grow with the weight become frozen 1-D Parameters (FSDP2 shards them along dim 0 and all-gathers them
+# as they are: uint8 bytes and fp32/uint8 absmax, never a dense weight), the two code tables (16 and 256 values)
+# stay whole as non-persistent buffers, and the NF4Tensor is rebuilt over whatever tensors the module holds when
+# its forward starts: the gathered ones inside an FSDP unit's forward. The autograd Functions keep that view for
+# backward; it points at FSDP's unsharded parameters, whose storage FSDP frees after forward and refills before
+# the layer's backward, so backward reads the gathered bytes again.
+_SHARDED_PARTS = ("packed", "absmax", "nested_absmax")
+_TABLE_PARTS = ("code", "nested_code")
+
+
+def expose_nf4_parameters(module: nn.Module) -> None:
+    """Turn module.weight (an NF4Tensor) into Parameters weight_packed (uint8), weight_absmax (fp32, or uint8
+    when double-quantized) and weight_nested_absmax (fp32), all frozen and 1-D, plus buffers weight_code and
+    weight_nested_code; module.weight is the NF4Tensor view inside forward and None outside it.
+
+    For sharding only: the state dict then has these names (the bitsandbytes keys are gone), so gather the
+    trainable state for saving (train/fsdp.py:full_trainable_state) rather than calling state_dict().
+    """
+    w = module.weight
+    if not isinstance(w, NF4Tensor):
+        raise TypeError(f"expose_nf4_parameters: {type(module).__name__}.weight must be an NF4Tensor, got "
+                        f"{type(w).__name__}")
+    for part in _SHARDED_PARTS:
+        if (t := getattr(w, part)) is not None:
+            module.register_parameter(f"weight_{part}", nn.Parameter(t.reshape(-1), requires_grad=False))
+    for part in _TABLE_PARTS:
+        if (t := getattr(w, part)) is not None:
+            module.register_buffer(f"weight_{part}", t, persistent=False)
+    module.nf4_layout = {"blocksize": w.blocksize, "shape": w.shape, "dtype": w.dtype,
+                         "nested_offset": w.nested_offset, "nested_blocksize": w.nested_blocksize}
+    module.weight = None
+    module.register_forward_pre_hook(_nf4_view)
+    module.register_forward_hook(_drop_nf4_view)
+
+
+def _nf4_view(module: nn.Module, args) -> None:
+    p, b = module._parameters, module._buffers
+    module.weight = NF4Tensor(packed=p["weight_packed"], absmax=p["weight_absmax"], code=b["weight_code"],
+                              nested_absmax=p.get("weight_nested_absmax"), nested_code=b.get("weight_nested_code"),
+                              **module.nf4_layout)
+
+
+def _drop_nf4_view(module: nn.Module, args, output) -> None:
+    # Outside forward the parameters are shards: a view over them would be a wrong weight, so there is none.
+    module.weight = None
 
 
 def _skipped(name: str, skip) -> bool:

@@ -24,8 +24,8 @@ buys little for adapters, whose gradients are a few MB. One all-reduce per step,
 micro-batches, is the cheapest a step can be. The frozen base is replicated and has no gradient.
 
 FSDP (--distributed fsdp): train/fsdp.py's `shard` (fully_shard per decoder layer, then the root);
-FSDP reduce-scatters the gradients in backward itself, as a mean, which `reduce_gradients` turns
-back into the sum. Saving gathers the trainable parameters (`gathered`) and the optimizer state
+FSDP reduce-scatters the gradients in backward itself, summed (a divide factor of 1), as the
+global-token normalisation wants. Saving gathers the trainable parameters (`gathered`) and the optimizer state
 (`optimizer_state`) to full tensors, on every rank, which rank 0 writes in train/checkpoint.py's
 one-process format: a checkpoint does not depend on the world size, and a run resumes at another.
 
@@ -164,12 +164,7 @@ class Dist:
         layout); with LoRA every adapter gets a gradient on every micro-batch."""
         if not self.active:
             return
-        if self.strategy == "fsdp":
-            # FSDP reduce-scattered in backward, as a mean; our losses are already divided by the global
-            # target count, so the sum is wanted. (Its divide factor of 1 takes PREMUL_SUM, which gloo lacks.)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(self.world)
+        if self.strategy == "fsdp":  # FSDP reduce-scattered them in backward, summed (fsdp.shard's divide factor 1)
             return
         bucket: list[torch.Tensor] = []
         size = 0
@@ -194,26 +189,15 @@ class Dist:
 
     @contextlib.contextmanager
     def gathered(self, model: torch.nn.Module, write_back: bool = False):
-        """Within: every trainable parameter held in full (sharded DTensors swapped for gathered plain ones), so
-        save_adapter and the checkpoint read whole tensors. write_back: on leaving, the full values (e.g. loaded
-        from a checkpoint) are sharded back into the DTensors. Without FSDP nothing is swapped."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        swapped = []
-        for mod in model.modules():
-            for name, p in list(mod._parameters.items()):
-                if p is not None and p.requires_grad and isinstance(p, DTensor):
-                    full = torch.nn.Parameter(p.detach().full_tensor(), requires_grad=True)
-                    mod._parameters[name] = full
-                    swapped.append((mod, name, p, full))
-        try:
+        """Within: every trainable parameter held in full (fsdp.gathered_trainable), so save_adapter and the
+        checkpoint read whole tensors; write_back shards the values loaded inside back. Without FSDP a no-op."""
+        if self.strategy != "fsdp":
             yield
-        finally:
-            for mod, name, p, full in swapped:
-                mod._parameters[name] = p
-                if write_back:
-                    with torch.no_grad():
-                        p.copy_(distribute_tensor(full.detach(), p.device_mesh, p.placements))
+            return
+        from lora_engine.train.fsdp import gathered_trainable
+
+        with gathered_trainable(model, write_back):
+            yield
 
     def optimizer_state(self, opt: torch.optim.Optimizer) -> dict:
         """opt.state_dict() with every sharded (DTensor) state gathered to a full CPU tensor."""
