@@ -129,7 +129,7 @@ def option(default=dataclasses.MISSING, help: str = "", **meta):
     """A dataclass field that becomes a command-line option: `x: int = option(3, "what x is")`.
 
     meta: choices=[...]; positional=True (an argument given by position, no default needed);
-    required=True (a flag that must be given).
+    required=True (a flag that must be given); aliases=["--other-name", ...] (more spellings of the flag).
     """
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
@@ -172,10 +172,11 @@ def _add_fields(ap: argparse.ArgumentParser, cls) -> None:
         shown = required or "default" in help_  # the help says it already, in words
         kw.update(help=help_ if shown else f"{help_} (default: {_default(f)!r})", default=argparse.SUPPRESS,
                   dest=f.name, required=required)
+        flags = [flag, *f.metadata.get("aliases", ())]
         if tp is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            ap.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         else:
-            ap.add_argument(flag, type=tp, metavar=f.name.upper(), **kw)
+            ap.add_argument(*flags, type=tp, metavar=f.name.upper(), **kw)
 
 
 def _default(f):

@@ -83,7 +83,7 @@ def one(folder, data, tmp_path_factory):
     runs = {}
     for name, extra in (("lora", ()), ("qlora", ("--quantize", "nf4"))):
         out = tmp_path_factory.mktemp("one") / name
-        assert main(_args(folder, data, out, "--grad-accum", "2", *extra)) == 0
+        assert main(_args(folder, data, out, "--grad-accum", "2", "--r", "4", *extra)) == 0
         runs[name] = out
     return runs
 
@@ -95,7 +95,8 @@ def two(folder, data, tmp_path_factory):
     for name, extra in (("ddp", ()), ("ddp-qlora", ("--quantize", "nf4")), ("fsdp", ("--distributed", "fsdp")),
                         ("fsdp-qlora", ("--distributed", "fsdp", "--quantize", "nf4"))):
         out = tmp_path_factory.mktemp("two") / name
-        _ok(_torchrun(_args(folder, data, out, *extra)))
+        # --lora-r: torchrun's parser would take --r for an abbreviation of its own --rdzv-... flags
+        _ok(_torchrun(_args(folder, data, out, "--lora-r", "4", *extra)))
         runs[name] = out
     return runs
 

@@ -44,7 +44,8 @@ class TrainConfig:
     warmup_steps: int = _f(10, "linear warmup steps before the cosine decay")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
-    r: int = _f(16, "LoRA rank")
+    # --lora-r: under torchrun, whose parser takes "--r" for an abbreviation of its own --rdzv-... flags
+    r: int = _f(16, "LoRA rank", aliases=["--lora-r"])
     lora_alpha: float = _f(32.0, "LoRA alpha (scale alpha/r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: str = _f(ALL_PROJECTIONS, "comma-separated module names that get LoRA")
