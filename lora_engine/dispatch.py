@@ -10,9 +10,11 @@ and an explicit `backend=` argument, nothing else:
   backend="torch"   the PyTorch reference (kernels/reference.py, kernels/nf4_reference.py), always.
   backend="triton"  the Triton kernels, also on CPU tensors (that is how the tests run them under
                     TRITON_INTERPRET=1).
-  backend="cpp"     the reference with the C++ ops of csrc/ (kernels/nf4_cpp.py) plugged in where
-                    there is one: NF4 quantize (CPU) and dequantize (CPU; CUDA when built with nvcc).
-                    Ops without a C++ version run the reference. Bit-identical to "torch".
+  backend="cpp"     the reference with the C++ ops of csrc/ plugged in where there is one: NF4
+                    quantize (CPU) and dequantize (CPU; CUDA when built with nvcc), bit-identical to
+                    "torch" (kernels/nf4_cpp.py); RMSNorm, RoPE and SwiGLU fused on fp32/bf16 CPU
+                    tensors (kernels/cpu_fused.py), equal to "torch" within the dtype's rounding.
+                    Ops and inputs without a C++ version run the reference.
 
 Modules carry a `backend` attribute (None by default) that they pass through; set it on a whole
 model with `set_backend(model, name)`. Under torch.autocast every backend follows one rule
@@ -25,7 +27,7 @@ import warnings
 
 import torch
 
-from lora_engine.kernels import nf4_cpp, nf4_reference, reference
+from lora_engine.kernels import cpu_fused, nf4_cpp, nf4_reference, reference
 from lora_engine.kernels.nf4_format import NF4Tensor
 
 BACKENDS = ("torch", "triton", "cpp")
@@ -111,8 +113,12 @@ def resolve(x: torch.Tensor, backend: str | None) -> str:
 
 
 def _impl(x: torch.Tensor, backend: str | None):
-    # No dense op has a C++ version: "cpp" runs the reference for them.
-    return _triton_kernels()[0] if resolve(x, backend) == "triton" else reference
+    # "cpp": the fused CPU elementwise ops; cpu_fused runs the reference for the matmul ops and for
+    # inputs its C++ ops do not take (a GPU tensor, fp16, mixed dtypes).
+    be = resolve(x, backend)
+    if be == "triton":
+        return _triton_kernels()[0]
+    return cpu_fused if be == "cpp" else reference
 
 
 def rms_norm(x, weight, eps, backend=None):
