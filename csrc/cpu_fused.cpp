@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -44,38 +43,40 @@ namespace {
 constexpr int64_t kTaskElements = 1 << 15;
 
 // ---- loads and stores: T -> fp32 -> T, inlined into every clone -----------------------------------
+// Branch-free bit operations, so that GCC vectorises the loops that use them (with
+// -fno-trapping-math, set in setup.py: without it no float select is if-converted).
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const c10::BFloat16* p, int64_t i) {
-  uint16_t h;
-  std::memcpy(&h, p + i, 2);
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return __builtin_bit_cast(float, static_cast<uint32_t>(p[i].x) << 16);
+}
+// fp32 -> bf16 bits, rounded to nearest even; a NaN stays a (quiet) NaN, as c10::BFloat16 does.
+inline uint16_t bf16_bits(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (v != v) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
 }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(c10::BFloat16* p, int64_t i, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  // Round to nearest even; a NaN stays a (quiet) NaN, as c10::BFloat16 does.
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint16_t h = (v != v) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
-  std::memcpy(p + i, &h, 2);
-}
+inline void store(c10::BFloat16* p, int64_t i, float v) { p[i].x = bf16_bits(v); }
 // The value v takes when stored as T and read back.
 inline float round_to(const float*, float v) { return v; }
 inline float round_to(const c10::BFloat16*, float v) {
-  c10::BFloat16 h;
-  store(&h, 0, v);
-  return load(&h, 0);
+  return __builtin_bit_cast(float, static_cast<uint32_t>(bf16_bits(v)) << 16);
 }
 
-// exp(x) for x <= 88.37 (Cephes expf): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6
-// polynomial, times 2^n built from the exponent bits. Below -87.3 it returns ~2^-126 instead of a
-// smaller number or 0: harmless for sigmoid, which only adds it to 1 or divides 1 by it.
-inline float exp_approx(float x) {
-  x = std::min(x, 88.3762626647949f);
-  x = std::max(x, -87.3365478515625f);
+// exp(x) (Cephes expf): x clamped to [lo, hi] = [-87.34, 88.38], x = n ln2 + r with |r| <= ln2 / 2,
+// exp(r) by a degree-6 polynomial, times 2^n built from the exponent bits. Below -87.3 it returns
+// ~2^-126 instead of a smaller number or 0: harmless for sigmoid, which only adds it to 1.
+// The bounds come in as run-time arguments (ExpRange, passed by the callers of the clones): with
+// constants GCC threads the loop through each clamp's constant outcome and computes the body
+// three times over (measured: 2.7 ns against 0.95 ns a bf16 element for SwiGLU's forward).
+struct ExpRange {
+  float lo, hi;
+};
+constexpr ExpRange kExpRange{-87.3365478515625f, 88.3762626647949f};
+
+inline float exp_approx(float x, ExpRange b) {
+  x = x < b.hi ? x : b.hi;
+  x = x > b.lo ? x : b.lo;  // a NaN becomes hi here; the callers multiply by g, so NaN comes out
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const float n = (x * 1.44269504088896341f + magic) - magic;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -86,13 +87,10 @@ inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
-inline float sigmoid(float g) { return 1.0f / (1.0f + exp_approx(-g)); }
+inline float sigmoid(float g, ExpRange b) { return 1.0f / (1.0f + exp_approx(-g, b)); }
 
 // fn(float{}) or fn(c10::BFloat16{}): the two dtypes these ops take (the callers checked which).
 template <typename F>
@@ -289,20 +287,20 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
 
 // ---- SwiGLU --------------------------------------------------------------------------------------
 template <typename T>
-LE_CLONES void swiglu_fwd_span(const T* g, const T* u, T* y, int64_t n) {
+LE_CLONES void swiglu_fwd_span(const T* g, const T* u, T* y, int64_t n, ExpRange b) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float gv = load(g, i);
-    store(y, i, gv * sigmoid(gv) * load(u, i));
+    store(y, i, gv * sigmoid(gv, b) * load(u, i));
   }
 }
 
 template <typename T>
-LE_CLONES void swiglu_bwd_span(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t n) {
+LE_CLONES void swiglu_bwd_span(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t n, ExpRange b) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float gv = load(g, i), uv = load(u, i), d = load(dy, i);
-    const float s = sigmoid(gv);
+    const float s = sigmoid(gv, b);
     store(dg, i, d * uv * (s * (1.0f + gv * (1.0f - s))));
     store(du, i, d * (gv * s));
   }
@@ -319,7 +317,9 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up) {
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     const scalar_t* up_ = uc.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kTaskElements, [&](int64_t b, int64_t e) { swiglu_fwd_span(gp + b, up_ + b, yp + b, e - b); });
+    at::parallel_for(0, n, kTaskElements, [&](int64_t b, int64_t e) {
+      swiglu_fwd_span(gp + b, up_ + b, yp + b, e - b, kExpRange);
+    });
   });
   return y;
 }
@@ -339,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dy, const at
     scalar_t* dgp = dg.data_ptr<scalar_t>();
     scalar_t* dup = du.data_ptr<scalar_t>();
     at::parallel_for(0, n, kTaskElements, [&](int64_t b, int64_t e) {
-      swiglu_bwd_span(dp + b, gp + b, up_ + b, dgp + b, dup + b, e - b);
+      swiglu_bwd_span(dp + b, gp + b, up_ + b, dgp + b, dup + b, e - b, kExpRange);
     });
   });
   return {dg, du};
