@@ -136,6 +136,49 @@ def swiglu(gate, up, backend=None):
     return _impl(gate, backend).swiglu(gate, up)
 
 
+class _SwiGLURecompute:
+    """What a backward keeps in place of a SwiGLU output (or a view of it): the recipe to rebuild it."""
+
+    __slots__ = ("gate", "up", "backend", "size", "stride", "offset")
+
+    def __init__(self, gate, up, backend, view: torch.Tensor):
+        self.gate, self.up, self.backend = gate, up, backend
+        self.size, self.stride, self.offset = view.shape, view.stride(), view.storage_offset()
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():  # the same op on the same inputs: the same values, bit for bit
+            h = swiglu(self.gate, self.up, backend=self.backend)
+        return h.as_strided(self.size, self.stride, self.offset)
+
+
+def _unpack_swiglu(saved):
+    return saved() if isinstance(saved, _SwiGLURecompute) else saved
+
+
+def swiglu_into(gate, up, fn, backend=None):
+    """fn(silu(gate) * up), e.g. the down projection of an MLP, keeping no copy of the (..., F) SwiGLU
+    output for backward: whatever fn saves of it (the LoRA A input, the base GEMM's) is rebuilt from
+    gate and up, which SwiGLU's own backward keeps anyway, when backward needs it. That is one of
+    the three MLP-width tensors a layer holds, for one elementwise pass more per layer in backward.
+
+    Plain fn(swiglu(...)) where nothing would be saved (no grad), under torch.compile and on fake
+    tensors (the compiler's partitioner chooses its own recomputation), and inside another
+    saved-tensor hook (activation checkpointing or offload, which already drop the tensor)."""
+    h = swiglu(gate, up, backend=backend)
+    if (not (torch.is_grad_enabled() and h.requires_grad) or reference.traced(h) or h.numel() == 0
+            or not h.is_contiguous() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        return fn(h)
+    storage, dtype = h.untyped_storage().data_ptr(), h.dtype  # not h itself: the hook must not keep it alive
+
+    def pack(t):
+        if t.dtype == dtype and t.untyped_storage().data_ptr() == storage:  # h or a view of it
+            return _SwiGLURecompute(gate, up, backend, t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_swiglu):
+        return fn(h)
+
+
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", backend=None):
     """Chunked head matmul + cross-entropy; hidden (N, H), weight (V, H), labels (N,) -> fp32 scalar."""
     return _impl(hidden, backend).linear_cross_entropy(hidden, weight, labels, ignore_index, reduction)
