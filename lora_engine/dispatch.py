@@ -60,9 +60,9 @@ def _warn_no_cpp() -> None:
         return
     _warned_no_cpp = True
     warnings.warn(
-        "lora_engine: the C++ extension is not built (no lora_engine.kernels._C); NF4 on CPU uses the PyTorch "
-        "reference. Build it with `pip install --no-build-isolation -e .` for faster quantization and "
-        "dequantization.",
+        "lora_engine: the C++ extension is not built (no lora_engine.kernels._C); NF4, RMSNorm, RoPE and SwiGLU "
+        "on CPU use the PyTorch reference. Build it with `pip install --no-build-isolation -e .` for faster "
+        "NF4 quantization and dequantization and the fused CPU ops.",
         stacklevel=4,
     )
 
