@@ -10,9 +10,11 @@ and an explicit `backend=` argument, nothing else:
   backend="torch"   the PyTorch reference (kernels/reference.py, kernels/nf4_reference.py), always.
   backend="triton"  the Triton kernels, also on CPU tensors (that is how the tests run them under
                     TRITON_INTERPRET=1).
-  backend="cpp"     the reference with the C++ ops of csrc/ (kernels/nf4_cpp.py) plugged in where
-                    there is one: NF4 quantize (CPU) and dequantize (CPU; CUDA when built with nvcc).
-                    Ops without a C++ version run the reference. Bit-identical to "torch".
+  backend="cpp"     the reference with the C++ ops of csrc/ plugged in where there is one: NF4
+                    quantize (CPU) and dequantize (CPU; CUDA when built with nvcc), bit-identical to
+                    "torch" (kernels/nf4_cpp.py); RMSNorm, RoPE and SwiGLU fused on fp32/bf16 CPU
+                    tensors (kernels/cpu_fused.py), equal to "torch" within the dtype's rounding.
+                    Ops and inputs without a C++ version run the reference.
 
 Modules carry a `backend` attribute (None by default) that they pass through; set it on a whole
 model with `set_backend(model, name)`. Under torch.autocast every backend follows one rule
@@ -25,7 +27,7 @@ import warnings
 
 import torch
 
-from lora_engine.kernels import nf4_cpp, nf4_reference, reference
+from lora_engine.kernels import cpu_fused, nf4_cpp, nf4_reference, reference
 from lora_engine.kernels.nf4_format import NF4Tensor
 
 BACKENDS = ("torch", "triton", "cpp")
@@ -58,9 +60,9 @@ def _warn_no_cpp() -> None:
         return
     _warned_no_cpp = True
     warnings.warn(
-        "lora_engine: the C++ extension is not built (no lora_engine.kernels._C); NF4 on CPU uses the PyTorch "
-        "reference. Build it with `pip install --no-build-isolation -e .` for faster quantization and "
-        "dequantization.",
+        "lora_engine: the C++ extension is not built (no lora_engine.kernels._C); NF4, RMSNorm, RoPE and SwiGLU "
+        "on CPU use the PyTorch reference. Build it with `pip install --no-build-isolation -e .` for faster "
+        "NF4 quantization and dequantization and the fused CPU ops.",
         stacklevel=4,
     )
 
@@ -111,8 +113,12 @@ def resolve(x: torch.Tensor, backend: str | None) -> str:
 
 
 def _impl(x: torch.Tensor, backend: str | None):
-    # No dense op has a C++ version: "cpp" runs the reference for them.
-    return _triton_kernels()[0] if resolve(x, backend) == "triton" else reference
+    # "cpp": the fused CPU elementwise ops; cpu_fused runs the reference for the matmul ops and for
+    # inputs its C++ ops do not take (a GPU tensor, fp16, mixed dtypes).
+    be = resolve(x, backend)
+    if be == "triton":
+        return _triton_kernels()[0]
+    return cpu_fused if be == "cpp" else reference
 
 
 def rms_norm(x, weight, eps, backend=None):
@@ -128,6 +134,49 @@ def rope(q, k, cos, sin, backend=None):
 def swiglu(gate, up, backend=None):
     """silu(gate) * up."""
     return _impl(gate, backend).swiglu(gate, up)
+
+
+class _SwiGLURecompute:
+    """What a backward keeps in place of a SwiGLU output (or a view of it): the recipe to rebuild it."""
+
+    __slots__ = ("gate", "up", "backend", "size", "stride", "offset")
+
+    def __init__(self, gate, up, backend, view: torch.Tensor):
+        self.gate, self.up, self.backend = gate, up, backend
+        self.size, self.stride, self.offset = view.shape, view.stride(), view.storage_offset()
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():  # the same op on the same inputs: the same values, bit for bit
+            h = swiglu(self.gate, self.up, backend=self.backend)
+        return h.as_strided(self.size, self.stride, self.offset)
+
+
+def _unpack_swiglu(saved):
+    return saved() if isinstance(saved, _SwiGLURecompute) else saved
+
+
+def swiglu_into(gate, up, fn, backend=None):
+    """fn(silu(gate) * up), e.g. the down projection of an MLP, keeping no copy of the (..., F) SwiGLU
+    output for backward: whatever fn saves of it (the LoRA A input, the base GEMM's) is rebuilt from
+    gate and up, which SwiGLU's own backward keeps anyway, when backward needs it. That is one of
+    the three MLP-width tensors a layer holds, for one elementwise pass more per layer in backward.
+
+    Plain fn(swiglu(...)) where nothing would be saved (no grad), under torch.compile and on fake
+    tensors (the compiler's partitioner chooses its own recomputation), and inside another
+    saved-tensor hook (activation checkpointing or offload, which already drop the tensor)."""
+    h = swiglu(gate, up, backend=backend)
+    if (not (torch.is_grad_enabled() and h.requires_grad) or reference.traced(h) or h.numel() == 0
+            or not h.is_contiguous() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        return fn(h)
+    storage, dtype = h.untyped_storage().data_ptr(), h.dtype  # not h itself: the hook must not keep it alive
+
+    def pack(t):
+        if t.dtype == dtype and t.untyped_storage().data_ptr() == storage:  # h or a view of it
+            return _SwiGLURecompute(gate, up, backend, t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_swiglu):
+        return fn(h)
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", backend=None,

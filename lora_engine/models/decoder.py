@@ -138,7 +138,8 @@ class MLP(nn.Module):
         return self._rows(x)
 
     def _rows(self, x):  # (..., D) -> (..., D) through (..., F): each token on its own
-        return self.down_proj(dispatch.swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+        # swiglu_into: backward rebuilds the (..., F) SwiGLU output that down_proj would keep.
+        return dispatch.swiglu_into(self.gate_proj(x), self.up_proj(x), self.down_proj, backend=self.backend)
 
 
 class DecoderLayer(nn.Module):

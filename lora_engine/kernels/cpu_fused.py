@@ -1,0 +1,157 @@
+"""The fused CPU ops of csrc/cpu_fused.cpp (RMSNorm, RoPE, SwiGLU) behind kernels/reference.py's functions.
+
+lora_engine.dispatch runs this module for backend "cpp": the same functions, signatures and
+contracts as the reference, with one C++ pass over memory per op (fp32 math, one rounding on store)
+where the reference's eager ops make one pass, and in bf16 one bf16 -> fp32 -> bf16 round trip, per
+elementwise step. Each op is a torch.library custom op (torch.ops.lora_engine.*_cpu) with a fake
+implementation, so torch.compile and FakeTensorMode trace through it; autograd is the
+autograd.Functions below, which save what the reference's Functions save, no more:
+
+  rms_norm  y = w * round(x * rstd), rstd = 1/sqrt(mean(x^2) + eps)   saves x, w and the fp32 rstd (rows,)
+  rope      q' = q cos + rotate_half(q) sin (and k')                   saves cos and sin
+  swiglu    silu(g) * u                                                saves g and u (silu recomputed)
+
+The C++ ops take CPU tensors of one dtype, fp32 or bf16. Anything else (fp16, an fp32 weight beside
+bf16 activations, a GPU or meta tensor, an odd head_dim, the extension not built) runs the reference
+itself, so every call is served. Results agree with the reference within the rounding of the dtype
+(tests/test_kernels_cpu_fused.py), not bit for bit: the reductions sum in another order and bf16
+intermediates are not rounded. Imports torch and the kernels package only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lora_engine.kernels import nf4_cpp, reference
+from lora_engine.kernels.reference import linear_cross_entropy, lora_linear
+
+__all__ = ["available", "rms_norm", "rope", "swiglu", "linear_cross_entropy", "lora_linear"]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+_ready: bool | None = None  # the one probe's answer (a plain global: torch.compile reads it as a constant)
+
+
+def available() -> bool:
+    """Whether the extension is built with these ops (an older build may have the NF4 ops only)."""
+    global _ready
+    if _ready is None:
+        _ready = nf4_cpp.available() and hasattr(torch.ops.lora_engine, "swiglu_fwd_cpu")
+        if _ready:
+            _register_fakes()
+    return _ready
+
+
+def _register_fakes() -> None:
+    """Outputs of the C++ ops (shapes, strides, dtypes) for tracing without running them."""
+    @torch.library.register_fake("lora_engine::rms_norm_fwd_cpu")
+    def _rms_fwd(x, weight, eps):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((rows,), dtype=torch.float32)
+
+    @torch.library.register_fake("lora_engine::rms_norm_bwd_cpu")
+    def _rms_bwd(gy, x, weight, rstd, need_dw):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                weight.new_empty((weight.shape[0] if need_dw else 0,)))
+
+    @torch.library.register_fake("lora_engine::rope_cpu")
+    def _rope(q, k, cos, sin, backward):
+        def like(t):
+            return torch.empty_like(t if t.stride(-1) == 1 else t.contiguous())
+        return like(q), like(k)
+
+    @torch.library.register_fake("lora_engine::swiglu_fwd_cpu")
+    def _swiglu_fwd(gate, up):
+        return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("lora_engine::swiglu_bwd_cpu")
+    def _swiglu_bwd(dy, gate, up):
+        return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+                torch.empty_like(up, memory_format=torch.contiguous_format))
+
+
+def _served(*tensors: torch.Tensor) -> bool:
+    """The C++ ops take these tensors: CPU, one dtype among fp32 and bf16, and the ops are built."""
+    t0 = tensors[0]
+    return (t0.device.type == "cpu" and t0.dtype in _DTYPES
+            and all(t.device == t0.device and t.dtype == t0.dtype for t in tensors) and available())
+
+
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# ---- RMSNorm -------------------------------------------------------------------------------------
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = torch.ops.lora_engine.rms_norm_fwd_cpu(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.lora_engine.rms_norm_bwd_cpu(gy, x, weight, rstd, ctx.needs_input_grad[1])
+        return dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """reference.rms_norm: x (..., D), weight (D,) -> (..., D); fused when x and weight share fp32 or bf16."""
+    if not _served(x, weight) or x.dim() == 0 or weight.shape != x.shape[-1:]:
+        return reference.rms_norm(x, weight, eps)
+    if _wants_grad(x, weight):
+        return RMSNormFunction.apply(x, weight, eps)
+    return torch.ops.lora_engine.rms_norm_fwd_cpu(x, weight, eps)[0]
+
+
+# ---- RoPE ----------------------------------------------------------------------------------------
+
+class RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return torch.ops.lora_engine.rope_cpu(q, k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = torch.ops.lora_engine.rope_cpu(gq, gk, cos, sin, True)
+        return dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None, None, None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """reference.rope: q (B, Hq, T, hd), k (B, Hk, T, hd), cos/sin (B, T, hd) or (T, hd) -> (q', k')."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    ok = (q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and q.shape[-1] % 2 == 0
+          and cos.shape[0] in (1, q.shape[0]) and cos.shape[1:] == (q.shape[2], q.shape[3]) and sin.shape == cos.shape)
+    if not ok or not _served(q, k, cos, sin):
+        return reference.rope(q, k, cos, sin)
+    if _wants_grad(q, k):
+        return RopeFunction.apply(q, k, cos, sin)
+    return torch.ops.lora_engine.rope_cpu(q, k, cos, sin, False)
+
+
+# ---- SwiGLU --------------------------------------------------------------------------------------
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.ops.lora_engine.swiglu_fwd_cpu(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dgate, dup = torch.ops.lora_engine.swiglu_bwd_cpu(dy, gate, up)
+        return dgate if ctx.needs_input_grad[0] else None, dup if ctx.needs_input_grad[1] else None
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """reference.swiglu: silu(gate) * up for gate, up of one shape and dtype."""
+    if not _served(gate, up) or gate.shape != up.shape:
+        return reference.swiglu(gate, up)
+    if _wants_grad(gate, up):
+        return SwiGLUFunction.apply(gate, up)
+    return torch.ops.lora_engine.swiglu_fwd_cpu(gate, up)

@@ -1,0 +1,222 @@
+"""The fused CPU ops (csrc/cpu_fused.cpp via kernels/cpu_fused.py) against kernels/reference.py.
+
+Forward and backward of RMSNorm, RoPE and SwiGLU in fp32 and bf16, shapes drawn by hypothesis (odd
+widths, one row, transposed layouts), by the accuracy rule of tests/kernel_utils.py against the
+float64 reference; the ops as custom ops (opcheck); the fallback to the reference for what the C++
+ops do not take; the backend choice. The op tests skip, saying so, only where the extension was not
+built (CI builds it); the fallback tests always run.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_engine import dispatch
+from lora_engine.kernels import cpu_fused as cf
+from lora_engine.kernels import reference as ref
+from tests.kernel_utils import check_op
+
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
+
+needs_ops = pytest.mark.skipif(not cf.available(), reason="C++ extension not built (pip install --no-build-isolation -e .)")
+
+
+def _grad_fn_name(t: torch.Tensor) -> str:
+    return type(t.grad_fn).__name__ if t.grad_fn is not None else ""
+
+
+@needs_ops
+@settings(max_examples=12)
+@given(rows=st.integers(1, 5), cols=st.integers(1, 1500), dtype=DTYPES, big=st.booleans())
+def test_swiglu(rows, cols, dtype, big):
+    # big: gates up to ~+-120, where exp(-g) overflows or underflows in fp32 (the clamped polynomial).
+    gate = torch.randn(rows, cols, dtype=torch.float64) * (40 if big else 4)
+    up = torch.randn(rows, cols, dtype=torch.float64)
+    dy = torch.randn(rows, cols, dtype=torch.float64)
+    check_op(cf.swiglu, ref.swiglu, [gate, up], [dy], dtype, "cpu", names=["gate", "up"])
+
+
+@needs_ops
+@settings(max_examples=12)
+@given(rows=st.integers(1, 19), d=st.integers(1, 700), dtype=DTYPES, weight_grad=st.booleans())
+def test_rms_norm(rows, d, dtype, weight_grad):
+    x = torch.randn(rows, d, dtype=torch.float64) * 3
+    w = 1 + 0.3 * torch.randn(d, dtype=torch.float64)
+    dy = torch.randn(rows, d, dtype=torch.float64)
+
+    def wrap(f):
+        return lambda x, w: f(x, w, 1e-6)
+
+    check_op(wrap(cf.rms_norm), wrap(ref.rms_norm), [x, w], [dy], dtype, "cpu", needs_grad=(True, weight_grad),
+             names=["x", "weight"])
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_many_tasks(dtype):
+    # 4 x 75 rows of 576 (the step's width): more than one task, so the weight gradient is the sum of
+    # per-task partial rows, which the small drawn sizes above (one task) never reach.
+    x = torch.randn(4, 75, 576, dtype=torch.float64)
+    w = 1 + 0.3 * torch.randn(576, dtype=torch.float64)
+    dy = torch.randn(4, 75, 576, dtype=torch.float64)
+    check_op(lambda x, w: cf.rms_norm(x, w, 1e-5), lambda x, w: ref.rms_norm(x, w, 1e-5), [x, w], [dy], dtype, "cpu",
+             names=["x", "weight"])
+
+
+@needs_ops
+@settings(max_examples=12)
+@given(b=st.integers(1, 3), hq=st.integers(1, 5), hk=st.integers(1, 3), t=st.integers(1, 20),
+       half=st.integers(1, 65), dtype=DTYPES, transposed=st.booleans(), table=st.sampled_from(["BTD", "1TD", "TD"]))
+def test_rope(b, hq, hk, t, half, dtype, transposed, table):
+    hd = 2 * half
+    q = torch.randn(b, hq, t, hd, dtype=torch.float64)
+    k = torch.randn(b, hk, t, hd, dtype=torch.float64)
+    tb = {"BTD": (b, t, hd), "1TD": (1, t, hd), "TD": (t, hd)}[table]
+    ang = torch.randn(*tb, dtype=torch.float64)
+    cos, sin = ang.cos(), ang.sin()
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+
+    def wrap(f):
+        # transposed: q and k as the model passes them, (B, T, H, hd) memory seen as (B, H, T, hd).
+        def call(q, k, cos, sin):
+            if transposed:
+                q = q.transpose(1, 2).contiguous().transpose(1, 2)
+                k = k.transpose(1, 2).contiguous().transpose(1, 2)
+            return f(q, k, cos, sin)
+        return call
+
+    check_op(wrap(cf.rope), wrap(ref.rope), [q, k, cos, sin], [gq, gk], dtype, "cpu",
+             needs_grad=(True, True, False, False), names=["q", "k"])
+
+
+@needs_ops
+def test_rope_keeps_the_layout_of_its_inputs():
+    q = torch.randn(2, 7, 3, 8).transpose(1, 2)  # (B, H, T, hd) view of (B, T, H, hd)
+    k = torch.randn(2, 7, 1, 8).transpose(1, 2)
+    cos, sin = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    qo, ko = cf.rope(q, k, cos, sin)
+    assert qo.stride() == q.stride() and ko.stride() == k.stride()
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_ops_run_and_save_only_what_backward_needs(dtype):
+    x = torch.randn(3, 40, dtype=dtype, requires_grad=True)
+    w = torch.ones(40, dtype=dtype)
+    y = cf.rms_norm(x, w, 1e-6)
+    assert _grad_fn_name(y) == "RMSNormFunctionBackward"
+    saved = y.grad_fn.saved_tensors
+    assert [tuple(t.shape) for t in saved] == [(3, 40), (40,), (3,)] and saved[2].dtype == torch.float32
+    g, u = torch.randn(3, 40, dtype=dtype, requires_grad=True), torch.randn(3, 40, dtype=dtype, requires_grad=True)
+    s = cf.swiglu(g, u)
+    assert _grad_fn_name(s) == "SwiGLUFunctionBackward" and len(s.grad_fn.saved_tensors) == 2
+    with torch.no_grad():  # no autograd node, the op itself
+        torch.testing.assert_close(cf.swiglu(g, u), torch.ops.lora_engine.swiglu_fwd_cpu(g, u), rtol=0, atol=0)
+
+
+def _op_samples():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        n = str(dt).split(".")[1]
+        out[f"rms_norm_fwd_cpu-{n}"] = ("rms_norm_fwd_cpu", (r(5, 48, dtype=dt), r(48, dtype=dt), 1e-6))
+        out[f"rms_norm_bwd_cpu-{n}"] = ("rms_norm_bwd_cpu", (r(5, 48, dtype=dt), r(5, 48, dtype=dt), r(48, dtype=dt),
+                                                             r(5).abs() + 0.5, True))
+        out[f"rope_cpu-{n}"] = ("rope_cpu", (r(1, 6, 4, 16, dtype=dt).transpose(1, 2), r(1, 2, 6, 16, dtype=dt),
+                                             r(1, 6, 16, dtype=dt), r(1, 6, 16, dtype=dt), False))
+        out[f"swiglu_fwd_cpu-{n}"] = ("swiglu_fwd_cpu", (r(3, 41, dtype=dt), r(3, 41, dtype=dt)))
+        out[f"swiglu_bwd_cpu-{n}"] = ("swiglu_bwd_cpu", (r(3, 41, dtype=dt), r(3, 41, dtype=dt), r(3, 41, dtype=dt)))
+    return out
+
+
+@needs_ops
+@pytest.mark.parametrize("case", sorted(_op_samples()))
+def test_each_op_is_a_custom_op_whose_fake_matches_it(case):
+    """opcheck: the schema is right and the fake gives the real op's shapes, strides and dtypes."""
+    name, args = _op_samples()[case]
+    torch.library.opcheck(getattr(torch.ops.lora_engine, name), args)
+
+
+@needs_ops
+def test_bad_inputs_raise_with_the_numbers():
+    ops = torch.ops.lora_engine
+    with pytest.raises(RuntimeError, match="head_dim must be even, got 7"):
+        ops.rope_cpu(torch.randn(1, 1, 2, 7), torch.randn(1, 1, 2, 7), torch.randn(1, 2, 7), torch.randn(1, 2, 7), False)
+    with pytest.raises(RuntimeError, match="up has shape"):
+        ops.swiglu_fwd_cpu(torch.randn(2, 3), torch.randn(3, 2))
+    with pytest.raises(RuntimeError, match="must be float32 or bfloat16, got Half"):
+        ops.swiglu_fwd_cpu(torch.randn(2, 3).half(), torch.randn(2, 3).half())
+    with pytest.raises(RuntimeError, match=r"weight must be \(8,\)"):
+        ops.rms_norm_fwd_cpu(torch.randn(2, 8), torch.randn(7), 1e-6)
+    with pytest.raises(RuntimeError, match="weight is BFloat16 but x is Float"):
+        ops.rms_norm_fwd_cpu(torch.randn(2, 8), torch.randn(8).bfloat16(), 1e-6)
+
+
+@pytest.mark.parametrize("case", ["fp16", "bf16 x, fp32 weight", "fp64"])
+def test_inputs_the_cpp_ops_do_not_take_run_the_reference(case):
+    """fp16, mixed dtypes (an fp32 norm weight beside bf16 activations, transformers' promotion) and
+    fp64 are served by the reference itself: the same values, bit for bit."""
+    xdt, wdt = {"fp16": (torch.float16,) * 2, "bf16 x, fp32 weight": (torch.bfloat16, torch.float32),
+                "fp64": (torch.float64,) * 2}[case]
+    x, w = torch.randn(4, 24).to(xdt), (1 + torch.randn(24)).to(wdt)
+    assert torch.equal(cf.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+    u = (2 * x).to(wdt)
+    assert torch.equal(cf.swiglu(x, u), ref.swiglu(x, u))
+    q, k, c = torch.randn(1, 2, 3, 8).to(xdt), torch.randn(1, 1, 3, 8).to(xdt), torch.randn(3, 8).to(wdt)
+    for a, b in zip(cf.rope(q, k, c, c), ref.rope(q, k, c, c)):
+        assert torch.equal(a, b)
+
+
+@needs_ops
+def test_cpp_backend_runs_the_fused_ops_on_cpu():
+    assert dispatch.choose_backend("cpu") == "cpp"
+    g = torch.randn(2, 5, requires_grad=True)
+    assert _grad_fn_name(dispatch.swiglu(g, g * 1)) == "SwiGLUFunctionBackward"
+    assert dispatch._impl(g, None) is cf and dispatch._impl(g, "torch") is ref
+    # Which RMSNorm ran shows in what it saved: the C++ op's rstd is (rows,), the reference's (rows, 1).
+    assert dispatch.rms_norm(g, torch.ones(5), 1e-6).grad_fn.saved_tensors[2].shape == (2,)
+    assert dispatch.rms_norm(g, torch.ones(5), 1e-6, backend="torch").grad_fn.saved_tensors[2].shape == (2, 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_ops)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_into_keeps_no_copy_of_the_product_and_gives_the_same_gradients(backend, dtype):
+    """The SwiGLU output fed to a LoRA down projection is freed after forward (its storage dies,
+    although the LoRA backward needs it) and rebuilt in backward: output and gradients equal the
+    plain path's bit for bit."""
+    import gc
+    import weakref
+
+    import lora_engine as le
+
+    torch.manual_seed(0)
+    mlp = torch.nn.ModuleDict({"down_proj": torch.nn.Linear(48, 16).to(dtype)})
+    le.apply_lora(mlp, le.LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"]), verbose=False)
+    down = mlp["down_proj"]
+    params = [p for p in down.parameters() if p.requires_grad]
+    assert len(params) == 2  # lora_A, lora_B: A's gradient needs the SwiGLU output
+    for p in params:
+        torch.nn.init.normal_(p, std=0.1)
+    g0, u0 = torch.randn(2, 7, 48, dtype=dtype) * 3, torch.randn(2, 7, 48, dtype=dtype)
+    dy = torch.randn(2, 7, 16, dtype=dtype)
+    storages = []
+
+    def fn(h):
+        storages.append(weakref.ref(h.untyped_storage()))  # dies with the memory, not with the view
+        return down(h)
+
+    results = []
+    for fused in (False, True):
+        g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+        storages.clear()
+        y = dispatch.swiglu_into(g, u, fn, backend=backend) if fused else fn(dispatch.swiglu(g, u, backend=backend))
+        gc.collect()
+        assert (storages[0]() is None) == fused  # plain: LoRA's backward holds it; fused: nothing does
+        results.append((y.detach(), torch.autograd.grad(y, [g, u, *params], dy)))
+    (y0, grads0), (y1, grads1) = results
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
