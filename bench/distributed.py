@@ -107,6 +107,7 @@ def _model(folder: Path) -> Path:
 
 
 def _data(path: Path) -> Path:
+    sys.path.insert(0, str(ROOT))  # tests/ helpers, also when --model skips _model
     from tests.test_train_support import chat_records, write_jsonl
 
     return write_jsonl(path, chat_records(200))
