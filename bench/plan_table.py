@@ -3,6 +3,7 @@
     python bench/plan_table.py            # writes bench/results/plan_table.md (and plan.json beside it)
     python bench/plan_table.py --long     # only the long-context rows: plan_long_table.md, plan_long.json
     python bench/plan_table.py --short    # only the 4k-in-6-GiB row (every memory option): plan_short_table.md
+    python bench/plan_table.py --fsdp     # per-rank QLoRA under FSDP (8B on 2, 70B on 2 and 8): plan_fsdp_table.md
 
 Configs are the published config.json numbers (Llama-3.2-1B, Llama-3.1-8B, Llama-3.1-70B); r=16 on
 all seven projections, batch 1, bf16, gradient checkpointing, --device cuda. Shapes only: no weights,
@@ -45,13 +46,19 @@ LONG_CONTEXTS = (4096, 32768, 100000, 131072)
 SHORT = {**LONG, "mlp_chunk_size": 1024, "loss_chunk_size": 256, "embedding_on_cpu": True, "head_on_cpu": True}
 
 
-def _row(name, hf, quantize, n, method, **options):
-    cfg = P.PlanConfig(model=name, seq_len=n, quantize=quantize, r=16, precision="bf16", device="cuda",
-                       gradient_checkpointing=True, **options)
+# Per rank under FSDP (lora_engine.plan --world-size N --distributed fsdp), at Answer.AI's FSDP+QLoRA setting:
+# 2,048 tokens, batch 2 per GPU, gradient checkpointing (they add CPU offload of parameters; we do not).
+FSDP = (("Llama-3.1-8B", 2), ("Llama-3.1-70B", 2), ("Llama-3.1-70B", 8))
+
+
+def _row(name, hf, quantize, n, method, batch_size=1, **options):
+    cfg = P.PlanConfig(model=name, seq_len=n, batch_size=batch_size, quantize=quantize, r=16, precision="bf16",
+                       device="cuda", gradient_checkpointing=True, **options)
     t0 = time.perf_counter()
     r = P.plan_step(cfg, ModelConfig.from_hf(hf))
     print(name, method, n, f"{r['total_bytes'] / 2**30:.2f} GiB", flush=True)
-    return {"model": name, "method": method, **r, "plan_seconds": round(time.perf_counter() - t0, 1)}
+    return {"model": name, "method": method + (f", {r['world_size']} x {r['strategy']}" if r["world_size"] > 1 else ""),
+            **r, "plan_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def write(rows, stem):
@@ -72,6 +79,10 @@ def write(rows, stem):
 
 
 def main(argv):
+    if "--fsdp" in argv:
+        write([_row(name, MODELS[name], "nf4", 2048, "QLoRA", batch_size=2, world_size=n, distributed="fsdp")
+               for name, n in FSDP], "plan_fsdp")
+        return
     if "--short" in argv:
         write([_row("Llama-3.1-8B", MODELS["Llama-3.1-8B"], "nf4", 4096, "QLoRA, every memory option", **SHORT)],
               "plan_short")

@@ -62,7 +62,9 @@ def format_plan(cfg: PlanConfig, r: dict) -> str:
              + (f", MLP in chunks of {cfg.mlp_chunk_size} tokens" if cfg.mlp_chunk_size else "")
              + (f", loss in chunks of {cfg.loss_chunk_size} tokens" if cfg.loss_chunk_size else "")
              + (", embedding in CPU memory" if cfg.embedding_on_cpu else "")
-             + (", head in CPU memory" if cfg.head_on_cpu else ""),
+             + (", head in CPU memory" if cfg.head_on_cpu else "")
+             + (f"; per rank of {cfg.world_size} ({r['strategy']}, {cfg.batch_size} rows on each)"
+                if cfg.world_size > 1 else ""),
              f"  peak of live tensors  {_gib(r['peak_bytes']):>12}  (during {r['peak_phase']})"]
     for k in ("weights", "adapters_and_optimizer", "activations", "transient"):
         lines.append(f"    {k:<22}{_gib(r[k]):>12}")

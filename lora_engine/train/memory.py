@@ -28,6 +28,10 @@ lora_engine::offload_to_host makes (models/offload.py:
 checkpointed hidden states kept in CPU memory) are never part of the device peak; their own peak
 is `offloaded_bytes` (rounded with `host_rounding`: the CUDA pinned-memory allocator hands out
 blocks of a power of two bytes).
+Sharded models (FSDP2, train/fsdp.py): a DTensor counts its local shard (FSDP's padded shard
+storage), and `follow_fsdp_resizes()` follows FSDP2's unsharded parameters, whose storage it
+allocates and frees by resizing it (storage.resize_, which no dispatch mode sees): each resize ends
+the storage's life and starts a new one of the new size, counted as weights (the gathered layer).
 Also the FLOPs of the step: 2*m*n*k per matmul (mm, addmm, bmm, baddbmm) and the attention kernels'
 own matmuls (4*B*H*T*S*hd forward, halved when causal; backward 2.5x forward, as flash attention
 recomputes the scores).
@@ -40,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -122,6 +127,8 @@ class StorageTracker(TorchDispatchMode):
     # ---- counting ----------------------------------------------------------------------------
     def _see(self, t: torch.Tensor, kind: str | None = None, origin: str = "") -> None:
         """Count t's storage if it is new (kind "host": in host memory, apart from the device count)."""
+        if isinstance(t, DTensor):  # a shard of a parameter (or its gradient, its AdamW state): this rank's part
+            t = t._local_tensor
         if not isinstance(t, torch.Tensor) or t.device.type == "meta" and not _is_fake(t):
             return
         try:
@@ -164,6 +171,55 @@ class StorageTracker(TorchDispatchMode):
         else:
             self.live -= life.nbytes
         self._dead.append(life)
+
+    def _resized(self, t: torch.Tensor) -> None:
+        """t's storage was just resized in place (FSDP2's alloc_storage / free_storage): the old size's life
+        ends here, and a new one of the new size (0 bytes while freed) starts, as the allocator sees it."""
+        st = t.untyped_storage()
+        key = id(st)
+        life = self.lives.get(key)
+        nbytes = _round(st.nbytes(), self.rounding)
+        if life is None:
+            if nbytes:
+                self._see(t, "weights", f"FSDP all-gather {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
+            return
+        if life.nbytes == nbytes:
+            return
+        self.event += 1
+        life.free = self.event
+        self.live -= life.nbytes
+        self._dead.append(life)
+        self.lives[key] = _Life(nbytes, self.event, self.phase, kind="weights", origin=life.origin)
+        self.live += nbytes
+        self._note_peak(self.live)
+
+    @contextmanager
+    def follow_fsdp_resizes(self):
+        """Within: FSDP2's unsharded-parameter storages counted as FSDP resizes them (see the module
+        docstring). torch's own functions are wrapped, not changed; RuntimeError if this torch has none."""
+        from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+        if not all(callable(getattr(m, n, None)) for m, n in ((_fsdp_param, "alloc_storage"),
+                                                               (_fsdp_param, "free_storage"),
+                                                               (_fsdp_param_group, "alloc_storage"))):
+            raise RuntimeError(f"StorageTracker: torch {torch.__version__}'s FSDP2 has no alloc_storage/free_storage "
+                               "to follow; the per-rank count of a sharded model needs them")
+        saved = [(m, n, getattr(m, n)) for m, n in ((_fsdp_param, "alloc_storage"), (_fsdp_param, "free_storage"),
+                                                     (_fsdp_param_group, "alloc_storage"))]
+
+        def wrap(fn):
+            def resize(tensor):
+                fn(tensor)
+                self._resized(tensor)
+            return resize
+
+        try:
+            for m, n, fn in saved:
+                setattr(m, n, wrap(fn))
+            yield self
+        finally:
+            for m, n, fn in saved:
+                setattr(m, n, fn)
 
     def _note_peak(self, total: int) -> None:
         self.by_phase[self.phase] = max(self.by_phase.get(self.phase, 0), total)

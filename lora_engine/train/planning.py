@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,11 @@ class PlanConfig:
     embedding_on_cpu: bool = option_like(TrainConfig, "embedding_on_cpu")
     head_on_cpu: bool = option_like(TrainConfig, "head_on_cpu")
     device: str = option("cuda", "the device planned for", choices=["cpu", "cuda"])
+    world_size: int = option(1, "processes (GPUs) the step is spread over, as torchrun --nproc-per-node: the plan "
+                                "is per rank, --batch-size rows on each")
+    distributed: str | None = option(None, "ddp (the base replicated, gradients all-reduced in buckets) or fsdp "
+                                           "(everything sharded 1/N); default ddp when --world-size > 1",
+                                     choices=["ddp", "fsdp"])
     fit: str | None = option(None, "find the longest --seq-len whose peak fits this size (e.g. 24GiB, 6GB), "
                                    "by bisection")
     json: bool = option(False, "print the result as one JSON object on the last line")
@@ -75,8 +81,24 @@ class PlanConfig:
                              "cuda (on --device cpu they are in CPU memory already)")
         if self.fit is not None:
             parse_size(self.fit)
+        if self.world_size < 1:
+            raise ValueError(f"--world-size must be >= 1, got {self.world_size}")
+        if self.distributed is not None and self.world_size == 1:
+            raise ValueError(f"--distributed {self.distributed} plans several processes: give --world-size N "
+                             "with N >= 2")
+        if self.strategy == "fsdp":
+            for name in ("offload_activations", "embedding_on_cpu", "head_on_cpu"):
+                if getattr(self, name):  # train refuses these under fsdp (train/fsdp.py, train/loop.py)
+                    raise ValueError(f"--{name.replace('_', '-')} is not implemented with --distributed fsdp "
+                                     "(train refuses it): plan without it, or with --distributed ddp")
         if not [m for m in self.target_modules.split(",") if m.strip()]:
             raise ValueError("--target-modules is empty; give comma-separated module names, e.g. q_proj,v_proj")
+
+
+    @property
+    def strategy(self) -> str:
+        """none, ddp or fsdp, as train/distributed.py resolve_strategy resolves --distributed."""
+        return "none" if self.world_size == 1 else self.distributed or "ddp"
 
 
 def parse_size(text: str, flag: str = "--fit") -> int:
@@ -199,11 +221,13 @@ def build(cfg: PlanConfig, model):
 
 
 def tracked_steps(model, optimizer, batch: dict, total: int, amp, tracker, steps: int = 2,
-                  max_grad_norm: float = 1.0):
+                  max_grad_norm: float = 1.0, sync=None):
     """`steps` training steps as train/step.py's train_step runs them (the loss summed over target tokens
     and divided by their count, backward, gradient clipping, AdamW, zero_grad), with the tracker told
     which phase is running. train_step itself reads values (loss finiteness, the norm) that fake tensors
-    do not have; everything it allocates is here. total: the batch's target tokens (data.pipeline.n_targets)."""
+    do not have; everything it allocates is here. total: the batch's target tokens (data.pipeline.n_targets).
+    sync: a train.distributed.Dist over the fake process group: its reduce_gradients runs after the
+    backward as in train_step (DDP's flat gradient buckets; nothing for FSDP, which reduces in backward)."""
     import torch
 
     from lora_engine.train.step import micro_batch_loss_sum
@@ -217,6 +241,8 @@ def tracked_steps(model, optimizer, batch: dict, total: int, amp, tracker, steps
         tracker.set_phase("backward")
         part.backward()
         tracker.set_phase("optimizer")
+        if sync is not None:
+            sync.reduce_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         tracker.track_optimizer(optimizer)
@@ -244,30 +270,71 @@ def batch_of(batch_size: int, seq_len: int, vocab: int) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+@contextmanager
+def fake_ranks(world_size: int):
+    """Rank 0 of `world_size` processes, in this one: torch.distributed's fake process group (its collectives
+    return at once with their outputs allocated, nothing sent) and the 1-D device mesh FSDP shards over. The
+    mesh is made here, outside any FakeTensorMode (its rank tensor must be real). The group is destroyed on
+    exit. ValueError when a process group already exists (a plan inside a torchrun run would replace it)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise ValueError(f"--world-size {world_size}: a process group is already initialised in this process; "
+                         "plan several ranks from a process of its own (python -m lora_engine.plan)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
+
+
 def plan_step(cfg: PlanConfig, model_config=None) -> dict:
-    """Plan one configuration: {"peak_bytes", the four parts, "peak_phase", "flops", ...} (bytes)."""
+    """Plan one configuration: {"peak_bytes", the four parts, "peak_phase", "flops", ...} (bytes), per rank.
+
+    With --world-size N the step is rank 0's, run for real through the fake process group (fake_ranks):
+    ddp: the one-process step plus reduce_gradients' flat buckets (train/distributed.py BUCKET_BYTES) after
+    the backward; fsdp: the model sharded by train/fsdp.py's own `shard` (fully_shard per layer and the
+    root), so the frozen base, adapters, gradients and AdamW state are FSDP's padded 1/N shards, and the
+    unsharded parameters are counted while FSDP2 holds them (a layer and the one it prefetches; the root
+    unit around model.loss): StorageTracker.follow_fsdp_resizes. Both: --batch-size rows on each rank.
+    Not counted: the collectives' internal buffers (NCCL's), and any overlap FSDP's streams allow beyond
+    the order they run in here (one stream on fake CPU tensors).
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lora_engine.data.pipeline import n_targets
+    from lora_engine.train.distributed import Dist
     from lora_engine.train.memory import StorageTracker
 
     model_config = model_config or read_config(cfg.model)
     on_gpu = cfg.device == "cuda"
     meta = meta_model(cfg, model_config)
     batch = batch_of(cfg.batch_size, cfg.seq_len, model_config.vocab_size)  # real: tiny, and n_targets reads it
-    total = n_targets(batch)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    total = n_targets(batch) * cfg.world_size  # train normalises by the global step's targets
+    strategy = cfg.strategy
+    with fake_ranks(cfg.world_size) if strategy != "none" else nullcontext() as mesh, \
+            FakeTensorMode(allow_non_fake_inputs=True):
         model, opt, amp = build(cfg, materialize(meta))
+        if strategy == "fsdp":
+            from lora_engine.train.fsdp import shard
+            from lora_engine.train.step import make_optimizer
+
+            model = shard(model, mesh)
+            opt = make_optimizer(model, lr=1e-4)  # over the sharded parameters, as train builds it
+        sync = Dist(strategy, 0, cfg.world_size, 0, "fake") if strategy != "none" else None
         tracker = StorageTracker(device_rounding=512 if on_gpu else 1,
                                  extra_workspace=cuda_workspace if on_gpu else None,
                                  host_rounding="pow2" if on_gpu else 1)
-        with tracker:
+        with tracker, tracker.follow_fsdp_resizes() if strategy == "fsdp" else nullcontext():
             tracker.track_model(model, opt, host=host_weights(model))
-            tracked_steps(model, opt, batch, total, amp, tracker)
+            tracked_steps(model, opt, batch, total, amp, tracker, sync=sync)
     result = tracker.report().to_dict()
     result["flops"] = result["flops"] // 2  # two steps were counted
     tokens = cfg.batch_size * cfg.seq_len
     result.update(seq_len=cfg.seq_len, batch_size=cfg.batch_size, tokens=tokens, device=cfg.device,
+                  world_size=cfg.world_size, strategy=strategy,
                   overhead_bytes=cuda_overhead(result["peak_bytes"]) if on_gpu else 0)
     result["total_bytes"] = result["peak_bytes"] + result["overhead_bytes"]
     return result
