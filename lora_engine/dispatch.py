@@ -24,6 +24,7 @@ model with `set_backend(model, name)`. Under torch.autocast every backend follow
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -161,19 +162,25 @@ def swiglu_into(gate, up, fn, backend=None):
     gate and up, which SwiGLU's own backward keeps anyway, when backward needs it. That is one of
     the three MLP-width tensors a layer holds, for one elementwise pass more per layer in backward.
 
-    Plain fn(swiglu(...)) where nothing would be saved (no grad), under torch.compile and on fake
-    tensors (the compiler's partitioner chooses its own recomputation), and inside another
-    saved-tensor hook (activation checkpointing or offload, which already drop the tensor)."""
+    Plain fn(swiglu(...)) where nothing would be saved (no grad), under torch.compile (the compiler's
+    partitioner chooses its own recomputation), and inside another saved-tensor hook (activation
+    checkpointing or offload, which already drop the tensor) unless that hook is an observer (its
+    pack marked `observer = True`: it returns the tensor itself, like the memory plan's counter,
+    train/memory.py), which then sees every saved tensor but the rebuilt one: the plan counts what a
+    real step keeps."""
     h = swiglu(gate, up, backend=backend)
-    if (not (torch.is_grad_enabled() and h.requires_grad) or reference.traced(h) or h.numel() == 0
-            or not h.is_contiguous() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+    if not (torch.is_grad_enabled() and h.requires_grad) or torch.compiler.is_compiling():
+        return fn(h)  # (before any call dynamo cannot trace)
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if h.numel() == 0 or not h.is_contiguous() or (outer is not None and not getattr(outer[0], "observer", False)):
         return fn(h)
-    storage, dtype = h.untyped_storage().data_ptr(), h.dtype  # not h itself: the hook must not keep it alive
+    h_ref = weakref.ref(h)  # not h itself: nothing saved for backward may keep it alive
 
     def pack(t):
-        if t.dtype == dtype and t.untyped_storage().data_ptr() == storage:  # h or a view of it
+        base = h_ref()
+        if base is not None and (t is base or t._base is base):  # h or a view of it
             return _SwiGLURecompute(gate, up, backend, t)
-        return t
+        return outer[0](t) if outer is not None else t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_swiglu):
         return fn(h)
