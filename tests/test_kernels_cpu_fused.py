@@ -173,14 +173,19 @@ def test_inputs_the_cpp_ops_do_not_take_run_the_reference(case):
 
 
 @needs_ops
-def test_cpp_backend_runs_the_fused_ops_on_cpu():
+def test_cpp_backend_runs_the_fused_ops_on_bf16_cpu_tensors_and_the_reference_on_fp32():
     assert dispatch.choose_backend("cpu") == "cpp"
-    g = torch.randn(2, 5, requires_grad=True)
+    g = torch.randn(2, 5, dtype=torch.bfloat16, requires_grad=True)
+    one = torch.ones(5, dtype=torch.bfloat16)
     assert _grad_fn_name(dispatch.swiglu(g, g * 1)) == "SwiGLUFunctionBackward"
     assert dispatch._impl(g, None) is cf and dispatch._impl(g, "torch") is ref
     # Which RMSNorm ran shows in what it saved: the C++ op's rstd is (rows,), the reference's (rows, 1).
-    assert dispatch.rms_norm(g, torch.ones(5), 1e-6).grad_fn.saved_tensors[2].shape == (2,)
-    assert dispatch.rms_norm(g, torch.ones(5), 1e-6, backend="torch").grad_fn.saved_tensors[2].shape == (2, 1)
+    assert dispatch.rms_norm(g, one, 1e-6).grad_fn.saved_tensors[2].shape == (2,)
+    assert dispatch.rms_norm(g, one, 1e-6, backend="torch").grad_fn.saved_tensors[2].shape == (2, 1)
+    # fp32 is the exact path (transformers' logits to 2e-5): the reference, on every backend.
+    f = g.detach().float().requires_grad_()
+    assert dispatch._impl(f, None) is ref
+    assert dispatch.rms_norm(f, one.float(), 1e-6).grad_fn.saved_tensors[2].shape == (2, 1)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_ops)])
