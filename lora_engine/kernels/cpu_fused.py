@@ -1,7 +1,9 @@
 """The fused CPU ops of csrc/cpu_fused.cpp (RMSNorm, RoPE, SwiGLU) behind kernels/reference.py's functions.
 
-lora_engine.dispatch runs this module for backend "cpp": the same functions, signatures and
-contracts as the reference, with one C++ pass over memory per op (fp32 math, one rounding on store)
+lora_engine.dispatch runs this module for backend "cpp" on bf16 activations (fp32 stays on the
+reference, the exact path against transformers; the fp32 ops here serve direct callers): the same
+functions, signatures and contracts as the reference, with one C++ pass over memory per op (fp32
+math, one rounding on store)
 where the reference's eager ops make one pass, and in bf16 one bf16 -> fp32 -> bf16 round trip, per
 elementwise step. Each op is a torch.library custom op (torch.ops.lora_engine.*_cpu) with a fake
 implementation, so torch.compile and FakeTensorMode trace through it; autograd is the
