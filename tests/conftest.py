@@ -17,6 +17,23 @@ from tests.embedded_fixture import embedded_dir, embedded_gguf, embedded_home  #
 
 
 @pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny random 2-layer Llama with a real tokenizer (tests/test_train_support.py), one per test module:
+    what the training tests run on. (test_io's `folder` is its own, a plain tmp_path.)"""
+    from tests.test_train_support import save_tokenizer_files, tiny_model_folder
+
+    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """40 chat records as a JSONL file, one per test module (test_amp and test_precision use fewer)."""
+    from tests.test_train_support import chat_records, write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
+
+
+@pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny random llama checkpoint folder (tests/hf_models.py), one per test module; each test loads
     its own copy of the model from it."""

@@ -32,7 +32,7 @@ from lora_engine.train import step as trainer
 from lora_engine.train.command import main
 from tests.conftest import TOLERANCE
 from tests.kernel_utils import device, needs_triton
-from tests.test_train_support import chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
+from tests.test_train_support import chat_records, write_jsonl
 
 AMP_DTYPES = [torch.bfloat16, torch.float16]
 BACKENDS = [
@@ -212,11 +212,6 @@ def test_autocast_training_matches_fp32(backend, qlora, dt):
 
 
 # ---- 3. the command line ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,9 @@ import torch
 from lora_engine.io import atomic
 from lora_engine.train import checkpoint
 from lora_engine.train import step as trainer
-from tests.test_train_support import chat_records, save_tokenizer_files, tiny_lora_model, tiny_model_folder, write_jsonl
+from tests.test_train_support import chat_records, tiny_lora_model, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
 
 
 def _parts(folder, r=4):

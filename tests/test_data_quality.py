@@ -16,9 +16,7 @@ from lora_engine.train.loop import run
 from tests.test_train_support import (
     FakeTokenizer,
     chat_records,
-    save_tokenizer_files,
     tiny_lora_model,
-    tiny_model_folder,
     write_jsonl,
 )
 
@@ -206,11 +204,6 @@ def test_dedup_drops_exact_near_and_validation_duplicates_in_order():
 
 
 # ---- the command line ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
-
-
 def test_check_command_reports_quality_and_validation_overlap(folder, tmp_path, capsys):
     a, b = pair_with_tail_changed(30, 1)
     train = write_jsonl(tmp_path / "t.jsonl", [pc("Q one?", a), pc("Q one?", a), pc("Q two?", "Sure.")])

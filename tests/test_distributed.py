@@ -19,23 +19,12 @@ from safetensors.torch import load_file
 
 from lora_engine.train.command import main
 from tests.conftest import require_oracle
-from tests.test_train_support import chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 # AdamW's first steps move each weight by ~lr whatever the gradient's size, so a gradient component
 # near zero whose fp32 sum differs in the last bits can move differently: 4 steps at lr 5e-3 bound
 # the movement at 2e-2; 2e-5 absolute is 0.1% of it.
 ADAPTER_TOL = dict(rtol=1e-4, atol=2e-5)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
 
 
 def _args(folder, data, out, *extra):

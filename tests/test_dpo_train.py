@@ -12,12 +12,7 @@ from lora_engine.data.check import check
 from lora_engine.data.formats import DataError, Record
 from lora_engine.train.command import main
 from lora_engine.train.config import TrainConfig
-from tests.test_train_support import FakeTokenizer, save_tokenizer_files, tiny_model_folder, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
+from tests.test_train_support import FakeTokenizer, write_jsonl
 
 
 def pref_records(n: int, chat: bool = True) -> list[dict]:

@@ -12,25 +12,11 @@ from lora_engine.train.config import TrainConfig
 from lora_engine.train.loop import LoopState, run
 from tests.test_train_support import (
     FakeTokenizer,
-    chat_records,
-    save_tokenizer_files,
     tiny_lora_model,
-    tiny_model_folder,
-    write_jsonl,
 )
 
 TOK = FakeTokenizer()
 QUIET = lambda *a: None  # noqa: E731
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
 
 
 def _cfg(out, data, **kw):

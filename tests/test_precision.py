@@ -18,7 +18,7 @@ from lora_engine.train import step as trainer
 from lora_engine.train.command import main
 from lora_engine.train.precision import cpu_bf16_matmul, cpuinfo_bf16, resolve_precision
 from tests.conftest import TOLERANCE
-from tests.test_train_support import chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
+from tests.test_train_support import chat_records, write_jsonl
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -245,11 +245,6 @@ def test_bf16_lora_gradients_agree_with_fp32():
 
 
 # ---- the run: printed and recorded ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,9 @@ import torch
 from lora_engine.eval import main as eval_main
 from lora_engine.io.registry import general_regression
 from lora_engine.train.suite import choice_logprobs, general_suite, read_suite, score_item, score_suite
-from tests.test_train_support import FakeTokenizer, chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
+from tests.test_train_support import FakeTokenizer, chat_records, write_jsonl
 
 TOK = FakeTokenizer()
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,11 @@ from lora_engine.train.loop import TrainingStopped, run
 from tests.test_train_support import (
     FakeTokenizer,
     chat_records,
-    save_tokenizer_files,
     tiny_lora_model,
-    tiny_model_folder,
     write_jsonl,
 )
 
 TOK = FakeTokenizer()
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    f = tiny_model_folder(tmp_path_factory.mktemp("tiny"))
-    return save_tokenizer_files(f)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
 
 
 def fresh(folder, dropout=0.0):

@@ -12,17 +12,6 @@ from lora_engine.loading import load_model
 from lora_engine.lora.adapter import load_adapter
 from lora_engine.lora.layers import lora_layers
 from lora_engine.train.command import main
-from tests.test_train_support import chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_records(40))
 
 
 def _train(folder, data, out, *flags):
