@@ -93,7 +93,10 @@ def test_fsdp_plan_per_rank_equals_the_measured_peak_of_a_real_two_process_run(l
     # what sharding saves shows in the measurement too: each rank holds about half the frozen base
     one = P.plan_step(_cfg(llama_dir, quantize))
     assert measured[0][quantize]["local"]["frozen"] < 0.6 * one["weights"]
-    assert measured[0][quantize]["peak_bytes"] < one["peak_bytes"]
+    # and half the adapters with their AdamW state (the peak itself need not fall on a model this small:
+    # FSDP's gathered layers and whole root unit outweigh the halved base; bench/results/distributed.md
+    # shows it falling on SmolLM2-135M)
+    assert measured[0][quantize]["adapters_and_optimizer"] < 0.6 * one["adapters_and_optimizer"]
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
