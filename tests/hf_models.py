@@ -65,3 +65,19 @@ def load_hf(folder: Path):
     import transformers as tf
 
     return tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def peft_trained(model, cfg, steps: int = 3):
+    """`model` (transformers) wrapped by peft.get_peft_model(model, cfg) after a few AdamW steps on random
+    tokens, so every B is nonzero; in eval mode."""
+    import peft
+
+    model = peft.get_peft_model(model, cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (2, 16))
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()

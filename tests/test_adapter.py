@@ -13,7 +13,7 @@ from lora_engine.lora.layers import DEFAULT_TARGETS, lora_layers
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 from tests.conftest import require_oracle, tol
-from tests.hf_models import load_hf, make_hf_model
+from tests.hf_models import load_hf, make_hf_model, peft_trained
 
 peft = require_oracle("peft")
 transformers = require_oracle("transformers")
@@ -58,19 +58,6 @@ def test_our_adapter_loads_in_peft(base, tmp_path, targets, rslora, rank_pattern
     torch.testing.assert_close(got, ref, **tol("logits_fp32"))
 
 
-def _peft_trained(folder, cfg, steps=3):
-    """A PEFT model after a few AdamW steps, so every B is nonzero."""
-    model = peft.get_peft_model(load_hf(folder), cfg)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        ids = _ids(2, 16)
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
-
-
 @pytest.mark.parametrize("family, kw", [
     ("llama", dict(target_modules=list(DEFAULT_TARGETS))),
     ("llama", dict(target_modules=["q_proj", "v_proj", "up_proj"], use_rslora=True,
@@ -81,7 +68,7 @@ def _peft_trained(folder, cfg, steps=3):
 def test_peft_adapter_loads_in_ours(tmp_path, family, kw):
     folder = tmp_path / "base"
     make_hf_model(family, folder, tie=family == "qwen2")
-    theirs = _peft_trained(folder, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM", **kw))
+    theirs = peft_trained(load_hf(folder), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM", **kw))
     theirs.save_pretrained(tmp_path / "adapter")
     ours = load_model(folder)
     assert load_adapter(ours, tmp_path / "adapter", verbose=False) is ours  # PEFT's rule: the model

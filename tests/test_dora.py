@@ -10,7 +10,7 @@ from lora_engine.kernels import nf4_reference
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.lora.layers import DEFAULT_TARGETS, LoraLinear, lora_layers
 from tests.conftest import require_oracle, tol
-from tests.hf_models import load_hf
+from tests.hf_models import load_hf, peft_trained
 
 peft = require_oracle("peft")
 transformers = require_oracle("transformers")
@@ -91,20 +91,8 @@ def test_our_dora_adapter_loads_in_peft(base, tmp_path, targets, rslora):
     torch.testing.assert_close(got, ref, **tol("logits_fp32"))
 
 
-def _peft_trained(model, cfg, steps=3):
-    model = peft.get_peft_model(model, cfg)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        ids = _ids(2, 16)
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
-
-
 def test_peft_dora_adapter_loads_in_ours(base, tmp_path):
-    theirs = _peft_trained(load_hf(base), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
+    theirs = peft_trained(load_hf(base), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
                                                       target_modules=["q_proj", "v_proj", "down_proj"]))
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(load_model(base), tmp_path, verbose=False)
@@ -141,7 +129,7 @@ def test_qdora_both_ways_with_peft_on_the_dequantized_base(base, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, **tol("logits_fp32"))
     # and the other way: PEFT trains DoRA on the dequantized weights (its magnitude starts from their norms)
-    trained = _peft_trained(_dequantized_hf(base, ours), peft.LoraConfig(
+    trained = peft_trained(_dequantized_hf(base, ours), peft.LoraConfig(
         r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj", "up_proj"]))
     trained.save_pretrained(tmp_path / "theirs")
     again = load_adapter(load_model(base, quantize="nf4"), tmp_path / "theirs", verbose=False)
