@@ -27,9 +27,9 @@ same two micro-batches it is bit for bit, tests/test_fsdp.py). With gradient acc
 model.set_requires_gradient_sync(False) for all but the last micro-batch to reduce once per step.
 
 Saving and resuming: full_trainable_state / load_full_trainable_state for the adapters (names as in one
-process, any world size); save_adapter inside gathered_trainable; the optimizer through
-torch.distributed.checkpoint.state_dict.get_/set_optimizer_state_dict(..., StateDictOptions(
-full_state_dict=True)). state_dict() of a sharded NF4 model names the exposed parts (weight_packed, ...),
+process, any world size); save_adapter inside gathered_trainable; the optimizer state gathered and
+re-sharded by train/distributed.py (Dist.optimizer_state / shard_optimizer_state, what the training
+loop's checkpoints use). state_dict() of a sharded NF4 model names the exposed parts (weight_packed, ...),
 not bitsandbytes' keys. Not covered: code that reads the head outside model.forward / model.loss (DPO's
 hidden_states + lm_head.weight): register it with register_fsdp_forward_method first.
 """
