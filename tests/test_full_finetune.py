@@ -67,8 +67,11 @@ def test_adamw_steps_equal_transformers_full_finetuning(tmp_path, tie):
     if tie:
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
     hf_state = hf.state_dict()
+    # atol 3e-5 (1% of lr): Adam moves an element by ~lr per step whatever its gradient's size, so
+    # where a gradient is near its rounding noise the two engines' summation orders can move it
+    # differently (seen: one element of 7168 off by 1.3e-5 on an AVX2 CPU). A wrong update is off by ~lr.
     for n, p in ours.state_dict().items():
-        torch.testing.assert_close(p, hf_state[n], rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(p, hf_state[n], rtol=1e-4, atol=3e-5, msg=n)
 
     save_model(ours, tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
