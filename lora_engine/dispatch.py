@@ -190,6 +190,13 @@ def swiglu_into(gate, up, fn, backend=None):
         return fn(h)
 
 
+def attention(q, k, v, is_causal, scale, mask=None, backend=None):
+    """softmax(q k^T * scale [+ mask | causal]) v; q (B, H, T, hd), k and v (B, Hk, S, hd) -> (B, H, T, hd).
+    Every backend runs reference.attention (torch's SDPA: its flash kernels on CPU and GPU, what
+    transformers runs)."""
+    return reference.attention(q, k, v, is_causal, scale, mask)
+
+
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", backend=None,
                          chunk_size=None):
     """Chunked head matmul + cross-entropy; hidden (N, H), weight (V, H), labels (N,) -> fp32 scalar.

@@ -85,3 +85,38 @@ def test_loss_gradients_match_transformers(pair):
     theirs = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_loss_with_right_padding_matches_transformers(pair, monkeypatch):
+    # Right-padded rows whose padding carries no label (what data/pipeline.py batches): the loss drops
+    # the mask for plain causal attention (models/decoder.py:_padding_unlabelled), and the loss and
+    # every gradient still equal transformers' under the mask.
+    from lora_engine import dispatch
+    from lora_engine.models.decoder import _padding_unlabelled
+
+    hf, ours = pair
+    ids = torch.randint(0, hf.config.vocab_size, (3, 15))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    mask[2, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    assert _padding_unlabelled(mask, labels)
+    assert not _padding_unlabelled(mask.flip(1), labels.flip(1))  # left padding keeps its mask
+    assert not _padding_unlabelled(mask, ids)                     # a counted padding position keeps it
+    masks = []
+    real = dispatch.attention
+    monkeypatch.setattr(dispatch, "attention", lambda q, k, v, c, s, m=None, **kw: masks.append(m) or real(q, k, v, c, s, m, **kw))
+    hf.zero_grad()
+    ours.zero_grad()
+    ref = hf(ids, attention_mask=mask, labels=labels).loss
+    got = ours.loss(ids, labels, attention_mask=mask)
+    assert masks and all(m is None for m in masks)
+    torch.testing.assert_close(got, ref, **tol("logits_fp32"))
+    ref.backward()
+    got.backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    masks.clear()
+    ours.loss(ids, ids, attention_mask=mask)  # padding counted: the mask is kept
+    assert masks and all(m is not None for m in masks)

@@ -125,6 +125,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale [+ mask | causal]) v: torch's SDPA, what transformers runs; q (B, H, T, hd),
+    k and v (B, Hk, S, hd) with H % Hk == 0 (grouped-query heads) -> (B, H, T, hd)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 @amp.like_linear
 def lora_linear(
     x: torch.Tensor,

@@ -112,13 +112,8 @@ class Attention(nn.Module):
         q, k = dispatch.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=self.backend)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hk, S, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            scale=self.head_dim**-0.5,
-            enable_gqa=self.n_kv != self.n_head,
-        )  # (B, H, T, hd)
+        y = dispatch.attention(q, k, v, mask is None and T > 1, self.head_dim**-0.5, mask,
+                               backend=self.backend)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -284,6 +279,8 @@ class CausalLM(nn.Module):
         normalise by the number of target tokens of a whole accumulated batch. The (tokens x vocab)
         logits are never formed in full (dispatch.linear_cross_entropy works in chunks).
         """
+        if attention_mask is not None and segment_ids is None and _padding_unlabelled(attention_mask, labels):
+            attention_mask = None  # causal attention gives every counted token the same keys, and is faster
         h = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids)
         D = h.shape[-1]
         h = h[:, :-1].reshape(-1, D)
@@ -305,6 +302,17 @@ class CausalLM(nn.Module):
     def reset_buffers(self):
         """Recompute non-persistent buffers (after construction on the meta device)."""
         self.model.rotary_emb.reset_buffers()
+
+
+def _padding_unlabelled(attention_mask: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether the loss may drop attention_mask: every row is right-padded (its real tokens first)
+    and no padding position's hidden state is counted (labels[t + 1] == -100 where mask[t] == 0).
+    Then a real query sees keys 0..t under plain causal attention as under the mask, and the padding
+    rows, whose outputs differ, contribute nothing to the loss or its gradients."""
+    if attention_mask.dim() != 2 or attention_mask.shape != labels.shape or attention_mask.shape[1] < 2:
+        return False
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all() and (labels[:, 1:][~m[:, :-1]] == -100).all())
 
 
 def _attention_mask(attention_mask, segment_ids, B, T, past, device):
