@@ -227,7 +227,12 @@ def main():
         print(json.dumps((worker_ours if a.worker.startswith("ours") else worker_hf)(a)))
         return
     load = os.getloadavg()
+    from lora_engine.train.precision import cpu_bf16_matmul
+
+    bf16_unit = cpu_bf16_matmul()
     names = ["ours", "hf", "ours-dense"] if a.quantize == "nf4" else ["ours", "hf", "hf-bf16"]
+    if bf16_unit is None and "hf-bf16" in names:  # bf16 GEMMs are emulated here, ~50x slower than fp32
+        names.remove("hf-bf16")
     runs: dict[str, list] = {n: [] for n in names}
     for _ in range(a.rounds):
         for n in names:
@@ -238,8 +243,9 @@ def main():
         sys.exit("our worker failed; nothing to report")
     peer = "transformers + PEFT" + (" + bitsandbytes" if a.quantize == "nf4" else "")
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"- machine: {_cpu()}, shared with other agents' jobs (load average at start {load[0]:.1f}, at end "
-             f"{os.getloadavg()[0]:.1f}); threads: {a.threads or 'torch default'}",
+             f"- machine: {_cpu()}, native bf16 matmul: {bf16_unit or 'none'} (train/precision.py), shared with other "
+             f"agents' jobs (load average at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f}); threads: "
+             f"{a.threads or 'torch default'}",
              f"- versions: {json.dumps(_versions())}; git {_git()}",
              f"- command: python bench/train_step.py --rounds {a.rounds} --steps {a.steps}"
              + (f" --quantize {a.quantize}" if a.quantize != "none" else "")
@@ -277,6 +283,9 @@ def main():
         lines += [f"- {peer}, {theirs['precision']}: {_summary(theirs)}",
                   f"- ratio ours / theirs ({theirs['precision']}): tokens/s {speed:.2f}x (target {targets[name]}), "
                   f"peak RSS {mem:.2f}x" + (" (target <= 0.4x)" if name == "hf" else "")]
+    if bf16_unit is None and a.quantize == "none":
+        lines.append(f"- {peer}, bf16 autocast: not run, this CPU has no native bf16 matmul (its bf16 GEMMs are "
+                     "emulated); ours ran its default here, fp32")
     dense = res.get("ours-dense")
     if dense is not None:
         ratio = statistics.median(ours["step_s"]) / statistics.median(dense["step_s"])
