@@ -51,7 +51,9 @@ def test_accumulation_equals_one_big_batch(folder, tmp_path):
 def _nan_model(folder):
     model = fresh(folder)
     with torch.no_grad():
-        next(p for n, p in model.named_parameters() if n.endswith("lora_A")).fill_(float("nan"))
+        # v_proj's: torch's causal CPU flash attention returns finite outputs for NaN queries or keys
+        # (it drops NaN scores), so a NaN in q_proj's adapter would show only in the gradients.
+        next(p for n, p in model.named_parameters() if n.endswith("v_proj.lora_A")).fill_(float("nan"))
     return model
 
 
