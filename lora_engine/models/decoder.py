@@ -3,7 +3,7 @@
 Module paths equal the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`),
 so a Hugging Face checkpoint and a PEFT adapter map onto this model one to one, with no renaming.
 The model knows nothing of LoRA or quantization: those swap `nn.Linear` modules by name. The hot
-ops (RMSNorm, RoPE, SwiGLU, the loss) go through lora_engine.dispatch.
+ops (RMSNorm, RoPE, SwiGLU, attention, the loss) go through lora_engine.dispatch.
 
 Shapes: B batch, T query length, S key length (past + T), H query heads, Hk key/value heads,
 hd head dim, D hidden size, V vocabulary.
