@@ -230,8 +230,9 @@ def main():
     from lora_engine.train.precision import cpu_bf16_matmul
 
     bf16_unit = cpu_bf16_matmul()
+    skip_bf16_peer = bf16_unit is None and a.quantize == "none"  # bf16 GEMMs emulated here, ~50x slower than fp32
     names = ["ours", "hf", "ours-dense"] if a.quantize == "nf4" else ["ours", "hf", "hf-bf16"]
-    if bf16_unit is None and "hf-bf16" in names:  # bf16 GEMMs are emulated here, ~50x slower than fp32
+    if skip_bf16_peer:
         names.remove("hf-bf16")
     runs: dict[str, list] = {n: [] for n in names}
     for _ in range(a.rounds):
@@ -283,7 +284,7 @@ def main():
         lines += [f"- {peer}, {theirs['precision']}: {_summary(theirs)}",
                   f"- ratio ours / theirs ({theirs['precision']}): tokens/s {speed:.2f}x (target {targets[name]}), "
                   f"peak RSS {mem:.2f}x" + (" (target <= 0.4x)" if name == "hf" else "")]
-    if bf16_unit is None and a.quantize == "none":
+    if skip_bf16_peer:
         lines.append(f"- {peer}, bf16 autocast: not run, this CPU has no native bf16 matmul (its bf16 GEMMs are "
                      "emulated); ours ran its default here, fp32")
     dense = res.get("ours-dense")

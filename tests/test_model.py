@@ -105,7 +105,8 @@ def test_loss_with_right_padding_matches_transformers(pair, monkeypatch):
     assert not _padding_unlabelled(mask, ids)                     # a counted padding position keeps it
     masks = []
     real = dispatch.attention
-    monkeypatch.setattr(dispatch, "attention", lambda q, k, v, c, s, m=None, **kw: masks.append(m) or real(q, k, v, c, s, m, **kw))
+    monkeypatch.setattr(dispatch, "attention",
+                        lambda q, k, v, c, s, m=None, **kw: masks.append(m) or real(q, k, v, c, s, m, **kw))
     hf.zero_grad()
     ours.zero_grad()
     ref = hf(ids, attention_mask=mask, labels=labels).loss
