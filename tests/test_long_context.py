@@ -178,9 +178,11 @@ def test_plan_counts_offloaded_hidden_states_in_host_memory(tiny_dir, monkeypatc
     # At the peak (the last layer's backward) the plain checkpoint holds all six inputs on the device,
     # the offloaded one none. It holds the copy brought back instead, and a second (T, D) buffer: the
     # backward's output gradient, which autograd cannot reuse in place while the Function's backward
-    # holds it; and the layer's adapter gradients come back together, as the Function's outputs.
+    # holds it; and the layer's adapter gradients come back together, as the Function's outputs
+    # (one projection's dA and dB may overlap that peak: LoRA's backward returns them together).
+    adapter_grads = 4 * (128 + 512) * 2  # r x (in + out) of the widest projection, in bf16
     assert kept["activations"] - off["activations"] == 6 * hidden
-    assert off["transient"] - kept["transient"] <= 2 * hidden
+    assert off["transient"] - kept["transient"] <= 2 * hidden + adapter_grads
     assert kept["peak_bytes"] - off["peak_bytes"] >= 2 * hidden
 
 

@@ -31,7 +31,7 @@ from lora_engine.kernels.nf4_format import (
     NF4_CODE,
     NF4Tensor,
 )
-from lora_engine.kernels.reference import add_low_rank
+from lora_engine.kernels.reference import low_rank_linear
 
 
 def check_quantize_args(w: torch.Tensor, blocksize: int, name: str = "weight") -> None:
@@ -226,5 +226,4 @@ def nf4_lora_linear(
     `x_dropped` is dropout(x) when dropout is active, else x is used for the LoRA branch.
     """
     _check(x, w, "nf4_lora_linear")
-    xd = x if x_dropped is None else x_dropped
-    return add_low_rank(nf4_linear(x, w, bias, dequantize), xd, lora_A, lora_B, scale)
+    return low_rank_linear(x, w, bias, lora_A, lora_B, scale, x_dropped, dequantize or nf4_dequantize)

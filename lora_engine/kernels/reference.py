@@ -149,7 +149,71 @@ def lora_linear(
     when dropout is active (the caller owns the RNG), else x itself is used. Under autocast every
     tensor is cast to the autocast dtype first (kernels/amp.py); the result has that dtype.
     """
-    return add_low_rank(F.linear(x, weight, bias), x if x_dropped is None else x_dropped, lora_A, lora_B, scale)
+    return low_rank_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped)
+
+
+def low_rank_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped=None, dequantize=None) -> torch.Tensor:
+    """lora_linear's math through LowRankLinearFunction; `weight` is a dense tensor, or with
+    `dequantize` (weight, dtype) -> tensor a packed one (NF4) that is never kept dense. The adapters
+    and x_dropped are cast to x's dtype first (autograd records the casts): the low-rank term is
+    computed in the output's dtype, as add_low_rank computes it."""
+    dt = x.dtype
+    xd = None if x_dropped is None else x_dropped.to(dt)
+    return LowRankLinearFunction.apply(x, weight, bias, lora_A.to(dt), lora_B.to(dt), scale, xd, dequantize)
+
+
+class LowRankLinearFunction(torch.autograd.Function):
+    """y = x W^T (+ b) + scale * (xd A^T) B^T, forward in the ops of add_low_rank, backward by hand.
+
+    Forward is bit for bit add_low_rank(F.linear(x, W, b), ...). Backward is what autograd derives
+    from those ops, less its bookkeeping: through autograd, the in-place addmm_ on a view of the base
+    output makes backward clone the (tokens, out) gradient and copy it back (CopySlices), and x's
+    two gradient terms, dy W and dh A, are two (tokens, in) products summed by the engine. Here dy
+    is read where it lies and dx = dy W gets dh A added inside one addmm_ (its sum rounds in
+    another order than autograd's: within one rounding of the dtype). That bookkeeping was ~5% of
+    an fp32 LoRA step of SmolLM2-135M on a 2-core AVX2 CPU (bench/results/train_step.md). Saved:
+    xd, h = xd A^T (tokens, r), A, B, the weight (a reference, or the packed NF4 tensor, dequantized
+    again in backward) and x itself only when the weight takes a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, x_dropped, dequantize):
+        w = weight if dequantize is None else dequantize(weight, x.dtype)
+        xd = x if x_dropped is None else x_dropped
+        y = F.linear(x, w, bias)
+        h = F.linear(xd, lora_A).reshape(-1, lora_A.shape[0])  # (tokens, r)
+        y.view(-1, y.shape[-1]).addmm_(h, lora_B.t(), alpha=scale)
+        need_dw = dequantize is None and ctx.needs_input_grad[1]
+        ctx.scale, ctx.dequantize, ctx.dropped, ctx.x_shape = scale, dequantize, x_dropped is not None, x.shape
+        ctx.packed = weight if dequantize is not None else None
+        ctx.save_for_backward(x if need_dw else None, xd, h, lora_A, lora_B, weight if dequantize is None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xd, h, lora_A, lora_B, weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, _, need_xd, _ = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = db = da = dbb = dxd = None
+        if need_bb:  # addmm's gradient for its mat2 (B^T), transposed back
+            dbb = torch.mm(h.t(), dy2).mul_(ctx.scale).t()
+        if need_a or need_xd or (need_x and not ctx.dropped):
+            dh = torch.mm(dy2, lora_B).mul_(ctx.scale)  # (tokens, r)
+            if need_a:
+                da = torch.mm(dh.t(), xd.reshape(-1, xd.shape[-1]))
+            if need_xd:
+                dxd = torch.mm(dh, lora_A).view(ctx.x_shape)
+        if need_x:
+            w = weight if ctx.dequantize is None else ctx.dequantize(ctx.packed, dy.dtype)
+            dx2 = torch.mm(dy2, w)
+            if not ctx.dropped:
+                dx2.addmm_(dh, lora_A)
+            dx = dx2.view(ctx.x_shape)
+        if need_w:
+            dw = torch.mm(dy2.t(), x.reshape(-1, x.shape[-1]))
+        if need_b:
+            db = dy2.sum(0)
+        return dx, dw, db, da, dbb, None, dxd, None
 
 
 def add_low_rank(y: torch.Tensor, xd: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -199,11 +263,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dh = torch.zeros_like(hidden) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        bufs = _ChunkBuffers(min(chunk_size, count), weight)
         for s, e in _lce_chunks(count, chunk_size):
             idx = rows[s:e]
             h = hidden.index_select(0, idx)
             lab = labels.index_select(0, idx)
-            logits = (h @ weight.t()).float()  # (c, V)
+            logits = bufs.logits(h)  # (c, V) fp32
             target = logits.gather(1, lab[:, None]).squeeze(1)
             m = logits.amax(dim=-1, keepdim=True)
             p = logits.sub_(m).exp_()  # in place: the logits become exp(logits - max)
@@ -213,7 +278,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 p.div_(z)
                 p[torch.arange(e - s, device=p.device), lab] -= 1.0
                 if need_dh:
-                    dh.index_copy_(0, idx, (p.to(weight.dtype) @ weight).to(hidden.dtype))
+                    dh.index_copy_(0, idx, (bufs.in_weight_dtype(p) @ weight).to(hidden.dtype))
                 if need_dw:
                     dw += p.t() @ h.float()
         scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
@@ -232,6 +297,35 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         gh = (dh * g.to(dh.dtype)) if need_dh else None
         gw = (dw * g).to(wdtype) if need_dw else None
         return gh, gw, None, None, None, None
+
+
+class _ChunkBuffers:
+    """The (chunk, V) logits buffers of LinearCrossEntropyFunction's eager loop, allocated once and
+    reused by every chunk.
+
+    A chunk's logits are ~64 MB: above glibc's mmap threshold (32 MB at most), so a fresh tensor per
+    chunk is a fresh mapping whose every page faults on first write. Measured on a 2-core AVX2 EPYC
+    (torch 2.13, fp32, (341, 576) @ (576, 49152)): 64 GFLOP/s into a new tensor, 86 into a reused one.
+    torch.mm(out=) writes the same values as the allocating product (tests/test_kernels_reference.py).
+    """
+
+    def __init__(self, rows: int, weight: torch.Tensor):
+        self.weight = weight
+        shape = (rows, weight.shape[0])
+        self.product = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        self.fp32 = (self.product if weight.dtype == torch.float32
+                     else torch.empty(shape, dtype=torch.float32, device=weight.device))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(h @ weight^T) in fp32, in the reused buffer (valid until the next call)."""
+        c = h.shape[0]
+        out = torch.mm(h, self.weight.t(), out=self.product[:c])
+        return out if self.product is self.fp32 else self.fp32[:c].copy_(out)
+
+    def in_weight_dtype(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 (c, V) p in the weight's dtype for the dh product: p itself, or p rounded into
+        the product buffer (free again once logits() has been converted)."""
+        return p if self.product is self.fp32 else self.product[: p.shape[0]].copy_(p)
 
 
 def traced(t: torch.Tensor) -> bool:
