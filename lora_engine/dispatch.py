@@ -115,15 +115,18 @@ def resolve(x: torch.Tensor, backend: str | None) -> str:
 
 
 def _impl(x: torch.Tensor, backend: str | None):
-    # "cpp": the fused CPU elementwise ops for bf16 activations; cpu_fused runs the reference for the
-    # matmul ops and for inputs its C++ ops do not take (a GPU tensor, fp16, mixed dtypes). fp32 stays
-    # on the reference: its ops are single passes already, and the fp32 path is the exact one, equal
-    # to transformers' logits to 2e-5 over 30 layers (tests/test_embedded.py), which the fused ops'
-    # reordered sums and polynomial exp are not.
+    # "cpp": the fused CPU elementwise ops; cpu_fused runs the reference for the matmul ops and for
+    # inputs its C++ ops do not take (a GPU tensor, fp16, mixed dtypes). bf16 activations run them
+    # forward and backward. fp32 is the exact path, equal to transformers' logits to 2e-5 over 30
+    # layers (tests/test_embedded.py), which the fused forwards' reordered sums and polynomial exp
+    # are not: its forward stays the reference's ops and only backward is fused (one pass where
+    # SwiGLU's reference backward makes ten).
     be = resolve(x, backend)
     if be == "triton":
         return _triton_kernels()[0]
-    return cpu_fused if be == "cpp" and x.dtype == torch.bfloat16 else reference
+    if be != "cpp":
+        return reference
+    return cpu_fused if x.dtype == torch.bfloat16 else cpu_fused.exact_forward_ops
 
 
 def rms_norm(x, weight, eps, backend=None):

@@ -173,7 +173,7 @@ def test_inputs_the_cpp_ops_do_not_take_run_the_reference(case):
 
 
 @needs_ops
-def test_cpp_backend_runs_the_fused_ops_on_bf16_cpu_tensors_and_the_reference_on_fp32():
+def test_cpp_backend_runs_the_fused_ops_on_bf16_cpu_tensors_and_the_exact_forward_ones_on_fp32():
     assert dispatch.choose_backend("cpu") == "cpp"
     g = torch.randn(2, 5, dtype=torch.bfloat16, requires_grad=True)
     one = torch.ones(5, dtype=torch.bfloat16)
@@ -182,10 +182,10 @@ def test_cpp_backend_runs_the_fused_ops_on_bf16_cpu_tensors_and_the_reference_on
     # Which RMSNorm ran shows in what it saved: the C++ op's rstd is (rows,), the reference's (rows, 1).
     assert dispatch.rms_norm(g, one, 1e-6).grad_fn.saved_tensors[2].shape == (2,)
     assert dispatch.rms_norm(g, one, 1e-6, backend="torch").grad_fn.saved_tensors[2].shape == (2, 1)
-    # fp32 is the exact path (transformers' logits to 2e-5): the reference, on every backend.
+    # fp32 is the exact path (transformers' logits to 2e-5): the reference's forward, the fused backward.
     f = g.detach().float().requires_grad_()
-    assert dispatch._impl(f, None) is ref
-    assert dispatch.rms_norm(f, one.float(), 1e-6).grad_fn.saved_tensors[2].shape == (2, 1)
+    assert dispatch._impl(f, None) is cf.exact_forward_ops and dispatch._impl(f, "torch") is ref
+    assert dispatch.rms_norm(f, one.float(), 1e-6).grad_fn.saved_tensors[2].shape == (2,)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_ops)])
@@ -225,3 +225,37 @@ def test_swiglu_into_keeps_no_copy_of_the_product_and_gives_the_same_gradients(b
         results.append((y.detach(), torch.autograd.grad(y, [g, u, *params], dy)))
     (y0, grads0), (y1, grads1) = results
     assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+
+
+@needs_ops
+@settings(max_examples=8, deadline=None)
+@given(rows=st.integers(1, 6), d=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_fp32_through_dispatch_has_the_references_forward_bit_for_bit_and_the_fused_backward(rows, d, seed):
+    """fp32 on the cpp backend: forward values equal the reference's exactly (the exact path against
+    transformers), the backward runs the C++ ops, and the gradients agree with the reference's."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d, generator=g, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(d, generator=g)).requires_grad_()
+    u = torch.randn(rows, d, generator=g, requires_grad=True)
+    q = torch.randn(1, 3, rows, 2 * d, generator=g, requires_grad=True)
+    k = torch.randn(1, 1, rows, 2 * d, generator=g, requires_grad=True)
+    ang = torch.randn(rows, 2 * d, generator=g)
+    cos, sin = ang.cos(), ang.sin()
+    cases = {  # name -> (output on the cpp backend, on the torch backend, the inputs, the C++ Function)
+        "rms_norm": (lambda be: (dispatch.rms_norm(x, w, 1e-6, backend=be),), (x, w), cf.ExactForwardRMSNorm),
+        "swiglu": (lambda be: (dispatch.swiglu(x, u, backend=be),), (x, u), cf.ExactForwardSwiGLU),
+        "rope": (lambda be: dispatch.rope(q, k, cos, sin, backend=be), (q, k), cf.ExactForwardRope),
+    }
+    for name, (f, inputs, fn) in cases.items():
+        outs, want = f("cpp"), f("torch")
+        assert type(outs[0].grad_fn).__name__ == fn.__name__ + "Backward", name
+        for a, b in zip(outs, want, strict=True):
+            assert torch.equal(a, b), name
+        dys = [torch.randn(o.shape, generator=g) for o in outs]
+        got = torch.autograd.grad(outs, inputs, dys)
+        ref_grads = torch.autograd.grad(want, inputs, dys)
+        for a, b in zip(got, ref_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    with torch.no_grad():  # and without autograd, the reference itself
+        assert torch.equal(dispatch.swiglu(x, u), ref.swiglu(x, u))
+        assert torch.equal(dispatch.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))

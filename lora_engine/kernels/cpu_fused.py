@@ -1,11 +1,10 @@
 """The fused CPU ops of csrc/cpu_fused.cpp (RMSNorm, RoPE, SwiGLU) behind kernels/reference.py's functions.
 
-lora_engine.dispatch runs this module for backend "cpp" on bf16 activations (fp32 stays on the
-reference, the exact path against transformers; the fp32 ops here serve direct callers): the same
-functions, signatures and contracts as the reference, with one C++ pass over memory per op (fp32
-math, one rounding on store)
-where the reference's eager ops make one pass, and in bf16 one bf16 -> fp32 -> bf16 round trip, per
-elementwise step. Each op is a torch.library custom op (torch.ops.lora_engine.*_cpu) with a fake
+lora_engine.dispatch runs this module for backend "cpp" on bf16 activations, and
+`exact_forward_ops` on fp32 ones: the reference's forward (the exact path against transformers)
+with the fused backward. The same functions, signatures and contracts as the reference, with one
+C++ pass over memory per op (fp32 math, one rounding on store) where the reference's eager ops make
+one pass, and in bf16 one bf16 -> fp32 -> bf16 round trip, per elementwise step. Each op is a torch.library custom op (torch.ops.lora_engine.*_cpu) with a fake
 implementation, so torch.compile and FakeTensorMode trace through it; autograd is the
 autograd.Functions below, which save what the reference's Functions save, no more:
 
@@ -22,12 +21,16 @@ intermediates are not rounded. Imports torch and the kernels package only.
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import torch
+import torch.nn.functional as F
 
 from lora_engine.kernels import nf4_cpp, reference
 from lora_engine.kernels.reference import linear_cross_entropy, lora_linear
 
-__all__ = ["available", "rms_norm", "rope", "swiglu", "linear_cross_entropy", "lora_linear"]
+__all__ = ["available", "rms_norm", "rope", "swiglu", "linear_cross_entropy", "lora_linear", "exact_forward_ops"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _ready: bool | None = None  # the one probe's answer (a plain global: torch.compile reads it as a constant)
@@ -98,12 +101,26 @@ class RMSNormFunction(torch.autograd.Function):
         return dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """reference.rms_norm: x (..., D), weight (D,) -> (..., D); fused when x and weight share fp32 or bf16."""
+class ExactForwardRMSNorm(RMSNormFunction):
+    """The reference's forward (LlamaRMSNorm's ops), RMSNormFunction's fused backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = reference._rms_norm_forward(x, weight, eps)
+        rstd = rstd.reshape(-1)  # (rows,), as the C++ backward takes it
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, exact_forward: bool = False) -> torch.Tensor:
+    """reference.rms_norm: x (..., D), weight (D,) -> (..., D); fused when x and weight share fp32 or bf16.
+    exact_forward: forward in the reference's ops (its values bit for bit), only backward fused."""
     if not _served(x, weight) or x.dim() == 0 or weight.shape != x.shape[-1:]:
         return reference.rms_norm(x, weight, eps)
     if _wants_grad(x, weight):
-        return RMSNormFunction.apply(x, weight, eps)
+        return (ExactForwardRMSNorm if exact_forward else RMSNormFunction).apply(x, weight, eps)
+    if exact_forward:
+        return reference.rms_norm(x, weight, eps)
     return torch.ops.lora_engine.rms_norm_fwd_cpu(x, weight, eps)[0]
 
 
@@ -122,8 +139,19 @@ class RopeFunction(torch.autograd.Function):
         return dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None, None, None
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """reference.rope: q (B, Hq, T, hd), k (B, Hk, T, hd), cos/sin (B, T, hd) or (T, hd) -> (q', k')."""
+class ExactForwardRope(RopeFunction):
+    """The reference's forward (q cos + rotate_half(q) sin), RopeFunction's fused backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
+        return q * c + reference.rotate_half(q) * s, k * c + reference.rotate_half(k) * s
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, exact_forward: bool = False):
+    """reference.rope: q (B, Hq, T, hd), k (B, Hk, T, hd), cos/sin (B, T, hd) or (T, hd) -> (q', k').
+    exact_forward: forward in the reference's ops (its values bit for bit), only backward fused."""
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     ok = (q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and q.shape[-1] % 2 == 0
@@ -131,7 +159,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     if not ok or not _served(q, k, cos, sin):
         return reference.rope(q, k, cos, sin)
     if _wants_grad(q, k):
-        return RopeFunction.apply(q, k, cos, sin)
+        return (ExactForwardRope if exact_forward else RopeFunction).apply(q, k, cos, sin)
+    if exact_forward:
+        return reference.rope(q, k, cos, sin)
     return torch.ops.lora_engine.rope_cpu(q, k, cos, sin, False)
 
 
@@ -150,10 +180,34 @@ class SwiGLUFunction(torch.autograd.Function):
         return dgate if ctx.needs_input_grad[0] else None, dup if ctx.needs_input_grad[1] else None
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """reference.swiglu: silu(gate) * up for gate, up of one shape and dtype."""
+class ExactForwardSwiGLU(SwiGLUFunction):
+    """The reference's forward (F.silu(gate) * up), SwiGLUFunction's fused backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, exact_forward: bool = False) -> torch.Tensor:
+    """reference.swiglu: silu(gate) * up for gate, up of one shape and dtype.
+    exact_forward: forward in the reference's ops (its values bit for bit), only backward fused."""
     if not _served(gate, up) or gate.shape != up.shape:
         return reference.swiglu(gate, up)
     if _wants_grad(gate, up):
-        return SwiGLUFunction.apply(gate, up)
+        return (ExactForwardSwiGLU if exact_forward else SwiGLUFunction).apply(gate, up)
+    if exact_forward:
+        return reference.swiglu(gate, up)
     return torch.ops.lora_engine.swiglu_fwd_cpu(gate, up)
+
+
+# What the "cpp" backend runs on fp32 CPU tensors (dispatch._impl): forward values are the reference's
+# bit for bit (transformers' logits to 2e-5 over 30 layers, tests/test_embedded.py); backward is the
+# fused C++ ops, whose gradients agree with the reference's within fp32 rounding.
+exact_forward_ops = SimpleNamespace(
+    linear_cross_entropy=linear_cross_entropy,
+    lora_linear=lora_linear,
+    rms_norm=functools.partial(rms_norm, exact_forward=True),
+    rope=functools.partial(rope, exact_forward=True),
+    swiglu=functools.partial(swiglu, exact_forward=True),
+)
