@@ -4,9 +4,10 @@ lora_engine.dispatch runs this module for backend "cpp" on bf16 activations, and
 `exact_forward_ops` on fp32 ones: the reference's forward (the exact path against transformers)
 with the fused backward. The same functions, signatures and contracts as the reference, with one
 C++ pass over memory per op (fp32 math, one rounding on store) where the reference's eager ops make
-one pass, and in bf16 one bf16 -> fp32 -> bf16 round trip, per elementwise step. Each op is a torch.library custom op (torch.ops.lora_engine.*_cpu) with a fake
-implementation, so torch.compile and FakeTensorMode trace through it; autograd is the
-autograd.Functions below, which save what the reference's Functions save, no more:
+one pass, and in bf16 one bf16 -> fp32 -> bf16 round trip, per elementwise step. Each op is a
+torch.library custom op (torch.ops.lora_engine.*_cpu) with a fake implementation, so torch.compile
+and FakeTensorMode trace through it; autograd is the autograd.Functions below, which save what the
+reference's Functions save, no more:
 
   rms_norm  y = w * round(x * rstd), rstd = 1/sqrt(mean(x^2) + eps)   saves x, w and the fp32 rstd (rows,)
   rope      q' = q cos + rotate_half(q) sin (and k')                   saves cos and sin
