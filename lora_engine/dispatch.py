@@ -13,8 +13,9 @@ and an explicit `backend=` argument, nothing else:
   backend="cpp"     the reference with the C++ ops of csrc/ plugged in where there is one: NF4
                     quantize (CPU) and dequantize (CPU; CUDA when built with nvcc), bit-identical to
                     "torch" (kernels/nf4_cpp.py); RMSNorm, RoPE and SwiGLU fused on bf16 CPU tensors
-                    (kernels/cpu_fused.py), equal to "torch" within bf16's rounding; fp32 runs
-                    the reference, the exact path.
+                    (kernels/cpu_fused.py), equal to "torch" within bf16's rounding; on fp32 ones
+                    the reference's forward, bit for bit (the exact path), and the fused backward,
+                    equal to "torch"'s gradients within fp32's rounding.
                     Ops and inputs without a C++ version run the reference.
 
 Modules carry a `backend` attribute (None by default) that they pass through; set it on a whole
