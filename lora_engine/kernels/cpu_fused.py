@@ -146,8 +146,7 @@ class ExactForwardRope(RopeFunction):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
-        return q * c + reference.rotate_half(q) * s, k * c + reference.rotate_half(k) * s
+        return reference._rope_forward(q, k, cos.unsqueeze(1), sin.unsqueeze(1))  # (B, 1, T, hd): over heads
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, exact_forward: bool = False):

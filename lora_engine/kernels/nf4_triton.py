@@ -462,7 +462,7 @@ def nf4_lora_linear(
     check_lora(op, x, *w.shape, lora_A, lora_B, x_dropped)
     xd = x if x_dropped is None else x_dropped
     # NF4LinearFunction returns a view of its 2-D result: autograd forbids updating it in place.
-    return add_low_rank(NF4LinearFunction.apply(x, w, bias), xd, lora_A, lora_B, scale, inplace=False)
+    return add_low_rank(NF4LinearFunction.apply(x, w, bias), xd, lora_A, lora_B, scale)
 
 
 def compile_specs() -> list:

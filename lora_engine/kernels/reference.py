@@ -70,13 +70,18 @@ def _rotate_half_t(y: torch.Tensor) -> torch.Tensor:
     return torch.cat((y[..., half:], -y[..., :half]), dim=-1)
 
 
+def _rope_forward(q, k, cos, sin):
+    """(q cos + rotate_half(q) sin, k cos + rotate_half(k) sin), cos and sin already broadcastable."""
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
 class RopeFunction(torch.autograd.Function):
     """q' = q*cos + R(q)*sin is linear in q: dq = g*cos + R^T(g*sin). Saves cos and sin only."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return _rope_forward(q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, gq, gk):
@@ -97,7 +102,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return RopeFunction.apply(q, k, cos, sin)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return _rope_forward(q, k, cos, sin)
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -156,17 +161,18 @@ def low_rank_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped=None, dequ
     """lora_linear's math through LowRankLinearFunction; `weight` is a dense tensor, or with
     `dequantize` (weight, dtype) -> tensor a packed one (NF4) that is never kept dense. The adapters
     and x_dropped are cast to x's dtype first (autograd records the casts): the low-rank term is
-    computed in the output's dtype, as add_low_rank computes it."""
+    computed in the output's dtype."""
     dt = x.dtype
     xd = None if x_dropped is None else x_dropped.to(dt)
     return LowRankLinearFunction.apply(x, weight, bias, lora_A.to(dt), lora_B.to(dt), scale, xd, dequantize)
 
 
 class LowRankLinearFunction(torch.autograd.Function):
-    """y = x W^T (+ b) + scale * (xd A^T) B^T, forward in the ops of add_low_rank, backward by hand.
+    """y = x W^T (+ b) + scale * (xd A^T) B^T: forward in torch ops, backward by hand.
 
-    Forward is bit for bit add_low_rank(F.linear(x, W, b), ...). Backward is what autograd derives
-    from those ops, less its bookkeeping: through autograd, the in-place addmm_ on a view of the base
+    Forward is F.linear, then the rank-r product added into y in place by one addmm_ (no (..., out)
+    temporaries). Backward is what autograd derives from those ops, less its bookkeeping: through
+    autograd, the in-place addmm_ on a view of the base
     output makes backward clone the (tokens, out) gradient and copy it back (CopySlices), and x's
     two gradient terms, dy W and dh A, are two (tokens, in) products summed by the engine. Here dy
     is read where it lies and dx = dy W gets dh A added inside one addmm_ (its sum rounds in
@@ -217,23 +223,18 @@ class LowRankLinearFunction(torch.autograd.Function):
 
 
 def add_low_rank(y: torch.Tensor, xd: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                 scale: float, inplace: bool = True) -> torch.Tensor:
-    """y + scale * (xd A^T) B^T inside one GEMM: no (..., out) temporaries for the product and its scaling.
-
-    inplace=True updates y itself (y must be a fresh base output whose backward never reads it, e.g.
-    F.linear's); pass False when y is a view made inside a custom autograd Function, which autograd
-    forbids to modify in place. PEFT rounds the product before scaling; the difference is within one
-    rounding of the dtype. The term is computed in y's dtype whatever xd, A and B hold and whatever
-    autocast says: the in-place addmm_ is not autocast, and y's dtype is the caller's choice.
+                 scale: float) -> torch.Tensor:
+    """y + scale * (xd A^T) B^T inside one GEMM, out of place, through autograd: for a base output y
+    that autograd forbids to update in place (a view made inside a custom autograd Function, as
+    kernels/nf4_triton.py's). LowRankLinearFunction does the same sum in place, with its own backward.
+    PEFT rounds the product before scaling; the difference is within one rounding of the dtype. The
+    term is computed in y's dtype whatever xd, A and B hold and whatever autocast says.
     """
     dt = y.dtype
     xd, lora_A, lora_B = xd.to(dt), lora_A.to(dt), lora_B.to(dt)  # no-ops when they match
     with amp.off(y):
         h = F.linear(xd, lora_A).reshape(-1, lora_A.shape[0])  # (tokens, r)
-        if not inplace:
-            return torch.addmm(y.reshape(-1, y.shape[-1]), h, lora_B.t(), alpha=scale).view(y.shape)
-        y.view(-1, y.shape[-1]).addmm_(h, lora_B.t(), alpha=scale)
-    return y
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h, lora_B.t(), alpha=scale).view(y.shape)
 
 
 def _lce_chunks(n: int, chunk: int):
