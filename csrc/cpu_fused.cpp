@@ -345,6 +345,111 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dy, const at
   return {dg, du};
 }
 
+// ---- attention: the softmax of a block of scores, and its gradient ------------------------------
+// s (R, n): raw scores q.k of R query rows against n keys, fp32 or (bf16 attention) bf16, read
+// as fp32 (kernels/attention_cpu.py makes them with one GEMM per chunk of queries). Row r is the
+// query at position start + r % period; causal: it sees keys 0..position, the rest of its row gets
+// 0. x = s * scale; forward: lse = m + log(sum exp(x - m)), m the row's max, and p = exp(x - lse)
+// stored as T; backward, with dp (R, n) = dO.V (s's dtype) and delta = rowsum(dO * O) (fp32): p
+// again, and ds = p (dp - delta) scale as T. All arithmetic in fp32.
+inline int64_t visible(int64_t r, int64_t n, int64_t start, int64_t period, bool causal) {
+  return causal ? std::min<int64_t>(n, start + r % period + 1) : n;
+}
+
+template <typename S, typename T>
+LE_CLONES void softmax_row(const S* s, T* p, float* lse, int64_t n, int64_t lim, float scale, ExpRange b) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < lim; ++j) m = std::max(m, load(s, j) * scale);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < lim; ++j) sum += exp_approx(load(s, j) * scale - m, b);
+  const float l = m + std::log(sum);
+  *lse = l;
+#pragma omp simd
+  for (int64_t j = 0; j < lim; ++j) store(p, j, exp_approx(load(s, j) * scale - l, b));
+  for (int64_t j = lim; j < n; ++j) store(p, j, 0.0f);
+}
+
+template <typename S, typename T>
+LE_CLONES void softmax_bwd_row(const S* s, const S* dp, float lse, float delta, T* p, T* ds, int64_t n,
+                               int64_t lim, float scale, ExpRange b) {
+#pragma omp simd
+  for (int64_t j = 0; j < lim; ++j) {
+    const float pj = exp_approx(load(s, j) * scale - lse, b);
+    store(p, j, pj);
+    store(ds, j, pj * (load(dp, j) - delta) * scale);
+  }
+  for (int64_t j = lim; j < n; ++j) {
+    store(p, j, 0.0f);
+    store(ds, j, 0.0f);
+  }
+}
+
+void check_scores(const char* op, const at::Tensor& t, const char* name, int64_t period, at::ScalarType out) {
+  TORCH_CHECK(out == at::kFloat || out == at::kBFloat16, "lora_engine::", op, ": out_dtype must be float32 or bfloat16");
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == out) && t.dim() >= 1,
+              "lora_engine::", op, ": ", name, " must be a float32 CPU tensor or one of out_dtype ", out, ", got ",
+              t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(period >= 1, "lora_engine::", op, ": period must be >= 1, got ", period);
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_softmax_fwd_cpu(const at::Tensor& s, double scale, int64_t start,
+                                                        int64_t period, bool causal, at::ScalarType out_dtype) {
+  check_scores("attn_softmax_fwd_cpu", s, "s", period, out_dtype);
+  auto sc = s.contiguous();
+  const int64_t n = s.size(-1), rows = n ? s.numel() / n : 0;
+  auto p = at::empty(s.sizes(), s.options().dtype(out_dtype));
+  auto lse = at::empty({rows}, s.options().dtype(at::kFloat));
+  dispatch_fp32_bf16(s.scalar_type(), [&](auto in_tag) {
+    dispatch_fp32_bf16(out_dtype, [&](auto tag) {
+      using in_t = decltype(in_tag);
+      using scalar_t = decltype(tag);
+      const in_t* sp = sc.data_ptr<in_t>();
+      scalar_t* pp = p.data_ptr<scalar_t>();
+      float* lp = lse.data_ptr<float>();
+      at::parallel_for(0, rows, grain(n), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r)
+          softmax_row(sp + r * n, pp + r * n, lp + r, n, visible(r, n, start, period, causal),
+                      static_cast<float>(scale), kExpRange);
+      });
+    });
+  });
+  return {p, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_softmax_bwd_cpu(const at::Tensor& s, const at::Tensor& dp, const at::Tensor& lse,
+                                                        const at::Tensor& delta, double scale, int64_t start,
+                                                        int64_t period, bool causal, at::ScalarType out_dtype) {
+  check_scores("attn_softmax_bwd_cpu", s, "s", period, out_dtype);
+  check_like("attn_softmax_bwd_cpu", dp, "dp", s, "s");
+  const int64_t n = s.size(-1), rows = n ? s.numel() / n : 0;
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == rows && delta.scalar_type() == at::kFloat &&
+                  delta.numel() == rows,
+              "lora_engine::attn_softmax_bwd_cpu: lse and delta must be float32 with one value per row (", rows, ")");
+  auto sc = s.contiguous(), dc = dp.contiguous(), lc = lse.contiguous(), ec = delta.contiguous();
+  auto p = at::empty(s.sizes(), s.options().dtype(out_dtype));
+  auto ds = at::empty(s.sizes(), s.options().dtype(out_dtype));
+  dispatch_fp32_bf16(s.scalar_type(), [&](auto in_tag) {
+    dispatch_fp32_bf16(out_dtype, [&](auto tag) {
+      using in_t = decltype(in_tag);
+      using scalar_t = decltype(tag);
+      const in_t* sp = sc.data_ptr<in_t>();
+      const in_t* dpp = dc.data_ptr<in_t>();
+      const float* lp = lc.data_ptr<float>();
+      const float* ep = ec.data_ptr<float>();
+      scalar_t* pp = p.data_ptr<scalar_t>();
+      scalar_t* dsp = ds.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, grain(n), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r)
+          softmax_bwd_row(sp + r * n, dpp + r * n, lp[r], ep[r], pp + r * n, dsp + r * n, n,
+                          visible(r, n, start, period, causal), static_cast<float>(scale), kExpRange);
+      });
+    });
+  });
+  return {p, ds};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lora_engine, m) {
@@ -353,6 +458,10 @@ TORCH_LIBRARY_FRAGMENT(lora_engine, m) {
   m.def("rope_cpu(Tensor q, Tensor k, Tensor cos, Tensor sin, bool backward) -> (Tensor, Tensor)");
   m.def("swiglu_fwd_cpu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_bwd_cpu(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("attn_softmax_fwd_cpu(Tensor s, float scale, int start, int period, bool causal, ScalarType out_dtype) -> "
+        "(Tensor, Tensor)");
+  m.def("attn_softmax_bwd_cpu(Tensor s, Tensor dp, Tensor lse, Tensor delta, float scale, int start, int period, "
+        "bool causal, ScalarType out_dtype) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lora_engine, CPU, m) {
@@ -361,4 +470,6 @@ TORCH_LIBRARY_IMPL(lora_engine, CPU, m) {
   m.impl("rope_cpu", &rope_cpu);
   m.impl("swiglu_fwd_cpu", &swiglu_fwd_cpu);
   m.impl("swiglu_bwd_cpu", &swiglu_bwd_cpu);
+  m.impl("attn_softmax_fwd_cpu", &attn_softmax_fwd_cpu);
+  m.impl("attn_softmax_bwd_cpu", &attn_softmax_bwd_cpu);
 }

@@ -15,7 +15,8 @@ and an explicit `backend=` argument, nothing else:
                     "torch" (kernels/nf4_cpp.py); RMSNorm, RoPE and SwiGLU fused on bf16 CPU tensors
                     (kernels/cpu_fused.py), equal to "torch" within bf16's rounding; on fp32 ones
                     the reference's forward, bit for bit (the exact path), and the fused backward,
-                    equal to "torch"'s gradients within fp32's rounding.
+                    equal to "torch"'s gradients within fp32's rounding. Causal self-attention on bf16 CPU
+                    tensors by batched GEMMs and a fused C++ softmax (kernels/attention_cpu.py).
                     Ops and inputs without a C++ version run the reference.
 
 Modules carry a `backend` attribute (None by default) that they pass through; set it on a whole
@@ -30,7 +31,7 @@ import weakref
 
 import torch
 
-from lora_engine.kernels import cpu_fused, nf4_cpp, nf4_reference, reference
+from lora_engine.kernels import attention_cpu, cpu_fused, nf4_cpp, nf4_reference, reference
 from lora_engine.kernels.nf4_format import NF4Tensor
 
 BACKENDS = ("torch", "triton", "cpp")
@@ -196,8 +197,12 @@ def swiglu_into(gate, up, fn, backend=None):
 
 def attention(q, k, v, is_causal, scale, mask=None, backend=None):
     """softmax(q k^T * scale [+ mask | causal]) v; q (B, H, T, hd), k and v (B, Hk, S, hd) -> (B, H, T, hd).
-    Every backend runs reference.attention (torch's SDPA: its flash kernels on CPU and GPU, what
-    transformers runs)."""
+    "cpp" on CPU runs kernels/attention_cpu.py for bf16 inputs it serves (no mask, T == S); fp32 stays
+    on SDPA, the exact path against transformers, and faster than attention_cpu on a 2-core AVX2
+    EPYC (bench/results/attention_cpu.md); every other case, and the "torch" and "triton" backends,
+    run reference.attention (torch's SDPA)."""
+    if mask is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp" and attention_cpu.served(q, k, v):
+        return attention_cpu.attention(q, k, v, is_causal, scale)
     return reference.attention(q, k, v, is_causal, scale, mask)
 
 

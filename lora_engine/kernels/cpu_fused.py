@@ -69,6 +69,16 @@ def _register_fakes() -> None:
     def _swiglu_fwd(gate, up):
         return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
+    if hasattr(torch.ops.lora_engine, "attn_softmax_fwd_cpu"):  # kernels/attention_cpu.py's ops
+        @torch.library.register_fake("lora_engine::attn_softmax_fwd_cpu")
+        def _attn_fwd(s, scale, start, period, causal, out_dtype):
+            rows = s.numel() // s.shape[-1] if s.shape[-1] else 0
+            return s.new_empty(s.shape, dtype=out_dtype), s.new_empty((rows,))
+
+        @torch.library.register_fake("lora_engine::attn_softmax_bwd_cpu")
+        def _attn_bwd(s, dp, lse, delta, scale, start, period, causal, out_dtype):
+            return s.new_empty(s.shape, dtype=out_dtype), s.new_empty(s.shape, dtype=out_dtype)
+
     @torch.library.register_fake("lora_engine::swiglu_bwd_cpu")
     def _swiglu_bwd(dy, gate, up):
         return (torch.empty_like(gate, memory_format=torch.contiguous_format),

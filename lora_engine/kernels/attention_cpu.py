@@ -1,0 +1,166 @@
+"""Causal self-attention on the CPU: GEMMs at the machine's BLAS rate, the softmax fused in C++.
+
+Why: torch's CPU flash attention (what F.scaled_dot_product_attention runs for these inputs, and
+what transformers runs) reaches ~25% of the bf16 GEMM rate on a Zen 4 and is a fifth of the bf16
+LoRA step there. Here the products are a few batched GEMMs per chunk of queries (torch.bmm:
+oneDNN, ~370 GFLOP/s in bf16 on a 2-core Zen 4 at these shapes) and everything between them is
+one C++ pass per block of scores (csrc/cpu_fused.cpp: attn_softmax_fwd_cpu, attn_softmax_bwd_cpu).
+Measured in bench/results/attention_cpu.md.
+
+The algorithm, for q (B, H, S, D) and k, v (B, Hk, S, D) with G = H / Hk query heads per key head:
+the G heads that read one key head are adjacent in q, so they are one matrix of G*c query rows
+against that head's keys (K and V are never repeated, and dK, dV come out summed over the G
+heads), and the queries go in chunks of c positions, so that a causal chunk only meets the keys it
+can see (keys 0..st+c: 5/8 of the square at c = S/4 instead of all of it).
+
+  forward, per chunk   s = Q_c K^T   p, lse = softmax(s * scale) (C++, fp32)   O_c = p V
+  saved                q, k, v, O and lse (B*Hk, G, S) fp32: what SDPA's flash attention saves
+  backward, per chunk  s again, dp = dO_c V^T   p, ds = p (dp - rowsum(dO*O)) scale (C++, fp32)
+                       dV += p^T dO_c   dK += ds^T Q_c   dQ_c = ds K
+
+Precision. fp32 inputs: every step in fp32. bf16 inputs: every GEMM takes bf16 operands and
+accumulates in fp32 (oneDNN), rounding its result to bf16 once; so s and dp are rounded to bf16
+before the fp32 softmax and its gradient, as in transformers' eager attention under bf16 (its
+matmul, then softmax(..., dtype=float32)); p and ds are rounded to bf16 for the other products, as
+FlashAttention-2 does on GPUs; dK and dV are summed over chunks in fp32. (torch has no CPU GEMM
+with bf16 operands and an fp32 result; widening q, k, dO, v to fp32 for s and dp, the first
+version of this file, ran those products at fp32's rate: 0.9x SDPA overall.)
+tests/test_attention_cpu.py bounds the error against a float64 reference by twice that of
+transformers' eager bf16 attention (fp32: of torch's SDPA in fp32).
+
+Memory: the transient scores of one chunk, B*H*c*S values, bounded by choosing c (_CHUNK_VALUES:
+1 MB per bf16 buffer, so that s, dp, p and ds of a chunk stay in the caches: at c = S, 4.7 MB
+each at the benchmark's shape, the softmax ran from memory at 3x the time); nothing S x S is kept
+for backward. Imports torch and the
+kernels package only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lora_engine.kernels import cpu_fused
+
+__all__ = ["attention", "served"]
+
+_CHUNK_VALUES = 1 << 19  # scores per chunk: B*H*c*S <= this, unless c would fall below 16
+
+
+def served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether attention() runs these inputs (else the caller runs SDPA): CPU, fp32 or bf16, one
+    dtype, (B, H, S, D) with H a multiple of k's heads, keys as many as queries, the ops built."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.dim() == 4
+            and k.dim() == 4 and v.shape == k.shape and k.dtype == q.dtype == v.dtype
+            and k.device == q.device == v.device and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
+            and k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0 and q.shape[2] == k.shape[2]
+            and q.shape[2] >= 1 and q.shape[3] >= 1 and cpu_fused.available()
+            and hasattr(torch.ops.lora_engine, "attn_softmax_fwd_cpu"))
+
+
+def _chunk(B: int, H: int, S: int) -> int:
+    """Query positions per chunk: S when one chunk's scores fit _CHUNK_VALUES, else S split evenly
+    into as few chunks as fit (each a multiple of 16, at least 16)."""
+    most = _CHUNK_VALUES // max(B * H * S, 1)
+    if most >= S:
+        return S
+    n = -(-S // max(most, 16))
+    per = -(-S // n)  # ceil(S / n) positions per chunk, rounded up to a multiple of 16
+    return min(S, -(-per // 16) * 16)
+
+
+def _blocks(S: int, c: int):
+    for st in range(0, S, c):
+        yield st, min(c, S - st)
+
+
+def _rows(t: torch.Tensor, st: int, cc: int, S: int) -> torch.Tensor:
+    """(B*Hk, G, S, D) -> the G*cc query rows of positions st..st+cc, (B*Hk, G*cc, D): a view when
+    they are all of S, else a copy of that slice."""
+    R, G, _, D = t.shape
+    return t.reshape(R, G * S, D) if cc == S else t[:, :, st:st + cc].reshape(R, G * cc, D)
+
+
+def _forward(q, k, v, scale: float, causal: bool, c: int):
+    B, H, S, D = q.shape
+    Hk = k.shape[1]
+    G = H // Hk
+    qg = q.view(B * Hk, G, S, D)  # the G query heads that read key head h are adjacent in q
+    kf, vf = k.view(B * Hk, S, D), v.view(B * Hk, S, D)
+    o = torch.empty_like(qg)
+    lse = q.new_empty(B * Hk, G, S, dtype=torch.float32)
+    for st, cc in _blocks(S, c):
+        n = st + cc if causal else S
+        s = torch.bmm(_rows(qg, st, cc, S), kf[:, :n].transpose(1, 2))  # (B*Hk, G*cc, n) in q's dtype
+        p, l = torch.ops.lora_engine.attn_softmax_fwd_cpu(s, scale, st, cc, causal, q.dtype)
+        del s
+        if cc == S:
+            lse.view(-1).copy_(l)
+            torch.bmm(p, vf, out=o.view(B * Hk, G * S, D))
+        else:
+            lse[:, :, st:st + cc] = l.view(B * Hk, G, cc)
+            o[:, :, st:st + cc] = torch.bmm(p, vf[:, :n]).view(B * Hk, G, cc, D)
+    return o.view(B, H, S, D), lse
+
+
+def _backward(do, q, k, v, o, lse, scale: float, causal: bool, c: int):
+    B, H, S, D = q.shape
+    Hk = k.shape[1]
+    G = H // Hk
+    qg, dog = q.view(B * Hk, G, S, D), do.reshape(B * Hk, G, S, D)
+    kf, vf = k.view(B * Hk, S, D), v.view(B * Hk, S, D)
+    delta = (dog.float() * o.view(B * Hk, G, S, D).float()).sum(-1)  # (B*Hk, G, S) fp32: rowsum(dO * O)
+    dq = torch.empty_like(qg)
+    if c >= S:
+        dk, dv = torch.empty_like(kf), torch.empty_like(vf)
+    else:  # summed over chunks in fp32
+        dk, dv = (torch.zeros(B * Hk, S, D, dtype=torch.float32) for _ in range(2))
+    for st, cc in _blocks(S, c):
+        n = st + cc if causal else S
+        qb, dob = _rows(qg, st, cc, S), _rows(dog, st, cc, S)
+        s = torch.bmm(qb, kf[:, :n].transpose(1, 2))
+        dp = torch.bmm(dob, vf[:, :n].transpose(1, 2))
+        l, e = (_rows(t[..., None], st, cc, S).view(B * Hk, G * cc) for t in (lse, delta))
+        p, ds = torch.ops.lora_engine.attn_softmax_bwd_cpu(s, dp, l, e, scale, st, cc, causal, q.dtype)
+        del s, dp
+        if cc == S:
+            torch.bmm(p.transpose(1, 2), dob, out=dv)
+            torch.bmm(ds.transpose(1, 2), qb, out=dk)
+            torch.bmm(ds, kf, out=dq.view(B * Hk, G * S, D))
+        else:
+            dv[:, :n] += torch.bmm(p.transpose(1, 2), dob)
+            dk[:, :n] += torch.bmm(ds.transpose(1, 2), qb)
+            dq[:, :, st:st + cc] = torch.bmm(ds, kf[:, :n]).view(B * Hk, G, cc, D)
+    return dq.view(B, H, S, D), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, c):
+        o, lse = _forward(q, k, v, scale, causal, c)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale, ctx.causal, ctx.c = scale, causal, c
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, ctx.causal, ctx.c)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None,
+              chunk: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, causal) v for q (B, H, S, D), k and v (B, Hk, S, D), H % Hk == 0 ->
+    (B, H, S, D), contiguous; what F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+    scale=scale, enable_gqa=True) computes. Inputs must pass served(). chunk: query positions per
+    block (None: as many as keep one block's scores near 8 MB)."""
+    if not served(q, k, v):
+        raise ValueError(f"attention_cpu.attention does not take q {tuple(q.shape)} {q.dtype} {q.device}, "
+                         f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype} (see served())")
+    B, H, S, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    c = _chunk(B, H, S) if chunk is None else max(1, min(int(chunk), S))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Attention.apply(q, k, v, scale, causal, c)
+    return _forward(q, k, v, scale, causal, c)[0]
