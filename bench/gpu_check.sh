@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check: the GPU test subset (every kernel against its reference at Llama-3-8B shapes, bf16 and
-# fp16: `pytest -m gpu`), the kernel benchmarks (bench/kernels.py), the NF4 Triton tests and
+# fp16: `pytest -m gpu`), the kernel benchmarks (bench/kernel_bench.py), the NF4 Triton tests and
 # benchmark (bench/nf4_triton.py) and the memory plan against max_memory_allocated (bench/plan_vs_gpu.py),
 # in under 10 minutes. Writes one summary, gpu_check.md, under $OUT (or bench/results/
 # when OUT is unset), beside the benchmarks' CSV and table; a failing or timed-out step is reported
@@ -90,7 +90,7 @@ run_step gpu-tests "$T_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider --cont
 
 # 4. Kernel benchmarks (rows are written after each case, so a time limit keeps what was measured).
 #    torch.compile recompiles for every shape: it is timed at 2048 tokens only.
-run_step kernel-bench "$T_BENCH" $PY bench/kernels.py --device cuda --tokens 512 2048 8192 --compile-tokens 2048 \
+run_step kernel-bench "$T_BENCH" $PY bench/kernel_bench.py --device cuda --tokens 512 2048 8192 --compile-tokens 2048 \
     --reps 20 --out-dir "$RESULTS"
 
 # 5. NF4 Triton kernels: their tests run on CUDA whenever the interpreter is off (no `gpu` mark),

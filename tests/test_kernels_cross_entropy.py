@@ -155,7 +155,7 @@ def _peak_bytes(loss_fn, n, h, v):
     return m.peak
 
 
-@pytest.mark.skipif(device() != "cpu", reason="the CPU measurement; GPU peak memory is in bench/kernels.py")
+@pytest.mark.skipif(device() != "cpu", reason="the CPU measurement; GPU peak memory is in bench/kernel_bench.py")
 def test_memory_is_chunk_times_vocab_not_tokens_times_vocab():
     h, v, chunk = 16, 512, 8
     logits_chunk = chunk * v * 4  # one fp32 (chunk, V) block

@@ -13,7 +13,7 @@ Saved: gate and up (the inputs; the model keeps them alive anyway as the down_pr
 parents). Recomputed in backward: s. Math in fp32, one rounding on store.
 
 Memory-bound: forward reads 2n and writes n elements, backward reads 3n and writes 2n; the
-benchmark (bench/kernels.py) reports GB/s against the measured copy bandwidth.
+benchmark (bench/kernel_bench.py) reports GB/s against the measured copy bandwidth.
 """
 
 from __future__ import annotations

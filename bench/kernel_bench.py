@@ -12,9 +12,9 @@ Every provider is validated against the reference before it is timed. Rows are a
 bench/results/kernels.csv (date, git revision, device, versions) and a markdown table is written
 to bench/results/kernels_<gpu|cpu>.md (atomically).
 
-    python bench/kernels.py                       # GPU: Llama-3-8B shapes; CPU: small shapes
-    python bench/kernels.py --tokens 512 2048 --no-compile --out-dir $OUT
-    python bench/kernels.py --tokens 512 2048 8192 --compile-tokens 2048   # what bench/gpu_check.sh runs
+    python bench/kernel_bench.py                       # GPU: Llama-3-8B shapes; CPU: small shapes
+    python bench/kernel_bench.py --tokens 512 2048 --no-compile --out-dir $OUT
+    python bench/kernel_bench.py --tokens 512 2048 8192 --compile-tokens 2048   # what bench/gpu_check.sh runs
 
 Targets (GPU only, checked by reading the table, not asserted): LoRA full <= 1.1x base; RMSNorm,
 RoPE, SwiGLU >= 85% of copy bandwidth; chunked CE <= 1.1x the unfused time with >= 4x less memory.
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if dev == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py: --device cuda but no CUDA GPU is visible")
+        raise SystemExit("bench/kernel_bench.py: --device cuda but no CUDA GPU is visible")
     dtype = getattr(torch, a.dtype or ("bfloat16" if dev == "cuda" else "float32"))
     shapes = GPU_SHAPES if dev == "cuda" else CPU_SHAPES
     tokens = a.tokens or ([512, 2048, 8192] if dev == "cuda" else [128, 512])
