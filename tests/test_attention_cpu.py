@@ -104,7 +104,8 @@ def test_attention_step_shape(dtype):
     # 256 positions, q a transposed view as the decoder passes it; one chunk and several.
     inputs, grads = _inputs(2, 9, 3, 256, 64)
     inputs[0] = inputs[0].transpose(1, 2).contiguous().transpose(1, 2)
-    assert ac._chunk(2, 9, 64) == 64 and ac._chunk(4, 9, 256) == 64 and ac._chunk(4, 9, 4096) == 16
+    assert ac._chunk(2, 9, 64) == 64 and ac._chunk(4, 9, 256) == 64 and ac._chunk(1, 9, 30) == 30
+    assert ac._chunk(1, 9, 4096) == 128 and ac._chunk(4, 9, 4096) == 64 and ac._chunk(1, 32, 1 << 17) == 16
     for chunk in (None, 64):
         _check(inputs, grads, dtype, True, chunk)
 

@@ -28,10 +28,13 @@ version of this file, ran those products at fp32's rate: 0.9x SDPA overall.)
 tests/test_attention_cpu.py bounds the error against a float64 reference by twice that of
 transformers' eager bf16 attention (fp32: of torch's SDPA in fp32).
 
-Memory: the transient scores of one chunk, B*H*c*S values, bounded by choosing c (_CHUNK_VALUES:
-1 MB per bf16 buffer, so that s, dp, p and ds of a chunk stay in the caches: at c = S, 4.7 MB
-each at the benchmark's shape, the softmax ran from memory at 3x the time); nothing S x S is kept
-for backward. Imports torch and the
+Memory and speed: the transient scores of one chunk, B*H*c*S values per buffer, and the number of
+chunks, S/c, set by _chunk: c = 64 query positions up to S = 1024, 128 beyond, halved (not below
+16) while one buffer would pass _CHUNK_VALUES (32 MB in bf16). Measured on a 2-core Zen 4, fwd+bwd
+against SDPA (bench/results/attention_cpu.md): at B=4, S=256, c=64 is 1.78x and c=S 1.10x (four
+4.7 MB buffers fall out of the caches); at B=1, S=1024, c=64 1.28x (c=32 1.03x, 256 0.96x); at
+S=2048 and 4096, c=128 1.36x and 1.38x, while the earlier rule (c shrinking as S grew, to 16 at
+4096) made it 0.75x and 0.59x. Nothing S x S is kept for backward. Imports torch and the
 kernels package only.
 """
 
@@ -43,7 +46,7 @@ from lora_engine.kernels import cpu_fused
 
 __all__ = ["attention", "served"]
 
-_CHUNK_VALUES = 1 << 19  # scores per chunk: B*H*c*S <= this, unless c would fall below 16
+_CHUNK_VALUES = 1 << 24  # at most this many scores per chunk buffer (B*H*c*S), unless c would fall below 16
 
 
 def served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -58,14 +61,12 @@ def served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _chunk(B: int, H: int, S: int) -> int:
-    """Query positions per chunk: S when one chunk's scores fit _CHUNK_VALUES, else S split evenly
-    into as few chunks as fit (each a multiple of 16, at least 16)."""
-    most = _CHUNK_VALUES // max(B * H * S, 1)
-    if most >= S:
-        return S
-    n = -(-S // max(most, 16))
-    per = -(-S // n)  # ceil(S / n) positions per chunk, rounded up to a multiple of 16
-    return min(S, -(-per // 16) * 16)
+    """Query positions per chunk: 64 up to S = 1024, 128 beyond (the fastest measured), at most S,
+    halved while B*H*c*S passes _CHUNK_VALUES, but not below 16."""
+    c = min(S, 64 if S <= 1024 else 128)
+    while c > 16 and B * H * c * S > _CHUNK_VALUES:
+        c //= 2
+    return max(1, c)
 
 
 def _blocks(S: int, c: int):
