@@ -154,7 +154,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
     """softmax(q k^T * scale, causal) v for q (B, H, S, D), k and v (B, Hk, S, D), H % Hk == 0 ->
     (B, H, S, D), contiguous; what F.scaled_dot_product_attention(q, k, v, is_causal=causal,
     scale=scale, enable_gqa=True) computes. Inputs must pass served(). chunk: query positions per
-    block (None: as many as keep one block's scores near 8 MB)."""
+    block (None: _chunk's rule, 64 up to S = 1024 and 128 beyond, smaller for a large B*H*S)."""
     if not served(q, k, v):
         raise ValueError(f"attention_cpu.attention does not take q {tuple(q.shape)} {q.dtype} {q.device}, "
                          f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype} (see served())")
