@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import header_lines, machine  # noqa: E402
+from _env import cpu_model, header_lines, machine  # noqa: E402
 
 from lora_engine.kernels import attention_cpu as ac  # noqa: E402
 from lora_engine.kernels import reference as ref  # noqa: E402
@@ -34,14 +34,6 @@ def _gemm_flops(B, H, S, D, chunk, mode):
     forward (q k^T, p v), 5 more in backward (q k^T again, dO v^T, p^T dO, ds^T q, ds k)."""
     per = sum(2 * B * H * min(chunk, S - st) * (st + min(chunk, S - st)) * D for st in range(0, S, chunk))
     return per * (2 if mode == "fwd" else 7)
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def _run(fn, inputs, grad, mode):
@@ -84,7 +76,7 @@ def main(argv=None):
     print("All results match. Starting benchmarks.", file=sys.stderr)
     from lora_engine.train.precision import cpu_bf16_matmul
 
-    print("\n".join(header_lines({**machine(), "cpu_model": _cpu_model(), "native_bf16_matmul": cpu_bf16_matmul(),
+    print("\n".join(header_lines({**machine(), "cpu_model": cpu_model() or "unknown", "native_bf16_matmul": cpu_bf16_matmul(),
                                    "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg())})))
     print(f"- dtype {args.dtype}, q ({B}, 9, {S}, 64) over k, v ({B}, 3, {S}, 64), causal; {args.reps} alternating "
           "calls per provider; times in ms: median (p20..p80)\n")

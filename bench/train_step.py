@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from _env import cpu_model  # bench/ is the script's folder, first on sys.path
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.md"
 
@@ -191,16 +193,6 @@ def _versions() -> dict:
     return out
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.processor()} x{os.cpu_count()}"
-
-
 def _summary(r: dict) -> str:
     t = r["tokens_per_s"]
     s = r["step_s"]
@@ -244,7 +236,7 @@ def main():
         sys.exit("our worker failed; nothing to report")
     peer = "transformers + PEFT" + (" + bitsandbytes" if a.quantize == "nf4" else "")
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"- machine: {_cpu()}, native bf16 matmul: {bf16_unit or 'none'} (train/precision.py), shared with other "
+             f"- machine: {cpu_model()} x{os.cpu_count()}, native bf16 matmul: {bf16_unit or 'none'} (train/precision.py), shared with other "
              f"agents' jobs (load average at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f}); threads: "
              f"{a.threads or 'torch default'}",
              f"- versions: {json.dumps(_versions())}; git {_git()}",
