@@ -123,6 +123,12 @@ def test_attention_no_grad_and_fake():
         out = ac.attention(fq, fk, fv, True, chunk=4)
         out.sum().backward()
         assert out.shape == q.shape and fk.grad.shape == k.shape
+    with FakeTensorMode() as mode:  # bf16 scores: lse stays fp32, as the real op returns it
+        fs = mode.from_tensor(torch.randn(6, 5).bfloat16())
+        p, lse = torch.ops.lora_engine.attn_softmax_fwd_cpu(fs, 0.5, 0, 3, True, torch.bfloat16)
+        assert p.dtype == torch.bfloat16 and lse.dtype == torch.float32 and lse.shape == (6,)
+    real = torch.ops.lora_engine.attn_softmax_fwd_cpu(torch.randn(6, 5).bfloat16(), 0.5, 0, 3, True, torch.bfloat16)
+    assert real[1].dtype == torch.float32
 
 
 @needs_ops

@@ -73,7 +73,7 @@ def _register_fakes() -> None:
         @torch.library.register_fake("lora_engine::attn_softmax_fwd_cpu")
         def _attn_fwd(s, scale, start, period, causal, out_dtype):
             rows = s.numel() // s.shape[-1] if s.shape[-1] else 0
-            return s.new_empty(s.shape, dtype=out_dtype), s.new_empty((rows,))
+            return s.new_empty(s.shape, dtype=out_dtype), s.new_empty((rows,), dtype=torch.float32)
 
         @torch.library.register_fake("lora_engine::attn_softmax_bwd_cpu")
         def _attn_bwd(s, dp, lse, delta, scale, start, period, causal, out_dtype):
