@@ -5,9 +5,10 @@
 // reference's eager ops make one pass (and one bf16 <-> fp32 round trip) per elementwise step.
 //
 // Versions:
-//   rms_norm_fwd_cpu  a row per iteration: sum of squares (fp32), rstd = 1 / sqrt(mean + eps), y =
-//                     w * round_T(x * rstd) (LlamaRMSNorm's order: the normalised row is rounded to
-//                     x's dtype before the weight multiplies it). Returns y and the fp32 rstd (rows,).
+//   rms_norm_fwd_cpu  a row per iteration: sum of squares (fp32, in fixed_order_sum's order), rstd =
+//                     1 / sqrt(mean + eps), y = w * round_T(x * rstd) (LlamaRMSNorm's order: the
+//                     normalised row is rounded to x's dtype before the weight multiplies it).
+//                     Returns y and the fp32 rstd (rows,).
 //   rms_norm_bwd_cpu  per row: c = mean(dn * n) with dn = gy * w, n = x * rstd, dx = rstd * (dn - n * c);
 //                     dw = sum over rows of gy * n, one fp32 partial row per task, summed at the end.
 //   rope_cpu          per (b, h, t) row of head_dim: o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2 (forward)
@@ -117,15 +118,35 @@ void check_like(const char* op, const at::Tensor& t, const char* name, const at:
               " has ", like.sizes());
 }
 
+// ---- sums in one fixed order ---------------------------------------------------------------------
+// An omp simd reduction leaves the order of a sum to the vector width GCC picks for the loop, and
+// that differs between the AVX-512 and the AVX2 clone, and between a bf16 and an fp32 load of the
+// same values (on an AVX2 CPU a bf16 softmax row summed its exps in another order than the same row
+// in fp32: lse differed in the last bit). Here term j always goes to partial sum j % 16 and the 16
+// partials are added pairwise (l + 8, + 4, + 2, + 1): the same bits on every CPU and for every input
+// dtype, and still one or two vectors of accumulators for GCC.
+constexpr int kLanes = 16;
+template <typename F>
+__attribute__((always_inline)) inline float fixed_order_sum(int64_t n, F term) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) acc[l] += term(j + l);
+  }
+  for (int l = 0; j < n; ++j, ++l) acc[l] += term(j);
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
 // ---- RMSNorm -------------------------------------------------------------------------------------
 template <typename T>
 LE_CLONES void rms_fwd_row(const T* x, const T* w, T* y, float* rstd, int64_t d, float eps) {
-  float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t j = 0; j < d; ++j) {
+  const float ss = fixed_order_sum(d, [&](int64_t j) __attribute__((always_inline)) {
     const float v = load(x, j);
-    ss += v * v;
-  }
+    return v * v;
+  });
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
   *rstd = r;
 #pragma omp simd
@@ -136,9 +157,9 @@ template <typename T>
 LE_CLONES void rms_bwd_row(const T* gy, const T* x, const T* w, float r, T* dx, float* dw, int64_t d) {
   // The reference's order of operations (n = x * rstd, dn = gy * w, c = mean(dn * n)), so that
   // where dn - n * c cancels (a row of one element, dx ~ 0) both round alike.
-  float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-  for (int64_t j = 0; j < d; ++j) dot += (load(gy, j) * load(w, j)) * (load(x, j) * r);
+  const float dot = fixed_order_sum(d, [&](int64_t j) __attribute__((always_inline)) {
+    return (load(gy, j) * load(w, j)) * (load(x, j) * r);
+  });
   const float c = dot / static_cast<float>(d);
 #pragma omp simd
   for (int64_t j = 0; j < d; ++j) {
@@ -361,9 +382,9 @@ LE_CLONES void softmax_row(const S* s, T* p, float* lse, int64_t n, int64_t lim,
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < lim; ++j) m = std::max(m, load(s, j) * scale);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < lim; ++j) sum += exp_approx(load(s, j) * scale - m, b);
+  const float sum = fixed_order_sum(lim, [&](int64_t j) __attribute__((always_inline)) {
+    return exp_approx(load(s, j) * scale - m, b);
+  });
   const float l = m + std::log(sum);
   *lse = l;
 #pragma omp simd

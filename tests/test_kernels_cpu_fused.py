@@ -7,6 +7,7 @@ ops do not take; the backend choice. The op tests skip, saying so, only where th
 built (CI builds it); the fallback tests always run.
 """
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -62,6 +63,36 @@ def test_rms_norm_many_tasks(dtype):
     dy = torch.randn(4, 75, 576, dtype=torch.float64)
     check_op(lambda x, w: cf.rms_norm(x, w, 1e-5), lambda x, w: ref.rms_norm(x, w, 1e-5), [x, w], [dy], dtype, "cpu",
              names=["x", "weight"])
+
+
+def _fixed_order_sum(terms: torch.Tensor) -> torch.Tensor:
+    """csrc/cpu_fused.cpp's fixed_order_sum over the last dimension, in fp32 one addition at a time:
+    term j into partial sum j % 16 (in order of j), then the 16 partials pairwise (l + 8, 4, 2, 1)."""
+    acc = torch.zeros(*terms.shape[:-1], 16)
+    for j in range(terms.shape[-1]):
+        acc[..., j % 16] += terms[..., j]
+    for w in (8, 4, 2, 1):
+        acc[..., :w] += acc[..., w:2 * w]
+    return acc[..., 0]
+
+
+@needs_ops
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 4), d=st.integers(1, 80), dtype=DTYPES, seed=st.integers(0, 2**16))
+def test_rms_norm_sums_in_one_order_on_every_cpu(rows, d, dtype, seed):
+    # The row's sum of squares has a fixed order, not the vector width's of the clone the CPU runs
+    # (AVX-512, AVX2, baseline): rstd equals that order's fp32 arithmetic bit for bit, so the op
+    # gives the same bits on every CI machine, and for a bf16 row and the same values in fp32.
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, d, generator=g) * 3).to(dtype)
+    w = torch.ones(d, dtype=dtype)
+    _, rstd = torch.ops.lora_engine.rms_norm_fwd_cpu(x, w, 1e-6)
+    ss = _fixed_order_sum(x.float() * x.float()).numpy()
+    one, eps = np.float32(1), np.float32(1e-6)  # numpy: IEEE fp32 division and sqrt (torch's are off by ulps)
+    want = one / np.sqrt(ss / np.float32(d) + eps)
+    assert want.dtype == np.float32 and np.array_equal(rstd.numpy(), want)
+    if dtype == torch.bfloat16:
+        assert torch.equal(rstd, torch.ops.lora_engine.rms_norm_fwd_cpu(x.float(), w.float(), 1e-6)[1])
 
 
 @needs_ops
