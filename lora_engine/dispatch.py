@@ -198,8 +198,8 @@ def swiglu_into(gate, up, fn, backend=None):
 def attention(q, k, v, is_causal, scale, mask=None, backend=None):
     """softmax(q k^T * scale [+ mask | causal]) v; q (B, H, T, hd), k and v (B, Hk, S, hd) -> (B, H, T, hd).
     "cpp" on CPU runs kernels/attention_cpu.py for bf16 inputs it serves (no mask, T == S); fp32 stays
-    on SDPA, the exact path against transformers, and faster than attention_cpu on a 2-core AVX2
-    EPYC (bench/results/attention_cpu.md); every other case, and the "torch" and "triton" backends,
+    on SDPA, the exact path against transformers, and no slower than attention_cpu on a 2-core
+    AVX2 EPYC (0.85x-1.03x, bench/results/attention_cpu.md); every other case, and the "torch" and "triton" backends,
     run reference.attention (torch's SDPA)."""
     if mask is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp" and attention_cpu.served(q, k, v):
         return attention_cpu.attention(q, k, v, is_causal, scale)
