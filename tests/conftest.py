@@ -146,9 +146,11 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _cpu_without_bf16(monkeypatch):
-    """--precision auto asks the CPU (train/precision.py): bf16 where it multiplies bf16 natively. Every
-    test sees a CPU without, so that no test depends on the machine it runs on (CI may have either);
-    tests/test_precision.py sets the capability per case and tests both branches and the detection."""
+    """--precision auto asks the CPU (train/precision.py): bf16 where it multiplies bf16 natively (and an
+    explicit bf16 or fp16 warns where it does not). Every test sees a CPU with neither, so that no test
+    depends on the machine it runs on (CI may have either); tests/test_precision.py sets the
+    capabilities per case and tests both branches and the detection."""
     from lora_engine.train import precision
 
     monkeypatch.setattr(precision, "cpu_bf16_matmul", lambda: None)
+    monkeypatch.setattr(precision, "cpu_fp16_matmul", lambda: None)

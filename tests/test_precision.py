@@ -16,7 +16,7 @@ from lora_engine.models.decoder import CausalLM
 from lora_engine.train import precision as P
 from lora_engine.train import step as trainer
 from lora_engine.train.command import main
-from lora_engine.train.precision import cpu_bf16_matmul, cpuinfo_bf16, resolve_precision
+from lora_engine.train.precision import cpu_bf16_matmul, cpu_fp16_matmul, cpuinfo_bf16, resolve_precision
 from tests.conftest import TOLERANCE
 from tests.test_train_support import chat_records, write_jsonl
 
@@ -40,7 +40,7 @@ def test_auto_is_bf16_on_a_cpu_with_native_bf16_matmul(monkeypatch, feature):
     p = resolve_precision("cpu", "auto")
     assert (p.compute, p.storage, p.autocast) == (BF16, BF16, BF16)
     assert feature.upper() in p.reason
-    assert p.to_dict() == {"compute": "bf16", "storage": "bf16", "autocast": True, "reason": p.reason}
+    assert p.to_dict() == {"compute": "bf16", "storage": "bf16", "autocast": True, "reason": p.reason, "warning": None}
     assert trainer.autocast_dtype("cpu", "auto") == BF16
 
 
@@ -59,6 +59,36 @@ def test_an_explicit_choice_is_kept_whatever_the_cpu(monkeypatch, choice, dtype)
         p = resolve_precision("cpu", choice)
         assert (p.compute, p.storage) == (dtype, dtype) and p.reason == f"--precision {choice}"
         assert p.autocast == (None if choice == "fp32" else dtype)
+
+
+def test_an_explicit_half_precision_warns_on_a_cpu_that_emulates_it(monkeypatch):
+    # bf16 without AVX512-BF16/AMX (or fp16 without AVX512-FP16/AMX-FP16): torch's GEMMs ~70x slower
+    # than fp32. The choice is kept (the user asked for it), with a warning that says what auto does.
+    monkeypatch.setattr(P, "cpu_fp16_matmul", lambda: None)
+    for choice, need in [("bf16", "AVX512-BF16 or AMX"), ("fp16", "AVX512-FP16 or AMX-FP16")]:
+        _cpu_has(monkeypatch, None)
+        p = resolve_precision("cpu", choice)
+        assert p.compute == {"bf16": BF16, "fp16": torch.float16}[choice]
+        assert f"--precision {choice} on a CPU without native {choice} matmul (no {need})" in p.warning
+        assert "~70x slower than fp32" in p.warning and "--precision auto picks fp32" in p.warning
+        assert p.to_dict()["warning"] == p.warning
+    _cpu_has(monkeypatch, "avx512_bf16")
+    monkeypatch.setattr(P, "cpu_fp16_matmul", lambda: "avx512_fp16")
+    assert resolve_precision("cpu", "bf16").warning is None and resolve_precision("cpu", "fp16").warning is None
+    _cpu_has(monkeypatch, None)
+    monkeypatch.setattr(P, "cpu_fp16_matmul", lambda: None)
+    assert resolve_precision("cpu", "fp32").warning is None and resolve_precision("cpu", "auto").warning is None
+    assert resolve_precision("cuda", "bf16").warning is None  # a GPU's own rule; nothing emulated is known
+
+
+def test_fp16_detection_asks_torch_then_proc_cpuinfo(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: True, raising=False)
+    assert cpu_fp16_matmul() == "amx_fp16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False, raising=False)
+    for flags, want in [(SPR_FLAGS + "flags\t\t: avx512_fp16\n", "avx512_fp16"), (SPR_FLAGS, None),
+                        (ZEN4_FLAGS, None), ("", None), ("model name\t: avx512_fp16\nflags\t: avx2\n", None)]:
+        monkeypatch.setattr(P, "_read_cpuinfo", lambda f=flags: f)
+        assert cpu_fp16_matmul() == want, flags
 
 
 def test_a_bad_choice_names_the_flag():
@@ -263,6 +293,21 @@ def test_the_run_prints_and_records_the_choice(monkeypatch, folder, data, tmp_pa
     assert rc == 0
     rec = json.loads((out / "run.json").read_text())["precision"]
     assert rec["compute"] == want and rec["storage"] == want and rec["autocast"] == (want == "bf16")
+    assert rec["warning"] is None
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("precision: "))
     assert line.startswith(f"precision: {want} (auto: ") and f"stored in {'bfloat16' if want == 'bf16' else 'float32'}" \
         in line, line
+
+
+def test_the_run_warns_of_an_emulated_bf16_and_records_it(monkeypatch, folder, data, tmp_path, caplog):
+    _cpu_has(monkeypatch, None)
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        rc = main(["--model", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "1",
+                   "--batch-size", "4", "--r", "4", "--max-length", "64", "--device", "cpu", "--precision", "bf16",
+                   "--no-general-eval", "--no-plot", "--save-every", "0"])
+    assert rc == 0  # the choice is the user's: kept, with the warning
+    rec = json.loads((out / "run.json").read_text())["precision"]
+    assert rec["compute"] == "bf16" and "torch emulates its bf16 GEMMs" in rec["warning"]
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and r.getMessage().startswith("precision: ")]
+    assert len(warned) == 1 and rec["warning"] in warned[0].getMessage()

@@ -356,6 +356,8 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log, dist=None) -> tupl
     stored = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
     log(f"precision: {prec.name} ({prec.reason}); frozen weights stored in {', '.join(stored) or '-'}, "
         f"LoRA adapters and optimizer state in float32")
+    if prec.warning:
+        logger.warning(f"precision: {prec.warning}")
     base_dir = getattr(model, "source_dir", None)
     manifest = runs.new_manifest(dataclasses.asdict(cfg),
                                  runs.hash_files(runs.model_weight_files(base_dir)) if base_dir else {},
