@@ -35,6 +35,73 @@ def test_choice_logprobs_equal_one_sequence_at_a_time(model):
         assert g == pytest.approx(want, abs=1e-4)
 
 
+class _ForwardOnly(torch.nn.Module):
+    """The model seen through forward alone (no hidden_states): choice_logprobs_many's other path."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids, attention_mask=None):
+        return self.inner(ids, attention_mask=attention_mask)
+
+
+class _SpacelessChoices(FakeTokenizer):
+    """" b" encodes as "b": one-character choices are one token, so no choice has a second token."""
+
+    def encode(self, text, *a, **kw):
+        return super().encode(text[1:] if text.startswith(" ") else text, *a, **kw)
+
+
+QUERIES = [("Question: 2+2?\nAnswer:", ["4", "four hundred and six", "x"]), ("a", ["b", "cd"]),
+           ("In the beginning God created the heaven", ["and the earth", "x", "yz", "w"]), ("q", ["only one"])]
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 40, 100_000])  # one query a forward, a few, all in one
+@pytest.mark.parametrize("forward_only", [False, True])
+@pytest.mark.parametrize("tok, queries", [(TOK, QUERIES), (_SpacelessChoices(), [("ab", ["c", "d"]), ("e", ["f"])])],
+                         ids=["choices of many tokens", "one-token choices"])
+def test_many_queries_batched_equal_each_sequence_alone(model, monkeypatch, batch_tokens, forward_only, tok, queries):
+    """Contexts read once into a KV cache and continued once per choice, several queries in one
+    forward, the head only at the positions that predict a choice: each choice still gets the sum of
+    log p(token | everything before) that its sequence gets alone."""
+    from lora_engine.train import suite
+
+    monkeypatch.setattr(suite, "_BATCH_TOKENS", batch_tokens)
+    got = suite.choice_logprobs_many(_ForwardOnly(model) if forward_only else model, tok, queries)
+    assert [len(g) for g in got] == [len(c) for _, c in queries]
+    for (ctx, choices), lps in zip(queries, got):
+        for c, g in zip(choices, lps):
+            ids = tok.encode(ctx) + tok.encode(" " + c)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
+            n = len(tok.encode(ctx))
+            assert g == pytest.approx(sum(float(logp[t - 1, ids[t]]) for t in range(n, len(ids))), abs=1e-4)
+
+
+def test_score_suite_batches_the_choices_and_scores_as_item_by_item(model, monkeypatch):
+    """A suite of multiple-choice and generation items mixed: the points are those of the items scored
+    one by one (score_item), whatever the batching."""
+    from lora_engine.train import suite
+
+    items = [{"kind": "multiple_choice", "question": f"which {i}?", "choices": ["ab", "cd", "ef"], "answer": i % 3}
+             for i in range(5)]
+    items.insert(2, {"kind": "generation", "prompt": "Say hi", "expected": "hi", "match": "contains", "chat": False})
+    one_by_one = [score_item(model, TOK, it) for it in items]
+    for batch_tokens in (1, 10_000):
+        monkeypatch.setattr(suite, "_BATCH_TOKENS", batch_tokens)
+        got = score_suite(model, TOK, items)
+        assert got["correct"] == sum(one_by_one) and got["items"] == 6
+        assert got["multiple_choice"] == {"items": 5, "correct": sum(one_by_one[:2] + one_by_one[3:])}
+
+
+def test_an_empty_context_is_refused():
+    from lora_engine.train.suite import choice_logprobs_many
+
+    with pytest.raises(ValueError, match="encodes to no tokens: ''"):
+        choice_logprobs_many(torch.nn.Linear(1, 1), TOK, [("", ["a"])])
+
+
 def test_multiple_choice_picks_the_likeliest_choice(model):
     ctx = "Question: which?\nAnswer:"
     lp = choice_logprobs(model, TOK, ctx, ["ab", "cd", "ef"])

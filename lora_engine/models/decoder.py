@@ -79,6 +79,20 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0  # tokens already stored
 
+    def select_rows(self, rows: torch.Tensor, extra: int) -> KVCache:
+        """A new cache whose row i holds this cache's row rows[i] (its pos positions), with room for
+        `extra` more: one prefix read once, then continued several ways (suite.py's choices)."""
+        new = object.__new__(KVCache)
+        new.max_len, new.pos = self.pos + extra, self.pos
+
+        def pick(t):
+            out = t.new_zeros((rows.numel(), t.shape[1], new.max_len, t.shape[3]))
+            out[:, :, : self.pos] = t[:, :, : self.pos].index_select(0, rows)
+            return out
+
+        new.k, new.v = [pick(t) for t in self.k], [pick(t) for t in self.v]
+        return new
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         t = k.shape[2]
         if self.pos + t > self.max_len:
