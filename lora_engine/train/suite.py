@@ -112,8 +112,9 @@ def choice_logprobs_many(model, tokenizer, queries: list[tuple[str, list[str]]])
     that predict a choice token go through the head (not (rows, T, V) logits); the log-softmax is
     fp32. Measured on a 2-core AVX2 EPYC, the embedded 100-item suite on SmolLM2-135M in fp32 (7,840
     tokens as whole sequences, 3,015 unpadded this way): one item a forward with full logits 24.5 s,
-    whole sequences batched 18.2 s, this 9.6-12.3 s; the same 74 points. A model without hidden_states and new_cache (a test's fake) gets
-    its logits from forward, whole sequences, one query a call.
+    whole sequences batched 18.2 s, this 9.6-12.3 s; the same 74 points. A model without
+    hidden_states and new_cache (a test's fake) gets its logits from forward, whole sequences, one
+    query a call.
     """
     if not queries:
         return []
