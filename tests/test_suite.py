@@ -95,11 +95,15 @@ def test_score_suite_batches_the_choices_and_scores_as_item_by_item(model, monke
         assert got["multiple_choice"] == {"items": 5, "correct": sum(one_by_one[:2] + one_by_one[3:])}
 
 
-def test_an_empty_context_is_refused():
+def test_an_empty_context_or_choice_is_refused():
     from lora_engine.train.suite import choice_logprobs_many
 
     with pytest.raises(ValueError, match="encodes to no tokens: ''"):
         choice_logprobs_many(torch.nn.Linear(1, 1), TOK, [("", ["a"])])
+    with pytest.raises(ValueError, match=r"choices that encode to tokens, got \[\]"):
+        choice_logprobs_many(torch.nn.Linear(1, 1), TOK, [("q", [])])
+    with pytest.raises(ValueError, match=r"choices that encode to tokens, got \['a', ''\]"):
+        choice_logprobs_many(torch.nn.Linear(1, 1), _SpacelessChoices(), [("q", ["a", ""])])
 
 
 def test_multiple_choice_picks_the_likeliest_choice(model):

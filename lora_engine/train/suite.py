@@ -125,7 +125,11 @@ def choice_logprobs_many(model, tokenizer, queries: list[tuple[str, list[str]]])
         ctx = tokenizer.encode(context)
         if not ctx:
             raise ValueError(f"a multiple-choice context encodes to no tokens: {context!r}")
-        encoded.append((ctx, [tokenizer.encode(" " + c) for c in choices]))
+        conts = [tokenizer.encode(" " + c) for c in choices]
+        if not conts or not all(conts):
+            raise ValueError(f"a multiple-choice item needs choices that encode to tokens, got {choices!r} "
+                             f"after {context!r}")
+        encoded.append((ctx, conts))
     shared = hasattr(model, "hidden_states") and hasattr(model, "new_cache")
     out: list[list[float]] = []
     start = 0
