@@ -280,7 +280,11 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None):
         """Logits (B, T, V) in the model's dtype."""
-        h = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache)
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head on final-norm hidden states h (..., D) -> (..., V): forward's last step, also for a
+        few positions picked out of hidden_states (train/suite.py)."""
         if self.head_on_cpu:
             return F.linear(h, self.head_weight(h.device), self.lm_head.bias)
         return self.lm_head(h)

@@ -113,7 +113,7 @@ def choice_logprobs_many(model, tokenizer, queries: list[tuple[str, list[str]]])
     fp32. Measured on a 2-core AVX2 EPYC, the embedded 100-item suite on SmolLM2-135M in fp32 (7,840
     tokens as whole sequences, 3,015 unpadded this way): one item a forward with full logits 24.5 s,
     whole sequences batched 18.2 s, this 9.6-12.3 s; the same 74 points. A model without
-    hidden_states and new_cache (a test's fake) gets its logits from forward, whole sequences, one
+    hidden_states, new_cache and logits (a test's fake) gets its logits from forward, whole sequences, one
     query a call.
     """
     if not queries:
@@ -130,7 +130,7 @@ def choice_logprobs_many(model, tokenizer, queries: list[tuple[str, list[str]]])
             raise ValueError(f"a multiple-choice item needs choices that encode to tokens, got {choices!r} "
                              f"after {context!r}")
         encoded.append((ctx, conts))
-    shared = hasattr(model, "hidden_states") and hasattr(model, "new_cache")
+    shared = all(hasattr(model, a) for a in ("hidden_states", "new_cache", "logits"))
     out: list[list[float]] = []
     start = 0
     while start < len(encoded):
@@ -155,12 +155,6 @@ def _padded(seqs: list[list[int]], pad: int, device) -> torch.Tensor:
     return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
 
 
-def _head(model, h: torch.Tensor) -> torch.Tensor:
-    if getattr(model, "head_on_cpu", False):
-        return torch.nn.functional.linear(h, model.head_weight(h.device), model.lm_head.bias)
-    return model.lm_head(h)
-
-
 def _sums(logits: torch.Tensor, targets: list[int], rows: list[int], n: int, device) -> list[float]:
     """Per row, the sum of log_softmax(logits)[i, targets[i]] over the i with rows[i] == row."""
     tgt = torch.tensor(targets, device=device, dtype=torch.long)
@@ -181,18 +175,17 @@ def _score_shared(model, group, pad: int, device) -> list[list[float]]:
     ctxs = [ctx for ctx, _ in group]
     conts = [c for _, cs in group for c in cs]
     owner = [q for q, (_, cs) in enumerate(group) for _ in cs]
+    owner_t = torch.tensor(owner, device=device)
     cache = model.new_cache(len(ctxs), max(map(len, ctxs)))
     h_ctx = model.hidden_states(_padded(ctxs, pad, device), cache=cache)  # (queries, Tc, D)
     # The first token of every choice is predicted by its context's last position ...
-    last = torch.tensor([len(ctxs[o]) - 1 for o in owner], device=device)
-    h = [h_ctx[torch.tensor(owner, device=device), last]]
+    ctx_len = torch.tensor([len(ctxs[o]) for o in owner], device=device)
+    h = [h_ctx[owner_t, ctx_len - 1]]
     targets, rows = [c[0] for c in conts], list(range(len(conts)))
     longest = max(map(len, conts))
     if longest > 1:  # ... the others by the choice's own tokens before them, read on the context's cache
-        n = longest - 1
-        rc = cache.select_rows(torch.tensor(owner, device=device), n)
-        ids = _padded([c[:-1] or [pad] for c in conts], pad, device)[:, :n]
-        ctx_len = torch.tensor([len(ctxs[o]) for o in owner], device=device)
+        ids = _padded([c[:-1] or [pad] for c in conts], pad, device)  # (rows, longest - 1)
+        rc = cache.select_rows(owner_t, ids.shape[1])
         positions = ctx_len[:, None] + torch.arange(ids.shape[1], device=device)[None]
         mask = torch.cat([torch.arange(cache.pos, device=device)[None] < ctx_len[:, None],
                           torch.ones(len(conts), ids.shape[1], dtype=torch.bool, device=device)], 1)
@@ -203,7 +196,7 @@ def _score_shared(model, group, pad: int, device) -> list[list[float]]:
                         torch.tensor(j_idx, device=device, dtype=torch.long)])
         targets += [t for c in conts for t in c[1:]]
         rows += r_idx
-    return _per_query(_sums(_head(model, torch.cat(h)), targets, rows, len(conts), device), group)
+    return _per_query(_sums(model.logits(torch.cat(h)), targets, rows, len(conts), device), group)
 
 
 def _score_whole(model, group, pad: int, device) -> list[list[float]]:
@@ -265,11 +258,11 @@ def score_suite(model, tokenizer, items: list[dict]) -> dict:
     was = model.training
     model.eval()
     try:
-        choice = [it for it in items if it["kind"] == "multiple_choice"]  # batched: choice_logprobs_many
-        picked = iter([_picked(lp, it) for lp, it in
-                       zip(choice_logprobs_many(model, tokenizer, [_choice_query(it) for it in choice]), choice)])
-        results = [(it["kind"], next(picked) if it["kind"] == "multiple_choice" else score_item(model, tokenizer, it))
-                   for it in items]
+        choice = [i for i, it in enumerate(items) if it["kind"] == "multiple_choice"]  # scored in one batched call
+        lps = choice_logprobs_many(model, tokenizer, [_choice_query(items[i]) for i in choice])
+        picked = {i: _picked(lp, items[i]) for i, lp in zip(choice, lps)}
+        results = [(it["kind"], picked[i] if i in picked else score_item(model, tokenizer, it))
+                   for i, it in enumerate(items)]
     finally:
         model.train(was)
     out = {"score": 100.0 * sum(ok for _, ok in results) / len(results), "items": len(results),
