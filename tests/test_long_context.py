@@ -95,6 +95,53 @@ def test_offload_replays_dropout_and_autocast():
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_rebuilt_norms_and_swiglu_give_the_step_that_keeps_them(quantize, amp, monkeypatch):
+    """The layers rebuild both norms' outputs and the SwiGLU product in backward (dispatch.rebuilt_into):
+    the same loss and gradients as a model that keeps them, bit for bit, also under autocast and
+    with LoRA dropout; and autograd keeps neither the normed inputs nor the product."""
+    import gc
+    import weakref
+
+    from lora_engine import dispatch
+
+    def saved_widths(model):
+        widths = []
+
+        def pack(t):
+            widths.append(t.shape[-1] if t.dim() == 3 else None)
+            return t
+
+        pack.composable = True
+        model.eval()  # no dropout: the projections keep their input itself, not a dropped copy
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.loss(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
+        model.train()
+        return widths
+
+    model = tiny_lora(quantize, dropout=0.1)
+    rebuilt, widths = step(model, amp), saved_widths(model)
+    monkeypatch.setattr(dispatch, "rebuilt_into", lambda make, fn: fn(make()))
+    kept, kept_widths = step(model, amp), saved_widths(model)
+    assert_same_step(kept, rebuilt, exact=True)
+    monkeypatch.undo()
+    # A forward whose loss is dropped without backward frees its graph (what the hooks saw included:
+    # the attention output, which the attention saves as its own output).
+    outputs, real = [], dispatch.attention
+    monkeypatch.setattr(dispatch, "attention", lambda *a, **k: outputs.append(real(*a, **k)) or outputs[-1])
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    model.loss(ids, ids)
+    storages = [weakref.ref(o.untyped_storage()) for o in outputs]
+    outputs.clear()
+    gc.collect()
+    assert storages and all(r() is None for r in storages)
+    layers, hidden, ffn = TINY["num_hidden_layers"], TINY["hidden_size"], TINY["intermediate_size"]
+    if amp is None:  # (under autocast the projections keep their own bf16 copies of fp32 inputs)
+        assert kept_widths.count(hidden) - widths.count(hidden) == (3 + 2) * layers  # n1 by q, k, v; n2 by gate, up
+        assert kept_widths.count(ffn) - widths.count(ffn) == layers  # the SwiGLU product, by down_proj
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
 @pytest.mark.parametrize("chunk", [1, 8, 30])
 def test_chunked_mlp_equals_the_unchunked_step(quantize, chunk):
     model = tiny_lora(quantize)

@@ -34,6 +34,10 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return dispatch.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
+    def into(self, x, fn):
+        """fn(self(x)), keeping no copy of self(x) for backward (dispatch.rms_norm_into)."""
+        return dispatch.rms_norm_into(x, self.weight, self.eps, fn, backend=self.backend)
+
 
 class Rotary(nn.Module):
     """cos/sin tables for rotate-half RoPE, computed in fp32 like transformers, cast to x's dtype."""
@@ -160,8 +164,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # rms_norm_into: backward rebuilds each norm's output from x for the projections that keep it.
+        x = x + self.input_layernorm.into(x, lambda h: self.self_attn(h, cos, sin, mask, cache, layer))
+        return x + self.post_attention_layernorm.into(x, self.mlp)
 
 
 class Backbone(nn.Module):
