@@ -1,10 +1,12 @@
-"""Peak RSS of a LoRA step with and without the MLP's SwiGLU recomputation (dispatch.swiglu_into).
+"""Peak RSS of a LoRA step with and without rebuilding activations in backward (dispatch.rebuilt_into).
 
 SmolLM2-135M (the embedded model) at our default precision, LoRA r=16 on the 7 projections, AdamW,
 sequence 256, for each --batch: one fresh process per (batch, mode) runs a warm-up step and one
-timed step and reports its peak RSS (ru_maxrss, which includes the model itself). "plain" feeds
-down_proj the SwiGLU output as before (its LoRA backward keeps it); "recompute" is the model's
-path, which rebuilds it in backward. The difference per layer and token is what it saves.
+timed step and reports its peak RSS (ru_maxrss, which includes the model itself). Modes: "plain"
+keeps everything the projections save (the normed inputs of q, k, v and of gate, up; the SwiGLU
+output of down_proj); "swiglu" rebuilds only the SwiGLU output (dispatch.swiglu_into, the path
+before the norms were rebuilt); "recompute" is the model's path, which rebuilds all three. The
+differences per layer and token are what each saves.
 
     python bench/mlp_memory.py --batch 2 4
 """
@@ -29,8 +31,10 @@ def worker(batch: int, seq: int, mode: str) -> dict:
     from lora_engine import dispatch
     from lora_engine.train.precision import resolve_precision
 
-    if mode == "plain":  # the path before swiglu_into: down_proj keeps the SwiGLU output
-        dispatch.swiglu_into = lambda g, u, fn, backend=None: fn(dispatch.swiglu(g, u, backend=backend))
+    if mode == "plain":  # nothing rebuilt: the projections keep what they read
+        dispatch.rebuilt_into = lambda make, fn: fn(make())
+    elif mode == "swiglu":  # the norms' outputs kept, the SwiGLU output rebuilt
+        dispatch.rms_norm_into = lambda x, w, eps, fn, backend=None: fn(dispatch.rms_norm(x, w, eps, backend=backend))
     torch.manual_seed(0)  # the same LoRA A init in both modes: equal losses
     prec = resolve_precision("cpu", "auto")
     model = le.load_model("smollm2-135m-instruct", dtype=prec.storage)
@@ -50,7 +54,8 @@ def worker(batch: int, seq: int, mode: str) -> dict:
         times.append(time.perf_counter() - t0)
     return {"batch": batch, "mode": mode, "precision": prec.name, "loss": float(loss),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "step_s": times[-1],
-            "layers": model.config.num_hidden_layers, "ffn": model.config.intermediate_size}
+            "layers": model.config.num_hidden_layers, "ffn": model.config.intermediate_size,
+            "hidden": model.config.hidden_size}
 
 
 def main(argv=None):
@@ -67,7 +72,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     rows = {}
     for batch in a.batch:
-        for mode in ("plain", "recompute"):
+        for mode in ("plain", "swiglu", "recompute"):
             out = subprocess.run([sys.executable, __file__, "--seq", str(a.seq), "--worker", str(batch), mode],
                                  capture_output=True, text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
@@ -75,11 +80,11 @@ def main(argv=None):
             print(f"| {batch} x {a.seq} | {mode} | {r['precision']} | {r['peak_rss_mb']:.0f} | {r['step_s']:.2f} | "
                   f"{r['loss']:.4f} |")
     for batch in a.batch:
-        p, r = rows[batch, "plain"], rows[batch, "recompute"]
-        saved = p["peak_rss_mb"] - r["peak_rss_mb"]
-        ideal = batch * a.seq * p["ffn"] * p["layers"] * (2 if p["precision"] == "bf16" else 4) / 2**20
-        print(f"- batch {batch}: recompute saves {saved:.0f} MB of peak RSS (the SwiGLU outputs of all layers: "
-              f"{ideal:.0f} MB)")
+        p, w, r = rows[batch, "plain"], rows[batch, "swiglu"], rows[batch, "recompute"]
+        per = batch * a.seq * p["layers"] * (2 if p["precision"] == "bf16" else 4) / 2**20  # MB: one value a token and layer
+        print(f"- batch {batch}: the SwiGLU outputs rebuilt save {p['peak_rss_mb'] - w['peak_rss_mb']:.0f} MB of peak "
+              f"RSS (their size in all layers: {per * p['ffn']:.0f} MB); the two norms' outputs "
+              f"{w['peak_rss_mb'] - r['peak_rss_mb']:.0f} MB more ({per * 2 * p['hidden']:.0f} MB)")
     print(f"- load average at end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
