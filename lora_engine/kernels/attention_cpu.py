@@ -87,7 +87,11 @@ def _forward(q, k, v, scale: float, causal: bool, c: int):
     G = H // Hk
     qg = q.view(B * Hk, G, S, D)  # the G query heads that read key head h are adjacent in q
     kf, vf = k.view(B * Hk, S, D), v.view(B * Hk, S, D)
-    o = torch.empty_like(qg)
+    # O stored (B, S, H, D), returned as its (B, H, S, D) transpose (as torch's CPU flash attention
+    # does): the (B, S, H*D) input of the output projection is then a view of it, not a copy that
+    # backward would keep beside O.
+    o = q.new_empty(B, S, H, D).transpose(1, 2)
+    o5 = o.view(B, Hk, G, S, D)
     lse = q.new_empty(B * Hk, G, S, dtype=torch.float32)
     for st, cc in _blocks(S, c):
         n = st + cc if causal else S
@@ -96,11 +100,10 @@ def _forward(q, k, v, scale: float, causal: bool, c: int):
         del s
         if cc == S:
             lse.view(-1).copy_(l)
-            torch.bmm(p, vf, out=o.view(B * Hk, G * S, D))
         else:
             lse[:, :, st:st + cc] = l.view(B * Hk, G, cc)
-            o[:, :, st:st + cc] = torch.bmm(p, vf[:, :n]).view(B * Hk, G, cc, D)
-    return o.view(B, H, S, D), lse
+        o5[:, :, :, st:st + cc] = torch.bmm(p, vf[:, :n]).view(B, Hk, G, cc, D)
+    return o, lse
 
 
 def _backward(do, q, k, v, o, lse, scale: float, causal: bool, c: int):
@@ -109,7 +112,7 @@ def _backward(do, q, k, v, o, lse, scale: float, causal: bool, c: int):
     G = H // Hk
     qg, dog = q.view(B * Hk, G, S, D), do.reshape(B * Hk, G, S, D)
     kf, vf = k.view(B * Hk, S, D), v.view(B * Hk, S, D)
-    delta = (dog.float() * o.view(B * Hk, G, S, D).float()).sum(-1)  # (B*Hk, G, S) fp32: rowsum(dO * O)
+    delta = (do.float() * o.float()).sum(-1).reshape(B * Hk, G, S)  # fp32: rowsum(dO * O)
     dq = torch.empty_like(qg)
     if c >= S:
         dk, dv = torch.empty_like(kf), torch.empty_like(vf)
@@ -152,9 +155,10 @@ class _Attention(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None,
               chunk: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, causal) v for q (B, H, S, D), k and v (B, Hk, S, D), H % Hk == 0 ->
-    (B, H, S, D), contiguous; what F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-    scale=scale, enable_gqa=True) computes. Inputs must pass served(). chunk: query positions per
-    block (None: _chunk's rule, 64 up to S = 1024 and 128 beyond, smaller for a large B*H*S)."""
+    (B, H, S, D), the transpose of a contiguous (B, S, H, D) tensor; what
+    F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True) computes.
+    Inputs must pass served(). chunk: query positions per block (None: _chunk's rule, 64 up to
+    S = 1024 and 128 beyond, smaller for a large B*H*S)."""
     if not served(q, k, v):
         raise ValueError(f"attention_cpu.attention does not take q {tuple(q.shape)} {q.dtype} {q.device}, "
                          f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype} (see served())")
