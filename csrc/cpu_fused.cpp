@@ -1,4 +1,5 @@
 // Fused elementwise ops of the decoder on the CPU: RMSNorm, RoPE and SwiGLU, forward and backward,
+// the attention softmax and the cross-entropy gradient,
 // registered as torch ops lora_engine::*_cpu (autograd and the Python side: kernels/cpu_fused.py;
 // the oracle: kernels/reference.py). fp32 and bf16 tensors; bf16 is widened to fp32 on load, all
 // math is fp32, one rounding (to nearest even) on store. One pass over memory per op, where the
@@ -16,6 +17,8 @@
 //                     but a contiguous last dimension; outputs keep the inputs' layouts.
 //   swiglu_fwd_cpu    y = g * sigmoid(g) * u over the flat tensors.
 //   swiglu_bwd_cpu    s = sigmoid(g) recomputed: dg = dy u s (1 + g (1 - s)), du = dy g s.
+//   ce_grad_cpu       a (rows, vocab) block of logits becomes softmax - onehot(label) in place; returns
+//                     each row's loss lse - x[label] (fp32).
 // Threads: at::parallel_for over rows (elements for SwiGLU), tasks of >= ~32k elements.
 // Vectors: the inner loops are plain loops over one row that GCC vectorises; on x86-64 Linux each
 // hot loop is compiled for AVX-512, AVX2 and the baseline (function multiversioning,
@@ -471,6 +474,58 @@ std::tuple<at::Tensor, at::Tensor> attn_softmax_bwd_cpu(const at::Tensor& s, con
   return {p, ds};
 }
 
+// ---- cross-entropy: a block of logits becomes softmax minus one-hot, in place ---------------------
+// logits (R, V), fp32 or bf16, contiguous; labels (R,) int64 in [0, V). Per row, in fp32: m the max,
+// lse = m + log(sum exp(x - m)) (fixed_order_sum), loss = lse - x[label]; the row is overwritten by
+// exp(x - lse) - [j == label], rounded once to its dtype: the gradient of the row's loss with respect
+// to its logits, which the caller multiplies by the head weight for dh
+// (kernels/cpu_fused.py: linear_cross_entropy). Returns the per-row losses (R,) fp32. One read of the
+// row for its max, one for the sum, one read and write for the gradient: a 49152-wide row is 96 kB
+// in bf16 and stays in L2, so memory sees the block about once, where the reference's eager ops make
+// seven fp32 passes over it.
+template <typename T>
+LE_CLONES void ce_grad_row(T* x, int64_t label, float* loss, int64_t n, ExpRange b) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, load(x, j));
+  const float sum = fixed_order_sum(n, [&](int64_t j) __attribute__((always_inline)) {
+    return exp_approx(load(x, j) - m, b);
+  });
+  const float l = m + std::log(sum);
+  const float target = load(x, label);
+  *loss = l - target;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) store(x, j, exp_approx(load(x, j) - l, b));
+  store(x, label, exp_approx(target - l, b) - 1.0f);  // from the fp32 target: one rounding
+}
+
+at::Tensor ce_grad_cpu(at::Tensor logits, const at::Tensor& labels) {
+  check_cpu_float("ce_grad_cpu", logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "lora_engine::ce_grad_cpu: logits must be a contiguous "
+              "(rows, vocab) tensor, got shape ", logits.sizes(), " strides ", logits.strides());
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
+                  labels.size(0) == rows,
+              "lora_engine::ce_grad_cpu: labels must be a CPU int64 tensor of ", rows, " values, got ",
+              labels.scalar_type(), " ", labels.sizes(), " on ", labels.device());
+  auto lab = labels.contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(lp[r] >= 0 && lp[r] < n, "lora_engine::ce_grad_cpu: label ", lp[r], " of row ", r,
+                " is outside the vocabulary [0, ", n, ")");
+  auto loss = at::empty({rows}, logits.options().dtype(at::kFloat));
+  if (n == 0) return loss;
+  float* out = loss.data_ptr<float>();
+  dispatch_fp32_bf16(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* xp = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain(n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) ce_grad_row(xp + r * n, lp[r], out + r, n, kExpRange);
+    });
+  });
+  return loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lora_engine, m) {
@@ -483,6 +538,7 @@ TORCH_LIBRARY_FRAGMENT(lora_engine, m) {
         "(Tensor, Tensor)");
   m.def("attn_softmax_bwd_cpu(Tensor s, Tensor dp, Tensor lse, Tensor delta, float scale, int start, int period, "
         "bool causal, ScalarType out_dtype) -> (Tensor, Tensor)");
+  m.def("ce_grad_cpu(Tensor(a!) logits, Tensor labels) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lora_engine, CPU, m) {
@@ -493,4 +549,5 @@ TORCH_LIBRARY_IMPL(lora_engine, CPU, m) {
   m.impl("swiglu_bwd_cpu", &swiglu_bwd_cpu);
   m.impl("attn_softmax_fwd_cpu", &attn_softmax_fwd_cpu);
   m.impl("attn_softmax_bwd_cpu", &attn_softmax_bwd_cpu);
+  m.impl("ce_grad_cpu", &ce_grad_cpu);
 }

@@ -162,6 +162,7 @@ def _op_samples():
                                              r(1, 6, 16, dtype=dt), r(1, 6, 16, dtype=dt), False))
         out[f"swiglu_fwd_cpu-{n}"] = ("swiglu_fwd_cpu", (r(3, 41, dtype=dt), r(3, 41, dtype=dt)))
         out[f"swiglu_bwd_cpu-{n}"] = ("swiglu_bwd_cpu", (r(3, 41, dtype=dt), r(3, 41, dtype=dt), r(3, 41, dtype=dt)))
+        out[f"ce_grad_cpu-{n}"] = ("ce_grad_cpu", (r(4, 37, dtype=dt), torch.tensor([0, 36, 5, 5])))
     return out
 
 
@@ -186,6 +187,86 @@ def test_bad_inputs_raise_with_the_numbers():
         ops.rms_norm_fwd_cpu(torch.randn(2, 8), torch.randn(7), 1e-6)
     with pytest.raises(RuntimeError, match="weight is BFloat16 but x is Float"):
         ops.rms_norm_fwd_cpu(torch.randn(2, 8), torch.randn(8).bfloat16(), 1e-6)
+
+
+@needs_ops
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 40), hidden=st.integers(1, 48), vocab=st.integers(1, 2500), chunk=st.integers(1, 40),
+       dtype=DTYPES, weight_grad=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_cross_entropy(rows, hidden, vocab, chunk, dtype, weight_grad, seed):
+    # bf16 with a frozen head runs ce_grad_cpu per chunk; fp32, or a head that takes a gradient, the
+    # reference's loop. Some labels ignored; logits up to ~+-30 so the softmax is peaked.
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=g, dtype=torch.float64) * 2
+    w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * (2 / hidden ** 0.5)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[torch.rand(rows, generator=g) < 0.2] = -100
+
+    def wrap(f):
+        return lambda h, w: f(h, w, labels, chunk_size=chunk)
+
+    check_op(wrap(cf.linear_cross_entropy), wrap(ref.linear_cross_entropy), [h, w], [torch.tensor(1.5)], dtype, "cpu",
+             needs_grad=(True, weight_grad), names=["hidden", "weight"])
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ce_grad_turns_the_logits_into_softmax_minus_onehot_in_place(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 3001, generator=g, dtype=torch.float64) * 8).to(dtype)  # 3001: not a multiple of 16
+    labels = torch.tensor([0, 3000, 17, 17, 2999])
+    x64, block = x.double(), x.clone()
+    loss = torch.ops.lora_engine.ce_grad_cpu(block, labels)
+    want = torch.softmax(x64, -1) - torch.nn.functional.one_hot(labels, 3001)
+    assert loss.dtype == torch.float32 and block.dtype == dtype
+    torch.testing.assert_close(loss.double(), torch.logsumexp(x64, -1) - x64[range(5), labels], rtol=1e-6, atol=1e-5)
+    # one rounding to the dtype of values computed in fp32 (exp: a ~2 ulp polynomial)
+    tol = 2 ** -8 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(block.double(), want, rtol=tol, atol=1e-7 if dtype == torch.float32 else 1e-9)
+    # the one-hot's -1 is subtracted in fp32 before the rounding: the target entry is round(p - 1)
+    p_t = torch.softmax(x64, -1)[range(5), labels]
+    assert torch.equal(block[range(5), labels], (p_t - 1).to(dtype)) or dtype == torch.float32
+
+
+@needs_ops
+def test_ce_grad_refuses_what_it_cannot_take():
+    ops = torch.ops.lora_engine
+    with pytest.raises(RuntimeError, match="label 7 of row 1 is outside the vocabulary"):
+        ops.ce_grad_cpu(torch.randn(2, 7), torch.tensor([0, 7]))
+    with pytest.raises(RuntimeError, match="label -100 of row 0"):
+        ops.ce_grad_cpu(torch.randn(2, 7), torch.tensor([-100, 1]))
+    with pytest.raises(RuntimeError, match="must be a contiguous"):
+        ops.ce_grad_cpu(torch.randn(7, 2).t(), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="labels must be a CPU int64 tensor of 2 values"):
+        ops.ce_grad_cpu(torch.randn(2, 7), torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="must be float32 or bfloat16, got Half"):
+        ops.ce_grad_cpu(torch.randn(2, 7).half(), torch.tensor([0, 1]))
+
+
+@needs_ops
+def test_bf16_cross_entropy_keeps_no_fp32_logits(monkeypatch):
+    """The fused path: one (chunk, V) bf16 buffer, no fp32 one beside it (~64 MB at SmolLM2's vocab),
+    and ce_grad_cpu called once per chunk; fp32 runs the reference's loop."""
+    calls, sizes = [], []
+    real, real_empty = cf._ce_grad_in_place, torch.empty
+    monkeypatch.setattr(cf, "_ce_grad_in_place", lambda b, lab: calls.append(b.shape) or real(b, lab))
+    h = torch.randn(10, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(300, 8, dtype=torch.bfloat16)
+    labels = torch.arange(10) * 7
+
+    def spy_empty(*a, **k):
+        t = real_empty(*a, **k)
+        sizes.append((tuple(t.shape), t.dtype))
+        return t
+
+    monkeypatch.setattr(torch, "empty", spy_empty)
+    dispatch.linear_cross_entropy(h, w, labels, chunk_size=4).backward()
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert calls == [(4, 300), (4, 300), (2, 300)]
+    assert ((4, 300), torch.bfloat16) in sizes and ((4, 300), torch.float32) not in sizes
+    calls.clear()
+    dispatch.linear_cross_entropy(h.detach().float().requires_grad_(), w.float(), labels, chunk_size=4)
+    assert calls == []
 
 
 @pytest.mark.parametrize("case", ["fp16", "bf16 x, fp32 weight", "fp64"])

@@ -1,4 +1,5 @@
-"""The fused CPU ops of csrc/cpu_fused.cpp (RMSNorm, RoPE, SwiGLU) behind kernels/reference.py's functions.
+"""The fused CPU ops of csrc/cpu_fused.cpp (RMSNorm, RoPE, SwiGLU, the cross-entropy gradient) behind
+kernels/reference.py's functions.
 
 lora_engine.dispatch runs this module for backend "cpp" on bf16 activations, and
 `exact_forward_ops` on fp32 ones: the reference's forward (the exact path against transformers)
@@ -12,6 +13,9 @@ reference's Functions save, no more:
   rms_norm  y = w * round(x * rstd), rstd = 1/sqrt(mean(x^2) + eps)   saves x, w and the fp32 rstd (rows,)
   rope      q' = q cos + rotate_half(q) sin (and k')                   saves cos and sin
   swiglu    silu(g) * u                                                saves g and u (silu recomputed)
+  linear_cross_entropy  the reference's chunked loop; on bf16 each (chunk, V) block of logits turns
+            into softmax - onehot in one C++ pass, in place (ce_grad_cpu), where the reference widens
+            it to an fp32 copy and makes seven passes over that; saves dh, as the reference
 
 The C++ ops take CPU tensors of one dtype, fp32 or bf16. Anything else (fp16, an fp32 weight beside
 bf16 activations, a GPU or meta tensor, an odd head_dim, the extension not built) runs the reference
@@ -28,8 +32,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from lora_engine.kernels import nf4_cpp, reference
-from lora_engine.kernels.reference import linear_cross_entropy, lora_linear
+from lora_engine.kernels import amp, nf4_cpp, reference
+from lora_engine.kernels.reference import lora_linear
 
 __all__ = ["available", "rms_norm", "rope", "swiglu", "linear_cross_entropy", "lora_linear", "exact_forward_ops"]
 
@@ -78,6 +82,11 @@ def _register_fakes() -> None:
         @torch.library.register_fake("lora_engine::attn_softmax_bwd_cpu")
         def _attn_bwd(s, dp, lse, delta, scale, start, period, causal, out_dtype):
             return s.new_empty(s.shape, dtype=out_dtype), s.new_empty(s.shape, dtype=out_dtype)
+
+    if hasattr(torch.ops.lora_engine, "ce_grad_cpu"):
+        @torch.library.register_fake("lora_engine::ce_grad_cpu")
+        def _ce_grad(logits, labels):
+            return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
     @torch.library.register_fake("lora_engine::swiglu_bwd_cpu")
     def _swiglu_bwd(dy, gate, up):
@@ -211,11 +220,30 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, exact_forward: bool = False)
     return torch.ops.lora_engine.swiglu_fwd_cpu(gate, up)
 
 
+# ---- linear cross-entropy ------------------------------------------------------------------------
+
+def _ce_grad_in_place(block: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.ops.lora_engine.ce_grad_cpu(block, labels)
+
+
+@amp.like_linear
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_size: int | None = None) -> torch.Tensor:
+    """reference.linear_cross_entropy; bf16 hidden and weight on the CPU get the fused per-chunk
+    gradient (lora_engine::ce_grad_cpu), fp32 ones the reference's exact loop. The loss agrees with
+    the reference to fp32 rounding (its exp is a polynomial, its sums in another order) and the
+    gradient within one bf16 rounding (tests/test_kernels_cpu_fused.py)."""
+    fused = (hidden.dtype == torch.bfloat16 and _served(hidden, weight)
+             and hasattr(torch.ops.lora_engine, "ce_grad_cpu"))
+    return reference.chunked_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size,
+                                           _ce_grad_in_place if fused else None)
+
+
 # What the "cpp" backend runs on fp32 CPU tensors (dispatch._impl): forward values are the reference's
 # bit for bit (transformers' logits to 2e-5 over 30 layers, tests/test_embedded.py); backward is the
 # fused C++ ops, whose gradients agree with the reference's within fp32 rounding.
 exact_forward_ops = SimpleNamespace(
-    linear_cross_entropy=linear_cross_entropy,
+    linear_cross_entropy=reference.linear_cross_entropy,
     lora_linear=lora_linear,
     rms_norm=functools.partial(rms_norm, exact_forward=True),
     rope=functools.partial(rope, exact_forward=True),

@@ -250,11 +250,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     and in one pass turns them into softmax probabilities (logsumexp = max + log(sum(exp))) after
     reading the target logit. Because the loss is the only consumer it computes the gradients right
     there: dlogits = softmax - onehot(label), dh = dlogits @ W, dW += dlogits^T h. Backward only
-    scales the stored gradients by grad_output. Peak extra memory: O(chunk * V).
+    scales the stored gradients by grad_output. Peak extra memory: O(chunk * V). grad_in_place
+    (chunked_cross_entropy) replaces the per-chunk torch ops by one fused pass over the logits in
+    the weight's dtype, with no fp32 copy.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, grad_in_place=None):
         if traced(hidden):
             return _lce_static(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size)
         rows = (labels != ignore_index).nonzero().squeeze(1)  # the counted tokens
@@ -264,11 +266,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dh = torch.zeros_like(hidden) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        bufs = _ChunkBuffers(min(chunk_size, count), weight)
+        if need_dw:  # grad_in_place rounds p - onehot to the weight's dtype; dW sums it in fp32
+            grad_in_place = None
+        bufs = _ChunkBuffers(min(chunk_size, count), weight, fp32=grad_in_place is None)
         for s, e in _lce_chunks(count, chunk_size):
             idx = rows[s:e]
             h = hidden.index_select(0, idx)
             lab = labels.index_select(0, idx)
+            if grad_in_place is not None:  # one fused pass: the logits become softmax - onehot, in place
+                g = bufs.product_of(h)
+                total += grad_in_place(g, lab).sum()
+                if need_dh:
+                    dh.index_copy_(0, idx, (g @ weight).to(hidden.dtype))
+                continue
             logits = bufs.logits(h)  # (c, V) fp32
             target = logits.gather(1, lab[:, None]).squeeze(1)
             m = logits.amax(dim=-1, keepdim=True)
@@ -297,7 +307,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         g = grad_out * ctx.scale
         gh = (dh * g.to(dh.dtype)) if need_dh else None
         gw = (dw * g).to(wdtype) if need_dw else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 class _ChunkBuffers:
@@ -310,12 +320,16 @@ class _ChunkBuffers:
     torch.mm(out=) writes the same values as the allocating product (tests/test_kernels_reference.py).
     """
 
-    def __init__(self, rows: int, weight: torch.Tensor):
+    def __init__(self, rows: int, weight: torch.Tensor, fp32: bool = True):
         self.weight = weight
         shape = (rows, weight.shape[0])
         self.product = torch.empty(shape, dtype=weight.dtype, device=weight.device)
-        self.fp32 = (self.product if weight.dtype == torch.float32
+        self.fp32 = (self.product if weight.dtype == torch.float32 or not fp32
                      else torch.empty(shape, dtype=torch.float32, device=weight.device))
+
+    def product_of(self, h: torch.Tensor) -> torch.Tensor:
+        """(h @ weight^T) in the weight's dtype, in the reused buffer (valid until the next call)."""
+        return torch.mm(h, self.weight.t(), out=self.product[: h.shape[0]])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(h @ weight^T) in fp32, in the reused buffer (valid until the next call)."""
@@ -422,10 +436,19 @@ def linear_cross_entropy(
     chunk_size: tokens per chunk (None: default_chunk_size(V)). Returns an fp32 scalar. Under
     autocast the head matmul runs in the autocast dtype (kernels/amp.py); the softmax stays fp32.
     """
+    return chunked_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size)
+
+
+def chunked_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", chunk_size=None,
+                          grad_in_place=None) -> torch.Tensor:
+    """linear_cross_entropy without the autocast cast. grad_in_place(block, labels) -> per-row fp32
+    losses, overwriting a (c, V) block of logits in the weight's dtype with softmax - onehot (what
+    the eager loop computes in fp32 and rounds): a fused kernel's entry (kernels/cpu_fused.py); not
+    used when the weight takes a gradient or under tracing. None: the loop's torch ops."""
     check_cross_entropy_args(hidden, weight, labels, reduction)
     check_labels(labels, weight.shape[0], ignore_index)
     chunk = chunk_size or default_chunk_size(weight.shape[0])
-    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk)
+    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk, grad_in_place)
 
 
 def cross_entropy_unfused(hidden, weight, labels, ignore_index=-100, reduction="mean"):
