@@ -21,9 +21,10 @@
 //                     each row's loss lse - x[label] (fp32).
 // Threads: at::parallel_for over rows (elements for SwiGLU), tasks of >= ~32k elements.
 // Vectors: the inner loops are plain loops over one row that GCC vectorises; on x86-64 Linux each
-// hot loop is compiled for AVX-512, AVX2 and the baseline (function multiversioning,
-// target_clones) and the loader picks the widest the CPU has, so the build stays portable (never
-// -march=native). sigmoid uses the Cephes exp polynomial (max error ~2 ulp fp32), vectorisable
+// hot loop is compiled for x86-64-v4 (AVX-512 F, BW, CD, DQ, VL), AVX2 and the baseline (function
+// multiversioning, target_clones) and the loader picks the widest the CPU has, so the build stays
+// portable (never -march=native). v4, not "avx512f" alone: packing fp32 lanes to bf16 words at 512
+// bits needs AVX512BW (vpackusdw on zmm); with F alone GCC vectorised every bf16 loop at 256 bits. sigmoid uses the Cephes exp polynomial (max error ~2 ulp fp32), vectorisable
 // where std::exp is a library call.
 // Build: setup.py compiles csrc/*.cpp into lora_engine.kernels._C. Check: pytest
 // tests/test_kernels_cpu_fused.py.
@@ -37,7 +38,7 @@
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define LE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define LE_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define LE_CLONES
 #endif
