@@ -7,8 +7,8 @@
 //                  division for the short last one, as bitsandbytes does), count of code midpoints
 //                  below the scaled value (= torch.bucketize), two nibbles per byte.
 //   nf4_dequantize one thread per run of blocks: the block's absmax (decoded from double
-//                  quantization on the fly when nested), a 16-entry table code[j] * absmax, one
-//                  rounding to the output dtype per value.
+//                  quantization on the fly when nested), a 16-entry table code[j] * absmax rounded
+//                  to the output dtype, then one lookup per value.
 // Threads only for >= 65536 values. The double quantization itself is encoded by the caller in
 // PyTorch (kernels/nf4_reference.py: it is 1/64 of the data). Build: `pip install --no-build-isolation -e .` (setup.py compiles csrc/*.cpp into
 // lora_engine._C with -O3 -fopenmp -ffp-contract=off: no fused multiply-add, so every product
@@ -119,15 +119,17 @@ void dequantize_impl(const uint8_t* packed, const Absmax& absmax, const float* c
     const int64_t start = b * blocksize;
     const int64_t end = std::min(start + blocksize, n);
     const float scale = absmax(b);
-    float table[kCodeSize];
-    for (int j = 0; j < kCodeSize; ++j) table[j] = code[j] * scale;  // fp32 product, as the reference
+    // The 16 values a block can hold, each rounded to T once here (fp32 product, as the reference,
+    // then the one rounding): the loop below is lookups and stores, no per-value conversion.
+    T table[kCodeSize];
+    for (int j = 0; j < kCodeSize; ++j) table[j] = static_cast<T>(code[j] * scale);
     int64_t i = start;
     for (; i + 1 < end; i += 2) {
       const uint8_t byte = packed[i / 2];
-      out[i] = static_cast<T>(table[byte >> 4]);
-      out[i + 1] = static_cast<T>(table[byte & 0xF]);
+      out[i] = table[byte >> 4];
+      out[i + 1] = table[byte & 0xF];
     }
-    if (i < end) out[i] = static_cast<T>(table[packed[i / 2] >> 4]);
+    if (i < end) out[i] = table[packed[i / 2] >> 4];
   }
 }
 
