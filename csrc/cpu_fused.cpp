@@ -37,8 +37,11 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
 #define LE_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// GCC 10 and older know no x86-64-v4: AVX-512F clones, whose bf16 loops stay at 256 bits.
+#define LE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define LE_CLONES
 #endif
