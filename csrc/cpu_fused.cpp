@@ -24,8 +24,9 @@
 // hot loop is compiled for x86-64-v4 (AVX-512 F, BW, CD, DQ, VL), AVX2 and the baseline (function
 // multiversioning, target_clones) and the loader picks the widest the CPU has, so the build stays
 // portable (never -march=native). v4, not "avx512f" alone: packing fp32 lanes to bf16 words at 512
-// bits needs AVX512BW (vpackusdw on zmm); with F alone GCC vectorised every bf16 loop at 256 bits. sigmoid uses the Cephes exp polynomial (max error ~2 ulp fp32), vectorisable
-// where std::exp is a library call.
+// bits needs AVX512BW (vpackusdw on zmm); with F alone GCC vectorised every bf16 loop at 256 bits.
+// sigmoid uses the Cephes exp polynomial (max error ~2 ulp fp32), vectorisable where std::exp is a
+// library call.
 // Build: setup.py compiles csrc/*.cpp into lora_engine.kernels._C. Check: pytest
 // tests/test_kernels_cpu_fused.py.
 #include <torch/extension.h>

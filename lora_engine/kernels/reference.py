@@ -333,9 +333,8 @@ class _ChunkBuffers:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(h @ weight^T) in fp32, in the reused buffer (valid until the next call)."""
-        c = h.shape[0]
-        out = torch.mm(h, self.weight.t(), out=self.product[:c])
-        return out if self.product is self.fp32 else self.fp32[:c].copy_(out)
+        out = self.product_of(h)
+        return out if self.product is self.fp32 else self.fp32[: h.shape[0]].copy_(out)
 
     def in_weight_dtype(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 (c, V) p in the weight's dtype for the dh product: p itself, or p rounded into
