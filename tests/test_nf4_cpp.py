@@ -44,6 +44,35 @@ def test_cpp_equals_reference(rows, cols, blocksize, dtype, nested, scale, seed)
         assert torch.equal(nf4.dequantize(want, out, backend="cpp"), ref.nf4_dequantize(want, out)), out
 
 
+_BOTH_PATHS = """
+import torch
+from lora_engine.quant import nf4
+from lora_engine.kernels import nf4_reference as ref
+g = torch.Generator().manual_seed(0)
+for rows, cols, bs in [(33, 341, 32), (7, 9, 64), (1536, 576, 64), (3, 1000, 128), (5, 4099, 4096), (1, 1, 32)]:
+    for nested in (False, True):
+        q = nf4.quantize(torch.randn(rows, cols, generator=g), bs, nested, backend="cpp")
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            assert torch.equal(nf4.dequantize(q, dt, backend="cpp"), ref.nf4_dequantize(q, dt)), (rows, cols, bs, dt)
+print("ok")
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("no_simd", ["0", "1"])
+def test_cpp_dequantize_paths_equal_reference(no_simd):
+    """The dequantizer's AVX-512 path (taken where the CPU has AVX-512BW) and its scalar loop
+    (LORA_ENGINE_NO_AVX512=1, and every CPU without it), each bit for bit against the reference, at
+    shapes whose blocks end inside a vector, short last blocks and an odd count; a fresh process each,
+    because the choice is made once per process."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, LORA_ENGINE_NO_AVX512=no_simd)
+    p = subprocess.run([sys.executable, "-c", _BOTH_PATHS], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-2000:]
+
+
 @needs_ext
 def test_cpp_linear_and_auto_choice():
     assert nf4.choose_backend("cpu") == "cpp"
