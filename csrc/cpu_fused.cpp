@@ -378,25 +378,27 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dy, const at
 // s (R, n): raw scores q.k of R query rows against n keys, fp32 or (bf16 attention) bf16, read
 // as fp32 (kernels/attention_cpu.py makes them with one GEMM per chunk of queries). Row r is the
 // query at position start + r % period; causal: it sees keys 0..position, the rest of its row gets
-// 0. x = s * scale; forward: lse = m + log(sum exp(x - m)), m the row's max, and p = exp(x - lse)
+// 0. x = s * scale; forward: lse = m + log(sum exp(x - m)), m the row's max, and p = exp(x - m) / sum
 // stored as T; backward, with dp (R, n) = dO.V (s's dtype) and delta = rowsum(dO * O) (fp32): p
 // again, and ds = p (dp - delta) scale as T. All arithmetic in fp32.
 inline int64_t visible(int64_t r, int64_t n, int64_t start, int64_t period, bool causal) {
   return causal ? std::min<int64_t>(n, start + r % period + 1) : n;
 }
 
+// e (lim floats): the row's exp(x - m), kept so that exp runs once a value; p = e / sum, which
+// backward's exp(x - lse) reproduces to within an fp32 rounding or two (both rounded to T).
 template <typename S, typename T>
-LE_CLONES void softmax_row(const S* s, T* p, float* lse, int64_t n, int64_t lim, float scale, ExpRange b) {
+LE_CLONES void softmax_row(const S* s, T* p, float* lse, float* e, int64_t n, int64_t lim, float scale, ExpRange b) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < lim; ++j) m = std::max(m, load(s, j) * scale);
-  const float sum = fixed_order_sum(lim, [&](int64_t j) __attribute__((always_inline)) {
-    return exp_approx(load(s, j) * scale - m, b);
-  });
-  const float l = m + std::log(sum);
-  *lse = l;
 #pragma omp simd
-  for (int64_t j = 0; j < lim; ++j) store(p, j, exp_approx(load(s, j) * scale - l, b));
+  for (int64_t j = 0; j < lim; ++j) e[j] = exp_approx(load(s, j) * scale - m, b);
+  const float sum = fixed_order_sum(lim, [&](int64_t j) __attribute__((always_inline)) { return e[j]; });
+  *lse = m + std::log(sum);
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < lim; ++j) store(p, j, e[j] * inv);
   for (int64_t j = lim; j < n; ++j) store(p, j, 0.0f);
 }
 
@@ -438,8 +440,9 @@ std::tuple<at::Tensor, at::Tensor> attn_softmax_fwd_cpu(const at::Tensor& s, dou
       scalar_t* pp = p.data_ptr<scalar_t>();
       float* lp = lse.data_ptr<float>();
       at::parallel_for(0, rows, grain(n), [&](int64_t b, int64_t e) {
+        std::vector<float> ex(static_cast<size_t>(n));
         for (int64_t r = b; r < e; ++r)
-          softmax_row(sp + r * n, pp + r * n, lp + r, n, visible(r, n, start, period, causal),
+          softmax_row(sp + r * n, pp + r * n, lp + r, ex.data(), n, visible(r, n, start, period, causal),
                       static_cast<float>(scale), kExpRange);
       });
     });
