@@ -19,15 +19,23 @@ def git_revision() -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor() (may be "")."""
+    """The CPU's model name from /proc/cpuinfo (Linux) with its family and model numbers, which tell
+    apart CPUs that a virtual machine names alike (a 2-core "AMD EPYC" was a Zen 4, family 25, on
+    one day and a Zen 5, family 26, on another); else platform.processor() (may be "")."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor()
+    name = fields.get("model name") or platform.processor()
+    if name and "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def machine() -> dict:
