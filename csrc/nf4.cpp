@@ -15,7 +15,8 @@
 //                  the roundings bf16's round-to-nearest-even and vcvtps2ph's, which torch's
 //                  own vectorised casts use).
 // Threads only for >= 65536 values. The double quantization itself is encoded by the caller in
-// PyTorch (kernels/nf4_reference.py: it is 1/64 of the data). Build: `pip install --no-build-isolation -e .` (setup.py compiles csrc/*.cpp into
+// PyTorch (kernels/nf4_reference.py: it is 1/64 of the data).
+// Build: `pip install --no-build-isolation -e .` (setup.py compiles csrc/*.cpp into
 // lora_engine._C with -O3 -fopenmp -ffp-contract=off: no fused multiply-add, so every product
 // rounds exactly as the PyTorch reference does). Check: pytest tests/test_nf4_cpp.py.
 #include <torch/extension.h>
@@ -150,9 +151,11 @@ void dequantize_impl(const uint8_t* packed, const Absmax& absmax, const float* c
 
 // LORA_ENGINE_NO_AVX512=1 forces the scalar loop (tests/test_nf4_cpp.py checks both paths on one CPU).
 bool has_avx512bw() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && !(std::getenv("LORA_ENGINE_NO_AVX512") &&
-                                                                  std::string(std::getenv("LORA_ENGINE_NO_AVX512")) == "1");
+  static const bool yes = [] {
+    const char* off = std::getenv("LORA_ENGINE_NO_AVX512");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && !(off && std::string(off) == "1");
+  }();
   return yes;
 }
 
@@ -231,8 +234,10 @@ void dequantize_dispatch(const uint8_t* packed, const Absmax& absmax, const floa
     const int64_t n_runs = (n_blocks + run - 1) / run;
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
     for (int64_t r = 0; r < n_runs; ++r) {
-      if constexpr (simd)
-        dequantize_blocks_avx512<T>(packed, absmax, code, n, blocksize, out, r * run, std::min(n_blocks, (r + 1) * run));
+      if constexpr (simd) {
+        const int64_t last = std::min(n_blocks, (r + 1) * run);
+        dequantize_blocks_avx512<T>(packed, absmax, code, n, blocksize, out, r * run, last);
+      }
     }
     return;
   }
