@@ -10,10 +10,11 @@
 //                  quantization on the fly when nested), a 16-entry table code[j] * absmax rounded
 //                  to the output dtype, then one lookup per value. On CPUs with AVX-512BW/VL
 //                  (checked at run time) the table is one vmulps and one rounding in a register
-//                  and the lookups are vpermw / vpermps, 32 or 16 values per instruction; the
-//                  same bits as the scalar loop (the products are the same IEEE multiplications,
-//                  the roundings bf16's round-to-nearest-even and vcvtps2ph's, which torch's
-//                  own vectorised casts use).
+//                  and the lookups are vpermw / vpermps, 32 or 16 values per instruction; on
+//                  AVX2 CPUs fp32 output (their default) by two vpermps and a blend, 8 values a
+//                  step. The same bits as the scalar loop (the products are the same IEEE
+//                  multiplications, the roundings bf16's round-to-nearest-even and vcvtps2ph's,
+//                  which torch's own vectorised casts use).
 // Threads only for >= 65536 values. The double quantization itself is encoded by the caller in
 // PyTorch (kernels/nf4_reference.py: it is 1/64 of the data).
 // Build: `pip install --no-build-isolation -e .` (setup.py compiles csrc/*.cpp into
@@ -24,12 +25,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-#define LE_NF4_AVX512 1
+#define LE_NF4_X86 1
 #endif
 
 namespace {
@@ -146,17 +148,27 @@ void dequantize_impl(const uint8_t* packed, const Absmax& absmax, const float* c
   }
 }
 
-#ifdef LE_NF4_AVX512
+#ifdef LE_NF4_X86
 #define LE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-// LORA_ENGINE_NO_AVX512=1 forces the scalar loop (tests/test_nf4_cpp.py checks both paths on one CPU).
-bool has_avx512bw() {
-  static const bool yes = [] {
-    const char* off = std::getenv("LORA_ENGINE_NO_AVX512");
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && !(off && std::string(off) == "1");
+// Which vector path dequantize takes: the best the CPU has, or what LORA_ENGINE_NF4_SIMD asks for
+// (auto | avx2 | none; tests/test_nf4_cpp.py runs each on one CPU). Read once per process.
+enum class Simd { kNone, kAvx2, kAvx512 };
+
+Simd simd_level() {
+  static const Simd level = [] {
+    const char* env = std::getenv("LORA_ENGINE_NF4_SIMD");
+    const std::string want = env ? env : "auto";
+    TORCH_CHECK(want == "auto" || want == "avx2" || want == "none",
+                "LORA_ENGINE_NF4_SIMD must be auto, avx2 or none, got '", want, "'");
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl");
+    const bool avx2 = __builtin_cpu_supports("avx2");
+    if (want == "none") return Simd::kNone;
+    if (want == "auto" && avx512) return Simd::kAvx512;
+    return avx2 ? Simd::kAvx2 : Simd::kNone;
   }();
-  return yes;
+  return level;
 }
 
 // c10::BFloat16(float): round to nearest even, NaN -> 0x7FC0; 16 lanes.
@@ -219,27 +231,76 @@ LE_AVX512 void dequantize_blocks_avx512(const uint8_t* packed, const Absmax& abs
     }
   }
 }
+
+// fp32 output on AVX2 CPUs (their default precision): the block's 16 products in two registers,
+// each lookup two vpermps (8 entries each) and a blend on index >= 8; 8 values per step.
+__attribute__((target("avx2"))) void dequantize_blocks_avx2(const uint8_t* packed, const Absmax& absmax,
+                                                            const float* code, int64_t n, int64_t blocksize,
+                                                            float* out, int64_t b0, int64_t b1) {
+  const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
+  const __m256i low4 = _mm256_set1_epi64x(0xF), seven = _mm256_set1_epi32(7);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * blocksize;
+    const int64_t end = std::min(start + blocksize, n);
+    const __m256 s = _mm256_set1_ps(absmax(b));
+    const __m256 t_lo = _mm256_mul_ps(code_lo, s), t_hi = _mm256_mul_ps(code_hi, s);
+    int64_t i = start;
+    for (; i + 8 <= end; i += 8) {  // 4 bytes -> 4 qwords -> 8 dword indices [hi0, lo0, hi1, lo1, ...]
+      int32_t word;
+      std::memcpy(&word, packed + i / 2, 4);
+      const __m256i q = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(word));
+      const __m256i idx = _mm256_or_si256(_mm256_srli_epi64(q, 4), _mm256_slli_epi64(_mm256_and_si256(q, low4), 32));
+      const __m256 lo = _mm256_permutevar8x32_ps(t_lo, idx), hi = _mm256_permutevar8x32_ps(t_hi, idx);
+      const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+      _mm256_storeu_ps(out + i, _mm256_blendv_ps(lo, hi, upper));
+    }
+    if (i < end) {
+      alignas(32) float t[16];
+      _mm256_store_ps(t, t_lo);
+      _mm256_store_ps(t + 8, t_hi);
+      for (; i + 1 < end; i += 2) {
+        const uint8_t byte = packed[i / 2];
+        out[i] = t[byte >> 4];
+        out[i + 1] = t[byte & 0xF];
+      }
+      if (i < end) out[i] = t[packed[i / 2] >> 4];
+    }
+  }
+}
 #endif
+
+// Runs of blocks as the unit of work; the OpenMP region stays in this plain function and the
+// intrinsics in the target-attributed ones it calls.
+template <typename F>
+void over_runs(int64_t n, int64_t blocksize, F&& blocks) {
+  const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+  const int64_t run = std::max<int64_t>(1, 4096 / blocksize);
+  const int64_t n_runs = (n_blocks + run - 1) / run;
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t r = 0; r < n_runs; ++r) blocks(r * run, std::min(n_blocks, (r + 1) * run));
+}
 
 template <typename T>
 void dequantize_dispatch(const uint8_t* packed, const Absmax& absmax, const float* code, int64_t n, int64_t blocksize,
                          T* out) {
-#ifdef LE_NF4_AVX512
+#ifdef LE_NF4_X86
   constexpr bool simd = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
-  if (simd && has_avx512bw()) {
-    // Runs of blocks as the unit of work; the OpenMP region stays in this plain function and the
-    // intrinsics in the target-attributed one it calls.
-    const int64_t n_blocks = (n + blocksize - 1) / blocksize;
-    const int64_t run = std::max<int64_t>(1, 4096 / blocksize);
-    const int64_t n_runs = (n_blocks + run - 1) / run;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t r = 0; r < n_runs; ++r) {
-      if constexpr (simd) {
-        const int64_t last = std::min(n_blocks, (r + 1) * run);
-        dequantize_blocks_avx512<T>(packed, absmax, code, n, blocksize, out, r * run, last);
+  if constexpr (simd) {
+    const Simd level = simd_level();
+    if (level == Simd::kAvx512) {
+      over_runs(n, blocksize, [&](int64_t b0, int64_t b1) {
+        dequantize_blocks_avx512<T>(packed, absmax, code, n, blocksize, out, b0, b1);
+      });
+      return;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (level == Simd::kAvx2) {
+        over_runs(n, blocksize, [&](int64_t b0, int64_t b1) {
+          dequantize_blocks_avx2(packed, absmax, code, n, blocksize, out, b0, b1);
+        });
+        return;
       }
     }
-    return;
   }
 #endif
   dequantize_impl<T>(packed, absmax, code, n, blocksize, out);

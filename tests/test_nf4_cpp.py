@@ -58,19 +58,30 @@ print("ok")
 """
 
 
-@needs_ext
-@pytest.mark.parametrize("no_simd", ["0", "1"])
-def test_cpp_dequantize_paths_equal_reference(no_simd):
-    """The dequantizer's AVX-512 path (taken where the CPU has AVX-512BW) and its scalar loop
-    (LORA_ENGINE_NO_AVX512=1, and every CPU without it), each bit for bit against the reference, at
-    shapes whose blocks end inside a vector, short last blocks and an odd count; a fresh process each,
-    because the choice is made once per process."""
+def _run_with_simd(level: str):
     import os
     import subprocess
 
-    env = dict(os.environ, LORA_ENGINE_NO_AVX512=no_simd)
-    p = subprocess.run([sys.executable, "-c", _BOTH_PATHS], capture_output=True, text=True, env=env, timeout=300)
+    env = dict(os.environ, LORA_ENGINE_NF4_SIMD=level)
+    return subprocess.run([sys.executable, "-c", _BOTH_PATHS], capture_output=True, text=True, env=env, timeout=300)
+
+
+@needs_ext
+@pytest.mark.parametrize("level", ["auto", "avx2", "none"])
+def test_cpp_dequantize_paths_equal_reference(level):
+    """The dequantizer's vector paths (AVX-512BW: 16- and 32-bit outputs; AVX2: fp32) and its scalar
+    loop, each bit for bit against the reference, at shapes whose blocks end inside a vector, short
+    last blocks and an odd count. LORA_ENGINE_NF4_SIMD picks the path (a CPU without the asked
+    instructions takes the next one down, so every level runs somewhere on any x86 CPU); a fresh
+    process each, because the choice is made once per process."""
+    p = _run_with_simd(level)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-2000:]
+
+
+@needs_ext
+def test_cpp_dequantize_refuses_an_unknown_simd_level():
+    p = _run_with_simd("sse9")
+    assert p.returncode != 0 and "LORA_ENGINE_NF4_SIMD must be auto, avx2 or none, got 'sse9'" in p.stderr
 
 
 @needs_ext
