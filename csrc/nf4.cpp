@@ -125,26 +125,29 @@ struct Absmax {
   }
 };
 
+// Values [i, end) of a block by its table, two nibbles a byte (i even: a block starts on a byte).
 template <typename T>
-void dequantize_impl(const uint8_t* packed, const Absmax& absmax, const float* code, int64_t n, int64_t blocksize,
-                     T* out) {
-  const int64_t n_blocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t b = 0; b < n_blocks; ++b) {
+inline void lookup(const uint8_t* packed, const T* table, int64_t i, int64_t end, T* out) {
+  for (; i + 1 < end; i += 2) {
+    const uint8_t byte = packed[i / 2];
+    out[i] = table[byte >> 4];
+    out[i + 1] = table[byte & 0xF];
+  }
+  if (i < end) out[i] = table[packed[i / 2] >> 4];
+}
+
+// Blocks [b0, b1), one value at a time: the path of every CPU without the vector ones below.
+template <typename T>
+void dequantize_blocks_scalar(const uint8_t* packed, const Absmax& absmax, const float* code, int64_t n,
+                              int64_t blocksize, T* out, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * blocksize;
-    const int64_t end = std::min(start + blocksize, n);
     const float scale = absmax(b);
     // The 16 values a block can hold, each rounded to T once here (fp32 product, as the reference,
-    // then the one rounding): the loop below is lookups and stores, no per-value conversion.
+    // then the one rounding): the lookups are then loads and stores, no per-value conversion.
     T table[kCodeSize];
     for (int j = 0; j < kCodeSize; ++j) table[j] = static_cast<T>(code[j] * scale);
-    int64_t i = start;
-    for (; i + 1 < end; i += 2) {
-      const uint8_t byte = packed[i / 2];
-      out[i] = table[byte >> 4];
-      out[i + 1] = table[byte & 0xF];
-    }
-    if (i < end) out[i] = table[packed[i / 2] >> 4];
+    lookup(packed, table, start, std::min(start + blocksize, n), out);
   }
 }
 
@@ -222,12 +225,7 @@ LE_AVX512 void dequantize_blocks_avx512(const uint8_t* packed, const Absmax& abs
     if (i < end) {
       alignas(64) T t[64 / sizeof(T)];
       _mm512_store_si512(reinterpret_cast<void*>(t), table);
-      for (; i + 1 < end; i += 2) {
-        const uint8_t byte = packed[i / 2];
-        out[i] = t[byte >> 4];
-        out[i + 1] = t[byte & 0xF];
-      }
-      if (i < end) out[i] = t[packed[i / 2] >> 4];
+      lookup(packed, t, i, end, out);
     }
   }
 }
@@ -258,19 +256,14 @@ __attribute__((target("avx2"))) void dequantize_blocks_avx2(const uint8_t* packe
       alignas(32) float t[16];
       _mm256_store_ps(t, t_lo);
       _mm256_store_ps(t + 8, t_hi);
-      for (; i + 1 < end; i += 2) {
-        const uint8_t byte = packed[i / 2];
-        out[i] = t[byte >> 4];
-        out[i + 1] = t[byte & 0xF];
-      }
-      if (i < end) out[i] = t[packed[i / 2] >> 4];
+      lookup(packed, t, i, end, out);
     }
   }
 }
 #endif
 
-// Runs of blocks as the unit of work; the OpenMP region stays in this plain function and the
-// intrinsics in the target-attributed ones it calls.
+// Runs of blocks as the unit of work of every path; the OpenMP region stays in this plain function
+// and the intrinsics in the target-attributed ones it calls.
 template <typename F>
 void over_runs(int64_t n, int64_t blocksize, F&& blocks) {
   const int64_t n_blocks = (n + blocksize - 1) / blocksize;
@@ -303,7 +296,9 @@ void dequantize_dispatch(const uint8_t* packed, const Absmax& absmax, const floa
     }
   }
 #endif
-  dequantize_impl<T>(packed, absmax, code, n, blocksize, out);
+  over_runs(n, blocksize, [&](int64_t b0, int64_t b1) {
+    dequantize_blocks_scalar<T>(packed, absmax, code, n, blocksize, out, b0, b1);
+  });
 }
 
 at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,

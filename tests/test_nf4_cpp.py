@@ -44,7 +44,7 @@ def test_cpp_equals_reference(rows, cols, blocksize, dtype, nested, scale, seed)
         assert torch.equal(nf4.dequantize(want, out, backend="cpp"), ref.nf4_dequantize(want, out)), out
 
 
-_BOTH_PATHS = """
+_DEQUANTIZE_CHECK = """
 import torch
 from lora_engine.quant import nf4
 from lora_engine.kernels import nf4_reference as ref
@@ -63,7 +63,7 @@ def _run_with_simd(level: str):
     import subprocess
 
     env = dict(os.environ, LORA_ENGINE_NF4_SIMD=level)
-    return subprocess.run([sys.executable, "-c", _BOTH_PATHS], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", _DEQUANTIZE_CHECK], capture_output=True, text=True, env=env, timeout=300)
 
 
 @needs_ext
