@@ -8,9 +8,18 @@ either source gets the same message. `parse` reads one command line, `parse_comm
 subcommands (`runs list DIR`); `option_like` declares a field with another dataclass's default and
 help, so two commands share one declaration of a setting.
 
-Every command runs as `sys.exit(run_cli(main))`: an error in what the user gave (a data file, a
-folder, a flag) is one line `error: ...` on stderr and exit status 2; anything else is a bug and
-keeps its traceback. `--debug` shows the traceback of input errors too.
+Every command runs as `sys.exit(run_cli(main))`, and its exit status tells a scheduler what happened:
+
+    0    finished (EXIT_OK)
+    1    a bug: an unexpected exception, shown with its traceback (EXIT_BUG)
+    2    bad input: one line `error: ...` on stderr (EXIT_USER_ERROR); a flag, a file, a folder, a
+         chat template the sandbox refused, an output path that holds someone else's files, a full
+         or read-only disk. `--debug` shows the traceback of input errors too.
+    130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: 128 + the signal's number, as a shell
+         reports a process the signal ended (EXIT_INTERRUPTED, EXIT_TERMINATED, interrupted_status).
+         A command that stops cleanly on a signal (train saves a checkpoint first) returns
+         interrupted_status(signal) itself; elsewhere run_cli turns the signal into the status,
+         after the writes under way have removed their temporaries.
 
 The library speaks through `logging` (loggers under "lora_engine"); a command shows those
 messages as plain lines with `log_to` (a command's own results it prints).
@@ -23,14 +32,20 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import signal
 import sys
+import threading
 import types
 import typing
 from pathlib import Path
 
-# Exit statuses: 2 is argparse's for bad usage, and bad input is bad usage found a little later.
+# Exit statuses (see the module docstring): 2 is argparse's for bad usage, and bad input is bad usage
+# found a little later; 128 + N is what a shell reports for a process that signal N ended.
+EXIT_OK = 0
+EXIT_BUG = 1
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 DEBUG_FLAG = "--debug"
 
 
@@ -49,7 +64,18 @@ _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileEx
 
 # The engine's own input errors, by module, so that reporting one imports nothing (loading imports torch).
 _ENGINE_ERRORS = (("lora_engine.data.formats", "DataError"), ("lora_engine.io.safetensors", "CheckpointError"),
-                  ("lora_engine.train.checkpoint", "ResumeError"))
+                  ("lora_engine.train.checkpoint", "ResumeError"), ("lora_engine.io.atomic", "OutputError"),
+                  ("lora_engine.io.registry", "RegistryError"), ("lora_engine.train.distributed", "DistributedError"),
+                  ("lora_engine.models.tokenizer", "TemplateError"))
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT, so that writes clean up."""
+
+
+def interrupted_status(sig: int | str) -> int:
+    """The exit status for a command stopped by signal `sig` (a number or a name like "SIGTERM"): 128 + N."""
+    return 128 + int(signal.Signals[sig] if isinstance(sig, str) else signal.Signals(sig))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -59,6 +85,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """
     engine = [getattr(sys.modules[m], name, None) for m, name in _ENGINE_ERRORS if m in sys.modules]
     return (CliError, ConfigError, *[t for t in engine if t is not None], *_PATH_ERRORS)
+
+
+def _disk_message(e: BaseException) -> str | None:
+    """One line for an OSError of a full or read-only disk (not the user's input, but not a bug either)."""
+    if not isinstance(e, OSError):
+        return None
+    from lora_engine.io.atomic import disk_error
+
+    disk = disk_error(e, Path(e.filename or "."))
+    return str(disk) if disk is not None else None
 
 
 @contextlib.contextmanager
@@ -86,24 +122,48 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     """Run `main(argv)` as a command: its exit status, with input errors reported as `error: ...`.
 
     main may return an int (the exit status) or anything else (status 0). Input errors (see
-    user_errors) print one line on stderr and give status 2; with --debug they are re-raised.
-    Ctrl-C gives status 130 without a traceback. Every other exception propagates: it is a bug.
+    user_errors) and OSErrors of a full or read-only disk print one line on stderr and give status 2;
+    with --debug they are re-raised. SIGINT (Ctrl-C) gives status 130 and SIGTERM 143, without a
+    traceback. Every other exception propagates: it is a bug (status 1).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     end = argv.index("--") if "--" in argv else len(argv)
     debug = DEBUG_FLAG in argv[:end]
     argv = [a for i, a in enumerate(argv) if not (i < end and a == DEBUG_FLAG)]
     try:
-        rc = main(argv)
+        with _sigterm_raises():
+            rc = main(argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as e:
-        if debug or not isinstance(e, user_errors()):
+        disk = _disk_message(e)
+        if debug or not (isinstance(e, user_errors()) or disk):
             raise
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"error: {_one_line(disk or str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else EXIT_OK
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While a command runs, SIGTERM raises Terminated (Python's default would end the process at once,
+    leaving the temporaries of a write under way). Only the main thread may set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _one_line(msg: str) -> str:

@@ -19,7 +19,9 @@ files of the folder the model was loaded from (`model.source_dir`).
 With merge=True each LoRA layer's weight is written as W + s * B @ A, computed in fp32 per tensor
 and cast once to the output dtype; the model in memory is not changed. The folder is built under a
 temporary name and renamed into place (lora_engine.io.atomic.atomic_dir), so an interrupted export
-never leaves a half-written model under the final name.
+never leaves a half-written model under the final name. An existing folder is replaced only if it
+holds nothing but the files an export writes (MODEL_FILES) and is not the folder the model was read
+from: a run folder, a data folder or the base model itself is refused, with exit status 2.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from lora_engine.cli import logs_to, option
-from lora_engine.io.atomic import atomic_dir, copy_file, write_json
+from lora_engine.io.atomic import OutputError, Owned, atomic_dir, check_dir_replaceable, copy_file, write_json
 from lora_engine.io.safetensors import FLOAT_DTYPES, dtype_name, float_dtype, write_safetensors
 from lora_engine.lora.layers import LoraLinear, lora_layers
 from lora_engine.sources.gguf_write import GGUF_TYPES
@@ -43,6 +45,9 @@ from lora_engine.sources.gguf_write import GGUF_TYPES
 CARRIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                  "generation_config.json", "chat_template*")
 DTYPES = FLOAT_DTYPES
+# Everything save_model writes: an existing folder holding only these (and config.json) may be replaced.
+MODEL_FILES = Owned("a model folder", ("config.json", "model.safetensors", "model-*-of-*.safetensors",
+                                       "model.safetensors.index.json", *CARRIED_FILES), marker="config.json")
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -63,7 +68,8 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
     merge: write W + s * B @ A for the LoRA layers (the in-memory model is left as it was); without
     it the base weights are written and a warning reminds you to save the adapter as well.
     dtype: the weights' dtype on disk (torch dtype or "bfloat16", ...); None keeps the model's.
-    An existing `folder` is replaced only if it is empty or a model folder (has config.json).
+    An existing `folder` is replaced only if it is empty or holds nothing but what save_model writes
+    (MODEL_FILES), and is not the folder the model was loaded from; else OutputError, before any work.
     """
     folder = Path(folder)
     out_dtype = _out_dtype(model, dtype)
@@ -79,15 +85,11 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
         warnings.warn(
             f"save_model: writing the base weights only; the LoRA of {len(layers)} layers is not in {folder}. "
             "Save it too with save_adapter(model, dir), or export with merge=True", stacklevel=2)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "config.json").exists())):
-        raise FileExistsError(
-            f"save_model: {folder} exists and is not a model folder (no config.json); refusing to replace it. "
-            "Pick a new or empty folder"
-        )
+    check_out(folder, model)
     state = model.state_dict()  # references to the parameters, no copies
     names = _tensor_names(model, state)
     shards = _plan_shards(state, names, out_dtype, limit)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, MODEL_FILES) as tmp:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards, 1):
             file = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -101,6 +103,17 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
         write_json(tmp / "config.json", _hf_config(model.config, out_dtype))
         _carry_files(getattr(model, "source_dir", None), tmp)
     return folder
+
+
+def check_out(folder: str | os.PathLike, model: nn.Module | None = None) -> None:
+    """Raise OutputError unless save_model may write `folder`: absent, empty, or an earlier export
+    (MODEL_FILES only), and not the folder `model` was loaded from (its base would be overwritten)."""
+    folder = Path(folder)
+    source = getattr(model, "source_dir", None)
+    if source and folder.exists() and folder.resolve() == Path(source).resolve():
+        raise OutputError(f"{folder} is the folder the model was loaded from; writing there would replace the base "
+                          "model: choose another output folder")
+    check_dir_replaceable(folder, MODEL_FILES)
 
 
 def _out_dtype(model: nn.Module, dtype) -> torch.dtype:
@@ -216,6 +229,9 @@ def main(argv=None) -> Path:
     args, _ = parse(ExportArgs, argv, prog="python -m lora_engine.export",
                     description="Merge a LoRA adapter into its base model and write a Hugging Face folder.")
     print(format_config(args))
+    if args.out:
+        with user_input("--out"):
+            check_out(args.out)  # before the model loads: a folder we may not replace costs nothing
     from lora_engine.io import registry
 
     with user_input(""):
@@ -239,6 +255,9 @@ def main(argv=None) -> Path:
     if args.gguf:
         from lora_engine.deploy.gguf import save_gguf
 
+        if args.out:
+            with user_input("--out"):
+                check_out(args.out, model)  # both outputs checked before either is written
         with user_input("--gguf"):
             out = save_gguf(model, args.gguf, args.gguf_type)
         print(f"wrote {out} and {out.with_name(out.stem + '.Modelfile')}")

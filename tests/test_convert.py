@@ -229,11 +229,18 @@ def test_cli(good, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(good), str(out)])
     assert "is not empty; pass --force to replace it" in capsys.readouterr().err
+    # --force replaces an earlier conversion, never a folder holding anything convert does not write.
+    with pytest.raises(ValueError, match="model holds marker: it is not a converted model folder this command "
+                                         "writes, so it is not replaced; choose another output path, or remove it"):
+        main([str(good), str(out), "--force"])
+    assert (out / "marker").read_text() == "old"
+    (out / "marker").unlink()
+    (out / "config.json").write_text('{"mine": 1}')
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(64))
     with pytest.raises(ValueError, match="bad.gguf"):
         main([str(bad), str(out), "--force"])
-    assert (out / "marker").read_text() == "old"  # a failed run leaves OUT_DIR as it was
+    assert (out / "config.json").read_text() == '{"mine": 1}'  # a failed run leaves OUT_DIR as it was
     main([str(good), str(out), "--force"])
-    assert not (out / "marker").exists() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text()) != {"mine": 1} and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "model"]  # no temp folders left

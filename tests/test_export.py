@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from lora_engine import LoraConfig, apply_lora, load_model, merge_lora, save_adapter, save_model
+from lora_engine.cli import run_cli
 from lora_engine.export import main, parse_size
+from lora_engine.io.atomic import OutputError
 from lora_engine.lora.layers import lora_layers
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
@@ -131,18 +133,50 @@ def test_existing_folders(base, tmp_path):
     model = load_model(base)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="is not a model folder .*refusing to replace it"):
+    with pytest.raises(OutputError, match="data holds notes.txt, no config.json: it is not a model folder .*not "
+                                          "replaced; choose another output path, or remove it yourself"):
         save_model(model, tmp_path / "data")
     assert (tmp_path / "data" / "notes.txt").read_text() == "mine"
-    save_model(model, tmp_path / "out")
-    (tmp_path / "out" / "stale.safetensors").write_text("old")
-    save_model(model, tmp_path / "out")  # a model folder is replaced as a whole
-    assert not (tmp_path / "out" / "stale.safetensors").exists()
+    save_model(model, tmp_path / "out", max_shard_size="20KB")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    save_model(model, tmp_path / "out")  # an earlier export (shards and all) is replaced as a whole
+    assert not list((tmp_path / "out").glob("model-*")) and (tmp_path / "out" / "model.safetensors").is_file()
+    (tmp_path / "out" / "stale.safetensors").write_text("someone else's")
+    with pytest.raises(OutputError, match="out holds stale.safetensors: it is not a model folder"):
+        save_model(model, tmp_path / "out")
+    assert (tmp_path / "out" / "stale.safetensors").read_text() == "someone else's"
+    with pytest.raises(OutputError, match="is the folder the model was loaded from; .*replace the base model"):
+        save_model(model, base)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's owner-only 0700
     assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def _run_folder(root):
+    """What `train --out root` leaves: a config.json beside its checkpoints, adapter, metrics and manifest."""
+    (root / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (root / "checkpoints" / "step-00000002" / "meta.json").write_text("{}")
+    (root / "adapter").mkdir()
+    (root / "adapter" / "adapter_config.json").write_text("{}")
+    for name, text in (("config.json", "{}"), ("metrics.jsonl", '{"step": 1}\n'), ("run.json", "{}")):
+        (root / name).write_text(text)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_export_onto_a_run_folder_is_refused_and_deletes_nothing(base, tmp_path, capsys):
+    save_adapter(_with_lora(base), tmp_path / "adapter")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    before = _run_folder(run)
+    rc = run_cli(main, ["--model", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(run)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --out: {run} holds adapter/, checkpoints/, metrics.jsonl, run.json: it is not a "
+                          "model folder this command writes")
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]  # and nothing was written beside it
 
 
 @pytest.mark.parametrize("bad", [0, -5, "5XB", "", "0MB", True])

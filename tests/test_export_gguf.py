@@ -22,6 +22,7 @@ import torch
 
 from lora_engine.deploy.gguf import modelfile_text, save_gguf
 from lora_engine.export import main
+from lora_engine.io.atomic import OutputError
 from lora_engine.io.safetensors import read_safetensors_header, read_tensor
 from lora_engine.loading import load_model
 from lora_engine.lora.adapter import save_adapter
@@ -341,7 +342,7 @@ def test_f16_overflow_is_refused(tiny, tmp_path):
 def test_interrupted_export_leaves_no_partial_file(tiny, tmp_path, monkeypatch):
     model = with_lora(tiny("llama"))
     target = tmp_path / "m.gguf"
-    target.write_bytes(b"old")
+    target.write_bytes(b"GGUF an earlier export")
     calls = []
     real = gguf_write.encode_tensor
 
@@ -354,7 +355,24 @@ def test_interrupted_export_leaves_no_partial_file(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_write, "encode_tensor", dying)
     with pytest.raises(KeyboardInterrupt):
         save_gguf(model, target, "q8_0", verbose=False)
-    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    assert target.read_bytes() == b"GGUF an earlier export" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_a_file_that_is_not_ours_is_never_overwritten(tiny, tmp_path):
+    model = with_lora(tiny("llama"))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(OutputError, match="metrics.jsonl exists and its content is not that: it is not a GGUF file "
+                                          "this command writes, so it is not replaced"):
+        save_gguf(model, tmp_path / "metrics.jsonl", "f32", verbose=False)
+    (tmp_path / "m.Modelfile").write_text("FROM llama3\n# my own\n")
+    with pytest.raises(OutputError, match="m.Modelfile exists and its content is not that: it is not a Modelfile"):
+        save_gguf(model, tmp_path / "m.gguf", "f32", verbose=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "metrics.jsonl"]  # nothing written
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    (tmp_path / "m.Modelfile").unlink()
+    save_gguf(model, tmp_path / "m.gguf", "f32", verbose=False)
+    save_gguf(model, tmp_path / "m.gguf", "f32", verbose=False)  # our own GGUF file and Modelfile are replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf", "metrics.jsonl"]
 
 
 # ---- the command line and QLoRA merges ----------------------------------------------------------------

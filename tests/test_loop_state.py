@@ -32,7 +32,7 @@ def _rows(out):
 def _edit_loop_state(ckpt, edit):
     """Rewrite the loop state inside a checkpoint's state.pt, as an older or newer version would have saved it."""
     path = ckpt / "state.pt"
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     edit(state["loop"])
     torch.save(state, path)
 
@@ -64,7 +64,7 @@ def test_the_state_a_run_saves_is_what_it_did(folder, data, tmp_path):
     assert m["status"] == "interrupted"
     rows = _rows(out)
     (ck,) = checkpoint.list_checkpoints(out)
-    state = LoopState.from_dict(torch.load(ck / "state.pt", weights_only=False)["loop"])
+    state = LoopState.from_dict(torch.load(ck / "state.pt", weights_only=True)["loop"])
     assert state.step == 3 and state.skipped == 0
     assert state.tokens == sum(r["tokens"] for r in rows)
     assert state.targets == sum(r["targets"] for r in rows) == rows[-1]["target_tokens_seen"]

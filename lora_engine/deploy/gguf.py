@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lora_engine.io.atomic import write_text
+from lora_engine.io.atomic import atomic_file, check_file_replaceable, starts_with
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.lora.layers import lora_layers
-from lora_engine.sources.gguf_write import GGUF_TYPES, chat_template, read_json, write_gguf
+from lora_engine.sources.gguf_write import GGUF_TYPES, MAGIC, chat_template, read_json, write_gguf
 
 logger = logging.getLogger(__name__)
+# The first line of every Modelfile we write: an existing Modelfile is replaced only if it starts so.
+MODELFILE_HEAD = "# Written by lora_engine.export."
 
 # Chat-template family: (marker in the Jinja template, Ollama TEMPLATE, stop strings).
 OLLAMA_TEMPLATES = {
@@ -53,8 +55,12 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "f16",
 
     gguf_type: f32, f16, bf16, q8_0, q4_0 or q4_1 for the 2-D weights (norms and biases stay F32).
     Raises ValueError for NF4 weights (merge a QLoRA adapter with export's --merge-into dequantized
-    or --base), an unsupported family or tokenizer, before anything is written.
+    or --base), an unsupported family or tokenizer, before anything is written; OutputError when
+    `path` or the Modelfile exists and is not a GGUF file / a Modelfile we wrote.
     """
+    check_file_replaceable(path, starts_with(MAGIC), "a GGUF file")
+    if modelfile:
+        check_file_replaceable(modelfile_path(path), starts_with(MODELFILE_HEAD.encode()), "a Modelfile")
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"save_gguf: gguf_type {gguf_type!r} is not supported; supported: {', '.join(GGUF_TYPES)}")
     nf4 = [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), NF4Tensor)]
@@ -99,7 +105,7 @@ def modelfile_text(gguf_name: str, template: str | None, eos: str | None) -> str
     """An Ollama Modelfile for the GGUF file `gguf_name` (beside it): FROM, TEMPLATE, PARAMETER stop."""
     family = next((f for f, (marker, _, _) in OLLAMA_TEMPLATES.items() if template and marker in template), None)
     stem = gguf_name.rsplit(".", 1)[0]
-    lines = [f"# Written by lora_engine.export. Create the model with: ollama create NAME -f {stem}.Modelfile",
+    lines = [f"{MODELFILE_HEAD} Create the model with: ollama create NAME -f {stem}.Modelfile",
              f"FROM ./{gguf_name}"]
     stops = [eos] if eos else []
     if family:
@@ -119,6 +125,13 @@ def write_modelfile(gguf_path: str | os.PathLike, template: str | None, eos: str
     if "\nTEMPLATE " not in text:
         warnings.warn(f"save_gguf: {gguf_path.stem}.Modelfile has no TEMPLATE: the chat template is not ChatML, "
                       "Llama 3 or Mistral; Ollama will choose one from the GGUF metadata", stacklevel=3)
-    out = gguf_path.with_name(gguf_path.stem + ".Modelfile")
-    write_text(out, text)
+    out = modelfile_path(gguf_path)
+    with atomic_file(out, starts_with(MODELFILE_HEAD.encode()), "a Modelfile") as f:
+        f.write(text.encode("utf-8"))
     return out
+
+
+def modelfile_path(gguf_path: str | os.PathLike) -> Path:
+    """The Modelfile beside a GGUF file: out/model.gguf -> out/model.Modelfile."""
+    gguf_path = Path(gguf_path)
+    return gguf_path.with_name(gguf_path.stem + ".Modelfile")

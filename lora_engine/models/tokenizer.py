@@ -34,6 +34,10 @@ from lora_engine.io.atomic import copy_file
 
 # Files `save` copies: what a Hugging Face tokenizer folder holds.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+class TemplateError(ValueError):
+    """A chat template that is not valid Jinja, fails to render, or does what the sandbox refuses."""
+
+
 class Tokenizer:
     """Text <-> token ids (lists of int) and chat-template rendering for one checkpoint folder."""
 
@@ -144,7 +148,7 @@ class Tokenizer:
                 eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "",
             )
         except jinja2.TemplateError as e:
-            raise ValueError(f"the chat template of {self.name_or_path} failed: {e}") from e
+            raise TemplateError(f"the chat template of {self.name_or_path} failed: {e}") from e
 
     def _template(self):
         if self._compiled is None:
@@ -168,7 +172,7 @@ class Tokenizer:
             try:
                 self._compiled = env.from_string(self.chat_template)
             except jinja2.TemplateSyntaxError as e:
-                raise ValueError(
+                raise TemplateError(
                     f"the chat template of {self.name_or_path} is not valid Jinja (line {e.lineno}): {e.message}"
                 ) from e
         return self._compiled

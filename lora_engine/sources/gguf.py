@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_engine.cli import logs_to, option, parse, user_input
-from lora_engine.io.atomic import atomic_dir, write_bytes
+from lora_engine.io.atomic import Owned, atomic_dir, write_bytes
 from lora_engine.sources.gguf_layout import TENSOR_NAMES, unpermute_rows
 
 logger = logging.getLogger(__name__)
@@ -404,7 +404,7 @@ class ConvertArgs:
 
     gguf: str = option(help="a Llama GGUF file", positional=True)
     out_dir: str = option(help="the Hugging Face folder to create", positional=True)
-    force: bool = option(False, "replace OUT_DIR if it exists and is not empty")
+    force: bool = option(False, "replace OUT_DIR if it exists and holds an earlier conversion (only its files)")
 
     def __post_init__(self):
         out = Path(self.out_dir)
@@ -412,6 +412,12 @@ class ConvertArgs:
             raise ValueError(f"{out} exists and is a file")
         if out.is_dir() and any(out.iterdir()) and not self.force:
             raise ValueError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+# What convert_gguf writes: with --force, a folder holding only these is replaced; anything else is refused.
+CONVERTED = Owned("a converted model folder", ("config.json", "model.safetensors", "tokenizer.json",
+                                               "tokenizer_config.json", "special_tokens_map.json",
+                                               "generation_config.json"), marker="config.json")
 
 
 @logs_to("stderr")
@@ -424,6 +430,6 @@ def main(argv=None) -> None:
     out = Path(a.out_dir)
     # Convert beside OUT_DIR and rename into place: an interrupted run leaves OUT_DIR as it was.
     # convert_gguf's ValueErrors are documented as "this file is corrupted or unsupported".
-    with user_input(""), atomic_dir(out) as tmp:
+    with user_input(""), atomic_dir(out, CONVERTED) as tmp:
         convert_gguf(a.gguf, tmp, name_or_path=str(out), progress=counter if sys.stderr.isatty() else None)
     print(out)

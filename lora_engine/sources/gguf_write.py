@@ -5,7 +5,7 @@
 Pure Python (numpy and the `gguf` package from llama.cpp for its key names, type sizes and
 quantizers); no llama.cpp build. The file is streamed, one tensor in memory at a time, into a
 temporary beside the target and renamed into place (io/atomic.atomic_file): an interrupted export
-leaves no partial file.
+leaves no partial file. An existing file is replaced only if it is a GGUF file (starts with "GGUF").
 
 Layout (GGUF v3, little-endian): "GGUF", version, tensor count, key/value count, the key/values,
 the tensor table (name, dims fastest-first, ggml type, offset), then each tensor's data aligned to
@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_engine.io.atomic import atomic_file
+from lora_engine.io.atomic import atomic_file, check_file_replaceable, starts_with
 from lora_engine.sources.gguf_layout import ARCHITECTURES, PERMUTED, hf_to_gguf_names, permute_rows
 
 ALIGNMENT = 32
+MAGIC = b"GGUF"
 # --gguf-type -> ggml type name for the 2-D weights, and the general.file_type llama.cpp records.
 GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
               "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1")}
@@ -344,6 +345,7 @@ def write_gguf(path: str | os.PathLike, config: dict, shapes: dict[str, tuple[in
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"GGUF export: {path} is a folder; pass the path of the .gguf file to write")
+    check_file_replaceable(path, starts_with(MAGIC), "a GGUF file")
     arch = check_config(config)
     metadata = architecture_metadata(config, name or path.stem, gguf_type)
     metadata += tokenizer_metadata(tokenizer_dir, config["vocab_size"],
@@ -352,7 +354,7 @@ def write_gguf(path: str | os.PathLike, config: dict, shapes: dict[str, tuple[in
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
     layout = {}
-    header = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(plan), len(metadata)))
+    header = bytearray(MAGIC + struct.pack("<IQQ", 3, len(plan), len(metadata)))
     for kv in metadata:
         header += _kv_bytes(kv)
     offset, fallback = 0, []
@@ -369,7 +371,7 @@ def write_gguf(path: str | os.PathLike, config: dict, shapes: dict[str, tuple[in
         warnings.warn(f"GGUF export: {len(fallback)} tensors ({', '.join(fallback[:4])}) have rows that are not whole "
                       f"blocks of {gguf_type}; written as F16, as llama.cpp does", stacklevel=2)
     header += b"\0" * (-len(header) % ALIGNMENT)
-    with atomic_file(path) as f:
+    with atomic_file(path, starts_with(MAGIC), "a GGUF file") as f:
         f.write(header)
         for i, (g, hf) in enumerate(plan, 1):
             shape, ttype = layout[g]
