@@ -73,11 +73,77 @@ def test_resume_with_a_different_model_is_refused(folder, tmp_path):
         checkpoint.latest_checkpoint(tmp_path / "empty")
 
 
-def _start(folder, out, save_every):
+class Payload:
+    """What a hostile state.pt holds: unpickling it runs code (here: creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def _plant(ckpt, marker):
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    state["optimizer"]["state"] = Payload(marker)
+    torch.save(state, ckpt / "state.pt")
+    torch.load(ckpt / "state.pt", weights_only=False)  # the payload is live: the full unpickler runs it
+    assert marker.read_text() == "ran"
+    marker.unlink()
+
+
+def test_a_pickle_payload_in_state_pt_never_runs(folder, tmp_path):
+    model, opt, sched = _parts(folder)
+    ck = checkpoint.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, {"epoch": 0})
+    marker = tmp_path / "pwned"
+    _plant(ck, marker)
+    fresh, opt2, sched2 = _parts(folder)
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    with pytest.raises(checkpoint.ResumeError, match=r"step-00000001/state.pt: not a checkpoint state this version "
+                                                     r"writes \(Weights only load failed.*was not loaded"):
+        checkpoint.load_checkpoint(ck, fresh, opt2, sched2)
+    assert not marker.exists()
+    assert all(torch.equal(p, before[n]) for n, p in fresh.named_parameters())  # refused before any change
+
+
+def test_a_checkpoint_of_the_pickled_format_is_refused(folder, tmp_path):
+    model, opt, sched = _parts(folder)
+    ck = checkpoint.save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, {"epoch": 0})
+    meta = json.loads((ck / "meta.json").read_text())
+    assert meta["format"] == 2
+    (ck / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(checkpoint.ResumeError, match=r"a checkpoint of format 1, written by an older lora_engine .*"
+                                                     r"runs any code the file holds; it is not loaded. Re-create it"):
+        checkpoint.load_checkpoint(ck, model, opt, sched)
+    (ck / "meta.json").write_text("{oops")
+    with pytest.raises(checkpoint.ResumeError, match=r"meta.json: cannot be read"):
+        checkpoint.load_checkpoint(ck, model, opt, sched)
+    (ck / "meta.json").write_text(json.dumps(meta))
+    torch.save([1, 2], ck / "state.pt")
+    with pytest.raises(checkpoint.ResumeError, match=r"state.pt: holds list, not the state this version writes"):
+        checkpoint.load_checkpoint(ck, model, opt, sched)
+
+
+def test_train_resume_of_a_planted_payload_is_one_error_line(folder, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(folder, out, save_every=1, extra=["--max-steps", "1"])
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    marker = tmp_path / "pwned"
+    _plant(checkpoint.latest_checkpoint(out), marker)
+    proc = _start(folder, out, save_every=1, extra=["--max-steps", "2", "--resume", str(out)])
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and not marker.exists(), log
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "state.pt: not a checkpoint state this version writes" in errors[0], log
+    assert "Traceback" not in log
+
+
+def _start(folder, out, save_every, extra=("--max-steps", "100000")):
     data = write_jsonl(out.parent / f"{out.name}.jsonl", chat_records(64))
     cmd = [sys.executable, "-m", "lora_engine.train", "--model", str(folder), "--data", str(data), "--out", str(out),
-           "--max-steps", "100000", "--batch-size", "2", "--max-length", "64", "--r", "4", "--no-general-eval",
-           "--no-plot", "--save-every", str(save_every), "--keep-checkpoints", "2"]
+           "--batch-size", "2", "--max-length", "64", "--r", "4", "--no-general-eval",
+           "--no-plot", "--save-every", str(save_every), "--keep-checkpoints", "2", *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

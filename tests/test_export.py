@@ -192,3 +192,10 @@ def test_bad_dtype(base, tmp_path):
 
 def test_shard_size_units():
     assert parse_size("2KB") == 2000 and parse_size("2KiB") == 2048 and parse_size("1.5GB") == 1_500_000_000
+
+
+def test_a_reader_finishes_an_export_that_a_kill_left_half_swapped(base, tmp_path):
+    save_model(load_model(base), tmp_path / "out")
+    os.rename(tmp_path / "out", tmp_path / ".out.lora_engine-new")  # killed after the new folder was complete
+    assert load_model(tmp_path / "out").config.model_type == "qwen2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,7 +1,12 @@
 """lora_engine.io: the streaming atomic writer, the streaming safetensors writer, and the strict
 checkpoint loader with its per-tensor hook (on a small module, no model needed)."""
 
+import errno
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,3 +266,147 @@ def test_skip_and_sharded_index(folder):
     expected.pop("b.weight")
     load_checkpoint(folder, expected, skip={"b.weight"})  # ignored suffixes and skipped names pass unread
     assert torch.equal(m.a.weight, sd["a.weight"])
+
+
+# ---- what a writer may replace, interrupted swaps, leftovers, a full disk ---------------------------
+def _dead_pid():
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_a_folder_is_replaced_only_when_it_holds_what_the_writer_writes(tmp_path):
+    owned = atomic.Owned("a widget folder", ("widget.json", "part-*.bin"), marker="widget.json")
+    target = tmp_path / "w"
+    for content in ({"widget.json": "1", "part-1.bin": "a", "part-2.bin": "b"}, {"widget.json": "2"}):
+        with atomic.atomic_dir(target, owned) as tmp:
+            for name, text in content.items():
+                (tmp / name).write_text(text)
+    assert _leftovers(target) == ["widget.json"] and _leftovers(tmp_path) == ["w"]
+    (target / "notes.txt").write_text("mine")
+    (target / "sub").mkdir()
+    ran = []
+    with pytest.raises(atomic.OutputError, match=r"w holds notes.txt, sub/: it is not a widget folder this command "
+                                                 r"writes, so it is not replaced; choose another output path, or "
+                                                 r"remove it yourself"), atomic.atomic_dir(target, owned):
+        ran.append(True)
+    assert not ran and _leftovers(target) == ["notes.txt", "sub", "widget.json"]  # refused before any work
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "part-1.bin").write_text("a")
+    with pytest.raises(atomic.OutputError, match="other holds no widget.json"):
+        atomic.check_dir_replaceable(tmp_path / "other", owned)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(atomic.OutputError, match="file is a file: it is not a widget folder"):
+        atomic.check_dir_replaceable(tmp_path / "file", owned)
+
+
+def test_without_owned_a_folder_is_replaced_only_by_one_with_at_least_its_entries(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "adapter_config.json").write_text("old")
+    (target / "notes.txt").write_text("mine")
+    refused = pytest.raises(atomic.OutputError, match="adapter holds notes.txt, which this write does not")
+    with refused, atomic.atomic_dir(target) as tmp:
+        (tmp / "adapter_config.json").write_text("new")
+    assert (target / "adapter_config.json").read_text() == "old" and _leftovers(tmp_path) == ["adapter"]
+    (target / "notes.txt").unlink()
+    with atomic.atomic_dir(target) as tmp:
+        (tmp / "adapter_config.json").write_text("new")
+    assert (target / "adapter_config.json").read_text() == "new" and _leftovers(tmp_path) == ["adapter"]
+
+
+def test_a_file_is_replaced_only_when_the_check_recognises_it(tmp_path):
+    gguf = atomic.starts_with(b"GGUF")
+    (tmp_path / "run.json").write_text("{}")
+    refused = pytest.raises(atomic.OutputError, match="run.json exists and its content is not that: it is not a GGUF")
+    with refused, atomic.atomic_file(tmp_path / "run.json", gguf, "a GGUF file") as f:
+        f.write(b"GGUF new")
+    assert (tmp_path / "run.json").read_text() == "{}" and _leftovers(tmp_path) == ["run.json"]
+    (tmp_path / "m.gguf").write_bytes(b"GGUF old")
+    with atomic.atomic_file(tmp_path / "m.gguf", gguf, "a GGUF file") as f:
+        f.write(b"GGUF new")
+    assert (tmp_path / "m.gguf").read_bytes() == b"GGUF new"
+    with pytest.raises(atomic.OutputError, match="is a folder: it is not a GGUF file"):
+        atomic.check_file_replaceable(tmp_path, gguf, "a GGUF file")
+
+
+SWAP_KILLED = """
+import os, sys
+from pathlib import Path
+from lora_engine.io import atomic
+calls = [0]
+real = os.rename
+def rename(a, b):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[2]):
+        os._exit(9)  # killed between two steps of the swap
+    real(a, b)
+atomic.os.rename = rename
+atomic.shutil.rmtree = lambda p: os._exit(9)  # killed before the old folder is deleted
+with atomic.atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "v").write_text("new")
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
+def test_a_kill_anywhere_in_a_folder_swap_leaves_the_old_or_the_new_folder(tmp_path, kill_at):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "v").write_text("old")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", SWAP_KILLED, str(target), str(kill_at)], env=env)
+    assert proc.returncode == 9
+    atomic.recover_dir(target)  # what a reader does first; the next write does it too
+    assert (target / "v").read_text() == ("old" if kill_at <= 2 else "new")
+    assert _leftovers(tmp_path) == ["ckpt"]  # the aside folders and the dead writer's temporary are gone
+    with atomic.atomic_dir(target) as tmp:
+        (tmp / "v").write_text("newer")
+    assert (target / "v").read_text() == "newer" and _leftovers(tmp_path) == ["ckpt"]
+
+
+def test_leftovers_of_dead_writers_are_removed_and_nothing_else(tmp_path):
+    dead, live = _dead_pid(), os.getppid()
+    stale_file = tmp_path / f".m.gguf.lora_engine-{dead}-abc_123x.tmp"
+    stale_dir = tmp_path / f".out.lora_engine-{dead}-k2j4h5g6.tmp"
+    running = tmp_path / f".m.gguf.lora_engine-{live}-zzzzzzzz.tmp"
+    stale_file.write_bytes(b"half a model")
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"half")
+    running.write_bytes(b"being written")
+    for mine in (".m.gguf.tmp", ".notes.old.tmp", "m.gguf.lora_engine-1-x.tmp"):
+        (tmp_path / mine).write_text("a user's file")
+    atomic.write_bytes(tmp_path / "m.gguf", b"GGUF")  # a write cleans its own target's leftovers
+    assert not stale_file.exists() and stale_dir.exists() and running.exists()
+    assert atomic.clean_temporaries(tmp_path) == [stale_dir]
+    assert _leftovers(tmp_path) == [f".m.gguf.lora_engine-{live}-zzzzzzzz.tmp", ".m.gguf.tmp", ".notes.old.tmp",
+                                    "m.gguf", "m.gguf.lora_engine-1-x.tmp"]
+
+
+@pytest.mark.parametrize("error, message", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on the device"),
+    (OSError(errno.EROFS, "Read-only file system"), "the file system is read-only"),
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4374"), "unexpected pos 4480"),
+    (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), "file write failed"),
+])
+def test_a_full_or_read_only_disk_is_one_error_naming_the_path(tmp_path, error, message):
+    refused = pytest.raises(atomic.OutputError, match=f"cannot write {tmp_path / 'ckpt'}: .*{message}.*free "
+                                                      "space, or choose another output path")
+    with refused, atomic.atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "state.pt").write_bytes(b"half")
+        raise error
+    with pytest.raises(atomic.OutputError, match=f"cannot write {tmp_path / 'f.bin'}: .*{message}"), \
+            atomic.atomic_file(tmp_path / "f.bin") as f:
+        f.write(b"half")
+        raise error
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(RuntimeError, match="a bug"), atomic.atomic_file(tmp_path / "f.bin"):
+        raise RuntimeError("a bug, not the disk")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, which fails every write with ENOSPC")
+def test_a_real_enospc_from_the_kernel(tmp_path):
+    with pytest.raises(OSError) as info, open("/dev/full", "wb") as f:
+        f.write(b"x")
+        f.flush()
+    msg = atomic.disk_error(info.value, Path("/dev/full"))
+    assert msg is not None and "no space left on the device" in str(msg)

@@ -8,11 +8,14 @@ conversion never leaves a half-written model behind. Later calls reuse the folde
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from lora_engine.io import atomic
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # what every command's --model defaults to
 # name -> (python package, file inside it, pip command that installs it)
@@ -54,7 +57,8 @@ def ensure_converted(name: str) -> Path:
 
     source = gguf_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    atomic.clean_temporaries(target.parent, name)  # what a killed conversion left (model-sized)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{atomic.TAG}-{os.getpid()}-", suffix=".tmp", dir=target.parent))
     try:
         convert_gguf(source, tmp, name_or_path=name)
         try:
@@ -79,6 +83,8 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
         path = resolve_ref(path)
     p = Path(path)
+    with contextlib.suppress(OSError):  # a swap a kill interrupted is put back; a read-only folder is read as is
+        atomic.recover_dir(p)
     if not p.exists():
         names = ", ".join(EMBEDDED_MODELS)
         raise FileNotFoundError(f"model path {str(p)!r} does not exist; pass a Hugging Face model folder or an "
