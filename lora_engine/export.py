@@ -216,10 +216,10 @@ def main(argv=None) -> Path:
     args, _ = parse(ExportArgs, argv, prog="python -m lora_engine.export",
                     description="Merge a LoRA adapter into its base model and write a Hugging Face folder.")
     print(format_config(args))
-    from lora_engine.io import registry
+    from lora_engine.registry import refs
 
     with user_input(""):
-        args = registry.resolve_fields(args, ("model", "adapter", "base"), args.registry)
+        args = refs.resolve_fields(args, ("model", "adapter", "base"), args.registry)
     if args.adapter:
         with user_input("--adapter"):
             read_adapter_config(args.adapter)  # a wrong folder is reported before the model loads
