@@ -8,8 +8,18 @@ layers, and `le.runs` must be this module whatever was imported first (lora_engi
 import sys
 
 from lora_engine.cli import run_cli
-from lora_engine.train.lineage import (MANIFEST, find_runs, format_runs, git_revision, hash_files, main,
-                                       model_weight_files, new_manifest, read_manifest, write_manifest)
+from lora_engine.train.lineage import (
+    MANIFEST,
+    find_runs,
+    format_runs,
+    git_revision,
+    hash_files,
+    main,
+    model_weight_files,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
 
 __all__ = ["MANIFEST", "find_runs", "format_runs", "git_revision", "hash_files", "main", "model_weight_files",
            "new_manifest", "read_manifest", "write_manifest"]
