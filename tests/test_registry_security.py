@@ -202,6 +202,12 @@ def test_publish_refuses_a_symbolic_link_instead_of_following_it(runs, reg_dir, 
     assert not any(p.read_bytes() == b"private key material" for p in stored)
 
 
+def test_publish_refuses_a_run_json_of_the_wrong_shape(runs, reg_dir, tmp_path):  # noqa: F811
+    run = variant(runs[0], tmp_path / "run", data=[1, 2])
+    with Registry() as reg, pytest.raises(RegistryError, match=r"run.json: data is list, expected an object"):
+        reg.publish(run, "chat")
+
+
 def test_publish_keeps_the_sources_restrictive_modes(runs, reg_dir, tmp_path):  # noqa: F811
     run = shutil.copytree(runs[0], tmp_path / "run")
     os.chmod(run / "adapter/adapter_model.safetensors", 0o600)

@@ -13,6 +13,7 @@ The parts, bottom up (all standard library; the store sits low, so loaders can r
   rows.py      registry.db's rows read into checked types (a damaged row is one RegistryError)
   objects.py   stored files: no symbolic links, read-only modes, interrupted publishes recovered
   history.py   the hash chain of promotions and rollbacks, its signatures and the key's adoption
+  runfolder.py what a training run folder contributes to a version (checked run.json, files)
   store.py     Registry: publish, list, show, diff, promote, rollback, sign, resolve
   checks.py    verify: every stored hash, stray file and history entry
   refs.py      registry references wherever a path is taken (resolve_ref, local_path, resolve_fields)

@@ -36,7 +36,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from lora_engine.registry import checks, history, objects, rows
+from lora_engine.registry import checks, history, objects, rows, runfolder
 from lora_engine.registry.keys import fingerprint, read_key
 from lora_engine.registry.names import (
     DEFAULT_MAX_REGRESSION,
@@ -181,38 +181,16 @@ class Registry:
         """
         check_name(name)
         run_dir = Path(run_dir)
-        manifest = _read_run(run_dir)
-        art = run_dir / artifact
-        if art.is_symlink():
-            raise RegistryError(f"{art} is a symbolic link; publish stores the folder inside the run, never a link")
-        if (art / "adapter_config.json").is_file():
-            kind = "adapter"
-        elif (art / "config.json").is_file() and any(art.glob("*.safetensors")):
-            kind = "model"
-        else:
-            raise RegistryError(f"{art} is neither an adapter folder (adapter_config.json) nor a model folder "
-                                "(config.json and *.safetensors); pass --artifact with the folder inside the run")
-        sources = {f"{kind}/{p.name}": p for p in sorted(art.iterdir())
-                   if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")}
-        for extra in ("config.json", "run.json", "metrics.jsonl"):
-            if (run_dir / extra).is_file() or (run_dir / extra).is_symlink():
-                sources[extra] = run_dir / extra
-        data_manifest = json.dumps({"files": manifest.get("data", {}).get("sha256", {}),
-                                    "stats": {k: v for k, v in manifest.get("data", {}).items() if k != "sha256"}},
-                                   indent=2, sort_keys=True).encode()
+        manifest = runfolder.read_run(run_dir)
+        kind, sources = runfolder.sources(run_dir, artifact)
+        data_manifest = runfolder.data_manifest(manifest)
         stored = {p: objects.store(self.root, src) for p, src in sources.items()}
         # Derived from run.json, so as private as it.
         stored["data_manifest.json"] = objects.store(self.root, None, data_manifest,
                                                      (run_dir / "run.json").stat().st_mode)
         files = {p: sha for p, (sha, _) in stored.items()}
         content = content_digest(files)
-        record = {
-            "run_dir": str(run_dir.resolve()), "base_model": manifest.get("base_model"), "data": manifest.get("data"),
-            "eval": manifest.get("eval"), "config": manifest.get("config"),
-            "git_revision": manifest.get("git_revision"),
-            "package_version": manifest.get("package_version"), "resumed_from": manifest.get("resumed_from"),
-            "final_step": manifest.get("final_step"), "published_by": history.who(), "artifact": artifact,
-        }
+        record = runfolder.record(run_dir, manifest, artifact)
         with self._tx() as db:
             if self.key and not history.raw_rows(db):
                 history.append(db, self.key, {"action": "sign", "reason": "a new registry adopts its key"})
@@ -457,23 +435,6 @@ def general_regression(ev: dict) -> dict | None:
     except (KeyError, TypeError, ValueError):
         return None
     return {"before": before, "after": after, "drop": before - after}
-
-
-def _read_run(run_dir: Path) -> dict:
-    p = run_dir / "run.json"
-    if not p.is_file():
-        raise RegistryError(f"{run_dir}: no run.json, so it is not a training run folder (pass the --out folder of "
-                            "`python -m lora_engine.train`)")
-    try:
-        m = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RegistryError(f"{p}: not valid JSON ({e})") from e
-    if not isinstance(m, dict):
-        raise RegistryError(f"{p}: expected a JSON object")
-    if m.get("status") != "completed":
-        raise RegistryError(f"{run_dir}: the run's status is {m.get('status')!r}; only completed runs are published "
-                            "(finish it with --resume)")
-    return m
 
 
 def _flatten(d, prefix: str = "") -> dict:
