@@ -12,7 +12,7 @@ import json
 import re
 import sqlite3
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from lora_engine.registry.names import STAGES, RegistryError, check_name
 
@@ -148,7 +148,3 @@ def entry(row: sqlite3.Row) -> Entry:
                 raise RegistryError(f"{where}: {k!r} is {v!r}, expected a version number")
     return Entry(i, body, digest, signature)
 
-
-def stored_path(root: Path, rel: str) -> Path:
-    """`rel` (checked by file_row) under `root`, for the error messages and file reads of one version."""
-    return root.joinpath(*rel.split("/"))
