@@ -12,13 +12,13 @@ a higher one):
 
   kernels/    Triton kernels and their pure-PyTorch references (torch + triton only)
   dispatch.py the one place a kernel is chosen (torch / triton / cpp);  io/  atomic writes,
-              strict safetensors reading, the registry store
+              strict safetensors reading;  registry/  the model registry's store (its command on top)
   sources/    GGUF import, llama.cpp BPE vocabularies, the embedded default model
   models/     ModelConfig, the decoder, the tokenizer (no LoRA, no quantization)
   quant/      NF4 and its checkpoints;  lora/  LoRA layers and PEFT adapter files
   loading.py, export.py   load_model / save_model;  deploy/  GGUF, QLoRA merges;  data/  records -> rows -> batches
   train/      config, step, loop, checkpoints, lineage, plot, suites, DPO, the memory counter
-  eval.py, generate.py, registry.py, plan.py ...   the commands
+  eval.py, generate.py, registry/command.py, plan.py ...   the commands
   cli.py      command lines from dataclasses; the commands are `python -m lora_engine.<cmd>`
 
 Public names and submodules are imported lazily so `import lora_engine` stays cheap.
@@ -47,17 +47,20 @@ _EXPORTS = {
     "save_model": "lora_engine.export",
 }
 
-# Submodules a user reaches as `le.<name>` without importing them first; two keep the names they
+# Submodules a user reaches as `le.<name>` without importing them first; some keep the names they
 # had before the package was split into layers (le.nf4 is quant/, le.trainer train/step.py, le.convert
-# sources/gguf.py, le.runs train/lineage.py).
+# sources/gguf.py). le.runs and le.registry are modules of this package of the same name, so they
+# map to those very modules: importing one (`python -m lora_engine.runs`, `lora_engine.registry.command`)
+# binds the name to it anyway, and any other mapping would make le.runs depend on import order.
+# le.runs is the runs command with the lineage functions it reads; le.registry the registry package.
 _MODULES = {
     "nf4": "lora_engine.quant", "trainer": "lora_engine.train.step", "data": "lora_engine.data",
     "dispatch": "lora_engine.dispatch", "kernels": "lora_engine.kernels", "lora": "lora_engine.lora",
     "quant": "lora_engine.quant", "models": "lora_engine.models", "train": "lora_engine.train",
     "io": "lora_engine.io", "sources": "lora_engine.sources", "loading": "lora_engine.loading",
     "export": "lora_engine.export", "eval": "lora_engine.eval", "cli": "lora_engine.cli",
-    "convert": "lora_engine.sources.gguf", "runs": "lora_engine.train.lineage",
-    "registry": "lora_engine.io.registry", "plan": "lora_engine.plan", "deploy": "lora_engine.deploy",
+    "convert": "lora_engine.sources.gguf", "runs": "lora_engine.runs",
+    "registry": "lora_engine.registry", "plan": "lora_engine.plan", "deploy": "lora_engine.deploy",
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_MODULES)

@@ -223,6 +223,9 @@ def _add_fields(ap: argparse.ArgumentParser, cls) -> None:
         help_ = f.metadata.get("help", "")
         kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
         if f.metadata.get("positional"):
+            # A positional with a default may be left out (`registry list [NAME]`).
+            if f.default is not dataclasses.MISSING:
+                kw.update(nargs="?", default=f.default)
             ap.add_argument(f.name, type=tp, help=help_, **kw)
             continue
         flag = "--" + f.name.replace("_", "-")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from lora_engine.cli import logs_to, option, option_like, parse, run_cli, user_input
 from lora_engine.data.formats import read_records
-from lora_engine.io import registry
+from lora_engine.registry import refs
 from lora_engine.train.config import TrainConfig, quantize_method
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval, target_rows
 from lora_engine.train.suite import general_suite, read_suite, score_suite
@@ -51,7 +51,7 @@ class EvalConfig:
 def main(argv=None):
     a, _ = parse(EvalConfig, argv, "python -m lora_engine.eval", __doc__.splitlines()[0])
     with user_input(""):
-        a = registry.resolve_fields(a, ("model", "adapter"), a.registry)
+        a = refs.resolve_fields(a, ("model", "adapter"), a.registry)
     from lora_engine.loading import load_model
     from lora_engine.models.tokenizer import load_tokenizer
 

@@ -232,10 +232,10 @@ def main(argv=None) -> Path:
     if args.out:
         with user_input("--out"):
             check_out(args.out)  # before the model loads: a folder we may not replace costs nothing
-    from lora_engine.io import registry
+    from lora_engine.registry import refs
 
     with user_input(""):
-        args = registry.resolve_fields(args, ("model", "adapter", "base"), args.registry)
+        args = refs.resolve_fields(args, ("model", "adapter", "base"), args.registry)
     if args.adapter:
         with user_input("--adapter"):
             read_adapter_config(args.adapter)  # a wrong folder is reported before the model loads

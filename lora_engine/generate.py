@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_engine.cli import logs_to, option, option_like, parse, run_cli, user_input
-from lora_engine.io import registry
+from lora_engine.registry import refs
 from lora_engine.train.config import TrainConfig, resolve_device
 
 
@@ -143,7 +143,7 @@ def main(argv=None):
 
     a, _ = parse(GenerateConfig, argv, "python -m lora_engine.generate", __doc__.splitlines()[0])
     with user_input(""):
-        a = registry.resolve_fields(a, ("model", "adapter"), a.registry)
+        a = refs.resolve_fields(a, ("model", "adapter"), a.registry)
     if a.adapter:
         from lora_engine.lora.adapter import read_adapter_config
 

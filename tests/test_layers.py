@@ -3,14 +3,14 @@
 Layers, bottom up (a module may import its own layer and those below, never above):
 
   0 kernels           torch and triton only (plus the standard library)
-  1 io, dispatch, cli
+  1 io, dispatch, cli, registry (the store, standard library only: loaders resolve registry references)
   2 sources           GGUF import and export (gguf_write), BPE vocabularies, the embedded model
   3 models            config, decoder, tokenizer
   4 quant             NF4
   5 lora              LoRA layers, adapter files
   6 loading, export, data
   7 train             config, step, evaluation, loop, checkpoints, lineage, plot, memory
-  8 eval, generate, convert, runs, registry, plan: the commands on top
+  8 eval, generate, convert, runs, registry.command, plan: the commands on top
 
 Also: no import cycle between modules, code inside the package imports the defining module rather
 than a package's re-exports (`from lora_engine.lora import LoraConfig` is for users), and the kernels
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent / "lora_engine"
 
 LAYERS = {
     "lora_engine.kernels": 0,
-    "lora_engine.io": 1, "lora_engine.dispatch": 1, "lora_engine.cli": 1,
+    "lora_engine.io": 1, "lora_engine.dispatch": 1, "lora_engine.cli": 1, "lora_engine.registry": 1,
     "lora_engine.sources": 2, "lora_engine.sources.gguf_write": 2,
     "lora_engine.models": 3,
     "lora_engine.quant": 4,
@@ -37,7 +37,7 @@ LAYERS = {
     "lora_engine.loading": 6, "lora_engine.export": 6, "lora_engine.data": 6, "lora_engine.deploy": 6,
     "lora_engine.train": 7,
     "lora_engine.eval": 8, "lora_engine.generate": 8, "lora_engine.convert": 8, "lora_engine.runs": 8,
-    "lora_engine.registry": 8, "lora_engine.plan": 8,
+    "lora_engine.registry.command": 8, "lora_engine.registry.__main__": 8, "lora_engine.plan": 8,
     "lora_engine": 9,  # the facade: imports nothing eagerly
 }
 KERNEL_THIRD_PARTY = {"torch", "triton"}

@@ -11,7 +11,7 @@ import ast
 
 from tests.test_layers import MODULES, ROOT
 
-CLI_MODULES = {"lora_engine.cli", "lora_engine.train.command", "lora_engine.registry"}  # registry: its subcommands' output
+CLI_MODULES = {"lora_engine.cli", "lora_engine.train.command", "lora_engine.registry.command"}  # registry: its subcommands' output
 
 
 def console_writes(source: str, filename: str = "<probe>") -> list[tuple[int, str]]:

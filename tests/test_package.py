@@ -6,10 +6,13 @@ submodules, which binds them on the package and would hide a missing lazy import
 """
 
 import ast
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import lora_engine
 
@@ -28,7 +31,7 @@ assert le.nf4.quantize and le.trainer.train_step and le.data.Batcher
 assert le.generate is le.generate is sys.modules["lora_engine.generate"].generate  # the function, twice
 for name in le.__all__:
     if name in le._MODULES:
-        vars(le).pop(name, None)  # bound already as a side effect of an earlier import: take the lazy path anyway
+        vars(le).pop(name, None)  # take the lazy path even where an import bound the name already
         assert getattr(le, name) is sys.modules[le._MODULES[name]], name
     else:
         assert getattr(le, name) is getattr(sys.modules[le._EXPORTS[name]], name), name
@@ -65,3 +68,53 @@ def test_every_module_a_docstring_points_to_is_public():
                or n in lora_engine._MODULES}
     assert {"data", "dispatch", "nf4"} <= modules  # the scan finds what it should
     assert modules - set(lora_engine.__all__) == set()
+
+
+def command_modules() -> list[str]:
+    """Every module a `python -m lora_engine.<cmd>` runs: those with a `__main__` guard, and the modules
+    the packages' __main__.py take their main from (a __main__.py itself would run on import)."""
+    found = set()
+    for path in (ROOT / "lora_engine").rglob("*.py"):
+        mod = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if path.name == "__main__.py":
+            found |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                      and n.module and n.module.startswith("lora_engine.") and any(a.name == "main" for a in n.names)}
+        elif '__name__ == "__main__"' in path.read_text(encoding="utf-8"):
+            found.add(mod)
+    return sorted(found)
+
+
+ORDER_CHILD = r"""
+import importlib, sys
+import lora_engine as le
+
+commands = sys.argv[1:]
+if commands[0] == "late":  # the facade's names first, the command modules after
+    commands = commands[1:]
+    registry, runs = le.registry, le.runs
+for m in commands:
+    importlib.import_module(m)
+from lora_engine.registry.store import Registry
+from lora_engine.train import lineage
+
+assert le.registry is sys.modules["lora_engine.registry"], le.registry
+assert le.registry.Registry is Registry and le.registry.resolve_ref and le.registry.RegistryError
+assert le.runs is sys.modules["lora_engine.runs"], le.runs
+assert le.runs.format_runs is lineage.format_runs and le.runs.read_manifest is lineage.read_manifest
+assert le.runs.main is lineage.main
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("when", ["first", "late"])
+def test_registry_and_runs_mean_one_thing_whatever_was_imported_first(tmp_path, when):
+    """le.registry is the registry package and le.runs the runs module, whether every command module was
+    imported before the facade's names were first read or after."""
+    commands = command_modules()
+    assert {"lora_engine.registry.command", "lora_engine.runs", "lora_engine.train.command",
+            "lora_engine.generate"} <= set(commands)  # the scan finds what it should
+    args = (["late"] if when == "late" else []) + commands
+    out = subprocess.run([sys.executable, "-c", ORDER_CHILD, *args], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

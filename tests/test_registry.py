@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+import lora_engine.registry as store
 from lora_engine.cli import run_cli
-from lora_engine.io import registry as store
-from lora_engine.io.registry import Registry, RegistryError, resolve_ref
-from lora_engine.registry import main
+from lora_engine.io.digest import sha256_file
+from lora_engine.registry import Registry, RegistryError, resolve_ref
+from lora_engine.registry.command import main
+from lora_engine.registry.history import digest
 from tests.test_train_support import chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +98,7 @@ def test_publish_list_show_promote_rollback_history(runs, reg_dir, capsys):
     files = shown["sha256"]
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "run.json", "config.json",
             "data_manifest.json", "metrics.jsonl"} == set(files)
-    assert files["adapter/adapter_model.safetensors"] == store.sha256_file(runs[1] / "adapter/adapter_model.safetensors")
+    assert files["adapter/adapter_model.safetensors"] == sha256_file(runs[1] / "adapter/adapter_model.safetensors")
     lin = shown["lineage"]
     assert lin["parent"] == 1 and lin["run_dir"] == str(runs[1].resolve())
     assert lin["base_model"]["sha256"] and lin["data"]["sha256"]  # base and data hashes from run.json
@@ -143,7 +145,7 @@ def test_publishing_the_same_content_twice_returns_the_existing_version(runs, re
 
 PUBLISHER = """
 import sys, time
-from lora_engine.io.registry import Registry
+from lora_engine.registry import Registry
 root, run, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))
 with Registry(root) as reg:
@@ -303,24 +305,26 @@ def test_key_signs_promotions_and_verify_catches_a_forged_entry(runs, reg_dir, t
     assert rc == 2 and "is not this registry's" in out.err
     rc, out = cli("verify", "--key-file", key, capsys=capsys)
     assert rc == 0 and "signatures checked with key" in out.out
-    assert cli("history", capsys=capsys)[1].out.count("True") == 2  # the signed column
+    # The first keyed write adopted the key (entry 1), then the two promotions: all signed.
+    rc, out = cli("history", capsys=capsys)
+    assert out.out.count("True") == 3 and out.out.splitlines()[1].split()[3] == "sign"
 
-    # A forger who can write the database but lacks the key: entry 2 says v1 instead of v2, with its
+    # A forger who can write the database but lacks the key: entry 3's reason rewritten, with its
     # digest recomputed so that the chain holds; and an entry appended without a signature.
     db = sqlite3.connect(reg_dir / "registry.db")
     with db:
-        body = json.loads(db.execute("SELECT body FROM history WHERE id=2").fetchone()[0])
+        body = json.loads(db.execute("SELECT body FROM history WHERE id=3").fetchone()[0])
         body["reason"] = "approved by the board"
-        db.execute("UPDATE history SET body=?, digest=? WHERE id=2", (json.dumps(body), store._digest(body)))
-        last = db.execute("SELECT digest FROM history WHERE id=2").fetchone()[0]
+        db.execute("UPDATE history SET body=?, digest=? WHERE id=3", (json.dumps(body), digest(body)))
+        last = db.execute("SELECT digest FROM history WHERE id=3").fetchone()[0]
         v1 = db.execute("SELECT content FROM versions WHERE version=1").fetchone()[0]
-        forged = dict(body, id=3, action="rollback", prev=last, content=v1, **{"from": 2, "to": 1})
-        db.execute("INSERT INTO history VALUES (3, ?, ?, NULL)", (json.dumps(forged), store._digest(forged)))
+        forged = dict(body, id=4, action="rollback", prev=last, content=v1, **{"from": 2, "to": 1})
+        db.execute("INSERT INTO history VALUES (4, ?, ?, NULL)", (json.dumps(forged), digest(forged)))
     db.close()
     rc, out = cli("verify", "--key-file", key, capsys=capsys)
     assert rc == 1
-    assert "FAILED: history entry 2: the signature does not match (forged, or signed with another key)" in out.out
-    assert "FAILED: history entry 3: unsigned, after signed entries (written without the key)" in out.out
+    assert "FAILED: history entry 3: the signature does not match (forged, or signed with another key)" in out.out
+    assert "FAILED: history entry 4: unsigned (written without the key)" in out.out
     # Without the key the chain still holds (the forger recomputed it): verify says it could not check.
     rc, out = cli("verify", capsys=capsys)
     assert rc == 0 and "signatures not checked (no key given)" in out.out

@@ -5,9 +5,9 @@ import json
 import shutil
 from pathlib import Path
 
+import lora_engine.registry as store
 from lora_engine.cli import run_cli
-from lora_engine.io import registry as store
-from lora_engine.io.registry import Registry
+from lora_engine.registry import Registry
 from tests.test_registry import base, runs  # noqa: F401  (module fixtures: a tiny model and two trained runs)
 from tests.test_train_support import chat_records, write_jsonl
 

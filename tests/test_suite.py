@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_engine.eval import main as eval_main
-from lora_engine.io.registry import general_regression
+from lora_engine.registry.store import general_regression
 from lora_engine.train.suite import choice_logprobs, general_suite, read_suite, score_item, score_suite
 from tests.test_train_support import FakeTokenizer, chat_records, write_jsonl
 

@@ -146,7 +146,7 @@ def adapter_folder(folder: str | os.PathLike) -> Path:
     """The folder itself, or for a registry reference ("registry:NAME@production", "registry:NAME@v3")
     the registry's copy of that version, after checking every file against its recorded sha256."""
     if isinstance(folder, str) and folder.startswith("registry:"):
-        from lora_engine.io.registry import resolve_ref
+        from lora_engine.registry.refs import resolve_ref
 
         return resolve_ref(folder)
     return Path(folder)

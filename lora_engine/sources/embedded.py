@@ -79,7 +79,7 @@ def resolve_path(path: str | os.PathLike) -> Path:
     if isinstance(path, str) and path in EMBEDDED_MODELS:
         return ensure_converted(path)
     if isinstance(path, str) and path.startswith("registry:"):
-        from lora_engine.io.registry import resolve_ref
+        from lora_engine.registry.refs import resolve_ref
 
         path = resolve_ref(path)
     p = Path(path)

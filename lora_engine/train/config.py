@@ -240,15 +240,16 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
 
 def _registry_resume_message(ref: str, root: str | None) -> str:
     """Why --resume cannot take a registry reference, and where the checkpoints of that version may still be."""
-    from lora_engine.io import registry
+    from lora_engine.registry.names import PREFIX, RegistryError
+    from lora_engine.registry.store import Registry
 
     head = (f"--resume {ref}: a published version holds the adapter (or model), config.json, run.json, "
             "metrics.jsonl and the data manifest, not a checkpoint (optimizer, scheduler and RNG state, data "
             "position), so training cannot continue from it")
     try:
-        with registry.Registry(root, create=False) as reg:
-            run_dir = reg.show(ref.removeprefix(registry.PREFIX))["lineage"]["run_dir"]
-    except (registry.RegistryError, OSError) as e:
+        with Registry(root, create=False) as reg:
+            run_dir = reg.show(ref.removeprefix(PREFIX))["lineage"]["run_dir"]
+    except (RegistryError, OSError) as e:
         return f"{head} ({e})"
     return f"{head}; resume from the run it was published from, --resume {run_dir}, if that folder still exists"
 

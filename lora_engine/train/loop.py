@@ -44,7 +44,8 @@ from lora_engine.cli import user_input
 from lora_engine.data import quality
 from lora_engine.data.formats import read_records
 from lora_engine.data.pipeline import Batcher, examples_from_records, prepare, split
-from lora_engine.io import atomic, registry
+from lora_engine.io import atomic
+from lora_engine.registry import refs
 from lora_engine.train import checkpoint, distributed, dpo
 from lora_engine.train import lineage as runs
 from lora_engine.train import step as trainer
@@ -321,7 +322,7 @@ def _setup(cfg: TrainConfig, explicit, tokenizer, model, log, dist=None) -> tupl
     if cfg.auto_memory:  # the memory options, picked by planning this run's step before anything is loaded
         from lora_engine.train import planning
 
-        cfg = planning.plan_training(cfg, device, str(registry.local_path(cfg.model, cfg.registry)), log)
+        cfg = planning.plan_training(cfg, device, str(refs.local_path(cfg.model, cfg.registry)), log)
     if model is None:
         model = _build_model(cfg, device, log)
     elif cfg.finetune == "full":
@@ -400,7 +401,7 @@ def _load_inputs(cfg: TrainConfig, tokenizer, log):
         from lora_engine.models.tokenizer import load_tokenizer
 
         with user_input("--model"):
-            tokenizer = load_tokenizer(registry.local_path(cfg.model, cfg.registry))
+            tokenizer = load_tokenizer(refs.local_path(cfg.model, cfg.registry))
     stats: dict = {}
     if cfg.objective == "dpo":
         train_rows, val_rows, data_files = load_pairs(cfg, tokenizer, stats, records, log)
@@ -432,7 +433,7 @@ def _build_model(cfg: TrainConfig, device: torch.device, log):
     from lora_engine.lora.layers import LoraConfig, apply_lora, count_parameters
 
     with user_input("--model"):
-        model = load_model(registry.local_path(cfg.model, cfg.registry),
+        model = load_model(refs.local_path(cfg.model, cfg.registry),
                            dtype=resolve_precision(device, cfg.precision).storage, device=device,
                            quantize=quantize_method(cfg.quantize))
     if cfg.finetune == "full":
