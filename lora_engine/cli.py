@@ -65,8 +65,8 @@ _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileEx
 # The engine's own input errors, by module, so that reporting one imports nothing (loading imports torch).
 _ENGINE_ERRORS = (("lora_engine.data.formats", "DataError"), ("lora_engine.io.safetensors", "CheckpointError"),
                   ("lora_engine.train.checkpoint", "ResumeError"), ("lora_engine.io.atomic", "OutputError"),
-                  ("lora_engine.registry.names", "RegistryError"), ("lora_engine.train.distributed", "DistributedError"),
-                  ("lora_engine.models.tokenizer", "TemplateError"))
+                  ("lora_engine.registry.names", "RegistryError"),
+                  ("lora_engine.train.distributed", "DistributedError"))
 
 
 class Terminated(BaseException):

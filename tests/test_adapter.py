@@ -230,3 +230,52 @@ def test_load_into_mismatched_or_merged_lora(base, tmp_path):
 def test_save_without_lora(base, tmp_path):
     with pytest.raises(ValueError, match="save_adapter: the model has no LoRA layers; call apply_lora"):
         save_adapter(load_model(base), tmp_path)
+
+
+# ---- hostile adapter files: each is refused with CheckpointError, quickly ------------------------
+@pytest.mark.parametrize("changes, message", [
+    (dict(r="8"), "r must be a positive integer, got str"),
+    (dict(r=True), "r must be a positive integer, got bool"),
+    (dict(use_dora="yes"), "use_dora must be true or false, got str"),
+    (dict(target_modules={"q_proj": 1}), "target_modules must be a list of module names or one regular expression"),
+    (dict(rank_pattern=["q_proj"]), r"rank_pattern must be an object \{module pattern: rank\}"),
+    (dict(target_modules="(?<=x)q_proj"), "assert .*is not supported in module patterns"),
+])
+def test_config_fields_are_type_checked(base, tmp_path, changes, message):
+    folder = _saved(base, tmp_path)
+    _edit_config(folder, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_adapter(load_model(base), folder)
+
+
+def test_catastrophic_target_regex_is_refused_quickly(base, tmp_path):
+    import time
+
+    folder = _saved(base, tmp_path)
+    # re.fullmatch backtracks for hours on this pattern; the bounded matcher answers "matches nothing".
+    _edit_config(folder, target_modules="(.*.*.*.*.*.*.*.*)*z", rank_pattern={"(.*.*.*.*.*.*.*.*)*z": 2})
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"'\(\.\*\.\*.*\)\*z' matches no module"):
+        load_adapter(load_model(base), folder)
+    assert time.perf_counter() - start < 10
+
+
+def test_target_regex_follows_peft_fullmatch(base, tmp_path):
+    folder = _saved(base, tmp_path)
+    _edit_config(folder, target_modules=r".*\.(q|v)_proj", rank_pattern={"layers\\.1\\.self_attn\\.q_proj": 4})
+    model = load_adapter(load_model(base), folder)
+    assert sorted(p.rsplit(".", 1)[-1] for p, _ in lora_layers(model)) == ["q_proj", "q_proj", "v_proj", "v_proj"]
+
+
+def test_integer_adapter_tensor_is_refused(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _saved(base, tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key] = torch.ones_like(tensors[key], dtype=torch.int32)  # was silently cast into fp32 weights
+    save_file(tensors, folder / "adapter_model.safetensors")
+    model = load_model(base)
+    with pytest.raises(CheckpointError, match=r"q_proj.lora_A.weight is stored as I32, not a floating-point type"):
+        load_adapter(model, folder)
+    assert not list(lora_layers(model))

@@ -244,3 +244,29 @@ def test_cli(good, tmp_path, capsys):
     main([str(good), str(out), "--force"])
     assert json.loads((out / "config.json").read_text()) != {"mine": 1} and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "model"]  # no temp folders left
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"attention.head_count": 0}, r"llama.attention.head_count must be an integer >= 1, got 0"),
+    ({"block_count": "two"}, r"llama.block_count must be an integer >= 1, got 'two'"),
+    ({"attention.head_count_kv": 3}, "4 attention heads do not split into groups of 3"),
+])
+def test_metadata_of_the_wrong_type_or_range(tiny, tmp_path, meta, match):
+    from lora_engine.io.safetensors import CheckpointError
+
+    hf, state, _ = tiny
+    path = write_gguf(tmp_path / "x.gguf", state, hf.config, meta=meta)
+    with pytest.raises(CheckpointError, match=match):  # GGUFError: the commands report it with exit 2
+        convert_gguf(path, tmp_path / "never", verbose=False)
+
+
+def test_duplicate_tensor_names_are_refused(tiny, tmp_path):
+    hf, state, _ = tiny
+    path = write_gguf(tmp_path / "x.gguf", state, hf.config)
+    data = bytearray(path.read_bytes())
+    first = gguf_name("model.layers.0.self_attn.q_proj.weight")
+    second = gguf_name("model.layers.0.self_attn.k_proj.weight")
+    assert len(first) == len(second)  # renaming in place keeps the file well-formed
+    data = data.replace(second.encode(), first.encode(), 1)
+    path.write_bytes(bytes(data))
+    _raises(path, f"tensor '{first}' appears twice", tmp_path)

@@ -171,3 +171,54 @@ def test_check_command_line(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{oops\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: invalid JSON"):
         main(["check", str(tmp_path / "bad.jsonl"), "--model", str(folder)])
+
+
+# ---- hostile records: DataError naming file and line, never another exception ---------------------
+@pytest.mark.parametrize("line, match", [
+    ('{"text": "ok \\ud800"}', r"d.jsonl:1: field 'text' holds a lone surrogate '\\ud800'"),
+    ('{"messages": [{"role": 1, "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+     r"d.jsonl:1: messages\[0\].role must be a string .*got int"),
+    ('{"messages": [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "yo"}]}',
+     r"d.jsonl:1: messages\[0\].content must be a string, got list"),
+    ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "d.jsonl:1: JSON nested too deeply"),
+    ('{"text": ["a"]}', "d.jsonl:1: field 'text' must be a string, got list"),
+])
+def test_hostile_records(tmp_path, line, match):
+    p = tmp_path / "d.jsonl"
+    p.write_text(line + "\n", encoding="utf-8", errors="surrogatepass")
+    with pytest.raises(DataError, match=match):
+        load_examples(p, TOK)
+
+
+def test_deep_json_list_file(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="d.json: JSON nested too deeply"):
+        load_examples(p, TOK)
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    for name, body in (("b.jsonl", '{"text": "hello"}\n'), ("b.json", '[{"text": "hello"}]')):
+        p = tmp_path / name
+        p.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert trained_text(load_examples(p, TOK)[0]).startswith("hello")
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_examples(p, TOK)
+
+
+def test_template_refusing_a_conversation_names_the_record(tmp_path):
+    from lora_engine.models.tokenizer import load_tokenizer
+    from tests.test_tokenizer import _tiny
+
+    template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}" \
+               "{% endif %}{{ m['content'] }}{% endfor %}"
+    tok = load_tokenizer(_tiny(tmp_path / "tok", {"chat_template": template}))
+    records = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hello"},
+                             {"role": "assistant", "content": "world"}]}]
+    with pytest.raises(DataError, match=r"d.jsonl:1: the chat template of .* failed: no system"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", records), tok)

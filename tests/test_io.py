@@ -410,3 +410,40 @@ def test_a_real_enospc_from_the_kernel(tmp_path):
         f.flush()
     msg = atomic.disk_error(info.value, Path("/dev/full"))
     assert msg is not None and "no space left on the device" in str(msg)
+
+
+# ---- hostile headers: CheckpointError naming the file and the tensor ------------------------------
+def _raw_safetensors(path, header: dict, data: bytes = b"\0" * 64):
+    import json
+    import struct
+
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}, r"data_offsets must be \[begin, end\]"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, r"data_offsets must be \[begin, end\]"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, r"data_offsets must be \[begin, end\]"),
+    ({"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}, "shape must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, r"F32 \(3,\) needs 12 bytes, data_offsets give 8"),
+    ({"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}, "dtype 'Q4' is not one of"),
+    ([1, 2], "expected an object with dtype, shape and data_offsets"),
+])
+def test_malformed_header_entries(tmp_path, entry, match):
+    from lora_engine.io.safetensors import CheckpointError, read_safetensors_header
+
+    path = _raw_safetensors(tmp_path / "m.safetensors", {"w": entry})
+    with pytest.raises(CheckpointError, match=rf"m.safetensors: corrupted entry for tensor 'w': {match}"):
+        read_safetensors_header(path)
+
+
+def test_overlapping_tensors_are_refused(tmp_path):
+    from lora_engine.io.safetensors import CheckpointError, read_safetensors_header
+
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}
+    path = _raw_safetensors(tmp_path / "o.safetensors", header)
+    with pytest.raises(CheckpointError, match=r"o.safetensors: tensors 'a' and 'b' overlap"):
+        read_safetensors_header(path)

@@ -247,3 +247,35 @@ def test_byte_level_bpe_errors(kw, match):
     args = {"tokens": ["a", "b"], "merges": [], **kw}
     with pytest.raises(ValueError, match=match):
         byte_level_bpe(**args)
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ 'a' * 10**11 }}", r"the operator \* would make a value of up to 100000000000 characters"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "the operator ~ makes a value of over"),
+    ("{{ 'a'|center(10**11) }}", "the filter center is given 100000000000"),
+    ("{{ '{:>99999999999}'.format(1) }}", "calling format is given a format with a width over the limit"),
+    ("{{ (['a' * 100000] * 50)|join('x' * 1000) }}", "the filter join would make a value of up to"),
+    ("{{ 7 ** 100000 }}", r"the operator \*\* would make an integer of over"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "maximum recursion depth"),
+    ("{{ messages[0]['role'] + 1 }}", "can only concatenate str"),
+])
+def test_templates_render_under_limits(tmp_path, template, match):
+    from lora_engine.io.safetensors import CheckpointError
+    from lora_engine.models.chat_template import ChatTemplateError
+
+    tok = load_tokenizer(_tiny(tmp_path, {"chat_template": template}))
+    with pytest.raises(ChatTemplateError, match=match) as info:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert isinstance(info.value, CheckpointError)  # the type the commands report as `error:` with exit 2
+
+
+def test_sandbox_refusals_are_engine_errors(tmp_path):
+    from lora_engine.models.chat_template import ChatTemplateError
+
+    for i, template in enumerate(["{{ ''.__class__.__mro__ }}", "{% for %}", "{{ x.y.z }}", "{{ 1 / 0 }}"]):
+        tok = load_tokenizer(_tiny(tmp_path / str(i), {"chat_template": template}))
+        with pytest.raises(ChatTemplateError, match="the chat template of"):
+            tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    with pytest.raises(ChatTemplateError, match="chat_template must be a string"):
+        load_tokenizer(_tiny(tmp_path / "n", {"chat_template": 5}))

@@ -17,8 +17,11 @@ rendering of the whole (ChatML, Llama-3, Qwen...); others are reported, not gues
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from lora_engine.models.chat_template import ChatTemplateError
 
 FORMATS = ("text", "alpaca", "prompt_completion", "chat")
 REQUIRED = {
@@ -65,12 +68,15 @@ def read_records(path: str | Path) -> list[Record]:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}); "
                         "save the file as UTF-8") from None
+    text = text.removeprefix("\ufeff")  # a byte order mark, which some editors write: not part of the data
     stripped = text.lstrip()
     if path.suffix == ".json" or stripped.startswith("["):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read; a record is an object of strings") from None
         if isinstance(obj, dict) and "data" in obj and isinstance(obj["data"], list):
             obj = obj["data"]
         if not isinstance(obj, list):
@@ -86,10 +92,33 @@ def read_records(path: str | Path) -> list[Record]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno}); each line must be one "
                                 "JSON object") from e
+            except RecursionError:
+                raise DataError(f"{path}:{n}: JSON nested too deeply to read; a record is an object of "
+                                "strings") from None
     for r in records:
         if not isinstance(r.data, dict):
             raise DataError(f"{r.where}: expected a JSON object, got {type(r.data).__name__}")
+        _check_text(r)
     return records
+
+
+def _check_text(record: Record) -> None:
+    """Refuse a string holding a lone surrogate (JSON's "\\ud800" escape alone): it is no character, no
+    tokenizer can encode it, and UTF-8 cannot store it. Walks the record without recursion."""
+    stack = [(record.data, "")]
+    while stack:
+        value, field = stack.pop()
+        if isinstance(value, dict):
+            stack += [(v, f"{field}.{k}" if field else str(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{field}[{i}]") for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{record.where}: field {field!r} holds a lone surrogate "
+                                f"{value[e.start]!r} (a \\u escape that is half of a character); fix the "
+                                "escape or drop the record") from None
 
 
 def detect_format(record: Record) -> str:
@@ -157,8 +186,14 @@ def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str
         raise DataError(f"{record.where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{record.where}: messages[{i}] must have 'role' and 'content', got {m!r}")
-        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise DataError(f"{record.where}: messages[{i}] must have 'role' and 'content', got {reprlib.repr(m)}")
+        if not isinstance(m["role"], str):
+            raise DataError(f"{record.where}: messages[{i}].role must be a string such as 'user' or 'assistant', "
+                            f"got {type(m['role']).__name__}")
+        if m["content"] is not None and not isinstance(m["content"], str):
+            raise DataError(f"{record.where}: messages[{i}].content must be a string, got "
+                            f"{type(m['content']).__name__}")
+        if not m["content"] or not m["content"].strip():
             raise EmptyField(f"{record.where}: messages[{i}].content is empty")
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{record.where}: no assistant message: nothing to learn from this conversation")
@@ -168,15 +203,20 @@ def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str
             f"{getattr(tok, 'name_or_path', '?')!r} has none; use a model with a chat template or convert the "
             "data to prompt_completion"
         )
-    full = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    def render(messages: list, add_generation_prompt: bool) -> str:
+        try:
+            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except ChatTemplateError as e:  # often the template refusing this conversation (roles, order)
+            raise DataError(f"{record.where}: {e}") from e
+
+    full = render(msgs, False)
     out: list[tuple[str, bool]] = []
     done = 0  # characters of `full` already assigned to segments
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        before = tok.apply_chat_template(msgs[:i], add_generation_prompt=True) if i else \
-            tok.apply_chat_template([], add_generation_prompt=True)
-        upto = tok.apply_chat_template(msgs[: i + 1], add_generation_prompt=False)
+        before = render(msgs[:i], True)
+        upto = render(msgs[: i + 1], False)
         if not (full.startswith(before) and full.startswith(upto) and len(before) >= done and upto.startswith(before)):
             raise DataError(
                 f"{record.where}: the tokenizer's chat template does not render conversation prefixes as prefixes "

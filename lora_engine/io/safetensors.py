@@ -56,27 +56,54 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: corrupted safetensors header: {e}") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     data_start = 8 + n
+    spans = []
     for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            dtype = ST_DTYPES[info["dtype"]]
-            numel = 1
-            for d in info["shape"]:
-                numel *= d
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupted entry for tensor {name!r}: {info!r}") from e
-        if end - begin != numel * dtype.itemsize or data_start + end > size:
+        begin, end = _check_entry(path, name, info)
+        if data_start + end > size:
             raise CheckpointError(
                 f"{path}: tensor {name!r} needs bytes {begin}..{end} of the data section but the file "
                 f"has {size - data_start}: the file is truncated or corrupted"
             )
+        if begin < end:
+            spans.append((begin, end, name))
+    # Tensors must not share bytes: a file whose tensors overlap was not written by a safetensors writer.
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the data section (bytes {begin}.."
+                                  f"{end}): the file is corrupted")
     return header, data_start
+
+
+def _check_entry(path: Path, name: str, info) -> tuple[int, int]:
+    """(begin, end) of one header entry, after checking its types and that its bytes fit its dtype and shape."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupted entry for tensor {name!r}: {why}")
+
+    if not isinstance(info, dict):
+        raise bad(f"expected an object with dtype, shape and data_offsets, got {type(info).__name__}")
+    if info.get("dtype") not in ST_DTYPES:
+        raise bad(f"dtype {info.get('dtype')!r} is not one of {', '.join(ST_DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+
+    def ints(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+    if not ints(shape):
+        raise bad(f"shape must be a list of non-negative integers, got {shape!r:.80}")
+    if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r:.80}")
+    begin, end = offsets
+    nbytes = math.prod(shape) * ST_DTYPES[info["dtype"]].itemsize
+    if end - begin != nbytes:
+        raise bad(f"{info['dtype']} {tuple(shape)} needs {nbytes} bytes, data_offsets give {end - begin}")
+    return begin, end
 
 
 def read_tensor(path: Path, info: dict, data_start: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,9 +130,11 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     single = folder / "model.safetensors"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> file name")
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             raise CheckpointError(f"{index} names shards that do not exist: {', '.join(missing)}")

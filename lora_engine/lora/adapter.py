@@ -64,6 +64,22 @@ UNSUPPORTED = {
 }
 
 
+# adapter_config.json fields we read: (key, accepted JSON types, what to say). LoraConfig checks the values.
+_FIELD_TYPES = (
+    ("r", (int,), "a positive integer"),
+    ("lora_alpha", (int, float), "a positive number"),
+    ("lora_dropout", (int, float), "a number in [0, 1)"),
+    ("target_modules", (str, list), "a list of module names or one regular expression"),
+    ("use_rslora", (bool,), "true or false"),
+    ("use_dora", (bool,), "true or false"),
+    ("rank_pattern", (dict,), "an object {module pattern: rank}"),
+    ("alpha_pattern", (dict,), "an object {module pattern: alpha}"),
+    ("modules_to_save", (list,), "a list of module names"),
+)
+# Stored dtypes LoRA weights may have: anything else (an int32 tensor, say) is not a trained weight.
+FLOAT_ST_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
 # ---- save ----------------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write the model's LoRA weights and config as a PEFT adapter folder; returns the folder.
@@ -165,31 +181,36 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
             "save_adapter(model, folder) or PEFT's model.save_pretrained(folder)"
         )
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
-        raise ValueError(f"{path}: peft_type {peft_type!r} is not supported; only LoRA adapters (peft_type 'LORA')")
+        raise CheckpointError(f"{path}: peft_type {peft_type!r:.60} is not supported; only LoRA adapters "
+                              "(peft_type 'LORA')")
     for key, (fine, what) in UNSUPPORTED.items():
         if raw.get(key) not in fine:
-            raise ValueError(
-                f"{path}: {key}={raw[key]!r} asks for {what}, which lora_engine does not support yet; "
+            raise CheckpointError(
+                f"{path}: {key}={raw[key]!r:.60} asks for {what}, which lora_engine does not support yet; "
                 "retrain the adapter without it"
             )
     if raw.get("target_modules") is None:
-        raise ValueError(f"{path}: target_modules is missing or null; the adapter names no layers")
+        raise CheckpointError(f"{path}: target_modules is missing or null; the adapter names no layers")
+    for key, kinds, what in _FIELD_TYPES:
+        if key in raw and raw[key] is not None and (not isinstance(raw[key], kinds) or isinstance(raw[key], bool)
+                                                    and bool not in kinds):
+            raise CheckpointError(f"{path}: {key} must be {what}, got {type(raw[key]).__name__} {raw[key]!r:.60}")
     try:  # PEFT's defaults for absent fields: r=8, lora_alpha=8, lora_dropout=0
         config = LoraConfig(
             r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8), lora_dropout=raw.get("lora_dropout", 0.0),
             target_modules=raw["target_modules"], use_rslora=raw.get("use_rslora", False),
             rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
-            use_dora=bool(raw.get("use_dora") or False), modules_to_save=raw.get("modules_to_save") or (),
+            use_dora=raw.get("use_dora") or False, modules_to_save=raw.get("modules_to_save") or (),
         )
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise CheckpointError(f"{path}: {e}") from e
     return config, raw
 
 
@@ -244,7 +265,7 @@ def _expected_layers(model, config: LoraConfig, existing: dict, folder: Path) ->
     try:
         paths = target_paths(model, config)
     except ValueError as e:
-        raise ValueError(f"{folder / CONFIG_NAME}: {e}; was the adapter made for another base model?") from e
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {e}; was the adapter made for another base model?") from e
     if existing:
         if set(paths) != set(existing):
             extra, missing = sorted(set(paths) - set(existing)), sorted(set(existing) - set(paths))
@@ -281,7 +302,7 @@ def _expected_saved(model, config: LoraConfig, existing: dict, folder: Path) -> 
     try:
         paths = saved_module_paths(model, config)
     except ValueError as e:
-        raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {e}") from e
     return {f"{PREFIX}{p}.{n}": (p, n, tuple(t.shape))
             for p in paths for n, t in model.get_submodule(p).named_parameters(recurse=False)}
 
@@ -293,6 +314,10 @@ def _check_keys(header: dict, expected: dict, whole: dict, file: Path, adapter_b
     problems, found = [], {}
     base_note = (f" (the adapter was made for {adapter_base!r}, this model is "
                  f"{getattr(model, 'name_or_path', 'unnamed')!r})")
+    for key, info in header.items():
+        if info["dtype"] not in FLOAT_ST_DTYPES:
+            problems.append(f"{key} is stored as {info['dtype']}, not a floating-point type; LoRA weights are "
+                            f"{', '.join(FLOAT_ST_DTYPES)}")
     for key in whole:
         if key not in header:
             problems.append(f"missing tensor {key} (the config lists its module in modules_to_save)")

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ import torch.nn.functional as F
 
 from lora_engine import dispatch
 from lora_engine.kernels.nf4_format import NF4Tensor
+from lora_engine.lora.names import PatternError, compile_pattern, fullmatch, match_names
 from lora_engine.quant import nf4
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -97,9 +97,9 @@ class LoraConfig:
             if not t:
                 raise ValueError("LoraConfig.target_modules is empty; name at least one module, e.g. 'q_proj'")
             try:
-                re.compile(t)
-            except re.error as e:
-                raise ValueError(f"LoraConfig.target_modules {t!r} is not a valid regular expression: {e}") from e
+                compile_pattern(t)
+            except PatternError as e:
+                raise ValueError(f"LoraConfig.target_modules {e}") from e
         else:
             t = tuple(t) if isinstance(t, (list, tuple, set, frozenset)) else None
             if not t or not all(isinstance(n, str) and n for n in t):
@@ -119,9 +119,9 @@ class LoraConfig:
             for key, value in pattern.items():
                 check(f"{name}[{key!r}]", value)
                 try:
-                    re.compile(key)
-                except re.error as e:
-                    raise ValueError(f"LoraConfig.{name} key {key!r} is not a valid regular expression: {e}") from e
+                    compile_pattern(key)
+                except PatternError as e:
+                    raise ValueError(f"LoraConfig.{name} key {e}") from e
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """(r, lora_alpha) for the module at `path`, after rank_pattern and alpha_pattern."""
@@ -143,7 +143,7 @@ def _check_alpha(name: str, value) -> None:
 def _pattern_key(pattern: dict, path: str) -> str | None:
     # PEFT's get_pattern_key: the first key that matches a dotted suffix of the module path.
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", path):
+        if fullmatch(rf"(?:.*\.)?(?:{key})", path):  # re.match(rf"(.*\.)?({key})$", ...) without backtracking
             return key
     return None
 
@@ -357,7 +357,7 @@ def target_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     if isinstance(t, str):
         if t.lower() == ALL_LINEAR:
             return [n for n in linear if n != head]
-        found = [n for n, _ in model.named_modules() if n and re.fullmatch(t, n)]
+        found = match_names(t, [n for n, _ in model.named_modules() if n])  # re.fullmatch, bounded time
         wanted = {t: found}
     else:
         wanted = {name: [n for n, _ in model.named_modules() if n and (n == name or n.endswith("." + name))]

@@ -14,7 +14,8 @@ post-processor from them); where the two disagree we follow tokenizer.json and w
 
 The chat template is a Jinja string from the checkpoint, i.e. untrusted input: it is rendered in
 jinja2's ImmutableSandboxedEnvironment, with the globals and settings transformers gives it
-(raise_exception, strftime_now, a JSON `tojson`, trim_blocks and lstrip_blocks).
+(raise_exception, strftime_now, a JSON `tojson`, trim_blocks and lstrip_blocks) and limits on the
+size of what it makes (models/chat_template.py); its failures raise ChatTemplateError.
 
 `byte_level_bpe` builds the tokenizer.json of a llama.cpp byte-level vocabulary (the GGUF converter
 uses it). It follows llama.cpp's pre-tokenizer, not transformers' GGUF converter: for `smollm` every
@@ -27,15 +28,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 from lora_engine.io.atomic import copy_file
+from lora_engine.models.chat_template import ChatTemplateError, compile_template, render
 
 # Files `save` copies: what a Hugging Face tokenizer folder holds.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-class TemplateError(ValueError):
-    """A chat template that is not valid Jinja, fails to render, or does what the sandbox refuses."""
 
 
 class Tokenizer:
@@ -138,43 +137,17 @@ class Tokenizer:
         try:
             # Only plain JSON data reaches the (untrusted) template: no objects with methods.
             messages = json.loads(json.dumps(messages))
+        except RecursionError:
+            raise TypeError("apply_chat_template: messages are nested too deeply") from None
         except (TypeError, ValueError) as e:
             raise TypeError(f"apply_chat_template: messages must hold only JSON data (str, numbers, lists): {e}") from e
-        import jinja2
-
-        try:
-            return self._template().render(
-                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "",
-            )
-        except jinja2.TemplateError as e:
-            raise TemplateError(f"the chat template of {self.name_or_path} failed: {e}") from e
+        return render(self._template(), self.name_or_path, messages=messages,
+                      add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                      eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "")
 
     def _template(self):
         if self._compiled is None:
-            import jinja2
-            import jinja2.ext
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message):
-                raise jinja2.exceptions.TemplateError(message)
-
-            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-                # Jinja's own tojson escapes HTML characters, which would change the rendered text.
-                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                                  sort_keys=sort_keys)
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
-            env.filters["tojson"] = tojson
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            try:
-                self._compiled = env.from_string(self.chat_template)
-            except jinja2.TemplateSyntaxError as e:
-                raise TemplateError(
-                    f"the chat template of {self.name_or_path} is not valid Jinja (line {e.lineno}): {e.message}"
-                ) from e
+            self._compiled = compile_template(self.chat_template, self.name_or_path)
         return self._compiled
 
     # ---- files ----------------------------------------------------------------------------------
@@ -233,13 +206,19 @@ def _default_template(template, folder: Path) -> str | None:
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if "default" not in named:
-            raise ValueError(
-                f"{folder / 'tokenizer_config.json'}: chat_template lists templates {sorted(named)} but none is "
-                "named 'default'"
+            raise ChatTemplateError(
+                f"{folder / 'tokenizer_config.json'}: chat_template lists templates {sorted(named, key=str)} but "
+                "none is named 'default'"
             )
-        return named["default"]
+        template = named["default"]
     if template is None and (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ChatTemplateError(f"{folder / 'chat_template.jinja'} is not UTF-8 text: {e}") from None
+    if template is not None and not isinstance(template, str):
+        raise ChatTemplateError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string (or a list of "
+                                f"named templates), got {type(template).__name__}")
     return template
 
 

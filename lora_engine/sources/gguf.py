@@ -38,6 +38,7 @@ import numpy as np
 
 from lora_engine.cli import logs_to, option, parse, user_input
 from lora_engine.io.atomic import Owned, atomic_dir, write_bytes
+from lora_engine.io.safetensors import CheckpointError
 from lora_engine.sources.gguf_layout import TENSOR_NAMES, unpermute_rows
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ _NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
+class GGUFError(CheckpointError):
+    """A GGUF file is corrupted, or holds something we do not convert; the message names the file."""
+
+
 class GGUFFile:
     """The header of a GGUF file (metadata and tensor table) and zero-copy access to tensor bytes."""
 
@@ -58,52 +63,56 @@ class GGUFFile:
             raise FileNotFoundError(f"GGUF file {self.path} does not exist; pass the path of a .gguf file")
         size = self.path.stat().st_size
         if size < 24:
-            raise ValueError(f"{self.path} is not a GGUF file: only {size} bytes")
+            raise GGUFError(f"{self.path} is not a GGUF file: only {size} bytes")
         with open(self.path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._pos = 0
         try:
             self._parse_header(size)
-        except (struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
-            self._mm.close()
-            raise ValueError(
-                f"{self.path} is truncated or corrupted: the GGUF header breaks off near byte {self._pos} ({e})"
-            ) from e
-        except ValueError:
+        except GGUFError:
             self._mm.close()
             raise
+        except (struct.error, UnicodeDecodeError, OverflowError, MemoryError, ValueError) as e:
+            self._mm.close()
+            raise GGUFError(
+                f"{self.path} is truncated or corrupted: the GGUF header breaks off near byte {self._pos} ({e})"
+            ) from e
 
     def _parse_header(self, size: int) -> None:
         if self._mm[:4] != b"GGUF":
-            raise ValueError(f"{self.path} is not a GGUF file: it starts with {bytes(self._mm[:4])!r}, not b'GGUF'")
+            raise GGUFError(f"{self.path} is not a GGUF file: it starts with {bytes(self._mm[:4])!r}, not b'GGUF'")
         self._pos = 4
         version = self._read("<I")
         if version not in (2, 3):
             hint = " (a big-endian file?)" if version > 0xFFFF else ""
-            raise ValueError(f"{self.path}: GGUF version {version} is not supported{hint}; supported: 2, 3")
+            raise GGUFError(f"{self.path}: GGUF version {version} is not supported{hint}; supported: 2, 3")
         n_tensors, n_kv = self._read("<Q"), self._read("<Q")
         if n_tensors > size or n_kv > size:
-            raise ValueError(f"{self.path} is corrupted: header claims {n_tensors} tensors and {n_kv} metadata keys")
+            raise GGUFError(f"{self.path} is corrupted: header claims {n_tensors} tensors and {n_kv} metadata keys")
         self.metadata: dict = {}
         for _ in range(n_kv):
             key = self._string()
+            if key in self.metadata:
+                raise GGUFError(f"{self.path} is corrupted: metadata key {key!r} appears twice")
             self.metadata[key] = self._value(self._read("<I"), key)
         self.tensors: dict[str, tuple[tuple[int, ...], int, int]] = {}  # name -> (dims fastest-first, type, offset)
         for _ in range(n_tensors):
             name = self._string()
             n_dims = self._read("<I")
             if n_dims > 8:
-                raise ValueError(f"{self.path} is corrupted: tensor {name!r} claims {n_dims} dimensions")
+                raise GGUFError(f"{self.path} is corrupted: tensor {name!r} claims {n_dims} dimensions")
             dims = tuple(self._read("<Q") for _ in range(n_dims))
+            if name in self.tensors:
+                raise GGUFError(f"{self.path} is corrupted: tensor {name!r} appears twice in the tensor table")
             self.tensors[name] = (dims, self._read("<I"), self._read("<Q"))
         align = self.metadata.get("general.alignment", 32)
-        if not isinstance(align, int) or align <= 0:
-            raise ValueError(f"{self.path} is corrupted: general.alignment is {align!r}")
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0:
+            raise GGUFError(f"{self.path} is corrupted: general.alignment is {align!r}")
         self.data_start = (self._pos + align - 1) // align * align
         for name in self.tensors:
             begin, end = self.byte_range(name)
             if self.data_start + end > size:
-                raise ValueError(
+                raise GGUFError(
                     f"{self.path} is truncated: tensor {name!r} needs bytes {self.data_start + begin}.."
                     f"{self.data_start + end} but the file has {size}"
                 )
@@ -116,7 +125,7 @@ class GGUFFile:
     def _string(self) -> str:
         n = self._read("<Q")
         if self._pos + n > len(self._mm):
-            raise ValueError(f"{self.path} is truncated: a string of {n} bytes at byte {self._pos} runs past the end")
+            raise GGUFError(f"{self.path} is truncated: a string of {n} bytes at byte {self._pos} runs past the end")
         s = self._mm[self._pos : self._pos + n].decode("utf-8")
         self._pos += n
         return s
@@ -131,13 +140,13 @@ class GGUFFile:
             if itype == 8:
                 return [self._string() for _ in range(n)]
             if itype not in _NP:
-                raise ValueError(f"{self.path} is corrupted: metadata {key!r} is an array of unknown type {itype}")
+                raise GGUFError(f"{self.path} is corrupted: metadata {key!r} is an array of unknown type {itype}")
             if self._pos + n * int(_NP[itype][-1]) > len(self._mm):
-                raise ValueError(f"{self.path} is truncated: metadata {key!r} ({n} items) runs past the end")
+                raise GGUFError(f"{self.path} is truncated: metadata {key!r} ({n} items) runs past the end")
             arr = np.frombuffer(self._mm, dtype=_NP[itype], count=n, offset=self._pos)
             self._pos += arr.nbytes
             return arr.tolist()
-        raise ValueError(f"{self.path} is corrupted: metadata {key!r} has unknown value type {vtype}")
+        raise GGUFError(f"{self.path} is corrupted: metadata {key!r} has unknown value type {vtype}")
 
     def type_name(self, name: str) -> str:
         import gguf
@@ -156,9 +165,9 @@ class GGUFFile:
         try:
             block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
         except (ValueError, KeyError):
-            raise ValueError(f"{self.path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
+            raise GGUFError(f"{self.path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
         if dims and dims[0] % block:
-            raise ValueError(f"{self.path}: tensor {name!r} rows of {dims[0]} are not whole blocks of {block}")
+            raise GGUFError(f"{self.path}: tensor {name!r} rows of {dims[0]} are not whole blocks of {block}")
         return offset, offset + math.prod(dims) // block * nbytes
 
     def dequantize(self, name: str) -> np.ndarray:
@@ -167,7 +176,7 @@ class GGUFFile:
 
         type_name = self.type_name(name)
         if type_name not in SUPPORTED_TYPES:
-            raise ValueError(
+            raise GGUFError(
                 f"{self.path}: tensor {name!r} is stored as {type_name}, which we do not dequantize; "
                 f"supported: {', '.join(SUPPORTED_TYPES)}"
             )
@@ -190,46 +199,72 @@ def _f32(x) -> float:
 
 
 def hf_config(g: GGUFFile, name_or_path: str | None = None) -> dict:
-    """config.json for a Llama GGUF file; raises ValueError for anything we would convert wrongly."""
+    """config.json for a Llama GGUF file; raises GGUFError for anything we would convert wrongly, metadata of the
+    wrong type or out of range included."""
     m, where = g.metadata, g.path
     arch = m.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{where}: architecture {arch!r} is not supported; supported: llama")
+        raise GGUFError(f"{where}: architecture {arch!r} is not supported; supported: llama")
 
     def need(key):
         if f"llama.{key}" not in m:
-            raise ValueError(f"{where}: metadata llama.{key} is missing; the file is incomplete")
+            raise GGUFError(f"{where}: metadata llama.{key} is missing; the file is incomplete")
         v = m[f"llama.{key}"]
         if isinstance(v, list):
-            raise ValueError(f"{where}: llama.{key} varies per layer ({v[:4]}...), which is not supported")
+            raise GGUFError(f"{where}: llama.{key} varies per layer ({v[:4]}...), which is not supported")
         return v
 
-    heads, hidden = need("attention.head_count"), need("embedding_length")
-    kv = m.get("llama.attention.head_count_kv", heads)
-    head_dim = m.get("llama.attention.key_length", hidden // heads)
-    if m.get("llama.rope.dimension_count", head_dim) != head_dim:
-        raise ValueError(f"{where}: partial rotary embeddings (llama.rope.dimension_count "
-                         f"{m['llama.rope.dimension_count']} < head_dim {head_dim}) are not supported")
+    def count(key, default=None, low=1):
+        """An integer setting, present or defaulted, checked: a count of 0 heads would divide by zero."""
+        v = need(key) if default is None else m.get(f"llama.{key}", default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise GGUFError(f"{where}: metadata llama.{key} must be an integer >= {low}, got {v!r:.60}")
+        return v
+
+    def number(key, default=None):
+        v = need(key) if default is None else m.get(f"llama.{key}", default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise GGUFError(f"{where}: metadata llama.{key} must be a positive number, got {v!r:.60}")
+        return v
+
+    heads, hidden = count("attention.head_count"), count("embedding_length")
+    kv = count("attention.head_count_kv", heads)
+    if heads % kv:
+        raise GGUFError(f"{where}: {heads} attention heads do not split into groups of {kv} key/value heads")
+    if "llama.attention.key_length" not in m and hidden % heads:
+        raise GGUFError(f"{where}: embedding_length {hidden} is not a multiple of {heads} heads")
+    head_dim = count("attention.key_length", hidden // heads)
+    if head_dim % 2:
+        raise GGUFError(f"{where}: head_dim {head_dim} is odd; RoPE rotates pairs of dimensions")
+    if count("rope.dimension_count", head_dim) != head_dim:
+        raise GGUFError(f"{where}: partial rotary embeddings (llama.rope.dimension_count "
+                        f"{m['llama.rope.dimension_count']} < head_dim {head_dim}) are not supported")
     scaling = m.get("llama.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in g.tensors:
-        raise ValueError(f"{where}: rope scaling ({scaling!r}, rope_freqs) is not supported; only plain RoPE")
+        raise GGUFError(f"{where}: rope scaling ({scaling!r:.40}, rope_freqs) is not supported; only plain RoPE")
     if m.get("llama.expert_count", 0):
-        raise ValueError(f"{where}: mixture-of-experts files (llama.expert_count) are not supported")
+        raise GGUFError(f"{where}: mixture-of-experts files (llama.expert_count) are not supported")
+    for key in ("bos", "eos", "padding", "unknown"):
+        v = m.get(f"tokenizer.ggml.{key}_token_id")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise GGUFError(f"{where}: metadata tokenizer.ggml.{key}_token_id must be an integer, got {v!r:.60}")
     tokens = m.get("tokenizer.ggml.tokens") or []
-    theta = _f32(m.get("llama.rope.freq_base", 10000.0))
+    if not isinstance(tokens, list):
+        raise GGUFError(f"{where}: metadata tokenizer.ggml.tokens must be an array of strings")
+    theta = _f32(number("rope.freq_base", 10000.0))
     cfg = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": m.get("llama.vocab_size", len(tokens)),
+        "vocab_size": count("vocab_size", len(tokens)),
         "hidden_size": hidden,
-        "intermediate_size": need("feed_forward_length"),
-        "num_hidden_layers": need("block_count"),
+        "intermediate_size": count("feed_forward_length"),
+        "num_hidden_layers": count("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": m.get("llama.context_length", 2048),
-        "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": count("context_length", 2048),
+        "rms_norm_eps": _f32(number("attention.layer_norm_rms_epsilon")),
         "rope_theta": theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "attention_bias": False,
@@ -287,7 +322,7 @@ def tensor_plan(g: GGUFFile, cfg: dict) -> list[tuple[str, str, tuple[int, ...]]
     if missing:
         problems.append(f"{len(missing)} tensors missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     if problems:
-        raise ValueError(f"{g.path} does not hold a Llama model we can convert:\n  - " + "\n  - ".join(problems))
+        raise GGUFError(f"{g.path} does not hold a Llama model we can convert:\n  - " + "\n  - ".join(problems))
     return sorted(plan, key=lambda t: t[1])
 
 
@@ -325,22 +360,28 @@ def build_tokenizer(g: GGUFFile):
     m, where = g.metadata, g.path
     kind, pre = m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre", "gpt-2")
     if kind != "gpt2":
-        raise ValueError(f"{where}: tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)")
+        raise GGUFError(f"{where}: tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)")
     if pre not in BYTE_LEVEL_PRE_TOKENIZERS:
-        raise ValueError(
+        raise GGUFError(
             f"{where}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(BYTE_LEVEL_PRE_TOKENIZERS)}"
         )
     tokens, merges = m.get("tokenizer.ggml.tokens"), m.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
-        raise ValueError(f"{where}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+        raise GGUFError(f"{where}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+    types = m.get("tokenizer.ggml.token_type")
+    for key, v, kind_ in (("tokens", tokens, str), ("merges", merges, str), ("token_type", types or [], int)):
+        if not isinstance(v, list) or not all(isinstance(x, kind_) and not isinstance(x, bool) for x in v):
+            raise GGUFError(f"{where}: metadata tokenizer.ggml.{key} must be an array of {kind_.__name__}")
+    if not isinstance(m.get("tokenizer.chat_template", ""), str):
+        raise GGUFError(f"{where}: metadata tokenizer.chat_template must be a string")
     try:
         return byte_level_bpe(
-            tokens, merges, m.get("tokenizer.ggml.token_type"), pre,
+            tokens, merges, types, pre,
             bos_id=m.get("tokenizer.ggml.bos_token_id"), eos_id=m.get("tokenizer.ggml.eos_token_id"),
             add_bos=bool(m.get("tokenizer.ggml.add_bos_token")), add_eos=bool(m.get("tokenizer.ggml.add_eos_token")),
         )
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+        raise GGUFError(f"{where}: {e}") from e
 
 
 def tokenizer_files(g: GGUFFile, cfg: dict) -> dict[str, dict]:

@@ -1,0 +1,197 @@
+"""Chat templates, which come with a checkpoint and so are untrusted programs: compiled and rendered in a sandbox.
+
+The sandbox is jinja2's ImmutableSandboxedEnvironment (no attribute tricks, no mutation of lists and
+dicts, `range` capped at 100000 items) with the globals and settings transformers gives templates
+(raise_exception, strftime_now, a JSON `tojson`, trim_blocks and lstrip_blocks), plus limits on size
+that jinja2 lacks: `'a' * 10**11` would otherwise ask for 100 GB. Every value an operator (`*`, `+`,
+`~`, `**`, `%`), a filter or a method call makes is measured before it is made where that is cheap
+(repetition, joins, numbers in format specs, int arguments) and after otherwise; the rendered text
+is accumulated piece by piece and capped too. Python's recursion limit bounds recursive macros.
+Whatever a template raises, it raises as ChatTemplateError, naming the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+
+import jinja2
+import jinja2.ext
+from jinja2.compiler import CodeGenerator
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from lora_engine.io.safetensors import CheckpointError
+
+# Characters (or items, for lists) one value may hold, and the rendered text as a whole: far above what
+# a conversation renders to (a 128k-token context is ~0.5M characters), far below what exhausts memory.
+MAX_SIZE = 10_000_000
+MAX_INT_BITS = 4096  # integers: a template counts and indexes, it has no use for huge numbers
+
+
+class ChatTemplateError(CheckpointError):
+    """A checkpoint's chat template cannot be compiled or rendered: refused by the sandbox, over a limit,
+    broken, or stopped by its own raise_exception. The message names the checkpoint."""
+
+
+class _Limit(jinja2.TemplateError):
+    """A value over the sandbox's size limits (raised inside a render, reported as ChatTemplateError)."""
+
+
+def _size(value, budget: int = MAX_SIZE) -> int:
+    """Characters of strings plus one per item, walking containers; stops counting past `budget`
+    (shared sub-lists are counted each time they appear, as rendering would write them)."""
+    total, stack = 0, [value]
+    while stack and total <= budget:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, (list, tuple)):
+            total += len(v)
+            stack += v
+        elif isinstance(v, dict):
+            total += len(v)
+            stack += [*v.keys(), *v.values()]
+        else:
+            total += 1
+    return total
+
+
+def _check(value, what: str):
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+        raise _Limit(f"{what} makes an integer of {value.bit_length()} bits (limit {MAX_INT_BITS})")
+    if isinstance(value, (str, list, tuple, dict)) and _size(value) > MAX_SIZE:
+        raise _Limit(f"{what} makes a value of over {MAX_SIZE} characters or items")
+    return value
+
+
+def _check_args(args, kwargs, what: str) -> None:
+    """Before a call: an int argument (a width, a count) or a number in a format string over the limit is refused,
+    and so is a join whose pieces add up to more than it."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_SIZE:
+            raise _Limit(f"{what} is given {a}, over the limit of {MAX_SIZE}")
+        if isinstance(a, str) and any(int(n) > MAX_SIZE for n in re.findall(r"\d{8,}", a)):
+            raise _Limit(f"{what} is given a format with a width over the limit of {MAX_SIZE}")
+
+
+def _guard(fn, name: str):
+    def guarded(*args, **kwargs):
+        _check_args(args, kwargs, f"the filter {name}")
+        if name in GROWING:
+            _check_bound(_growth((*args, *kwargs.values())), f"the filter {name}")
+        return _check(fn(*args, **kwargs), f"the filter {name}")
+
+    if hasattr(fn, "jinja_pass_arg"):  # jinja2's pass_context / pass_environment marker: keep what it passes
+        guarded.jinja_pass_arg = fn.jinja_pass_arg
+    return guarded
+
+
+# Filters and str methods whose result can outgrow every argument (a join of a list with a long separator,
+# an indent of many lines): their result is bounded before the call by _growth.
+GROWING = ("join", "replace", "indent", "wordwrap", "center", "ljust", "rjust", "zfill", "expandtabs")
+
+
+def _growth(values) -> int:
+    """An upper bound of what a growing call makes: the size of its first value (the text, the list) times
+    that of the largest other (separator, replacement, width). Arguments that are no data (jinja2's
+    context objects) do not count."""
+    sizes = [abs(v) if isinstance(v, int) else _size(v) for v in values
+             if isinstance(v, (str, list, tuple, dict)) or (isinstance(v, int) and not isinstance(v, bool))]
+    return sizes[0] * max([1, *sizes[1:]]) if sizes else 0
+
+
+def _check_bound(n: int, what: str) -> None:
+    if n > MAX_SIZE:
+        raise _Limit(f"{what} would make a value of up to {n} characters or items (limit {MAX_SIZE})")
+
+
+class _CheckedConcat(CodeGenerator):
+    """`a ~ b` compiles to a join that the sandbox does not intercept: check its result as well."""
+
+    def visit_Concat(self, node, frame) -> None:
+        self.write("environment.checked(")
+        super().visit_Concat(node, frame)
+        self.write(", '~')")
+
+
+class LimitedSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox with limits on the size of the values a template makes."""
+
+    code_generator_class = _CheckedConcat
+    intercepted_binops = frozenset({"*", "+", "**", "%", "//"})
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = {name: _guard(f, name) for name, f in self.filters.items()}
+
+    def checked(self, value, what: str):
+        return _check(value, f"the operator {what}")
+
+    def call_binop(self, context, operator: str, left, right):
+        what = f"the operator {operator}"
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                _check_bound(_size(seq) * max(n, 0), what)
+            elif isinstance(left, int) and isinstance(right, int) and \
+                    left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise _Limit(f"{what} would make an integer of over {MAX_INT_BITS} bits")
+        elif operator == "+" and isinstance(left, (str, list, tuple)):
+            _check_bound(_size(left) + _size(right), what)
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+            if right > MAX_INT_BITS or right * left.bit_length() > MAX_INT_BITS:
+                raise _Limit(f"{what} would make an integer of over {MAX_INT_BITS} bits")
+        elif operator == "%" and isinstance(left, str):
+            _check_args((left, *(right if isinstance(right, tuple) else (right,))), {}, what)
+        return _check(super().call_binop(context, operator, left, right), what)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
+        name = getattr(__obj, "__name__", type(__obj).__name__)
+        owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # the str of 'x'.join, 'x'.format
+        what = f"calling {name}"
+        _check_args((owner, *args) if name in ("format", "format_map") else args, kwargs, what)
+        if name in GROWING:
+            _check_bound(_growth((owner, *args, *kwargs.values())), what)
+        return _check(super().call(__context, __obj, *args, **kwargs), what)
+
+
+def compile_template(source: str, name_or_path: str) -> jinja2.Template:
+    """The template compiled in the limited sandbox; ChatTemplateError when it is not valid Jinja."""
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters, which would change the rendered text.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _guard(tojson, "tojson")
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(
+            f"the chat template of {name_or_path} is not valid Jinja (line {e.lineno}): {e.message}"
+        ) from e
+    except (jinja2.TemplateError, RecursionError, MemoryError, ValueError) as e:  # e.g. nesting too deep to parse
+        raise ChatTemplateError(f"the chat template of {name_or_path} cannot be compiled: {e}") from e
+
+
+def render(template: jinja2.Template, name_or_path: str, **context) -> str:
+    """Render with the output capped at MAX_SIZE characters; any failure is a ChatTemplateError."""
+    pieces, size = [], 0
+    try:
+        for piece in template.generate(**context):
+            size += len(piece)
+            if size > MAX_SIZE:
+                raise _Limit(f"the rendered text passes {MAX_SIZE} characters")
+            pieces.append(piece)
+    # The template is a program from the checkpoint: whatever it raises (the sandbox's SecurityError, a
+    # limit, its own raise_exception, a TypeError from `1 + 'a'`, RecursionError from a recursive macro)
+    # is that file's failure, not the engine's.
+    except Exception as e:
+        raise ChatTemplateError(f"the chat template of {name_or_path} failed: {e or type(e).__name__}") from e
+    return "".join(pieces)
