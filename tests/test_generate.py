@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_engine import LoraConfig, apply_lora, load_model
-from lora_engine.models.generate import MAX_NEW_TOKENS, check_settings, decode
+from lora_engine.models.generate import MAX_NEW_TOKENS, Completions, check_settings, decode
 from tests.hf_models import make_hf_model
 
 # Mixed lengths (left padding), a one-token prompt, and a prompt twice (its prefill shared).
@@ -161,8 +161,8 @@ def test_lora_and_nf4_models_decode_a_batch_as_alone(pair, quantize):
 def test_max_new_tokens_one_and_no_prompts(pair):
     _, model, _ = pair
     assert [len(t) for t in decode(model, PROMPTS, 1).tokens] == [1] * len(PROMPTS)
-    assert decode(model, [], 4, logprobs=True) == decode(model, [], 4, logprobs=True)
-    assert decode(model, [], 4).tokens == []
+    assert decode(model, [], 4, logprobs=True) == Completions([], [], [])
+    assert decode(model, [], 4) == Completions([], [], None)
 
 
 @pytest.mark.parametrize("kw, message", [
