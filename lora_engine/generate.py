@@ -1,4 +1,7 @@
-"""Text generation with a KV cache: greedy at temperature 0, else temperature + top-p sampling.
+"""Text generation with a KV cache: greedy at temperature 0, else temperature + top-k + top-p sampling.
+
+The decoding itself is lora_engine.models.generate.decode (batched, shared with the suite scorer);
+this is its command line and the text around it: chat template, streaming, the eos that ends it.
 
     python -m lora_engine.generate --model smollm2-135m-instruct --prompt "Hello" --chat
 """
@@ -6,68 +9,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from lora_engine.cli import logs_to, option, option_like, parse, run_cli, user_input
+from lora_engine.cli import CliError, logs_to, option, option_like, parse, run_cli, user_input
+from lora_engine.models.generate import MAX_NEW_TOKENS, check_settings, decode
 from lora_engine.registry import refs
 from lora_engine.train.config import TrainConfig, resolve_device
-
-
-@torch.no_grad()
-def generate_tokens(
-    model,
-    prompt_ids: list[int],
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    eos_token_id: int | list[int] | None = None,
-    generator: torch.Generator | None = None,
-) -> Iterator[int]:
-    """Yield new token ids one at a time. The prompt is prefilled once, then one token per step."""
-    if not prompt_ids:
-        raise ValueError("generate: the prompt is empty; give at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-    stop = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-        x = torch.tensor([prompt_ids], device=device)
-        for _ in range(max_new_tokens):
-            logits = model(x, cache=cache)[0, -1].float()  # (V,)
-            tok = _pick(logits, temperature, top_p, generator)
-            yield tok
-            if tok in stop:
-                return
-            x = torch.tensor([[tok]], device=device)
-    finally:
-        model.train(was_training)
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
-        drop = sorted_p.cumsum(0) - sorted_p >= top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-def generate_ids(model, prompt_ids, **kw) -> list[int]:
-    return list(generate_tokens(model, list(prompt_ids), **kw))
 
 
 def generate(
@@ -80,6 +30,7 @@ def generate(
     seed: int | None = None,
     chat: bool = False,
     stream: Callable[[str], None] | None = None,
+    top_k: int = 0,
 ) -> str:
     """Generate a continuation of `prompt` (a string, or chat messages when chat=True).
 
@@ -92,18 +43,24 @@ def generate(
     else:
         text = prompt
     ids = tokenizer.encode(text)
+    if not ids:
+        raise ValueError("generate: the prompt encodes to no tokens; give some text")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    out: list[int] = []
-    shown = ""
-    for tok in generate_tokens(model, ids, max_new_tokens, temperature, top_p, tokenizer.eos_token_ids, gen):
-        if tok in tokenizer.eos_token_ids:
-            break
-        out.append(tok)
-        now = tokenizer.decode(out)
-        if stream is not None and not now.endswith("\ufffd"):  # wait for a whole UTF-8 character
+    shown, streamed = "", []
+
+    def show(_row: int, tok: int):  # the text so far, passed on once it ends in a whole UTF-8 character
+        nonlocal shown
+        if tok in tokenizer.eos_token_ids:  # it ends the text; it is not part of it
+            return
+        streamed.append(tok)
+        now = tokenizer.decode(streamed)
+        if not now.endswith("\ufffd"):
             stream(now[len(shown):])
             shown = now
-    text = tokenizer.decode(out)
+
+    done = decode(model, [ids], max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                  stop_ids=tokenizer.eos_token_ids, generator=gen, on_token=show if stream is not None else None)
+    text = tokenizer.decode(done.text_tokens(0))
     if stream is not None and len(text) > len(shown):
         stream(text[len(shown):])
     return text
@@ -117,9 +74,10 @@ class GenerateConfig:
     adapter: str | None = option(None, "a LoRA adapter folder (PEFT format) to apply")
     prompt: str | None = option(None, "the prompt (with --chat, the user's message)", required=True)
     chat: bool = option(False, "wrap the prompt in the model's chat template")
-    max_new_tokens: int = option(128, "tokens to generate at most")
+    max_new_tokens: int = option(128, f"tokens to generate at most (1..{MAX_NEW_TOKENS})")
     temperature: float = option(0.0, "0 = greedy")
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    top_k: int = option(0, "sample among the k likeliest tokens only (0 = all)")
     seed: int | None = option(None, "seed of the sampling (default: unseeded)")
     dtype: str | None = option(None, "weights' dtype (default: the checkpoint's)",
                                choices=["float32", "bfloat16", "float16"])
@@ -127,13 +85,9 @@ class GenerateConfig:
     registry: str | None = option_like(TrainConfig, "registry")
 
     def __post_init__(self):
-        # Checked here, not first in generate_tokens: a bad value is reported before the model loads.
-        if self.max_new_tokens < 0:
-            raise ValueError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        # Checked here, as decode checks them: a bad value is reported before the model loads.
+        check_settings(self.max_new_tokens, self.temperature, self.top_p, self.top_k,
+                       name=lambda field: "--" + field.replace("_", "-"))
 
 
 @logs_to("stderr")  # stdout is the generated text
@@ -142,6 +96,8 @@ def main(argv=None):
     from lora_engine.models.tokenizer import load_tokenizer
 
     a, _ = parse(GenerateConfig, argv, "python -m lora_engine.generate", __doc__.splitlines()[0])
+    if not a.prompt:
+        raise CliError("--prompt is empty; give the text to continue (with --chat, the user's message)")
     with user_input(""):
         a = refs.resolve_fields(a, ("model", "adapter"), a.registry)
     if a.adapter:
@@ -162,7 +118,8 @@ def main(argv=None):
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed, a.chat, stream=show)
+    generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed, a.chat, stream=show,
+             top_k=a.top_k)
     sys.stdout.write("\n")
 
 

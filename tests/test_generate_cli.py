@@ -3,7 +3,7 @@
 import pytest
 
 from lora_engine import load_model, load_tokenizer
-from lora_engine.cli import CliError
+from lora_engine.cli import CliError, run_cli
 from lora_engine.generate import generate, main
 from tests import embedded_fixture
 
@@ -56,3 +56,35 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):  # checked before the model loads
         main(["--model", NAME, "--prompt", "x", "--top-p", "1.5", "--temperature", "1"])
     assert "--top-p must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_cli_top_k_one_is_greedy(embedded_dir, capsys):
+    args = ["--model", NAME, "--prompt", "The sky is", "--max-new-tokens", "6"]
+    main(args)
+    greedy = capsys.readouterr().out
+    main(args + ["--temperature", "3", "--top-k", "1", "--seed", "0"])
+    assert capsys.readouterr().out == greedy
+
+
+def test_an_empty_prompt_is_one_error_line_before_the_model_loads(tmp_path, capsys):
+    for chat in ([], ["--chat"]):
+        assert run_cli(main, ["--model", str(tmp_path / "none"), "--prompt", "", *chat]) == 2
+        assert capsys.readouterr().err == ("error: --prompt is empty; give the text to continue "
+                                           "(with --chat, the user's message)\n")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-new-tokens", "0", "--max-new-tokens must be a whole number in 1..131072, got 0"),
+    ("--max-new-tokens", "1000000", "--max-new-tokens must be a whole number in 1..131072, got 1000000"),
+    ("--temperature", "-1", "--temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
+    ("--temperature", "nan", "--temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    ("--temperature", "inf", "--temperature must be a finite number >= 0 (0 = greedy), got inf"),
+    ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
+    ("--top-p", "nan", "--top-p must be in (0, 1], got nan"),
+    ("--top-k", "-3", "--top-k must be a whole number >= 0 (0 = no limit), got -3"),
+])
+def test_numeric_flags_are_checked_before_the_model_loads(tmp_path, capsys, flag, value, message):
+    # --model names nothing: had the check not come first, the error would be the missing model.
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "none"), "--prompt", "x", flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err

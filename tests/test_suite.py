@@ -126,11 +126,14 @@ class Parrot(torch.nn.Module):
     def new_cache(self, batch, max_len):
         return {"calls": 0}
 
-    def forward(self, x, attention_mask=None, cache=None):
-        logits = torch.zeros(x.shape[0], x.shape[1], 128)
-        logits[:, -1, self.ids[min(cache["calls"], len(self.ids) - 1)]] = 1.0
+    def hidden_states(self, x, attention_mask=None, position_ids=None, cache=None):
+        h = torch.zeros(x.shape[0], x.shape[1], 128)  # the "hidden state" is the logits already
+        h[:, -1, self.ids[min(cache["calls"], len(self.ids) - 1)]] = 1.0
         cache["calls"] += 1
-        return logits
+        return h
+
+    def logits(self, h):
+        return h
 
 
 @pytest.mark.parametrize("expected, match, ok", [
@@ -142,13 +145,16 @@ def test_generation_items_match_exactly_or_by_containment(expected, match, ok):
     assert score_item(Parrot("Paris\nis the capital"), TOK, item) is ok
 
 
-def test_greedy_is_generates_greedy_decoding(model):
-    from lora_engine.generate import generate_ids
-    from lora_engine.train.suite import greedy
+def test_generation_items_are_scored_on_the_decoders_greedy_text(model):
+    """score_item decodes with models/generate.decode: greedy, up to len(expected) + 16 tokens, ending at eos."""
+    from lora_engine.models.generate import decode
 
-    ids = TOK.encode("Hello there")
-    want = generate_ids(model, ids, max_new_tokens=12, eos_token_id=[])
-    assert greedy(model, ids, 12, set()) == want and len(want) == 12
+    prompt = TOK.encode("Hello there")
+    text = TOK.decode(decode(model, [prompt], 3 + 16, stop_ids=TOK.eos_token_ids).text_tokens(0))
+    assert len(text.strip()) >= 3, f"the tiny model says too little for the test to tell: {text!r}"
+    item = {"kind": "generation", "prompt": "Hello there", "match": "contains", "chat": False}
+    assert score_item(model, TOK, item | {"expected": text.strip()[-3:]})  # 3 tokens: the same 19 decoded
+    assert not score_item(model, TOK, item | {"expected": text.strip()[-3:] + "\x7f"})
 
 
 def test_read_suite_and_its_errors(tmp_path):

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from lora_engine.models.generate import decode
+
 MATCHES = ("exact", "contains")
 
 
@@ -216,21 +218,6 @@ def _score_whole(model, group, pad: int, device) -> list[list[float]]:
     return _per_query(_sums(picked, targets, r_idx, len(seqs), device), group)
 
 
-@torch.no_grad()
-def greedy(model, prompt_ids: list[int], max_new_tokens: int, stop: set[int]) -> list[int]:
-    """Greedy decoding with the KV cache (generate.py sits above the training layer, so not its generate)."""
-    device = next(model.parameters()).device
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    x, out = torch.tensor([prompt_ids], device=device), []
-    for _ in range(max_new_tokens):
-        tok = int(model(x, cache=cache)[0, -1].argmax())
-        if tok in stop:
-            break
-        out.append(tok)
-        x = torch.tensor([[tok]], device=device)
-    return out
-
-
 def _choice_query(item: dict) -> tuple[str, list[str]]:
     return item.get("context") or f"Question: {item['question']}\nAnswer:", item["choices"]
 
@@ -245,9 +232,9 @@ def score_item(model, tokenizer, item: dict) -> bool:
     prompt = item["prompt"]
     if item["chat"]:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    stop = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+    stop = getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]
     n = len(tokenizer.encode(item["expected"])) + 16
-    text = tokenizer.decode(greedy(model, tokenizer.encode(prompt), n, stop))
+    text = tokenizer.decode(decode(model, [tokenizer.encode(prompt)], n, stop_ids=stop).text_tokens(0))
     if item["match"] == "exact":
         return (text.strip().splitlines() or [""])[0].strip() == item["expected"].strip()
     return item["expected"].strip() in text
