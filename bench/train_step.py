@@ -2,8 +2,8 @@
 
     python bench/train_step.py [--rounds 3] [--steps 3] [--batch 4] [--seq 256] [--quantize none|nf4]
 
-Setting (FACTS.md's peer figures use the same): CPU, batch 4 x 256 tokens, LoRA r=16, alpha 32 on
-all seven projections, AdamW. Ours runs its default precision (--precision auto, train/precision.py:
+Setting (every run in bench/results/train_step.md uses it): CPU, batch 4 x 256 tokens, LoRA r=16,
+alpha 32 on all seven projections, AdamW. Ours runs its default precision (--precision auto, train/precision.py:
 bf16 with the base stored in bf16 where the CPU multiplies bf16 natively, else fp32; --ours-precision
 overrides). The peer runs its default, fp32, and (without --quantize) also bf16 autocast over its fp32
 weights, as a transformers user sets it. Each side runs in its own subprocess so its peak RSS
@@ -11,7 +11,8 @@ weights, as a transformers user sets it. Each side runs in its own subprocess so
 in the machine's load hits every side alike; the median over all timed steps of all rounds is
 reported, with the spread and the ratios. Each worker first computes the loss of the same batch
 with B = 0 (the base model's) and the sides must agree before anything is reported. Model-FLOP
-utilisation: 4 FLOPs per linear parameter and token (forward + input gradient; FACTS.md) per second,
+utilisation: 4 FLOPs per linear parameter and token (a multiply-add per weight in the forward, another
+for the input gradient; the frozen weights get no gradient, and LoRA's own FLOPs are small) per second,
 over the rate of torch.mm measured in the same worker at the step's own GEMM shapes and dtype.
 Results are appended to bench/results/train_step.md with the machine, versions, git revision, date
 and load average.
@@ -122,9 +123,10 @@ def worker_hf(a) -> dict:
     if a.checkpointing:
         model.gradient_checkpointing_enable()
     # train() before the check: bitsandbytes 0.50.2 takes its CPU fast path (weights repacked in
-    # place, bf16 4-bit matmul; FACTS.md) only in eval mode without grad, on AVX512-BF16 CPUs. In train
-    # mode its Linear4bit dequantizes and runs an fp32 linear, the same arithmetic as ours (SmolLM2's
-    # rows are whole 64-blocks, so bnb's AVX512F dequantize bug of tests/bnb_oracle.py does not apply).
+    # place, an inexact bf16 4-bit matmul; docs/bitsandbytes_cpu.md) only in eval mode without grad, on
+    # AVX512-BF16 CPUs. In train mode its Linear4bit dequantizes and runs an fp32 linear, the same
+    # arithmetic as ours (SmolLM2's rows are whole 64-blocks, so bnb's AVX512F dequantize bug of
+    # tests/bnb_oracle.py does not apply).
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = _batch(a.batch, a.seq, model.config.vocab_size)

@@ -16,9 +16,10 @@ backward and transient workspace, and the FLOPs of one step.
 fake CUDA tensors (its engine asks for a CUDA device guard), so the step runs on fake CPU tensors
 with the GPU's rules: every allocation rounded up to 512 bytes (the caching allocator's block
 size, which torch.cuda.max_memory_allocated counts), autocast in the chosen precision, and the
-attention's GPU workspace added at its backward op (cuda_workspace below). `--fit` then adds what a
-GPU holds besides tensors, CUDA_OVERHEAD_BYTES: see its comment. What the plan cannot see is
-written in bench/results/plan.md (fragmentation, NCCL buffers, other processes).
+attention's GPU workspace added at its backward op (train/planning.py: cuda_workspace). `--fit` then
+adds what a GPU holds besides tensors (train/planning.py: cuda_overhead, and the comment above its
+constants). What the plan cannot see is written in bench/results/plan.md (fragmentation, NCCL
+buffers, other processes).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """bitsandbytes' dequantize_4bit as a test oracle that gives the same values on every CPU.
 
-FACTS (bitsandbytes 0.50.2, csrc/cpu_ops.cpp dequantizeBlockwise4bitCpu): on a CPU with AVX512F
-(this project's Zen 4 machines; runtime check lib.has_avx512f_cpu) the native CPU kernel takes a
+Why (bitsandbytes 0.50.2, csrc/cpu_ops.cpp dequantizeBlockwise4bitCpu; docs/bitsandbytes_cpu.md): on a
+CPU with AVX512F (this project's Zen 4 machines; runtime check lib.has_avx512f_cpu) the native CPU kernel takes a
 vector branch when the last dim is a multiple of 16 and blocksize < 2048, and there it reads the
 scale of element (row, k) as absmax[row * (cols // blocksize) + k // blocksize]. NF4 blocks run
 over the flattened tensor, so that is right only when every row holds whole blocks: a (64, 112)

@@ -1,4 +1,5 @@
-"""Shared test settings: hypothesis profiles and the one tolerance table of the project.
+"""Shared test settings: hypothesis profiles, the one tolerance table of the project, and the tiny models
+and data files most tests run on (tiny_config; the fixtures folder, data and base).
 
 Profiles: `dev` (default, quick), `ci` (selected by .ci/run with HYPOTHESIS_PROFILE=ci: more
 examples, derandomized so a CI failure reproduces). Deadlines are off everywhere: the Triton
@@ -14,6 +15,23 @@ from hypothesis import HealthCheck, settings
 
 # Session fixtures for the embedded model: converted once into a private $LORA_ENGINE_HOME.
 from tests.embedded_fixture import embedded_dir, embedded_gguf, embedded_home  # noqa: F401
+
+# The tiny Llama of the tests that build a model in code (no checkpoint): 2 layers, grouped-query
+# attention (4 query heads over 2 KV heads) of head_dim 8, so every code path of the decoder runs, at
+# sizes the Triton interpreter and hypothesis can afford.
+_TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-5}
+# The sizes of tests/hf_models.py's random checkpoints (its _BASE as a llama): a model built in code
+# that matches, or deliberately differs from, one loaded from such a checkpoint.
+_TINY_WIDE = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+
+
+def tiny_config(wide: bool = False, **overrides):
+    """A ModelConfig of the tiny Llama above (`wide`: hf_models' sizes); `overrides` replace fields."""
+    from lora_engine import ModelConfig
+
+    return ModelConfig(**((_TINY_WIDE if wide else _TINY) | overrides))
 
 
 @pytest.fixture(scope="module")

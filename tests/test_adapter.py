@@ -12,7 +12,7 @@ from lora_engine.lora.adapter import read_adapter_config
 from lora_engine.lora.layers import DEFAULT_TARGETS, lora_layers
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
-from tests.conftest import require_oracle, tol
+from tests.conftest import require_oracle, tiny_config, tol
 from tests.hf_models import load_hf, make_hf_model, peft_trained
 
 peft = require_oracle("peft")
@@ -117,8 +117,7 @@ def _edit_config(folder, **changes):
 
 
 def test_adapter_for_another_base_model(base, tmp_path):
-    other = CausalLM(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=112, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    other = CausalLM(tiny_config(wide=True, hidden_size=32, head_dim=8))  # base's sizes, but 32 wide
     apply_lora(other, LoraConfig(r=4, target_modules=("q_proj",)), verbose=False)
     other.name_or_path = "tiny-32"
     save_adapter(other, tmp_path)

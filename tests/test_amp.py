@@ -25,12 +25,11 @@ from lora_engine import dispatch
 from lora_engine.dispatch import set_backend
 from lora_engine.kernels import nf4_cpp
 from lora_engine.lora.layers import LoraConfig, apply_lora
-from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 from lora_engine.quant import nf4
 from lora_engine.train import step as trainer
 from lora_engine.train.command import main
-from tests.conftest import TOLERANCE
+from tests.conftest import TOLERANCE, tiny_config
 from tests.kernel_utils import device, needs_triton
 from tests.test_train_support import chat_records, write_jsonl
 
@@ -127,8 +126,7 @@ def test_linear_cross_entropy_follows_the_rule_and_keeps_the_loss_fp32(backend, 
 
 # ---- 2. training steps against fp32 ---------------------------------------------------------------
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5)
+CFG = tiny_config()
 STEPS = 2  # the second step checks the update (optimizer, fp16 scaler) as well
 
 # Tolerances of the autocast runs against fp32, relative (gradients norm-wise per adapter tensor),

@@ -13,7 +13,6 @@ from lora_engine.train.evaluate import compare, evaluate, format_table, general_
 from tests.test_train_support import (
     FakeTokenizer,
     chat_records,
-    save_tokenizer_files,
     tiny_lora_model,
     tiny_model_folder,
     write_jsonl,
@@ -64,10 +63,9 @@ def test_run_eval_matches_the_loss_of_the_whole_set(tmp_path):
         evaluate(model, [])
 
 
-def test_eval_cli_base_and_adapter(tmp_path, capsys):
+def test_eval_cli_base_and_adapter(folder, tmp_path, capsys):
     from lora_engine.lora.adapter import save_adapter
 
-    folder = save_tokenizer_files(tiny_model_folder(tmp_path / "m"))
     save_adapter(tiny_lora_model(folder), tmp_path / "adapter")
     data = write_jsonl(tmp_path / "val.jsonl", chat_records(6))
     cmp = main(["--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--data", str(data),

@@ -11,9 +11,8 @@ from lora_engine.cli import run_cli
 from lora_engine.export import main, parse_size
 from lora_engine.io.atomic import OutputError
 from lora_engine.lora.layers import lora_layers
-from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
-from tests.conftest import require_oracle, tol
+from tests.conftest import require_oracle, tiny_config, tol
 from tests.hf_models import make_hf_model
 
 transformers = require_oracle("transformers")
@@ -119,8 +118,7 @@ def test_command_line_errors(tmp_path, capsys):
 
 def test_model_without_original_config(tmp_path):
     # A model built in code has no config.json to keep: one is written from ModelConfig.
-    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=5000.0)
+    cfg = tiny_config(wide=True, rope_theta=5000.0)
     model = CausalLM(cfg).eval()
     save_model(model, tmp_path / "out")
     ids = _ids()

@@ -16,7 +16,7 @@ from lora_engine.train.command import main
 from lora_engine.train.config import TrainConfig
 from tests.conftest import require_oracle
 from tests.hf_models import make_hf_model
-from tests.test_train_support import chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
+from tests.test_train_support import chat_records, write_jsonl
 
 transformers = require_oracle("transformers")
 
@@ -108,8 +108,7 @@ def test_help_states_the_memory_of_full_finetuning(capsys):
     assert "~16 bytes per parameter" in " ".join(capsys.readouterr().out.split())
 
 
-def test_cli_full_finetuning_checkpoints_and_writes_a_transformers_folder(tmp_path):
-    folder = save_tokenizer_files(tiny_model_folder(tmp_path / "tiny"))
+def test_cli_full_finetuning_checkpoints_and_writes_a_transformers_folder(folder, tmp_path):
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
     out = tmp_path / "run"
     rc = main(["--model", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "3", "--batch-size",

@@ -9,15 +9,13 @@ import torch
 
 from lora_engine.dispatch import set_backend
 from lora_engine.lora.layers import LoraConfig, apply_lora
-from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
-from tests.conftest import tol
+from tests.conftest import tiny_config, tol
 from tests.kernel_utils import device, needs_triton
 
 pytestmark = needs_triton
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5)
+CFG = tiny_config(num_hidden_layers=1)
 
 
 def _train(backend: str, steps: int = 20) -> list[float]:

@@ -12,10 +12,9 @@ from tests.hf_models import hf_config, make_hf_model
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("good")
-    make_hf_model("llama", folder)
-    return folder
+def good(base):
+    """conftest's tiny llama checkpoint, read only (broken copies it)."""
+    return base
 
 
 @pytest.fixture

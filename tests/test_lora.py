@@ -12,12 +12,11 @@ from hypothesis import strategies as st
 
 from lora_engine import LoraConfig, LoraLinear, apply_lora, merge_lora, set_backend, unmerge_lora
 from lora_engine.lora.layers import DEFAULT_TARGETS, count_parameters, lora_layers
-from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
+from tests.conftest import tiny_config
 from tests.kernel_utils import assert_accurate
 
-CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+CFG = tiny_config(wide=True)
 
 layer_args = st.fixed_dictionaries({
     "in_f": st.integers(1, 48), "out_f": st.integers(1, 48), "r": st.sampled_from([1, 2, 3, 8, 16]),

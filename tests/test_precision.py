@@ -11,13 +11,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_engine.lora.layers import LoraConfig, apply_lora
-from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 from lora_engine.train import precision as P
 from lora_engine.train import step as trainer
 from lora_engine.train.command import main
 from lora_engine.train.precision import cpu_bf16_matmul, cpu_fp16_matmul, cpuinfo_bf16, resolve_precision
-from tests.conftest import TOLERANCE
+from tests.conftest import TOLERANCE, tiny_config
 from tests.test_train_support import chat_records, write_jsonl
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -122,8 +121,7 @@ def test_cpuinfo_flags_are_read_as_words():
 
 # ---- the frozen base stored once in bf16 ----------------------------------------------------------
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5)
+CFG = tiny_config()
 
 
 def _model(storage: torch.dtype) -> CausalLM:

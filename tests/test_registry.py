@@ -23,14 +23,15 @@ from lora_engine.io.digest import sha256_file
 from lora_engine.registry import Registry, RegistryError, resolve_ref
 from lora_engine.registry.command import main
 from lora_engine.registry.history import digest
-from tests.test_train_support import chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
+from tests.test_train_support import chat_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return save_tokenizer_files(tiny_model_folder(tmp_path_factory.mktemp("tiny")))
+def base(folder):
+    """conftest's tiny model with its tokenizer: the base every run here trains."""
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def _llama_cpp_smollm_split(text: str) -> list[str]:
 
 @pytest.mark.parametrize("text", [" 12 34  56", "٣٤٥ and ١٢", "year  2024, pi 3.14159", "x²+y³ ½ Ⅻ"])
 def test_digits_follow_llama_cpp_smollm_pretokenizer(ours, theirs, text):
-    """Documented difference: transformers' GGUF converter drops llama.cpp's digit split (FACTS.md).
+    """Documented difference: transformers' GGUF converter drops llama.cpp's digit split (docs/embedded_model.md).
 
     We follow tokenizer.ggml.pre = smollm, i.e. the model's training: the text is cut before and after
     every number character, then each piece gets the GPT-2 byte-level split and BPE (which is what

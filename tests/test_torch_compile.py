@@ -12,8 +12,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import lora_engine as le
 from lora_engine import dispatch
 from lora_engine.kernels import nf4_cpp
-from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
+from tests.conftest import tiny_config
 
 
 def _interpreting() -> bool:
@@ -22,8 +22,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+CFG = tiny_config()
 
 
 def _model(quantized: bool, backend: str | None) -> CausalLM:

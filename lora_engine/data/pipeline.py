@@ -8,7 +8,7 @@
     batch = batcher.next()   # {"input_ids","labels","attention_mask","position_ids","segment_ids"} (B, T)
 
 `python -m lora_engine.data check FILE` prints what training would make of a file. The formats
-and their loss masks are in data_formats.py; the embedded default dataset in data_embedded.py.
+and their loss masks are in data/formats.py; the embedded default dataset in data/embedded.py.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ class LoraLinear(nn.Module):
         if weight.dim() != 2:
             raise ValueError(f"LoraLinear: weight must be (out, in), got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
-        if isinstance(weight, NF4Tensor):  # QLoRA: the frozen 4-bit base is kept as is (lora_engine/nf4.py)
+        if isinstance(weight, NF4Tensor):  # QLoRA: the frozen 4-bit base is kept as is (quant/nf4.py)
             self.weight = weight
         else:
             self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)

@@ -14,9 +14,9 @@ The blocks are dequantized with the gguf package (gguf.quants.dequantize); the r
 bit-identical to transformers' own GGUF dequantizer (tests/test_embedded.py checks every tensor).
 
 llama.cpp stores the rows of the Q and K projections permuted for its interleaved RoPE; we undo
-it so the weights fit Hugging Face's rotate-half RoPE (FACTS.md). The vocabulary's pre-tokenizer
-follows `tokenizer.ggml.pre` the way llama.cpp does (tokenizer.py: byte_level_bpe). The names and the
-permutation are shared with the writer (sources/gguf_layout.py).
+it so the weights fit Hugging Face's rotate-half RoPE (docs/embedded_model.md). The vocabulary's
+pre-tokenizer follows `tokenizer.ggml.pre` the way llama.cpp does (tokenizer.py: byte_level_bpe). The
+names and the permutation are shared with the writer (sources/gguf_layout.py).
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def cuda_workspace(func, args, out) -> int:
 
 
 def cuda_overhead(peak: int) -> int:
-    """What a CUDA process needs besides the planned peak (see CUDA_OVERHEAD comment above)."""
+    """What a CUDA process needs besides the planned peak (see the comment above CUDA_CONTEXT_BYTES)."""
     return CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES + int(FRAGMENTATION * peak)
 
 

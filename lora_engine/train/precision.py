@@ -8,8 +8,8 @@ The rule. `auto` is bf16 wherever the hardware multiplies bf16 natively, else fp
 fp16 (with a grad scaler) on an older GPU:
   - CPU: bf16 when the CPU has AVX512-BF16 (VDPBF16PS: bf16 products summed in fp32, Zen 4 and
     Cooper Lake on) or AMX (Sapphire Rapids on; every AMX CPU has AMX-BF16). Without them torch
-    emulates bf16 GEMMs by converting to fp32, slower than fp32 itself, so fp32 is chosen. Measured
-    on a 2-core Zen 4: fp32 GEMM 128-146 GFLOP/s, bf16 305-390 (FACTS.md).
+    emulates bf16 GEMMs by converting to fp32, slower than fp32 itself, so fp32 is chosen (the rates
+    per machine: bench/results/precision.md, from bench/gemm.py).
   - GPU: bf16 when torch.cuda.is_bf16_supported() (Ampere on), else fp16.
 Detection (cpu_bf16_matmul): torch.cpu._is_avx512_bf16_supported() and _is_amx_tile_supported(),
 which ask the cpuinfo library torch links (CPUID, any OS); where this torch lacks them, the

@@ -8,7 +8,8 @@
         micro = [batcher.next() for _ in range(grad_accum)]       # lora_engine.data.pipeline.Batcher
         res = trainer.train_step(model, opt, sched, micro, max_grad_norm=1.0)
         print(res.loss, res.lr, res.tokens)
-    print(le.train.evaluate.evaluate(model, val_batches))        # {"loss", "ppl", "tokens"}
+    from lora_engine.train.evaluate import evaluate
+    print(evaluate(model, val_batches))                          # {"loss", "ppl", "tokens"}
 
 Accumulation: the loss of one step is the sum of token losses over ALL its micro-batches divided by
 the number of target tokens in all of them, so 4 micro-batches of 1 give exactly the loss and
