@@ -7,16 +7,16 @@ and an explicit `backend=` argument, nothing else:
   backend=None      "auto": "triton" on a CUDA GPU of compute capability >= 7.5 when triton
                     imports (else "torch"); "cpp" on CPU when the C++ extension is built (else
                     "torch", with one warning).
-  backend="torch"   the PyTorch reference (kernels/reference.py, kernels/nf4_reference.py), always.
+  backend="torch"   the PyTorch reference (kernels/ops_reference.py, kernels/nf4_reference.py), always.
   backend="triton"  the Triton kernels, also on CPU tensors (that is how the tests run them under
                     TRITON_INTERPRET=1).
   backend="cpp"     the reference with the C++ ops of csrc/ plugged in where there is one: NF4
                     quantize (CPU) and dequantize (CPU; CUDA when built with nvcc), bit-identical to
                     "torch" (kernels/nf4_cpp.py); RMSNorm, RoPE and SwiGLU fused on bf16 CPU tensors
-                    (kernels/cpu_fused.py), equal to "torch" within bf16's rounding; on fp32 ones
+                    (kernels/ops_cpp.py), equal to "torch" within bf16's rounding; on fp32 ones
                     the reference's forward, bit for bit (the exact path), and the fused backward,
                     equal to "torch"'s gradients within fp32's rounding. Causal self-attention on bf16 CPU
-                    tensors by batched GEMMs and a fused C++ softmax (kernels/attention_cpu.py).
+                    tensors by batched GEMMs and a fused C++ softmax (kernels/attention_cpp.py).
                     Ops and inputs without a C++ version run the reference.
 
 Modules carry a `backend` attribute (None by default) that they pass through; set it on a whole
@@ -27,31 +27,52 @@ model with `set_backend(model, name)`. Under torch.autocast every backend follow
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import torch
 
-from lora_engine.kernels import attention_cpu, cpu_fused, nf4_cpp, nf4_reference, reference
+from lora_engine.kernels import attention_cpp, nf4_cpp, nf4_reference, ops_cpp, ops_reference
 from lora_engine.kernels.nf4_format import NF4Tensor
 
 BACKENDS = ("torch", "triton", "cpp")
 
 
-_triton: tuple | None = None  # (module or None, reason), once asked; a global torch.compile reads as a constant
+_triton: tuple | None = None  # (ops or None, reason), once asked; a global torch.compile reads as a constant
 
 
 def _triton_kernels():
-    """The Triton kernel module, or None (with the reason) when triton cannot be used here."""
+    """The Triton ops (see triton_ops), or None with the reason when triton cannot be used here."""
     global _triton
     if _triton is None:
         try:
             import triton  # noqa: F401
 
-            from lora_engine.kernels import triton_ops
+            # Each op from the file of its kernels, kernels/<op>_triton.py, with the reference's signature.
+            from lora_engine.kernels import (
+                cross_entropy_triton,
+                lora_linear_triton,
+                rms_norm_triton,
+                rope_triton,
+                swiglu_triton,
+            )
         except Exception as e:  # ImportError, or triton failing to find a driver/compiler
             _triton = None, f"{type(e).__name__}: {e}"
         else:
-            _triton = triton_ops, ""
+            ops = SimpleNamespace(lora_linear=lora_linear_triton.lora_linear, rms_norm=rms_norm_triton.rms_norm,
+                                  rope=rope_triton.rope, swiglu=swiglu_triton.swiglu,
+                                  linear_cross_entropy=cross_entropy_triton.linear_cross_entropy)
+            _triton = ops, ""
     return _triton
+
+
+def triton_ops() -> SimpleNamespace:
+    """What backend "triton" runs for the model's ops: lora_linear, rms_norm, rope, swiglu and
+    linear_cross_entropy, with kernels/ops_reference.py's signatures (NF4: kernels/nf4_triton.py).
+    Importing them registers their custom ops. RuntimeError, with the reason, when triton is unusable."""
+    ops, why = _triton_kernels()
+    if ops is None:
+        raise RuntimeError(f"triton is unusable here: {why}")
+    return ops
 
 
 _warned_no_cpp = False
@@ -116,7 +137,7 @@ def resolve(x: torch.Tensor, backend: str | None) -> str:
 
 
 def _impl(x: torch.Tensor, backend: str | None):
-    # "cpp": the fused CPU elementwise ops; cpu_fused runs the reference for the matmul ops and for
+    # "cpp": the fused CPU elementwise ops; ops_cpp runs the reference for the matmul ops and for
     # inputs its C++ ops do not take (a GPU tensor, fp16, mixed dtypes). bf16 activations run them
     # forward and backward. fp32 is the exact path, equal to transformers' logits to 2e-5 over 30
     # layers (tests/test_embedded.py), which the fused forwards' reordered sums and polynomial exp
@@ -126,12 +147,12 @@ def _impl(x: torch.Tensor, backend: str | None):
     if be == "triton":
         return _triton_kernels()[0]
     if be != "cpp":
-        return reference
-    return cpu_fused if x.dtype == torch.bfloat16 else cpu_fused.exact_forward_ops
+        return ops_reference
+    return ops_cpp if x.dtype == torch.bfloat16 else ops_cpp.exact_forward_ops
 
 
 def rms_norm(x, weight, eps, backend=None):
-    """(..., D) -> (..., D). See kernels/reference.py:rms_norm."""
+    """(..., D) -> (..., D). See kernels/ops_reference.py:rms_norm."""
     return _impl(x, backend).rms_norm(x, weight, eps)
 
 
@@ -147,23 +168,20 @@ def swiglu(gate, up, backend=None):
 
 def attention(q, k, v, is_causal, scale, mask=None, backend=None):
     """softmax(q k^T * scale [+ mask | causal]) v; q (B, H, T, hd), k and v (B, Hk, S, hd) -> (B, H, T, hd).
-    "cpp" on CPU runs kernels/attention_cpu.py for bf16 inputs it serves (no mask, T == S); fp32 stays
-    on SDPA, the exact path against transformers, and no slower than attention_cpu on a 2-core
-    AVX2 EPYC (0.85x-1.03x, bench/results/attention_cpu.md); every other case, and the "torch" and "triton" backends,
-    run reference.attention (torch's SDPA)."""
-    if mask is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp" and attention_cpu.served(q, k, v):
-        return attention_cpu.attention(q, k, v, is_causal, scale)
-    return reference.attention(q, k, v, is_causal, scale, mask)
+    "cpp" on CPU runs kernels/attention_cpp.py for bf16 inputs it serves (no mask, T == S); fp32 stays
+    on SDPA, the exact path against transformers, and no slower than attention_cpp in fp32
+    (bench/results/attention_cpu.md); every other case, and the "torch" and "triton" backends, run
+    ops_reference.attention (torch's SDPA)."""
+    if mask is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp" and attention_cpp.served(q, k, v):
+        return attention_cpp.attention(q, k, v, is_causal, scale)
+    return ops_reference.attention(q, k, v, is_causal, scale, mask)
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", backend=None,
                          chunk_size=None):
     """Chunked head matmul + cross-entropy; hidden (N, H), weight (V, H), labels (N,) -> fp32 scalar.
     chunk_size: tokens per (chunk, V) block of logits (None: the backend's default)."""
-    impl = _impl(hidden, backend)
-    if chunk_size is None:
-        return impl.linear_cross_entropy(hidden, weight, labels, ignore_index, reduction)
-    return impl.linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size)
+    return _impl(hidden, backend).linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped=None, backend=None):

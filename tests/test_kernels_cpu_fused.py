@@ -1,4 +1,4 @@
-"""The fused CPU ops (csrc/cpu_fused.cpp via kernels/cpu_fused.py) against kernels/reference.py.
+"""The fused CPU ops (csrc/cpu_fused.cpp via kernels/ops_cpp.py) against kernels/ops_reference.py.
 
 Forward and backward of RMSNorm, RoPE and SwiGLU in fp32 and bf16, shapes drawn by hypothesis (odd
 widths, one row, transposed layouts), by the accuracy rule of tests/kernel_utils.py against the
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_engine import dispatch
-from lora_engine.kernels import cpu_fused as cf
-from lora_engine.kernels import reference as ref
+from lora_engine.kernels import ops_cpp as cf
+from lora_engine.kernels import ops_reference as ref
 from tests.kernel_utils import check_op
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])

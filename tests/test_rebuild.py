@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_engine import dispatch
-from lora_engine.kernels import cpu_fused as cf
+from lora_engine.kernels import ops_cpp as cf
 from lora_engine.models import rebuild
 
 needs_ops = pytest.mark.skipif(not cf.available(), reason="C++ extension not built (pip install --no-build-isolation -e .)")
