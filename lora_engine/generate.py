@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_engine.cli import logs_to, option, option_like, parse, run_cli, user_input
+from lora_engine.cli import TORCH_NAMES, logs_to, option, option_like, parse, parse_dtype, run_cli, user_input
 from lora_engine.io import registry
 from lora_engine.train.config import TrainConfig, resolve_device
 
@@ -121,12 +121,13 @@ class GenerateConfig:
     temperature: float = option(0.0, "0 = greedy")
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     seed: int | None = option(None, "seed of the sampling (default: unseeded)")
-    dtype: str | None = option(None, "weights' dtype (default: the checkpoint's)",
-                               choices=["float32", "bfloat16", "float16"])
+    dtype: str | None = option(None, "weights' dtype: fp32, bf16 or fp16 (default: the checkpoint's)")
     device: str = option_like(TrainConfig, "device")
     registry: str | None = option_like(TrainConfig, "registry")
 
     def __post_init__(self):
+        if self.dtype is not None:
+            self.dtype = parse_dtype(self.dtype, "--dtype")
         # Checked here, not first in generate_tokens: a bad value is reported before the model loads.
         if self.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
@@ -150,7 +151,7 @@ def main(argv=None):
         with user_input("--adapter"):
             read_adapter_config(a.adapter)  # a wrong folder is reported before the model loads
     with user_input("--model"):
-        model = load_model(a.model, dtype=a.dtype, device=resolve_device(a.device))
+        model = load_model(a.model, dtype=TORCH_NAMES.get(a.dtype), device=resolve_device(a.device))
         tok = load_tokenizer(a.model)
     if a.adapter:
         from lora_engine.lora.adapter import load_adapter
