@@ -1,4 +1,4 @@
-"""Causal attention on the CPU: kernels/attention_cpu.py against torch's SDPA, fwd and fwd+bwd.
+"""Causal attention on the CPU: kernels/attention_cpp.py against torch's SDPA, fwd and fwd+bwd.
 
 The attention of the LoRA step of bench/train_step.py: SmolLM2-135M's 9 query heads over 3 key
 heads, head_dim 64, batch 4 x 256, q a transposed view of (B, T, H, hd) as the decoder passes it.
@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import cpu_model, header_lines, machine  # noqa: E402
 
-from lora_engine.kernels import attention_cpu as ac  # noqa: E402
-from lora_engine.kernels import reference as ref  # noqa: E402
+from lora_engine.kernels import attention_cpp as ac  # noqa: E402
+from lora_engine.kernels import ops_reference as ref  # noqa: E402
 
 
 def _gemm_flops(B, H, S, D, chunk, mode):
@@ -60,7 +60,7 @@ def main(argv=None):
     k, v = torch.randn(B, Hk, S, D).to(dtype), torch.randn(B, Hk, S, D).to(dtype)
     grad = torch.randn(B, H, S, D).to(dtype)
     if not ac.served(q, k, v):
-        raise SystemExit("kernels/attention_cpu.py does not serve these inputs here (C++ extension not built?)")
+        raise SystemExit("kernels/attention_cpp.py does not serve these inputs here (C++ extension not built?)")
     default = ac._chunk(B, H, S)
     other = S if S <= 1024 else default // 2  # one chunk of all positions only where that is affordable
     providers = {f"ours, chunk {default}": (lambda q, k, v: ac.attention(q, k, v, True), default),

@@ -1,4 +1,4 @@
-"""The fused C++ CPU ops (kernels/cpu_fused.py) against the PyTorch reference, per op, fwd and fwd+bwd.
+"""The fused C++ CPU ops (kernels/ops_cpp.py) against the PyTorch reference, per op, fwd and fwd+bwd.
 
 Shapes of the LoRA step of bench/train_step.py (SmolLM2-135M, batch 4 x 256): RMSNorm over (1024,
 576), RoPE on q (4, 9, 256, 64) and k (4, 3, 256, 64) laid out as the model passes them (transposed
@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header_lines, machine  # noqa: E402
 
-from lora_engine.kernels import cpu_fused as cf  # noqa: E402
-from lora_engine.kernels import reference as ref  # noqa: E402
+from lora_engine.kernels import ops_cpp as cf  # noqa: E402
+from lora_engine.kernels import ops_reference as ref  # noqa: E402
 
 
 def _cases(dtype):

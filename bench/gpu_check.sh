@@ -82,7 +82,7 @@ assert torch.cuda.is_available(), \"no CUDA device visible\"'"
 # kernels included, is one folder); the C++ extension is optional and not needed on the GPU path.
 unset TRITON_INTERPRET
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-run_step import "$T_ENV" $PY -c "import lora_engine.kernels.triton_ops as t, lora_engine.kernels as k; print(k.__file__)"
+run_step import "$T_ENV" $PY -c "from lora_engine import dispatch; dispatch.triton_ops(); import lora_engine.kernels as k; print(k.__file__)"
 
 # 3. Every kernel against its reference at realistic shapes (and any other test marked gpu).
 run_step gpu-tests "$T_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header_lines, machine  # noqa: E402
 
-from lora_engine.kernels import reference as ref  # noqa: E402
+from lora_engine.kernels import ops_reference as ref  # noqa: E402
 
 GPU_SHAPES = dict(hidden=4096, inter=14336, vocab=128256, r=16, heads=32, kv_heads=8, head_dim=128)
 CPU_SHAPES = dict(hidden=256, inter=688, vocab=2048, r=16, heads=4, kv_heads=2, head_dim=64)
@@ -82,7 +82,9 @@ def _randn(*shape, dev, dtype, grad=True, scale=1.0):
 
 def op_cases(name: str, tokens: int, s: dict, dev: str, dtype: torch.dtype):
     """-> (inputs, {provider: fn(*inputs)}, {mode: flops} or None, bytes moved fwd, bytes moved bwd)."""
-    from lora_engine.kernels import triton_ops as tri
+    from lora_engine import dispatch
+
+    tri = dispatch.triton_ops()
 
     use_triton = dev == "cuda"
     H, F, V, r = s["hidden"], s["inter"], s["vocab"], s["r"]

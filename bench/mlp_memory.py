@@ -1,10 +1,10 @@
-"""Peak RSS of a LoRA step with and without rebuilding activations in backward (dispatch.rebuilt_into).
+"""Peak RSS of a LoRA step with and without rebuilding activations in backward (models/rebuild.py).
 
 SmolLM2-135M (the embedded model) at our default precision, LoRA r=16 on the 7 projections, AdamW,
 sequence 256, for each --batch: one fresh process per (batch, mode) runs a warm-up step and one
 timed step and reports its peak RSS (ru_maxrss, which includes the model itself). Modes: "plain"
 keeps everything the projections save (the normed inputs of q, k, v and of gate, up; the SwiGLU
-output of down_proj); "swiglu" rebuilds only the SwiGLU output (dispatch.swiglu_into, the path
+output of down_proj); "swiglu" rebuilds only the SwiGLU output (rebuild.swiglu_into, the path
 before the norms were rebuilt); "recompute" is the model's path, which rebuilds all three. The
 differences per layer and token are what each saves.
 
@@ -29,12 +29,13 @@ def worker(batch: int, seq: int, mode: str) -> dict:
 
     import lora_engine as le
     from lora_engine import dispatch
+    from lora_engine.models import rebuild
     from lora_engine.train.precision import resolve_precision
 
     if mode == "plain":  # nothing rebuilt: the projections keep what they read
-        dispatch.rebuilt_into = lambda make, fn: fn(make())
+        rebuild.rebuilt_into = lambda make, fn: fn(make())
     elif mode == "swiglu":  # the norms' outputs kept, the SwiGLU output rebuilt
-        dispatch.rms_norm_into = lambda x, w, eps, fn, backend=None: fn(dispatch.rms_norm(x, w, eps, backend=backend))
+        rebuild.rms_norm_into = lambda x, w, eps, fn, backend=None: fn(dispatch.rms_norm(x, w, eps, backend=backend))
     torch.manual_seed(0)  # the same LoRA A init in both modes: equal losses
     prec = resolve_precision("cpu", "auto")
     model = le.load_model("smollm2-135m-instruct", dtype=prec.storage)

@@ -1,7 +1,7 @@
 // Fused elementwise ops of the decoder on the CPU: RMSNorm, RoPE and SwiGLU, forward and backward,
 // the attention softmax and the cross-entropy gradient,
-// registered as torch ops lora_engine::*_cpu (autograd and the Python side: kernels/cpu_fused.py;
-// the oracle: kernels/reference.py). fp32 and bf16 tensors; bf16 is widened to fp32 on load, all
+// registered as torch ops lora_engine::*_cpu (autograd and the Python side: kernels/ops_cpp.py;
+// the oracle: kernels/ops_reference.py). fp32 and bf16 tensors; bf16 is widened to fp32 on load, all
 // math is fp32, one rounding (to nearest even) on store. One pass over memory per op, where the
 // reference's eager ops make one pass (and one bf16 <-> fp32 round trip) per elementwise step.
 //
@@ -376,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dy, const at
 
 // ---- attention: the softmax of a block of scores, and its gradient ------------------------------
 // s (R, n): raw scores q.k of R query rows against n keys, fp32 or (bf16 attention) bf16, read
-// as fp32 (kernels/attention_cpu.py makes them with one GEMM per chunk of queries). Row r is the
+// as fp32 (kernels/attention_cpp.py makes them with one GEMM per chunk of queries). Row r is the
 // query at position start + r % period; causal: it sees keys 0..position, the rest of its row gets
 // 0. x = s * scale; forward: lse = m + log(sum exp(x - m)), m the row's max, and p = exp(x - m) / sum
 // stored as T; backward, with dp (R, n) = dO.V (s's dtype) and delta = rowsum(dO * O) (fp32): p
@@ -487,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor> attn_softmax_bwd_cpu(const at::Tensor& s, con
 // lse = m + log(sum exp(x - m)) (fixed_order_sum), loss = lse - x[label]; the row is overwritten by
 // exp(x - lse) - [j == label], rounded once to its dtype: the gradient of the row's loss with respect
 // to its logits, which the caller multiplies by the head weight for dh
-// (kernels/cpu_fused.py: linear_cross_entropy). Returns the per-row losses (R,) fp32. One read of the
+// (kernels/ops_cpp.py: linear_cross_entropy). Returns the per-row losses (R,) fp32. One read of the
 // row for its max, one for the sum, one read and write for the gradient: a 49152-wide row is 96 kB
 // in bf16 and stays in L2, so memory sees the block about once, where the reference's eager ops make
 // seven fp32 passes over it.

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import re
 import signal
 import sys
 import threading
@@ -110,6 +111,46 @@ def user_input(where: str):
         raise
     except (ValueError, *_PATH_ERRORS) as e:
         raise CliError(f"{where}: {e}" if where else str(e)) from e
+
+
+# Byte units of parse_size: decimal (KB = 10**3) and binary (KiB = 2**10), as transformers and the
+# memory plan spell them; a bare number is bytes.
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: int | str, what: str = "size") -> int:
+    """A byte count as a user writes it -> bytes: 5000000, "5000000", "500MB" (10**6), "24GiB" (2**30),
+    "1.5gb" (units in any case, a space allowed before the unit). ValueError naming `what` (a flag,
+    an argument) for anything else, zero and negative sizes included."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size) if isinstance(size, str) else None
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in SIZE_UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"{what} {size!r} is not a size; write a positive byte count or a number with a unit, "
+                         "e.g. 24GiB, 6GB or 512MiB (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
+
+
+# The one dtype vocabulary of the command lines (--precision, --dtype, --gguf-type): the short names,
+# with torch's and config.json's (float32, ...) and GGUF's (f32, f16) accepted as aliases.
+DTYPES = ("fp32", "bf16", "fp16")
+DTYPE_ALIASES = {"float32": "fp32", "f32": "fp32", "bfloat16": "bf16", "float16": "fp16", "f16": "fp16"}
+TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # a short name -> torch's
+
+
+def parse_dtype(value: str, flag: str, others: tuple[str, ...] = ()) -> str:
+    """A dtype as a user spells it -> its short name: "bfloat16", "BF16" -> "bf16"; "float32", "f32" ->
+    "fp32". `others` are the flag's other values (auto, q8_0, ...), returned as given (lower case).
+    ValueError naming the flag and the accepted spellings otherwise."""
+    v = value.strip().lower() if isinstance(value, str) else value
+    if v in DTYPES or v in others:
+        return v
+    if v in DTYPE_ALIASES:
+        return DTYPE_ALIASES[v]
+    names = ", ".join(dict.fromkeys((*others, *DTYPES)))
+    raise ValueError(f"{flag} must be one of {names} (or float32, bfloat16, float16, f32, f16), got {value!r}")
 
 
 def add_debug_flag(ap: argparse.ArgumentParser) -> None:

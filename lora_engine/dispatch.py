@@ -7,16 +7,16 @@ and an explicit `backend=` argument, nothing else:
   backend=None      "auto": "triton" on a CUDA GPU of compute capability >= 7.5 when triton
                     imports (else "torch"); "cpp" on CPU when the C++ extension is built (else
                     "torch", with one warning).
-  backend="torch"   the PyTorch reference (kernels/reference.py, kernels/nf4_reference.py), always.
+  backend="torch"   the PyTorch reference (kernels/ops_reference.py, kernels/nf4_reference.py), always.
   backend="triton"  the Triton kernels, also on CPU tensors (that is how the tests run them under
                     TRITON_INTERPRET=1).
   backend="cpp"     the reference with the C++ ops of csrc/ plugged in where there is one: NF4
                     quantize (CPU) and dequantize (CPU; CUDA when built with nvcc), bit-identical to
                     "torch" (kernels/nf4_cpp.py); RMSNorm, RoPE and SwiGLU fused on bf16 CPU tensors
-                    (kernels/cpu_fused.py), equal to "torch" within bf16's rounding; on fp32 ones
+                    (kernels/ops_cpp.py), equal to "torch" within bf16's rounding; on fp32 ones
                     the reference's forward, bit for bit (the exact path), and the fused backward,
                     equal to "torch"'s gradients within fp32's rounding. Causal self-attention on bf16 CPU
-                    tensors by batched GEMMs and a fused C++ softmax (kernels/attention_cpu.py).
+                    tensors by batched GEMMs and a fused C++ softmax (kernels/attention_cpp.py).
                     Ops and inputs without a C++ version run the reference.
 
 Modules carry a `backend` attribute (None by default) that they pass through; set it on a whole
@@ -27,33 +27,52 @@ model with `set_backend(model, name)`. Under torch.autocast every backend follow
 from __future__ import annotations
 
 import warnings
-import weakref
-from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 
-from lora_engine.kernels import attention_cpu, cpu_fused, nf4_cpp, nf4_reference, reference
+from lora_engine.kernels import attention_cpp, nf4_cpp, nf4_reference, ops_cpp, ops_reference
 from lora_engine.kernels.nf4_format import NF4Tensor
 
 BACKENDS = ("torch", "triton", "cpp")
 
 
-_triton: tuple | None = None  # (module or None, reason), once asked; a global torch.compile reads as a constant
+_triton: tuple | None = None  # (ops or None, reason), once asked; a global torch.compile reads as a constant
 
 
 def _triton_kernels():
-    """The Triton kernel module, or None (with the reason) when triton cannot be used here."""
+    """The Triton ops (see triton_ops), or None with the reason when triton cannot be used here."""
     global _triton
     if _triton is None:
         try:
             import triton  # noqa: F401
 
-            from lora_engine.kernels import triton_ops
+            # Each op from the file of its kernels, kernels/<op>_triton.py, with the reference's signature.
+            from lora_engine.kernels import (
+                cross_entropy_triton,
+                lora_linear_triton,
+                rms_norm_triton,
+                rope_triton,
+                swiglu_triton,
+            )
         except Exception as e:  # ImportError, or triton failing to find a driver/compiler
             _triton = None, f"{type(e).__name__}: {e}"
         else:
-            _triton = triton_ops, ""
+            ops = SimpleNamespace(lora_linear=lora_linear_triton.lora_linear, rms_norm=rms_norm_triton.rms_norm,
+                                  rope=rope_triton.rope, swiglu=swiglu_triton.swiglu,
+                                  linear_cross_entropy=cross_entropy_triton.linear_cross_entropy)
+            _triton = ops, ""
     return _triton
+
+
+def triton_ops() -> SimpleNamespace:
+    """What backend "triton" runs for the model's ops: lora_linear, rms_norm, rope, swiglu and
+    linear_cross_entropy, with kernels/ops_reference.py's signatures (NF4: kernels/nf4_triton.py).
+    Importing them registers their custom ops. RuntimeError, with the reason, when triton is unusable."""
+    ops, why = _triton_kernels()
+    if ops is None:
+        raise RuntimeError(f"triton is unusable here: {why}")
+    return ops
 
 
 _warned_no_cpp = False
@@ -118,7 +137,7 @@ def resolve(x: torch.Tensor, backend: str | None) -> str:
 
 
 def _impl(x: torch.Tensor, backend: str | None):
-    # "cpp": the fused CPU elementwise ops; cpu_fused runs the reference for the matmul ops and for
+    # "cpp": the fused CPU elementwise ops; ops_cpp runs the reference for the matmul ops and for
     # inputs its C++ ops do not take (a GPU tensor, fp16, mixed dtypes). bf16 activations run them
     # forward and backward. fp32 is the exact path, equal to transformers' logits to 2e-5 over 30
     # layers (tests/test_embedded.py), which the fused forwards' reordered sums and polynomial exp
@@ -128,12 +147,12 @@ def _impl(x: torch.Tensor, backend: str | None):
     if be == "triton":
         return _triton_kernels()[0]
     if be != "cpp":
-        return reference
-    return cpu_fused if x.dtype == torch.bfloat16 else cpu_fused.exact_forward_ops
+        return ops_reference
+    return ops_cpp if x.dtype == torch.bfloat16 else ops_cpp.exact_forward_ops
 
 
 def rms_norm(x, weight, eps, backend=None):
-    """(..., D) -> (..., D). See kernels/reference.py:rms_norm."""
+    """(..., D) -> (..., D). See kernels/ops_reference.py:rms_norm."""
     return _impl(x, backend).rms_norm(x, weight, eps)
 
 
@@ -147,121 +166,22 @@ def swiglu(gate, up, backend=None):
     return _impl(gate, backend).swiglu(gate, up)
 
 
-class _Rebuilt:
-    """A tensor that backward would keep, dropped after forward and made again when backward asks:
-    `make()` under no_grad (and the forward's autocast state) is the same op on the same inputs, so
-    the same values bit for bit. Made once for all the saved tensors that share it (q, k and v's
-    LoRA keep one normed input) and kept until the last of them is unpacked."""
-
-    __slots__ = ("make", "autocast", "pending", "value")
-
-    def __init__(self, make, device_type: str):
-        self.make, self.pending, self.value = make, 0, None
-        try:
-            enabled = torch.is_autocast_enabled(device_type)
-        except RuntimeError:  # a device type autocast does not know (meta): nothing to replay
-            enabled = False
-        self.autocast = (device_type, torch.get_autocast_dtype(device_type)) if enabled else None
-
-    def get(self) -> torch.Tensor:
-        value = self.value
-        if value is None:
-            amp = torch.autocast(self.autocast[0], dtype=self.autocast[1]) if self.autocast else nullcontext()
-            with torch.no_grad(), amp:
-                value = self.make()
-        self.pending -= 1  # a second backward (retain_graph) unpacks again: then made again each time
-        self.value = value if self.pending > 0 else None
-        return value
-
-
-class _SavedView:
-    """What a backward keeps in place of a rebuilt tensor, or a view of it: the view's geometry."""
-
-    __slots__ = ("source", "size", "stride", "offset")
-
-    def __init__(self, source: _Rebuilt, view: torch.Tensor):
-        self.source, self.size, self.stride, self.offset = source, view.shape, view.stride(), view.storage_offset()
-        source.pending += 1
-
-    def __call__(self) -> torch.Tensor:
-        return self.source.get().as_strided(self.size, self.stride, self.offset)
-
-
-def rebuilt_into(make, fn):
-    """fn(h) for h = make(), keeping no copy of h for backward: whatever fn saves of h (a LoRA
-    input, say) is dropped after forward and rebuilt by make() when backward first needs it. For an
-    h that is cheap to make again from tensors backward keeps anyway (a norm of the residual, which
-    the norm saves; SwiGLU of gate and up, which SwiGLU saves): one elementwise pass more in
-    backward for one activation less per layer. make must be deterministic (no RNG).
-
-    Plain fn(make()) where nothing would be saved (no grad), under torch.compile (the compiler's
-    partitioner chooses its own recomputation), and inside another saved-tensor hook (activation
-    checkpointing or offload, which already drop the tensor) unless that hook is composable (its
-    pack marked `composable = True`: another rebuilt_into, or an observer that returns the tensor
-    itself, like the memory plan's counter, train/memory.py, which then sees every saved tensor but
-    the rebuilt ones: the plan counts what a real step keeps)."""
-    h = make()
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return fn(h)  # (before any call dynamo cannot trace)
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if h.numel() == 0 or not h.is_contiguous() or (outer is not None and not getattr(outer[0], "composable", False)):
-        return fn(h)
-    h_ref = weakref.ref(h)  # not h itself: nothing saved for backward may keep it alive
-    source = _Rebuilt(make, h.device.type)
-
-    def pack(t):
-        base = h_ref()
-        if base is not None and (t is base or t._base is base):  # h or a view of it
-            return _SavedView(source, t)
-        # t itself would keep a saved output's grad_fn, its own node, alive from inside that node: a
-        # cycle through C++ that gc cannot break, leaking the graph of a forward never backwarded.
-        return outer[0](t) if outer is not None else t.detach()
-
-    def unpack(saved):
-        if isinstance(saved, _SavedView) and saved.source is source:
-            return saved()
-        return outer[1](saved) if outer is not None else saved
-
-    pack.composable = True  # a rebuilt_into inside fn (SwiGLU inside a normed MLP) passes the rest here
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return fn(h)
-
-
-def swiglu_into(gate, up, fn, backend=None):
-    """fn(silu(gate) * up), e.g. the down projection of an MLP, keeping no copy of the (..., F) SwiGLU
-    output for backward (rebuilt_into): whatever fn saves of it (the LoRA A input, the base GEMM's)
-    is rebuilt from gate and up, which SwiGLU's own backward keeps anyway. That is one of the three
-    MLP-width tensors a layer holds, for one elementwise pass more per layer in backward."""
-    return rebuilt_into(lambda: swiglu(gate, up, backend=backend), fn)
-
-
-def rms_norm_into(x, weight, eps, fn, backend=None):
-    """fn(rms_norm(x, weight, eps)), e.g. the projections after a layer's norm, keeping no copy of the
-    normed (..., D) tensor for backward (rebuilt_into): the LoRA layers that read it (q, k and v;
-    gate and up) get it rebuilt, once, from x, which the norm's own backward keeps anyway. Two
-    hidden-width tensors a layer, for two norm passes more in backward."""
-    return rebuilt_into(lambda: rms_norm(x, weight, eps, backend=backend), fn)
-
-
 def attention(q, k, v, is_causal, scale, mask=None, backend=None):
     """softmax(q k^T * scale [+ mask | causal]) v; q (B, H, T, hd), k and v (B, Hk, S, hd) -> (B, H, T, hd).
-    "cpp" on CPU runs kernels/attention_cpu.py for bf16 inputs it serves (no mask, T == S); fp32 stays
-    on SDPA, the exact path against transformers, and no slower than attention_cpu on a 2-core
-    AVX2 EPYC (0.85x-1.03x, bench/results/attention_cpu.md); every other case, and the "torch" and "triton" backends,
-    run reference.attention (torch's SDPA)."""
-    if mask is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp" and attention_cpu.served(q, k, v):
-        return attention_cpu.attention(q, k, v, is_causal, scale)
-    return reference.attention(q, k, v, is_causal, scale, mask)
+    "cpp" on CPU runs kernels/attention_cpp.py for bf16 inputs it serves (no mask, T == S); fp32 stays
+    on SDPA, the exact path against transformers, and no slower than attention_cpp in fp32
+    (bench/results/attention_cpu.md); every other case, and the "torch" and "triton" backends, run
+    ops_reference.attention (torch's SDPA)."""
+    if mask is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp" and attention_cpp.served(q, k, v):
+        return attention_cpp.attention(q, k, v, is_causal, scale)
+    return ops_reference.attention(q, k, v, is_causal, scale, mask)
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", backend=None,
                          chunk_size=None):
     """Chunked head matmul + cross-entropy; hidden (N, H), weight (V, H), labels (N,) -> fp32 scalar.
     chunk_size: tokens per (chunk, V) block of logits (None: the backend's default)."""
-    impl = _impl(hidden, backend)
-    if chunk_size is None:
-        return impl.linear_cross_entropy(hidden, weight, labels, ignore_index, reduction)
-    return impl.linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size)
+    return _impl(hidden, backend).linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped=None, backend=None):

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from lora_engine.cli import logs_to, option
+from lora_engine.cli import DTYPES as DTYPE_NAMES
+from lora_engine.cli import TORCH_NAMES, logs_to, option, parse_dtype, parse_size
 from lora_engine.io.atomic import OutputError, Owned, atomic_dir, check_dir_replaceable, copy_file, write_json
 from lora_engine.io.safetensors import FLOAT_DTYPES, dtype_name, float_dtype, write_safetensors
 from lora_engine.lora.layers import LoraLinear, lora_layers
@@ -48,17 +48,6 @@ DTYPES = FLOAT_DTYPES
 # Everything save_model writes: an existing folder holding only these (and config.json) may be replaced.
 MODEL_FILES = Owned("a model folder", ("config.json", "model.safetensors", "model-*-of-*.safetensors",
                                        "model.safetensors.index.json", *CARRIED_FILES), marker="config.json")
-UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(size: int | str) -> int:
-    """5_000_000, "5MB" (10**6) or "5MiB" (2**20) -> bytes, with transformers' units."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", str(size).upper())
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"max_shard_size must be a positive byte count or a size like '500MB', got {size!r}")
-    return int(float(m.group(1)) * UNITS[m.group(2)])
 
 
 def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False, dtype: torch.dtype | str | None = None,
@@ -73,7 +62,7 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
     """
     folder = Path(folder)
     out_dtype = _out_dtype(model, dtype)
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "max_shard_size")
     layers = dict(lora_layers(model))
     merged = [p for p, m in layers.items() if m.merged]
     if merged and not merge:
@@ -184,16 +173,20 @@ def _carry_files(source: str | None, dest: Path) -> list[str]:
 
 
 # ---- command line --------------------------------------------------------------------------------
+_GGUF_NAMES = {"fp32": "f32", "fp16": "f16"}  # --gguf-type's short dtype names in GGUF's spelling
+
+
 @dataclasses.dataclass
 class ExportArgs:
     model: str | None = option(None, "base model folder or embedded name")
     adapter: str | None = option(None, "LoRA adapter folder (PEFT format)")
     out: str | None = option(None, "output folder")
-    dtype: str | None = option(None, "weights' dtype on disk (default: the model's)", choices=list(DTYPES))
+    dtype: str | None = option(None, f"weights' dtype on disk: {', '.join(DTYPE_NAMES)} (default: the model's)")
     max_shard_size: str = option("5GB", "largest shard, e.g. 500MB")
     gguf: str | None = option(None, "also (or instead of --out) write this GGUF file for llama.cpp / Ollama, and a "
                                     "Modelfile beside it")
-    gguf_type: str = option("f16", "GGUF type of the weight matrices (norms stay f32)", choices=list(GGUF_TYPES))
+    gguf_type: str = option("f16", f"GGUF type of the weight matrices: {', '.join(GGUF_TYPES)}, fp32/fp16 as aliases "
+                                   "of f32/f16 (norms stay f32)")
     merge_into: str | None = option(None, "QLoRA: merge into the dequantized NF4 weights training saw",
                                     choices=["dequantized"])
     base: str | None = option(None, "QLoRA: merge into this full-precision checkpoint, the one --model (NF4) was "
@@ -207,17 +200,17 @@ class ExportArgs:
             raise ValueError("--model is required")
         if not self.out and not self.gguf:
             raise ValueError("--out or --gguf is required: a Hugging Face folder, a GGUF file, or both")
-        if self.gguf_type not in GGUF_TYPES:
-            raise ValueError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {self.gguf_type!r}")
+        gguf_type = parse_dtype(self.gguf_type, "--gguf-type", GGUF_TYPES)
+        self.gguf_type = _GGUF_NAMES.get(gguf_type, gguf_type)
         if self.merge_into not in (None, "dequantized"):
             raise ValueError(f"--merge-into must be 'dequantized', got {self.merge_into!r}")
         if self.merge_into and self.base:
             raise ValueError("--merge-into dequantized and --base are two different merges; pick one")
         if (self.merge_into or self.base) and not self.adapter:
             raise ValueError(f"--{'merge-into' if self.merge_into else 'base'} merges a QLoRA adapter: pass --adapter")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        parse_size(self.max_shard_size)
+        if self.dtype is not None:
+            self.dtype = parse_dtype(self.dtype, "--dtype")
+        parse_size(self.max_shard_size, "--max-shard-size")
 
 
 @logs_to("stdout")
@@ -263,7 +256,8 @@ def main(argv=None) -> Path:
         print(f"wrote {out} and {out.with_name(out.stem + '.Modelfile')}")
     if args.out:
         with user_input("--out"):
-            out = save_model(model, args.out, merge=True, dtype=args.dtype, max_shard_size=args.max_shard_size)
+            out = save_model(model, args.out, merge=True, dtype=TORCH_NAMES.get(args.dtype),
+                             max_shard_size=args.max_shard_size)
         print(f"wrote {out}")
     return out
 

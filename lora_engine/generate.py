@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_engine.cli import CliError, logs_to, option, option_like, parse, run_cli, user_input
+from lora_engine.cli import TORCH_NAMES, CliError, logs_to, option, option_like, parse, parse_dtype, run_cli, user_input
 from lora_engine.models.generate import MAX_NEW_TOKENS, check_settings, decode
 from lora_engine.registry import refs
 from lora_engine.train.config import TrainConfig, resolve_device
@@ -79,12 +79,13 @@ class GenerateConfig:
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     top_k: int = option(0, "sample among the k likeliest tokens only (0 = all)")
     seed: int | None = option(None, "seed of the sampling (default: unseeded)")
-    dtype: str | None = option(None, "weights' dtype (default: the checkpoint's)",
-                               choices=["float32", "bfloat16", "float16"])
+    dtype: str | None = option(None, "weights' dtype: fp32, bf16 or fp16 (default: the checkpoint's)")
     device: str = option_like(TrainConfig, "device")
     registry: str | None = option_like(TrainConfig, "registry")
 
     def __post_init__(self):
+        if self.dtype is not None:
+            self.dtype = parse_dtype(self.dtype, "--dtype")
         # Checked here, as decode checks them: a bad value is reported before the model loads.
         check_settings(self.max_new_tokens, self.temperature, self.top_p, self.top_k,
                        name=lambda field: "--" + field.replace("_", "-"))
@@ -106,7 +107,7 @@ def main(argv=None):
         with user_input("--adapter"):
             read_adapter_config(a.adapter)  # a wrong folder is reported before the model loads
     with user_input("--model"):
-        model = load_model(a.model, dtype=a.dtype, device=resolve_device(a.device))
+        model = load_model(a.model, dtype=TORCH_NAMES.get(a.dtype), device=resolve_device(a.device))
         tok = load_tokenizer(a.model)
     if a.adapter:
         from lora_engine.lora.adapter import load_adapter

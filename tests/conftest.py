@@ -82,7 +82,8 @@ TOLERANCE = {
     # Kernels: the scale-aware rule of tests/kernel_utils.py, |ours - fp64| <= 2 |torch_d - fp64|
     # + rtol |fp64| + atol * scale, scale = max |fp64| over the tensor (or |a| @ |b| for a product).
     # rtol is one rounding of the element on store: u_d covers round-to-nearest (u_d / 2) and the
-    # Triton interpreter's truncating bf16 store (up to u_d, FACTS.md). atol covers what does not
+    # Triton interpreter's truncating bf16 store (up to u_d: it truncates fp32 -> bf16 where a GPU
+    # rounds to nearest even, docs/triton_interpreter.md). atol covers what does not
     # scale with the element but with the tensor: a sum whose terms are up to `scale` and cancel to a
     # small element carries the summation-order and intermediate-rounding errors of the large terms,
     # and ours rounds intermediates in other places than torch does (fp32 accumulators where torch

@@ -1,6 +1,6 @@
-"""Causal self-attention on the CPU (kernels/attention_cpu.py, csrc/cpu_fused.cpp's attn_softmax ops)
+"""Causal self-attention on the CPU (kernels/attention_cpp.py, csrc/cpu_fused.cpp's attn_softmax ops)
 against float64 attention, with the error allowed by the same computation in ours' dtype: torch's
-SDPA (kernels/reference.py:attention) for fp32, transformers' eager attention for bf16 (bf16
+SDPA (kernels/ops_reference.py:attention) for fp32, transformers' eager attention for bf16 (bf16
 matmuls, the softmax in fp32), the precision attention_cpu states for bf16.
 
 Forward and the three input gradients, fp32 and bf16, grouped-query heads, chunked and unchunked,
@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_engine import dispatch
-from lora_engine.kernels import attention_cpu as ac
-from lora_engine.kernels import cpu_fused
-from lora_engine.kernels import reference as ref
+from lora_engine.kernels import attention_cpp as ac
+from lora_engine.kernels import ops_cpp as cpu_fused
+from lora_engine.kernels import ops_reference as ref
 from tests.kernel_utils import assert_accurate, run_with_grads
 
 needs_ops = pytest.mark.skipif(not (cpu_fused.available() and hasattr(torch.ops.lora_engine, "attn_softmax_fwd_cpu")),

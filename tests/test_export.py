@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lora_engine import LoraConfig, apply_lora, load_model, merge_lora, save_adapter, save_model
-from lora_engine.cli import run_cli
-from lora_engine.export import main, parse_size
+from lora_engine.cli import parse_size, run_cli
+from lora_engine.export import main
 from lora_engine.io.atomic import OutputError
 from lora_engine.lora.layers import lora_layers
 from lora_engine.models.decoder import CausalLM
@@ -113,7 +113,8 @@ def test_command_line_errors(tmp_path, capsys):
     assert "--model is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", "x", "--out", str(tmp_path), "--dtype", "int8"])
-    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    assert "--dtype must be one of fp32, bf16, fp16 (or float32, bfloat16, float16, f32, f16), got 'int8'" \
+        in capsys.readouterr().err
 
 
 def test_model_without_original_config(tmp_path):
@@ -179,8 +180,8 @@ def test_export_onto_a_run_folder_is_refused_and_deletes_nothing(base, tmp_path,
 
 @pytest.mark.parametrize("bad", [0, -5, "5XB", "", "0MB", True])
 def test_bad_shard_size(bad):
-    with pytest.raises(ValueError, match="max_shard_size must be a positive byte count"):
-        parse_size(bad)
+    with pytest.raises(ValueError, match="max_shard_size .* is not a size; write a positive byte count"):
+        parse_size(bad, "max_shard_size")
 
 
 def test_bad_dtype(base, tmp_path):

@@ -315,7 +315,7 @@ def test_refused_without_tokenizer_and_bad_type(tmp_path):
         save_gguf(model, tmp_path / "m.gguf", verbose=False)
     with pytest.raises(ValueError, match="gguf_type 'q2_k' is not supported"):
         save_gguf(model, tmp_path / "m.gguf", "q2_k", verbose=False)
-    with pytest.raises(SystemExit):  # argparse: invalid choice
+    with pytest.raises(SystemExit):  # the config's check, reported by argparse
         main(["--model", str(tmp_path / "bare"), "--gguf", str(tmp_path / "m.gguf"), "--gguf-type", "q2_k"])
 
 

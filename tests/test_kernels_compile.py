@@ -2,7 +2,7 @@
 
 The interpreter accepts programs a GPU compiler rejects (tl.dot with K < 16, bad layouts, too much
 shared memory), so the property tests alone prove little about a GPU. triton.compile with an
-explicit GPUTarget runs the real compiler here (FACTS.md). What to compile lives beside each
+explicit GPUTarget runs the real compiler here, without a GPU (docs/triton_interpreter.md). What to compile lives beside each
 kernel: `compile_specs()` in every kernels/*_triton.py (kernels/compile_spec.py), built from the
 launchers' own tile rules; this file only runs them, and fails when a kernel has none. Compiling
 needs JITFunctions, i.e. a process where TRITON_INTERPRET is unset: the test runs this file as a

@@ -1,4 +1,4 @@
-"""SwiGLU, RMSNorm and RoPE (Triton) against kernels/reference.py: forward, backward, errors.
+"""SwiGLU, RMSNorm and RoPE (Triton) against kernels/ops_reference.py: forward, backward, errors.
 
 Shapes are drawn by hypothesis with sizes that are not multiples of the blocks; every dtype is
 checked by the rule of tests/kernel_utils.py against the float64 reference.
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_engine.kernels import reference as ref
+from lora_engine.kernels import ops_reference as ref
 from tests.kernel_utils import LaunchSpy, assert_accurate, check_op, device, needs_triton
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
@@ -18,9 +18,9 @@ pytestmark = needs_triton
 
 
 def ops():
-    from lora_engine.kernels import triton_ops
+    from lora_engine import dispatch
 
-    return triton_ops
+    return dispatch.triton_ops()
 
 
 @settings(max_examples=8)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from lora_engine.kernels import reference as ref
+from lora_engine.kernels import ops_reference as ref
 from tests.conftest import tol
 from tests.kernel_utils import check_op
 
@@ -24,9 +24,9 @@ LOW = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 
 
 def ops():
-    from lora_engine.kernels import triton_ops
+    from lora_engine import dispatch
 
-    return triton_ops
+    return dispatch.triton_ops()
 
 
 def _r(*shape, scale=1.0):

@@ -6,16 +6,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_engine.kernels import reference as ref
+from lora_engine.kernels import ops_reference as ref
 from tests.kernel_utils import assert_accurate, check_op, device, needs_triton
 
 pytestmark = needs_triton
 
 
 def ops():
-    from lora_engine.kernels import triton_ops
+    from lora_engine import dispatch
 
-    return triton_ops
+    return dispatch.triton_ops()
 
 
 @settings(max_examples=10)
@@ -55,27 +55,24 @@ def test_lora_linear_with_dropout_and_trained_weight():
              needs_grad=(True, True, True, True, False), names=["x", "weight", "lora_A", "lora_B"])
 
 
-def test_public_names_are_the_ops():
-    import lora_engine.kernels as K
-    from lora_engine.kernels import triton_ops  # noqa: F401  (imports every kernel file first)
+def test_every_triton_op_has_the_references_signature():
+    """One public signature per op: each Triton op comes from its own file and takes the reference's
+    arguments, in the reference's order."""
+    import inspect
 
-    for name in ("lora_linear", "rms_norm", "rope", "swiglu", "linear_cross_entropy"):
-        assert callable(getattr(K, name)) and getattr(K, name).__module__.startswith("lora_engine.kernels."), name
-    with pytest.raises(AttributeError, match="has no attribute 'fused_adam'"):
-        K.fused_adam  # noqa: B018
+    def names(fn):
+        return list(inspect.signature(fn).parameters)
 
-
-def test_public_signature_takes_bias_as_keyword():
-    import lora_engine.kernels as K
-
+    triton_ops = ops()
+    assert set(vars(triton_ops)) == {"lora_linear", "rms_norm", "rope", "swiglu", "linear_cross_entropy"}
+    for name, fn in vars(triton_ops).items():
+        assert fn.__module__.endswith("_triton") and names(fn) == names(getattr(ref, name)), name
     dev = device()
     x, w = torch.randn(5, 16, device=dev), torch.randn(24, 16, device=dev)
     a, b, bias = torch.randn(4, 16, device=dev), torch.randn(24, 4, device=dev), torch.randn(24, device=dev)
-    got = K.lora_linear(x, w, a, b, 0.25, bias=bias)
+    got = triton_ops.lora_linear(x, w, bias, a, b, 0.25)
     want = ref.lora_linear(x.cpu(), w.cpu(), bias.cpu(), a.cpu(), b.cpu(), 0.25)
     assert_accurate(got, want)
-    with pytest.raises(TypeError):
-        K.lora_linear(x, w, a, b, 0.25, bias)  # bias is keyword-only: a positional 6th would be ambiguous
 
 
 def test_lora_linear_errors():

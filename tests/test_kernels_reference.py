@@ -1,4 +1,4 @@
-"""The reference's chunked linear cross-entropy (kernels/reference.py) against the textbook loss
+"""The reference's chunked linear cross-entropy (kernels/ops_reference.py) against the textbook loss
 (full logits, F.cross_entropy) and its reused chunk buffers against fresh products, bit for bit.
 
 The Triton kernel is checked against this reference in test_kernels_cross_entropy.py; this file
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_engine.kernels import reference as ref
+from lora_engine.kernels import ops_reference as ref
 
 
 @settings(max_examples=25, deadline=None)

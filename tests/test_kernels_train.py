@@ -45,12 +45,14 @@ def _train(backend: str, steps: int = 20) -> list[float]:
 
 
 def test_training_with_triton_kernels_matches_reference(monkeypatch):
-    from lora_engine.kernels import triton_ops
+    from lora_engine import dispatch
+
+    triton_kernels = dispatch.triton_ops()
 
     calls = {}
 
     def spy(name):
-        f = getattr(triton_ops, name)
+        f = getattr(triton_kernels, name)
 
         def counted(*a, **k):
             calls[name] = calls.get(name, 0) + 1
@@ -58,7 +60,7 @@ def test_training_with_triton_kernels_matches_reference(monkeypatch):
         return counted
 
     for name in ("rms_norm", "rope", "swiglu", "linear_cross_entropy", "lora_linear"):
-        monkeypatch.setattr(triton_ops, name, spy(name))
+        monkeypatch.setattr(triton_kernels, name, spy(name))
     ours = _train("triton")
     assert set(calls) == {"rms_norm", "rope", "swiglu", "linear_cross_entropy", "lora_linear"}, calls
     want = _train("torch")

@@ -97,13 +97,14 @@ def test_offload_replays_dropout_and_autocast():
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_rebuilt_norms_and_swiglu_give_the_step_that_keeps_them(quantize, amp, monkeypatch):
-    """The layers rebuild both norms' outputs and the SwiGLU product in backward (dispatch.rebuilt_into):
+    """The layers rebuild both norms' outputs and the SwiGLU product in backward (models/rebuild.py):
     the same loss and gradients as a model that keeps them, bit for bit, also under autocast and
     with LoRA dropout; and autograd keeps neither the normed inputs nor the product."""
     import gc
     import weakref
 
     from lora_engine import dispatch
+    from lora_engine.models import rebuild
 
     def saved_widths(model):
         widths = []
@@ -121,7 +122,7 @@ def test_rebuilt_norms_and_swiglu_give_the_step_that_keeps_them(quantize, amp, m
 
     model = tiny_lora(quantize, dropout=0.1)
     rebuilt, widths = step(model, amp), saved_widths(model)
-    monkeypatch.setattr(dispatch, "rebuilt_into", lambda make, fn: fn(make()))
+    monkeypatch.setattr(rebuild, "rebuilt_into", lambda make, fn: fn(make()))
     kept, kept_widths = step(model, amp), saved_widths(model)
     assert_same_step(kept, rebuilt, exact=True)
     monkeypatch.undo()

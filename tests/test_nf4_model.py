@@ -5,7 +5,7 @@
   - save_quantized writes what transformers + bnb load (same tensors as their own save);
   - skip lists, tied heads, dequantize_model, and the errors of bad quantized checkpoints.
 
-The oracles (FACTS.md, "NF4, as bitsandbytes writes it"): bytes and dequantized weights come from
+The oracles (docs/nf4_format.md, "bitsandbytes on CPU, as a test oracle"): bytes and dequantized weights come from
 bitsandbytes' quantize/dequantize, taken at load time before any bitsandbytes forward has run;
 logits come from transformers' own model with each bnb Linear4bit swapped for an nn.Linear on
 bnb's dequantize_4bit of it (through tests/bnb_oracle.py: on AVX512F CPUs bnb's native kernel

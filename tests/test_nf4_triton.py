@@ -1,7 +1,8 @@
 """kernels/nf4_triton.py against kernels/nf4_reference.py (and bitsandbytes for real quantized bytes).
 
 Dequantization is a table lookup times a scale: exact in fp32 and fp16. bf16 is exact on a GPU;
-under TRITON_INTERPRET the fp32 -> bf16 conversion truncates (FACTS.md), so there each element must
+under TRITON_INTERPRET the fp32 -> bf16 conversion truncates where a GPU rounds to nearest even
+(docs/triton_interpreter.md), so there each element must
 be either the round-to-nearest value or the truncated one, nothing else. Matmuls follow the rule
 of tests/kernel_utils.py with scale |a| @ |b|, the magnitude any rounding error of a product a @ b
 scales with: |ours - fp64| <= 2 |torch same dtype - fp64| + rtol |fp64| + atol (|a| @ |b|).

@@ -148,7 +148,9 @@ def _triton_op_samples():
 def test_triton_launcher_is_a_custom_op_whose_fake_matches_it(name):
     """torch.library.opcheck: the schema is right and the fake implementation gives the real op's
     shapes, strides and dtypes (what torch.compile and a memory plan rely on)."""
-    import lora_engine.kernels.triton_ops  # noqa: F401  (imports every launcher: registers the ops)
+    from lora_engine import dispatch
+
+    dispatch.triton_ops()  # imports every launcher: registers the ops
     from lora_engine.kernels import nf4_triton  # noqa: F401
 
     op = getattr(torch.ops.lora_engine, name)

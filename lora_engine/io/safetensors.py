@@ -22,7 +22,7 @@ import torch
 
 from lora_engine.io.atomic import atomic_file
 
-# The dtype table of the package (kernels/nf4_format.py keeps its own three: the kernels import no io).
+# The dtype table of the package (kernels/dtypes.py keeps the kernels' three: the kernels import no io).
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -1,29 +1,17 @@
-"""Triton kernels of lora_engine, installed as `lora_engine.kernels`.
+"""Kernels of lora_engine, installed as `lora_engine.kernels`.
 
-Layering: this package imports torch and triton only. `reference.py` holds the pure-PyTorch
-oracle of every kernel; `triton_ops.py` gathers the Triton implementations behind the same
-signatures. Code above this layer calls lora_engine.dispatch, never these modules directly.
+Layering: this package imports torch and triton only. Code above this layer calls
+lora_engine.dispatch (the one place where a backend is chosen), never these modules directly.
+
+Backend modules are named `<op>_<backend>.py`, the backend being how the op is computed:
+
+  reference   pure PyTorch: the test oracle, the CPU fallback, the benchmark baseline
+  triton      Triton kernels (GPU; CPU tensors under TRITON_INTERPRET=1)
+  cpp         the C++ ops of csrc/ (the extension lora_engine.kernels._C), the reference elsewhere
+
+<op> is one op (rms_norm, rope, swiglu, cross_entropy, lora_linear, attention) or a family: `ops`,
+the model's ops on dense tensors in one module (ops_reference.py, ops_cpp.py), and `nf4`, the NF4
+ops (nf4_reference.py, nf4_triton.py, nf4_cpp.py). Every backend of an op takes the reference's
+signature. Beside them: nf4_format.py (the NF4 data type), dtypes.py (the float dtypes the kernels
+take), amp.py (the autocast rule), compile_spec.py and _common.py (what the Triton files share).
 """
-
-# The files are named <op>_triton.py, not <op>.py: importing a submodule sets it as an attribute of
-# the package, which would shadow the function of the same name (lora_engine.kernels.rope would be
-# a module, not the op).
-_PUBLIC = {
-    # name -> module that defines it. lora_linear is the public signature
-    # lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, x_dropped=None).
-    "lora_linear": "lora_linear_triton",
-    "rms_norm": "triton_ops",
-    "rope": "triton_ops",
-    "swiglu": "triton_ops",
-    "linear_cross_entropy": "triton_ops",
-}
-
-
-def __getattr__(name: str):
-    # Lazy: importing lora_engine.kernels (for reference.py) must not import triton.
-    if name in _PUBLIC:
-        import importlib
-
-        module = importlib.import_module(f"{__name__}.{_PUBLIC[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

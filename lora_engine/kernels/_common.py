@@ -20,14 +20,14 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from triton.runtime.interpreter import InterpretedFunction
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from lora_engine.kernels.dtypes import FLOAT_DTYPES, FLOAT_NAMES
 
 
 def check_float(op: str, **tensors: torch.Tensor) -> None:
     """Each tensor is fp32, fp16 or bf16."""
     for name, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{op}: {name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+            raise ValueError(f"{op}: {name} has dtype {t.dtype}; expected {FLOAT_NAMES}")
 
 
 def check_same(op: str, **tensors: torch.Tensor) -> None:
@@ -136,8 +136,9 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 @triton.jit
 def dot_acc(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b in fp32. UPCAST widens a and b to fp32 first (exact): the interpreter's bf16/fp16 dot
-    is wrong or slow (FACTS.md), so launchers pass UPCAST=interpreting(); a GPU keeps the 16-bit MMA."""
+    """acc + a @ b in fp32. UPCAST widens a and b to fp32 first (exact): the interpreter's bf16 dot is
+    wrong (bf16 held as raw uint16) and its fp16 dot slow (docs/triton_interpreter.md), so launchers
+    pass UPCAST=interpreting(); a GPU keeps the 16-bit MMA."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from lora_engine.kernels import amp
 from lora_engine.kernels._common import check_device, check_float, kernel_op, launch_device, next_pow2
-from lora_engine.kernels.reference import check_cross_entropy_args, check_labels, traced
+from lora_engine.kernels.ops_reference import check_cross_entropy_args, check_labels, traced
 
 
 @triton.jit
@@ -72,10 +72,13 @@ def _ce_rows(
             tl.store(zrow[:, None] + cols[None, :], g.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-MAX_BLOCK_V = 4096  # vocabulary columns a program holds at a time; larger vocabularies loop over blocks
+# Vocabulary columns a program holds at a time (a power of two); larger vocabularies loop over blocks.
+# Read at each call, so a test can lower it to reach that loop at small V.
+MAX_BLOCK_V = 4096
+CHUNK_SIZE = 1024  # tokens of logits at a time when the caller gives no chunk_size
 
 
-def _check(hidden, weight, labels, reduction, chunk_size, max_block_v):
+def _check(hidden, weight, labels, reduction, chunk_size):
     check_cross_entropy_args(hidden, weight, labels, reduction)
     check_float("linear_cross_entropy", hidden=hidden, weight=weight)
     if hidden.dtype != weight.dtype:
@@ -85,8 +88,6 @@ def _check(hidden, weight, labels, reduction, chunk_size, max_block_v):
     check_device("linear_cross_entropy", hidden=hidden, weight=weight, labels=labels)
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
-    if max_block_v < 1 or max_block_v & (max_block_v - 1):
-        raise ValueError(f"linear_cross_entropy: max_block_v must be a power of two, got {max_block_v}")
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -162,19 +163,19 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "mean",
-    chunk_size: int = 1024,
-    max_block_v: int = MAX_BLOCK_V,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of hidden (N, H) @ weight (V, H)^T against labels (N,) -> fp32 scalar.
 
     reduction "mean" averages over tokens whose label is not ignore_index, "sum" sums them.
-    chunk_size tokens of logits exist at a time (memory O(chunk_size * V)). Under autocast the
-    head matmul runs in the autocast dtype (kernels/amp.py); lse, softmax and loss stay fp32.
-    max_block_v (a power of two) caps the vocabulary columns a program holds at once; the online
-    softmax loops over ceil(V / block) blocks (a test lowers it to reach that loop at small V).
+    chunk_size tokens of logits exist at a time (memory O(chunk_size * V); None: CHUNK_SIZE). Under
+    autocast the head matmul runs in the autocast dtype (kernels/amp.py); lse, softmax and loss stay
+    fp32. A program holds at most MAX_BLOCK_V vocabulary columns at once; the online softmax loops
+    over ceil(V / block) blocks.
     """
-    _check(hidden, weight, labels, reduction, chunk_size, max_block_v)
-    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk_size, max_block_v)
+    chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
+    _check(hidden, weight, labels, reduction, chunk_size)
+    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk_size, MAX_BLOCK_V)
 
 
 def compile_specs() -> list:

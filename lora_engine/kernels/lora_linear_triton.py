@@ -28,7 +28,7 @@ Tiles: triton.autotune over a few (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) can
 On a GPU the 16-bit operands go to tl.dot as they are (fp32 accumulation); fp32 operands use
 input_precision="ieee" so the result matches torch's fp32 matmul (no TF32). Under
 TRITON_INTERPRET the operands are widened to fp32 right after the load, because the interpreter's
-bf16 arithmetic is wrong (FACTS.md).
+bf16 arithmetic is wrong: it holds bf16 as raw uint16 (docs/triton_interpreter.md).
 """
 
 from __future__ import annotations
@@ -219,8 +219,9 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 @amp.like_linear
-def lora_linear(x, weight, lora_A, lora_B, scale, *, bias=None, x_dropped=None) -> torch.Tensor:
-    """y = x W^T (+ bias) + scale * (x_dropped A^T) B^T with the low-rank path fused into the matmul.
+def lora_linear(x, weight, bias, lora_A, lora_B, scale, x_dropped=None) -> torch.Tensor:
+    """y = x W^T (+ bias) + scale * (x_dropped A^T) B^T with the low-rank path fused into the matmul;
+    ops_reference.lora_linear's signature.
 
     x (..., in); weight (out, in) bf16/fp16/fp32 (frozen) or an NF4Tensor (QLoRA kernels);
     lora_A (r, in); lora_B (out, r); bias (out,) or None; x_dropped like x or None (= x).

@@ -13,8 +13,10 @@ Double quantization (bitsandbytes' compress_statistics=True):
     indices into the signed 8-bit dynamic map DYNAMIC_MAP_SIGNED, with an fp32 absmax per 256 blocks
     (nested_absmax). Decoded: absmax[b] = DYNAMIC_MAP_SIGNED[qabsmax[b]] * nested_absmax[b // 256] + offset.
   - Storage: 4 bits + 8/blocksize + 32/(256*blocksize) bits per parameter, ~4.127 bits at blocksize 64.
-This module only describes the format (torch only); quantization lives in lora_engine/nf4.py and
-dequantization in kernels/nf4_reference.py (PyTorch), kernels/nf4_triton.py and csrc/.
+This module only describes the format (torch only); quantization lives in kernels/nf4_reference.py
+(PyTorch) and csrc/nf4.cpp, dequantization there and in kernels/nf4_triton.py, all chosen by
+lora_engine/dispatch.py; lora_engine/quant/nf4.py applies them to a model. The format's sources and
+bitsandbytes' CPU quirks: docs/nf4_format.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from lora_engine.kernels.dtypes import FLOAT_DTYPES
+
 # bitsandbytes' NF4 table (functional.py get_4bit_type("nf4")), index -> value, sorted ascending.
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -34,9 +38,6 @@ NF4_VALUES = (
 )
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit allows
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax with blocks of 256
-# The dequantization dtypes. The package's dtype table is lora_engine/io/safetensors.py, which the
-# kernels cannot import (they sit below io); these three and their names are all NF4 needs.
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def nf4_code(device=None) -> torch.Tensor:
@@ -111,8 +112,8 @@ class NF4Tensor:
         """Raise ValueError naming the field when the tensors do not describe a weight of `shape`."""
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"NF4Tensor: blocksize {self.blocksize} not allowed; use one of {BLOCKSIZES}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"NF4Tensor: dtype {self.dtype} not supported; use one of {DTYPES}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"NF4Tensor: dtype {self.dtype} not supported; use one of {FLOAT_DTYPES}")
         if self.packed.dtype != torch.uint8 or self.packed.numel() != (self.numel + 1) // 2:
             raise ValueError(
                 f"NF4Tensor: packed must be uint8 with ceil({self.numel}/2) = {(self.numel + 1) // 2} bytes for "
@@ -191,7 +192,7 @@ class NF4Tensor:
 
 # ---- bitsandbytes' state-dict layout (bitsandbytes.functional.QuantState.as_dict(packed=True)) ------------------
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
-_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in DTYPES}
+_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
 
 
 def to_bnb_state_dict(w: NF4Tensor, prefix: str = "") -> dict[str, torch.Tensor]:

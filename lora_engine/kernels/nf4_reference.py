@@ -23,23 +23,23 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from lora_engine.kernels import amp
+from lora_engine.kernels.dtypes import FLOAT_DTYPES, FLOAT_NAMES
 from lora_engine.kernels.nf4_format import (
     BLOCKSIZES,
-    DTYPES,
     DYNAMIC_MAP_SIGNED,
     NESTED_BLOCKSIZE,
     NF4_CODE,
     NF4Tensor,
 )
-from lora_engine.kernels.reference import low_rank_linear
+from lora_engine.kernels.ops_reference import low_rank_linear
 
 
 def check_quantize_args(w: torch.Tensor, blocksize: int, name: str = "weight") -> None:
     """Raise ValueError (naming the tensor) for what bitsandbytes could not quantize either."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"nf4 quantize: {name} must be a torch.Tensor, got {type(w).__name__}")
-    if w.dtype not in DTYPES:
-        raise ValueError(f"nf4 quantize: {name} has dtype {w.dtype}; NF4 quantizes float32, float16 or bfloat16 "
+    if w.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"nf4 quantize: {name} has dtype {w.dtype}; NF4 quantizes {FLOAT_NAMES} "
                          "(convert it first, e.g. w.float())")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"nf4 quantize: blocksize {blocksize} not allowed for {name}; use one of {BLOCKSIZES}")
@@ -194,8 +194,8 @@ def _check(x: torch.Tensor, w: NF4Tensor, name: str) -> None:
         raise ValueError(f"{name}: NF4 weight must be 2-D (out, in), got shape {w.shape}")
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"{name}: x has {x.shape[-1]} features, the NF4 weight {w.shape} expects {w.shape[1]}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"{name}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: x must be {FLOAT_NAMES}, got {x.dtype}")
 
 
 @amp.like_linear

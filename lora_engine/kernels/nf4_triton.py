@@ -41,14 +41,15 @@ dequantizes. Ours is a generic Triton tile loop, tuned no better than theirs, so
 512: M <= 512 runs fused, larger M dequantizes (Triton) and calls torch's matmul (cuBLAS), for
 every dtype (fp32 is unmeasured: both sides then run without tensor cores, and the fused read of
 0.5 byte against 8 should only move the crossover up). bench/nf4_triton.py measures the crossover
-(bf16) on a GPU; change the constant when it says so, not here by guess. Not measured yet: no GPU
-was available when this was written.
+(bf16) on a GPU; change the constant when it says so, not here by guess (its results go to
+bench/results/).
 
 Precision: fp32 accumulation, one rounding on store. fp32 inputs use tl.dot's "ieee" precision
 (no TF32), matching torch's default fp32 matmul. Under TRITON_INTERPRET=1 bf16 arithmetic is broken
-(FACTS.md), so there the tiles are widened to fp32 before tl.dot (exact: the products of two bf16
-or fp16 values are exact in fp32, as on tensor cores), and fp32 -> bf16 stores truncate instead of
-rounding to nearest: expect 1-ulp bf16 differences under the interpreter only.
+(the interpreter holds bf16 as raw uint16), so there the tiles are widened to fp32 before tl.dot
+(exact: the products of two bf16 or fp16 values are exact in fp32, as on tensor cores), and
+fp32 -> bf16 stores truncate instead of rounding to nearest: expect 1-ulp bf16 differences under
+the interpreter only (docs/triton_interpreter.md).
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ from lora_engine.kernels._common import (
     kernel_op,
     launch_device,
 )
+from lora_engine.kernels.dtypes import FLOAT_DTYPES
 from lora_engine.kernels.nf4_format import NF4Tensor
-from lora_engine.kernels.reference import add_low_rank
+from lora_engine.kernels.ops_reference import add_low_rank
 
 DEQUANT_BLOCK = 1024  # elements per program of the dequantization kernel (512 packed bytes)
 # Above FUSED_MAX_ROWS a weight is dequantized in slabs of at most this many elements into one reused
@@ -79,7 +81,6 @@ WORKSPACE_ELEMENTS = 2**24
 TILE_R, TILE_C = 32, 64  # the slab kernel's tile
 FUSED_MAX_ROWS = 512  # rows (tokens) up to which nf4_linear runs the fused kernel; see the docstring
 GROUP_M = 8  # programs of the matmul walk GROUP_M row blocks per column block, for L2 reuse of W' tiles
-OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -208,8 +209,8 @@ def nf4_dequantize(w: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     """
     _check_weight("nf4_dequantize", w)
     dtype = w.dtype if dtype is None else dtype
-    if dtype not in OUT_DTYPES:
-        raise ValueError(f"nf4_dequantize: dtype {dtype} not supported; use one of {OUT_DTYPES}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"nf4_dequantize: dtype {dtype} not supported; use one of {FLOAT_DTYPES}")
     return _nf4_dequant_op(*_weight_args(w), w.blocksize, w.is_nested, w.nested_blocksize, list(w.shape), dtype)
 
 
@@ -261,7 +262,7 @@ def nf4_dequantize_slab(w: NF4Tensor, out: torch.Tensor, row0: int, col0: int) -
     """W'[row0:row0 + R, col0:col0 + C] decoded into out (R, C) (column stride 1, any row stride); returns out."""
     _check_weight("nf4_dequantize_slab", w)
     R, C = out.shape
-    if out.dtype not in OUT_DTYPES or out.dim() != 2 or (C > 1 and out.stride(1) != 1) \
+    if out.dtype not in FLOAT_DTYPES or out.dim() != 2 or (C > 1 and out.stride(1) != 1) \
             or not (row0 >= 0 and row0 + R <= w.shape[0] and col0 >= 0 and col0 + C <= w.shape[1]):
         raise ValueError(f"nf4_dequantize_slab: out {tuple(out.shape)} {out.dtype} (strides {out.stride()}) at "
                          f"({row0}, {col0}) is not a slab of the NF4 weight {w.shape} with unit column stride")

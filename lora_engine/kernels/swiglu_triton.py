@@ -31,7 +31,8 @@ BLOCK = 1024
 def _swiglu_fwd(gate_ptr, up_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    # Load and widen at once: bf16 arithmetic is wrong under TRITON_INTERPRET (FACTS.md).
+    # Load and widen at once: under TRITON_INTERPRET bf16 is held as raw uint16 and bf16 arithmetic
+    # gives garbage; the conversion to fp32 is exact (docs/triton_interpreter.md).
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * u

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
+from lora_engine.models import rebuild
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.offload import HostOffloader, checkpoint_offloaded, offload_to_device
 from lora_engine.models.recompute import chunked_rows
@@ -35,8 +36,8 @@ class RMSNorm(nn.Module):
         return dispatch.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
     def into(self, x, fn):
-        """fn(self(x)), keeping no copy of self(x) for backward (dispatch.rms_norm_into)."""
-        return dispatch.rms_norm_into(x, self.weight, self.eps, fn, backend=self.backend)
+        """fn(self(x)), keeping no copy of self(x) for backward (models/rebuild.py)."""
+        return rebuild.rms_norm_into(x, self.weight, self.eps, fn, backend=self.backend)
 
 
 class Rotary(nn.Module):
@@ -152,7 +153,7 @@ class MLP(nn.Module):
 
     def _rows(self, x):  # (..., D) -> (..., D) through (..., F): each token on its own
         # swiglu_into: backward rebuilds the (..., F) SwiGLU output that down_proj would keep.
-        return dispatch.swiglu_into(self.gate_proj(x), self.up_proj(x), self.down_proj, backend=self.backend)
+        return rebuild.swiglu_into(self.gate_proj(x), self.up_proj(x), self.down_proj, backend=self.backend)
 
 
 class DecoderLayer(nn.Module):

@@ -24,8 +24,8 @@ from torch import nn
 
 from lora_engine import dispatch
 from lora_engine.dispatch import BACKENDS, choose_backend
+from lora_engine.kernels.dtypes import FLOAT_DTYPES as DTYPES
 from lora_engine.kernels.nf4_format import (
-    DTYPES,
     NF4Tensor,
     from_bnb_state_dict,
     to_bnb_state_dict,

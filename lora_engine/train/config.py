@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_engine.cli import format_config
+from lora_engine.cli import format_config, parse_dtype
 from lora_engine.cli import option as _f
 from lora_engine.sources.embedded import DEFAULT_MODEL
 
@@ -92,8 +92,7 @@ class TrainConfig:
     seed: int = _f(0, "seed of data order, LoRA initialisation and dropout")
     quantize: str = _f("none", "base weights: none, or nf4 (QLoRA)", choices=["none", "nf4"])
     precision: str = _f("auto", "auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU multiplies bf16 natively, with "
-                                "the frozen weights stored in bf16; else fp32 on CPU, fp16 on GPU",
-                        choices=["auto", "fp32", "bf16", "fp16"])
+                                "the frozen weights stored in bf16; else fp32 on CPU, fp16 on GPU; or fp32, bf16, fp16")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     offload_activations: bool = _f(False, "with --gradient-checkpointing: keep each layer's checkpointed input in "
                                           "CPU memory until backward (asynchronous copies on a GPU)")
@@ -119,6 +118,7 @@ class TrainConfig:
     plot: bool = _f(True, "draw loss.png at the end (needs matplotlib)")
 
     def __post_init__(self):
+        self.precision = parse_dtype(self.precision, "--precision", ("auto",))
         for name in ("batch_size", "grad_accum", "r", "max_length", "eval_batch_size", "log_every",
                      "keep_checkpoints", "general_tokens"):
             if getattr(self, name) < 1:

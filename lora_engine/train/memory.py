@@ -292,7 +292,7 @@ class StorageTracker(TorchDispatchMode):
             self._see(t, "saved")
             return t
 
-        pack.composable = True  # it returns t itself: dispatch.rebuilt_into may run its own hook inside it
+        pack.composable = True  # it returns t itself: models/rebuild.py's rebuilt_into may run its own hook inside it
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
         for life in self.lives.values():

@@ -7,12 +7,11 @@ plans its own run before training, and the train layer may not import the comman
 from __future__ import annotations
 
 import logging
-import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_engine.cli import CliError, option, option_like, user_input
+from lora_engine.cli import CliError, option, option_like, parse_dtype, parse_size, user_input
 from lora_engine.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -26,8 +25,6 @@ GiB = 2**30
 CUDA_CONTEXT_BYTES = 512 * 2**20
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 FRAGMENTATION = 0.03
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass
@@ -41,7 +38,7 @@ class PlanConfig:
     quantize: str = option_like(TrainConfig, "quantize")
     r: int = option_like(TrainConfig, "r")
     target_modules: str = option_like(TrainConfig, "target_modules")
-    precision: str = option("bf16", "weights and autocast dtype (fp32: no autocast)", choices=list(PRECISIONS))
+    precision: str = option("bf16", f"weights and autocast dtype, {', '.join(PRECISIONS)} (fp32: no autocast)")
     gradient_checkpointing: bool = option_like(TrainConfig, "gradient_checkpointing")
     offload_activations: bool = option(False, "with --gradient-checkpointing: keep the checkpointed hidden "
                                               "states in CPU memory (--device cuda only)")
@@ -60,6 +57,7 @@ class PlanConfig:
     json: bool = option(False, "print the result as one JSON object on the last line")
 
     def __post_init__(self):
+        self.precision = parse_dtype(self.precision, "--precision")
         for name in ("seq_len", "batch_size", "r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -80,7 +78,7 @@ class PlanConfig:
             raise ValueError("--offload-activations moves activations from the GPU to CPU memory: it needs --device "
                              "cuda (on --device cpu they are in CPU memory already)")
         if self.fit is not None:
-            parse_size(self.fit)
+            parse_size(self.fit, "--fit")
         if self.world_size < 1:
             raise ValueError(f"--world-size must be >= 1, got {self.world_size}")
         if self.distributed is not None and self.world_size == 1:
@@ -99,16 +97,6 @@ class PlanConfig:
     def strategy(self) -> str:
         """none, ddp or fsdp, as train/distributed.py resolve_strategy resolves --distributed."""
         return "none" if self.world_size == 1 else self.distributed or "ddp"
-
-
-def parse_size(text: str, flag: str = "--fit") -> int:
-    """'24GiB' -> 25769803776, '6GB' -> 6e9, '512MiB', '1000' (bytes). ValueError naming `flag` otherwise."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"{flag} {text!r} is not a size; write a positive number with a unit, e.g. 24GiB, 6GB or "
-                         "512MiB")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def read_config(model: str):

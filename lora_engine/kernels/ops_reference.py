@@ -176,8 +176,8 @@ class LowRankLinearFunction(torch.autograd.Function):
     output makes backward clone the (tokens, out) gradient and copy it back (CopySlices), and x's
     two gradient terms, dy W and dh A, are two (tokens, in) products summed by the engine. Here dy
     is read where it lies and dx = dy W gets dh A added inside one addmm_ (its sum rounds in
-    another order than autograd's: within one rounding of the dtype). That bookkeeping was ~5% of
-    an fp32 LoRA step of SmolLM2-135M on a 2-core AVX2 CPU (bench/results/train_step.md). Saved:
+    another order than autograd's: within one rounding of the dtype). What that bookkeeping cost a
+    LoRA step is recorded in bench/results/train_step.md. Saved:
     xd, h = xd A^T (tokens, r), A, B, the weight (a reference, or the packed NF4 tensor, dequantized
     again in backward) and x itself only when the weight takes a gradient.
     """
@@ -315,8 +315,8 @@ class _ChunkBuffers:
     reused by every chunk.
 
     A chunk's logits are ~64 MB: above glibc's mmap threshold (32 MB at most), so a fresh tensor per
-    chunk is a fresh mapping whose every page faults on first write. Measured on a 2-core AVX2 EPYC
-    (torch 2.13, fp32, (341, 576) @ (576, 49152)): 64 GFLOP/s into a new tensor, 86 into a reused one.
+    chunk is a fresh mapping whose every page faults on first write, which slows the head GEMM
+    that writes into it (the rates with and without reuse: bench/results/train_step.md).
     torch.mm(out=) writes the same values as the allocating product (tests/test_kernels_reference.py).
     """
 
@@ -442,7 +442,7 @@ def chunked_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="
                           grad_in_place=None) -> torch.Tensor:
     """linear_cross_entropy without the autocast cast. grad_in_place(block, labels) -> per-row fp32
     losses, overwriting a (c, V) block of logits in the weight's dtype with softmax - onehot (what
-    the eager loop computes in fp32 and rounds): a fused kernel's entry (kernels/cpu_fused.py); not
+    the eager loop computes in fp32 and rounds): a fused kernel's entry (kernels/ops_cpp.py); not
     used when the weight takes a gradient or under tracing. None: the loop's torch ops."""
     check_cross_entropy_args(hidden, weight, labels, reduction)
     check_labels(labels, weight.shape[0], ignore_index)

@@ -1,5 +1,5 @@
 """The fused CPU ops of csrc/cpu_fused.cpp (RMSNorm, RoPE, SwiGLU, the cross-entropy gradient) behind
-kernels/reference.py's functions.
+kernels/ops_reference.py's functions.
 
 lora_engine.dispatch runs this module for backend "cpp" on bf16 activations, and
 `exact_forward_ops` on fp32 ones: the reference's forward (the exact path against transformers)
@@ -32,8 +32,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from lora_engine.kernels import amp, nf4_cpp, reference
-from lora_engine.kernels.reference import lora_linear
+from lora_engine.kernels import amp, nf4_cpp
+from lora_engine.kernels import ops_reference as reference
+from lora_engine.kernels.ops_reference import lora_linear
 
 __all__ = ["available", "rms_norm", "rope", "swiglu", "linear_cross_entropy", "lora_linear", "exact_forward_ops"]
 
@@ -73,7 +74,7 @@ def _register_fakes() -> None:
     def _swiglu_fwd(gate, up):
         return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
-    if hasattr(torch.ops.lora_engine, "attn_softmax_fwd_cpu"):  # kernels/attention_cpu.py's ops
+    if hasattr(torch.ops.lora_engine, "attn_softmax_fwd_cpu"):  # kernels/attention_cpp.py's ops
         @torch.library.register_fake("lora_engine::attn_softmax_fwd_cpu")
         def _attn_fwd(s, scale, start, period, causal, out_dtype):
             rows = s.numel() // s.shape[-1] if s.shape[-1] else 0

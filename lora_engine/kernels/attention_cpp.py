@@ -1,11 +1,12 @@
 """Causal self-attention on the CPU: GEMMs at the machine's BLAS rate, the softmax fused in C++.
 
 Why: torch's CPU flash attention (what F.scaled_dot_product_attention runs for these inputs, and
-what transformers runs) reaches ~25% of the bf16 GEMM rate on a Zen 4 and is a fifth of the bf16
-LoRA step there. Here the products are a few batched GEMMs per chunk of queries (torch.bmm:
-oneDNN, ~370 GFLOP/s in bf16 on a 2-core Zen 4 at these shapes) and everything between them is
-one C++ pass per block of scores (csrc/cpu_fused.cpp: attn_softmax_fwd_cpu, attn_softmax_bwd_cpu).
-Measured in bench/results/attention_cpu.md.
+what transformers runs) reaches a small fraction of the bf16 GEMM rate on CPUs that multiply bf16
+natively, and is a large share of the bf16 LoRA step there. Here the products are a few batched
+GEMMs per chunk of queries (torch.bmm: oneDNN, at the machine's bf16 GEMM rate) and everything
+between them is one C++ pass per block of scores (csrc/cpu_fused.cpp: attn_softmax_fwd_cpu,
+attn_softmax_bwd_cpu). Measured against SDPA by bench/attention_cpu.py, results in
+bench/results/attention_cpu.md.
 
 The algorithm, for q (B, H, S, D) and k, v (B, Hk, S, D) with G = H / Hk query heads per key head:
 the G heads that read one key head are adjacent in q, so they are one matrix of G*c query rows
@@ -24,25 +25,24 @@ before the fp32 softmax and its gradient, as in transformers' eager attention un
 matmul, then softmax(..., dtype=float32)); p and ds are rounded to bf16 for the other products, as
 FlashAttention-2 does on GPUs; dK and dV are summed over chunks in fp32. (torch has no CPU GEMM
 with bf16 operands and an fp32 result; widening q, k, dO, v to fp32 for s and dp, the first
-version of this file, ran those products at fp32's rate: 0.9x SDPA overall.)
+version of this file, ran those products at fp32's rate and lost to SDPA overall.)
 tests/test_attention_cpu.py bounds the error against a float64 reference by twice that of
 transformers' eager bf16 attention (fp32: of torch's SDPA in fp32).
 
 Memory and speed: the transient scores of one chunk, B*H*c*S values per buffer, and the number of
 chunks, S/c, set by _chunk: c = 64 query positions up to S = 1024, 128 beyond, halved (not below
-16) while one buffer would pass _CHUNK_VALUES (32 MB in bf16). Measured on a 2-core Zen 4, fwd+bwd
-against SDPA (bench/results/attention_cpu.md): at B=4, S=256, c=64 is 1.78x and c=S 1.10x (four
-4.7 MB buffers fall out of the caches); at B=1, S=1024, c=64 1.28x (c=32 1.03x, 256 0.96x); at
-S=2048 and 4096, c=128 1.36x and 1.38x, while the earlier rule (c shrinking as S grew, to 16 at
-4096) made it 0.75x and 0.59x. Nothing S x S is kept for backward. Imports torch and the
-kernels package only.
+16) while one buffer would pass _CHUNK_VALUES (32 MB in bf16). Small chunks keep the score
+buffers in the caches (one chunk of all positions is slower from S = 256 on), and a chunk too small
+turns attention into a Python loop of many small GEMMs (the earlier rule, c shrinking to 16 as S
+grew, lost to SDPA at S = 2048 and 4096): the rule is the fastest measured, bench/results/attention_cpu.md.
+Nothing S x S is kept for backward. Imports torch and the kernels package only.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lora_engine.kernels import cpu_fused
+from lora_engine.kernels import ops_cpp
 
 __all__ = ["attention", "served"]
 
@@ -56,7 +56,7 @@ def served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and k.dim() == 4 and v.shape == k.shape and k.dtype == q.dtype == v.dtype
             and k.device == q.device == v.device and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
             and k.shape[1] >= 1 and q.shape[1] % k.shape[1] == 0 and q.shape[2] == k.shape[2]
-            and q.shape[2] >= 1 and q.shape[3] >= 1 and cpu_fused.available()
+            and q.shape[2] >= 1 and q.shape[3] >= 1 and ops_cpp.available()
             and hasattr(torch.ops.lora_engine, "attn_softmax_fwd_cpu"))
 
 
