@@ -1,25 +1,23 @@
 """load_model: a Hugging Face folder (or the embedded default) -> CausalLM, strictly checked.
 
-The model is built on the meta device, given uninitialised storage once, and each tensor is read
-from its safetensors file straight into its parameter with plain file reads (no mmap), so peak
-memory stays near one copy of the weights. Every key and shape is checked; problems are collected
-and reported together with the file they concern.
+models/builder.py builds it: config.json read once and checked against the checkpoint's tensor shapes,
+the model built on the meta device, given uninitialised storage once, and each tensor read from its
+safetensors file straight into its parameter with plain file reads (no mmap), so peak memory stays near
+one copy of the weights. Every key and shape is checked; problems are collected and reported together
+with the file they concern. NF4 (quantize="nf4", or a checkpoint saved in NF4) goes through
+quant/checkpoint.py, which hands the builder its swap.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from lora_engine.io.safetensors import float_dtype, load_checkpoint
+from lora_engine.io.safetensors import float_dtype
 from lora_engine.kernels.nf4_format import BLOCKSIZES
-from lora_engine.models.config import ModelConfig
+from lora_engine.models.builder import build_model, load_weights, open_checkpoint
 from lora_engine.models.decoder import CausalLM
+from lora_engine.quant.checkpoint import QUANTIZE_METHODS, load_nf4
 from lora_engine.quant.nf4 import DEFAULT_SKIP
-from lora_engine.sources.embedded import resolve_path
-
-QUANTIZE_METHODS = (None, "nf4")
 
 
 def load_model(path, dtype=None, device="cpu", *, quantize: str | None = None, quantize_skip=DEFAULT_SKIP,
@@ -34,31 +32,16 @@ def load_model(path, dtype=None, device="cpu", *, quantize: str | None = None, q
     quantize_skip: module names kept in full precision with quantize="nf4" (a name matches a module
     path, its last part or any part of it). blocksize (32, 64, ..., 4096) and double_quant: the NF4
     settings. verbose: log (INFO) the NF4 model's bits per parameter.
-    Raises ValueError naming the argument when one is out of range.
+    Raises ValueError naming the argument when one is out of range, CheckpointError naming the file
+    when config.json or the weights are not a model this engine builds.
     """
     quantize_skip = _check_arguments(dtype, device, quantize, quantize_skip, blocksize, double_quant)
-    if quantize is not None:
-        from lora_engine.quant.checkpoint import load_quantized_model
-
-        return load_quantized_model(path, dtype=dtype, device=device, quantize=quantize, quantize_skip=quantize_skip,
-                                    blocksize=blocksize, double_quant=double_quant, verbose=verbose)
-    folder = resolve_path(path)
-    cfg = ModelConfig.from_hf(folder / "config.json")
-    if "quantization_config" in cfg.extra:
-        from lora_engine.quant.checkpoint import load_quantized_model
-
-        return load_quantized_model(folder, dtype=dtype, device=device, verbose=verbose)
-    dt = float_dtype(dtype if dtype is not None else cfg.torch_dtype)
-    with torch.device("meta"):
-        model = CausalLM(cfg).to(dt)  # dtype first: on meta this costs nothing
-    model = model.to_empty(device=device)
-    model.tie_weights()
-    model.reset_buffers()
-    load_weights(model, folder)
-    model.name_or_path = str(path)
-    model.source_dir = str(folder)
-    model.eval()
-    return model
+    ckpt = open_checkpoint(path)
+    if quantize is not None or ckpt.quantization_config is not None:
+        return load_nf4(ckpt, dtype, device, quantize, quantize_skip, blocksize, double_quant, verbose,
+                        name_or_path=path)
+    model = build_model(ckpt.config, ckpt.dtype(dtype), device, checkpoint=ckpt)
+    return load_weights(model, ckpt, name_or_path=path)
 
 
 def _check_arguments(dtype, device, quantize, quantize_skip, blocksize, double_quant) -> tuple[str, ...]:
@@ -92,10 +75,3 @@ def _check_arguments(dtype, device, quantize, quantize_skip, blocksize, double_q
             raise ValueError(f"load_model: {', '.join(given)} applies only with quantize='nf4'; pass quantize='nf4' "
                              "or leave the NF4 settings at their defaults")
     return names
-
-
-def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Fill every parameter and buffer of `model` from the checkpoint in `folder`, strictly."""
-    skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in skip}
-    load_checkpoint(folder, expected, skip=skip, what=f"the {model.config.model_type} model built from its config.json")

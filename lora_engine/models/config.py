@@ -7,20 +7,36 @@ Supported families are the decoder-only Llama relatives that differ only in smal
   qwen2    (bias on q/k/v projections)
   qwen3    (RMSNorm on q and k per head)
 
-Everything else raises ValueError naming what is supported, rather than loading a model that
-silently computes something else.
+config.json is checked at this boundary: anything else, and any field that is missing, of the wrong
+JSON type, out of range or inconsistent, raises CheckpointError naming the file and the field, rather
+than a KeyError deep inside or a model that silently computes something else. The sizes are bounded by
+LIMITS (see there), so a config read alone (the memory plan reads nothing else) cannot make the engine
+build millions of modules; where weights exist, models/builder.py also checks the config against them.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from lora_engine.io.safetensors import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
+# Upper bounds on the sizes a config may give: far above every released model of these families
+# (Llama-3.1-405B: 126 layers, hidden 16384, FFN 53248, 128 heads, vocabulary 128256; Gemma's vocabulary
+# 262144 and head_dim 256; Llama-4's 10M positions), and low enough that a hostile or corrupted config
+# cannot ask for millions of layers (building them would hang) or for a vocabulary of 10^12.
+LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**19, "num_hidden_layers": 1024,
+          "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 2048,
+          "max_position_embeddings": 2**26}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+MAX_CONFIG_BYTES = 16 * 2**20  # a real config.json is a few kB; a bigger one is not read into memory
 
 
 @dataclass(frozen=True)
@@ -46,71 +62,40 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # the raw config.json
 
     def __post_init__(self):
+        """CheckpointError (a ValueError) naming the field; from_hf adds the file."""
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise CheckpointError(
                 f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"config field {name} must be positive, got {getattr(self, name)}")
+        for name, limit in LIMITS.items():
+            _whole(name, getattr(self, name), limit)
+        _real("rms_norm_eps", self.rms_norm_eps)
+        # The base of the rotary wavelengths: at or below 1 the frequencies grow instead of falling (and
+        # overflow to inf for a tiny base).
+        _real("rope_theta", self.rope_theta, above=1.0)
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise CheckpointError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+            raise CheckpointError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not isinstance(self.torch_dtype, str):
+            raise CheckpointError(f"dtype must be a name such as 'bfloat16', got {self.torch_dtype!r}")
 
     @classmethod
     def from_hf(cls, path: str | Path | dict) -> ModelConfig:
-        """Read a Hugging Face config.json (a path to the file or its folder, or the parsed dict)."""
-        if isinstance(path, dict):
-            cfg, where = path, "config"
-        else:
-            p = Path(path)
-            if p.is_dir():
-                p = p / "config.json"
-            if not p.is_file():
-                raise FileNotFoundError(f"no config.json at {p}")
-            try:
-                cfg = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p} is not valid JSON: {e}") from e
-            where = str(p)
-        model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"{where}: model_type {model_type!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        _reject_unsupported(cfg, model_type, where)
-        rope = _rope_parameters(cfg, where)
-        heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        attention_bias = bool(cfg.get("attention_bias", False))
-        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-        return cls(
-            model_type=model_type,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", 10000.0)),
-            rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            torch_dtype=str(dtype).replace("torch.", ""),
-            extra=cfg,
-        )
+        """Read a Hugging Face config.json (a path to the file or its folder, or the parsed dict).
+
+        Raises FileNotFoundError when there is no file, CheckpointError naming the file and the field for
+        anything in it this engine cannot build exactly.
+        """
+        cfg, where = _read(path)
+        fields = _fields(cfg, where)
+        try:
+            return cls(**fields, extra=cfg)
+        except CheckpointError as e:  # a range or consistency check of __post_init__: name the file too
+            raise CheckpointError(f"{where}: {e}") from e
 
     def to_hf(self) -> dict:
         """The config.json that transformers reads for this model, built from the fields (not `extra`):
@@ -162,40 +147,170 @@ def _check_family(c: ModelConfig) -> None:
                              + (" (attention_bias sets qkv_bias and o_bias together)" if name == "o_bias" else ""))
 
 
+def _read(path) -> tuple[dict, str]:
+    """(the parsed config.json, its name for messages); CheckpointError unless it is a JSON object."""
+    if isinstance(path, dict):
+        cfg, where = path, "config"
+    else:
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"no config.json at {p}")
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{p}: {size:,} bytes is not a config.json (a real one is a few kB, at most "
+                                  f"{MAX_CONFIG_BYTES:,} is read); point at the model's own config.json")
+        try:
+            cfg = json.loads(p.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{p} is not valid JSON: {e}") from e
+        where = str(p)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: a config.json holds one JSON object ({{...}}) of fields, not "
+                              f"{_json_type(cfg)} {_show(cfg)}")
+    return cfg, where
+
+
+def _fields(cfg: dict, where: str) -> dict:
+    """ModelConfig's fields from a config.json, each checked for its JSON type; ranges and consistency are
+    __post_init__'s (except what must hold before a field can be computed, e.g. head_dim)."""
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"{where}: model_type {_show(model_type)} is not supported; "
+                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    missing = [k for k in REQUIRED if cfg.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{where}: {', '.join(missing)} missing; a {model_type} config.json gives "
+                              f"{', '.join(REQUIRED)}")
+    sizes = {k: _whole(k, cfg[k], LIMITS[k], where) for k in REQUIRED}
+    max_pos = _whole("max_position_embeddings", _get(cfg, "max_position_embeddings", 2048),
+                     LIMITS["max_position_embeddings"], where)
+    _reject_unsupported(cfg, model_type, max_pos, where)
+    rope = _rope_parameters(cfg, where)
+    heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+    head_dim = cfg.get("head_dim")
+    if head_dim is None:  # transformers' default: the hidden size split evenly over the heads
+        if hidden % heads:
+            raise CheckpointError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}, "
+                                  "and no head_dim gives the size of a head")
+        head_dim = hidden // heads
+    attention_bias = _flag(cfg, "attention_bias", where)
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"{where}: dtype {_show(dtype)} is not a dtype name such as \"bfloat16\"")
+    return dict(
+        model_type=model_type, **sizes, max_position_embeddings=max_pos,
+        num_key_value_heads=_get(cfg, "num_key_value_heads", heads),
+        head_dim=head_dim,
+        rms_norm_eps=_real("rms_norm_eps", _get(cfg, "rms_norm_eps", 1e-6), where),
+        rope_theta=float(rope["rope_theta"]),
+        rope_scaling=rope if rope["rope_type"] != "default" else None,
+        tie_word_embeddings=_flag(cfg, "tie_word_embeddings", where),
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=False if model_type == "qwen2" else attention_bias,
+        mlp_bias=_flag(cfg, "mlp_bias", where),
+        qk_norm=model_type == "qwen3",
+        torch_dtype=dtype.replace("torch.", ""),
+    )
+
+
 def _rope_parameters(cfg: dict, where: str) -> dict:
     # transformers >= 5 writes `rope_parameters`; older files carry rope_theta + rope_scaling.
-    rope = dict(cfg.get("rope_parameters") or {})
+    rope = _object(cfg, "rope_parameters", where)
     if not rope:
-        rope = dict(cfg.get("rope_scaling") or {})
-        rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope = _object(cfg, "rope_scaling", where)
+        rope.setdefault("rope_theta", _get(cfg, "rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"{where}: rope scaling type {rope_type!r} is not supported; "
+        raise CheckpointError(
+            f"{where}: rope scaling type {_show(rope_type)} is not supported; "
             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     rope["rope_type"] = rope_type
+    rope["rope_theta"] = _real("rope_theta", _get(rope, "rope_theta", 10000.0), where, above=1.0)
     if rope_type == "llama3":
         missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
                                "original_max_position_embeddings") if k not in rope]
         if missing:
-            raise ValueError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
+            raise CheckpointError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
+        for k in ("factor", "low_freq_factor", "high_freq_factor"):
+            _real(f"rope scaling {k}", rope[k], where)
+        if rope["factor"] < 1:  # transformers' check too: the factor stretches long wavelengths, never shrinks them
+            raise CheckpointError(f"{where}: rope scaling factor must be at least 1, got {rope['factor']}")
+        _whole("rope scaling original_max_position_embeddings", rope["original_max_position_embeddings"],
+               LIMITS["max_position_embeddings"], where)
+        if rope["high_freq_factor"] <= rope["low_freq_factor"]:  # the blend between them divides by the difference
+            raise CheckpointError(f"{where}: llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                                  f"{rope['high_freq_factor']} and {rope['low_freq_factor']}")
     return rope
 
 
-def _reject_unsupported(cfg: dict, model_type: str, where: str) -> None:
+def _reject_unsupported(cfg: dict, model_type: str, max_pos: int, where: str) -> None:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"{where}: hidden_act {act!r} is not supported; supported: silu")
+        raise CheckpointError(f"{where}: hidden_act {_show(act)} is not supported; supported: silu")
     if cfg.get("num_local_experts") or cfg.get("num_experts"):
-        raise ValueError(f"{where}: mixture-of-experts models are not supported")
+        raise CheckpointError(f"{where}: mixture-of-experts models are not supported")
     window = cfg.get("sliding_window")
-    uses_window = cfg.get("use_sliding_window", model_type == "mistral")
-    max_pos = cfg.get("max_position_embeddings", 2048)
-    if uses_window and window is not None and window < max_pos:
-        raise ValueError(
+    uses_window = _flag(cfg, "use_sliding_window", where, default=model_type == "mistral")
+    if uses_window and window is not None and _whole("sliding_window", window, None, where) < max_pos:
+        raise CheckpointError(
             f"{where}: sliding-window attention (window {window} < {max_pos} positions) is not supported; "
             "only full attention is implemented"
         )
     if cfg.get("pretraining_tp", 1) not in (1, None):
-        raise ValueError(f"{where}: pretraining_tp={cfg['pretraining_tp']} is not supported; use 1")
+        raise CheckpointError(f"{where}: pretraining_tp={_show(cfg['pretraining_tp'])} is not supported; use 1")
+
+
+# ---- one JSON value each, its type checked; `where` (the file) starts the message when given ----------
+def _get(cfg: dict, key: str, default):
+    """cfg[key], or `default` when the key is absent or null (transformers writes null for "the default")."""
+    v = cfg.get(key)
+    return default if v is None else v
+
+
+def _whole(name: str, value, limit: int | None = None, where: str = "") -> int:
+    at = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise CheckpointError(f"{at}{name} must be a whole number, got {_show(value)}")
+    if value <= 0:
+        raise CheckpointError(f"{at}config field {name} must be positive, got {value}")
+    if limit is not None and value > limit:
+        raise CheckpointError(f"{at}{name} is {value:,}, more than the {limit:,} this engine builds (far above any "
+                              "released model): the file is corrupted or not this model's")
+    return int(value)
+
+
+def _real(name: str, value, where: str = "", above: float = 0.0) -> float:
+    at = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= above:
+        what = "a positive number" if above == 0 else f"a number above {above:g}"
+        raise CheckpointError(f"{at}{name} must be {what}, got {_show(value)}")
+    return float(value)
+
+
+def _flag(cfg: dict, key: str, where: str, default: bool = False) -> bool:
+    v = _get(cfg, key, default)
+    if not isinstance(v, bool):
+        raise CheckpointError(f"{where}: {key} must be true or false, got {_show(v)}")
+    return v
+
+
+def _object(cfg: dict, key: str, where: str) -> dict:
+    """A copy of the JSON object cfg[key] ({} when absent or null)."""
+    v = _get(cfg, key, {})
+    if not isinstance(v, dict):
+        raise CheckpointError(f"{where}: {key} must be a JSON object, got {_json_type(v)} {_show(v)}")
+    return dict(v)
+
+
+def _json_type(v) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
+def _show(v) -> str:
+    """repr(v) cut to a readable length: a hostile file's value may be megabytes long."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."

@@ -10,22 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_engine.io.safetensors import (
-    CheckpointError,
-    StoredTensor,
-    checkpoint_files,
-    dtype_name,
-    float_dtype,
-    load_checkpoint,
-    save_tensors,
-)
+from lora_engine.io.safetensors import CheckpointError, StoredTensor, dtype_name, save_tensors
 from lora_engine.kernels.nf4_format import QUANT_STATE_KEY, NF4Tensor, from_bnb_state_dict
-from lora_engine.models.config import ModelConfig
-from lora_engine.models.decoder import CausalLM
+from lora_engine.models.builder import Checkpoint, build_model, load_weights, open_checkpoint, tied_keys
 from lora_engine.quant.nf4 import DEFAULT_SKIP, Linear4bit, _skipped, memory_report, quantize
-from lora_engine.sources.embedded import resolve_path
 
 __all__ = ["load_quantized_model", "save_quantized", "transformers_quantization_config"]
+QUANTIZE_METHODS = (None, "nf4")  # load_model's `quantize` values
 _QS_SUFFIX = ".weight." + QUANT_STATE_KEY
 
 logger = logging.getLogger(__name__)
@@ -54,54 +45,63 @@ def load_quantized_model(path, dtype=None, device="cpu", quantize: str | None = 
     precision (default: lm_head; embeddings and norms are never quantized). blocksize/double_quant:
     the NF4 settings for quantize="nf4". Logs (INFO) the measured bits per quantized parameter unless verbose=False.
     """
-    if quantize not in (None, "nf4"):
+    if quantize not in QUANTIZE_METHODS:
         raise ValueError(f"load_model: quantize={quantize!r} is not supported; use quantize='nf4' or None")
     if isinstance(quantize_skip, str):
         quantize_skip = (quantize_skip,)
-    folder = resolve_path(path)
-    cfg = ModelConfig.from_hf(folder / "config.json")
-    qc = cfg.extra.get("quantization_config")
+    return load_nf4(open_checkpoint(path), dtype, device, quantize, quantize_skip, blocksize, double_quant, verbose,
+                    name_or_path=path)
+
+
+def load_nf4(ckpt: Checkpoint, dtype, device, quantize, quantize_skip, blocksize, double_quant, verbose,
+             name_or_path=None):
+    """load_quantized_model on an opened checkpoint, its arguments already checked (load_model's path)."""
+    qc = ckpt.quantization_config
     if qc is not None:
-        _check_bnb_config(qc, folder / "config.json")
-    files = checkpoint_files(folder)
-    stored = {k[: -len(_QS_SUFFIX)] for k in files if k.endswith(_QS_SUFFIX)}
-    if qc is None and quantize is None:
-        raise ValueError(f"load_quantized_model: {folder} is not quantized; pass quantize='nf4' to quantize it")
-    dt = float_dtype(dtype if dtype is not None else cfg.torch_dtype)
-    with torch.device("meta"):
-        model = CausalLM(cfg).to(dt)
-    tied = getattr(cfg, "tie_word_embeddings", False)
-    targets = {}
-    for name, m in list(model.named_modules()):
-        if not isinstance(m, nn.Linear) or (tied and name == "lm_head"):
-            continue
-        if name in stored or (not stored and not _skipped(name, quantize_skip)):
-            targets[name] = Linear4bit(None, m.bias, m.in_features, m.out_features)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, targets[name])
-    model = model.to_empty(device=device)
-    model.tie_weights()
-    model.reset_buffers()
-    _fill(model, folder, targets, stored, dt, device, blocksize, double_quant)
-    model.name_or_path, model.source_dir = str(path), str(folder)
-    model.eval()
+        _check_bnb_config(qc, ckpt.config_file)
+    elif quantize is None:
+        raise ValueError(f"load_quantized_model: {ckpt.folder} is not quantized; pass quantize='nf4' to quantize it")
+    stored = {k[: -len(_QS_SUFFIX)] for k in ckpt.shapes if k.endswith(_QS_SUFFIX)}
+    dt = ckpt.dtype(dtype)
+    swap = _NF4Shells(stored, quantize_skip)
+    model = build_model(ckpt.config, dt, device, swaps=[swap], checkpoint=ckpt)
+    _fill(model, ckpt, swap.targets, stored, dt, device, blocksize, double_quant, name_or_path)
     if verbose:
         r = memory_report(model)
-        logger.info(f"NF4: {len(targets)} linear layers, {r['quantized_params']:,} parameters in "
+        logger.info(f"NF4: {len(swap.targets)} linear layers, {r['quantized_params']:,} parameters in "
                     f"{r['quantized_bytes']:,} bytes = {r['bits_per_param']:.3f} bits/param; "
                     f"{r['other_bytes']:,} bytes in {dt} elsewhere")
     return model
 
 
-def _fill(model, folder, targets, stored, dt, device, blocksize, double_quant) -> None:
+class _NF4Shells:
+    """The builder's swap for NF4: every nn.Linear of the meta model that the checkpoint stores in NF4 (or,
+    quantizing a full-precision checkpoint, that `skip` does not name) becomes an empty Linear4bit, so its
+    full-precision weight is never allocated; the loader fills `targets` ({module path: Linear4bit})."""
+
+    def __init__(self, stored: set[str], skip):
+        self.stored, self.skip = stored, skip
+        self.targets: dict[str, Linear4bit] = {}
+
+    def __call__(self, model: nn.Module) -> None:
+        tied = tied_keys(model.config)
+        for name, m in list(model.named_modules()):
+            if not isinstance(m, nn.Linear) or name + ".weight" in tied:
+                continue
+            if name in self.stored or (not self.stored and not _skipped(name, self.skip)):
+                self.targets[name] = Linear4bit(None, m.bias, m.in_features, m.out_features)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, self.targets[name])
+
+
+def _fill(model, ckpt, targets, stored, dt, device, blocksize, double_quant, name_or_path) -> None:
     """Read every checkpoint tensor into `model` through the strict loader, with an NF4 hook: stored NF4
     parts are collected and assembled at the end; full-precision weights of `targets` are quantized as
     they are read, the full-precision tensor dropped before the next is read."""
-    skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in skip}  # targets: biases
+    placeholders = {}
     if not stored:  # shape-only placeholders, so the loader checks their shapes and reports them missing
-        for path, mod in targets.items():
-            expected[path + ".weight"] = torch.empty(mod.out_features, mod.in_features, device="meta")
+        placeholders = {path + ".weight": torch.empty(mod.out_features, mod.in_features, device="meta")
+                        for path, mod in targets.items()}
     parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in targets}
     where: dict[str, Path] = {}
 
@@ -124,7 +124,7 @@ def _fill(model, folder, targets, stored, dt, device, blocksize, double_quant) -
     def assemble() -> list[str]:
         problems = []
         for path, sd in parts.items() if stored else ():
-            mod, file = targets[path], str(where.get(path, folder))
+            mod, file = targets[path], str(where.get(path, ckpt.folder))
             try:
                 w = from_bnb_state_dict(sd, path + ".", file)
             except ValueError as e:
@@ -137,8 +137,7 @@ def _fill(model, folder, targets, stored, dt, device, blocksize, double_quant) -
             mod.weight = w.to(device)
         return problems
 
-    load_checkpoint(folder, expected, hook, skip=skip, finish=assemble,
-                    what=f"the {model.config.model_type} model built from its config.json")
+    load_weights(model, ckpt, hook, finish=assemble, placeholders=placeholders, name_or_path=name_or_path)
 
 
 def transformers_quantization_config(model: nn.Module) -> dict:
@@ -166,8 +165,8 @@ def save_quantized(model: nn.Module, folder) -> None:
     folder = Path(folder)
     qc = transformers_quantization_config(model)
     sd = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)  # transformers re-ties it
+    for k in tied_keys(model.config):
+        sd.pop(k, None)  # transformers re-ties it
     save_tensors(folder / "model.safetensors", sd, metadata={"format": "pt"})
     config = dict(model.config.extra) if model.config.extra else model.config.to_hf()
     config["quantization_config"] = qc

@@ -147,14 +147,11 @@ def cuda_overhead(peak: int) -> int:
 
 
 def meta_model(cfg: PlanConfig, model_config):
-    """The bare model on the meta device in the planned dtype, as load_model first builds it (outside any
-    FakeTensorMode: a module cast inside one fails to swap its parameters)."""
-    import torch
+    """The bare model on the meta device in the planned dtype, as load_model first builds it (models/builder.py;
+    outside any FakeTensorMode: a module cast inside one fails to swap its parameters)."""
+    from lora_engine.models.builder import build_model
 
-    from lora_engine.models.decoder import CausalLM
-
-    with torch.device("meta"):
-        return CausalLM(model_config).to(_dtype(cfg.precision))
+    return build_model(model_config, _dtype(cfg.precision))
 
 
 def _dtype(precision: str):
@@ -165,10 +162,9 @@ def _dtype(precision: str):
 
 def materialize(model):
     """meta_model's model given storage on the CPU (fake under a FakeTensorMode, uninitialised otherwise)."""
-    model = model.to_empty(device="cpu")
-    model.tie_weights()
-    model.reset_buffers()
-    return model
+    from lora_engine.models import builder
+
+    return builder.materialize(model, "cpu")
 
 
 def _triton_usable() -> bool:
