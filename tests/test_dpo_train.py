@@ -94,7 +94,7 @@ def test_data_check_reports_every_problem_of_a_preference_file(tmp_path):
 
 
 def test_config_refuses_what_dpo_cannot_do():
-    with pytest.raises(ValueError, match="--dpo-beta must be a positive"):
+    with pytest.raises(ValueError, match="--dpo-beta must be > 0, got 0"):
         TrainConfig(objective="dpo", dpo_beta=0)
     with pytest.raises(ValueError, match="drop --pack"):
         TrainConfig(objective="dpo", pack=True)

@@ -75,19 +75,11 @@ def resolve_strategy(choice: str | None, world: int) -> str:
 
 
 def check_combination(cfg, strategy: str) -> None:
-    """The option combinations not implemented on several processes, refused by name before anything loads."""
-    if strategy == "none":
-        return
-    if cfg.objective == "dpo":
-        raise DistributedError(f"--objective dpo is not implemented with --distributed {strategy}: run DPO in one "
-                               "process")
-    if strategy == "fsdp" and cfg.finetune == "full":
-        raise DistributedError("--finetune full is not implemented with --distributed fsdp (only adapters are "
-                               "gathered for saving): use --distributed ddp, or --finetune lora")
-    dev = cfg.device
-    if dev.startswith("cuda:"):
-        raise DistributedError(f"--device {dev} under torchrun: each rank takes cuda:LOCAL_RANK; pass --device cuda or "
-                               "auto (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    """The option combinations not implemented on several processes, refused by name before anything loads
+    (train/options.py holds the rules; here they see the resolved strategy)."""
+    from lora_engine.train.options import refuse
+
+    refuse(cfg.choices(strategy=strategy, resolved=True), DistributedError)
 
 
 @dataclass
