@@ -148,7 +148,7 @@ def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(folder, data, tm
     out = tmp_path / "s"
     p = _torchrun(_args(folder, data, out, "--save-every", "0"), script=("tests/distributed_fault.py",),
                   FAULT="sigterm")
-    _ok(p)
+    assert p.returncode != 0, p.stdout[-3000:] + p.stderr[-3000:]  # a stopped run is not a finished one
     m = json.loads((out / "run.json").read_text())
     assert m["status"] == "interrupted" and m["final_step"] == 2
     assert (out / "checkpoints/step-00000002/adapter/adapter_model.safetensors").is_file()

@@ -149,15 +149,17 @@ class TrainConfig:
 # The range of every numeric flag, checked where the config is built: (field, lowest, highest), each bound
 # a number (inclusive), a 1-tuple (exclusive) or None (unbounded). Every float must also be finite: an inf or
 # NaN learning rate, norm or ratio would not fail at once but poison the run (a NaN loss, gradient ascent).
+# The upper bounds are where a value stops meaning anything and starts failing: AdamW's learning rate past
+# 1 (and past float32's range it raises inside the optimizer), a timeout past timedelta's range.
 _RANGES = (
     ("batch_size", 1, None), ("grad_accum", 1, None), ("r", 1, None), ("max_length", 2, None),
     ("eval_batch_size", 1, None), ("log_every", 1, None), ("keep_checkpoints", 1, None), ("general_tokens", 1, None),
     ("max_steps", 0, None), ("save_every", 0, None), ("eval_every", 0, None), ("warmup_steps", 0, None),
     ("stop_after", 0, None), ("mlp_chunk_size", 0, None), ("loss_chunk_size", 0, None), ("seed", 0, (2**63,)),
-    ("val_split", 0, (1,)), ("epochs", 0, None), ("lr", (0,), None), ("weight_decay", 0, None),
+    ("val_split", 0, (1,)), ("epochs", 0, None), ("lr", (0,), 1), ("weight_decay", 0, None),
     ("min_lr_ratio", 0, 1), ("max_grad_norm", 0, None), ("lora_alpha", (0,), None), ("lora_dropout", 0, (1,)),
-    ("loraplus_lr_ratio", (0,), None), ("dpo_beta", (0,), None), ("forgetting_threshold", 0, None),
-    ("dist_timeout", (0,), None, "seconds"),
+    ("loraplus_lr_ratio", (0,), 1000), ("dpo_beta", (0,), None), ("forgetting_threshold", 0, None),
+    ("dist_timeout", (0,), 10**7, "seconds"),
 )
 
 
