@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from lora_engine.cli import run_cli
 from lora_engine.train import command, step
 from lora_engine.train.command import main
-from lora_engine.train.config import _RANGES, TrainConfig, eval_steps
+from lora_engine.train.config import _RANGES, TrainConfig, eval_steps, resolve_resume
 from lora_engine.train.planning import PlanConfig
 from tests.test_train_support import write_jsonl
 
@@ -124,6 +124,9 @@ def test_out_holding_a_run_is_refused_and_overwrite_replaces_it_completely(folde
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert json.loads((out / "run.json").read_text())["final_step"] == 2
     assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is deleted
+    # Resuming that run continues it: the --overwrite saved in its config.json is not taken up again.
+    resumed, ckpt = resolve_resume(TrainConfig(resume=str(out)), {"resume"})
+    assert not resumed.overwrite and ckpt.name == "step-00000002"
 
 
 # ---- signals, resume from a damaged folder -----------------------------------------------------------------

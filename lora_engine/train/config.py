@@ -234,6 +234,7 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
     values.update({k: getattr(cfg, k) for k in explicit})
     values["resume"] = str(ckpt)
     values["stop_after"] = cfg.stop_after if "stop_after" in explicit else 0
+    values["overwrite"] = cfg.overwrite if "overwrite" in explicit else False  # a saved --overwrite was that run's
     # How the resumed run is launched is today's choice: a 2-process run resumes in 1 process and back.
     values["distributed"] = cfg.distributed if "distributed" in explicit else None
     if "out" not in explicit:

@@ -7,7 +7,7 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init` reads them and joins the p
 raises instead of waiting forever. Without WORLD_SIZE > 1 the strategy is "none" and nothing here
 talks to another process: every method of Dist is then free.
 
-The data (loop._step): the Batcher is global, the same seed and order on every rank. One optimizer
+The data (loop._one_step): the Batcher is global, the same seed and order on every rank. One optimizer
 step takes world x grad_accum micro-batches of that stream and rank r keeps micro-batches r, r +
 world, ... (`share`), so N ranks with --grad-accum G train on exactly the rows of one process with
 --grad-accum N*G. Each rank divides its token-loss sums by the target tokens of the whole global
