@@ -140,9 +140,9 @@ class TrainConfig:
         lora_only = tuple(f"--{n.replace('_', '-')}" for n in ("use_dora", "loraplus_lr_ratio", "modules_to_save")
                           if getattr(self, n))
         given = dict(memory=MemoryOptions.of(self), objective=self.objective, finetune=self.finetune,
-                     quantize=self.quantize, lora_only=lora_only, modules_to_save=bool(self.modules_to_save),
-                     pack=self.pack, auto_memory=self.auto_memory is not None, strategy=self.distributed,
-                     device=self.device)
+                     quantize=quantize_method(self.quantize), lora_only=lora_only,
+                     modules_to_save=bool(self.modules_to_save), pack=self.pack,
+                     auto_memory=self.auto_memory is not None, strategy=self.distributed, device=self.device)
         return Choices(**{**given, **resolved})
 
 

@@ -47,7 +47,7 @@ class Choices:
     memory: MemoryOptions = MemoryOptions()
     objective: str = "sft"
     finetune: str = "lora"
-    quantize: str = "none"
+    quantize: str | None = None         # the base's quantization (config.quantize_method's): None, or "nf4"
     lora_only: tuple[str, ...] = ()     # LoRA-only flags given (--use-dora, --loraplus-lr-ratio, --modules-to-save)
     modules_to_save: bool = False
     pack: bool = False
@@ -102,7 +102,7 @@ def _method(c: Choices):
             yield ("--objective dpo with --finetune full would need a second, frozen copy of the model as the "
                    "reference; use --finetune lora (the reference is the adapter switched off)")
     if c.finetune == "full":
-        if c.quantize != "none":
+        if c.quantize is not None:
             yield (f"--finetune full trains every weight, which --quantize {c.quantize} stores in 4 bits and cannot "
                    "train: use --quantize none, or --finetune lora for QLoRA")
         if c.lora_only:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_engine.cli import CliError, option, option_like, user_input
-from lora_engine.train.config import TrainConfig, check_range
+from lora_engine.train.config import TrainConfig, check_range, quantize_method
 from lora_engine.train.options import Choices, MemoryOptions, refuse
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ class PlanConfig:
         if self.distributed is not None and self.world_size == 1:
             raise ValueError(f"--distributed {self.distributed} plans several processes: give --world-size N "
                              "with N >= 2")
-        refuse(Choices(memory=MemoryOptions.of(self), quantize=self.quantize, strategy=self.strategy, resolved=True,
-                       device=self.device, planned=True))
+        refuse(Choices(memory=MemoryOptions.of(self), quantize=quantize_method(self.quantize), strategy=self.strategy,
+                       resolved=True, device=self.device, planned=True))
         if not [m for m in self.target_modules.split(",") if m.strip()]:
             raise ValueError("--target-modules is empty; give comma-separated module names, e.g. q_proj,v_proj")
 
