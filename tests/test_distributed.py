@@ -148,7 +148,7 @@ def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(folder, data, tm
     out = tmp_path / "s"
     p = _torchrun(_args(folder, data, out, "--save-every", "0"), script=("tests/distributed_fault.py",),
                   FAULT="sigterm")
-    _ok(p)
+    assert p.returncode != 0, p.stdout[-3000:] + p.stderr[-3000:]  # a stopped run is not a finished one
     m = json.loads((out / "run.json").read_text())
     assert m["status"] == "interrupted" and m["final_step"] == 2
     assert (out / "checkpoints/step-00000002/adapter/adapter_model.safetensors").is_file()
@@ -183,5 +183,5 @@ def test_bad_combinations_are_refused_before_anything_runs(folder, data, tmp_pat
 def test_dist_timeout_must_be_positive():
     from lora_engine.train.config import TrainConfig
 
-    with pytest.raises(ValueError, match=r"--dist-timeout must be > 0 seconds, got 0"):
+    with pytest.raises(ValueError, match=r"--dist-timeout must be in \(0, 10000000\] seconds, got 0"):
         TrainConfig(dist_timeout=0)

@@ -94,7 +94,7 @@ def test_data_check_reports_every_problem_of_a_preference_file(tmp_path):
 
 
 def test_config_refuses_what_dpo_cannot_do():
-    with pytest.raises(ValueError, match="--dpo-beta must be a positive"):
+    with pytest.raises(ValueError, match="--dpo-beta must be > 0, got 0"):
         TrainConfig(objective="dpo", dpo_beta=0)
     with pytest.raises(ValueError, match="drop --pack"):
         TrainConfig(objective="dpo", pack=True)
@@ -140,10 +140,10 @@ def test_dpo_reads_plain_text_preferences_and_splits_off_validation(folder, tmp_
 
 
 def test_a_bad_preference_file_stops_the_run_before_training(folder, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "bad.jsonl", pref_records(3) + [{"prompt": "q", "chosen": "s", "rejected": "s"}])
+    data = write_jsonl(tmp_path / "bad.jsonl", pref_records(3) + [{"prompt": "q", "chosen": " ", "rejected": "s"}])
     rc = main(["--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"), "--objective", "dpo"])
     assert rc == 2
-    assert f"{data}:4: 'chosen' and 'rejected' are identical" in capsys.readouterr().err
+    assert f"{data}:4: 'chosen' is empty" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

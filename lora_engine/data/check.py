@@ -6,6 +6,10 @@ with --val, short responses, conflicting responses, length outliers, chat role s
 example rendered with its loss mask: text that is trained on is shown between [[ and ]]. A file of
 preference records ({prompt, chosen, rejected}, for train --objective dpo) gets preference.py's
 checks instead: every empty, malformed or identical pair named, and the pairs truncation would drop.
+
+Exit status: 1 when nothing in the file is usable (no example, or no pair, keeps a target token);
+with --strict, 1 on any problem reported (empty fields, examples or pairs dropped, data-quality
+findings); else 0. A file that cannot be read is an `error:` line and status 2.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from lora_engine.cli import option, parse_command, user_input
 from lora_engine.data import preference, quality
 from lora_engine.data.formats import FORMATS, DataError, EmptyField, Example, detect_format, read_records, tokenize
+from lora_engine.data.prepare import DataSpec, read_data
 from lora_engine.sources.embedded import DEFAULT_MODEL
 
 
@@ -120,6 +125,7 @@ class CheckArgs:
     near_threshold: float = option(quality.NEAR_THRESHOLD, "Jaccard similarity (of word 3-shingles) from which "
                                                            "two records are near-duplicates")
     min_response_words: int = option(quality.MIN_RESPONSE_WORDS, "responses with fewer words are reported as short")
+    strict: bool = option(False, "exit with status 1 on any problem reported, not only when nothing is usable")
 
     def __post_init__(self):
         if not 0 < self.near_threshold <= 1:
@@ -128,13 +134,33 @@ class CheckArgs:
             raise ValueError(f"--min-response-words must be >= 0, got {self.min_response_words}")
 
 
-def main(argv=None):
+def usable(report: dict) -> int:
+    """How many examples (or preference pairs) of a check's report training would keep."""
+    return report["pairs" if "pairs" in report else "examples"] - report["dropped"]
+
+
+def problems(report: dict) -> int:
+    """How many problems a check's report holds: records skipped or refused, examples dropped, quality findings."""
+    if "pairs" in report:
+        return len(report["problems"]) + report["dropped"]
+    return report["empty"] + report["dropped"] + sum(n for k, n in report["quality"].items() if k != "records")
+
+
+def main(argv=None) -> int:
     _, a, _ = parse_command({"check": CheckArgs}, argv, "python -m lora_engine.data", "Inspect a training data file.")
     from lora_engine.models.tokenizer import load_tokenizer
 
-    records = read_records(a.file)  # before the tokenizer: a bad file is reported at once
-    val_records = read_records(a.val) if a.val else None
+    files = read_data(DataSpec(data=a.file, val_data=a.val))  # before the tokenizer: a bad file is reported at once
     with user_input("--model"):
         tok = load_tokenizer(a.model)
-    check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, file=sys.stdout, records=records,
-          val_records=val_records, near_threshold=a.near_threshold, min_response_words=a.min_response_words)
+    report = check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, file=sys.stdout,
+                   records=files[a.file], val_records=files.get(a.val), near_threshold=a.near_threshold,
+                   min_response_words=a.min_response_words)
+    if not usable(report):
+        print(f"{a.file}: nothing usable: training would keep no example (each one empty, refused, or left without "
+              "a target token at --max-length)", file=sys.stderr)
+        return 1
+    if a.strict and problems(report):
+        print(f"{a.file}: {problems(report)} problems (--strict)", file=sys.stderr)
+        return 1
+    return 0

@@ -9,8 +9,9 @@ goes through the tokenizer's chat template as an SFT chat record does (formats.s
 Labels mark the response only: the final trained segment (the last assistant turn and its end
 token, or the completion and EOS). Both sides of a pair share the prompt's tokens, so a truncation
 at --max-length that leaves no response token on either side drops the pair (with a warning naming
-its records); an empty or identical chosen/rejected is an error naming the record, as is anything
-formats.py would refuse.
+its records), and so does an identical chosen/rejected (a pair with nothing to learn; counted as
+"identical" in the stats, which run.json records); an empty response is an error naming the record,
+as is anything formats.py would refuse.
 
     pairs = pairs_from_records(read_records("prefs.jsonl"), tok, stats)
     rows = prepare_pairs(pairs, max_length=256, stats=stats, warn=log)
@@ -35,6 +36,10 @@ class Pair:
     chosen: Example
     rejected: Example
     where: str
+
+
+class IdenticalPair(DataError):
+    """A record whose chosen and rejected responses are the same: training drops it, the data check reports it."""
 
 
 def is_preference(records: list[Record]) -> bool:
@@ -100,7 +105,7 @@ def pair_from_record(record: Record, tokenizer) -> Pair:
                         f"got {type(prompt).__name__}")
     chosen, rejected = _response(record, "chosen"), _response(record, "rejected")
     if json.dumps(chosen, sort_keys=True) == json.dumps(rejected, sort_keys=True):
-        raise DataError(f"{record.where}: 'chosen' and 'rejected' are identical; such a pair has no preference to "
+        raise IdenticalPair(f"{record.where}: 'chosen' and 'rejected' are identical; such a pair has no preference to "
                         "learn (its DPO gradient is zero): fix or remove it")
     try:
         return Pair(_side(record, prompt, chosen, tokenizer), _side(record, prompt, rejected, tokenizer), record.where)
@@ -108,13 +113,28 @@ def pair_from_record(record: Record, tokenizer) -> Pair:
         raise DataError(str(e)) from None
 
 
-def pairs_from_records(records: list[Record], tokenizer, stats: dict | None = None,
-                       source: str = "the data") -> list[Pair]:
-    """Every record as a Pair (DataError at the first bad one); stats["records"], stats["formats"] counted."""
+def pairs_from_records(records: list[Record], tokenizer, stats: dict | None = None, source: str = "the data",
+                       warn: Callable[[str], None] | None = None) -> list[Pair]:
+    """Every record as a Pair (DataError at the first bad one); stats["records"], stats["formats"] counted.
+
+    A pair whose chosen and rejected are identical is dropped, counted in stats["identical"] and named to
+    `warn`: one such pair in a large file should not refuse the run. DataError when no pair is left."""
     if not records:
         raise DataError(f"{source}: the file holds no records")
     stats = stats if stats is not None else {}
-    out = [pair_from_record(r, tokenizer) for r in records]
+    out, identical = [], []
+    for r in records:
+        try:
+            out.append(pair_from_record(r, tokenizer))
+        except IdenticalPair:
+            identical.append(r.where)
+    stats["identical"] = stats.get("identical", 0) + len(identical)
+    if identical and warn is not None:
+        warn(f"warning: {len(identical)} preference pairs dropped: 'chosen' and 'rejected' are identical, nothing "
+             f"to learn ({', '.join(identical[:3])}{', ...' if len(identical) > 3 else ''}); fix or remove them")
+    if not out:
+        raise DataError(f"{source}: every one of its {len(records)} preference pairs has identical 'chosen' and "
+                        f"'rejected' (first {identical[0]}): no preference to learn")
     kinds = ["text" if isinstance(r.data["prompt"], str) else "chat" for r in records]
     stats["records"] = stats.get("records", 0) + len(records)
     stats["formats"] = {f"preference ({k})": kinds.count(k) for k in sorted(set(kinds))}

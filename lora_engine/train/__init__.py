@@ -1,6 +1,7 @@
-"""Training: the config (config.py), one optimizer step (step.py), the run with its LoopState,
-checkpoints and evaluation (loop.py, checkpoint.py, evaluate.py), the command line (command.py),
-lineage (lineage.py) and the loss plot (plot.py).
+"""Training: the config (config.py, the flags train and plan share in options.py), one optimizer step
+(step.py), the run (setup.py before the first step, loop.py the steps and the end, state.py what they
+share, reporting.py what they tell), checkpoints and evaluation (checkpoint.py, evaluate.py), the command
+line (command.py), lineage (lineage.py) and the loss plot (plot.py).
 
     python -m lora_engine.train                         # or: from lora_engine.train import TrainConfig, run
 
@@ -10,8 +11,8 @@ Names are resolved lazily so that `import lora_engine.train.step` stays light.
 from importlib import import_module
 
 _EXPORTS = {"TrainConfig": "lora_engine.train.config", "main": "lora_engine.train.command",
-            "run": "lora_engine.train.loop", "TrainingStopped": "lora_engine.train.loop",
-            "LoopState": "lora_engine.train.loop"}
+            "run": "lora_engine.train.loop", "TrainingStopped": "lora_engine.train.state",
+            "LoopState": "lora_engine.train.state"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from lora_engine.cli import format_config, parse_dtype
 from lora_engine.cli import option as _f
 from lora_engine.sources.embedded import DEFAULT_MODEL
+from lora_engine.train.options import Choices, MemoryOptions, refuse
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -35,6 +36,8 @@ class TrainConfig:
     val_data: str | None = _f(None, "validation file (default: --val-split of --data)")
     val_split: float = _f(0.1, "fraction of --data held out for validation when --val-data is not given")
     out: str | None = _f(None, "output folder (default runs/<time>; with --resume, the resumed run's folder)")
+    overwrite: bool = _f(False, "replace the run already in --out (its checkpoints, adapters, metrics and run.json "
+                                "are deleted first); without it an existing run folder is refused")
     max_steps: int = _f(120, "optimizer steps; 0 = run --epochs epochs")
     epochs: float = _f(1.0, "epochs when --max-steps is 0")
     batch_size: int = _f(8, "examples per micro-batch")
@@ -119,64 +122,64 @@ class TrainConfig:
 
     def __post_init__(self):
         self.precision = parse_dtype(self.precision, "--precision", ("auto",))
-        for name in ("batch_size", "grad_accum", "r", "max_length", "eval_batch_size", "log_every",
-                     "keep_checkpoints", "general_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "eval_every", "warmup_steps", "stop_after"):
-            if (getattr(self, name) or 0) < 0:  # eval_every may be None (the default schedule)
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name, low, high, *unit in _RANGES:
+            check_range(name, getattr(self, name), low, high, *unit)
         if self.max_steps == 0 and self.epochs <= 0:
             raise ValueError("--max-steps 0 needs --epochs > 0")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
-            raise ValueError(f"--loraplus-lr-ratio must be > 0, got {self.loraplus_lr_ratio}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        self._check_method()
-        if self.offload_activations and not self.gradient_checkpointing:
-            raise ValueError("--offload-activations offloads the checkpointed hidden states: it needs "
-                             "--gradient-checkpointing")
-        if self.auto_memory is not None and (self.finetune == "full" or self.use_dora or self.objective == "dpo"):
-            raise ValueError("--auto-memory plans a LoRA/QLoRA next-token step; it cannot plan --finetune full, "
-                             "--use-dora or --objective dpo: drop --auto-memory and set the memory flags yourself")
-        for name in ("mlp_chunk_size", "loss_chunk_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 tokens (0 = off), got {getattr(self, name)}")
-        if not self.dist_timeout > 0:
-            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.distributed == "fsdp" and (self.embedding_on_cpu or self.head_on_cpu or self.auto_memory):
-            raise ValueError("--distributed fsdp shards the embedding and head with the layers: it cannot keep them "
-                             "in CPU memory (--embedding-on-cpu, --head-on-cpu), and --auto-memory plans one "
-                             "unsharded process; drop those flags or use --distributed ddp")
-
-    def _check_method(self):
-        """The combinations of --objective and --finetune with other flags that cannot work, refused by name."""
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"--objective must be sft or dpo, got {self.objective!r}")
         if self.finetune not in ("lora", "full"):
             raise ValueError(f"--finetune must be lora or full, got {self.finetune!r}")
-        if not self.dpo_beta > 0 or math.isinf(self.dpo_beta):
-            raise ValueError(f"--dpo-beta must be a positive number (0.1 in the DPO paper), got {self.dpo_beta}")
-        if self.objective == "dpo":
-            if self.pack:
-                raise ValueError("--objective dpo scores each response as one row: drop --pack")
-            if self.modules_to_save:
-                raise ValueError("--objective dpo takes its reference from the model with the adapter switched off, "
-                                 "which --modules-to-save (trained in place) does not allow; drop --modules-to-save")
-            if self.finetune == "full":
-                raise ValueError("--objective dpo with --finetune full would need a second, frozen copy of the model "
-                                 "as the reference; use --finetune lora (the reference is the adapter switched off)")
-        if self.finetune == "full":
-            if quantize_method(self.quantize) is not None:
-                raise ValueError(f"--finetune full trains every weight, which --quantize {self.quantize} stores in 4 "
-                                 "bits and cannot train: use --quantize none, or --finetune lora for QLoRA")
-            lora_only = [f"--{n.replace('_', '-')}" for n in ("use_dora", "loraplus_lr_ratio", "modules_to_save")
-                         if getattr(self, n)]
-            if lora_only:
-                raise ValueError(f"{', '.join(lora_only)} configure LoRA adapters; --finetune full has none (drop "
-                                 "them, or use --finetune lora)")
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite starts the run in --out afresh, --resume continues one: give one of them")
+        refuse(self.choices())
+
+    def choices(self, **resolved) -> Choices:
+        """The flags whose combinations options.refuse checks; `resolved`: what the run has resolved since
+        (strategy=..., resolved=True; autocast=...)."""
+        lora_only = tuple(f"--{n.replace('_', '-')}" for n in ("use_dora", "loraplus_lr_ratio", "modules_to_save")
+                          if getattr(self, n))
+        given = dict(memory=MemoryOptions.of(self), objective=self.objective, finetune=self.finetune,
+                     quantize=quantize_method(self.quantize), lora_only=lora_only,
+                     modules_to_save=bool(self.modules_to_save), pack=self.pack,
+                     auto_memory=self.auto_memory is not None, strategy=self.distributed, device=self.device)
+        return Choices(**{**given, **resolved})
+
+
+# The range of every numeric flag, checked where the config is built: (field, lowest, highest), each bound
+# a number (inclusive), a 1-tuple (exclusive) or None (unbounded). Every float must also be finite: an inf or
+# NaN learning rate, norm or ratio would not fail at once but poison the run (a NaN loss, gradient ascent).
+# The upper bounds are where a value stops meaning anything and starts failing: AdamW's learning rate past
+# 1 (and past float32's range it raises inside the optimizer), a timeout past timedelta's range.
+_RANGES = (
+    ("batch_size", 1, None), ("grad_accum", 1, None), ("r", 1, None), ("max_length", 2, None),
+    ("eval_batch_size", 1, None), ("log_every", 1, None), ("keep_checkpoints", 1, None), ("general_tokens", 1, None),
+    ("max_steps", 0, None), ("save_every", 0, None), ("eval_every", 0, None), ("warmup_steps", 0, None),
+    ("stop_after", 0, None), ("mlp_chunk_size", 0, None), ("loss_chunk_size", 0, None), ("seed", 0, (2**63,)),
+    ("val_split", 0, (1,)), ("epochs", 0, None), ("lr", (0,), 1), ("weight_decay", 0, None),
+    ("min_lr_ratio", 0, 1), ("max_grad_norm", 0, None), ("lora_alpha", (0,), None), ("lora_dropout", 0, (1,)),
+    ("loraplus_lr_ratio", (0,), 1000), ("dpo_beta", (0,), None), ("forgetting_threshold", 0, None),
+    ("dist_timeout", (0,), 10**7, "seconds"),
+)
+
+
+def check_range(name: str, value, low, high, unit: str = "") -> None:
+    """ValueError naming --name unless `value` is a finite number between low and high (as in _RANGES); None
+    (an optional flag left unset) passes."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+    below = low is not None and (value <= low[0] if isinstance(low, tuple) else value < low)
+    above = high is not None and (value >= high[0] if isinstance(high, tuple) else value > high)
+    if below or above:
+        lo = "-inf" if low is None else low[0] if isinstance(low, tuple) else low
+        hi = "inf" if high is None else high[0] if isinstance(high, tuple) else high
+        interval = f"in {'(' if low is None or isinstance(low, tuple) else '['}{lo}, {hi}" \
+                   f"{')' if high is None or isinstance(high, tuple) else ']'}"
+        if high is None and low is not None:
+            interval = f"{'>' if isinstance(low, tuple) else '>='} {lo}"
+        raise ValueError(f"--{name.replace('_', '-')} must be {interval}{' ' + unit if unit else ''}, got {value}")
 
 
 def quantize_method(choice: str) -> str | None:
@@ -231,6 +234,7 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
     values.update({k: getattr(cfg, k) for k in explicit})
     values["resume"] = str(ckpt)
     values["stop_after"] = cfg.stop_after if "stop_after" in explicit else 0
+    values["overwrite"] = cfg.overwrite if "overwrite" in explicit else False  # a saved --overwrite was that run's
     # How the resumed run is launched is today's choice: a 2-process run resumes in 1 process and back.
     values["distributed"] = cfg.distributed if "distributed" in explicit else None
     if "out" not in explicit:

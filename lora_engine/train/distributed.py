@@ -7,7 +7,7 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init` reads them and joins the p
 raises instead of waiting forever. Without WORLD_SIZE > 1 the strategy is "none" and nothing here
 talks to another process: every method of Dist is then free.
 
-The data (loop._step): the Batcher is global, the same seed and order on every rank. One optimizer
+The data (loop._one_step): the Batcher is global, the same seed and order on every rank. One optimizer
 step takes world x grad_accum micro-batches of that stream and rank r keeps micro-batches r, r +
 world, ... (`share`), so N ranks with --grad-accum G train on exactly the rows of one process with
 --grad-accum N*G. Each rank divides its token-loss sums by the target tokens of the whole global
@@ -75,19 +75,11 @@ def resolve_strategy(choice: str | None, world: int) -> str:
 
 
 def check_combination(cfg, strategy: str) -> None:
-    """The option combinations not implemented on several processes, refused by name before anything loads."""
-    if strategy == "none":
-        return
-    if cfg.objective == "dpo":
-        raise DistributedError(f"--objective dpo is not implemented with --distributed {strategy}: run DPO in one "
-                               "process")
-    if strategy == "fsdp" and cfg.finetune == "full":
-        raise DistributedError("--finetune full is not implemented with --distributed fsdp (only adapters are "
-                               "gathered for saving): use --distributed ddp, or --finetune lora")
-    dev = cfg.device
-    if dev.startswith("cuda:"):
-        raise DistributedError(f"--device {dev} under torchrun: each rank takes cuda:LOCAL_RANK; pass --device cuda or "
-                               "auto (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    """The option combinations not implemented on several processes, refused by name before anything loads
+    (train/options.py holds the rules; here they see the resolved strategy)."""
+    from lora_engine.train.options import refuse
+
+    refuse(cfg.choices(strategy=strategy, resolved=True), DistributedError)
 
 
 @dataclass

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from lora_engine.data.formats import read_records
-from lora_engine.data.pipeline import Row, eval_batches, examples_from_records, n_targets, prepare
+from lora_engine.data.pipeline import Row, eval_batches, n_targets
+from lora_engine.data.prepare import eval_rows
 from lora_engine.train.step import micro_batch_loss_sum
 
 
@@ -41,16 +41,8 @@ def evaluate(model, batches: list[dict], amp: torch.dtype | None = None) -> dict
 def target_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int = 256,
                 completion_only: bool = True, records=None) -> list[Row]:
     """Rows of the target-task evaluation set: a file (or its `records`, read already), or the embedded
-    held-out split."""
-    if data:
-        exs = examples_from_records(records if records is not None else read_records(data), tokenizer, fmt,
-                                    completion_only, source=str(data))
-    else:
-        from lora_engine.data.embedded import chatterbot_split
-
-        exs = examples_from_records(chatterbot_split()[1], tokenizer, "chat", completion_only,
-                                    source="the embedded held-out split")
-    return prepare(exs, max_length)
+    held-out split (data/prepare.py's eval_rows)."""
+    return eval_rows(tokenizer, data, fmt, max_length, completion_only, records)
 
 
 def general_rows(tokenizer, pieces: int = 8, tokens: int = 128) -> list[Row]:

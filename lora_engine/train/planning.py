@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_engine.cli import CliError, option, option_like, parse_dtype, parse_size, user_input
-from lora_engine.train.config import TrainConfig
+from lora_engine.train.config import TrainConfig, check_range, quantize_method
+from lora_engine.train.options import Choices, MemoryOptions, refuse
 
 logger = logging.getLogger(__name__)
 
@@ -58,40 +59,20 @@ class PlanConfig:
 
     def __post_init__(self):
         self.precision = parse_dtype(self.precision, "--precision")
-        for name in ("seq_len", "batch_size", "r"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("mlp_chunk_size", "loss_chunk_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 tokens (0 = off), got "
-                                 f"{getattr(self, name)}")
-        for name in ("embedding_on_cpu", "head_on_cpu"):
-            if getattr(self, name) and self.device != "cuda":
-                raise ValueError(f"--{name.replace('_', '-')} keeps a matrix in CPU memory instead of the GPU's: it "
-                                 "needs --device cuda (on --device cpu it is in CPU memory already)")
+        for name, low in (("seq_len", 1), ("batch_size", 1), ("r", 1), ("mlp_chunk_size", 0),
+                          ("loss_chunk_size", 0), ("world_size", 1)):
+            check_range(name, getattr(self, name), low, None)
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be >= 2 (a token and the next one it predicts), got {self.seq_len}")
-        if self.offload_activations and not self.gradient_checkpointing:
-            raise ValueError("--offload-activations offloads the checkpointed hidden states: it needs "
-                             "--gradient-checkpointing")
-        if self.offload_activations and self.device != "cuda":
-            raise ValueError("--offload-activations moves activations from the GPU to CPU memory: it needs --device "
-                             "cuda (on --device cpu they are in CPU memory already)")
         if self.fit is not None:
             parse_size(self.fit, "--fit")
-        if self.world_size < 1:
-            raise ValueError(f"--world-size must be >= 1, got {self.world_size}")
         if self.distributed is not None and self.world_size == 1:
             raise ValueError(f"--distributed {self.distributed} plans several processes: give --world-size N "
                              "with N >= 2")
-        if self.strategy == "fsdp":
-            for name in ("offload_activations", "embedding_on_cpu", "head_on_cpu"):
-                if getattr(self, name):  # train refuses these under fsdp (train/fsdp.py, train/loop.py)
-                    raise ValueError(f"--{name.replace('_', '-')} is not implemented with --distributed fsdp "
-                                     "(train refuses it): plan without it, or with --distributed ddp")
+        refuse(Choices(memory=MemoryOptions.of(self), quantize=quantize_method(self.quantize), strategy=self.strategy,
+                       resolved=True, device=self.device, planned=True))
         if not [m for m in self.target_modules.split(",") if m.strip()]:
             raise ValueError("--target-modules is empty; give comma-separated module names, e.g. q_proj,v_proj")
-
 
     @property
     def strategy(self) -> str:
@@ -192,11 +173,7 @@ def build(cfg: PlanConfig, model):
     targets = tuple(m.strip() for m in cfg.target_modules.split(",") if m.strip())
     with user_input("--target-modules"):
         apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2.0 * cfg.r, target_modules=targets), verbose=False)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.offload_activations = cfg.offload_activations
-    model.mlp_chunk_size = cfg.mlp_chunk_size
-    model.loss_chunk_size = cfg.loss_chunk_size
-    model.keep_on_host(embedding=cfg.embedding_on_cpu, head=cfg.head_on_cpu)
+    MemoryOptions.of(cfg).apply(model)
     # The kernels the step would run: on a GPU the Triton ones, whose launchers are custom ops with fake
     # implementations (kernels/_common.py:kernel_op), so they run here on fake CPU tensors; on CPU the
     # reference (the C++ dequantizer allocates what the reference does).
