@@ -8,9 +8,11 @@ DoRA adds `...<path>.lora_magnitude_vector` (out,) per layer (no `.weight` suffi
 `use_dora: true` in the config. modules_to_save are stored whole under their plain keys,
 `base_model.model.<module path>.weight` (PEFT drops its `modules_to_save.default.` infix on save).
 
-Files are written atomically (lora_engine.io.atomic: temporary file, fsync, rename), the weights first and the config
-last, so a folder with a config always has the weights it describes. Loading checks every key and
-shape before touching the model, so a bad adapter leaves the model as it was.
+The folder is built under a temporary name and swapped into place (lora_engine.io.atomic.atomic_dir), so
+a folder with a config always has the weights it describes; an existing folder is replaced only if it
+holds nothing but an adapter's two files (ADAPTER_FILES), so a run folder or a user's folder is refused.
+Reading a folder first puts back one that a kill left half-swapped. Loading checks every key and shape
+before touching the model, so a bad adapter leaves the model as it was.
 
 load_adapter returns the model, as PEFT's loading does (and apply_lora); the adapter's LoraConfig
 is read_adapter_config(folder)[0], or `model.lora_config` after loading.
@@ -18,6 +20,7 @@ is read_adapter_config(folder)[0], or `model.lora_config` after loading.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lora_engine.io.atomic import write_text
+from lora_engine.io import atomic
 from lora_engine.io.safetensors import CheckpointError, read_safetensors_header, read_tensor, save_tensors
 from lora_engine.lora.layers import (
     LoraConfig,
@@ -43,6 +46,8 @@ MAGNITUDE = "lora_magnitude_vector"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# What save_adapter writes: an existing folder holding anything else is not replaced.
+ADAPTER_FILES = atomic.Owned("an adapter folder", (CONFIG_NAME, WEIGHTS_NAME), marker=CONFIG_NAME)
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +91,14 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
 
     base_model_name_or_path: recorded in the config (default: `model.name_or_path`, set by
     load_model). Adapter tensors are saved in their own dtype (fp32 unless chosen otherwise).
+    An existing `folder` is replaced only if it is empty or holds nothing but an adapter's files
+    (ADAPTER_FILES); else OutputError, before any work.
     """
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora(model, config) first")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    atomic.check_dir_replaceable(folder, ADAPTER_FILES)
     tensors = {}
     for path, m in layers.items():
         tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
@@ -106,8 +113,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         for path in saved_module_paths(model, model.lora_config):
             for name, p in model.get_submodule(path).named_parameters(recurse=False):
                 tensors[f"{PREFIX}{path}.{name}"] = p.detach().cpu().contiguous()
-    save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic.atomic_dir(folder, ADAPTER_FILES) as tmp:
+        save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        atomic.write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
 
@@ -165,7 +173,10 @@ def adapter_folder(folder: str | os.PathLike) -> Path:
         from lora_engine.registry.refs import resolve_ref
 
         return resolve_ref(folder)
-    return Path(folder)
+    folder = Path(folder)
+    with contextlib.suppress(OSError):  # a swap a kill interrupted is put back; a read-only folder is read as is
+        atomic.recover_dir(folder)
+    return folder
 
 
 def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:

@@ -30,11 +30,13 @@ import os
 import warnings
 from pathlib import Path
 
-from lora_engine.io.atomic import copy_file
+from lora_engine.io.atomic import Owned, atomic_dir, copy_file
 from lora_engine.models.chat_template import ChatTemplateError, compile_template, render
 
 # Files `save` copies: what a Hugging Face tokenizer folder holds.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# What `save` writes: an existing folder holding anything else (a model's weights, a run) is not replaced.
+TOKENIZER_OWNED = Owned("a tokenizer folder", TOKENIZER_FILES, marker="tokenizer.json")
 
 
 class Tokenizer:
@@ -152,13 +154,15 @@ class Tokenizer:
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
-        """Copy the tokenizer files into `folder` (created), each written atomically."""
+        """Copy the tokenizer files into a folder of their own, `folder`, built under a temporary name and
+        swapped into place; returns it. An existing `folder` is replaced only if it is empty or holds
+        nothing but tokenizer files (TOKENIZER_FILES); else OutputError, before any copy. (export's
+        save_model carries these files into a model folder itself.)"""
         out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in TOKENIZER_FILES:
-            src = self.folder / name
-            if src.is_file() and src.resolve() != (out / name).resolve():
-                copy_file(src, out / name)
+        with atomic_dir(out, TOKENIZER_OWNED) as tmp:
+            for name in TOKENIZER_FILES:
+                if (self.folder / name).is_file():
+                    copy_file(self.folder / name, tmp / name)
         return out
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lora_engine.io.atomic import Owned, atomic_dir, write_json
 from lora_engine.io.safetensors import CheckpointError, StoredTensor, dtype_name, save_tensors
 from lora_engine.kernels.nf4_format import QUANT_STATE_KEY, NF4Tensor, from_bnb_state_dict
 from lora_engine.models.builder import Checkpoint, build_model, load_weights, open_checkpoint, tied_keys
@@ -18,6 +19,8 @@ from lora_engine.quant.nf4 import DEFAULT_SKIP, Linear4bit, _skipped, memory_rep
 __all__ = ["load_quantized_model", "save_quantized", "transformers_quantization_config"]
 QUANTIZE_METHODS = (None, "nf4")  # load_model's `quantize` values
 _QS_SUFFIX = ".weight." + QUANT_STATE_KEY
+# What save_quantized writes: an existing folder holding anything else is not replaced.
+NF4_FILES = Owned("an NF4 model folder", ("config.json", "model.safetensors"), marker="config.json")
 
 logger = logging.getLogger(__name__)
 
@@ -156,18 +159,22 @@ def transformers_quantization_config(model: nn.Module) -> dict:
     }
 
 
-def save_quantized(model: nn.Module, folder) -> None:
+def save_quantized(model: nn.Module, folder) -> Path:
     """Write `folder`/model.safetensors (bitsandbytes keys for NF4 weights) and config.json with the
-    quantization_config, in the layout transformers + bitsandbytes load. Each file is written atomically,
-    the weights one tensor at a time, the config last."""
-    from lora_engine.io.atomic import write_json
+    quantization_config, in the layout transformers + bitsandbytes load; returns the folder.
 
+    The folder is built under a temporary name and swapped into place (io/atomic.atomic_dir), the weights
+    one tensor at a time. An existing `folder` is replaced only if it is empty or holds nothing but these
+    two files (NF4_FILES): a run folder, or a model folder with a tokenizer beside the weights, is refused
+    with OutputError before any work."""
     folder = Path(folder)
     qc = transformers_quantization_config(model)
     sd = model.state_dict()
     for k in tied_keys(model.config):
         sd.pop(k, None)  # transformers re-ties it
-    save_tensors(folder / "model.safetensors", sd, metadata={"format": "pt"})
     config = dict(model.config.extra) if model.config.extra else model.config.to_hf()
     config["quantization_config"] = qc
-    write_json(folder / "config.json", config)
+    with atomic_dir(folder, NF4_FILES) as tmp:
+        save_tensors(tmp / "model.safetensors", sd, metadata={"format": "pt"})
+        write_json(tmp / "config.json", config)
+    return folder
