@@ -34,7 +34,6 @@ _EXPORTS = {
     "set_backend": "lora_engine.dispatch",
     "load_tokenizer": "lora_engine.models.tokenizer",
     "Tokenizer": "lora_engine.models.tokenizer",
-    "generate": "lora_engine.generate",
     "LoraConfig": "lora_engine.lora.layers",
     "LoraLinear": "lora_engine.lora.layers",
     "apply_lora": "lora_engine.lora.layers",
@@ -48,18 +47,20 @@ _EXPORTS = {
 }
 
 # Submodules a user reaches as `le.<name>` without importing them first; some keep the names they
-# had before the package was split into layers (le.nf4 is quant/, le.trainer train/step.py, le.convert
-# sources/gguf.py). le.runs and le.registry are modules of this package of the same name, so they
-# map to those very modules: importing one (`python -m lora_engine.runs`, `lora_engine.registry.command`)
-# binds the name to it anyway, and any other mapping would make le.runs depend on import order.
-# le.runs is the runs command with the lineage functions it reads; le.registry the registry package.
+# had before the package was split into layers (le.nf4 is quant/, le.trainer train/step.py). A name
+# that is also a module of this package (le.convert, le.generate, le.runs, le.registry) maps to that
+# very module: importing it (`python -m lora_engine.convert`, `lora_engine.registry.command`) binds
+# the name to it anyway, and any other mapping would make le.<name> depend on import order. So those
+# command modules also carry what le.<name> has always offered: le.convert the GGUF converter's
+# names, le.runs the lineage functions, le.registry the registry package, and le.generate, a
+# callable module, runs the generate function when called.
 _MODULES = {
     "nf4": "lora_engine.quant", "trainer": "lora_engine.train.step", "data": "lora_engine.data",
     "dispatch": "lora_engine.dispatch", "kernels": "lora_engine.kernels", "lora": "lora_engine.lora",
     "quant": "lora_engine.quant", "models": "lora_engine.models", "train": "lora_engine.train",
     "io": "lora_engine.io", "sources": "lora_engine.sources", "loading": "lora_engine.loading",
     "export": "lora_engine.export", "eval": "lora_engine.eval", "cli": "lora_engine.cli",
-    "convert": "lora_engine.sources.gguf", "runs": "lora_engine.runs",
+    "convert": "lora_engine.convert", "generate": "lora_engine.generate", "runs": "lora_engine.runs",
     "registry": "lora_engine.registry", "plan": "lora_engine.plan", "deploy": "lora_engine.deploy",
 }
 
@@ -75,9 +76,7 @@ def __getattr__(name):
         value = import_module(_MODULES[name])
     else:
         raise AttributeError(f"module 'lora_engine' has no attribute {name!r}")
-    # Cached, and over whatever the import system set: importing lora_engine.generate binds the
-    # module to `lora_engine.generate`, which must stay the function.
-    globals()[name] = value
+    globals()[name] = value  # cached: the next read does not come here
     return value
 
 

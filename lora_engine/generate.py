@@ -4,11 +4,16 @@ The decoding itself is lora_engine.models.generate.decode (batched, shared with 
 this is its command line and the text around it: chat template, streaming, the eos that ends it.
 
     python -m lora_engine.generate --model smollm2-135m-instruct --prompt "Hello" --chat
+
+`le.generate` is this module whatever was imported first (lora_engine/__init__.py), and calling it
+calls `generate` below: `le.generate(model, tok, "Hello", chat=True)`.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -123,6 +128,16 @@ def main(argv=None):
              top_k=a.top_k)
     sys.stdout.write("\n")
 
+
+class _CallableModule(types.ModuleType):
+    """This module's type: `le.generate(...)` (the module, the only thing `le.generate` can stably be,
+    since importing lora_engine.generate binds it on the package) runs the function `generate`."""
+
+    __call__ = staticmethod(generate)
+    __signature__ = inspect.signature(generate)  # inspect would otherwise drop `model`, taking it for `self`
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -28,7 +28,10 @@ assert not heavy, f"import lora_engine imported {heavy}"
 # The submodules the issue named, first thing in a fresh interpreter.
 assert le.nf4.quantize and le.trainer.train_step and le.data.Batcher
 
-assert le.generate is le.generate is sys.modules["lora_engine.generate"].generate  # the function, twice
+# le.generate is the command module, and calling it runs its function (the README's `le.generate(model, ...)`).
+import inspect
+assert le.generate is sys.modules["lora_engine.generate"] and callable(le.generate)
+assert inspect.signature(le.generate) == inspect.signature(le.generate.generate)
 for name in le.__all__:
     if name in le._MODULES:
         vars(le).pop(name, None)  # take the lazy path even where an import bound the name already
@@ -92,7 +95,7 @@ import lora_engine as le
 commands = sys.argv[1:]
 if commands[0] == "late":  # the facade's names first, the command modules after
     commands = commands[1:]
-    registry, runs = le.registry, le.runs
+    registry, runs, convert, generate = le.registry, le.runs, le.convert, le.generate
 for m in commands:
     importlib.import_module(m)
 from lora_engine.registry.store import Registry
@@ -103,18 +106,41 @@ assert le.registry.Registry is Registry and le.registry.resolve_ref and le.regis
 assert le.runs is sys.modules["lora_engine.runs"], le.runs
 assert le.runs.format_runs is lineage.format_runs and le.runs.read_manifest is lineage.read_manifest
 assert le.runs.main is lineage.main
+from lora_engine.sources import gguf
+assert le.convert is sys.modules["lora_engine.convert"], le.convert
+assert le.convert.convert_gguf is gguf.convert_gguf and le.convert.main is gguf.main and le.convert.GGUFFile
+assert le.generate is sys.modules["lora_engine.generate"], le.generate
+assert callable(le.generate) and le.generate.__call__ is le.generate.generate and le.generate.main
+from lora_engine import generate
+assert generate is le.generate
 print("ok")
 """
 
 
 @pytest.mark.parametrize("when", ["first", "late"])
-def test_registry_and_runs_mean_one_thing_whatever_was_imported_first(tmp_path, when):
-    """le.registry is the registry package and le.runs the runs module, whether every command module was
-    imported before the facade's names were first read or after."""
+def test_names_of_command_modules_mean_one_thing_whatever_was_imported_first(tmp_path, when):
+    """le.registry is the registry package, le.runs, le.convert and le.generate their command modules (with
+    the names they have always offered), whether every command module was imported before the facade's
+    names were first read or after."""
     commands = command_modules()
     assert {"lora_engine.registry.command", "lora_engine.runs", "lora_engine.train.command",
             "lora_engine.generate"} <= set(commands)  # the scan finds what it should
     args = (["late"] if when == "late" else []) + commands
+    assert "lora_engine.convert" in commands
     out = subprocess.run([sys.executable, "-c", ORDER_CHILD, *args], capture_output=True, text=True, cwd=tmp_path,
                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_public_name_that_is_a_submodule_maps_to_that_submodule():
+    """Importing lora_engine.<name> binds <name> on the package to that module, whatever __getattr__ said:
+    a public name spelled like a submodule (le.convert, le.generate) that meant anything else would change
+    meaning with import order."""
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules([str(ROOT / "lora_engine")])}
+    assert {"convert", "generate", "runs", "registry", "data"} <= submodules  # the scan finds what it should
+    clashes = {n: lora_engine._MODULES.get(n) or lora_engine._EXPORTS[n]
+               for n in set(lora_engine.__all__) & submodules
+               if lora_engine._MODULES.get(n) != f"lora_engine.{n}"}
+    assert clashes == {}
