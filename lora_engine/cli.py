@@ -279,6 +279,8 @@ def _add_fields(ap: argparse.ArgumentParser, cls) -> None:
         flags = [flag, *f.metadata.get("aliases", ())]
         if tp is bool:
             ap.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is tuple:  # tuple[str, ...]: a flag given once per value
+            ap.add_argument(*flags, action="append", type=typing.get_args(tp)[0], metavar=f.name.upper(), **kw)
         else:
             ap.add_argument(*flags, type=tp, metavar=f.name.upper(), **kw)
 
@@ -317,6 +319,11 @@ def load_toml(path: str | Path, cls) -> dict:
             continue
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if typing.get_origin(tp) is tuple:  # a repeatable flag: a TOML array of its values
+            item = typing.get_args(tp)[0]
+            if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+                raise ConfigError(f"{path}: {key} must be a list of {item.__name__}, got {value!r}")
+            value, tp = tuple(value), tuple
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: {key} must be {tp.__name__}, got {value!r}")
         out[name] = value

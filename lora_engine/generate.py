@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +36,16 @@ def generate(
     chat: bool = False,
     stream: Callable[[str], None] | None = None,
     top_k: int = 0,
+    stop: Sequence[str] = (),
 ) -> str:
     """Generate a continuation of `prompt` (a string, or chat messages when chat=True).
 
-    With `stream`, each new piece of text is passed to it as soon as it decodes to complete
-    characters. Returns the generated text (without the prompt).
+    stop: strings that end the text where the first of them appears; the text is cut before it (it is
+    neither returned nor streamed). With `stream`, each new piece of text is passed to it as soon as it
+    decodes to complete characters and cannot be the start of a stop string. Returns the generated text
+    (without the prompt).
     """
+    stop = _check_stop(stop)
     if chat:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -60,14 +64,40 @@ def generate(
         streamed.append(tok)
         now = tokenizer.decode(streamed)
         if not now.endswith("\ufffd"):
+            now = _before_stop(now, stop, hold=True)
             stream(now[len(shown):])
             shown = now
 
     done = decode(model, [ids], max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                  stop_ids=tokenizer.eos_token_ids, generator=gen, on_token=show if stream is not None else None)
-    text = tokenizer.decode(done.text_tokens(0))
+                  stop_ids=tokenizer.eos_token_ids, stop_strings=stop, tokenizer=tokenizer, generator=gen,
+                  on_token=show if stream is not None else None)
+    text = _before_stop(tokenizer.decode(done.text_tokens(0)), stop)
     if stream is not None and len(text) > len(shown):
         stream(text[len(shown):])
+    return text
+
+
+def _check_stop(stop) -> tuple[str, ...]:
+    if isinstance(stop, str):  # one string, not its characters
+        stop = (stop,)
+    stop = tuple(stop)
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"generate: a stop string must be non-empty text, got {s!r:.60}")
+    return stop
+
+
+def _before_stop(text: str, stop: tuple[str, ...], hold: bool = False) -> str:
+    """`text` up to the first stop string in it; with `hold`, also without an ending that may be the start
+    of one (streamed text is never taken back)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    text = text[:cut]
+    if hold:
+        for s in stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    text = text[:-n]
+                    break
     return text
 
 
@@ -84,6 +114,8 @@ class GenerateConfig:
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     top_k: int = option(0, "sample among the k likeliest tokens only (0 = all)")
     seed: int | None = option(None, "seed of the sampling (default: unseeded)")
+    stop: tuple[str, ...] = option((), "end the text where this string appears (cut before it); give the flag "
+                                       "once per stop string (not comma-separated: a stop string may hold a comma)")
     dtype: str | None = option(None, "weights' dtype: fp32, bf16 or fp16 (default: the checkpoint's)")
     device: str = option_like(TrainConfig, "device")
     registry: str | None = option_like(TrainConfig, "registry")
@@ -91,6 +123,9 @@ class GenerateConfig:
     def __post_init__(self):
         if self.dtype is not None:
             self.dtype = parse_dtype(self.dtype, "--dtype")
+        if any(not s for s in self.stop):
+            raise ValueError("--stop is empty; give the text that ends the generation")
+        self.stop = tuple(self.stop)
         # Checked here, as decode checks them: a bad value is reported before the model loads.
         check_settings(self.max_new_tokens, self.temperature, self.top_p, self.top_k,
                        name=lambda field: "--" + field.replace("_", "-"))
@@ -125,7 +160,7 @@ def main(argv=None):
         sys.stdout.flush()
 
     generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed, a.chat, stream=show,
-             top_k=a.top_k)
+             top_k=a.top_k, stop=a.stop)
     sys.stdout.write("\n")
 
 

@@ -88,3 +88,67 @@ def test_numeric_flags_are_checked_before_the_model_loads(tmp_path, capsys, flag
     with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path / "none"), "--prompt", "x", flag, value])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---- --stop: the text ends where a stop string appears, cut before it -----------------------------
+
+
+def test_cli_stop_cuts_the_text_before_the_first_stop_string(embedded_dir, pair, capsys):
+    model, tok = pair
+    args = ["--model", NAME, "--prompt", "The sky is", "--max-new-tokens", "12"]
+    main(args)
+    greedy = capsys.readouterr().out[:-1]
+    word = greedy.split()[2]  # a word well inside the text, so the cut means something
+    cut = greedy[:greedy.index(word)]
+    assert cut and len(cut) < len(greedy) - len(word)
+    main(args + ["--stop", "no such text", "--stop", word])  # the flag once per stop string
+    assert capsys.readouterr().out == cut + "\n"
+    main(args + ["--stop", f"{word},no such text"])  # a comma is part of the stop string, not a separator
+    assert capsys.readouterr().out == greedy + "\n"  # split at the comma, `word` would have cut it
+    assert generate(model, tok, "The sky is", max_new_tokens=12, stop=word) == cut  # one string is one stop
+
+
+def test_stop_ends_decoding_and_streams_nothing_of_the_stop_string(pair):
+    model, tok = pair
+    full = generate(model, tok, "The sky is", max_new_tokens=12)
+    word = full.split()[1]
+    pieces = []
+    text = generate(model, tok, "The sky is", max_new_tokens=12, stop=[word], stream=pieces.append)
+    assert text == full[:full.index(word)] and "".join(pieces) == text
+    assert all(word not in "".join(pieces[:i + 1])[-len(word):] for i in range(len(pieces)))
+
+
+def test_streamed_text_holds_back_what_may_start_a_stop_string():
+    from lora_engine.generate import _before_stop
+
+    stop = ("###", "\n\nUser:")
+    assert _before_stop("one ## two", stop, hold=True) == "one ## two"  # "##" mid-text is not an ending
+    assert _before_stop("one ##", stop, hold=True) == "one "  # it may still become "###"
+    assert _before_stop("one\n\nUs", stop, hold=True) == "one"
+    assert _before_stop("one ### two", stop, hold=True) == _before_stop("one ### two", stop) == "one "
+    assert _before_stop("a\n\nUser: b ###", stop) == "a"  # the first stop string in the text wins
+
+
+def test_stop_flags_and_values_are_checked(tmp_path, capsys, pair):
+    model, tok = pair
+    with pytest.raises(SystemExit) as e:  # checked before the model loads
+        main(["--model", str(tmp_path / "none"), "--prompt", "x", "--stop", ""])
+    assert e.value.code == 2 and "--stop is empty; give the text that ends the generation" in capsys.readouterr().err
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match="generate: a stop string must be non-empty text, got"):
+            generate(model, tok, "x", max_new_tokens=1, stop=["ok", bad])
+
+
+def test_stop_strings_from_a_config_file(tmp_path, capsys):
+    from lora_engine.cli import ConfigError, parse
+    from lora_engine.generate import GenerateConfig
+
+    good = tmp_path / "good.toml"
+    good.write_text('stop = ["###", "a, b"]\n')
+    assert parse(GenerateConfig, ["--prompt", "x", "--config", str(good)])[0].stop == ("###", "a, b")
+    assert parse(GenerateConfig, ["--prompt", "x", "--config", str(good), "--stop", "END"])[0].stop == ("END",)
+    assert parse(GenerateConfig, ["--prompt", "x"])[0].stop == ()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('stop = "###"\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml: stop must be a list of str, got '###'"):
+        parse(GenerateConfig, ["--prompt", "x", "--config", str(bad)])
