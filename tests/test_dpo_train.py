@@ -54,7 +54,25 @@ def test_a_multi_turn_prompt_trains_only_the_final_response():
 @pytest.mark.parametrize("record, match", [
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, r"f\.jsonl:1: 'chosen' and 'rejected' are identical"),
     ({"prompt": "q", "chosen": " ", "rejected": "b"}, r"f\.jsonl:1: 'chosen' is empty"),
-    ({"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": ""}]}, "'rejected' holds an empty"),
+    ({"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": ""}]},
+     r"f\.jsonl:1: rejected\[0\]\.content is empty; a preference pair needs a prompt and two non-empty responses"),
+    ({"prompt": [{"role": "user", "content": None}], "chosen": "a", "rejected": "b"},
+     r"f\.jsonl:1: prompt\[0\]\.content is empty; a preference pair needs"),
+    ({"prompt": 5, "chosen": "a", "rejected": "b"},
+     r"f\.jsonl:1: 'prompt' must be a string or a non-empty list of \{role, content\} messages, got int"),
+    ({"prompt": [], "chosen": "a", "rejected": "b"}, "'prompt' must be a string or a non-empty list .* got list"),
+    ({"prompt": None, "chosen": "a", "rejected": "b"}, "'prompt' must be .* got nothing"),
+    ({"prompt": [1], "chosen": "a", "rejected": "b"}, r"f\.jsonl:1: prompt\[0\] must have 'role' and 'content', got 1"),
+    ({"prompt": [{"role": 5, "content": "q"}], "chosen": "a", "rejected": "b"},
+     r"f\.jsonl:1: prompt\[0\]\.role must be a string such as 'user' or 'assistant', got int"),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": 7}], "rejected": "b"},
+     r"f\.jsonl:1: chosen\[0\]\.content must be a string, got int"),
+    ({"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": ["a"]}]},
+     r"rejected\[0\]\.content must be a string, got list"),
+    ({"prompt": "q", "chosen": "a", "rejected": ["x"]}, r"rejected\[0\] must have 'role' and 'content', got 'x'"),
+    ({"prompt": "q", "chosen": "a", "rejected": []}, "'rejected' must be a non-empty list of"),
+    ({"prompt": "q", "chosen": {"text": "a"}, "rejected": "b"}, "'chosen' must be a non-empty string or a list .* got dict"),
+    ({"prompt": "q", "chosen": None, "rejected": "b"}, "'chosen' must be .* got nothing"),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, r"f\.jsonl:1: 'prompt' is empty"),
     ({"prompt": "q", "chosen": "a"}, r"missing \['rejected'\]"),
     ({"prompt": "q", "chosen": 3, "rejected": "b"}, "'chosen' must be a non-empty string or a list"),
@@ -65,6 +83,16 @@ def test_a_multi_turn_prompt_trains_only_the_final_response():
 def test_bad_preference_records_are_errors_naming_the_record(record, match):
     with pytest.raises(DataError, match=match):
         preference.pair_from_record(_rec(record), FakeTokenizer())
+
+
+def test_a_bad_record_in_a_file_is_named_by_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", pref_records(2) + [{"prompt": "q", "chosen": [{"role": "assistant",
+                                                                                             "content": 3}],
+                                                                 "rejected": "b"}])
+    from lora_engine.data.formats import read_records
+
+    with pytest.raises(DataError, match=rf"^{path}:3: chosen\[0\]\.content must be a string, got int$"):
+        preference.pairs_from_records(read_records(path), FakeTokenizer())
 
 
 def test_truncation_that_leaves_no_response_token_drops_the_pair_with_a_warning():

@@ -1,7 +1,7 @@
 """Fuzzing every file reader with malformed input: each must accept it or raise one of the engine's errors.
 
-The readers: training records (JSONL/JSON), safetensors headers, GGUF headers and metadata, adapter
-configs and adapter tensors, chat templates. "The engine's errors" are what the commands turn into one
+The readers: training and preference records (JSONL/JSON), safetensors headers, GGUF headers and
+metadata, adapter configs and adapter tensors, chat templates. "The engine's errors" are what the commands turn into one
 `error:` line and exit status 2 (lora_engine.cli.user_errors); anything else escaping is a bug.
 
 Every example runs under limits: an address-space cap a few GB above what the process already maps
@@ -117,6 +117,21 @@ def test_data_records(tmp_path, tokenizer, body, bom, junk, suffix, fmt):
     raw = "\n".join(body).encode("utf-8", "surrogatepass")
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + raw + junk)
     accepts_or_refuses(load_examples, path, tokenizer, fmt)
+
+
+sides = st.text(max_size=20) | messages | json_values
+preference_lines = st.fixed_dictionaries({"prompt": sides, "chosen": sides, "rejected": sides}).map(json.dumps) | lines
+
+
+@FUZZ
+@given(body=st.lists(preference_lines, min_size=1, max_size=5))
+def test_preference_records(tmp_path, tokenizer, body):
+    from lora_engine.data.formats import read_records
+    from lora_engine.data.preference import pairs_from_records
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes("\n".join(body).encode("utf-8", "surrogatepass"))
+    accepts_or_refuses(lambda: pairs_from_records(read_records(path), tokenizer))
 
 
 # ---- safetensors headers ----------------------------------------------------------------------------

@@ -180,21 +180,26 @@ def segments(record: Record, fmt: str, tokenizer, completion_only: bool = True) 
     raise DataError(f"unknown data format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
 
 
-def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str, bool]]:
-    msgs = record.data.get("messages")
+def check_messages(where: str, msgs, field: str = "messages") -> list[dict]:
+    """`msgs` (the record's `field`) as a non-empty list of {role: str, content: str} messages; DataError naming
+    `where` and the message otherwise, EmptyField for an empty content."""
     if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{record.where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        raise DataError(f"{where}: {field!r} must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{record.where}: messages[{i}] must have 'role' and 'content', got {reprlib.repr(m)}")
+            raise DataError(f"{where}: {field}[{i}] must have 'role' and 'content', got {reprlib.repr(m)}")
         if not isinstance(m["role"], str):
-            raise DataError(f"{record.where}: messages[{i}].role must be a string such as 'user' or 'assistant', "
+            raise DataError(f"{where}: {field}[{i}].role must be a string such as 'user' or 'assistant', "
                             f"got {type(m['role']).__name__}")
         if m["content"] is not None and not isinstance(m["content"], str):
-            raise DataError(f"{record.where}: messages[{i}].content must be a string, got "
-                            f"{type(m['content']).__name__}")
+            raise DataError(f"{where}: {field}[{i}].content must be a string, got {type(m['content']).__name__}")
         if not m["content"] or not m["content"].strip():
-            raise EmptyField(f"{record.where}: messages[{i}].content is empty")
+            raise EmptyField(f"{where}: {field}[{i}].content is empty")
+    return msgs
+
+
+def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str, bool]]:
+    msgs = check_messages(record.where, record.data.get("messages"))
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{record.where}: no assistant message: nothing to learn from this conversation")
     if not getattr(tok, "chat_template", None):

@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lora_engine.data.formats import DataError, EmptyField, Example, Record, segments
+from lora_engine.data.formats import DataError, EmptyField, Example, Record, check_messages, segments
 from lora_engine.data.pipeline import Batcher, Row, collate
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -48,18 +48,29 @@ def is_preference(records: list[Record]) -> bool:
 
 
 def _response(record: Record, key: str) -> list[dict] | str:
+    """chosen or rejected, checked: a non-empty string, or a list of {role: str, content: str} messages."""
     v = record.data.get(key)
     if isinstance(v, str):
         if not v.strip():
             raise DataError(f"{record.where}: {key!r} is empty; a preference pair needs two non-empty responses")
         return v
-    if isinstance(v, list) and v and all(isinstance(m, dict) and "role" in m and "content" in m for m in v):
-        if not all(isinstance(m["content"], str) and m["content"].strip() for m in v):
-            raise DataError(f"{record.where}: {key!r} holds an empty message; a preference pair needs two non-empty "
-                            "responses")
-        return v
+    if isinstance(v, list):
+        return check_messages(record.where, v, key)
     raise DataError(f"{record.where}: {key!r} must be a non-empty string or a list of {{role, content}} messages, got "
                     f"{type(v).__name__ if v is not None else 'nothing'}")
+
+
+def _prompt(record: Record) -> list[dict] | str:
+    """The prompt, checked: a non-empty string, or a list of {role: str, content: str} messages."""
+    prompt = record.data["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataError(f"{record.where}: 'prompt' is empty")
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        return check_messages(record.where, prompt, "prompt")
+    raise DataError(f"{record.where}: 'prompt' must be a string or a non-empty list of {{role, content}} messages, "
+                    f"got {type(prompt).__name__ if prompt is not None else 'nothing'}")
 
 
 def _side(record: Record, prompt, response, tokenizer) -> Example:
@@ -96,21 +107,14 @@ def pair_from_record(record: Record, tokenizer) -> Pair:
     if missing:
         raise DataError(f"{record.where}: missing {missing} for a preference record {{prompt, chosen, rejected}} "
                         f"(has {sorted(record.data)})")
-    prompt = record.data["prompt"]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise DataError(f"{record.where}: 'prompt' is empty")
-    elif not (isinstance(prompt, list) and prompt):
-        raise DataError(f"{record.where}: 'prompt' must be a string or a non-empty list of {{role, content}} messages, "
-                        f"got {type(prompt).__name__}")
-    chosen, rejected = _response(record, "chosen"), _response(record, "rejected")
+    try:
+        prompt, chosen, rejected = _prompt(record), _response(record, "chosen"), _response(record, "rejected")
+    except EmptyField as e:  # an empty message: as fatal here as an empty response (SFT skips such records)
+        raise DataError(f"{e}; a preference pair needs a prompt and two non-empty responses") from None
     if json.dumps(chosen, sort_keys=True) == json.dumps(rejected, sort_keys=True):
         raise IdenticalPair(f"{record.where}: 'chosen' and 'rejected' are identical; such a pair has no preference to "
                         "learn (its DPO gradient is zero): fix or remove it")
-    try:
-        return Pair(_side(record, prompt, chosen, tokenizer), _side(record, prompt, rejected, tokenizer), record.where)
-    except EmptyField as e:  # an empty prompt message: as fatal here as an empty response
-        raise DataError(str(e)) from None
+    return Pair(_side(record, prompt, chosen, tokenizer), _side(record, prompt, rejected, tokenizer), record.where)
 
 
 def pairs_from_records(records: list[Record], tokenizer, stats: dict | None = None, source: str = "the data",
