@@ -270,6 +270,96 @@ def test_templates_render_under_limits(tmp_path, template, match):
     assert isinstance(info.value, CheckpointError)  # the type the commands report as `error:` with exit 2
 
 
+# A template written for this test with what real ones use (Llama 3's header loop, Qwen3's reversed scan for the
+# last user query with a namespace, tool-call loops, tojson, macros with caller, loop controls, recursive loops):
+# every loop now iterates through the sandbox's clock check, and must render exactly what transformers renders.
+RICH_TEMPLATE = """{%- macro block(role) -%}<|start|>{{ role }}\n{{ caller() }}<|end|>\n{%- endmacro -%}
+{%- set ns = namespace(last_query=messages|length - 1, seen=0) -%}
+{%- for m in messages[::-1] -%}
+  {%- set index = (messages|length - 1) - loop.index0 -%}
+  {%- if m.role == 'user' and m.content is string and not m.content.startswith('<tool_response>') -%}
+    {%- set ns.last_query = index -%}{%- break -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- for m in messages if m.role != 'ignored' -%}
+  {%- if m.role == 'system' and not loop.first -%}{{ raise_exception('system must come first') }}{%- endif -%}
+  {%- call block(m.role) -%}
+    {%- if m.content is string -%}{{ m.content|trim }}{%- endif -%}
+    {%- for call in m.tool_calls|default([]) -%}
+      {%- if call.function is defined -%}{%- set call = call.function -%}{%- endif -%}
+      <tool_call>{{ {'name': call.name, 'arguments': call.arguments}|tojson }}</tool_call>{{ '' if loop.last else ',' }}
+    {%- else -%}
+      {%- if m.role == 'assistant' and loop.index0 > ns.last_query -%}(after the query){%- endif -%}
+    {%- endfor -%}
+  {%- endcall -%}
+  {%- set ns.seen = ns.seen + 1 -%}
+  {%- if loop.index is divisibleby 2 -%}{%- continue -%}{%- endif -%}#{{ loop.index }}/{{ loop.length }}
+{%- endfor -%}
+{%- for item in [1, [2, [3, 4]], 5] recursive -%}
+  {%- if item is iterable -%}[{{ loop(item) }}]{%- else -%}{{ item }}{%- endif -%}
+{%- endfor -%}
+{{ ns.seen }}{%- if add_generation_prompt %}<|start|>assistant
+{% endif -%}"""
+RICH_CHATS = [
+    CHAT,
+    [{"role": "user", "content": "What is the weather?"},
+     {"role": "assistant", "content": "", "tool_calls": [
+         {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris", "unit": "°C"}}},
+         {"name": "time", "arguments": {}}]},
+     {"role": "user", "content": "<tool_response>18</tool_response>"},
+     {"role": "assistant", "content": " It is 18 degrees. "}],
+    [{"role": "user", "content": "hi"}, {"role": "ignored", "content": "x"}, {"role": "assistant", "content": "yo"}],
+]
+
+
+def test_loops_macros_and_tool_calls_render_as_transformers_renders_them(tmp_path):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tok = load_tokenizer(_tiny(tmp_path, {"chat_template": RICH_TEMPLATE}))
+    for chat in RICH_CHATS:
+        for gen in (False, True):
+            theirs = render_jinja_template([chat], chat_template=RICH_TEMPLATE, add_generation_prompt=gen,
+                                           bos_token="", eos_token="", pad_token="", unk_token="")[0][0]
+            assert tok.apply_chat_template(chat, add_generation_prompt=gen) == theirs
+    rendered = tok.apply_chat_template(RICH_CHATS[1])
+    assert '<tool_call>{"name": "weather", "arguments": {"city": "Paris", "unit": "°C"}}</tool_call>,' in rendered
+    assert rendered.endswith("[2[34]]54")  # the recursive loop, then the namespace counter
+    with pytest.raises(ValueError, match="system must come first"):
+        tok.apply_chat_template([CHAT[1], CHAT[0]])
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",  # nothing but iterating
+    "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}",
+    "{% set l = range(100000)|list %}{% for x in l %}{% for y in l %}{% endfor %}{% endfor %}",
+    "{% for x in [range(100000)] * 100000 recursive %}{% if x is iterable %}{{ loop(x) }}{% endif %}{% endfor %}",
+    "{% macro f() %}{% for i in range(100000) %}{% endfor %}{% endmacro %}{% for k in range(100000) %}{{ f() }}"
+    "{% endfor %}",
+    "{% for i in range(100000) %}{{ 'ab'|replace('a', 'b') }}{{ messages[0].role }}{% endfor %}" * 1000,
+])
+def test_a_render_that_runs_too_long_is_stopped(tmp_path, template):
+    """Each step is within every size limit, but there are 10^10 of them: the render's clock stops it."""
+    import time
+
+    from lora_engine.models.chat_template import MAX_SECONDS, ChatTemplateError
+
+    tok = load_tokenizer(_tiny(tmp_path, {"chat_template": template}))
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=rf"the chat template of .* failed: rendering takes over "
+                                                rf"{MAX_SECONDS:g} s \(a loop too long, or loops inside loops\)"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < MAX_SECONDS + 2  # the clock is checked at every step, not only between loops
+
+
+def test_each_render_has_its_own_clock():
+    from lora_engine.models.chat_template import ChatTemplateError, compile_template, render
+
+    template = compile_template("{% for i in range(n) %}{% for j in range(n) %}{% endfor %}{% endfor %}ok", "t")
+    with pytest.raises(ChatTemplateError, match="rendering takes over"):
+        render(template, "t", n=100000)
+    assert [render(template, "t", n=300) for _ in range(3)] == ["ok"] * 3  # no deadline left over from the first
+
+
 def test_sandbox_refusals_are_engine_errors(tmp_path):
     from lora_engine.models.chat_template import ChatTemplateError
 

@@ -7,18 +7,27 @@ that jinja2 lacks: `'a' * 10**11` would otherwise ask for 100 GB. Every value an
 `~`, `**`, `%`), a filter or a method call makes is measured before it is made where that is cheap
 (repetition, joins, numbers in format specs, int arguments) and after otherwise; the rendered text
 is accumulated piece by piece and capped too. Python's recursion limit bounds recursive macros.
+The time of one render is bounded as well (MAX_SECONDS): every loop iteration, call, filter, operator
+and attribute lookup checks the clock, so nested `range(100000)` loops (10^10 iterations, each within
+every size limit) stop there. Only a clock bounds all work alike: a count of steps would let one step
+be a 10M-item filter. Real templates render in milliseconds.
 Whatever a template raises, it raises as ChatTemplateError, naming the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
+import time
 from datetime import datetime
 
 import jinja2
 import jinja2.ext
+from jinja2 import nodes
 from jinja2.compiler import CodeGenerator
+from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lora_engine.io.safetensors import CheckpointError
@@ -27,6 +36,7 @@ from lora_engine.io.safetensors import CheckpointError
 # a conversation renders to (a 128k-token context is ~0.5M characters), far below what exhausts memory.
 MAX_SIZE = 10_000_000
 MAX_INT_BITS = 4096  # integers: a template counts and indexes, it has no use for huge numbers
+MAX_SECONDS = 1.0  # one render; a real template takes milliseconds, even on a long conversation
 
 
 class ChatTemplateError(CheckpointError):
@@ -75,8 +85,9 @@ def _check_args(args, kwargs, what: str) -> None:
             raise _Limit(f"{what} is given a format with a width over the limit of {MAX_SIZE}")
 
 
-def _guard(fn, name: str):
+def _guard(fn, name: str, env: LimitedSandbox):
     def guarded(*args, **kwargs):
+        env.tick()
         _check_args(args, kwargs, f"the filter {name}")
         if name in GROWING:
             _check_bound(_growth((*args, *kwargs.values())), f"the filter {name}")
@@ -106,29 +117,72 @@ def _check_bound(n: int, what: str) -> None:
         raise _Limit(f"{what} would make a value of up to {n} characters or items (limit {MAX_SIZE})")
 
 
-class _CheckedConcat(CodeGenerator):
-    """`a ~ b` compiles to a join that the sandbox does not intercept: check its result as well."""
+class _LimitedCode(CodeGenerator):
+    """What the sandbox does not intercept: `a ~ b` compiles to a join (its result is checked as well), and a
+    for loop iterates in plain Python (its iterable becomes environment.counted(iterable), which checks the
+    render's clock at each item)."""
 
     def visit_Concat(self, node, frame) -> None:
         self.write("environment.checked(")
         super().visit_Concat(node, frame)
         self.write(", '~')")
 
+    def visit_For(self, node, frame) -> None:
+        if not _is_counted(node.iter):
+            node.iter = nodes.Call(nodes.EnvironmentAttribute("counted"), [node.iter], [], None, None,
+                                   lineno=node.lineno)
+        super().visit_For(node, frame)
+
+
+def _is_counted(node) -> bool:
+    return isinstance(node, nodes.Call) and isinstance(node.node, nodes.EnvironmentAttribute) and \
+        node.node.name == "counted"
+
 
 class LimitedSandbox(ImmutableSandboxedEnvironment):
-    """jinja2's immutable sandbox with limits on the size of the values a template makes."""
+    """jinja2's immutable sandbox with limits on the size of the values a template makes and on the time
+    one render takes (see `limited_time`)."""
 
-    code_generator_class = _CheckedConcat
+    code_generator_class = _LimitedCode
     intercepted_binops = frozenset({"*", "+", "**", "%", "//"})
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.filters = {name: _guard(f, name) for name, f in self.filters.items()}
+        self.filters = {name: _guard(f, name, self) for name, f in self.filters.items()}
+        self._render = threading.local()  # the running render's deadline, per thread: a template may be shared
+
+    @contextlib.contextmanager
+    def limited_time(self, seconds: float = MAX_SECONDS):
+        """Within: each step of a render (loop iteration, call, filter, operator, lookup) past `seconds` raises."""
+        self._render.deadline = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._render.deadline = None
+
+    def tick(self) -> None:
+        deadline = getattr(self._render, "deadline", None)  # None outside a render: constant folding at compile time
+        if deadline is not None and time.monotonic() > deadline:
+            raise _Limit(f"rendering takes over {MAX_SECONDS:g} s (a loop too long, or loops inside loops)")
+
+    def counted(self, iterable):
+        for item in iterable:
+            self.tick()
+            yield item
 
     def checked(self, value, what: str):
         return _check(value, f"the operator {what}")
 
+    def getattr(self, obj, attribute):
+        self.tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        self.tick()
+        return super().getitem(obj, argument)
+
     def call_binop(self, context, operator: str, left, right):
+        self.tick()
         what = f"the operator {operator}"
         if operator == "*":
             seq, n = (left, right) if isinstance(right, int) else (right, left)
@@ -150,6 +204,9 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
         name = getattr(__obj, "__name__", type(__obj).__name__)
         owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # the str of 'x'.join, 'x'.format
         what = f"calling {name}"
+        __self.tick()
+        if isinstance(__obj, LoopContext) and args:  # loop(children) in a recursive for: iterated like the first
+            args = (__self.counted(args[0]), *args[1:])
         _check_args((owner, *args) if name in ("format", "format_map") else args, kwargs, what)
         if name in GROWING:
             _check_bound(_growth((owner, *args, *kwargs.values())), what)
@@ -167,7 +224,7 @@ def compile_template(source: str, name_or_path: str) -> jinja2.Template:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _guard(tojson, "tojson")
+    env.filters["tojson"] = _guard(tojson, "tojson", env)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -181,14 +238,16 @@ def compile_template(source: str, name_or_path: str) -> jinja2.Template:
 
 
 def render(template: jinja2.Template, name_or_path: str, **context) -> str:
-    """Render with the output capped at MAX_SIZE characters; any failure is a ChatTemplateError."""
+    """Render with the output capped at MAX_SIZE characters and the time at MAX_SECONDS; any failure is a
+    ChatTemplateError."""
     pieces, size = [], 0
     try:
-        for piece in template.generate(**context):
-            size += len(piece)
-            if size > MAX_SIZE:
-                raise _Limit(f"the rendered text passes {MAX_SIZE} characters")
-            pieces.append(piece)
+        with template.environment.limited_time():
+            for piece in template.generate(**context):
+                size += len(piece)
+                if size > MAX_SIZE:
+                    raise _Limit(f"the rendered text passes {MAX_SIZE} characters")
+                pieces.append(piece)
     # The template is a program from the checkpoint: whatever it raises (the sandbox's SecurityError, a
     # limit, its own raise_exception, a TypeError from `1 + 'a'`, RecursionError from a recursive macro)
     # is that file's failure, not the engine's.
