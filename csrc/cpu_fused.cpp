@@ -28,7 +28,7 @@
 // sigmoid uses the Cephes exp polynomial (max error ~2 ulp fp32), vectorisable where std::exp is a
 // library call.
 // Build: setup.py compiles csrc/*.cpp into lora_engine.kernels._C. Check: pytest
-// tests/test_kernels_cpu_fused.py.
+// tests/test_ops_cpp.py.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

@@ -170,7 +170,7 @@ def attention(q, k, v, is_causal, scale, mask=None, backend=None):
     """softmax(q k^T * scale [+ mask | causal]) v; q (B, H, T, hd), k and v (B, Hk, S, hd) -> (B, H, T, hd).
     "cpp" on CPU runs kernels/attention_cpp.py for bf16 inputs it serves (no mask, T == S); fp32 stays
     on SDPA, the exact path against transformers, and no slower than attention_cpp in fp32
-    (bench/results/attention_cpu.md); every other case, and the "torch" and "triton" backends, run
+    (bench/results/attention_cpp.md); every other case, and the "torch" and "triton" backends, run
     ops_reference.attention (torch's SDPA)."""
     if mask is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp" and attention_cpp.served(q, k, v):
         return attention_cpp.attention(q, k, v, is_causal, scale)

@@ -5,8 +5,8 @@ what transformers runs) reaches a small fraction of the bf16 GEMM rate on CPUs t
 natively, and is a large share of the bf16 LoRA step there. Here the products are a few batched
 GEMMs per chunk of queries (torch.bmm: oneDNN, at the machine's bf16 GEMM rate) and everything
 between them is one C++ pass per block of scores (csrc/cpu_fused.cpp: attn_softmax_fwd_cpu,
-attn_softmax_bwd_cpu). Measured against SDPA by bench/attention_cpu.py, results in
-bench/results/attention_cpu.md.
+attn_softmax_bwd_cpu). Measured against SDPA by bench/attention_cpp.py, results in
+bench/results/attention_cpp.md.
 
 The algorithm, for q (B, H, S, D) and k, v (B, Hk, S, D) with G = H / Hk query heads per key head:
 the G heads that read one key head are adjacent in q, so they are one matrix of G*c query rows
@@ -26,7 +26,7 @@ matmul, then softmax(..., dtype=float32)); p and ds are rounded to bf16 for the 
 FlashAttention-2 does on GPUs; dK and dV are summed over chunks in fp32. (torch has no CPU GEMM
 with bf16 operands and an fp32 result; widening q, k, dO, v to fp32 for s and dp, the first
 version of this file, ran those products at fp32's rate and lost to SDPA overall.)
-tests/test_attention_cpu.py bounds the error against a float64 reference by twice that of
+tests/test_attention_cpp.py bounds the error against a float64 reference by twice that of
 transformers' eager bf16 attention (fp32: of torch's SDPA in fp32).
 
 Memory and speed: the transient scores of one chunk, B*H*c*S values per buffer, and the number of
@@ -34,7 +34,7 @@ chunks, S/c, set by _chunk: c = 64 query positions up to S = 1024, 128 beyond, h
 16) while one buffer would pass _CHUNK_VALUES (32 MB in bf16). Small chunks keep the score
 buffers in the caches (one chunk of all positions is slower from S = 256 on), and a chunk too small
 turns attention into a Python loop of many small GEMMs (the earlier rule, c shrinking to 16 as S
-grew, lost to SDPA at S = 2048 and 4096): the rule is the fastest measured, bench/results/attention_cpu.md.
+grew, lost to SDPA at S = 2048 and 4096): the rule is the fastest measured, bench/results/attention_cpp.md.
 Nothing S x S is kept for backward. Imports torch and the kernels package only.
 """
 
@@ -160,7 +160,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
     Inputs must pass served(). chunk: query positions per block (None: _chunk's rule, 64 up to
     S = 1024 and 128 beyond, smaller for a large B*H*S)."""
     if not served(q, k, v):
-        raise ValueError(f"attention_cpu.attention does not take q {tuple(q.shape)} {q.dtype} {q.device}, "
+        raise ValueError(f"attention_cpp.attention does not take q {tuple(q.shape)} {q.dtype} {q.device}, "
                          f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype} (see served())")
     B, H, S, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)

@@ -20,7 +20,7 @@ reference's Functions save, no more:
 The C++ ops take CPU tensors of one dtype, fp32 or bf16. Anything else (fp16, an fp32 weight beside
 bf16 activations, a GPU or meta tensor, an odd head_dim, the extension not built) runs the reference
 itself, so every call is served. Results agree with the reference within the rounding of the dtype
-(tests/test_kernels_cpu_fused.py), not bit for bit: the reductions sum in another order and bf16
+(tests/test_ops_cpp.py), not bit for bit: the reductions sum in another order and bf16
 intermediates are not rounded. Imports torch and the kernels package only.
 """
 
@@ -233,7 +233,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """reference.linear_cross_entropy; bf16 hidden and weight on the CPU get the fused per-chunk
     gradient (lora_engine::ce_grad_cpu), fp32 ones the reference's exact loop. The loss agrees with
     the reference to fp32 rounding (its exp is a polynomial, its sums in another order) and the
-    gradient within one bf16 rounding (tests/test_kernels_cpu_fused.py)."""
+    gradient within one bf16 rounding (tests/test_ops_cpp.py)."""
     fused = (hidden.dtype == torch.bfloat16 and _served(hidden, weight)
              and hasattr(torch.ops.lora_engine, "ce_grad_cpu"))
     return reference.chunked_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size,

@@ -1,7 +1,7 @@
 """Causal self-attention on the CPU (kernels/attention_cpp.py, csrc/cpu_fused.cpp's attn_softmax ops)
 against float64 attention, with the error allowed by the same computation in ours' dtype: torch's
 SDPA (kernels/ops_reference.py:attention) for fp32, transformers' eager attention for bf16 (bf16
-matmuls, the softmax in fp32), the precision attention_cpu states for bf16.
+matmuls, the softmax in fp32), the precision attention_cpp states for bf16.
 
 Forward and the three input gradients, fp32 and bf16, grouped-query heads, chunked and unchunked,
 causal and not, by the accuracy rule of tests/kernel_utils.py; the C++ ops' own checks; what the
@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 from lora_engine import dispatch
 from lora_engine.kernels import attention_cpp as ac
-from lora_engine.kernels import ops_cpp as cpu_fused
+from lora_engine.kernels import ops_cpp
 from lora_engine.kernels import ops_reference as ref
 from tests.kernel_utils import assert_accurate, run_with_grads
 
-needs_ops = pytest.mark.skipif(not (cpu_fused.available() and hasattr(torch.ops.lora_engine, "attn_softmax_fwd_cpu")),
+needs_ops = pytest.mark.skipif(not (ops_cpp.available() and hasattr(torch.ops.lora_engine, "attn_softmax_fwd_cpu")),
                                reason="C++ extension not built (pip install --no-build-isolation -e .)")
 
 
@@ -181,7 +181,7 @@ def test_dispatch_attention_routes(monkeypatch):
 @given(R=st.integers(1, 40), n=st.integers(1, 70), start=st.integers(0, 5), period=st.integers(1, 9),
        causal=st.booleans(), scale=st.sampled_from([0.125, 0.3]))
 def test_softmax_ops_read_bf16_scores_as_their_fp32_values(R, n, start, period, causal, scale):
-    # bf16 scores (attention_cpu's bf16 GEMMs) are read exactly: the results equal those of the same
+    # bf16 scores (attention_cpp's bf16 GEMMs) are read exactly: the results equal those of the same
     # values given as fp32, bit for bit, forward and backward.
     g = torch.Generator().manual_seed(R * 100 + n)
     s = (torch.randn(R, n, generator=g) * 4).bfloat16()

@@ -5,10 +5,10 @@ heads, head_dim 64, batch 4 x 256, q a transposed view of (B, T, H, hd) as the d
 Ours at its default chunk and at one chunk per call (half the default beyond 1024 positions); each provider validated against SDPA first,
 then timed alternately (ours, SDPA, ours, ...): median and 20th/80th percentiles of --reps calls,
 the ratio of medians, and ours' GEMM work (FLOPs of its seven products) per second. Prints a
-markdown table (append it to bench/results/attention_cpu.md).
+markdown table (append it to bench/results/attention_cpp.md).
 
-    python bench/attention_cpu.py --dtype bf16 --reps 20
-    python bench/attention_cpu.py --dtype bf16 --reps 5 --batch 1 --seq 2048
+    python bench/attention_cpp.py --dtype bf16 --reps 20
+    python bench/attention_cpp.py --dtype bf16 --reps 5 --batch 1 --seq 2048
 """
 
 from __future__ import annotations

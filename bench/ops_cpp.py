@@ -6,7 +6,7 @@ views of (B, T, H, hd)), SwiGLU on (1024, 1536). Each provider is validated agai
 first, then timed alternately (ours, reference, ours, ...): median and 20th/80th percentiles of
 --reps calls, and the ratio of medians. Prints a markdown table (append it to a results file).
 
-    python bench/cpu_fused.py --dtype bf16 --reps 50
+    python bench/ops_cpp.py --dtype bf16 --reps 50
 """
 
 from __future__ import annotations
