@@ -132,6 +132,18 @@ TOLERANCE = {
 }
 
 
+def make_run_folder(root) -> list[str]:
+    """What `train --out root` leaves (config.json beside checkpoints/, adapter/, metrics.jsonl, run.json), for
+    the tests that a writer refuses it; returns its entries, relative to root, sorted."""
+    (root / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (root / "checkpoints" / "step-00000002" / "meta.json").write_text("{}")
+    (root / "adapter").mkdir()
+    (root / "adapter" / "adapter_config.json").write_text("{}")
+    for name, text in (("config.json", "{}"), ("metrics.jsonl", '{"step": 1}\n'), ("run.json", "{}")):
+        (root / name).write_text(text)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
 def tol(kind: str) -> dict:
     rtol, atol = TOLERANCE[kind]
     return {"rtol": rtol, "atol": atol}

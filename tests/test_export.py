@@ -12,7 +12,7 @@ from lora_engine.export import main
 from lora_engine.io.atomic import OutputError
 from lora_engine.lora.layers import lora_layers
 from lora_engine.models.decoder import CausalLM
-from tests.conftest import require_oracle, tiny_config, tol
+from tests.conftest import make_run_folder, require_oracle, tiny_config, tol
 from tests.hf_models import make_hf_model
 
 transformers = require_oracle("transformers")
@@ -153,22 +153,11 @@ def test_existing_folders(base, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
-def _run_folder(root):
-    """What `train --out root` leaves: a config.json beside its checkpoints, adapter, metrics and manifest."""
-    (root / "checkpoints" / "step-00000002").mkdir(parents=True)
-    (root / "checkpoints" / "step-00000002" / "meta.json").write_text("{}")
-    (root / "adapter").mkdir()
-    (root / "adapter" / "adapter_config.json").write_text("{}")
-    for name, text in (("config.json", "{}"), ("metrics.jsonl", '{"step": 1}\n'), ("run.json", "{}")):
-        (root / name).write_text(text)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
 def test_export_onto_a_run_folder_is_refused_and_deletes_nothing(base, tmp_path, capsys):
     save_adapter(_with_lora(base), tmp_path / "adapter")
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
-    before = _run_folder(run)
+    before = make_run_folder(run)
     rc = run_cli(main, ["--model", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(run)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err

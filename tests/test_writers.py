@@ -14,17 +14,7 @@ from lora_engine.lora.adapter import read_adapter_config
 from lora_engine.lora.layers import lora_layers
 from lora_engine.models.tokenizer import load_tokenizer
 from lora_engine.quant.checkpoint import save_quantized
-
-
-def run_folder(root):
-    """What `train --out root` leaves (config.json, checkpoints, adapter, metrics, manifest); returns its listing."""
-    (root / "checkpoints" / "step-00000002").mkdir(parents=True)
-    (root / "checkpoints" / "step-00000002" / "meta.json").write_text("{}")
-    (root / "adapter").mkdir()
-    (root / "adapter" / "adapter_config.json").write_text("{}")
-    for name, text in (("config.json", "{}"), ("metrics.jsonl", '{"step": 1}\n'), ("run.json", "{}")):
-        (root / name).write_text(text)
-    return listing(root)
+from tests.conftest import make_run_folder
 
 
 def listing(root):
@@ -65,7 +55,8 @@ def test_a_run_folder_is_refused_and_nothing_is_deleted(writer, request, tmp_pat
     save, source, what, _ = WRITERS[writer]
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
-    before = run_folder(run)
+    make_run_folder(run)
+    before = listing(run)
     with pytest.raises(OutputError, match=f"{run} holds adapter/, checkpoints/, .*metrics.jsonl.*: it is "
                                           f"not {what} this command writes, so it is not replaced"):
         save(request.getfixturevalue(source), run)
