@@ -208,7 +208,7 @@ def _cfg(**kw):
     (dict(_BASE, model_type="gemma4_text"), "Gemma 4's text model"),
     (_cfg(sliding_window=8, layer_types=["sliding_attention"]), "layer_types must list 4 entries"),
     (_cfg(sliding_window=8, layer_types=["local"] * 4), "layer_types must list 4 entries"),
-    (_cfg(sliding_window=0), "sliding_window must be a whole number"),
+    (_cfg(sliding_window=0), "sliding_window must be from 1 to"),
     (_cfg(attn_logit_softcapping=-1.0), "attn_logit_softcapping must be a positive number or null"),
     (_cfg(hidden_activation="relu"), "hidden_activation 'relu' is not supported for gemma2"),
     (dict(_BASE, model_type="phi3", partial_rotary_factor=0.75), "partial_rotary_factor 0.75"),

@@ -210,7 +210,7 @@ def _fields(cfg: dict, where: str) -> dict:
     """ModelConfig's fields from a config.json, each checked for its JSON type; ranges and consistency are
     __post_init__'s (except what must hold before a field can be computed, e.g. head_dim)."""
     model_type = cfg.get("model_type")
-    if model_type in REFUSED:
+    if isinstance(model_type, str) and model_type in REFUSED:
         raise CheckpointError(f"{where}: {REFUSED[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {_show(model_type)} is not supported; "
@@ -224,7 +224,7 @@ def _fields(cfg: dict, where: str) -> dict:
                      LIMITS["max_position_embeddings"], where)
     _reject_unsupported(cfg, model_type, where)
     family = family_fields(cfg, model_type, sizes["num_hidden_layers"], where)
-    full_rope, sliding_rope = rope_by_layer_type(cfg)
+    full_rope, sliding_rope = rope_by_layer_type(cfg, where)
     rope = _rope_parameters(cfg, where, full_rope)
     if SLIDING in family["layer_types"] and sliding_rope is not None:
         sliding_rope = _rope_parameters(cfg, where, sliding_rope)

@@ -68,8 +68,9 @@ def family_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
     if model_type == "smollm3":
         out["rope_layers"] = _no_rope_layers(cfg, layers, where)
     if model_type == "phi3":
-        factor = (cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}).get(
-            "partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+        factor = (rope if isinstance(rope, dict) else {}).get("partial_rotary_factor",
+                                                              cfg.get("partial_rotary_factor", 1.0))
         if factor not in (1, 1.0, None):
             raise CheckpointError(f"{where}: partial_rotary_factor {_show(factor)} (RoPE on part of each head, "
                                   "Phi-4-mini) is not supported; supported: 1.0")
@@ -129,22 +130,27 @@ def _no_rope_layers(cfg: dict, layers: int, where: str) -> tuple[bool, ...]:
     return tuple(bool(v) for v in given)
 
 
-def rope_by_layer_type(cfg: dict) -> tuple[dict, dict | None]:
+def rope_by_layer_type(cfg: dict, where: str) -> tuple[dict | None, dict | None]:
     """(the full-attention layers' RoPE parameters, the sliding layers' or None when the same), in the old
-    (rope_theta, rope_scaling, rope_local_base_freq) or the new (rope_parameters, maybe per layer type) form."""
+    (rope_theta, rope_scaling, rope_local_base_freq) or the new (rope_parameters, maybe per layer type) form.
+    None: config.py reads the file's own rope fields (and checks their JSON types)."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and (FULL in params or SLIDING in params):
-        full = dict(params.get(FULL) or {})
-        sliding = dict(params.get(SLIDING) or {})
+        full, sliding = (params.get(k) or {} for k in (FULL, SLIDING))
+        if not isinstance(full, dict) or not isinstance(sliding, dict):
+            raise CheckpointError(f"{where}: rope_parameters per layer type must be JSON objects, got "
+                                  f"{_show(params)}")
+        full, sliding = dict(full), dict(sliding)
         full.setdefault("rope_theta", _theta_default(cfg, FULL))
         sliding.setdefault("rope_theta", _theta_default(cfg, SLIDING))
         return full, sliding
-    if cfg.get("model_type") in ("gemma3_text", "olmo3"):  # old form: one global rope + a local base
-        full = dict(params or cfg.get("rope_scaling") or {})
+    old = params or cfg.get("rope_scaling") or {}
+    if cfg.get("model_type") in ("gemma3_text", "olmo3") and isinstance(old, dict):  # one global rope + a local
+        full = dict(old)
         full.setdefault("rope_theta", _theta_default(cfg, FULL))
         local = {"rope_type": "default", "rope_theta": _theta_default(cfg, SLIDING)}
         return full, local
-    return dict(params) if isinstance(params, dict) else params, None
+    return None, None
 
 
 def _theta_default(cfg: dict, kind: str):
@@ -164,9 +170,10 @@ def _number(cfg: dict, key: str, default, where: str) -> float | None:
 
 
 def _whole(name: str, v, where: str, zero: bool = False) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < (0 if zero else 1) or v > 2**26:
-        raise CheckpointError(f"{where}: {name} must be a whole number from {0 if zero else 1} to {2**26:,}, "
-                              f"got {_show(v)}")
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise CheckpointError(f"{where}: {name} must be a whole number, got {_show(v)}")
+    if v < (0 if zero else 1) or v > 2**26:
+        raise CheckpointError(f"{where}: {name} must be from {0 if zero else 1} to {2**26:,}, got {v}")
     return int(v)
 
 
