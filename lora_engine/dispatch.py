@@ -166,15 +166,18 @@ def swiglu(gate, up, backend=None):
     return _impl(gate, backend).swiglu(gate, up)
 
 
-def attention(q, k, v, is_causal, scale, mask=None, backend=None):
+def attention(q, k, v, is_causal, scale, mask=None, backend=None, softcap=None):
     """softmax(q k^T * scale [+ mask | causal]) v; q (B, H, T, hd), k and v (B, Hk, S, hd) -> (B, H, T, hd).
-    "cpp" on CPU runs kernels/attention_cpp.py for bf16 inputs it serves (no mask, T == S); fp32 stays
-    on SDPA, the exact path against transformers, and no slower than attention_cpp in fp32
-    (bench/results/attention_cpp.md); every other case, and the "torch" and "triton" backends, run
-    ops_reference.attention (torch's SDPA)."""
-    if mask is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp" and attention_cpp.served(q, k, v):
+    softcap: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2).
+    "cpp" on CPU runs kernels/attention_cpp.py for bf16 inputs it serves (no mask, no softcap, T == S):
+    a sliding window comes as a mask and a softcap is checked here, so either falls back to the
+    reference; fp32 stays on SDPA, the exact path against transformers, and no slower than attention_cpp
+    in fp32 (bench/results/attention_cpp.md); every other case, and the "torch" and "triton" backends,
+    run ops_reference.attention (torch's SDPA; with a softcap its eager expression)."""
+    if (mask is None and softcap is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp"
+            and attention_cpp.served(q, k, v)):
         return attention_cpp.attention(q, k, v, is_causal, scale)
-    return ops_reference.attention(q, k, v, is_causal, scale, mask)
+    return ops_reference.attention(q, k, v, is_causal, scale, mask, softcap)
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", backend=None,

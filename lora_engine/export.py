@@ -39,6 +39,7 @@ from lora_engine.cli import TORCH_NAMES, logs_to, option, parse_dtype, parse_siz
 from lora_engine.io.atomic import OutputError, Owned, atomic_dir, check_dir_replaceable, copy_file, write_json
 from lora_engine.io.safetensors import FLOAT_DTYPES, dtype_name, float_dtype, write_safetensors
 from lora_engine.lora.layers import LoraLinear, lora_layers
+from lora_engine.models.families import fused_groups
 from lora_engine.sources.gguf_write import GGUF_TYPES
 
 # Files of a Hugging Face folder, besides config and weights, that a user of the export needs.
@@ -76,15 +77,17 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
             "Save it too with save_adapter(model, dir), or export with merge=True", stacklevel=2)
     check_out(folder, model)
     state = model.state_dict()  # references to the parameters, no copies
-    names = _tensor_names(model, state)
-    shards = _plan_shards(state, names, out_dtype, limit)
+    # checkpoint key -> the state-dict keys it holds: fused again where the family stores them fused (Phi-3)
+    groups = dict(fused_groups(model.config.model_type, _tensor_names(model, state)))
+    shards = _plan_shards(state, groups, out_dtype, limit)
     with atomic_dir(folder, MODEL_FILES) as tmp:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards, 1):
             file = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            layout = {name: _export_layout(state[name], out_dtype) for name in shard}
-            total += write_safetensors(tmp / file, layout, lambda name: _export_tensor(state, layers, name, out_dtype,
-                                                                                      merge), metadata={"format": "pt"})
+            layout = {name: _export_layout([state[n] for n in groups[name]], out_dtype) for name in shard}
+            total += write_safetensors(tmp / file, layout, lambda name: _export_group(state, layers, groups[name],
+                                                                                     out_dtype, merge),
+                                       metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, file))
         if len(shards) > 1:
             write_json(tmp / "model.safetensors.index.json",
@@ -121,12 +124,12 @@ def _tensor_names(model: nn.Module, state: dict) -> list[str]:
             if not n.endswith((".lora_A", ".lora_B")) and not (skip_head and n == "lm_head.weight")]
 
 
-def _plan_shards(state: dict, names: list[str], dtype: torch.dtype, limit: int) -> list[list[str]]:
+def _plan_shards(state: dict, groups: dict[str, tuple[str, ...]], dtype: torch.dtype, limit: int) -> list[list[str]]:
     """Greedy in key order, like transformers: a shard closes before it would pass `limit` bytes."""
     shards, size = [[]], 0
-    for name in names:
-        t = state[name]
-        n = t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+    for name, parts in groups.items():
+        n = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+                for t in (state[p] for p in parts))
         if shards[-1] and size + n > limit:
             shards.append([])
             size = 0
@@ -135,8 +138,10 @@ def _plan_shards(state: dict, names: list[str], dtype: torch.dtype, limit: int) 
     return shards
 
 
-def _export_layout(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.dtype, tuple[int, ...]]:
-    return (dtype if t.is_floating_point() else t.dtype), tuple(t.shape)
+def _export_layout(parts: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.dtype, tuple[int, ...]]:
+    """The stored tensor's (dtype, shape): one tensor, or several concatenated along dim 0 (fused)."""
+    t = parts[0]
+    return (dtype if t.is_floating_point() else t.dtype), (sum(p.shape[0] for p in parts), *t.shape[1:])
 
 
 def _export_tensor(state: dict, layers: dict[str, LoraLinear], name: str, dtype: torch.dtype,
@@ -148,6 +153,12 @@ def _export_tensor(state: dict, layers: dict[str, LoraLinear], name: str, dtype:
     if t.is_floating_point():
         t = t.to(dtype)
     return t.cpu().contiguous()
+
+
+def _export_group(state: dict, layers: dict[str, LoraLinear], parts: tuple[str, ...], dtype: torch.dtype,
+                  merge: bool) -> torch.Tensor:
+    tensors = [_export_tensor(state, layers, n, dtype, merge) for n in parts]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _hf_config(cfg, dtype: torch.dtype) -> dict:

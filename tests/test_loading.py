@@ -64,7 +64,7 @@ def test_unsupported_model_type(broken):
     "patch, match",
     [
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope scaling type 'yarn'"),
-        ({"model_type": "mistral", "sliding_window": 16}, "sliding-window attention"),
+        ({"model_type": "gemma3", "vision_config": {}}, "vision tower .*train the text model"),
         ({"num_local_experts": 8}, "mixture-of-experts"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),

@@ -131,11 +131,28 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None = None,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale [+ mask | causal]) v: torch's SDPA, what transformers runs; q (B, H, T, hd),
-    k and v (B, Hk, S, hd) with H % Hk == 0 (grouped-query heads) -> (B, H, T, hd)."""
+    k and v (B, Hk, S, hd) with H % Hk == 0 (grouped-query heads) -> (B, H, T, hd). softcap: the
+    scores become softcap * tanh(scores / softcap) before the mask, which SDPA cannot do: transformers'
+    eager expression (softmax in fp32, cast back), the (T, S) scores materialised."""
+    if softcap is not None:
+        return _softcapped_attention(q, k, v, is_causal, scale, mask, softcap)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _softcapped_attention(q, k, v, is_causal, scale, mask, softcap):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh(q @ k.transpose(2, 3) * (scale if scale is not None else q.shape[-1] ** -0.5) / softcap)
+    scores = scores * softcap
+    T, S = q.shape[2], k.shape[2]
+    if mask is None and is_causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 @amp.like_linear

@@ -36,6 +36,7 @@ from lora_engine.io.safetensors import (
 )
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
+from lora_engine.models.families import fused_groups
 from lora_engine.sources.embedded import resolve_path
 
 # A swap changes the meta model in place (replaces modules by name); it runs before any storage exists.
@@ -165,8 +166,38 @@ def load_weights(model: CausalLM, checkpoint: Checkpoint, hook: LoadHook | None 
     skip = tied_keys(model.config)
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in skip}
     expected.update(placeholders or {})
+    hook = _split_fused(model.config, expected, hook, checkpoint.config_file)
     load_checkpoint(checkpoint.folder, expected, hook, skip=skip, finish=finish,
                     what=f"the {model.config.model_type} model built from its config.json")
     model.name_or_path = str(name_or_path if name_or_path is not None else checkpoint.folder)
     model.source_dir = str(checkpoint.folder)
     return model.eval()
+
+
+def _split_fused(config: ModelConfig, expected: dict, hook: LoadHook | None, where: Path) -> LoadHook | None:
+    """For a checkpoint storing fused tensors (Phi-3's qkv_proj, gate_up_proj; families.FUSED): `expected`
+    gets the stored key (a meta tensor of the fused shape, so the loader checks it) in place of its parts,
+    and the returned hook reads it once and copies each row block into its part. Else `hook` unchanged."""
+    groups = {key: members for key, members in fused_groups(config.model_type, list(expected)) if len(members) > 1}
+    if not groups:
+        return hook
+    if hook is not None:
+        raise CheckpointError(f"{where}: a {config.model_type} checkpoint stores fused projections "
+                              "(qkv_proj, gate_up_proj); loading it quantized is not supported yet: load it in "
+                              "bf16 or fp32")
+    parts = {}
+    for key, members in groups.items():
+        targets = [expected.pop(m) for m in members]
+        expected[key] = torch.empty((sum(t.shape[0] for t in targets), *targets[0].shape[1:]), device="meta")
+        parts[key] = targets
+
+    def split(stored) -> bool:
+        targets = parts.get(stored.name)
+        if targets is None:
+            return False
+        with torch.no_grad():
+            for t, block in zip(targets, stored.read().split([t.shape[0] for t in targets])):
+                t.data.copy_(block)
+        return True
+
+    return split

@@ -6,6 +6,8 @@ Supported families are the decoder-only Llama relatives that differ only in smal
   mistral  (sliding window must not be in use)
   qwen2    (bias on q/k/v projections)
   qwen3    (RMSNorm on q and k per head)
+  gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, and sliding windows in mistral/qwen2/qwen3: the
+           per-family options of models/families.py
 
 config.json is checked at this boundary: anything else, and any field that is missing, of the wrong
 JSON type, out of range or inconsistent, raises CheckpointError naming the file and the field, rather
@@ -23,11 +25,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lora_engine.io.safetensors import CheckpointError
+from lora_engine.models.families import (
+    ARCHITECTURES,
+    FULL,
+    REFUSED,
+    SLIDING,
+    SUPPORTED_MODEL_TYPES,
+    family_fields,
+    rope_by_layer_type,
+)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 # Upper bounds on the sizes a config may give: far above every released model of these families
 # (Llama-3.1-405B: 126 layers, hidden 16384, FFN 53248, 128 heads, vocabulary 128256; Gemma's vocabulary
 # 262144 and head_dim 256; Llama-4's 10M positions), and low enough that a hostile or corrupted config
@@ -59,6 +67,20 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     torch_dtype: str = "float32"
+    # Family options (models/families.py); the defaults are the Llama decoder.
+    layer_types: tuple = ()  # per layer FULL or SLIDING; () = every layer full attention
+    sliding_window: int | None = None  # keys a SLIDING layer's query sees: positions q - W < k <= q
+    sliding_rope: dict | None = None  # the SLIDING layers' RoPE ({"rope_type", "rope_theta", ...}) if not the same
+    rope_layers: tuple = ()  # per layer whether it applies RoPE (SmolLM3's NoPE layers); () = all do
+    query_scale: float | None = None  # query_pre_attn_scalar: scores times its -1/2 power instead of head_dim's
+    attn_softcap: float | None = None  # scores -> c * tanh(scores / c) before the mask
+    final_softcap: float | None = None  # logits -> c * tanh(logits / c), in the loss too
+    norm_style: str = "llama"  # "gemma": x_hat * (1 + w) in fp32; "olmo": w * x_hat in fp32, then cast
+    norm_layout: str = "pre"  # "sandwich": norms before and after attention and MLP; "post": after only
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), rounded to the embedding's dtype
+    hidden_act: str = "silu"  # or "gelu_pytorch_tanh" (GeGLU)
+    qk_norm_full: bool = False  # q/k norm over the whole projection (OLMo 2), not per head
+    fused_projections: bool = False  # the checkpoint stores fused qkv_proj / gate_up_proj (families.FUSED)
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # the raw config.json
 
     def __post_init__(self):
@@ -82,6 +104,14 @@ class ModelConfig:
             raise CheckpointError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if not isinstance(self.torch_dtype, str):
             raise CheckpointError(f"dtype must be a name such as 'bfloat16', got {self.torch_dtype!r}")
+        for name in ("layer_types", "rope_layers"):
+            if len(getattr(self, name)) not in (0, self.num_hidden_layers):
+                raise CheckpointError(f"{name} must list num_hidden_layers ({self.num_hidden_layers}) entries")
+        if SLIDING in self.layer_types and self.sliding_window is None:
+            raise CheckpointError("sliding_window must be given when layer_types has sliding layers")
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i] if self.layer_types else FULL
 
     @classmethod
     def from_hf(cls, path: str | Path | dict) -> ModelConfig:
@@ -100,7 +130,11 @@ class ModelConfig:
     def to_hf(self) -> dict:
         """The config.json that transformers reads for this model, built from the fields (not `extra`):
         ModelConfig.from_hf(c.to_hf()) == c. Raises ValueError when the switches (biases, q/k norm)
-        do not fit what the family's transformers class computes."""
+        do not fit what the family's transformers class computes, or for the other families, whose
+        config.json is kept as read (`extra`) and written back as it was."""
+        if self.model_type not in ("llama", "mistral", "qwen2", "qwen3") or self.layer_types:
+            raise ValueError(f"to_hf: a {self.model_type} config.json is written from the one it was read from "
+                             "(ModelConfig.extra), not rebuilt from the fields")
         _check_family(self)
         rope = {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta}
         cfg = {
@@ -176,6 +210,8 @@ def _fields(cfg: dict, where: str) -> dict:
     """ModelConfig's fields from a config.json, each checked for its JSON type; ranges and consistency are
     __post_init__'s (except what must hold before a field can be computed, e.g. head_dim)."""
     model_type = cfg.get("model_type")
+    if isinstance(model_type, str) and model_type in REFUSED:
+        raise CheckpointError(f"{where}: {REFUSED[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {_show(model_type)} is not supported; "
                               f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -186,8 +222,13 @@ def _fields(cfg: dict, where: str) -> dict:
     sizes = {k: _whole(k, cfg[k], LIMITS[k], where) for k in REQUIRED}
     max_pos = _whole("max_position_embeddings", _get(cfg, "max_position_embeddings", 2048),
                      LIMITS["max_position_embeddings"], where)
-    _reject_unsupported(cfg, model_type, max_pos, where)
-    rope = _rope_parameters(cfg, where)
+    _reject_unsupported(cfg, model_type, where)
+    family = family_fields(cfg, model_type, sizes["num_hidden_layers"], where)
+    full_rope, sliding_rope = rope_by_layer_type(cfg, where)
+    rope = _rope_parameters(cfg, where, full_rope)
+    if SLIDING in family["layer_types"] and sliding_rope is not None:
+        sliding_rope = _rope_parameters(cfg, where, sliding_rope)
+        family["sliding_rope"] = None if sliding_rope == rope else sliding_rope
     heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
     head_dim = cfg.get("head_dim")
     if head_dim is None:  # transformers' default: the hidden size split evenly over the heads
@@ -210,14 +251,17 @@ def _fields(cfg: dict, where: str) -> dict:
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=False if model_type == "qwen2" else attention_bias,
         mlp_bias=_flag(cfg, "mlp_bias", where),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3"),
         torch_dtype=dtype.replace("torch.", ""),
+        **family,
     )
 
 
-def _rope_parameters(cfg: dict, where: str) -> dict:
-    # transformers >= 5 writes `rope_parameters`; older files carry rope_theta + rope_scaling.
-    rope = _object(cfg, "rope_parameters", where)
+def _rope_parameters(cfg: dict, where: str, given: dict | None = None) -> dict:
+    # transformers >= 5 writes `rope_parameters`; older files carry rope_theta + rope_scaling. `given`:
+    # one layer type's parameters (models/families.py rope_by_layer_type).
+    rope = _object({"rope_parameters": given}, "rope_parameters", where) if given is not None else \
+        _object(cfg, "rope_parameters", where)
     if not rope:
         rope = _object(cfg, "rope_scaling", where)
         rope.setdefault("rope_theta", _get(cfg, "rope_theta", 10000.0))
@@ -229,6 +273,8 @@ def _rope_parameters(cfg: dict, where: str) -> dict:
         )
     rope["rope_type"] = rope_type
     rope["rope_theta"] = _real("rope_theta", _get(rope, "rope_theta", 10000.0), where, above=1.0)
+    if rope_type == "linear":  # positions divided by `factor` (Gemma 3's global layers)
+        _real("rope scaling factor", rope.get("factor"), where)
     if rope_type == "llama3":
         missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
                                "original_max_position_embeddings") if k not in rope]
@@ -246,19 +292,10 @@ def _rope_parameters(cfg: dict, where: str) -> dict:
     return rope
 
 
-def _reject_unsupported(cfg: dict, model_type: str, max_pos: int, where: str) -> None:
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"{where}: hidden_act {_show(act)} is not supported; supported: silu")
+def _reject_unsupported(cfg: dict, model_type: str, where: str) -> None:
+    # hidden_act and the window: models/families.py family_fields
     if cfg.get("num_local_experts") or cfg.get("num_experts"):
         raise CheckpointError(f"{where}: mixture-of-experts models are not supported")
-    window = cfg.get("sliding_window")
-    uses_window = _flag(cfg, "use_sliding_window", where, default=model_type == "mistral")
-    if uses_window and window is not None and _whole("sliding_window", window, None, where) < max_pos:
-        raise CheckpointError(
-            f"{where}: sliding-window attention (window {window} < {max_pos} positions) is not supported; "
-            "only full attention is implemented"
-        )
     if cfg.get("pretraining_tp", 1) not in (1, None):
         raise CheckpointError(f"{where}: pretraining_tp={_show(cfg['pretraining_tp'])} is not supported; use 1")
 

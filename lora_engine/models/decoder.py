@@ -20,40 +20,58 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
 from lora_engine.models import rebuild
-from lora_engine.models.config import ModelConfig
+from lora_engine.models.config import SLIDING, ModelConfig
 from lora_engine.models.offload import HostOffloader, checkpoint_offloaded, offload_to_device
 from lora_engine.models.recompute import chunked_rows
+from lora_engine.models.softcap import softcapped_cross_entropy
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """style "llama": the dispatched kernel (w * x_hat cast to x's dtype first). "gemma" (x_hat * (1 + w))
+    and "olmo" (w * x_hat) multiply in fp32 and cast once, as their transformers classes do: the PyTorch
+    expression, which the fused kernels do not compute."""
+
+    def __init__(self, dim: int, eps: float, style: str = "llama"):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if style == "gemma" else torch.ones(dim))
         self.eps = eps
+        self.style = style
         self.backend: str | None = None
 
     def forward(self, x):
-        return dispatch.rms_norm(x, self.weight, self.eps, backend=self.backend)
+        if self.style == "llama":
+            return dispatch.rms_norm(x, self.weight, self.eps, backend=self.backend)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float()
+        return (h * (1.0 + w) if self.style == "gemma" else w * h).to(x.dtype)
 
     def into(self, x, fn):
         """fn(self(x)), keeping no copy of self(x) for backward (models/rebuild.py)."""
+        if self.style != "llama":
+            return fn(self(x))
         return rebuild.rms_norm_into(x, self.weight, self.eps, fn, backend=self.backend)
 
 
 class Rotary(nn.Module):
     """cos/sin tables for rotate-half RoPE, computed in fp32 like transformers, cast to x's dtype."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rope: dict | None = None):
         super().__init__()
         self.cfg = cfg
+        # rope: one layer type's parameters (cfg.sliding_rope); None: the config's own.
+        self.theta = rope["rope_theta"] if rope else cfg.rope_theta
+        self.scaling = (None if rope["rope_type"] == "default" else rope) if rope else cfg.rope_scaling
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self) -> torch.Tensor:
-        dim, base = self.cfg.head_dim, self.cfg.rope_theta
+        dim, base = self.cfg.head_dim, self.theta
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        s = self.cfg.rope_scaling
+        s = self.scaling
         if s is None:
             return inv_freq
+        if s["rope_type"] == "linear":
+            return inv_freq / s["factor"]
         # Llama-3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
         factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old_len = s["original_max_position_embeddings"]
@@ -108,7 +126,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         D, H, Hk, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.n_head, self.n_kv, self.head_dim = H, Hk, hd
@@ -116,23 +134,35 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, Hk * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, Hk * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.o_bias)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head's vector; OLMo 2: over the projection
+            self.q_norm = RMSNorm(H * hd if cfg.qk_norm_full else hd, cfg.rms_norm_eps, cfg.norm_style)
+            self.k_norm = RMSNorm(Hk * hd if cfg.qk_norm_full else hd, cfg.rms_norm_eps, cfg.norm_style)
+        self.qk_norm_full = cfg.qk_norm_full
+        sliding = cfg.layer_type(layer) == SLIDING
+        self.window = cfg.sliding_window if sliding else None  # keys q - window < k <= q
+        self.rope_kind = "sliding" if sliding and cfg.sliding_rope else "full"  # which cos/sin tables
+        self.use_rope = cfg.rope_layers[layer] if cfg.rope_layers else True
+        self.scale = (cfg.query_scale or hd) ** -0.5
+        self.softcap = cfg.attn_softcap
         self.backend: str | None = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if hasattr(self, "q_norm"):
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = dispatch.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=self.backend)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm") and not self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.use_rope:
+            q, k = dispatch.rope(q, k, cos, sin, backend=self.backend)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hk, S, hd)
-        y = dispatch.attention(q, k, v, mask is None and T > 1, self.head_dim**-0.5, mask,
-                               backend=self.backend)  # (B, H, T, hd)
+        y = dispatch.attention(q, k, v, mask is None and T > 1, self.scale, mask, backend=self.backend,
+                               softcap=self.softcap)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -143,6 +173,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(D, F_, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(D, F_, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(F_, D, bias=cfg.mlp_bias)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"  # GeGLU (Gemma) instead of SwiGLU
         self.backend: str | None = None
         self.chunk_size = 0  # > 0: that many tokens at a time, recomputed in backward (models/recompute.py)
 
@@ -152,19 +183,39 @@ class MLP(nn.Module):
         return self._rows(x)
 
     def _rows(self, x):  # (..., D) -> (..., D) through (..., F): each token on its own
+        if self.gelu:
+            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
         # swiglu_into: backward rebuilds the (..., F) SwiGLU output that down_proj would keep.
         return rebuild.swiglu_into(self.gate_proj(x), self.up_proj(x), self.down_proj, backend=self.backend)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """norm_layout "pre" (Llama): x + attn(norm(x)), then x + mlp(norm(x)). "sandwich" (Gemma): each block's
+    output normed too (post_attention_layernorm after attention, pre/post_feedforward_layernorm around
+    the MLP). "post" (OLMo 2): no input norm, each block's output normed before the residual add."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        D, eps, style = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style
+        self.layout = cfg.norm_layout
+        if self.layout != "post":
+            self.input_layernorm = RMSNorm(D, eps, style)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(D, eps, style)
+        if self.layout == "sandwich":
+            self.pre_feedforward_layernorm = RMSNorm(D, eps, style)
+        if self.layout != "pre":
+            self.post_feedforward_layernorm = RMSNorm(D, eps, style)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer):
+        if self.layout == "sandwich":
+            h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        if self.layout == "post":
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache, layer))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
         # rms_norm_into: backward rebuilds each norm's output from x for the projections that keep it.
         x = x + self.input_layernorm.into(x, lambda h: self.self_attn(h, cos, sin, mask, cache, layer))
         return x + self.post_attention_layernorm.into(x, self.mlp)
@@ -176,9 +227,11 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style)
         self.rotary_emb = Rotary(cfg)
+        if cfg.sliding_rope:  # the sliding layers' own RoPE (Gemma 3's rope_local_base_freq)
+            self.rotary_local = Rotary(cfg, cfg.sliding_rope)
 
 
 class CausalLM(nn.Module):
@@ -265,16 +318,23 @@ class CausalLM(nn.Module):
         past = cache.pos if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = _attention_mask(attention_mask, segment_ids, B, T, past, input_ids.device)
+        # One mask per window size the layers use (None: full attention); one cos/sin pair per RoPE kind.
+        masks = {w: _attention_mask(attention_mask, segment_ids, B, T, past, input_ids.device, w)
+                 for w in {layer.self_attn.window for layer in self.model.layers}}
         if self.embedding_on_cpu:  # rows gathered in CPU memory, only the (B, T, D) result goes to the device
             emb = self.model.embed_tokens
             x = emb(input_ids.to(emb.weight.device)).to(input_ids.device)
         else:
             x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        if self.config.embed_scale:  # sqrt(hidden) rounded to the embedding's dtype first, as transformers does
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(x.dtype)
+        ropes = {"full": self.model.rotary_emb(position_ids, x.dtype)}
+        if hasattr(self.model, "rotary_local"):
+            ropes["sliding"] = self.model.rotary_local(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
+            (cos, sin), mask = ropes[layer.self_attn.rope_kind], masks[layer.self_attn.window]
             if self.gradient_checkpointing and self.training and cache is None and self.offload_activations:
-                x = checkpoint_offloaded(lambda h, f=layer, i=i: f(h, cos, sin, mask, None, i), x,
+                x = checkpoint_offloaded(lambda h, f=layer, i=i, c=cos, s=sin, m=mask: f(h, c, s, m, None, i), x,
                                          [p for p in layer.parameters() if p.requires_grad], self._offloader)
             elif self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
@@ -291,9 +351,9 @@ class CausalLM(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The head on final-norm hidden states h (..., D) -> (..., V): forward's last step, also for a
         few positions picked out of hidden_states (train/suite.py)."""
-        if self.head_on_cpu:
-            return F.linear(h, self.head_weight(h.device), self.lm_head.bias)
-        return self.lm_head(h)
+        logits = F.linear(h, self.head_weight(h.device), self.lm_head.bias) if self.head_on_cpu else self.lm_head(h)
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def loss(self, input_ids, labels, attention_mask=None, reduction="mean", position_ids=None,
              segment_ids=None):
@@ -309,6 +369,9 @@ class CausalLM(nn.Module):
         D = h.shape[-1]
         h = h[:, :-1].reshape(-1, D)
         target = labels[:, 1:].reshape(-1)
+        if self.config.final_softcap is not None:  # the fused losses have no soft-cap: chunked, recomputed
+            return softcapped_cross_entropy(h, self.head_weight(h.device), target, self.config.final_softcap,
+                                            reduction, self.loss_chunk_size or None)
         return dispatch.linear_cross_entropy(
             h, self.head_weight(h.device), target, ignore_index=-100, reduction=reduction, backend=self.backend,
             chunk_size=self.loss_chunk_size or None,
@@ -326,6 +389,8 @@ class CausalLM(nn.Module):
     def reset_buffers(self):
         """Recompute non-persistent buffers (after construction on the meta device)."""
         self.model.rotary_emb.reset_buffers()
+        if hasattr(self.model, "rotary_local"):
+            self.model.rotary_local.reset_buffers()
 
 
 def _padding_unlabelled(attention_mask: torch.Tensor, labels: torch.Tensor) -> bool:
@@ -339,14 +404,18 @@ def _padding_unlabelled(attention_mask: torch.Tensor, labels: torch.Tensor) -> b
     return bool((m[:, 1:] <= m[:, :-1]).all() and (labels[:, 1:][~m[:, :-1]] == -100).all())
 
 
-def _attention_mask(attention_mask, segment_ids, B, T, past, device):
-    """Boolean (B, 1, T, S) mask for SDPA, or None when plain causal attention is all we need."""
-    if attention_mask is None and segment_ids is None and past == 0:
+def _attention_mask(attention_mask, segment_ids, B, T, past, device, window=None):
+    """Boolean (B, 1, T, S) mask for SDPA, or None when plain causal attention is all we need.
+    window: keys q - window < k <= q only (a sliding layer), as a mask: O(S^2) memory; a kernel that
+    skips the keys outside the window is a later step."""
+    if attention_mask is None and segment_ids is None and past == 0 and (window is None or window >= T):
         return None
     S = past + T
     q_pos = torch.arange(past, S, device=device)[:, None]
     k_pos = torch.arange(S, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None].expand(B, T, S)
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)[None]
     if attention_mask is not None:
         if attention_mask.shape != (B, S):
             raise ValueError(

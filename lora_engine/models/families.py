@@ -1,0 +1,204 @@
+"""What each family's config.json means beyond the Llama switches: the per-family fields of ModelConfig.
+
+Every family is the one decoder (models/decoder.py) with a few options; this module reads them from a
+config.json, family by family, as transformers' configuration classes derive them (defaults included),
+and refuses what the decoder does not compute, naming the field:
+
+  gemma2       sliding/full layers alternating, query_pre_attn_scalar, attention and final-logit
+               soft-capping, (1 + w) RMSNorm before and after attention and MLP, embeddings times
+               sqrt(hidden), GeGLU (tanh GELU)
+  gemma3_text  Gemma 2's layout plus q/k norms per head, RoPE per layer type (rope_local_base_freq),
+               sliding_window_pattern; gemma3 (the multimodal config) is refused: train the text model
+  phi3         fused qkv_proj / gate_up_proj in the checkpoint (split on load, fused on save),
+               a window on every layer when sliding_window is set; longrope and partial RoPE refused
+  smollm3      NoPE layers (no_rope_layers), optional sliding layers
+  olmo2/olmo3  norms after attention and MLP only, q/k norms over the whole projection; OLMo 3 adds
+               sliding layers and RoPE per layer type
+  mistral, qwen2, qwen3  a sliding window where the config puts one in use
+
+The key map of the fused-weight families (FUSED) lives here too: load splits, save fuses.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from lora_engine.io.safetensors import CheckpointError
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+GELU_TANH = "gelu_pytorch_tanh"
+# model_type -> the transformers class that a saved folder names in `architectures`
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                 "olmo3": "Olmo3ForCausalLM"}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+GEMMA = ("gemma2", "gemma3_text")
+OLMO = ("olmo2", "olmo3")
+# Fused checkpoint tensors: stored name (per layer) -> the decoder's modules it holds, in order along dim 0.
+FUSED = {"phi3": {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}}
+# Families whose own model card says: this is not the text decoder (train the text model instead).
+REFUSED = {
+    "gemma3": "a Gemma 3 model with its vision tower (Gemma3ForConditionalGeneration) is not supported; train "
+              "the text model: a gemma3_text checkpoint (Gemma3ForCausalLM, e.g. google/gemma-3-1b-pt)",
+    "gemma4": "Gemma 4 (with its vision and audio towers) is not supported yet",
+    "gemma4_text": "Gemma 4's text model (per-layer embeddings, shared KV layers) is not supported yet",
+}
+
+
+def family_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
+    """ModelConfig's family fields (see ModelConfig) from config.json `cfg`; CheckpointError naming the field."""
+    act_key = "hidden_activation" if model_type in GEMMA else "hidden_act"
+    want = GELU_TANH if model_type in GEMMA else "silu"
+    act = cfg.get(act_key, want)
+    if act != want:
+        raise CheckpointError(f"{where}: {act_key} {_show(act)} is not supported for {model_type}; supported: {want}")
+    types, window = _windows(cfg, model_type, layers, where)
+    out = dict(layer_types=types, sliding_window=window, hidden_act=act)
+    if model_type in GEMMA:
+        out.update(norm_style="gemma", norm_layout="sandwich", embed_scale=True,
+                   query_scale=_number(cfg, "query_pre_attn_scalar", 256, where),
+                   attn_softcap=_number(cfg, "attn_logit_softcapping", 50.0 if model_type == "gemma2" else None,
+                                        where),
+                   final_softcap=_number(cfg, "final_logit_softcapping", 30.0 if model_type == "gemma2" else None,
+                                         where))
+    if model_type in OLMO:
+        out.update(norm_style="olmo", norm_layout="post", qk_norm_full=True)
+    if model_type == "smollm3":
+        out["rope_layers"] = _no_rope_layers(cfg, layers, where)
+    if model_type == "phi3":
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+        factor = (rope if isinstance(rope, dict) else {}).get("partial_rotary_factor",
+                                                              cfg.get("partial_rotary_factor", 1.0))
+        if factor not in (1, 1.0, None):
+            raise CheckpointError(f"{where}: partial_rotary_factor {_show(factor)} (RoPE on part of each head, "
+                                  "Phi-4-mini) is not supported; supported: 1.0")
+        out["fused_projections"] = True
+    return out
+
+
+def _windows(cfg: dict, model_type: str, layers: int, where: str) -> tuple[tuple[str, ...], int | None]:
+    """(layer types, window) as transformers derives them; () and None when every layer attends fully."""
+    window = cfg.get("sliding_window")
+    in_use = {"qwen2": "use_sliding_window", "qwen3": "use_sliding_window", "smollm3": "use_sliding_window"}
+    if model_type in in_use:
+        flag = cfg.get(in_use[model_type], False)
+        if not isinstance(flag, bool):
+            raise CheckpointError(f"{where}: use_sliding_window must be true or false, got {_show(flag)}")
+        window = window if flag else None
+    if model_type in ("llama", "olmo2"):
+        window = None  # no window in these families' attention
+    if window is None:
+        return (), None
+    window = _whole("sliding_window", window, where)
+    given = cfg.get("layer_types")
+    if given is not None:
+        if not isinstance(given, list) or len(given) != layers or any(t not in (FULL, SLIDING) for t in given):
+            raise CheckpointError(f"{where}: layer_types must list {layers} entries (num_hidden_layers), each "
+                                  f"{FULL!r} or {SLIDING!r}, got {_show(given)}")
+        types = tuple(given)
+    elif model_type in ("mistral", "phi3"):
+        types = (SLIDING,) * layers
+    elif model_type in ("qwen2", "qwen3"):
+        first = _whole("max_window_layers", cfg.get("max_window_layers", 28), where, zero=True)
+        types = tuple(SLIDING if i >= first else FULL for i in range(layers))
+    elif model_type == "gemma2":
+        types = tuple(SLIDING if (i + 1) % 2 else FULL for i in range(layers))
+    elif model_type == "gemma3_text":
+        every = _whole("sliding_window_pattern", cfg.get("sliding_window_pattern", 6), where)
+        types = tuple(SLIDING if (i + 1) % every else FULL for i in range(layers))
+    elif model_type == "olmo3":
+        types = tuple(SLIDING if (i + 1) % 4 else FULL for i in range(layers))
+    else:  # smollm3: sliding where a layer has no RoPE
+        types = tuple(FULL if use else SLIDING for use in _no_rope_layers(cfg, layers, where))
+    if SLIDING not in types:
+        return (), None
+    return types, window
+
+
+def _no_rope_layers(cfg: dict, layers: int, where: str) -> tuple[bool, ...]:
+    """SmolLM3's per-layer RoPE switch (1: RoPE, 0: none), default every no_rope_layer_interval-th layer none."""
+    given = cfg.get("no_rope_layers")
+    if given is None:
+        every = _whole("no_rope_layer_interval", cfg.get("no_rope_layer_interval", 4), where)
+        return tuple(bool((i + 1) % every) for i in range(layers))
+    if not isinstance(given, list) or len(given) != layers or any(v not in (0, 1) or isinstance(v, float)
+                                                                  for v in given):
+        raise CheckpointError(f"{where}: no_rope_layers must list {layers} entries (num_hidden_layers) of 0 or 1, "
+                              f"got {_show(given)}")
+    return tuple(bool(v) for v in given)
+
+
+def rope_by_layer_type(cfg: dict, where: str) -> tuple[dict | None, dict | None]:
+    """(the full-attention layers' RoPE parameters, the sliding layers' or None when the same), in the old
+    (rope_theta, rope_scaling, rope_local_base_freq) or the new (rope_parameters, maybe per layer type) form.
+    None: config.py reads the file's own rope fields (and checks their JSON types)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and (FULL in params or SLIDING in params):
+        full, sliding = (params.get(k) or {} for k in (FULL, SLIDING))
+        if not isinstance(full, dict) or not isinstance(sliding, dict):
+            raise CheckpointError(f"{where}: rope_parameters per layer type must be JSON objects, got "
+                                  f"{_show(params)}")
+        full, sliding = dict(full), dict(sliding)
+        full.setdefault("rope_theta", _theta_default(cfg, FULL))
+        sliding.setdefault("rope_theta", _theta_default(cfg, SLIDING))
+        return full, sliding
+    old = params or cfg.get("rope_scaling") or {}
+    if cfg.get("model_type") in ("gemma3_text", "olmo3") and isinstance(old, dict):  # one global rope + a local
+        full = dict(old)
+        full.setdefault("rope_theta", _theta_default(cfg, FULL))
+        local = {"rope_type": "default", "rope_theta": _theta_default(cfg, SLIDING)}
+        return full, local
+    return None, None
+
+
+def _theta_default(cfg: dict, kind: str):
+    if cfg.get("model_type") == "gemma3_text":
+        key, default = ("rope_theta", 1_000_000.0) if kind == FULL else ("rope_local_base_freq", 10_000.0)
+        return cfg.get(key) if cfg.get(key) is not None else default
+    return cfg.get("rope_theta") if cfg.get("rope_theta") is not None else 500_000.0
+
+
+def _number(cfg: dict, key: str, default, where: str) -> float | None:
+    v = cfg.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0 or v == float("inf"):
+        raise CheckpointError(f"{where}: {key} must be a positive number or null, got {_show(v)}")
+    return float(v)
+
+
+def _whole(name: str, v, where: str, zero: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise CheckpointError(f"{where}: {name} must be a whole number, got {_show(v)}")
+    if v < (0 if zero else 1) or v > 2**26:
+        raise CheckpointError(f"{where}: {name} must be from {0 if zero else 1} to {2**26:,}, got {v}")
+    return int(v)
+
+
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+# ---- fused checkpoint tensors (Phi-3) ----------------------------------------------------------------
+def fused_groups(model_type: str, names: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """The checkpoint's keys for the state-dict keys `names`, in order: (stored key, the keys it holds)."""
+    fused = FUSED.get(model_type)
+    if not fused:
+        return [(n, (n,)) for n in names]
+    parts = {}  # a part's key -> (fused key, all its parts)
+    for n in names:
+        for stored, members in fused.items():
+            for m in members:
+                prefix, dot, leaf = n.rpartition(f".{m}.")
+                if dot and prefix.startswith("model.layers."):
+                    parts[n] = (f"{prefix}.{stored}.{leaf}", tuple(f"{prefix}.{x}.{leaf}" for x in members))
+    out, seen = [], set()
+    for n in names:
+        key, members = parts.get(n, (n, (n,)))
+        if key not in seen:
+            seen.add(key)
+            out.append((key, members))
+    return out
