@@ -39,7 +39,9 @@ def test_the_embedded_default_rows_are_those_of_before(embedded_dir):
 def test_the_spec_takes_the_data_flags_of_a_config_by_name():
     spec = DataSpec.of(TrainConfig(data="d.jsonl", val_split=0.2, max_length=64, objective="dpo", seed=3))
     assert spec == DataSpec(data="d.jsonl", val_split=0.2, max_length=64, objective="dpo", seed=3)
-    with pytest.raises(DataError, match="--objective 'grpo' has no data preparation; one of sft, dpo"):
+    with pytest.raises(DataError, match="--objective 'ppo' has no data preparation; one of sft, dpo, grpo"):
+        prepare_data(DataSpec(objective="ppo"), FakeTokenizer())
+    with pytest.raises(DataError, match="--objective grpo needs --data"):  # it has no embedded default
         prepare_data(DataSpec(objective="grpo"), FakeTokenizer())
 
 

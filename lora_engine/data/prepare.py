@@ -50,7 +50,8 @@ class DataSpec:
 
 @dataclass
 class Prepared:
-    """The rows of one run: sft rows are pipeline.Row, dpo rows (chosen Row, rejected Row) pairs."""
+    """The rows of one run: sft rows are pipeline.Row, dpo rows (chosen Row, rejected Row) pairs, grpo rows
+    PromptRow."""
 
     train: list
     val: list
@@ -129,7 +130,58 @@ def _dpo(spec: DataSpec, tokenizer, records: dict, warn) -> Prepared:
     return Prepared(train_rows, val_rows, files, stats)
 
 
-_OBJECTIVES = {"sft": _sft, "dpo": _dpo}
+@dataclass
+class PromptRow:
+    """A GRPO prompt: its tokens (truncated from the left to --max-length, the end kept: the model continues it),
+    the prompt as the record gives it (text, or chat messages) and the record's other fields, which reward
+    functions receive."""
+
+    input_ids: list[int]
+    prompt: str | list
+    fields: dict
+    where: list[str]
+
+
+def prompt_row(record: Record, tokenizer, max_length: int, stats: dict | None = None) -> PromptRow:
+    """The record's "prompt" (plain text, or a list of {role, content} messages ending with a user turn) rendered
+    as the model is asked: text after the tokenizer's prefix (BOS), chat through the template with the
+    assistant's turn opened. Raises DataError naming the record."""
+    p = record.data.get("prompt")
+    if isinstance(p, str) and p.strip():
+        ids = list(tokenizer.prefix_ids) + tokenizer.encode(p, add_special_tokens=False)
+    elif isinstance(p, list) and p and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                           and isinstance(m.get("content"), str) for m in p):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{record.where}: a chat prompt needs a chat template, and tokenizer "
+                            f"{getattr(tokenizer, 'name_or_path', '?')!r} has none; give the prompt as text")
+        ids = tokenizer.encode(tokenizer.apply_chat_template(p, add_generation_prompt=True), add_special_tokens=False)
+    else:
+        raise DataError(f"{record.where}: 'prompt' must be non-empty text or a list of {{role, content}} messages, "
+                        f"got {type(p).__name__ if p is not None else 'nothing'}")
+    fields = {k: v for k, v in record.data.items() if k != "prompt"}
+    if stats is not None:
+        stats["truncated"] = stats.get("truncated", 0) + int(len(ids) > max_length)
+    return PromptRow(ids[-max_length:], p, fields, [record.where])
+
+
+def _grpo(spec: DataSpec, tokenizer, records: dict, warn) -> Prepared:
+    """Prompt rows (the model writes the completions); every record's fields other than "prompt" kept for the
+    reward functions. There is no embedded default: --data is needed."""
+    if spec.data is None:
+        raise DataError("--objective grpo needs --data: a JSONL file of {\"prompt\": ..., and the fields your reward "
+                        "functions read, e.g. \"answer\"}")
+    tr, va = records[spec.data], records.get(spec.val_data)
+    stats: dict = {"records": len(tr), "truncated": 0}
+    train = [prompt_row(r, tokenizer, spec.max_length, stats) for r in tr]
+    val = [prompt_row(r, tokenizer, spec.max_length) for r in va] if va is not None else None
+    if val is None:
+        train, val = split(train, spec.val_split, spec.seed)
+    stats["rows"] = len(train)
+    files = [Path(p) for p in (spec.data, spec.val_data) if p]
+    return Prepared(train, val, files, stats)
+
+
+_OBJECTIVES = {"sft": _sft, "dpo": _dpo, "grpo": _grpo}
 
 
 def eval_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int = 256, completion_only: bool = True,

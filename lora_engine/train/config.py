@@ -62,8 +62,32 @@ class TrainConfig:
                                            "refuses such adapters")
     objective: str = _f("sft", "sft: next-token loss on the responses; dpo: DPO preference tuning on {prompt, chosen, "
                                "rejected} records (default data: pairs from the embedded conversations), the "
-                               "reference being the model with its adapter switched off", choices=["sft", "dpo"])
+                               "reference being the model with its adapter switched off; grpo: reinforcement "
+                               "learning from --reward functions on {prompt, ...} records (GRPO, Dr. GRPO, DAPO, GSPO)",
+                           choices=["sft", "dpo", "grpo"])
     dpo_beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference (--objective dpo)")
+    # --objective grpo (train/grpo_step.py); names and defaults as TRL's GRPOConfig.
+    reward: str | None = _f(None, "grpo: comma-separated reward functions, built-ins (exact_match, numeric_match, "
+                                  "think_format, length_penalty) or module:function with TRL's signature "
+                                  "f(prompts, completions, **fields) -> list[float | None]")
+    reward_weights: str | None = _f(None, "grpo: comma-separated weights of the --reward functions (default 1 each)")
+    num_generations: int = _f(8, "grpo: completions sampled per prompt (G); --batch-size counts prompts")
+    max_completion_length: int = _f(256, "grpo: most tokens a completion may have")
+    temperature: float = _f(1.0, "grpo: sampling temperature (the loss's log-probs use it too)")
+    top_p: float = _f(1.0, "grpo: nucleus sampling's probability mass")
+    top_k: int = _f(0, "grpo: sample among the k likeliest tokens (0 = all)")
+    num_iterations: int = _f(1, "grpo: optimizer steps per rollout (mu); > 1 clips each step's ratio against the "
+                                "rollout's log-probs")
+    loss_type: str = _f("dapo", "grpo: grpo (sequence means), dr_grpo (constant length), dapo (token mean over the "
+                                "step), bnpo (token mean per micro-batch)", choices=["grpo", "dr_grpo", "dapo", "bnpo"])
+    importance_sampling_level: str = _f("token", "grpo: token, or sequence (GSPO: one ratio per completion)",
+                                        choices=["token", "sequence"])
+    beta: float = _f(0.0, "grpo: weight of the KL to the reference (the base, adapter off); 0 = no reference pass")
+    epsilon: float = _f(0.2, "grpo: clip range below 1 of the probability ratio")
+    epsilon_high: float | None = _f(None, "grpo: clip range above 1 (DAPO's clip-higher, e.g. 0.28); default "
+                                          "--epsilon")
+    scale_rewards: str = _f("group", "grpo: divide advantages by the group's std (group), the batch's (batch), or "
+                                     "not (none, Dr. GRPO)", choices=["group", "batch", "none"])
     finetune: str = _f("lora", "lora: train LoRA adapters on a frozen base; full: train every weight (AdamW in fp32 "
                                "needs ~16 bytes per parameter, weights + gradients + 2 moments, e.g. ~2.2 GB for "
                                "135M parameters before activations, against ~4 for LoRA), written as a Hugging "
@@ -126,8 +150,11 @@ class TrainConfig:
             check_range(name, getattr(self, name), low, high, *unit)
         if self.max_steps == 0 and self.epochs <= 0:
             raise ValueError("--max-steps 0 needs --epochs > 0")
-        if self.objective not in ("sft", "dpo"):
-            raise ValueError(f"--objective must be sft or dpo, got {self.objective!r}")
+        if self.objective not in ("sft", "dpo", "grpo"):
+            raise ValueError(f"--objective must be sft, dpo or grpo, got {self.objective!r}")
+        if self.objective == "grpo" and not (self.reward or "").strip():
+            raise ValueError("--objective grpo needs --reward: a built-in (exact_match, numeric_match, think_format, "
+                             "length_penalty) or module:function")
         if self.finetune not in ("lora", "full"):
             raise ValueError(f"--finetune must be lora or full, got {self.finetune!r}")
         if self.overwrite and self.resume:
@@ -142,7 +169,8 @@ class TrainConfig:
         given = dict(memory=MemoryOptions.of(self), objective=self.objective, finetune=self.finetune,
                      quantize=quantize_method(self.quantize), lora_only=lora_only,
                      modules_to_save=bool(self.modules_to_save), pack=self.pack,
-                     auto_memory=self.auto_memory is not None, strategy=self.distributed, device=self.device)
+                     auto_memory=self.auto_memory is not None, strategy=self.distributed, device=self.device,
+                     reference=self.objective == "dpo" or (self.objective == "grpo" and self.beta != 0))
         return Choices(**{**given, **resolved})
 
 
@@ -160,6 +188,9 @@ _RANGES = (
     ("min_lr_ratio", 0, 1), ("max_grad_norm", 0, None), ("lora_alpha", (0,), None), ("lora_dropout", 0, (1,)),
     ("loraplus_lr_ratio", (0,), 1000), ("dpo_beta", (0,), None), ("forgetting_threshold", 0, None),
     ("dist_timeout", (0,), 10**7, "seconds"),
+    ("num_generations", 2, None), ("max_completion_length", 1, 131072), ("temperature", (0,), None),
+    ("top_p", (0,), 1), ("top_k", 0, None), ("num_iterations", 1, None), ("beta", 0, None), ("epsilon", 0, (1,)),
+    ("epsilon_high", 0, None),
 )
 
 

@@ -57,6 +57,7 @@ class Choices:
     device: str | None = None           # the --device flag; None: not chosen by a flag
     autocast: str | None = None         # fp16, bf16 or fp32 as resolved for the device; None until then
     planned: bool = False               # a plan (python -m lora_engine.plan), not a run
+    reference: bool = False             # the objective scores a reference, the adapter switched off (dpo; grpo, beta>0)
 
 
 def refuse(c: Choices, error: type[Exception] = ValueError) -> None:
@@ -75,16 +76,18 @@ def _problems(c: Choices):
     if m.offload_activations and not m.gradient_checkpointing:
         yield "--offload-activations offloads the checkpointed hidden states: it needs --gradient-checkpointing"
     yield from _method(c)
-    if c.auto_memory and (c.finetune == "full" or "--use-dora" in c.lora_only or c.objective == "dpo"):
+    if c.auto_memory and (c.finetune == "full" or "--use-dora" in c.lora_only or c.objective != "sft"):
         yield ("--auto-memory plans a LoRA/QLoRA next-token step; it cannot plan --finetune full, --use-dora or "
-               "--objective dpo: drop --auto-memory and set the memory flags yourself")
+               f"--objective {c.objective if c.objective != 'sft' else 'dpo'}: drop --auto-memory and set the memory "
+               "flags yourself")
     if c.planned:
         yield from _plan_device(c)
     if c.strategy == "fsdp":
         yield from _fsdp(c)
     if c.resolved and c.strategy in ("ddp", "fsdp") and not c.planned:
-        if c.objective == "dpo":
-            yield f"--objective dpo is not implemented with --distributed {c.strategy}: run DPO in one process"
+        if c.objective in ("dpo", "grpo"):
+            yield (f"--objective {c.objective} is not implemented with --distributed {c.strategy}: run it in one "
+                   "process")
         if c.device is not None and c.device.startswith("cuda:"):
             yield (f"--device {c.device} under torchrun: each rank takes cuda:LOCAL_RANK; pass --device cuda or auto "
                    "(choose the GPUs with CUDA_VISIBLE_DEVICES)")
@@ -101,6 +104,8 @@ def _method(c: Choices):
         if c.finetune == "full":
             yield ("--objective dpo with --finetune full would need a second, frozen copy of the model as the "
                    "reference; use --finetune lora (the reference is the adapter switched off)")
+    if c.objective == "grpo":
+        yield from _grpo(c)
     if c.finetune == "full":
         if c.quantize is not None:
             yield (f"--finetune full trains every weight, which --quantize {c.quantize} stores in 4 bits and cannot "
@@ -108,6 +113,18 @@ def _method(c: Choices):
         if c.lora_only:
             yield (f"{', '.join(c.lora_only)} configure LoRA adapters; --finetune full has none (drop them, or use "
                    "--finetune lora)")
+
+
+def _grpo(c: Choices):
+    """--objective grpo: prompts are sampled from, not packed; its KL reference is the adapter switched off."""
+    if c.pack:
+        yield "--objective grpo samples completions for each prompt: drop --pack"
+    if c.reference and c.modules_to_save:
+        yield ("--objective grpo with --beta > 0 takes its reference from the model with the adapter switched off, "
+               "which --modules-to-save (trained in place) does not allow; drop --modules-to-save or use --beta 0")
+    if c.reference and c.finetune == "full":
+        yield ("--objective grpo with --beta > 0 and --finetune full would need a second, frozen copy of the model "
+               "as the reference; use --beta 0, or --finetune lora (the reference is the adapter switched off)")
 
 
 def _plan_device(c: Choices):

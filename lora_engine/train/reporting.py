@@ -59,6 +59,9 @@ def data_lines(stats: dict, n_val: int, objective: str, max_length: int, data_fi
                 f"truncated at {max_length} tokens, {stats['dropped_no_targets']} dropped (no response token left), "
                 f"{stats.get('identical', 0)} dropped (identical responses); {stats['rows']} training pairs, "
                 f"{stats['target_tokens']:,} response tokens; {n_val} validation pairs"]
+    if objective == "grpo":
+        return [f"data: {stats['records']} prompt records, {stats['truncated']} truncated (from the left) at "
+                f"{max_length} tokens; {stats['rows']} training prompts; {n_val} held out"]
     lines = [f"data: {stats.get('records')} records {stats.get('formats')}, {stats.get('empty', 0)} skipped (empty), "
              f"{stats['truncated']} truncated at {max_length} tokens, {stats['dropped_no_targets']} dropped (no "
              f"target left); {stats['rows']} training rows, {stats['target_tokens']:,} target tokens; "

@@ -48,6 +48,10 @@ def setup(cfg: TrainConfig, explicit, tokenizer, model, log, dist: distributed.D
     cfg, ckpt = resolve(cfg, explicit, dist)
     log(describe(cfg))
     claim_out(cfg, ckpt, dist)
+    if cfg.objective == "grpo":  # a --reward that does not import is reported before anything loads
+        from lora_engine.train.rewards import load_rewards
+
+        load_rewards(cfg.reward, cfg.reward_weights)
     tokenizer, data = load_inputs(cfg, tokenizer, log)
     open_out(cfg, dist)
     step.seed_everything(cfg.seed)  # before apply_lora, which draws the initial lora_A
@@ -170,6 +174,9 @@ def make_run(cfg: TrainConfig, tokenizer, model, data: Prepared, prec: Precision
         val_pairs = pair_batches(data.val, cfg.eval_batch_size, pad) if data.val else None
         val_rows = [c for c, _ in data.val]  # the target loss before and after: on the chosen responses
         step_fn = functools.partial(dpo.train_step, beta=cfg.dpo_beta)
+    elif cfg.objective == "grpo":
+        batcher, step_fn = grpo_stepper(cfg, tokenizer, data, device, dist)
+        val_rows = []  # prompts have no target loss; a held-out reward is not measured yet
     else:
         batcher = Batcher(data.train, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
     per_step = cfg.grad_accum * dist.world  # micro-batches of the global stream per optimizer step
@@ -188,6 +195,23 @@ def make_run(cfg: TrainConfig, tokenizer, model, data: Prepared, prec: Precision
                amp=prec.autocast, total=total, evals_at=set(eval_steps(total, cfg.eval_every)) if val_rows else set(),
                manifest=new_manifest(cfg, model, data, prec, ckpt, dist), step_fn=step_fn, val_pairs=val_pairs,
                dist=dist)
+
+
+def grpo_stepper(cfg: TrainConfig, tokenizer, data: Prepared, device: torch.device, dist: distributed.Dist):
+    """--objective grpo: (the prompt batcher, which owns the sampling generator; the GRPO step)."""
+    from lora_engine.train.grpo import LossSettings
+    from lora_engine.train.grpo_step import GRPOStep, PromptBatcher, Sampling
+    from lora_engine.train.rewards import load_rewards
+
+    batcher = PromptBatcher(data.train, cfg.batch_size, cfg.seed, cfg.grad_accum * dist.world, cfg.num_iterations,
+                            device)
+    sampling = Sampling(cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k,
+                        cfg.scale_rewards)
+    loss = LossSettings(cfg.loss_type, cfg.beta, cfg.epsilon,
+                        cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high, cfg.importance_sampling_level,
+                        cfg.max_completion_length)
+    return batcher, GRPOStep(tokenizer, load_rewards(cfg.reward, cfg.reward_weights), sampling, loss, batcher,
+                             cfg.num_iterations)
 
 
 def new_manifest(cfg: TrainConfig, model, data: Prepared, prec: Precision, ckpt: Path | None,

@@ -1,0 +1,203 @@
+"""One GRPO optimizer step: sample G completions per prompt, score them, and step on the policy-gradient loss.
+
+    batcher = PromptBatcher(rows, batch_size, seed, per_step=grad_accum, num_iterations=mu, device=device)
+    step_fn = GRPOStep(tokenizer, rewards, sampling, loss_settings, batcher)
+    res = step_fn(model, opt, sched, [batcher.next() for _ in range(grad_accum)], max_grad_norm=1.0)
+
+A rollout is drawn at the first of every `num_iterations` (mu) steps, for all the step's prompts at once
+(the batched decoder, G copies of a prompt sharing one prefill, the sampler's own generator), and
+scored: rewards (train/rewards.py), advantages per group (grpo.advantages), the log-probs of the
+policy as it was (mu > 1: the ratios' denominator) and of the reference (beta > 0: the model with its
+adapter switched off). The mu steps of a rollout see the same prompts (PromptBatcher repeats a step's
+micro-batches mu times) and the same completions. Each micro-batch then contributes its share of the
+loss (grpo.policy_loss), backward, and the update is step.apply_gradients, as for SFT and DPO.
+
+StepResult.extra carries TRL's metric names: reward, reward_std, rewards/<f>/mean and /std,
+frac_reward_zero_std, completions/mean_length, completions/clipped_ratio (no stop token before
+--max-completion-length), kl (beta > 0), clip_ratio/low_mean, high_mean and region_mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lora_engine.data.pipeline import Batcher
+from lora_engine.lora.layers import adapters_disabled
+from lora_engine.models.generate import decode
+from lora_engine.train import rewards as reward_fns
+from lora_engine.train.grpo import LossSettings, advantages, nanstd, policy_loss
+from lora_engine.train.grpo_logps import completion_logps
+from lora_engine.train.step import StepResult, _autocast, apply_gradients
+
+
+class PromptBatcher(Batcher):
+    """Batcher over data.prepare.PromptRow: each step's `per_step` micro-batches of prompts come back
+    `num_iterations` times in a row (round 0 draws the rollout, the later rounds reuse it). It also owns the
+    sampling generator, seeded from the run's seed, so its state_dict (saved in every checkpoint) holds all that
+    decides which completions a step samples."""
+
+    def __init__(self, rows, batch_size: int, seed: int, per_step: int = 1, num_iterations: int = 1,
+                 device: torch.device | str = "cpu"):
+        super().__init__(rows, batch_size, seed, pad_id=0, group_by_length=False)
+        self.per_step, self.num_iterations = per_step, num_iterations
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._buffer: list[list[int]] = []
+        self._served = 0  # micro-batches served from the buffer
+
+    def next(self) -> dict:
+        span = self.per_step * self.num_iterations
+        if not self._buffer or self._served >= span:
+            self._buffer = [self.next_indices() for _ in range(self.per_step)]
+            self._served = 0
+        idx = self._buffer[self._served % self.per_step]
+        rnd = self._served // self.per_step
+        self._served += 1
+        rows = [self.rows[i] for i in idx]
+        return {"rows": rows, "where": [w for r in rows for w in r.where], "round": rnd}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "buffer": [list(b) for b in self._buffer], "served": self._served,
+                "sampler": self.generator.get_state()}
+
+    def load_state_dict(self, s: dict) -> None:
+        super().load_state_dict(s)
+        self._buffer, self._served = [list(b) for b in s["buffer"]], s["served"]
+        self.generator.set_state(s["sampler"])
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are drawn (--num-generations, --max-completion-length, --temperature, --top-p, --top-k)."""
+
+    num_generations: int = 8
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    scale_rewards: str = "group"
+
+
+@dataclass
+class Rollout:
+    """One micro-batch of completions, G per prompt, rows of a group consecutive; tensors on the model's device."""
+
+    input_ids: torch.Tensor        # (B, T) prompt + completion, right-padded
+    attention_mask: torch.Tensor   # (B, T)
+    prompt_lengths: torch.Tensor   # (B,)
+    completion_mask: torch.Tensor  # (B, C)
+    advantages: torch.Tensor       # (B,)
+    old_logps: torch.Tensor | None = None  # (B, C), mu > 1
+    ref_logps: torch.Tensor | None = None  # (B, C), beta > 0
+
+
+class GRPOStep:
+    """step.train_step's counterpart for --objective grpo (see the module docstring); holds the current rollout."""
+
+    def __init__(self, tokenizer, rewards: list[reward_fns.Reward], sampling: Sampling, loss: LossSettings,
+                 batcher: PromptBatcher, num_iterations: int = 1):
+        self.tokenizer, self.rewards, self.sampling, self.loss = tokenizer, rewards, sampling, loss
+        self.batcher = batcher
+        self.num_iterations = num_iterations
+        self.stop_ids = list(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self._rollouts: list[Rollout] | None = None
+        self._metrics: dict = {}
+
+    def __call__(self, model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float | None = 1.0,
+                 amp: torch.dtype | None = None, scaler=None, on_nonfinite: str = "stop",
+                 where: str = "") -> StepResult:
+        device = next(model.parameters()).device
+        if micro_batches[0]["round"] == 0 or self._rollouts is None:
+            # (a run resumed between the rounds of a rollout draws a new one: the old completions are not saved)
+            self._rollouts, self._metrics = self.draw(model, micro_batches, amp)
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.zero_grad(set_to_none=True)
+        step_tokens = sum(float(r.completion_mask.sum()) for r in self._rollouts)
+        loss_sum, kl, clipped, count, problem = 0.0, 0.0, {"low": 0.0, "high": 0.0, "region": 0.0}, 0.0, None
+        for i, ro in enumerate(self._rollouts):
+            with _autocast(device, amp):
+                lp = completion_logps(model, ro.input_ids, ro.attention_mask, ro.prompt_lengths, ro.completion_mask,
+                                      self.sampling.temperature)
+            parts = policy_loss(lp, ro.old_logps, ro.ref_logps, ro.advantages, ro.completion_mask, self.loss,
+                                len(self._rollouts), step_tokens)
+            if not torch.isfinite(parts.loss):
+                problem = f"non-finite GRPO loss ({float(parts.loss.detach())}) in micro-batch {i}"
+                break
+            (scaler.scale(parts.loss) if scaler is not None else parts.loss).backward()
+            loss_sum += float(parts.loss.detach())
+            kl += parts.kl_sum
+            count += parts.count
+            for k in clipped:
+                clipped[k] += parts.clipped[k]
+        grad_norm, skipped = apply_gradients(model, optimizer, scheduler, max_grad_norm, scaler, on_nonfinite, where,
+                                             problem)
+        extra = dict(self._metrics)
+        extra.update({f"clip_ratio/{k}_mean": v / max(count, 1.0) for k, v in clipped.items()})
+        if self.loss.beta != 0.0:
+            extra["kl"] = kl / max(step_tokens, 1.0)
+        tokens = sum(int(r.attention_mask.sum()) for r in self._rollouts)
+        return StepResult(math.nan if skipped else loss_sum, grad_norm, lr, tokens, int(step_tokens), skipped, extra)
+
+    @torch.no_grad()
+    def draw(self, model, micro_batches: list[dict], amp) -> tuple[list[Rollout], dict]:
+        """The step's rollouts (one per micro-batch) and their metrics: sample, score, advantages, log-probs."""
+        device = next(model.parameters()).device
+        G, s = self.sampling.num_generations, self.sampling
+        rows = [r for b in micro_batches for r in b["rows"] for _ in range(G)]  # each prompt G times, together
+        with _autocast(device, amp):
+            out = decode(model, [r.input_ids for r in rows], s.max_completion_length, temperature=s.temperature,
+                         top_p=s.top_p, top_k=s.top_k, stop_ids=self.stop_ids, generator=self.batcher.generator,
+                         pad_id=self.pad)
+        texts = [self.tokenizer.decode(out.text_tokens(i), skip_special_tokens=True) for i in range(len(rows))]
+        prompts = [r.prompt for r in rows]
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                       for p, t in zip(prompts, texts)]
+        keys = sorted({k for r in rows for k in r.fields})
+        fields = {k: [r.fields.get(k) for r in rows] for k in keys}
+        per_func = reward_fns.score(self.rewards, prompts, completions, {**fields, "completion_ids": out.tokens})
+        total = reward_fns.weighted_sum(per_func, self.rewards)
+        adv, zero_std = advantages(total, G, s.scale_rewards)
+        metrics = {"reward": float(torch.nanmean(total)), "reward_std": float(nanstd(total)),
+                   "frac_reward_zero_std": float(zero_std.float().mean()),
+                   "completions/mean_length": sum(map(len, out.tokens)) / len(rows),
+                   "completions/clipped_ratio": sum(e is None for e in out.ended_by) / len(rows)}
+        for j, r in enumerate(self.rewards):
+            metrics[f"rewards/{r.name}/mean"] = float(torch.nanmean(per_func[:, j]))
+            metrics[f"rewards/{r.name}/std"] = float(nanstd(per_func[:, j]))
+        rollouts, start = [], 0
+        for b in micro_batches:
+            n = len(b["rows"]) * G
+            ro = self._tensors(rows[start:start + n], out.tokens[start:start + n], adv[start:start + n], device)
+            with _autocast(device, amp):
+                if self.num_iterations > 1:
+                    ro.old_logps = self._logps(model, ro)
+                if self.loss.beta != 0.0:
+                    with adapters_disabled(model):
+                        ro.ref_logps = self._logps(model, ro)
+            rollouts.append(ro)
+            start += n
+        return rollouts, metrics
+
+    def _logps(self, model, ro: Rollout) -> torch.Tensor:
+        was = model.training
+        model.eval()  # dropout off: the log-probs of the policy that sampled
+        try:
+            return completion_logps(model, ro.input_ids, ro.attention_mask, ro.prompt_lengths, ro.completion_mask,
+                                    self.sampling.temperature)
+        finally:
+            model.train(was)
+
+    def _tensors(self, rows, completions: list[list[int]], adv: torch.Tensor, device) -> Rollout:
+        seqs = [r.input_ids + c for r, c in zip(rows, completions)]
+        T, C = max(map(len, seqs)), max(map(len, completions))
+        ids = torch.full((len(seqs), T), self.pad, dtype=torch.long)
+        attn = torch.zeros(len(seqs), T, dtype=torch.long)
+        cmask = torch.zeros(len(seqs), C, dtype=torch.long)
+        for i, (sq, c) in enumerate(zip(seqs, completions)):
+            ids[i, :len(sq)], attn[i, :len(sq)], cmask[i, :len(c)] = torch.tensor(sq), 1, 1
+        lengths = torch.tensor([len(r.input_ids) for r in rows])
+        return Rollout(ids.to(device), attn.to(device), lengths.to(device), cmask.to(device), adv.to(device))
