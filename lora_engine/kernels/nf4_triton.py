@@ -1,5 +1,7 @@
 """NF4 on the GPU: dequantization, and y = x W^T / dX = dY W with W dequantized tile by tile.
 
+One idea over ~500 lines: the two kernels share the decode, the launchers and one autograd.Function.
+
 Format (kernels/nf4_format.py, byte-compatible with bitsandbytes): W (out, in) flattened row-major
 to n elements, blocks of `blocksize` (32..4096) consecutive elements.
   packed  uint8 (ceil(n/2),)   byte j = q[2j] << 4 | q[2j+1]: element 2j in the HIGH nibble

@@ -1,5 +1,7 @@
 """Pure-PyTorch references for every kernel: the test oracle, the CPU path and the benchmark baseline.
 
+One idea over ~470 lines: the oracle is kept in one file so a reader checks every op against one page.
+
 Each function computes exactly what Hugging Face transformers / PEFT compute, in the same order of
 operations, so the model matches them bit for bit on CPU in fp32. Under torch.autocast the matmul
 ops follow kernels/amp.py (inputs cast to the autocast dtype, loss in fp32). This file imports

@@ -1,5 +1,7 @@
 """LoRA: low-rank adapters on the linear layers of a model, in PEFT's conventions.
 
+One idea over ~480 lines: the LoRA module and the functions that apply, merge and count it.
+
     y = x W^T (+ b) + s * dropout(x) A^T B^T        A: (r, in), B: (out, r), s = alpha / r
                                                      (alpha / sqrt(r) with rsLoRA)
 

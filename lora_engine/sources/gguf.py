@@ -1,5 +1,7 @@
 """GGUF (llama.cpp) -> Hugging Face folder, for Llama-architecture files with a byte-level BPE vocabulary.
 
+One idea over ~480 lines: reading a GGUF file, its checks included, into a Hugging Face folder.
+
     python -m lora_engine.convert FILE.gguf OUT_DIR [--force]
 
 Writes config.json, model.safetensors (float32), tokenizer.json, tokenizer_config.json,
