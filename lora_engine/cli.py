@@ -1,9 +1,10 @@
-"""Command lines from one config dataclass: every field becomes a flag, `--config file.toml` overlays.
+"""Command lines from one config dataclass: every field becomes a flag, `--config file.toml` (or .yaml) overlays.
 
-Precedence: dataclass defaults < the TOML file < flags given on the command line. Field metadata
+Precedence: dataclass defaults < the config file (TOML, or YAML by its .yaml/.yml extension) < flags given
+on the command line; `to_yaml` writes a resolved config back as a YAML file that `--config` takes. Field metadata
 (see `option`) may carry `help`, `choices`, `positional` (an argument, not a flag) and `required`;
 booleans get --x / --no-x (BooleanOptionalAction). Field names use underscores, flags dashes; the
-TOML file may use either. Validation lives in the dataclass's __post_init__, so a bad value from
+config file may use either. Validation lives in the dataclass's __post_init__, so a bad value from
 either source gets the same message. `parse` reads one command line, `parse_command` one with
 subcommands (`runs list DIR`); `option_like` declares a field with another dataclass's default and
 help, so two commands share one declaration of a setting.
@@ -258,7 +259,8 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
 def _add_fields(ap: argparse.ArgumentParser, cls) -> None:
     """--config, then one argument per field of `cls`."""
     hints = typing.get_type_hints(cls)
-    ap.add_argument("--config", default=None, help="a TOML file of field = value overlaid on the defaults")
+    ap.add_argument("--config", default=None, help="a TOML file (name = value) or YAML file (.yaml/.yml, "
+                                                  "name: value) overlaid on the defaults; flags override it")
     for f in dataclasses.fields(cls):
         tp, _ = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "")
@@ -293,24 +295,47 @@ def _default(f):
     return None
 
 
-def load_toml(path: str | Path, cls) -> dict:
-    """The fields set in a TOML file, checked against the dataclass (unknown keys and wrong types raise)."""
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def load_config(path: str | Path, cls) -> dict:
+    """The fields set in a config file, checked against the dataclass (unknown keys and wrong types raise):
+    YAML (one mapping of name: value) by a .yaml/.yml extension, else TOML (name = value)."""
     path = Path(path)
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
+    yaml = path.suffix.lower() in YAML_SUFFIXES
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file; pass the path of a TOML file of name = value lines")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+        raise ConfigError(f"--config {path}: no such file; pass the path of a TOML file of name = value lines "
+                          "or a .yaml file of name: value lines")
+    text = path.read_text(encoding="utf-8")
+    if yaml:
+        import yaml as pyyaml
+
+        try:
+            raw = pyyaml.safe_load(text)
+        except pyyaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {_one_line(str(e))}") from e
+        raw = {} if raw is None else raw  # an empty file sets nothing
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config file is one mapping of name: value lines, got a {type(raw).__name__}")
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
+            import tomli as tomllib
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    return _checked(path, raw, cls, yaml)
+
+
+def _checked(path: Path, raw: dict, cls, yaml: bool = False) -> dict:
+    """The file's settings by field name; unknown keys and values of the wrong type raise ConfigError naming both."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in raw.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name not in names:
             raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
         tp, optional = _base_type(hints[name])
@@ -319,7 +344,11 @@ def load_toml(path: str | Path, cls) -> dict:
             continue
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if typing.get_origin(tp) is tuple:  # a repeatable flag: a TOML array of its values
+        if yaml and tp is float and isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string: take it as the number it spells.
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if typing.get_origin(tp) is tuple:  # a repeatable flag: a list of its values
             item = typing.get_args(tp)[0]
             if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
                 raise ConfigError(f"{path}: {key} must be a list of {item.__name__}, got {value!r}")
@@ -328,6 +357,14 @@ def load_toml(path: str | Path, cls) -> dict:
             raise ConfigError(f"{path}: {key} must be {tp.__name__}, got {value!r}")
         out[name] = value
     return out
+
+
+def to_yaml(cfg) -> str:
+    """A resolved config as a YAML file of name: value lines, in field order, that `--config` reads back."""
+    import yaml
+
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
 
 
 def parse(cls, argv=None, prog: str = "", description: str = ""):
@@ -360,7 +397,7 @@ def _config(ap: argparse.ArgumentParser, cls, ns: dict):
     ns.pop("debug", None)
     values = {f.name: _default(f) for f in dataclasses.fields(cls)}
     if config_file:
-        values.update(load_toml(config_file, cls))
+        values.update(load_config(config_file, cls))
     values.update(ns)
     try:
         return cls(**values), set(ns)

@@ -3,14 +3,16 @@
 With no arguments it fine-tunes the embedded SmolLM2-135M-Instruct on the embedded chatterbot
 conversations, evaluating before and after. --objective dpo trains on preference pairs instead
 (default: pairs built from the same conversations), --finetune full every weight instead of LoRA.
-Every flag comes from TrainConfig (see --help); `--config run.toml` overlays a file. The output folder (--out) holds:
+Every flag comes from TrainConfig (see --help); `--config run.yaml` (or .toml) overlays a file, flags override it.
+The output folder (--out) holds:
 
   adapter/, adapter-best/    the PEFT adapter at the end, and at the best validation loss
   model/, model-best/        instead, with --finetune full: Hugging Face model folders
   checkpoints/step-N/        resumable checkpoints (--save-every, and on Ctrl-C / SIGTERM)
   metrics.jsonl              one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, ...
   loss.png                   the loss curve (when matplotlib is installed)
-  config.json, run.json      the resolved config; the lineage and evaluation results
+  config.json, config.yaml   the resolved config (rerun it with --config config.yaml)
+  run.json                   the lineage and evaluation results
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lora_engine.cli import CliError, user_input
+from lora_engine.cli import CliError, to_yaml, user_input
 from lora_engine.data.pipeline import Batcher
 from lora_engine.data.prepare import DataSpec, Prepared, prepare_data, read_data
 from lora_engine.io import atomic
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # What a run writes into its folder (train/command.py's list); --overwrite deletes these and nothing else.
 RUN_ENTRIES = ("checkpoints", "adapter", "adapter-best", "model", "model-best", "metrics.jsonl", "loss.png",
-               "config.json", lineage.MANIFEST)
+               "config.json", "config.yaml", lineage.MANIFEST)
 
 
 def setup(cfg: TrainConfig, explicit, tokenizer, model, log, dist: distributed.Dist) -> tuple[Run, LoopState]:
@@ -114,7 +114,7 @@ def load_inputs(cfg: TrainConfig, tokenizer, log) -> tuple[object, Prepared]:
 
 def open_out(cfg: TrainConfig, dist: distributed.Dist) -> None:
     """The output folder, ready (rank 0): the old run's entries deleted with --overwrite, temporaries of an
-    interrupted write removed, config.json written."""
+    interrupted write removed, config.json and config.yaml written."""
     out = Path(cfg.out)
     if dist.main:
         if cfg.overwrite:
@@ -123,6 +123,7 @@ def open_out(cfg: TrainConfig, dist: distributed.Dist) -> None:
         out.mkdir(parents=True, exist_ok=True)
         atomic.clean_temporaries(out)
         atomic.write_json(out / "config.json", dataclasses.asdict(cfg))
+        atomic.write_text(out / "config.yaml", to_yaml(cfg))  # the same, for `--config config.yaml`
     dist.barrier()
 
 
