@@ -43,6 +43,7 @@ from lora_engine.train.planning import (  # noqa: F401  (the plan's API, defined
     cuda_overhead,
     cuda_workspace,
     fit,
+    format_plan,
     host_weights,
     materialize,
     meta_model,
@@ -53,32 +54,6 @@ from lora_engine.train.planning import (  # noqa: F401  (the plan's API, defined
 )
 
 logger = logging.getLogger(__name__)
-
-
-def format_plan(cfg: PlanConfig, r: dict) -> str:
-    lines = [f"planned training step on {cfg.device}: {cfg.model}, {cfg.quantize} base, LoRA r={cfg.r}, "
-             f"{cfg.precision}, batch {r['batch_size']} x {r['seq_len']} tokens"
-             + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
-             + (", offloaded activations" if cfg.offload_activations else "")
-             + (f", MLP in chunks of {cfg.mlp_chunk_size} tokens" if cfg.mlp_chunk_size else "")
-             + (f", loss in chunks of {cfg.loss_chunk_size} tokens" if cfg.loss_chunk_size else "")
-             + (", embedding in CPU memory" if cfg.embedding_on_cpu else "")
-             + (", head in CPU memory" if cfg.head_on_cpu else "")
-             + (f"; per rank of {cfg.world_size} ({r['strategy']}, {cfg.batch_size} rows on each)"
-                if cfg.world_size > 1 else ""),
-             f"  peak of live tensors  {_gib(r['peak_bytes']):>12}  (during {r['peak_phase']})"]
-    for k in ("weights", "adapters_and_optimizer", "activations", "transient"):
-        lines.append(f"    {k:<22}{_gib(r[k]):>12}")
-    if r.get("host_weight_bytes"):
-        lines.append(f"  host memory (weights) {_gib(r['host_weight_bytes']):>12}  (CPU memory, not in the peak)")
-    if r.get("offloaded_bytes"):
-        lines.append(f"  host memory (offload) {_gib(r['offloaded_bytes']):>12}  (pinned CPU memory, not in the peak)")
-    if r["overhead_bytes"]:
-        lines.append(f"  + CUDA overhead       {_gib(r['overhead_bytes']):>12}  (context, cuBLAS workspace, "
-                     f"{FRAGMENTATION:.0%} fragmentation)")
-        lines.append(f"  = total               {_gib(r['total_bytes']):>12}")
-    lines.append(f"  FLOPs of one step     {r['flops'] / 1e12:>10.2f} T")
-    return "\n".join(lines)
 
 
 @logs_to("stderr")

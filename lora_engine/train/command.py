@@ -52,6 +52,11 @@ def main(argv=None) -> int:
     # Under torchrun these errors come from the same input or an agreed decision on every rank: rank 0 says it.
     say = (lambda e: print(f"error: {e}", file=sys.stderr)) if world_from_env()[0] == 0 else (lambda e: None)
     try:
+        if cfg.dry_run:
+            from lora_engine.train.dry_run import dry_run
+
+            dry_run(cfg, explicit)
+            return 0
         manifest = run(cfg, explicit, progress=ProgressBar)
     except (DataError, ResumeError, DistributedError, CliError) as e:
         say(e)

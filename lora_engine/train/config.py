@@ -26,6 +26,7 @@ from lora_engine.cli import format_config, parse_dtype
 from lora_engine.cli import option as _f
 from lora_engine.sources.embedded import DEFAULT_MODEL
 from lora_engine.train.options import Choices, MemoryOptions, refuse
+from lora_engine.train.trackers import parse_report_to
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -145,6 +146,11 @@ class TrainConfig:
                            choices=["stop", "skip"])
     log_every: int = _f(1, "write a metrics line every N steps")
     plot: bool = _f(True, "draw loss.png at the end (needs matplotlib)")
+    report_to: str = _f("none", "comma-separated trackers the metrics also go to: none, tensorboard, mlflow, wandb "
+                                "(metrics.jsonl is written always)")
+    dry_run: bool = _f(False, "print the resolved config, the data summary and quality counts, the trainable "
+                              "parameter count and the memory plan of a step, then exit without training or "
+                              "touching --out")
 
     def __post_init__(self):
         self.precision = parse_dtype(self.precision, "--precision", ("auto",))
@@ -161,6 +167,7 @@ class TrainConfig:
             raise ValueError(f"--finetune must be lora or full, got {self.finetune!r}")
         if self.overwrite and self.resume:
             raise ValueError("--overwrite starts the run in --out afresh, --resume continues one: give one of them")
+        self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
         refuse(self.choices())
 
     def choices(self, **resolved) -> Choices:

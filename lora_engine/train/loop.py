@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lora_engine.train import checkpoint, distributed, dpo, lineage, setup, step
+from lora_engine.train import checkpoint, distributed, dpo, lineage, setup, step, trackers
 from lora_engine.train.config import TrainConfig
 from lora_engine.train.evaluate import compare, format_table, run_eval
 from lora_engine.train.reporting import ProgressLog, Silent
@@ -83,11 +83,13 @@ def run(cfg: TrainConfig, explicit: set[str] = frozenset(), tokenizer=None, mode
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         r, state = setup.setup(cfg, explicit, tokenizer, model, log, dist)
-        with _failures_recorded(r, state):
+        with _failures_recorded(r, state), trackers.opened(r) as tr:
             bar = progress(r.total, state.step) if progress else ProgressLog(r.total, state.step, log)
-            status = _train(r, state, stop, bar)
+            status = _train(r, state, stop, bar, tr)
             bar.close()
-            return _finish(r, state, status, stop.signal, log)
+            manifest = _finish(r, state, status, stop.signal, log)
+            trackers.report_end(tr, r, state.step)
+            return manifest
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -125,7 +127,7 @@ def _last_checkpoint(r: Run) -> str:
     return str(good[-1]) if good else "none yet"
 
 
-def _train(r: Run, state: LoopState, stop: _Stop, bar) -> str:
+def _train(r: Run, state: LoopState, stop: _Stop, bar, tr: trackers.Trackers) -> str:
     """Steps until the run's end ("completed") or a signal or --stop-after ("interrupted")."""
     cfg = r.cfg
     # A signal may reach one rank only, or the ranks at different steps: they stop together (one
@@ -141,6 +143,7 @@ def _train(r: Run, state: LoopState, stop: _Stop, bar) -> str:
             if mf and (state.step % cfg.log_every == 0 or row.get("val_loss") is not None):
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
+                tr.log(trackers.train_metrics(row), state.step)
             bar.update(state.step, row["loss"], row["lr"], row["tokens_per_s"])
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < r.total:
                 r.save(state)

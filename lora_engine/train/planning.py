@@ -338,6 +338,32 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
+def format_plan(cfg: PlanConfig, r: dict) -> str:
+    lines = [f"planned training step on {cfg.device}: {cfg.model}, {cfg.quantize} base, LoRA r={cfg.r}, "
+             f"{cfg.precision}, batch {r['batch_size']} x {r['seq_len']} tokens"
+             + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
+             + (", offloaded activations" if cfg.offload_activations else "")
+             + (f", MLP in chunks of {cfg.mlp_chunk_size} tokens" if cfg.mlp_chunk_size else "")
+             + (f", loss in chunks of {cfg.loss_chunk_size} tokens" if cfg.loss_chunk_size else "")
+             + (", embedding in CPU memory" if cfg.embedding_on_cpu else "")
+             + (", head in CPU memory" if cfg.head_on_cpu else "")
+             + (f"; per rank of {cfg.world_size} ({r['strategy']}, {cfg.batch_size} rows on each)"
+                if cfg.world_size > 1 else ""),
+             f"  peak of live tensors  {_gib(r['peak_bytes']):>12}  (during {r['peak_phase']})"]
+    for k in ("weights", "adapters_and_optimizer", "activations", "transient"):
+        lines.append(f"    {k:<22}{_gib(r[k]):>12}")
+    if r.get("host_weight_bytes"):
+        lines.append(f"  host memory (weights) {_gib(r['host_weight_bytes']):>12}  (CPU memory, not in the peak)")
+    if r.get("offloaded_bytes"):
+        lines.append(f"  host memory (offload) {_gib(r['offloaded_bytes']):>12}  (pinned CPU memory, not in the peak)")
+    if r["overhead_bytes"]:
+        lines.append(f"  + CUDA overhead       {_gib(r['overhead_bytes']):>12}  (context, cuBLAS workspace, "
+                     f"{FRAGMENTATION:.0%} fragmentation)")
+        lines.append(f"  = total               {_gib(r['total_bytes']):>12}")
+    lines.append(f"  FLOPs of one step     {r['flops'] / 1e12:>10.2f} T")
+    return "\n".join(lines)
+
+
 # train --auto-memory: the memory options it switches on, one after another (each keeps the ones before),
 # cheapest in step time first. Options only a GPU has (host memory apart from the device's) come last
 # among equals and are skipped on --device cpu.
@@ -375,23 +401,28 @@ def auto_memory(cfg: PlanConfig, budget: int, model_config=None) -> tuple[dict, 
                      "--batch-size or --max-length, or use --quantize nf4")
 
 
+def plan_config(cfg: TrainConfig, device, model_path: str) -> PlanConfig:
+    """The plan of a run's step: batch_size x max_length tokens (the longest a batch can be) on `device`, in
+    --precision's storage dtype, with the run's memory options."""
+    import torch
+
+    from lora_engine.train.precision import resolve_precision
+
+    dtype = resolve_precision(device, cfg.precision).storage
+    return PlanConfig(model=model_path, seq_len=max(cfg.max_length, 2), batch_size=cfg.batch_size,
+                      quantize=cfg.quantize, r=cfg.r, target_modules=cfg.target_modules,
+                      precision={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+                      device="cuda" if torch.device(device).type == "cuda" else "cpu",
+                      **{name: getattr(cfg, name) for name, _, _ in AUTO_OPTIONS})
+
+
 def plan_training(cfg: TrainConfig, device, model_path: str, log) -> TrainConfig:
     """train --auto-memory: cfg with the memory options auto_memory picks for its step (batch_size x
     max_length tokens, the longest a batch can be) on `device` within cfg.auto_memory; logs the choice."""
     import dataclasses
 
-    import torch
-
-    from lora_engine.train.precision import resolve_precision
-
     budget = parse_size(cfg.auto_memory, "--auto-memory")
-    dtype = resolve_precision(device, cfg.precision).storage
-    plan_cfg = PlanConfig(model=model_path, seq_len=max(cfg.max_length, 2), batch_size=cfg.batch_size,
-                          quantize=cfg.quantize, r=cfg.r, target_modules=cfg.target_modules,
-                          precision={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
-                          device="cuda" if torch.device(device).type == "cuda" else "cpu",
-                          **{name: getattr(cfg, name) for name, _, _ in AUTO_OPTIONS})
-    picked, result = auto_memory(plan_cfg, budget)
+    picked, result = auto_memory(plan_config(cfg, device, model_path), budget)
     log(f"--auto-memory {cfg.auto_memory}: " + (", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
                                                          for k, v in picked.items()) or "no option needed")
         + f"; planned peak {_gib(result['total_bytes'])} for {cfg.batch_size} x {cfg.max_length} tokens")

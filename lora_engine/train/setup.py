@@ -28,7 +28,7 @@ from lora_engine.data.pipeline import Batcher
 from lora_engine.data.prepare import DataSpec, Prepared, prepare_data, read_data
 from lora_engine.io import atomic
 from lora_engine.registry import refs
-from lora_engine.train import checkpoint, distributed, dpo, lineage, reporting, step
+from lora_engine.train import checkpoint, distributed, dpo, lineage, reporting, step, trackers
 from lora_engine.train.config import TrainConfig, describe, eval_steps, quantize_method, resolve_device, resolve_resume
 from lora_engine.train.evaluate import general_rows
 from lora_engine.train.options import MemoryOptions, refuse
@@ -40,13 +40,15 @@ logger = logging.getLogger(__name__)
 
 # What a run writes into its folder (train/command.py's list); --overwrite deletes these and nothing else.
 RUN_ENTRIES = ("checkpoints", "adapter", "adapter-best", "model", "model-best", "metrics.jsonl", "loss.png",
-               "config.json", "config.yaml", lineage.MANIFEST)
+               "config.json", "config.yaml", "tensorboard", "wandb",
+               lineage.MANIFEST)
 
 
 def setup(cfg: TrainConfig, explicit, tokenizer, model, log, dist: distributed.Dist) -> tuple[Run, LoopState]:
     """Everything before the first step; the state is the checkpoint's with --resume, else new."""
     cfg, ckpt = resolve(cfg, explicit, dist)
     log(describe(cfg))
+    trackers.require(cfg.report_to)  # a --report-to package missing: said before anything loads
     claim_out(cfg, ckpt, dist)
     if cfg.objective == "grpo":  # a --reward that does not import is reported before anything loads
         from lora_engine.train.rewards import load_rewards
@@ -141,7 +143,7 @@ def build_model(cfg: TrainConfig, device: torch.device, log):
     """cfg.model loaded in --precision's storage dtype (train/precision.py), quantized per --quantize, with LoRA
     on cfg.target_modules (fp32 adapters)."""
     from lora_engine.loading import load_model
-    from lora_engine.lora.layers import LoraConfig, apply_lora, count_parameters
+    from lora_engine.lora.layers import apply_lora, count_parameters
 
     with user_input("--model"):
         model = load_model(refs.local_path(cfg.model, cfg.registry),
@@ -153,14 +155,20 @@ def build_model(cfg: TrainConfig, device: torch.device, log):
         log(f"full fine-tuning: {n:,} trainable parameters; fp32 AdamW holds ~{16 * n / 2**30:.2f} GiB "
             "(16 bytes per parameter) before activations")
         return model
-    apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora,
-                                 use_dora=cfg.use_dora,
-                                 modules_to_save=tuple(cfg.modules_to_save.split(",")) if cfg.modules_to_save else ()),
-               verbose=False)
+    apply_lora(model, lora_config(cfg), verbose=False)
     counts = count_parameters(model)
     log(f"LoRA: {counts['trainable']:,} trainable of {counts['total']:,} parameters")
     return model
+
+
+def lora_config(cfg: TrainConfig):
+    """The LoraConfig of the run's flags."""
+    from lora_engine.lora.layers import LoraConfig
+
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora,
+                      use_dora=cfg.use_dora,
+                      modules_to_save=tuple(cfg.modules_to_save.split(",")) if cfg.modules_to_save else ())
 
 
 def make_run(cfg: TrainConfig, tokenizer, model, data: Prepared, prec: Precision, device: torch.device,
