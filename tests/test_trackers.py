@@ -130,3 +130,31 @@ def test_tensorboard_events_hold_the_run_metrics(folder, data, tmp_path):
     assert ev[2] == pytest.approx(rows[1]["val_loss"], rel=1e-6)
     text = ea.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()  # the text plugin's record
     assert json.loads(text.strip("`\n")) == json.loads((out / "config.json").read_text())
+
+
+def test_mlflow_run_holds_the_metrics_config_and_files(folder, data, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="a test extra (pyproject's test list); pip install mlflow-skinny")
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # sqlite:/// needs sqlalchemy, not in mlflow-skinny
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "configs-test")
+    out = tmp_path / "run"
+    rc = main(["--model", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "3", "--batch-size",
+               "4", "--r", "4", "--max-length", "96", "--eval-every", "0", "--no-general-eval", "--no-plot",
+               "--report-to", "mlflow"])
+    assert rc == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("configs-test").experiment_id])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert loss == {r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in rows}
+    after = json.loads((out / "run.json").read_text())["eval"]["after"]["target"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/perplexity")] == [
+        (0, pytest.approx(json.loads((out / "run.json").read_text())["eval"]["before"]["target"]["ppl"])),
+        (3, pytest.approx(after["ppl"]))]
+    assert run.data.params["r"] == "4" and run.data.params["report_to"] == "mlflow"
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "run.json", "config.yaml", "metrics.jsonl"} <= files
