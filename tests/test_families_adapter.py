@@ -103,3 +103,27 @@ def test_a_fused_adapter_of_the_wrong_size_is_refused(phi3, tmp_path):
     with pytest.raises(CheckpointError, match=r"qkv_proj.lora_B is \(96, 2\).*needs lora_B \(128, r\)"):
         load_adapter(ours, folder, verbose=False)
     assert not hasattr(ours.model.layers[0].self_attn.q_proj, "lora_A")  # refused before any change
+
+
+def test_an_untrained_adapter_loads_back_into_its_model(phi3, tmp_path):
+    # B = 0 everywhere: the blocks cannot be read off B, so the LoRA on the model gives them.
+    ours = load_model(phi3)
+    apply_lora(ours, LoraConfig(r=3, target_modules=("q_proj", "v_proj", "gate_proj"),
+                                rank_pattern={"v_proj": 2}), verbose=False)
+    save_adapter(ours, tmp_path / "a")
+    a_before = ours.model.layers[2].self_attn.v_proj.lora_A.clone()
+    with torch.no_grad():
+        ours.model.layers[2].self_attn.v_proj.lora_A.zero_()
+    load_adapter(ours, tmp_path / "a", verbose=False)
+    torch.testing.assert_close(ours.model.layers[2].self_attn.v_proj.lora_A, a_before, rtol=0, atol=0)
+
+
+def test_a_fused_adapter_that_does_not_split_into_the_models_lora_is_refused(phi3, tmp_path):
+    peft = require_oracle("peft")
+    theirs = peft.get_peft_model(_hf(phi3), peft.LoraConfig(r=4, target_modules=["qkv_proj"]))
+    _randomize(theirs, 4)  # a dense B: every part needs rank 4
+    theirs.save_pretrained(tmp_path / "a")
+    ours = load_model(phi3)
+    apply_lora(ours, LoraConfig(r=2, target_modules=("q_proj", "k_proj", "v_proj")), verbose=False)
+    with pytest.raises(ValueError, match="q_proj has rank 4 in the adapter but 2 on the model"):
+        load_adapter(ours, tmp_path / "a", verbose=False)

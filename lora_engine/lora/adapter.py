@@ -257,7 +257,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
 
     fused = fused_modules(model)
     if any(f".{name}." in key for key in header for name in fused):  # PEFT's LoRA on fused modules: lora/fused.py
-        config, split = split_adapter(model, config, {k: read(k) for k in header}, PREFIX, weights)
+        config, split = split_adapter(model, config, {k: read(k) for k in header}, PREFIX, weights,
+                                      {p: m.r for p, m in existing.items()})
         header = {k: {"dtype": header[k]["dtype"] if k in header else _st_dtype(t), "shape": list(t.shape)}
                   for k, t in split.items()}
         read = split.__getitem__

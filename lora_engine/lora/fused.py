@@ -12,7 +12,8 @@ are exact:
         splits back into parts of rank r_i = that part's columns, with A_i = A's matching rows; a part
         with no columns gets no LoRA. Any other B (dense: PEFT trained it fused) gives every part the
         whole A and its rows of B, rank R each: B_i @ A = the fused update's rows, so it is exact too,
-        at R / r_i times the parts' LoRA compute.
+        at R / r_i times the parts' LoRA compute. Into a model that has LoRA already (resuming), the blocks
+        are its ranks first, so an adapter saved before training (B = 0, no blocks to read) loads back.
   DoRA  the magnitude is per output row, so it is cut and concatenated with the rows; saving DoRA needs
         every part targeted (an untargeted part's magnitude would be its weight's row norms).
 """
@@ -115,10 +116,11 @@ def _fuse(model, key: str, prefix: str, names: tuple[str, ...], parts: dict[int,
     return _record(rank, alpha, a, b, magnitude)
 
 
-def split_adapter(model, config: LoraConfig, tensors: dict[str, torch.Tensor], prefix: str,
-                  where: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def split_adapter(model, config: LoraConfig, tensors: dict[str, torch.Tensor], prefix: str, where: str,
+                  ranks_on_model: dict[str, int]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """An adapter on fused modules (PEFT on the transformers model) as LoRA on our parts: (a config naming
-    every path with its rank and alpha, the tensors under the parts' keys). See the module docstring."""
+    every path with its rank and alpha, the tensors under the parts' keys). See the module docstring.
+    ranks_on_model: {path: r} of the LoRA already on the model; its blocks are tried first (resuming)."""
     fused = fused_modules(model)
     out, ranks, alphas = {}, {}, {}
     paths = []
@@ -133,7 +135,8 @@ def split_adapter(model, config: LoraConfig, tensors: dict[str, torch.Tensor], p
         if stored is None or b is None:
             pieces = {path: (r, alpha, a, b, mag)}
         else:
-            pieces = _split(model, path, stored, fused[stored], r, alpha, config.use_rslora, a, b, mag, where)
+            pieces = _split(model, path, stored, fused[stored], r, alpha, config.use_rslora, a, b, mag, where,
+                            ranks_on_model)
         for p, (pr, palpha, pa, pb, pm) in pieces.items():
             ranks[p], alphas[p] = pr, palpha
             out[f"{prefix}{p}.lora_A.weight"] = pa
@@ -152,7 +155,7 @@ def split_adapter(model, config: LoraConfig, tensors: dict[str, torch.Tensor], p
     return split, out
 
 
-def _split(model, path, stored, names, r, alpha, rslora, a, b, magnitude, where) -> dict:
+def _split(model, path, stored, names, r, alpha, rslora, a, b, magnitude, where, ranks_on_model) -> dict:
     prefix = path[: -len(stored)]
     parts = [f"{prefix}{n}" for n in names]
     outs = [model.get_submodule(p).out_features for p in parts]
@@ -162,7 +165,7 @@ def _split(model, path, stored, names, r, alpha, rslora, a, b, magnitude, where)
                               f"({', '.join(map(str, outs))} rows); was the adapter made for another base model?")
     rows = torch.tensor(outs).cumsum(0).tolist()
     bounds = list(zip([0] + rows[:-1], rows, strict=True))
-    owners = _column_owners(b, bounds)
+    owners = _model_blocks(b, bounds, [ranks_on_model.get(p) for p in parts]) or _column_owners(b, bounds)
     pieces = {}
     if owners is not None and (magnitude is None or len(set(owners)) == len(parts)):
         scale = lora_scale(r, alpha, rslora)
@@ -180,6 +183,19 @@ def _split(model, path, stored, names, r, alpha, rslora, a, b, magnitude, where)
         pieces[p] = (r, alpha, a.contiguous(), b[lo:hi].contiguous(),
                      None if magnitude is None else magnitude[lo:hi].contiguous())
     return pieces
+
+
+def _model_blocks(b: torch.Tensor, bounds, ranks: list[int | None]) -> list[int] | None:
+    """Column owners from the ranks of the LoRA on the model, when they add up to B's columns and B is zero
+    outside those blocks (a zero block is ambiguous to _column_owners: an adapter saved before training)."""
+    if not any(ranks) or sum(r or 0 for r in ranks) != b.shape[1]:
+        return None
+    owners = [i for i, r in enumerate(ranks) for _ in range(r or 0)]
+    for i, (lo, hi) in enumerate(bounds):
+        outside = torch.tensor([o != i for o in owners])
+        if (b[lo:hi, outside] != 0).any():
+            return None
+    return owners
 
 
 def _column_owners(b: torch.Tensor, bounds) -> list[int] | None:
