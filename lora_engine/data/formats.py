@@ -221,7 +221,7 @@ def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str
         if m["role"] != "assistant":
             continue
         before = render(msgs[:i], True)
-        upto = render(msgs[: i + 1], False)
+        upto = _closed_turn(render(msgs[: i + 1], False), full, getattr(tok, "eos_token", None))
         if not (full.startswith(before) and full.startswith(upto) and len(before) >= done and upto.startswith(before)):
             raise DataError(
                 f"{record.where}: the tokenizer's chat template does not render conversation prefixes as prefixes "
@@ -233,6 +233,14 @@ def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str
     if done < len(full):
         out.append((full[done:], not completion_only))
     return [s for s in out if s[0]]
+
+
+def _closed_turn(upto: str, full: str, eos: str | None) -> str:
+    """`upto` without the EOS a template writes only where a conversation ends (Phi-3's, after the last
+    <|end|>): that EOS is learnt on the last turn, where the whole conversation has it too."""
+    if eos and not full.startswith(upto) and upto.endswith(eos) and full.startswith(upto[: -len(eos)]):
+        return upto[: -len(eos)]
+    return upto
 
 
 def tokenize(record: Record, fmt: str, tokenizer, completion_only: bool = True) -> Example:

@@ -7,6 +7,8 @@ Per-module ranks and alphas travel in `rank_pattern` / `alpha_pattern`, as PEFT 
 DoRA adds `...<path>.lora_magnitude_vector` (out,) per layer (no `.weight` suffix: PEFT's key) and
 `use_dora: true` in the config. modules_to_save are stored whole under their plain keys,
 `base_model.model.<module path>.weight` (PEFT drops its `modules_to_save.default.` infix on save).
+A family whose checkpoint fuses projections (Phi-3's qkv_proj, gate_up_proj) keeps PEFT's fused names on
+disk: save_adapter stacks the parts' LoRAs into one, load_adapter splits one, both exactly (lora/fused.py).
 
 The folder is built under a temporary name and swapped into place (lora_engine.io.atomic.atomic_dir), so
 a folder with a config always has the weights it describes; an existing folder is replaced only if it
@@ -32,6 +34,7 @@ import torch.nn as nn
 
 from lora_engine.io import atomic
 from lora_engine.io.safetensors import CheckpointError, read_safetensors_header, read_tensor, save_tensors
+from lora_engine.lora.fused import fuse_layers, fused_modules, split_adapter, stored_paths
 from lora_engine.lora.layers import (
     LoraConfig,
     LoraLinear,
@@ -99,13 +102,13 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora(model, config) first")
     folder = Path(folder)
     atomic.check_dir_replaceable(folder, ADAPTER_FILES)
-    tensors = {}
-    for path, m in layers.items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
-        if m.use_dora:
-            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().cpu().contiguous()
     config = _peft_config(model, layers, base_model_name_or_path or getattr(model, "name_or_path", None))
+    tensors = {}
+    for path, rec in fuse_layers(model, layers).items():  # fused modules (Phi-3) as PEFT names them: lora/fused.py
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = rec["lora_A"]
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = rec["lora_B"]
+        if "magnitude" in rec:
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = rec["magnitude"]
     if config["modules_to_save"]:
         warnings.warn(f"save_adapter: the adapter carries modules_to_save {config['modules_to_save']}: PEFT and "
                       "transformers load it, vLLM refuses adapters with modules_to_save (merge it with "
@@ -132,8 +135,9 @@ def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | No
     if len(dora) > 1:
         raise ValueError("save_adapter: some LoRA layers use DoRA and others do not; PEFT's format has one flag")
     # Only what differs from the global values goes into the patterns, keyed by full module path.
-    rank_pattern = {p: m.r for p, m in layers.items() if m.r != r}
-    alpha_pattern = {p: m.lora_alpha for p, m in layers.items() if m.lora_alpha != alpha}
+    records = fuse_layers(model, layers)
+    rank_pattern = {p: rec["r"] for p, rec in records.items() if rec["r"] != r}
+    alpha_pattern = {p: rec["lora_alpha"] for p, rec in records.items() if rec["lora_alpha"] != alpha}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -142,7 +146,7 @@ def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | No
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
-        "target_modules": _target_names(model, list(layers)),
+        "target_modules": _target_names(model, list(records)),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
@@ -160,8 +164,8 @@ def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | No
 def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
     """Short names (q_proj, ...) when they select exactly these layers, else the full paths."""
     short = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    covered = {n for n, m in model.named_modules()
-               if isinstance(m, (nn.Linear, LoraLinear)) and n.rsplit(".", 1)[-1] in short}
+    linear = stored_paths(model, [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear))])
+    covered = {n for n in linear if n.rsplit(".", 1)[-1] in short}
     return short if covered == set(paths) else sorted(paths)
 
 
@@ -245,30 +249,46 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
     existing = dict(lora_layers(model))
     if any(m.merged for m in existing.values()):
         raise ValueError("load_adapter: the model's LoRA is merged into its weights; call unmerge_lora(model) first")
+    header, start = read_safetensors_header(weights)
+    header.pop("__metadata__", None)
+
+    def read(key):
+        return read_tensor(weights, header[key], start)
+
+    fused = fused_modules(model)
+    if any(f".{name}." in key for key in header for name in fused):  # PEFT's LoRA on fused modules: lora/fused.py
+        config, split = split_adapter(model, config, {k: read(k) for k in header}, PREFIX, weights,
+                                      {p: m.r for p, m in existing.items()})
+        header = {k: {"dtype": header[k]["dtype"] if k in header else _st_dtype(t), "shape": list(t.shape)}
+                  for k, t in split.items()}
+        read = split.__getitem__
     expected = _expected_layers(model, config, existing, folder)
     whole = _expected_saved(model, config, existing, folder)
-    header, start = read_safetensors_header(weights)
     tensors = _check_keys(header, expected, whole, weights, raw.get("base_model_name_or_path"), model)
     if not existing:
         apply_lora(model, config, verbose=False)
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for path, m in layers.items():
-            m.lora_A.copy_(read_tensor(weights, header[tensors[path][0]], start))
-            m.lora_B.copy_(read_tensor(weights, header[tensors[path][1]], start))
+            m.lora_A.copy_(read(tensors[path][0]))
+            m.lora_B.copy_(read(tensors[path][1]))
             if config.use_dora:
-                m.lora_magnitude_vector.copy_(read_tensor(weights, header[tensors[path][2]], start))
+                m.lora_magnitude_vector.copy_(read(tensors[path][2]))
             m.lora_alpha = config.rank_and_alpha(path)[1]
             m.use_rslora = config.use_rslora
             m.scale = lora_scale(m.r, m.lora_alpha, m.use_rslora)
             m.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
             m.dropout.train(m.training)
         for key, (path, name, _) in whole.items():
-            getattr(model.get_submodule(path), name).copy_(read_tensor(weights, header[key], start))
+            getattr(model.get_submodule(path), name).copy_(read(key))
     model.lora_config = config
     if verbose:
         logger.info(f"loaded LoRA adapter {folder} into {len(layers)} layers")
     return model
+
+
+def _st_dtype(t: torch.Tensor) -> str:
+    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}.get(t.dtype, "?")
 
 
 def _expected_layers(model, config: LoraConfig, existing: dict, folder: Path) -> dict[str, tuple]:
