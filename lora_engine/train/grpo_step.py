@@ -15,6 +15,9 @@ loss (grpo.policy_loss), backward, and the update is step.apply_gradients, as fo
 StepResult.extra carries TRL's metric names: reward, reward_std, rewards/<f>/mean and /std,
 frac_reward_zero_std, completions/mean_length, completions/clipped_ratio (no stop token before
 --max-completion-length), kl (beta > 0), clip_ratio/low_mean, high_mean and region_mean.
+
+held_out_reward is the evaluation a GRPO run has in place of a target loss: the mean reward of greedy
+completions of the held-out prompts (--val-data, else --val-split of --data), before and after training.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 from lora_engine.data.pipeline import Batcher
 from lora_engine.lora.layers import adapters_disabled
-from lora_engine.models.generate import decode
+from lora_engine.models.generate import Completions, decode
 from lora_engine.train import rewards as reward_fns
 from lora_engine.train.grpo import LossSettings, advantages, nanstd, policy_loss
 from lora_engine.train.grpo_logps import completion_logps
@@ -152,14 +155,7 @@ class GRPOStep:
             out = decode(model, [r.input_ids for r in rows], s.max_completion_length, temperature=s.temperature,
                          top_p=s.top_p, top_k=s.top_k, stop_ids=self.stop_ids, generator=self.batcher.generator,
                          pad_id=self.pad)
-        texts = [self.tokenizer.decode(out.text_tokens(i), skip_special_tokens=True) for i in range(len(rows))]
-        prompts = [r.prompt for r in rows]
-        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
-                       for p, t in zip(prompts, texts)]
-        keys = sorted({k for r in rows for k in r.fields})
-        fields = {k: [r.fields.get(k) for r in rows] for k in keys}
-        per_func = reward_fns.score(self.rewards, prompts, completions, {**fields, "completion_ids": out.tokens})
-        total = reward_fns.weighted_sum(per_func, self.rewards)
+        per_func, total = self._score(rows, out)
         adv, zero_std = advantages(total, G, s.scale_rewards)
         metrics = {"reward": float(torch.nanmean(total)), "reward_std": float(nanstd(total)),
                    "frac_reward_zero_std": float(zero_std.float().mean()),
@@ -181,6 +177,46 @@ class GRPOStep:
             rollouts.append(ro)
             start += n
         return rollouts, metrics
+
+    def _score(self, rows, out: Completions) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rewards per function (N, F), their weighted sum (N,)) of the completions `out` of `rows`."""
+        texts = [self.tokenizer.decode(out.text_tokens(i), skip_special_tokens=True) for i in range(len(rows))]
+        prompts = [r.prompt for r in rows]
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                       for p, t in zip(prompts, texts)]
+        keys = sorted({k for r in rows for k in r.fields})
+        fields = {k: [r.fields.get(k) for r in rows] for k in keys}
+        per_func = reward_fns.score(self.rewards, prompts, completions, {**fields, "completion_ids": out.tokens})
+        return per_func, reward_fns.weighted_sum(per_func, self.rewards)
+
+    @torch.no_grad()
+    def held_out_reward(self, model, rows, batch_size: int = 8, amp: torch.dtype | None = None) -> dict:
+        """The mean reward of greedy (temperature 0) completions of the held-out prompts `rows`, one each, up to
+        --max-completion-length: deterministic, so the evaluations before and after training compare the
+        policies and not two draws. {"mean", "prompts", "per_function": {name: mean}}; a mean is None where no
+        function scored any prompt (every reward None)."""
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        try:
+            tokens, ended = [], []
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i:i + batch_size]
+                with _autocast(device, amp):
+                    out = decode(model, [r.input_ids for r in chunk], self.sampling.max_completion_length,
+                                 temperature=0.0, stop_ids=self.stop_ids, pad_id=self.pad)
+                tokens += out.tokens
+                ended += out.ended_by
+        finally:
+            model.train(was)
+        per_func, total = self._score(rows, Completions(tokens, ended))
+
+        def mean(x: torch.Tensor) -> float | None:
+            m = float(torch.nanmean(x))
+            return None if math.isnan(m) else m
+
+        return {"mean": mean(total), "prompts": len(rows),
+                "per_function": {r.name: mean(per_func[:, j]) for j, r in enumerate(self.rewards)}}
 
     def _logps(self, model, ro: Rollout) -> torch.Tensor:
         was = model.training
