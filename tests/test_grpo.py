@@ -236,6 +236,23 @@ def test_held_out_reward_is_greedy_and_batched_the_same(folder):
     assert none.held_out_reward(model, rows)["mean"] is None
 
 
+@pytest.mark.parametrize("stop_after", [1, 2])  # between the two steps of a rollout, and at its boundary
+def test_a_run_resumed_mid_rollout_equals_the_run_not_stopped_loss_for_loss(folder, tmp_path, stop_after):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    flags = ("--max-steps", "4", "--num-iterations", "2", "--reward", "numeric_match,length_penalty", "--beta", "0.04")
+    assert _run(folder, tmp_path / "a", *flags) == 0
+    assert _run(folder, tmp_path / "b", *flags, "--stop-after", str(stop_after)) == 0
+    state = torch.load(tmp_path / "b" / "run" / "checkpoints" / f"step-{stop_after:08d}" / "state.pt",
+                       weights_only=True)  # what the resumed run reads: tensors and plain data only
+    assert ("rollout" in state["data"]) == (stop_after == 1)
+    assert main(["--resume", str(tmp_path / "b" / "run")]) == 0
+    rows = [[json.loads(x) for x in (tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines()]
+            for d in "ab"]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "reward", "kl", "completions/mean_length"):
+        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+
+
 def test_a_failing_reward_function_stops_the_run_naming_it(folder, tmp_path, monkeypatch, capsys):
     (tmp_path / "my_rewards.py").write_text("def strict(prompts, completions, answer, **kw):\n"
                                             "    raise RuntimeError('no parser for this')\n")
