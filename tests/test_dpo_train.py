@@ -160,6 +160,18 @@ def test_a_short_dpo_run_learns_the_preference(folder, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_an_ipo_run_starts_at_its_own_first_loss_and_learns_the_preference(folder, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", pref_records(32))
+    val = write_jsonl(tmp_path / "val.jsonl", pref_records(40)[32:])
+    rows, manifest = _run(folder, tmp_path / "run", "--data", str(data), "--val-data", str(val), "--max-steps", "8",
+                          "--lr", "1e-2", "--dpo-loss", "ipo", "--dpo-beta", "0.5")
+    assert rows[0]["loss"] == pytest.approx(1 / (4 * 0.5**2), abs=1e-6)  # B = 0: (0 - 1 / (2 beta))**2
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["reward_accuracy"] > 0.5
+    before, after = manifest["eval"]["before"]["preference"], manifest["eval"]["after"]["preference"]
+    assert before["loss"] == pytest.approx(1.0, abs=1e-6) and after["loss"] < before["loss"]
+    assert manifest["config"]["dpo_loss"] == "ipo"
+
+
 def test_dpo_reads_plain_text_preferences_and_splits_off_validation(folder, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", pref_records(20, chat=False))
     rows, manifest = _run(folder, tmp_path / "run", "--data", str(data), "--max-steps", "2", "--val-split", "0.2")

@@ -66,6 +66,8 @@ class TrainConfig:
                                "learning from --reward functions on {prompt, ...} records (GRPO, Dr. GRPO, DAPO, GSPO)",
                            choices=["sft", "dpo", "grpo"])
     dpo_beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference (--objective dpo)")
+    dpo_loss: str = _f("sigmoid", "--objective dpo's loss: sigmoid (DPO), or ipo (IPO, TRL's length-normalised form; "
+                       "--dpo-beta is its tau)", choices=["sigmoid", "ipo"])
     # --objective grpo (train/grpo_step.py); names and defaults as TRL's GRPOConfig.
     reward: str | None = _f(None, "grpo: comma-separated reward functions, built-ins (exact_match, numeric_match, "
                                   "think_format, length_penalty) or module:function with TRL's signature "
@@ -152,6 +154,8 @@ class TrainConfig:
             raise ValueError("--max-steps 0 needs --epochs > 0")
         if self.objective not in ("sft", "dpo", "grpo"):
             raise ValueError(f"--objective must be sft, dpo or grpo, got {self.objective!r}")
+        if self.dpo_loss not in ("sigmoid", "ipo"):
+            raise ValueError(f"--dpo-loss must be sigmoid or ipo, got {self.dpo_loss!r}")
         if self.objective == "grpo" and not (self.reward or "").strip():
             raise ValueError("--objective grpo needs --reward: a built-in (exact_match, numeric_match, think_format, "
                              "length_penalty) or module:function")

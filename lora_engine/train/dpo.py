@@ -1,12 +1,18 @@
-"""DPO (Rafailov et al. 2023, "Direct Preference Optimization"), the sigmoid loss, for a LoRA model.
+"""DPO (Rafailov et al. 2023, "Direct Preference Optimization") for a LoRA model: the sigmoid loss, or IPO's.
 
     r_c = beta * (log pi(chosen | prompt) - log pi_ref(chosen | prompt))         (the same for r_r)
-    loss = -log sigmoid(r_c - r_r), averaged over pairs
+    sigmoid (--dpo-loss sigmoid, the default):  loss = -log sigmoid(r_c - r_r), averaged over pairs
+    ipo (Azar et al. 2023, Eq. 17, as TRL's DPOTrainer computes loss_type="ipo"):
+        h = (log pi/pi_ref)(chosen) / n_c - (log pi/pi_ref)(rejected) / n_r       (n: response tokens)
+        loss = (h - 1 / (2 beta))**2, averaged over pairs
+    IPO's log-ratios are divided by the response lengths (TRL's choice, confirmed with IPO's authors: a
+    sum over tokens would make the squared loss grow with length); beta is the paper's tau.
 
 log pi(y | x) is the sum of the token log-probabilities of the response tokens only (labels != -100,
 labels[t + 1] predicted by position t, as in CausalLM.loss). The reference pi_ref is the same model
 with its adapters switched off (lora.layers.adapters_disabled), so no second copy of the weights
-exists; at initialisation (B = 0) policy and reference agree and the first loss is exactly ln 2.
+exists; at initialisation (B = 0) policy and reference agree and the first loss is exactly ln 2
+(sigmoid; IPO's is 1 / (4 beta**2)).
 
 Sequence log-probabilities come from dispatch.linear_cross_entropy with reduction="sum", one row at
 a time, so the (tokens x vocab) logits are never materialised, for the policy or the reference.
@@ -30,6 +36,7 @@ from lora_engine.lora.layers import adapters_disabled
 from lora_engine.train.step import StepResult, _autocast, apply_gradients
 
 SIDES = ("chosen", "rejected")
+LOSS_TYPES = ("sigmoid", "ipo")
 
 
 @dataclass
@@ -53,18 +60,27 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
                         for i in range(h.shape[0])])
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1) -> DPOResult:
-    """The sigmoid DPO loss from (B,) sequence log-probabilities; see the module docstring."""
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1, loss_type: str = "sigmoid",
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> DPOResult:
+    """The DPO loss (sigmoid or ipo) from (B,) sequence log-probabilities; see the module docstring. ipo needs the
+    (B,) response token counts of each side. The reward margin and accuracy are beta * log-ratios for both."""
     if not beta > 0:
         raise ValueError(f"--dpo-beta must be > 0, got {beta}")
-    r_c = beta * (policy_chosen - ref_chosen)
-    r_r = beta * (policy_rejected - ref_rejected)
-    margin = r_c - r_r
-    return DPOResult(-F.logsigmoid(margin).mean(), float(margin.detach().mean()),
-                     float((margin.detach() > 0).float().mean()))
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"--dpo-loss must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    lr_c, lr_r = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    margin = beta * lr_c - beta * lr_r
+    if loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("dpo_loss: loss_type 'ipo' needs chosen_tokens and rejected_tokens (response lengths)")
+        h = lr_c / chosen_tokens.clamp(min=1) - lr_r / rejected_tokens.clamp(min=1)
+        loss = ((h - 1 / (2 * beta)) ** 2).mean()
+    else:
+        loss = -F.logsigmoid(margin).mean()
+    return DPOResult(loss, float(margin.detach().mean()), float((margin.detach() > 0).float().mean()))
 
 
-def dpo_batch_loss(model, batch: dict, beta: float = 0.1) -> DPOResult:
+def dpo_batch_loss(model, batch: dict, beta: float = 0.1, loss_type: str = "sigmoid") -> DPOResult:
     """DPO on one preference batch: policy with the adapter, reference with it switched off (no grad)."""
     def logps(side):
         return sequence_logps(model, batch[f"{side}_input_ids"], batch[f"{side}_labels"],
@@ -72,7 +88,8 @@ def dpo_batch_loss(model, batch: dict, beta: float = 0.1) -> DPOResult:
 
     with torch.no_grad(), adapters_disabled(model):
         ref_c, ref_r = logps("chosen"), logps("rejected")
-    return dpo_loss(logps("chosen"), logps("rejected"), ref_c, ref_r, beta)
+    n_c, n_r = ((batch[f"{s}_labels"][:, 1:] != -100).sum(dim=1) for s in SIDES)
+    return dpo_loss(logps("chosen"), logps("rejected"), ref_c, ref_r, beta, loss_type, n_c, n_r)
 
 
 def _on_device(batch: dict, device) -> dict:
@@ -90,7 +107,7 @@ def _counts(micro_batches: list[dict]) -> tuple[int, int, int]:
 
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float | None = 1.0,
                amp: torch.dtype | None = None, scaler=None, on_nonfinite: str = "stop", where: str = "",
-               beta: float = 0.1) -> StepResult:
+               beta: float = 0.1, loss_type: str = "sigmoid") -> StepResult:
     """One DPO optimizer step over preference micro-batches; step.train_step's arguments and result.
 
     The loss is the mean over all pairs of the step (each micro-batch's pair sum / all pairs), so
@@ -107,7 +124,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
     loss_sum, margin_sum, correct, problem = 0.0, 0.0, 0.0, None
     for i, b in enumerate(micro_batches):
         with _autocast(device, amp):
-            res = dpo_batch_loss(model, _on_device(b, device), beta)
+            res = dpo_batch_loss(model, _on_device(b, device), beta, loss_type)
         rows = res.loss.new_tensor(b["chosen_input_ids"].shape[0])
         part = res.loss.float() * rows / n
         if not torch.isfinite(part):
@@ -126,9 +143,10 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], max_grad_
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], beta: float = 0.1, amp: torch.dtype | None = None) -> dict:
+def evaluate(model, batches: list[dict], beta: float = 0.1, amp: torch.dtype | None = None,
+             loss_type: str = "sigmoid") -> dict:
     """{"loss", "reward_margin", "reward_accuracy", "pairs"} over preference batches (means over pairs), in eval
-    mode. Before training (B = 0) the loss is ln 2 and the accuracy 0: no pair's margin is above zero yet."""
+    mode. Before training (B = 0) the loss is ln 2 (sigmoid) and the accuracy 0: no pair's margin is above zero yet."""
     if not batches:
         raise ValueError("dpo.evaluate: no preference batch to evaluate")
     was = model.training
@@ -139,7 +157,7 @@ def evaluate(model, batches: list[dict], beta: float = 0.1, amp: torch.dtype | N
         for b in batches:
             k = b["chosen_input_ids"].shape[0]
             with _autocast(device, amp):
-                res = dpo_batch_loss(model, _on_device(b, device), beta)
+                res = dpo_batch_loss(model, _on_device(b, device), beta, loss_type)
             loss += float(res.loss) * k
             margin += res.reward_margin * k
             correct += res.reward_accuracy * k

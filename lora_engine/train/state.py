@@ -83,7 +83,8 @@ class Run:
         (the mean reward of greedy completions of the held-out prompts)."""
         out = run_eval(self.model, self.tokenizer, self.val_rows, general, self.cfg.eval_batch_size, self.amp)
         if self.val_pairs:
-            out["preference"] = dpo.evaluate(self.model, self.val_pairs, self.cfg.dpo_beta, self.amp)
+            out["preference"] = dpo.evaluate(self.model, self.val_pairs, self.cfg.dpo_beta, self.amp,
+                                             self.cfg.dpo_loss)
         if self.held_out is not None:
             out["reward"] = self.held_out(self.model)
         return out

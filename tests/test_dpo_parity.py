@@ -1,0 +1,77 @@
+"""--dpo-loss sigmoid and ipo equal TRL's: trl's own DPOTrainer._compute_loss (loss_type "sigmoid" and "ipo") against
+our dpo_loss on the same per-token log-probabilities, loss and gradients.
+
+The trainer is not constructed (that needs a model, a dataset and accelerate): _compute_loss is called unbound on
+an object that has the attributes DPOConfig would give, with a stand-in for the model that returns given
+per-token log-probs (what TRL's fused LM head returns) and precomputed reference log-probs. Our side's sequence
+log-probs (sequence_logps) are checked against transformers in test_dpo.py; this file checks the loss function.
+The rows' responses differ in length, so IPO's length normalisation is exercised. Both sides sum the same fp32
+values in the same order, up to the sum over a row's tokens: rtol 1e-6.
+"""
+
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+
+from lora_engine.train.config import TrainConfig
+from lora_engine.train.dpo import dpo_loss
+from tests.conftest import require_oracle
+
+trl = require_oracle("trl")
+
+
+def _trl_loss(loss_type, beta, per_token, mask, ref_c, ref_r):
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    def model(**kw):
+        n = per_token.shape[0]
+        zeros = torch.zeros_like(per_token)
+        return types.SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros,
+                                     is_top1=torch.zeros(n, per_token.shape[1], dtype=torch.bool))
+
+    acc = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    t = types.SimpleNamespace(model=types.SimpleNamespace(training=True), accelerator=acc, aux_loss_enabled=False,
+                              ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+                              loss_types=[loss_type], loss_weights=[1.0], beta=beta, use_weighting=False,
+                              _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+                              _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.ones_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
+              "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    return DPOTrainer._compute_loss(t, model, inputs, return_outputs=False)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_and_gradients_equal_trl(loss_type, beta):
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 9
+    prompt, lengths = 2, [4, 7, 2, 6, 3, 5]  # chosen rows, then rejected rows (TRL's batch order)
+    mask = torch.zeros(2 * B, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, prompt:prompt + n] = 1
+    shift = mask[:, 1:]
+    logps = (-torch.rand(2 * B, T - 1, generator=g) * 3).requires_grad_()
+    ref = (logps.detach() * shift).sum(1) + torch.randn(2 * B, generator=g)  # a policy away from its reference
+    theirs = _trl_loss(loss_type, beta, logps * shift, mask, ref[:B], ref[B:])
+    (grad_theirs,) = torch.autograd.grad(theirs, logps)
+    seq = (logps * shift).sum(1)
+    n = shift.sum(1)  # response tokens per row: what IPO divides by
+    assert torch.equal(n, mask.sum(1))
+    ours = dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], beta, loss_type, n[:B], n[B:])
+    (grad_ours,) = torch.autograd.grad(ours.loss, logps)
+    torch.testing.assert_close(ours.loss, theirs, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-6, atol=1e-9)
+    margin = beta * ((seq - ref)[:B] - (seq - ref)[B:])
+    assert ours.reward_margin == pytest.approx(float(margin.mean()), rel=1e-6)
+
+
+def test_dpo_loss_errors():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="--dpo-loss must be one of sigmoid, ipo, got 'hinge'"):
+        dpo_loss(x, x, x, x, loss_type="hinge")
+    with pytest.raises(ValueError, match="loss_type 'ipo' needs chosen_tokens and rejected_tokens"):
+        dpo_loss(x, x, x, x, loss_type="ipo")
+    with pytest.raises(ValueError, match="--dpo-loss must be sigmoid or ipo, got 'simpo'"):
+        TrainConfig(objective="dpo", dpo_loss="simpo")
