@@ -1,5 +1,6 @@
 """--dpo-loss sigmoid and ipo equal TRL's: trl's own DPOTrainer._compute_loss (loss_type "sigmoid" and "ipo") against
-our dpo_loss on the same per-token log-probabilities, loss and gradients.
+our dpo_loss on the same per-token log-probabilities, loss and gradients; --dpo-loss simpo equals TRL's
+CPOTrainer (loss_type "simpo", cpo_alpha 0: SimPO without the NLL term) on the same logits.
 
 The trainer is not constructed (that needs a model, a dataset and accelerate): _compute_loss is called unbound on
 an object that has the attributes DPOConfig would give, with a stand-in for the model that returns given
@@ -67,11 +68,38 @@ def test_dpo_loss_and_gradients_equal_trl(loss_type, beta):
     assert ours.reward_margin == pytest.approx(float(margin.mean()), rel=1e-6)
 
 
+@pytest.mark.parametrize("beta,gamma", [(2.0, 0.5), (0.5, 1.2)])
+def test_simpo_loss_and_gradients_equal_trl_cpo(beta, gamma):
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 3, 10, 17
+    logits = torch.randn(2 * B, T, V, generator=g).requires_grad_()
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    for i, n in enumerate([3, 6, 2, 5, 8, 4]):  # the prompt's positions carry no label
+        labels[i, :T - n] = -100
+    t = types.SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=gamma, beta=beta, label_smoothing=0.0,
+                              accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+    avg = CPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    losses, chosen, rejected = CPOTrainer.cpo_loss(t, avg[:B], avg[B:])
+    theirs = losses.mean()
+    (grad_theirs,) = torch.autograd.grad(theirs, logits)
+    seq = CPOTrainer.get_batch_logps(logits, labels)  # sums: what sequence_logps gives (test_dpo.py)
+    n = (labels[:, 1:] != -100).sum(1)
+    ours = dpo_loss(seq[:B], seq[B:], None, None, beta, "simpo", n[:B], n[B:], simpo_gamma=gamma)
+    (grad_ours,) = torch.autograd.grad(ours.loss, logits)
+    torch.testing.assert_close(ours.loss, theirs, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=1e-9)
+    assert ours.reward_margin == pytest.approx(float((chosen - rejected).mean()), rel=1e-5)
+
+
 def test_dpo_loss_errors():
     x = torch.zeros(2)
-    with pytest.raises(ValueError, match="--dpo-loss must be one of sigmoid, ipo, got 'hinge'"):
+    with pytest.raises(ValueError, match="--dpo-loss must be one of sigmoid, ipo, simpo, got 'hinge'"):
         dpo_loss(x, x, x, x, loss_type="hinge")
     with pytest.raises(ValueError, match="loss_type 'ipo' needs chosen_tokens and rejected_tokens"):
         dpo_loss(x, x, x, x, loss_type="ipo")
-    with pytest.raises(ValueError, match="--dpo-loss must be sigmoid or ipo, got 'simpo'"):
-        TrainConfig(objective="dpo", dpo_loss="simpo")
+    with pytest.raises(ValueError, match="loss_type 'simpo' needs chosen_tokens and rejected_tokens"):
+        dpo_loss(x, x, None, None, loss_type="simpo")
+    with pytest.raises(ValueError, match="--dpo-loss must be sigmoid, ipo or simpo, got 'orpo'"):
+        TrainConfig(objective="dpo", dpo_loss="orpo")

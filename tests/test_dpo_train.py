@@ -130,6 +130,8 @@ def test_config_refuses_what_dpo_cannot_do():
         TrainConfig(objective="dpo", modules_to_save="lm_head")
     with pytest.raises(ValueError, match="second, frozen copy"):
         TrainConfig(objective="dpo", finetune="full")
+    TrainConfig(objective="dpo", dpo_loss="simpo", finetune="full")  # SimPO has no reference to keep
+    TrainConfig(objective="dpo", dpo_loss="simpo", modules_to_save="lm_head")
 
 
 def _run(folder, out, *flags):
@@ -170,6 +172,23 @@ def test_an_ipo_run_starts_at_its_own_first_loss_and_learns_the_preference(folde
     before, after = manifest["eval"]["before"]["preference"], manifest["eval"]["after"]["preference"]
     assert before["loss"] == pytest.approx(1.0, abs=1e-6) and after["loss"] < before["loss"]
     assert manifest["config"]["dpo_loss"] == "ipo"
+
+
+def test_a_simpo_run_needs_no_reference_pass_and_learns_the_preference(folder, tmp_path, monkeypatch):
+    from lora_engine.train import dpo
+
+    def no_reference(model):
+        raise AssertionError("SimPO switched the adapter off for a reference pass")
+
+    monkeypatch.setattr(dpo, "adapters_disabled", no_reference)
+    data = write_jsonl(tmp_path / "train.jsonl", pref_records(32))
+    val = write_jsonl(tmp_path / "val.jsonl", pref_records(40)[32:])
+    rows, manifest = _run(folder, tmp_path / "run", "--data", str(data), "--val-data", str(val), "--max-steps", "8",
+                          "--lr", "1e-2", "--dpo-loss", "simpo", "--dpo-beta", "2", "--simpo-gamma", "0.3")
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["reward_accuracy"] > 0.5
+    before, after = manifest["eval"]["before"]["preference"], manifest["eval"]["after"]["preference"]
+    assert after["loss"] < before["loss"] and after["reward_margin"] > before["reward_margin"]
+    assert manifest["config"]["dpo_loss"] == "simpo" and manifest["config"]["simpo_gamma"] == 0.3
 
 
 def test_dpo_reads_plain_text_preferences_and_splits_off_validation(folder, tmp_path):

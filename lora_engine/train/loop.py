@@ -183,7 +183,8 @@ def _validate(r: Run, state: LoopState, row: dict) -> None:
     """The mid-run validation loss into `row` (with DPO also val_reward_accuracy); a new best is saved as
     adapter-best/ (model-best/)."""
     if r.val_pairs:
-        ev = dpo.evaluate(r.model, r.val_pairs, r.cfg.dpo_beta, r.amp, r.cfg.dpo_loss)
+        ev = dpo.evaluate(r.model, r.val_pairs, r.cfg.dpo_beta, r.amp, r.cfg.dpo_loss,
+                          r.cfg.simpo_gamma)
         v, row["val_reward_accuracy"] = ev["loss"], ev["reward_accuracy"]
     else:
         v = run_eval(r.model, r.tokenizer, r.val_rows, None, r.cfg.eval_batch_size, r.amp)["target"]["loss"]

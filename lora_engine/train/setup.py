@@ -173,7 +173,8 @@ def make_run(cfg: TrainConfig, tokenizer, model, data: Prepared, prec: Precision
         batcher = PairBatcher(data.train, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
         val_pairs = pair_batches(data.val, cfg.eval_batch_size, pad) if data.val else None
         val_rows = [c for c, _ in data.val]  # the target loss before and after: on the chosen responses
-        step_fn = functools.partial(dpo.train_step, beta=cfg.dpo_beta, loss_type=cfg.dpo_loss)
+        step_fn = functools.partial(dpo.train_step, beta=cfg.dpo_beta, loss_type=cfg.dpo_loss,
+                                    simpo_gamma=cfg.simpo_gamma)
     elif cfg.objective == "grpo":
         batcher, step_fn = grpo_stepper(cfg, tokenizer, data, device, dist)
         val_rows = []  # prompts have no target loss: the held-out evaluation is the reward of greedy completions

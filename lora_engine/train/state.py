@@ -84,7 +84,7 @@ class Run:
         out = run_eval(self.model, self.tokenizer, self.val_rows, general, self.cfg.eval_batch_size, self.amp)
         if self.val_pairs:
             out["preference"] = dpo.evaluate(self.model, self.val_pairs, self.cfg.dpo_beta, self.amp,
-                                             self.cfg.dpo_loss)
+                                             self.cfg.dpo_loss, self.cfg.simpo_gamma)
         if self.held_out is not None:
             out["reward"] = self.held_out(self.model)
         return out
