@@ -1,6 +1,7 @@
 """--dpo-loss sigmoid and ipo equal TRL's: trl's own DPOTrainer._compute_loss (loss_type "sigmoid" and "ipo") against
 our dpo_loss on the same per-token log-probabilities, loss and gradients; --dpo-loss simpo equals TRL's
-CPOTrainer (loss_type "simpo", cpo_alpha 0: SimPO without the NLL term) on the same logits.
+CPOTrainer (loss_type "simpo", cpo_alpha 0: SimPO without the NLL term) and --dpo-loss orpo TRL's ORPOTrainer (its
+odds-ratio loss and chosen NLL, combined as its get_batch_loss_metrics does) on the same logits.
 
 The trainer is not constructed (that needs a model, a dataset and accelerate): _compute_loss is called unbound on
 an object that has the attributes DPOConfig would give, with a stand-in for the model that returns given
@@ -93,13 +94,41 @@ def test_simpo_loss_and_gradients_equal_trl_cpo(beta, gamma):
     assert ours.reward_margin == pytest.approx(float((chosen - rejected).mean()), rel=1e-5)
 
 
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_orpo_loss_and_gradients_equal_trl(beta):
+    from torch import nn
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    g = torch.Generator().manual_seed(2)
+    B, T, V = 3, 10, 17
+    logits = (torch.randn(2 * B, T, V, generator=g) * 2).requires_grad_()
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    for i, n in enumerate([3, 6, 1, 5, 8, 4]):
+        labels[i, :T - n] = -100
+    t = types.SimpleNamespace(beta=beta, accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+    avg = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+    losses, chosen, rejected, _, _ = ORPOTrainer.odds_ratio_loss(t, avg[:B], avg[B:])
+    # ORPOTrainer.concatenated_forward's NLL: cross entropy over the chosen rows' labelled tokens, then
+    # get_batch_loss_metrics' loss = policy_nll_loss - losses.mean()
+    nll = nn.CrossEntropyLoss()(logits[:B, :-1].reshape(-1, V), labels[:B, 1:].reshape(-1))
+    theirs = nll - losses.mean()
+    (grad_theirs,) = torch.autograd.grad(theirs, logits)
+    seq = ORPOTrainer.get_batch_logps(logits, labels)
+    n = (labels[:, 1:] != -100).sum(1)
+    ours = dpo_loss(seq[:B], seq[B:], None, None, beta, "orpo", n[:B], n[B:])
+    (grad_ours,) = torch.autograd.grad(ours.loss, logits)
+    torch.testing.assert_close(ours.loss, theirs, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=1e-8)
+    assert ours.reward_margin == pytest.approx(float((chosen - rejected).mean()), rel=1e-5)
+
+
 def test_dpo_loss_errors():
     x = torch.zeros(2)
-    with pytest.raises(ValueError, match="--dpo-loss must be one of sigmoid, ipo, simpo, got 'hinge'"):
+    with pytest.raises(ValueError, match="--dpo-loss must be one of sigmoid, ipo, simpo, orpo, got 'hinge'"):
         dpo_loss(x, x, x, x, loss_type="hinge")
     with pytest.raises(ValueError, match="loss_type 'ipo' needs chosen_tokens and rejected_tokens"):
         dpo_loss(x, x, x, x, loss_type="ipo")
     with pytest.raises(ValueError, match="loss_type 'simpo' needs chosen_tokens and rejected_tokens"):
         dpo_loss(x, x, None, None, loss_type="simpo")
-    with pytest.raises(ValueError, match="--dpo-loss must be sigmoid, ipo or simpo, got 'orpo'"):
-        TrainConfig(objective="dpo", dpo_loss="orpo")
+    with pytest.raises(ValueError, match="--dpo-loss must be sigmoid, ipo, simpo or orpo, got 'kto'"):
+        TrainConfig(objective="dpo", dpo_loss="kto")

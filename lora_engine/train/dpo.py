@@ -1,4 +1,4 @@
-"""DPO (Rafailov et al. 2023, "Direct Preference Optimization") for a LoRA model: the sigmoid loss, or IPO's.
+"""DPO (Rafailov et al. 2023, "Direct Preference Optimization") for a LoRA model, and its variants IPO, SimPO, ORPO.
 
     r_c = beta * (log pi(chosen | prompt) - log pi_ref(chosen | prompt))         (the same for r_r)
     sigmoid (--dpo-loss sigmoid, the default):  loss = -log sigmoid(r_c - r_r), averaged over pairs
@@ -10,6 +10,10 @@
     simpo (Meng et al. 2024, as TRL's CPOTrainer loss_type="simpo" with cpo_alpha=0): no reference at all,
         loss = -log sigmoid(beta * (log pi(chosen) / n_c - log pi(rejected) / n_r) - gamma)   (--simpo-gamma)
         its reward margin and accuracy are beta times those length-averaged log-probs.
+    orpo (Hong et al. 2024, as TRL's ORPOTrainer): no reference either; with a_c, a_r those length-averaged
+        log-probs and odds(a) = a - log(1 - exp(a)) (the log of p / (1 - p) for p = exp(a)),
+        loss = NLL(chosen) - beta * mean(log sigmoid(odds(a_c) - odds(a_r)))   (beta is ORPO's lambda)
+        where NLL(chosen) is the mean over the chosen responses' tokens (the SFT loss on them).
 
 log pi(y | x) is the sum of the token log-probabilities of the response tokens only (labels != -100,
 labels[t + 1] predicted by position t, as in CausalLM.loss). The reference pi_ref is the same model
@@ -39,7 +43,8 @@ from lora_engine.lora.layers import adapters_disabled
 from lora_engine.train.step import StepResult, _autocast, apply_gradients
 
 SIDES = ("chosen", "rejected")
-LOSS_TYPES = ("sigmoid", "ipo", "simpo")
+LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 @dataclass
@@ -67,8 +72,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
              chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
              simpo_gamma: float = 0.5) -> DPOResult:
     """The DPO loss (sigmoid, ipo or simpo) from (B,) sequence log-probabilities; see the module docstring. ipo and
-    simpo need the (B,) response token counts of each side; simpo takes no reference (ref_* may be None). The
-    reward margin and accuracy are beta * log-ratios (simpo: beta * length-averaged log-probs)."""
+    simpo need the (B,) response token counts of each side (orpo too); simpo and orpo take no reference (ref_*
+    may be None). The reward margin and accuracy are beta * log-ratios (simpo, orpo: beta * length-averaged
+    log-probs)."""
     if not beta > 0:
         raise ValueError(f"--dpo-beta must be > 0, got {beta}")
     if loss_type not in LOSS_TYPES:
@@ -76,9 +82,14 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     if loss_type != "sigmoid" and (chosen_tokens is None or rejected_tokens is None):
         raise ValueError(f"dpo_loss: loss_type {loss_type!r} needs chosen_tokens and rejected_tokens (response "
                          "lengths)")
-    if loss_type == "simpo":
-        margin = beta * (policy_chosen / chosen_tokens.clamp(min=1) - policy_rejected / rejected_tokens.clamp(min=1))
-        loss = -F.logsigmoid(margin - simpo_gamma).mean()
+    if loss_type in REFERENCE_FREE:
+        a_c, a_r = policy_chosen / chosen_tokens.clamp(min=1), policy_rejected / rejected_tokens.clamp(min=1)
+        margin = beta * (a_c - a_r)
+        if loss_type == "simpo":
+            loss = -F.logsigmoid(margin - simpo_gamma).mean()
+        else:
+            log_odds = (a_c - a_r) - (_log1mexp(a_c) - _log1mexp(a_r))
+            loss = -policy_chosen.sum() / chosen_tokens.sum().clamp(min=1) - beta * F.logsigmoid(log_odds).mean()
         return DPOResult(loss, float(margin.detach().mean()), float((margin.detach() > 0).float().mean()))
     lr_c, lr_r = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     margin = beta * lr_c - beta * lr_r
@@ -90,16 +101,21 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return DPOResult(loss, float(margin.detach().mean()), float((margin.detach() > 0).float().mean()))
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, each branch where it loses no precision (split at -ln 2)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
 def dpo_batch_loss(model, batch: dict, beta: float = 0.1, loss_type: str = "sigmoid",
                    simpo_gamma: float = 0.5) -> DPOResult:
     """DPO on one preference batch: policy with the adapter, reference with it switched off (no grad; none for
-    simpo)."""
+    simpo and orpo)."""
     def logps(side):
         return sequence_logps(model, batch[f"{side}_input_ids"], batch[f"{side}_labels"],
                               batch.get(f"{side}_attention_mask"))
 
     ref_c = ref_r = None
-    if loss_type != "simpo":
+    if loss_type not in REFERENCE_FREE:
         with torch.no_grad(), adapters_disabled(model):
             ref_c, ref_r = logps("chosen"), logps("rejected")
     n_c, n_r = ((batch[f"{s}_labels"][:, 1:] != -100).sum(dim=1) for s in SIDES)
