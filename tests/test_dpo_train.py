@@ -130,6 +130,9 @@ def test_config_refuses_what_dpo_cannot_do():
         TrainConfig(objective="dpo", modules_to_save="lm_head")
     with pytest.raises(ValueError, match="second, frozen copy"):
         TrainConfig(objective="dpo", finetune="full")
+    TrainConfig(objective="dpo", dpo_loss="simpo", finetune="full")  # SimPO has no reference to keep
+    TrainConfig(objective="dpo", dpo_loss="simpo", modules_to_save="lm_head")
+    TrainConfig(objective="dpo", dpo_loss="orpo", finetune="full")
 
 
 def _run(folder, out, *flags):
@@ -158,6 +161,36 @@ def test_a_short_dpo_run_learns_the_preference(folder, tmp_path):
     assert "target" in ev["after"]  # the loss on the chosen responses, before and after
     assert manifest["config"]["objective"] == "dpo" and manifest["config"]["dpo_beta"] == 0.1
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_an_ipo_run_starts_at_its_own_first_loss_and_learns_the_preference(folder, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", pref_records(32))
+    val = write_jsonl(tmp_path / "val.jsonl", pref_records(40)[32:])
+    rows, manifest = _run(folder, tmp_path / "run", "--data", str(data), "--val-data", str(val), "--max-steps", "8",
+                          "--lr", "1e-2", "--dpo-loss", "ipo", "--dpo-beta", "0.5")
+    assert rows[0]["loss"] == pytest.approx(1 / (4 * 0.5**2), abs=1e-6)  # B = 0: (0 - 1 / (2 beta))**2
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["reward_accuracy"] > 0.5
+    before, after = manifest["eval"]["before"]["preference"], manifest["eval"]["after"]["preference"]
+    assert before["loss"] == pytest.approx(1.0, abs=1e-6) and after["loss"] < before["loss"]
+    assert manifest["config"]["dpo_loss"] == "ipo"
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_a_reference_free_run_needs_no_reference_pass_and_learns_the_preference(folder, tmp_path, monkeypatch, loss):
+    from lora_engine.train import dpo
+
+    def no_reference(model):
+        raise AssertionError(f"{loss} switched the adapter off for a reference pass")
+
+    monkeypatch.setattr(dpo, "adapters_disabled", no_reference)
+    data = write_jsonl(tmp_path / "train.jsonl", pref_records(32))
+    val = write_jsonl(tmp_path / "val.jsonl", pref_records(40)[32:])
+    rows, manifest = _run(folder, tmp_path / "run", "--data", str(data), "--val-data", str(val), "--max-steps", "8",
+                          "--lr", "1e-2", "--dpo-loss", loss, "--dpo-beta", "2", "--simpo-gamma", "0.3")
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["reward_accuracy"] > 0.5
+    before, after = manifest["eval"]["before"]["preference"], manifest["eval"]["after"]["preference"]
+    assert after["loss"] < before["loss"] and after["reward_margin"] > before["reward_margin"]
+    assert manifest["config"]["dpo_loss"] == loss and manifest["config"]["simpo_gamma"] == 0.3
 
 
 def test_dpo_reads_plain_text_preferences_and_splits_off_validation(folder, tmp_path):

@@ -205,6 +205,54 @@ def test_a_short_grpo_run_writes_trl_metric_names(folder, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_a_grpo_run_records_the_held_out_reward_before_and_after(folder, tmp_path, caplog):
+    caplog.set_level("INFO", logger="lora_engine")
+    assert _run(folder, tmp_path, "--max-steps", "2", "--reward", "numeric_match,length_penalty", "--val-split",
+                "0.25") == 0
+    ev = json.loads((tmp_path / "run" / "run.json").read_text())["eval"]
+    for when in ("before", "after"):
+        r = ev[when]["reward"]
+        assert r["prompts"] == 3 and set(r["per_function"]) == {"numeric_match", "length_penalty"}
+        assert r["mean"] is not None and math.isfinite(r["mean"])
+    assert "held-out reward (greedy, 3 prompts): " in caplog.text
+
+
+def test_held_out_reward_is_greedy_and_batched_the_same(folder):
+    model = tiny_lora_model(folder)
+    _, step = _stepper(folder, lambda prompts, completions, **_: [float(len(c)) for c in completions])
+    rows = step.batcher.rows[:5]
+    model.train()
+    a = step.held_out_reward(model, rows, batch_size=2)
+    assert model.training  # put back as it was
+    b = step.held_out_reward(model, rows, batch_size=5)
+    assert a == b and a["prompts"] == 5 and a["per_function"]["r"] == a["mean"]
+    from lora_engine.models.generate import decode
+
+    greedy = decode(model.eval(), [r.input_ids for r in rows], 6, temperature=0.0, stop_ids=step.stop_ids)
+    texts = [step.tokenizer.decode(greedy.text_tokens(i), skip_special_tokens=True) for i in range(5)]
+    assert a["mean"] == pytest.approx(sum(map(len, texts)) / 5)
+    none = GRPOStep(step.tokenizer, [R.Reward("n", lambda prompts, completions, **_: [None] * len(completions))],
+                    step.sampling, step.loss, step.batcher)
+    assert none.held_out_reward(model, rows)["mean"] is None
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])  # between the two steps of a rollout, and at its boundary
+def test_a_run_resumed_mid_rollout_equals_the_run_not_stopped_loss_for_loss(folder, tmp_path, stop_after):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    flags = ("--max-steps", "4", "--num-iterations", "2", "--reward", "numeric_match,length_penalty", "--beta", "0.04")
+    assert _run(folder, tmp_path / "a", *flags) == 0
+    assert _run(folder, tmp_path / "b", *flags, "--stop-after", str(stop_after)) == 0
+    state = torch.load(tmp_path / "b" / "run" / "checkpoints" / f"step-{stop_after:08d}" / "state.pt",
+                       weights_only=True)  # what the resumed run reads: tensors and plain data only
+    assert ("rollout" in state["data"]) == (stop_after == 1)
+    assert main(["--resume", str(tmp_path / "b" / "run")]) == 0
+    rows = [[json.loads(x) for x in (tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines()]
+            for d in "ab"]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "reward", "kl", "completions/mean_length"):
+        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+
+
 def test_a_failing_reward_function_stops_the_run_naming_it(folder, tmp_path, monkeypatch, capsys):
     (tmp_path / "my_rewards.py").write_text("def strict(prompts, completions, answer, **kw):\n"
                                             "    raise RuntimeError('no parser for this')\n")

@@ -67,6 +67,23 @@ def test_plot_writes_a_png(tmp_path, seen):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]  # no temporaries
 
 
+def test_a_grpo_run_gets_a_reward_panel_beside_the_loss(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="plotting is the optional [plot] extra")
+    import matplotlib.image
+
+    rows = [{"step": s, "loss": 0.01 * (-1) ** s, "reward": 0.1 + s / 40} for s in range(1, 21)]
+    rows[3]["reward"] = float("nan")  # no function scored that step's completions
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    real = plot._draw_reward
+    monkeypatch.setattr(plot, "_draw_reward", lambda ax, r, h: (drawn.append((len(r), h)), real(ax, r, h)))
+    png = tmp_path / "loss.png"
+    assert plot.plot_loss(m, png, [], [(20, 0.6), (0, 0.1)]) is None
+    assert matplotlib.image.imread(png).shape[:2] == (495, 1540)  # two panels: 14 x 4.5 inches at 110 dpi
+    assert drawn == [(19, [(0, 0.1), (20, 0.6)])]  # the NaN step left out, the held-out points in step order
+
+
 def test_plot_keeps_the_old_png_when_rendering_fails(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib", reason="plotting is the optional [plot] extra")
     from matplotlib.figure import Figure

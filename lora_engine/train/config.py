@@ -69,6 +69,11 @@ class TrainConfig:
                                "learning from --reward functions on {prompt, ...} records (GRPO, Dr. GRPO, DAPO, GSPO)",
                            choices=["sft", "dpo", "grpo"])
     dpo_beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference (--objective dpo)")
+    dpo_loss: str = _f("sigmoid", "--objective dpo's loss: sigmoid (DPO), ipo (IPO, TRL's length-normalised form; "
+                       "--dpo-beta is its tau), simpo (SimPO: no reference; try --dpo-beta 2) or orpo (ORPO: SFT "
+                       "loss plus odds ratio, no reference; --dpo-beta is its lambda)",
+                       choices=["sigmoid", "ipo", "simpo", "orpo"])
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (--dpo-loss simpo)")
     # --objective grpo (train/grpo_step.py); names and defaults as TRL's GRPOConfig.
     reward: str | None = _f(None, "grpo: comma-separated reward functions, built-ins (exact_match, numeric_match, "
                                   "think_format, length_penalty) or module:function with TRL's signature "
@@ -160,6 +165,8 @@ class TrainConfig:
             raise ValueError("--max-steps 0 needs --epochs > 0")
         if self.objective not in ("sft", "dpo", "grpo"):
             raise ValueError(f"--objective must be sft, dpo or grpo, got {self.objective!r}")
+        if self.dpo_loss not in ("sigmoid", "ipo", "simpo", "orpo"):
+            raise ValueError(f"--dpo-loss must be sigmoid, ipo, simpo or orpo, got {self.dpo_loss!r}")
         if self.objective == "grpo" and not (self.reward or "").strip():
             raise ValueError("--objective grpo needs --reward: a built-in (exact_match, numeric_match, think_format, "
                              "length_penalty) or module:function")
@@ -179,7 +186,8 @@ class TrainConfig:
                      quantize=quantize_method(self.quantize), lora_only=lora_only,
                      modules_to_save=bool(self.modules_to_save), pack=self.pack,
                      auto_memory=self.auto_memory is not None, strategy=self.distributed, device=self.device,
-                     reference=self.objective == "dpo" or (self.objective == "grpo" and self.beta != 0))
+                     reference=(self.objective == "dpo" and self.dpo_loss not in ("simpo", "orpo"))
+                     or (self.objective == "grpo" and self.beta != 0))
         return Choices(**{**given, **resolved})
 
 

@@ -9,16 +9,22 @@ A rollout is drawn at the first of every `num_iterations` (mu) steps, for all th
 scored: rewards (train/rewards.py), advantages per group (grpo.advantages), the log-probs of the
 policy as it was (mu > 1: the ratios' denominator) and of the reference (beta > 0: the model with its
 adapter switched off). The mu steps of a rollout see the same prompts (PromptBatcher repeats a step's
-micro-batches mu times) and the same completions. Each micro-batch then contributes its share of the
-loss (grpo.policy_loss), backward, and the update is step.apply_gradients, as for SFT and DPO.
+micro-batches mu times) and the same completions; a checkpoint taken between them carries the rollout
+(PromptBatcher.state_dict), so a resumed run trains on it, loss for loss as if never stopped. Each
+micro-batch then contributes its share of the loss (grpo.policy_loss), backward, and the update is
+step.apply_gradients, as for SFT and DPO.
 
 StepResult.extra carries TRL's metric names: reward, reward_std, rewards/<f>/mean and /std,
 frac_reward_zero_std, completions/mean_length, completions/clipped_ratio (no stop token before
 --max-completion-length), kl (beta > 0), clip_ratio/low_mean, high_mean and region_mean.
+
+held_out_reward is the evaluation a GRPO run has in place of a target loss: the mean reward of greedy
+completions of the held-out prompts (--val-data, else --val-split of --data), before and after training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,7 +32,7 @@ import torch
 
 from lora_engine.data.pipeline import Batcher
 from lora_engine.lora.layers import adapters_disabled
-from lora_engine.models.generate import decode
+from lora_engine.models.generate import Completions, decode
 from lora_engine.train import rewards as reward_fns
 from lora_engine.train.grpo import LossSettings, advantages, nanstd, policy_loss
 from lora_engine.train.grpo_logps import completion_logps
@@ -36,16 +42,20 @@ from lora_engine.train.step import StepResult, _autocast, apply_gradients
 class PromptBatcher(Batcher):
     """Batcher over data.prepare.PromptRow: each step's `per_step` micro-batches of prompts come back
     `num_iterations` times in a row (round 0 draws the rollout, the later rounds reuse it). It also owns the
-    sampling generator, seeded from the run's seed, so its state_dict (saved in every checkpoint) holds all that
-    decides which completions a step samples."""
+    sampling generator, seeded from the run's seed, and the current rollout (GRPOStep's), so its state_dict
+    (saved in every checkpoint) holds all that decides what a step trains on: a checkpoint taken between the
+    rounds of a rollout carries the rollout's tensors (completions, advantages, old and reference log-probs)
+    and metrics, and the resumed run reuses them instead of drawing new ones (exact resume)."""
 
     def __init__(self, rows, batch_size: int, seed: int, per_step: int = 1, num_iterations: int = 1,
                  device: torch.device | str = "cpu"):
         super().__init__(rows, batch_size, seed, pad_id=0, group_by_length=False)
         self.per_step, self.num_iterations = per_step, num_iterations
+        self.device = torch.device(device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._buffer: list[list[int]] = []
         self._served = 0  # micro-batches served from the buffer
+        self.rollout: tuple[list[Rollout], dict] | None = None  # GRPOStep's current (rollouts, metrics)
 
     def next(self) -> dict:
         span = self.per_step * self.num_iterations
@@ -59,13 +69,25 @@ class PromptBatcher(Batcher):
         return {"rows": rows, "where": [w for r in rows for w in r.where], "round": rnd}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "buffer": [list(b) for b in self._buffer], "served": self._served,
-                "sampler": self.generator.get_state()}
+        out = {**super().state_dict(), "buffer": [list(b) for b in self._buffer], "served": self._served,
+               "sampler": self.generator.get_state()}
+        if self.rollout is not None and self._served % (self.per_step * self.num_iterations):
+            # mid-rollout: the next step reuses it. Tensors and plain data only (torch.load(weights_only=True)).
+            rollouts, metrics = self.rollout
+            out["rollout"] = {"micro": [{f.name: None if getattr(ro, f.name) is None else getattr(ro, f.name).cpu()
+                                         for f in dataclasses.fields(ro)} for ro in rollouts],
+                              "metrics": dict(metrics)}
+        return out
 
     def load_state_dict(self, s: dict) -> None:
         super().load_state_dict(s)
         self._buffer, self._served = [list(b) for b in s["buffer"]], s["served"]
         self.generator.set_state(s["sampler"])
+        self.rollout = None
+        if "rollout" in s:
+            micro = [Rollout(**{k: None if v is None else v.to(self.device) for k, v in m.items()})
+                     for m in s["rollout"]["micro"]]
+            self.rollout = (micro, dict(s["rollout"]["metrics"]))
 
 
 @dataclass(frozen=True)
@@ -103,16 +125,14 @@ class GRPOStep:
         self.num_iterations = num_iterations
         self.stop_ids = list(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self._rollouts: list[Rollout] | None = None
-        self._metrics: dict = {}
 
     def __call__(self, model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float | None = 1.0,
                  amp: torch.dtype | None = None, scaler=None, on_nonfinite: str = "stop",
                  where: str = "") -> StepResult:
         device = next(model.parameters()).device
-        if micro_batches[0]["round"] == 0 or self._rollouts is None:
-            # (a run resumed between the rounds of a rollout draws a new one: the old completions are not saved)
-            self._rollouts, self._metrics = self.draw(model, micro_batches, amp)
+        if micro_batches[0]["round"] == 0 or self.batcher.rollout is None:
+            # (a resumed run finds the rollout its checkpoint was taken in, in the batcher's state)
+            self.batcher.rollout = self.draw(model, micro_batches, amp)
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
@@ -135,12 +155,17 @@ class GRPOStep:
                 clipped[k] += parts.clipped[k]
         grad_norm, skipped = apply_gradients(model, optimizer, scheduler, max_grad_norm, scaler, on_nonfinite, where,
                                              problem)
-        extra = dict(self._metrics)
+        extra = dict(self.batcher.rollout[1])
         extra.update({f"clip_ratio/{k}_mean": v / max(count, 1.0) for k, v in clipped.items()})
         if self.loss.beta != 0.0:
             extra["kl"] = kl / max(step_tokens, 1.0)
         tokens = sum(int(r.attention_mask.sum()) for r in self._rollouts)
         return StepResult(math.nan if skipped else loss_sum, grad_norm, lr, tokens, int(step_tokens), skipped, extra)
+
+    @property
+    def _rollouts(self) -> list[Rollout] | None:
+        """The current rollout's micro-batches (held by the batcher, whose state a checkpoint saves)."""
+        return None if self.batcher.rollout is None else self.batcher.rollout[0]
 
     @torch.no_grad()
     def draw(self, model, micro_batches: list[dict], amp) -> tuple[list[Rollout], dict]:
@@ -152,14 +177,7 @@ class GRPOStep:
             out = decode(model, [r.input_ids for r in rows], s.max_completion_length, temperature=s.temperature,
                          top_p=s.top_p, top_k=s.top_k, stop_ids=self.stop_ids, generator=self.batcher.generator,
                          pad_id=self.pad)
-        texts = [self.tokenizer.decode(out.text_tokens(i), skip_special_tokens=True) for i in range(len(rows))]
-        prompts = [r.prompt for r in rows]
-        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
-                       for p, t in zip(prompts, texts)]
-        keys = sorted({k for r in rows for k in r.fields})
-        fields = {k: [r.fields.get(k) for r in rows] for k in keys}
-        per_func = reward_fns.score(self.rewards, prompts, completions, {**fields, "completion_ids": out.tokens})
-        total = reward_fns.weighted_sum(per_func, self.rewards)
+        per_func, total = self._score(rows, out)
         adv, zero_std = advantages(total, G, s.scale_rewards)
         metrics = {"reward": float(torch.nanmean(total)), "reward_std": float(nanstd(total)),
                    "frac_reward_zero_std": float(zero_std.float().mean()),
@@ -181,6 +199,46 @@ class GRPOStep:
             rollouts.append(ro)
             start += n
         return rollouts, metrics
+
+    def _score(self, rows, out: Completions) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rewards per function (N, F), their weighted sum (N,)) of the completions `out` of `rows`."""
+        texts = [self.tokenizer.decode(out.text_tokens(i), skip_special_tokens=True) for i in range(len(rows))]
+        prompts = [r.prompt for r in rows]
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                       for p, t in zip(prompts, texts)]
+        keys = sorted({k for r in rows for k in r.fields})
+        fields = {k: [r.fields.get(k) for r in rows] for k in keys}
+        per_func = reward_fns.score(self.rewards, prompts, completions, {**fields, "completion_ids": out.tokens})
+        return per_func, reward_fns.weighted_sum(per_func, self.rewards)
+
+    @torch.no_grad()
+    def held_out_reward(self, model, rows, batch_size: int = 8, amp: torch.dtype | None = None) -> dict:
+        """The mean reward of greedy (temperature 0) completions of the held-out prompts `rows`, one each, up to
+        --max-completion-length: deterministic, so the evaluations before and after training compare the
+        policies and not two draws. {"mean", "prompts", "per_function": {name: mean}}; a mean is None where no
+        function scored any prompt (every reward None)."""
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        try:
+            tokens, ended = [], []
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i:i + batch_size]
+                with _autocast(device, amp):
+                    out = decode(model, [r.input_ids for r in chunk], self.sampling.max_completion_length,
+                                 temperature=0.0, stop_ids=self.stop_ids, pad_id=self.pad)
+                tokens += out.tokens
+                ended += out.ended_by
+        finally:
+            model.train(was)
+        per_func, total = self._score(rows, Completions(tokens, ended))
+
+        def mean(x: torch.Tensor) -> float | None:
+            m = float(torch.nanmean(x))
+            return None if math.isnan(m) else m
+
+        return {"mean": mean(total), "prompts": len(rows),
+                "per_function": {r.name: mean(per_func[:, j]) for j, r in enumerate(self.rewards)}}
 
     def _logps(self, model, ro: Rollout) -> torch.Tensor:
         was = model.training

@@ -3,11 +3,12 @@
 Kept apart from config.py (the config) and command.py (the command line) so that a test or a
 notebook can call `run(TrainConfig(...), tokenizer=..., model=...)` with objects it built itself.
 
-One function a stage: setup.setup (config, data, model, optimizer; the state new or resumed; the
-evaluation before), _train (one _one_step after another, _validate at the evaluation steps, a
-checkpoint every --save-every), _finish (final evaluation, adapters, plot, run.json). What carries
-from one step to the next is a LoopState (state.py), which every checkpoint saves. Messages go through
-`logging` (this module's logger) unless `run` is given a `log`; reporting.py words them.
+One function a stage: setup.setup (config, data, model, optimizer; the state new or resumed),
+setup.evaluate_before (where its failure is recorded as the run's), _train (one _one_step after
+another, _validate at the evaluation steps, a checkpoint every --save-every), _finish (final
+evaluation, adapters, plot, run.json). What carries from one step to the next is a LoopState
+(state.py), which every checkpoint saves. Messages go through `logging` (this module's logger)
+unless `run` is given a `log`; reporting.py words them.
 
 A run that ends otherwise than by finishing says so in run.json: "interrupted" (with "stopped_by",
 the signal or --stop-after), or "failed" with the error, whatever raised (a NaN loss, a full disk).
@@ -83,13 +84,15 @@ def run(cfg: TrainConfig, explicit: set[str] = frozenset(), tokenizer=None, mode
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         r, state = setup.setup(cfg, explicit, tokenizer, model, log, dist)
-        with _failures_recorded(r, state), trackers.opened(r) as tr:
-            bar = progress(r.total, state.step) if progress else ProgressLog(r.total, state.step, log)
-            status = _train(r, state, stop, bar, tr)
-            bar.close()
-            manifest = _finish(r, state, status, stop.signal, log)
-            trackers.report_end(tr, r, state.step)
-            return manifest
+        with _failures_recorded(r, state):
+            setup.evaluate_before(r, state, log)  # before the trackers open: they log it at step 0
+            with trackers.opened(r) as tr:
+                bar = progress(r.total, state.step) if progress else ProgressLog(r.total, state.step, log)
+                status = _train(r, state, stop, bar, tr)
+                bar.close()
+                manifest = _finish(r, state, status, stop.signal, log)
+                trackers.report_end(tr, r, state.step)
+                return manifest
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -184,7 +187,8 @@ def _validate(r: Run, state: LoopState, row: dict) -> None:
     """The mid-run validation loss into `row` (with DPO also val_reward_accuracy); a new best is saved as
     adapter-best/ (model-best/)."""
     if r.val_pairs:
-        ev = dpo.evaluate(r.model, r.val_pairs, r.cfg.dpo_beta, r.amp)
+        ev = dpo.evaluate(r.model, r.val_pairs, r.cfg.dpo_beta, r.amp, r.cfg.dpo_loss,
+                          r.cfg.simpo_gamma)
         v, row["val_reward_accuracy"] = ev["loss"], ev["reward_accuracy"]
     else:
         v = run_eval(r.model, r.tokenizer, r.val_rows, None, r.cfg.eval_batch_size, r.amp)["target"]["loss"]
@@ -223,12 +227,17 @@ def _finish(r: Run, state: LoopState, status: str, stopped_by: str | None, log) 
         b, a = state.eval_before["preference"], after["preference"]
         log(f"held-out preference pairs: DPO loss {b['loss']:.4f} -> {a['loss']:.4f}, reward accuracy "
             f"{b['reward_accuracy']:.3f} -> {a['reward_accuracy']:.3f}")
+    rewards = [ev.get("reward", {}).get("mean") for ev in (state.eval_before, after)]
+    if "reward" in after and "reward" in state.eval_before:
+        b, a = (f"{x:.4f}" if x is not None else "-" for x in rewards)
+        log(f"held-out reward (greedy, {after['reward']['prompts']} prompts): {b} -> {a}")
     if r.cfg.plot and r.dist.main:
         from lora_engine.train.plot import plot_loss
 
         before_loss, after_loss = r.val_loss(state.eval_before), r.val_loss(after)  # the metric the curve plots
         points = [(0, before_loss), (state.step, after_loss)] if after_loss is not None else []
-        note = plot_loss(r.metrics_path, r.out / "loss.png", points)
+        reward_points = [(s, x) for s, x in zip((0, state.step), rewards) if x is not None]
+        note = plot_loss(r.metrics_path, r.out / "loss.png", points, reward_points)
         if note:
             log(note)
     r.manifest.update(status="completed", final_step=state.step, ended=lineage.now(), skipped_steps=state.skipped,

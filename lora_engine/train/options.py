@@ -57,7 +57,8 @@ class Choices:
     device: str | None = None           # the --device flag; None: not chosen by a flag
     autocast: str | None = None         # fp16, bf16 or fp32 as resolved for the device; None until then
     planned: bool = False               # a plan (python -m lora_engine.plan), not a run
-    reference: bool = False             # the objective scores a reference, the adapter switched off (dpo; grpo, beta>0)
+    reference: bool = False             # the objective scores a reference, the adapter switched off (dpo, not
+                                        # simpo or orpo; grpo, beta>0)
 
 
 def refuse(c: Choices, error: type[Exception] = ValueError) -> None:
@@ -98,12 +99,14 @@ def _method(c: Choices):
     if c.objective == "dpo":
         if c.pack:
             yield "--objective dpo scores each response as one row: drop --pack"
-        if c.modules_to_save:
+        if c.reference and c.modules_to_save:  # (--dpo-loss simpo and orpo have no reference)
             yield ("--objective dpo takes its reference from the model with the adapter switched off, which "
-                   "--modules-to-save (trained in place) does not allow; drop --modules-to-save")
-        if c.finetune == "full":
+                   "--modules-to-save (trained in place) does not allow; drop --modules-to-save (or use --dpo-loss "
+                   "simpo or orpo, which have no reference)")
+        if c.reference and c.finetune == "full":
             yield ("--objective dpo with --finetune full would need a second, frozen copy of the model as the "
-                   "reference; use --finetune lora (the reference is the adapter switched off)")
+                   "reference; use --finetune lora (the reference is the adapter switched off), or --dpo-loss simpo "
+                   "or orpo")
     if c.objective == "grpo":
         yield from _grpo(c)
     if c.finetune == "full":

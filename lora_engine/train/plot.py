@@ -2,7 +2,9 @@
 
 The picture: the raw per-step train loss faint, its debiased EMA drawn over it, the validation loss
 (held-out target task) as points at every evaluation, steps on the bottom axis and target tokens
-seen (the tokens the loss is taken on) on the top one.
+seen (the tokens the loss is taken on) on the top one. A GRPO run (metrics with "reward") gets a second
+panel beside it: the mean reward of each step's rollouts, raw and smoothed, and the held-out reward
+(greedy completions) before and after training as points.
 """
 
 from __future__ import annotations
@@ -70,10 +72,13 @@ def _tokens_label(x, _pos=None) -> str:
     return f"{x:g}"
 
 
-def plot_loss(metrics_path: str | Path, png_path: str | Path, evals: list[tuple[int, float]] = ()) -> str | None:
+def plot_loss(metrics_path: str | Path, png_path: str | Path, evals: list[tuple[int, float]] = (),
+              reward_evals: list[tuple[int, float]] = ()) -> str | None:
     """Write the training (and validation) loss against step; returns a note when it is skipped.
 
     evals: extra (step, target-task validation loss) points, e.g. before and after training.
+    reward_evals: (step, held-out reward) points, drawn in the reward panel (present when the metrics carry
+    "reward").
     The PNG appears complete or not at all (streamed into a temporary, then renamed into place).
     """
     try:
@@ -89,9 +94,12 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, evals: list[tuple[
     val = sorted([(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None] + list(evals))
     if not train:
         return "loss curve skipped: no logged steps"
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    rewarded = [r for r in train if r.get("reward") is not None and math.isfinite(r["reward"])]
+    fig, axes = plt.subplots(1, 2 if rewarded else 1, figsize=(14 if rewarded else 8, 4.5), dpi=110, squeeze=False)
     try:
-        _draw(ax, train, val, Path(png_path).parent.name or "run")
+        _draw(axes[0][0], train, val, Path(png_path).parent.name or "run")
+        if rewarded:
+            _draw_reward(axes[0][1], rewarded, sorted(reward_evals))
         fig.tight_layout()
         with atomic.atomic_file(png_path) as f:
             fig.savefig(f, format="png")
@@ -132,4 +140,25 @@ def _draw(ax, train: list[dict], val: list[tuple[int, float]], title: str) -> No
     if val:
         summary += f", validation {val[0][1]:.3f} \u2192 {val[-1][1]:.3f}"
     ax.set_title(f"{title}: {summary}", fontsize=10)
+    ax.legend(loc="best", fontsize=9)
+
+
+def _draw_reward(ax, rows: list[dict], held_out: list[tuple[int, float]]) -> None:
+    """The reward panel: each step's mean rollout reward (TRL's "reward"), its EMA, and the held-out points."""
+    steps, rewards = [r["step"] for r in rows], [r["reward"] for r in rows]
+    weight = smoothing_weight(len(rewards))
+    smooth = ema(rewards, weight)
+    ax.plot(steps, rewards, color="tab:green", alpha=0.25, lw=0.8, label="reward (rollouts, per step)")
+    ax.plot(steps, smooth, color="tab:green", lw=2, label=f"reward (EMA, ~{round(1 / (1 - weight))} steps)")
+    if held_out:
+        ax.plot(*zip(*held_out), "o", ls=":", lw=1, color="tab:red", ms=6, mec="white", mew=0.8,
+                label="held-out reward (greedy)", zorder=3, clip_on=False)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.set_xlim(left=0)
+    summary = f"final reward EMA {smooth[-1]:.3f}"
+    if held_out:
+        summary += f", held-out {held_out[0][1]:.3f} \u2192 {held_out[-1][1]:.3f}"
+    ax.set_title(summary, fontsize=10)
     ax.legend(loc="best", fontsize=9)

@@ -46,10 +46,15 @@ class Silent(ProgressLog):
 
 
 def eval_line(ev: dict) -> str:
-    """An evaluation as one line: each part's loss and perplexity (reward accuracy for preference pairs)."""
-    return ", ".join(f"{k} loss {v['loss']:.4f} " + (f"reward accuracy {v['reward_accuracy']:.3f}" if k == "preference"
-                                                      else f"ppl {v['ppl']:.2f}")
-                     for k, v in ev.items() if k != "suite")
+    """An evaluation as one line: each part's loss and perplexity (reward accuracy for preference pairs; the mean
+    held-out reward for GRPO)."""
+    parts = [f"{k} loss {v['loss']:.4f} " + (f"reward accuracy {v['reward_accuracy']:.3f}" if k == "preference"
+                                              else f"ppl {v['ppl']:.2f}")
+             for k, v in ev.items() if k not in ("suite", "reward")]
+    if "reward" in ev:
+        m = ev["reward"]["mean"]
+        parts.append(f"held-out reward {'-' if m is None else f'{m:.4f}'} (greedy, {ev['reward']['prompts']} prompts)")
+    return ", ".join(parts)
 
 
 def data_lines(stats: dict, n_val: int, objective: str, max_length: int, data_file: str | None) -> list[str]:

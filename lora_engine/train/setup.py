@@ -7,8 +7,8 @@
     open_out     the folder made (emptied of the old run with --overwrite), config.json written
     build_model  the model with LoRA (or every weight trainable), its memory options set
     make_run     batcher, optimizer, scheduler, scaler, manifest: the Run
-    start        the checkpoint restored with --resume, metrics.jsonl cut back to it, run.json, the
-                 evaluation before training
+    start        the checkpoint restored with --resume, metrics.jsonl cut back to it, run.json
+    evaluate_before  the evaluation before training (the loop calls it, where a failure is recorded)
 """
 
 from __future__ import annotations
@@ -175,17 +175,21 @@ def make_run(cfg: TrainConfig, tokenizer, model, data: Prepared, prec: Precision
              ckpt: Path | None, dist: distributed.Dist, log) -> Run:
     """The Run: the batcher of the objective, optimizer, scheduler, scaler, evaluation steps and the manifest."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    val_rows, val_pairs, step_fn = data.val, None, step.train_step
+    val_rows, val_pairs, step_fn, held_out = data.val, None, step.train_step, None
     if cfg.objective == "dpo":
         from lora_engine.data.preference import PairBatcher, pair_batches
 
         batcher = PairBatcher(data.train, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
         val_pairs = pair_batches(data.val, cfg.eval_batch_size, pad) if data.val else None
         val_rows = [c for c, _ in data.val]  # the target loss before and after: on the chosen responses
-        step_fn = functools.partial(dpo.train_step, beta=cfg.dpo_beta)
+        step_fn = functools.partial(dpo.train_step, beta=cfg.dpo_beta, loss_type=cfg.dpo_loss,
+                                    simpo_gamma=cfg.simpo_gamma)
     elif cfg.objective == "grpo":
         batcher, step_fn = grpo_stepper(cfg, tokenizer, data, device, dist)
-        val_rows = []  # prompts have no target loss; a held-out reward is not measured yet
+        val_rows = []  # prompts have no target loss: the held-out evaluation is the reward of greedy completions
+        if data.val:
+            held_out = functools.partial(step_fn.held_out_reward, rows=data.val, batch_size=cfg.eval_batch_size,
+                                         amp=prec.autocast)
     else:
         batcher = Batcher(data.train, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
     per_step = cfg.grad_accum * dist.world  # micro-batches of the global stream per optimizer step
@@ -203,7 +207,7 @@ def make_run(cfg: TrainConfig, tokenizer, model, data: Prepared, prec: Precision
                scaler=torch.amp.GradScaler(device.type) if prec.autocast == torch.float16 else None,
                amp=prec.autocast, total=total, evals_at=set(eval_steps(total, cfg.eval_every)) if val_rows else set(),
                manifest=new_manifest(cfg, model, data, prec, ckpt, dist), step_fn=step_fn, val_pairs=val_pairs,
-               dist=dist)
+               dist=dist, held_out=held_out)
 
 
 def grpo_stepper(cfg: TrainConfig, tokenizer, data: Prepared, device: torch.device, dist: distributed.Dist):
@@ -237,19 +241,23 @@ def new_manifest(cfg: TrainConfig, model, data: Prepared, prec: Precision, ckpt:
 
 
 def start(r: Run, ckpt: Path | None, log) -> LoopState:
-    """The state to start from (the checkpoint's with --resume), metrics.jsonl and run.json as of it, and the
-    evaluation before training (kept from the checkpoint when it has one)."""
+    """The state to start from (the checkpoint's with --resume), metrics.jsonl and run.json as of it."""
     state = restore(r, ckpt, log) if ckpt is not None else LoopState()
     if r.dist.main:
         start_metrics(r, ckpt, state.step, log)
         lineage.write_manifest(r.out, r.manifest)
+    return state
+
+
+def evaluate_before(r: Run, state: LoopState, log) -> None:
+    """The evaluation before training (kept from the checkpoint when it has one). Apart from start: the loop runs
+    it where a failure (a GRPO reward function that raises on the held-out prompts) is recorded in run.json."""
     if state.eval_before is None:
         state.eval_before = r.evaluate(r.general)
         if r.suite:
             state.eval_before["suite"] = {"general": score_suite(r.model, r.tokenizer, r.suite)}
     r.manifest["eval"]["before"] = state.eval_before
     log("before training: " + reporting.eval_line(state.eval_before))
-    return state
 
 
 def restore(r: Run, ckpt: Path, log) -> LoopState:

@@ -76,12 +76,17 @@ class Run:
     step_fn: Callable = step.train_step  # step.train_step, or dpo.train_step with --objective dpo
     val_pairs: list | None = None  # --objective dpo: the held-out preference batches
     dist: distributed.Dist = dataclasses.field(default_factory=distributed.Dist)  # this process's rank and world
+    held_out: Callable | None = None  # --objective grpo: held_out(model) -> the held-out reward (grpo_step.py)
 
     def evaluate(self, general: list | None = None) -> dict:
-        """run_eval's dict; with DPO also "preference" (dpo.evaluate on the held-out pairs)."""
+        """run_eval's dict; with DPO also "preference" (dpo.evaluate on the held-out pairs), with GRPO "reward"
+        (the mean reward of greedy completions of the held-out prompts)."""
         out = run_eval(self.model, self.tokenizer, self.val_rows, general, self.cfg.eval_batch_size, self.amp)
         if self.val_pairs:
-            out["preference"] = dpo.evaluate(self.model, self.val_pairs, self.cfg.dpo_beta, self.amp)
+            out["preference"] = dpo.evaluate(self.model, self.val_pairs, self.cfg.dpo_beta, self.amp,
+                                             self.cfg.dpo_loss, self.cfg.simpo_gamma)
+        if self.held_out is not None:
+            out["reward"] = self.held_out(self.model)
         return out
 
     def val_loss(self, ev: dict) -> float | None:
