@@ -108,18 +108,26 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, evals: list[tuple[
     return None
 
 
+def _curve(ax, steps: list[int], values: list[float], name: str, raw_note: str, color: str,
+           points: list[tuple[int, float]], points_label: str, points_color: str) -> list[float]:
+    """One per-step series, faint, with its EMA over it and the held-out points; returns the EMA."""
+    weight = smoothing_weight(len(values))
+    smooth = ema(values, weight)
+    ax.plot(steps, values, color=color, alpha=0.25, lw=0.8, label=f"{name} ({raw_note})")
+    ax.plot(steps, smooth, color=color, lw=2, label=f"{name} (EMA, ~{round(1 / (1 - weight))} steps)")
+    if points:
+        ax.plot(*zip(*points), "o", ls=":", lw=1, color=points_color, ms=6, mec="white", mew=0.8,
+                label=points_label, zorder=3, clip_on=False)
+    return smooth
+
+
 def _draw(ax, train: list[dict], val: list[tuple[int, float]], title: str) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     steps = [r["step"] for r in train]
     losses = [r["loss"] for r in train]
-    weight = smoothing_weight(len(losses))
-    smooth = ema(losses, weight)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="train loss (per step)")
-    ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train loss (EMA, ~{round(1 / (1 - weight))} steps)")
-    if val:
-        ax.plot(*zip(*val), "o", ls=":", lw=1, color="tab:orange", ms=6, mec="white", mew=0.8,
-                label="validation loss (held-out)", zorder=3, clip_on=False)
+    smooth = _curve(ax, steps, losses, "train loss", "per step", "tab:blue", val, "validation loss (held-out)",
+                    "tab:orange")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per target token (nats)")
     # A loss that falls by more than 10x (e.g. memorising a tiny set) reads better on a log scale.
@@ -146,13 +154,8 @@ def _draw(ax, train: list[dict], val: list[tuple[int, float]], title: str) -> No
 def _draw_reward(ax, rows: list[dict], held_out: list[tuple[int, float]]) -> None:
     """The reward panel: each step's mean rollout reward (TRL's "reward"), its EMA, and the held-out points."""
     steps, rewards = [r["step"] for r in rows], [r["reward"] for r in rows]
-    weight = smoothing_weight(len(rewards))
-    smooth = ema(rewards, weight)
-    ax.plot(steps, rewards, color="tab:green", alpha=0.25, lw=0.8, label="reward (rollouts, per step)")
-    ax.plot(steps, smooth, color="tab:green", lw=2, label=f"reward (EMA, ~{round(1 / (1 - weight))} steps)")
-    if held_out:
-        ax.plot(*zip(*held_out), "o", ls=":", lw=1, color="tab:red", ms=6, mec="white", mew=0.8,
-                label="held-out reward (greedy)", zorder=3, clip_on=False)
+    smooth = _curve(ax, steps, rewards, "reward", "rollouts, per step", "tab:green", held_out,
+                    "held-out reward (greedy)", "tab:red")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mean reward")
     ax.grid(alpha=0.3)
