@@ -185,3 +185,14 @@ def _cpu_without_bf16(monkeypatch):
 
     monkeypatch.setattr(precision, "cpu_bf16_matmul", lambda: None)
     monkeypatch.setattr(precision, "cpu_fp16_matmul", lambda: None)
+
+
+@pytest.fixture
+def reg_dir(tmp_path, monkeypatch):
+    """An empty registry folder, made the default ($LORA_ENGINE_REGISTRY), with no key in the environment."""
+    from lora_engine.registry import names
+
+    d = tmp_path / "registry"
+    monkeypatch.setenv(names.ROOT_ENV, str(d))
+    monkeypatch.delenv(names.KEY_ENV, raising=False)
+    return d

@@ -52,14 +52,6 @@ def runs(base, tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def reg_dir(tmp_path, monkeypatch):
-    d = tmp_path / "registry"
-    monkeypatch.setenv(store.ROOT_ENV, str(d))
-    monkeypatch.delenv(store.KEY_ENV, raising=False)
-    return d
-
-
 def variant(run: Path, dest: Path, **changes) -> Path:
     """A copy of a run folder whose run.json has `changes` merged in (eval changes merged one level down)."""
     shutil.copytree(run, dest)

@@ -30,14 +30,6 @@ from tests.test_registry import ROOT, base, runs, variant  # noqa: F401  (module
 
 
 @pytest.fixture
-def reg_dir(tmp_path, monkeypatch):
-    d = tmp_path / "registry"
-    monkeypatch.setenv(store.ROOT_ENV, str(d))
-    monkeypatch.delenv(store.KEY_ENV, raising=False)
-    return d
-
-
-@pytest.fixture
 def key(tmp_path):
     k = tmp_path / "registry.key"
     store.keygen(k)
