@@ -260,3 +260,14 @@ def test_data_check_reads_every_source_and_reports_a_broken_one_in_one_line(tmp_
     assert run_cli(check_main, ["check", str(tmp_path / "bad.parquet"), "--model", str(tok)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "bad.parquet: not a readable parquet file" in err[0]
+
+
+def test_the_tokenizer_passes_tools_to_the_template_and_leaves_them_undefined_without(tmp_path):
+    from lora_engine.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(save_tokenizer_files(tmp_path))
+    tok.chat_template, tok._compiled = "{{ (tools | tojson) if tools is defined else 'none' }}", None
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(msgs) == "none"
+    assert tok.apply_chat_template(msgs, tools=[{"type": "function", "function": {"name": "f"}}]) == \
+        '[{"type": "function", "function": {"name": "f"}}]'
