@@ -10,7 +10,7 @@ import pytest
 from lora_engine.cli import run_cli
 from lora_engine.data.check import main as check_main
 from lora_engine.data.formats import DataError
-from lora_engine.data.prepare import DataSpec, prepare_data
+from lora_engine.data.prepare import DataSpec, prepare_data, read_data
 from lora_engine.data.sources import data_files, parse_columns, read_source
 from tests.test_train_support import FakeTokenizer, save_tokenizer_files, write_jsonl
 
@@ -202,6 +202,11 @@ def test_columns_give_the_rows_of_the_renamed_jsonl(tmp_path):
 def test_malformed_columns_are_refused(spec, match):
     with pytest.raises(DataError, match=match):
         parse_columns(spec)
+
+
+def test_columns_without_data_are_refused():
+    with pytest.raises(DataError, match=r"--columns maps the columns of --data, and no --data is given"):
+        read_data(DataSpec(columns="prompt=q"))  # what training and `data check` read first
 
 
 # ---- broken sources: one DataError naming the file ---------------------------------------------------------

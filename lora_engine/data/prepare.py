@@ -64,9 +64,11 @@ class Prepared:
 def read_data(spec: DataSpec) -> dict[str, list[Record]]:
     """The records of spec.data and spec.val_data by path, read and checked without a tokenizer (a bad file is
     reported in seconds, before any model loads). {} for the embedded default (--val-data goes with --data only)."""
-    if spec.data is None:
-        return {}
     columns = parse_columns(spec.columns)
+    if spec.data is None:
+        if columns:  # the embedded data has its own fields: a mapping for it is a mistake, not to be ignored
+            raise DataError("--columns maps the columns of --data, and no --data is given")
+        return {}
     return {p: read_source(p, columns) for p in (spec.data, spec.val_data) if p}
 
 
