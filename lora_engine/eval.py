@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from lora_engine.cli import logs_to, option, option_like, parse, run_cli, user_input
-from lora_engine.data.formats import read_records
+from lora_engine.data.sources import read_source
 from lora_engine.registry import refs
 from lora_engine.train.config import TrainConfig, quantize_method
 from lora_engine.train.evaluate import compare, format_table, general_rows, run_eval, target_rows
@@ -56,7 +56,7 @@ def main(argv=None):
     from lora_engine.models.tokenizer import load_tokenizer
 
     # The data before the model, so that a bad file is reported in seconds.
-    records = read_records(a.data) if a.data else None
+    records = read_source(a.data) if a.data else None
     with user_input("--suite"):
         names = [s.strip() for s in (a.suite or "").split(",") if s.strip()]
         suites = {s: general_suite() if s == "general" else read_suite(s) for s in names}

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 from lora_engine.cli import option, parse_command, user_input
 from lora_engine.data import preference, quality
-from lora_engine.data.formats import FORMATS, DataError, EmptyField, Example, detect_format, read_records, tokenize
+from lora_engine.data.formats import FORMATS, DataError, EmptyField, Example, detect_format, tokenize
 from lora_engine.data.prepare import DataSpec, read_data
+from lora_engine.data.sources import read_source
 from lora_engine.sources.embedded import DEFAULT_MODEL
 
 
@@ -61,7 +62,7 @@ def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_
     """Analyse a file (or its `records`, read already), and its overlap with `val_records` when given; write the
     report to `file` (a text stream) when one is given; return the numbers as a dict ("quality": the summary of
     quality.analyse)."""
-    records = records if records is not None else read_records(path)
+    records = records if records is not None else read_source(path)
     p = (lambda line: file.write(line + "\n")) if file is not None else (lambda line: None)
     if not records:
         raise DataError(f"{path}: the file holds no records")
@@ -115,7 +116,10 @@ def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_
 class CheckArgs:
     """Report on a training data file: counts, lengths, truncation, data quality, a rendered loss mask."""
 
-    file: str = option(help="the data file (JSONL or JSON)", positional=True)
+    file: str = option(help="the data: a .jsonl/.json/.csv/.parquet/.arrow file, a datasets save_to_disk folder, "
+                            "or hf://NAME[:SPLIT]", positional=True)
+    columns: str | None = option(None, "FIELD=COLUMN,...: read a format's fields from columns named otherwise, e.g. "
+                                       "prompt=question,completion=answer")
     model: str = option(DEFAULT_MODEL, "whose tokenizer and chat template to use")
     format: str = option("auto", "data format", choices=["auto", *FORMATS])
     max_length: int = option(256, "tokens per example (training truncates longer ones)")
@@ -150,7 +154,8 @@ def main(argv=None) -> int:
     _, a, _ = parse_command({"check": CheckArgs}, argv, "python -m lora_engine.data", "Inspect a training data file.")
     from lora_engine.models.tokenizer import load_tokenizer
 
-    files = read_data(DataSpec(data=a.file, val_data=a.val))  # before the tokenizer: a bad file is reported at once
+    # before the tokenizer: a bad file is reported at once
+    files = read_data(DataSpec(data=a.file, val_data=a.val, columns=a.columns))
     with user_input("--model"):
         tok = load_tokenizer(a.model)
     report = check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, file=sys.stdout,

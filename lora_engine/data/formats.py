@@ -6,6 +6,10 @@ Formats (one JSON object per record; JSONL, or a JSON file holding a list of obj
   alpaca             {"instruction", "input" (optional), "output"}      loss on the response
   prompt_completion  {"prompt", "completion"}                          loss on the completion
   chat               {"messages": [{"role", "content"}, ...]}          loss on assistant turns
+                     (and "tools": [...], "tool_calls" on assistant messages, role "tool" results: rendered by
+                     the template, given tools=; the assistant's tool calls are trained, tool results not)
+
+Other sources (CSV, parquet, arrow, datasets folders, the hub) and ShareGPT records: sources.py.
 
 A record renders to segments, (text, trainable) pairs, each encoded separately and concatenated,
 so a token's label is its id when trainable and -100 otherwise. Chat records are rendered with the
@@ -186,14 +190,19 @@ def check_messages(where: str, msgs, field: str = "messages") -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: {field!r} must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             raise DataError(f"{where}: {field}[{i}] must have 'role' and 'content', got {reprlib.repr(m)}")
         if not isinstance(m["role"], str):
             raise DataError(f"{where}: {field}[{i}].role must be a string such as 'user' or 'assistant', "
                             f"got {type(m['role']).__name__}")
-        if m["content"] is not None and not isinstance(m["content"], str):
-            raise DataError(f"{where}: {field}[{i}].content must be a string, got {type(m['content']).__name__}")
-        if not m["content"] or not m["content"].strip():
+        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)
+                                  or not all(isinstance(c, dict) for c in calls)):
+            raise DataError(f"{where}: {field}[{i}].tool_calls must be a list of objects, on an assistant message")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise DataError(f"{where}: {field}[{i}].content must be a string, got {type(content).__name__}")
+        if not calls and (not content or not content.strip()):  # a tool call may come without text
             raise EmptyField(f"{where}: {field}[{i}].content is empty")
     return msgs
 
@@ -208,9 +217,16 @@ def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str
             f"{getattr(tok, 'name_or_path', '?')!r} has none; use a model with a chat template or convert the "
             "data to prompt_completion"
         )
+    tools = record.data.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise DataError(f"{record.where}: 'tools' must be a list of tool objects ({{type, function}}), got "
+                        f"{reprlib.repr(tools)}")
+    # tools= only when the record has some: templates test `tools is defined`, and tokenizers may not take it
+    extra = {"tools": tools} if tools else {}
+
     def render(messages: list, add_generation_prompt: bool) -> str:
         try:
-            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
         except ChatTemplateError as e:  # often the template refusing this conversation (roles, order)
             raise DataError(f"{record.where}: {e}") from e
 

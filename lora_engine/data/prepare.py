@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_engine.data import preference, quality
-from lora_engine.data.formats import DataError, Record, read_records
+from lora_engine.data.formats import DataError, Record
 from lora_engine.data.pipeline import Row, examples_from_records, prepare, split
+from lora_engine.data.sources import data_files, parse_columns, read_source
 
 
 @dataclass(frozen=True)
 class DataSpec:
     """What the data of a run is and how it is cut; the fields are TrainConfig's flags of the same names."""
 
-    data: str | None = None       # the training file; None: the embedded default of the objective
+    data: str | None = None       # the training source (sources.py); None: the embedded default of the objective
     val_data: str | None = None   # the validation file (with `data` only); None: --val-split of `data`
     format: str = "auto"          # of `data` and `val_data` (sft); the embedded corpus is chat
     val_split: float = 0.1
@@ -41,6 +42,7 @@ class DataSpec:
     completion_only: bool = True
     dedup: bool = False
     objective: str = "sft"
+    columns: str | None = None    # "FIELD=COLUMN,...": fields of `data` and `val_data` read from other columns
 
     @classmethod
     def of(cls, config) -> DataSpec:
@@ -62,9 +64,12 @@ class Prepared:
 def read_data(spec: DataSpec) -> dict[str, list[Record]]:
     """The records of spec.data and spec.val_data by path, read and checked without a tokenizer (a bad file is
     reported in seconds, before any model loads). {} for the embedded default (--val-data goes with --data only)."""
+    columns = parse_columns(spec.columns)
     if spec.data is None:
+        if columns:  # the embedded data has its own fields: a mapping for it is a mistake, not to be ignored
+            raise DataError("--columns maps the columns of --data, and no --data is given")
         return {}
-    return {p: read_records(p) for p in (spec.data, spec.val_data) if p}
+    return {p: read_source(p, columns) for p in (spec.data, spec.val_data) if p}
 
 
 def prepare_data(spec: DataSpec, tokenizer, records: dict[str, list[Record]] | None = None,
@@ -85,8 +90,8 @@ def _sources(spec: DataSpec, records: dict, embedded: Callable, names: tuple[str
     if spec.data is None:
         tr, va = embedded()
         return tr, va, names, chatterbot_files()
-    return (records[spec.data], records.get(spec.val_data), (spec.data, spec.val_data),
-            [Path(p) for p in (spec.data, spec.val_data) if p])
+    return records[spec.data], records.get(spec.val_data), (spec.data, spec.val_data), data_files(spec.data,
+                                                                                                 spec.val_data)
 
 
 def _sft(spec: DataSpec, tokenizer, records: dict, warn) -> Prepared:
@@ -177,8 +182,7 @@ def _grpo(spec: DataSpec, tokenizer, records: dict, warn) -> Prepared:
     if val is None:
         train, val = split(train, spec.val_split, spec.seed)
     stats["rows"] = len(train)
-    files = [Path(p) for p in (spec.data, spec.val_data) if p]
-    return Prepared(train, val, files, stats)
+    return Prepared(train, val, data_files(spec.data, spec.val_data), stats)
 
 
 _OBJECTIVES = {"sft": _sft, "dpo": _dpo, "grpo": _grpo}
@@ -189,7 +193,7 @@ def eval_rows(tokenizer, data: str | None, fmt: str = "auto", max_length: int = 
     """The rows of a target-task evaluation: every record of a file (or its `records`, read already), none held
     out; or, without a file, the embedded held-out split (the validation rows of the default run)."""
     if data:
-        exs = examples_from_records(records if records is not None else read_records(data), tokenizer, fmt,
+        exs = examples_from_records(records if records is not None else read_source(data), tokenizer, fmt,
                                     completion_only, source=str(data))
     else:
         from lora_engine.data.embedded import chatterbot_split

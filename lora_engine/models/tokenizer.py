@@ -127,8 +127,10 @@ class Tokenizer:
         return self._tok.id_to_token(i)
 
     # ---- chat -----------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat template."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tools: list[dict] | None = None) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat template; `tools`
+        (OpenAI-style function definitions) is passed to it as transformers does, and left undefined when None."""
         if self.chat_template is None:
             raise ValueError(
                 f"tokenizer {self.name_or_path} has no chat template; pass a text-format dataset or a tokenizer "
@@ -139,13 +141,15 @@ class Tokenizer:
         try:
             # Only plain JSON data reaches the (untrusted) template: no objects with methods.
             messages = json.loads(json.dumps(messages))
+            extra = {"tools": json.loads(json.dumps(tools))} if tools is not None else {}
         except RecursionError:
             raise TypeError("apply_chat_template: messages are nested too deeply") from None
         except (TypeError, ValueError) as e:
             raise TypeError(f"apply_chat_template: messages must hold only JSON data (str, numbers, lists): {e}") from e
         return render(self._template(), self.name_or_path, messages=messages,
                       add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-                      eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "")
+                      eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "",
+                      **extra)
 
     def _template(self):
         if self._compiled is None:

@@ -34,7 +34,10 @@ ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 @dataclass
 class TrainConfig:
     model: str = _f(DEFAULT_MODEL, "Hugging Face model folder or embedded model name")
-    data: str | None = _f(None, "training file (JSONL/JSON); default: the embedded chatterbot conversations")
+    data: str | None = _f(None, "training data: a .jsonl/.json/.csv/.parquet/.arrow file, a datasets save_to_disk "
+                                "folder, or hf://NAME[:SPLIT]; default: the embedded chatterbot conversations")
+    columns: str | None = _f(None, "FIELD=COLUMN,...: read a format's fields from columns named otherwise in --data "
+                                   "and --val-data, e.g. prompt=question,completion=answer")
     format: str = _f("auto", "data format", choices=["auto", "text", "alpaca", "prompt_completion", "chat"])
     val_data: str | None = _f(None, "validation file (default: --val-split of --data)")
     val_split: float = _f(0.1, "fraction of --data held out for validation when --val-data is not given")
