@@ -1,0 +1,145 @@
+"""Qwen3.5 (qwen3_5_text, models/hybrid.py) against transformers' Qwen3_5ForCausalLM: logits over a sequence
+spanning several of transformers' 64-token delta-rule chunks, a left-padded batch, the loss, greedy
+generation with the recurrent state, and the config errors. Tiny random fp32 models, every norm random."""
+
+import json
+
+import pytest
+import torch
+
+from lora_engine import load_model
+from lora_engine.io.safetensors import CheckpointError
+from lora_engine.models.config import ModelConfig
+from lora_engine.models.generate import decode
+from tests.conftest import require_oracle, tol
+
+_TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+             linear_value_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4,
+             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def make_hf(folder, seed: int = 0, **over):
+    """A random Qwen3_5ForCausalLM saved to `folder`; norms drawn around their identity (0 for the (1 + w)
+    norms, 1 for the DeltaNet's gated norm)."""
+    tf = require_oracle("transformers")
+    torch.manual_seed(seed)
+    config = tf.Qwen3_5TextConfig(**{**_TINY, **over})
+    model = tf.Qwen3_5ForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.2 * torch.randn_like(p) + (1.0 if "linear_attn.norm" in name else 0.0))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen35")
+    hf = make_hf(folder)
+    return folder, hf, load_model(folder)
+
+
+def test_config_reads_the_schedule(pair):
+    _, _, ours = pair
+    c = ours.config
+    assert c.layer_types == ("linear_attention",) * 3 + ("full_attention",)
+    assert c.linear_attn == {"conv_kernel_dim": 4, "key_head_dim": 8, "value_head_dim": 12, "num_key_heads": 2,
+                             "num_value_heads": 4}
+    assert c.partial_rotary_factor == 0.25 and c.attn_output_gate and c.norm_style == "gemma"
+    assert ours.model.layers[0].linear_attn.conv1d.weight.shape == (2 * 2 * 8 + 4 * 12, 1, 4)
+    assert ours.model.layers[3].self_attn.q_proj.weight.shape == (2 * 4 * 32, 64)
+
+
+def test_logits_match_transformers_over_several_chunks(pair):
+    _, hf, ours = pair
+    ids = torch.randint(3, 96, (2, 150))  # transformers' chunked path: 3 chunks of 64, the last partial
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, **tol("logits_fp32"))
+
+
+def test_logits_match_with_left_padding(pair):
+    _, hf, ours = pair
+    ids = torch.randint(3, 96, (3, 70))
+    mask = torch.ones_like(ids)
+    mask[0, :9], mask[1, :1] = 0, 0
+    with torch.no_grad():
+        got, want = ours(ids, attention_mask=mask), hf(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], **tol("logits_fp32"))
+
+
+def test_loss_matches_transformers(pair):
+    _, hf, ours = pair
+    ids = torch.randint(3, 96, (2, 40))
+    labels = ids.clone()
+    labels[0, :7] = -100
+    with torch.no_grad():
+        torch.testing.assert_close(ours.loss(ids, labels), hf(ids, labels=labels).loss, **tol("logits_fp32"))
+
+
+def test_packed_documents_are_refused(pair):
+    _, _, ours = pair
+    ids = torch.randint(3, 96, (1, 10))
+    with pytest.raises(ValueError, match="segment_ids .* not supported with linear-attention layers"):
+        ours(ids, segment_ids=torch.tensor([[0] * 5 + [1] * 5]))
+
+
+def _config(**over) -> dict:
+    return {"model_type": "qwen3_5_text", **_TINY, **over}
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(linear_num_value_heads=3), r"linear_num_value_heads \(3\) must be a multiple of linear_num_key_heads"),
+    (dict(linear_key_head_dim=0), "linear_key_head_dim must be a whole number from 1"),
+    (dict(layer_types=["linear_attention"] * 3), "layer_types must list 4 entries"),
+    (dict(layer_types=["sliding_attention"] * 4), "layer_types must list 4 entries"),
+    (dict(full_attention_interval=0), "full_attention_interval must be a positive whole number"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.5}),
+     r"partial_rotary_factor must be a number in \(0, 1\]"),
+    (dict(model_type="qwen3_5_moe"), "Qwen3.5-MoE .* not supported yet"),
+])
+def test_config_errors_name_the_field(over, match):
+    with pytest.raises(CheckpointError, match=match):
+        ModelConfig.from_hf(_config(**over))
+
+
+def test_default_schedule_is_every_fourth_layer_full():
+    c = ModelConfig.from_hf(_config(num_hidden_layers=8, full_attention_interval=4))
+    assert c.layer_types == tuple("full_attention" if i in (3, 7) else "linear_attention" for i in range(8))
+    assert c.partial_rotary_factor == 0.25  # transformers' default when rope_parameters does not say
+
+
+def test_linear_layers_need_their_sizes():
+    with pytest.raises(CheckpointError, match="linear_attn .* must be given"):
+        ModelConfig(**{k: v for k, v in ModelConfig.from_hf(_config()).to_dict().items() if k != "linear_attn"})
+
+
+def test_saved_config_is_read_back(pair):
+    folder, _, ours = pair
+    assert ModelConfig.from_hf(json.loads((folder / "config.json").read_text())) == ours.config
+
+
+def test_greedy_equals_transformers_generate_on_a_left_padded_batch(pair):
+    """The conv and delta-rule states carried token to token beside the full layers' KV cache; padded rows
+    zeroed on their way into the linear layers, as transformers does."""
+    _, hf, ours = pair
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, 96, (n,)).tolist() for n in (11, 4, 19)]
+    W = max(map(len, prompts))
+    ids = torch.tensor([[0] * (W - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (W - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)[:, W:].tolist()
+    assert decode(ours, prompts, 16).tokens == ref
+
+
+def test_decode_copies_the_recurrent_state_to_repeated_prompts(pair):
+    _, _, ours = pair
+    prompt = list(range(3, 20))
+    alone = decode(ours, [prompt], 8, logprobs=True)
+    twice = decode(ours, [prompt, prompt], 8, logprobs=True)
+    assert twice.tokens == alone.tokens * 2
+    torch.testing.assert_close(torch.tensor(twice.logprobs), torch.tensor(alone.logprobs * 2), atol=1e-5, rtol=0)
