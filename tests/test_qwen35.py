@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lora_engine import load_model
+from lora_engine.export import save_model
 from lora_engine.io.safetensors import CheckpointError
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.generate import decode
@@ -143,3 +144,97 @@ def test_decode_copies_the_recurrent_state_to_repeated_prompts(pair):
     twice = decode(ours, [prompt, prompt], 8, logprobs=True)
     assert twice.tokens == alone.tokens * 2
     torch.testing.assert_close(torch.tensor(twice.logprobs), torch.tensor(alone.logprobs * 2), atol=1e-5, rtol=0)
+
+
+_VISION = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=4,
+               num_position_embeddings=16)
+_MTP = {"mtp.fc.weight": torch.float32, "mtp.layers.0.mlp.up_proj.weight": torch.bfloat16}
+
+
+def _add_mtp(folder):
+    """MTP-head tensors appended to a saved checkpoint, as the released Qwen3.5 checkpoints carry them."""
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    for i, (name, dtype) in enumerate(_MTP.items()):
+        tensors[name] = torch.randn(8 + i, 64).to(dtype)
+    save_file(tensors, file, metadata={"format": "pt"})
+    return {k: tensors[k] for k in _MTP}
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def test_mtp_heads_survive_load_and_save_byte_for_byte(tmp_path):
+    make_hf(tmp_path / "base")
+    mtp = _add_mtp(tmp_path / "base")
+    ours = load_model(tmp_path / "base")
+    assert sorted(ours.carried_tensors) == sorted(_MTP)
+    for shard in (None, "20KB"):  # one file, and shards with an index
+        out = tmp_path / f"out{shard}"
+        save_model(ours, out, **({"max_shard_size": shard} if shard else {}))
+        files = sorted(out.glob("*.safetensors"))
+        assert (len(files) > 1) == (shard is not None)
+        from safetensors.torch import load_file
+
+        saved = {k: v for f in files for k, v in load_file(f).items()}
+        for name, t in mtp.items():
+            assert saved[name].dtype == t.dtype and _bytes(saved[name]) == _bytes(t)
+        if shard:
+            index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+            assert set(index) == set(saved)
+    again = load_model(tmp_path / "outNone")  # the saved folder loads again, heads carried again
+    assert sorted(again.carried_tensors) == sorted(_MTP)
+
+
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory):
+    """A tiny Qwen3_5ForConditionalGeneration (the released checkpoints' layout) with MTP heads."""
+    tf = require_oracle("transformers")
+    folder = tmp_path_factory.mktemp("qwen35_mm")
+    torch.manual_seed(0)
+    hf = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=_TINY, vision_config=_VISION))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name and "language_model" in name:
+                p.copy_(0.2 * torch.randn_like(p) + (1.0 if "linear_attn.norm" in name else 0.0))
+    hf.save_pretrained(folder, safe_serialization=True)
+    mtp = _add_mtp(folder)
+    return folder, hf.eval(), mtp
+
+
+def test_multimodal_checkpoint_loads_its_text_model(multimodal):
+    folder, hf, _ = multimodal
+    with pytest.warns(UserWarning, match=r"vision tower \(\d+ tensors, model.visual.\*\) is not trained"):
+        ours = load_model(folder)
+    assert ours.config.model_type == "qwen3_5" and ours.config.layer_types[3] == "full_attention"
+    ids = torch.randint(3, 96, (2, 70))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, **tol("logits_fp32"))
+
+
+def test_multimodal_export_is_the_full_checkpoint_again(multimodal, tmp_path):
+    """Saved in the multimodal layout with the original config.json: transformers loads it as the same
+    Qwen3_5ForConditionalGeneration, vision tower and MTP heads byte for byte."""
+    tf = require_oracle("transformers")
+    from safetensors.torch import load_file
+
+    folder, hf, mtp = multimodal
+    with pytest.warns(UserWarning, match="vision tower"):
+        ours = load_model(folder)
+    save_model(ours, tmp_path / "out")
+    before, after = load_file(folder / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert set(after) == set(before)
+    for name in [k for k in before if k.startswith(("model.visual.", "mtp."))]:
+        assert _bytes(after[name]) == _bytes(before[name])
+    back = tf.Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(3, 96, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_multimodal_config_needs_its_text_config():
+    with pytest.raises(CheckpointError, match="holds its text model's fields in text_config"):
+        ModelConfig.from_hf({"model_type": "qwen3_5", "vision_config": {}})

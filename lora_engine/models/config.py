@@ -34,7 +34,7 @@ from lora_engine.models.families import (
     family_fields,
     rope_by_layer_type,
 )
-from lora_engine.models.hybrid import LINEAR
+from lora_engine.models.hybrid import LINEAR, MULTIMODAL, text_config
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 # Upper bounds on the sizes a config may give: far above every released model of these families
@@ -218,6 +218,8 @@ def _fields(cfg: dict, where: str) -> dict:
     """ModelConfig's fields from a config.json, each checked for its JSON type; ranges and consistency are
     __post_init__'s (except what must hold before a field can be computed, e.g. head_dim)."""
     model_type = cfg.get("model_type")
+    if model_type == MULTIMODAL:  # Qwen3.5 with its vision tower: the text model's fields (models/hybrid.py)
+        cfg = text_config(cfg, where)
     if isinstance(model_type, str) and model_type in REFUSED:
         raise CheckpointError(f"{where}: {REFUSED[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -259,7 +261,7 @@ def _fields(cfg: dict, where: str) -> dict:
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=False if model_type == "qwen2" else attention_bias,
         mlp_bias=_flag(cfg, "mlp_bias", where),
-        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_5_text"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_5_text", MULTIMODAL),
         torch_dtype=dtype.replace("torch.", ""),
         **family,
     )

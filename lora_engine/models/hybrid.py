@@ -12,8 +12,11 @@ read from config.json by `hybrid_fields`:
                 DeltaNet's output norm is w * x_hat times silu(z) (GatedRMSNorm)
 
 The multimodal config (model_type qwen3_5, Qwen3_5ForConditionalGeneration: the released checkpoints)
-is refused by name for now: train the text model (see families.REFUSED). qwen3_5_moe waits for the MoE
-layers.
+loads as its text model: config.json's text_config, the checkpoint's model.language_model.* tensors as
+our model.* (`checkpoint_name`). The vision tower (model.visual.*) is not trained: its tensors, like the
+multi-token-prediction heads (mtp.*, kept by every Qwen3.5 checkpoint for speculative decoding), are
+carried through load and save untouched (`carry`), byte for byte, so an exported folder is again the full
+checkpoint. qwen3_5_moe waits for the MoE layers (refused by name, families.REFUSED).
 
 Gated DeltaNet, per token t (the shapes: B batch, T length, Hk key heads, Hv value heads, dk, dv):
   qkv = silu(causal depthwise conv1d(in_proj_qkv(x)))     (B, T, 2 Hk dk + Hv dv), kernel K, left padded
@@ -30,7 +33,9 @@ kernel replaces the plain PyTorch one in one line.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import warnings
 
 import torch
 import torch.nn as nn
@@ -41,7 +46,10 @@ from lora_engine.io.safetensors import CheckpointError
 from lora_engine.kernels.delta_rule_reference import gated_delta_rule_recurrent
 
 LINEAR, FULL = "linear_attention", "full_attention"
-HYBRID = ("qwen3_5_text",)
+MULTIMODAL = "qwen3_5"  # Qwen3_5ForConditionalGeneration: the text model read out of it
+HYBRID = ("qwen3_5_text", MULTIMODAL)
+_TEXT = "model.language_model."  # where the multimodal checkpoint keeps our model.* tensors
+_CARRIED = {"qwen3_5_text": ("mtp.",), MULTIMODAL: ("mtp.", "model.visual.")}
 _LINEAR_KEYS = {"linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
                 "linear_num_key_heads": 16, "linear_num_value_heads": 32}
 
@@ -73,6 +81,60 @@ def hybrid_fields(cfg: dict, layers: int, where: str) -> dict:
         raise CheckpointError(f"{where}: partial_rotary_factor must be a number in (0, 1], got {factor!r}")
     return dict(layer_types=tuple(types), linear_attn=sizes, partial_rotary_factor=float(factor),
                 attn_output_gate=True, norm_style="gemma")
+
+
+def text_config(cfg: dict, where: str) -> dict:
+    """The fields of a multimodal qwen3_5 config.json that describe its text model: text_config, with the
+    top level's model_type and (where given) tie_word_embeddings, as transformers reads them."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{where}: a qwen3_5 (Qwen3_5ForConditionalGeneration) config.json holds its text "
+                              f"model's fields in text_config, a JSON object; got {str(text)[:60]}")
+    out = {**text, "model_type": MULTIMODAL}
+    if "tie_word_embeddings" in cfg:
+        out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return out
+
+
+def checkpoint_name(model_type: str, name: str) -> str:
+    """The checkpoint's key for our state-dict key `name` (model.* moves under model.language_model.*)."""
+    if model_type == MULTIMODAL and name.startswith("model."):
+        return _TEXT + name.removeprefix("model.")
+    return name
+
+
+def model_name(model_type: str, key: str) -> str:
+    """Our state-dict key for the checkpoint's `key` (checkpoint_name's inverse)."""
+    if model_type == MULTIMODAL and key.startswith(_TEXT):
+        return "model." + key.removeprefix(_TEXT)
+    return key
+
+
+def carry(model, hook=None):
+    """A load hook (io/safetensors.py) that keeps the tensors the model does not compute with (the MTP
+    heads, the vision tower) in model.carried_tensors {key: StoredTensor}, unread, for save_model to copy,
+    and passes every other tensor to `hook` under our name."""
+    model_type = model.config.model_type
+    prefixes = _CARRIED.get(model_type, ())
+    model.carried_tensors = {}
+
+    def take(stored) -> bool:
+        if stored.name.startswith(prefixes):
+            model.carried_tensors[stored.name] = stored
+            return True
+        if hook is None:
+            return False
+        return hook(dataclasses.replace(stored, name=model_name(model_type, stored.name)))
+
+    return take if prefixes else hook
+
+
+def warn_untrained(model) -> None:
+    """Say (a warning, on stderr) that a loaded vision tower is carried, not trained."""
+    n = sum(k.startswith("model.visual.") for k in getattr(model, "carried_tensors", {}))
+    if n:
+        warnings.warn(f"{model.config.model_type}: the vision tower ({n} tensors, model.visual.*) is not trained; "
+                      "it is kept as read and written back unchanged with the text model", stacklevel=3)
 
 
 def rotary_dim(cfg) -> int:
