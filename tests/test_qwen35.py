@@ -238,3 +238,71 @@ def test_multimodal_export_is_the_full_checkpoint_again(multimodal, tmp_path):
 def test_multimodal_config_needs_its_text_config():
     with pytest.raises(CheckpointError, match="holds its text model's fields in text_config"):
         ModelConfig.from_hf({"model_type": "qwen3_5", "vision_config": {}})
+
+
+def test_gradients_match_transformers(tmp_path):
+    """Every parameter's gradient, the DeltaNet's conv, decay (A_log, dt_bias) and gated norm included."""
+    hf = make_hf(tmp_path).train()
+    ours = load_model(tmp_path).train()
+    ids = torch.randint(3, 96, (2, 70))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    ref, got = hf(ids, labels=labels).loss, ours.loss(ids, labels)
+    torch.testing.assert_close(got, ref, **tol("logits_fp32"))
+    ref.backward()
+    got.backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    first = {name: p.grad.clone() for name, p in ours.named_parameters()}
+    ours.zero_grad()
+    ours.gradient_checkpointing = True  # each layer recomputed in backward: the same gradients
+    ours.loss(ids, labels).backward()
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, first[name], rtol=0, atol=0, msg=name)
+
+
+_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+            "down_proj"]
+
+
+def test_lora_two_steps_and_adapter_round_trip_match_peft(tmp_path):
+    """LoRA on the projections PEFT targets for Qwen3.5: two SGD steps give PEFT's losses, our saved adapter
+    loads into PEFT with the same logits, and PEFT's loads into ours."""
+    peft = require_oracle("peft")
+    from lora_engine import LoraConfig, apply_lora, load_adapter, save_adapter
+
+    hf = make_hf(tmp_path / "base")
+    ours = load_model(tmp_path / "base")
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=_TARGETS))
+    apply_lora(ours, LoraConfig(r=4, lora_alpha=8, target_modules=tuple(_TARGETS)), verbose=False)
+    peft_params = dict(theirs.named_parameters())
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith(("lora_A", "lora_B")):
+                p.normal_(std=0.1)
+                peft_params[f"base_model.model.{name}.default.weight"].copy_(p)
+    lora = [p for p in ours.parameters() if p.requires_grad]
+    assert len(lora) == 2 * (3 * 3 + 4 + 3 * 4)  # 3 linear layers x 3 targets + 1 full x 4, MLP everywhere
+    opts = [torch.optim.SGD(lora, lr=0.5), torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.5)]
+    theirs.train()
+    ours.train()
+    ids = torch.randint(3, 96, (2, 70))
+    for _ in range(2):
+        ref, got = theirs(ids, labels=ids).loss, ours.loss(ids, ids)
+        torch.testing.assert_close(got, ref, **tol("logits_fp32"))
+        for loss, opt in zip((got, ref), opts):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    save_adapter(ours, tmp_path / "ours")
+    ours.eval()
+    back = peft.PeftModel.from_pretrained(make_hf(tmp_path / "base2"), tmp_path / "ours").eval()
+    check = torch.randint(3, 96, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(back(check).logits, ours(check), **tol("logits_fp32"))
+    theirs.save_pretrained(tmp_path / "peft")
+    fresh = load_adapter(load_model(tmp_path / "base"), tmp_path / "peft", verbose=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(check), theirs.eval()(check).logits, **tol("logits_fp32"))
