@@ -306,3 +306,20 @@ def test_lora_two_steps_and_adapter_round_trip_match_peft(tmp_path):
     fresh = load_adapter(load_model(tmp_path / "base"), tmp_path / "peft", verbose=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(check), theirs.eval()(check).logits, **tol("logits_fp32"))
+
+
+def test_multimodal_checkpoint_loads_quantized(multimodal):
+    """The NF4 loader's hook sees our names (model.*) for the text model's tensors stored under
+    model.language_model.*, and the carried tensors stay unread."""
+    from lora_engine.quant.nf4 import Linear4bit
+
+    folder, _, _ = multimodal
+    with pytest.warns(UserWarning, match="vision tower"):
+        q = load_model(folder, quantize="nf4", verbose=False)
+        full = load_model(folder)
+    assert isinstance(q.model.layers[0].linear_attn.in_proj_qkv, Linear4bit)
+    assert isinstance(q.model.layers[3].self_attn.q_proj, Linear4bit)
+    assert sorted(q.carried_tensors) == sorted(full.carried_tensors)
+    ids = torch.randint(3, 96, (1, 20))
+    with torch.no_grad():
+        assert (q(ids) - full(ids)).abs().max() < 0.2  # NF4's rounding of random weights, not a wrong tensor

@@ -8,6 +8,7 @@ Supported families are the decoder-only Llama relatives that differ only in smal
   qwen3    (RMSNorm on q and k per head)
   gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, and sliding windows in mistral/qwen2/qwen3: the
            per-family options of models/families.py
+  qwen3_5_text, qwen3_5  Gated DeltaNet layers beside gated full attention (models/hybrid.py)
 
 config.json is checked at this boundary: anything else, and any field that is missing, of the wrong
 JSON type, out of range or inconsistent, raises CheckpointError naming the file and the field, rather

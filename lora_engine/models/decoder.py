@@ -94,7 +94,7 @@ class Rotary(nn.Module):
 
 class KVCache:
     """Preallocated keys and values for incremental decoding: per layer (B, Hk, max_len, hd). A linear-attention
-    layer (Qwen3.5) has no keys (None) but a recurrent state, made on its first use (hybrid.LinearState)."""
+    layer (Qwen3.5) has no keys (None) but a recurrent state (hybrid.LinearState), filled by its first forward."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -104,9 +104,6 @@ class KVCache:
         self.linear = {i: hybrid.LinearState() for i, a in enumerate(attends) if not a}
         self.max_len = max_len
         self.pos = 0  # tokens already stored
-
-    def linear_state(self, layer: int) -> hybrid.LinearState:
-        return self.linear[layer]
 
     def select_rows(self, rows: torch.Tensor, extra: int) -> KVCache:
         """A new cache whose row i holds this cache's row rows[i] (its pos positions), with room for
@@ -226,14 +223,9 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(D, eps, style)
         self.mlp = MLP(cfg)
 
-    def _mix(self, h, cos, sin, mask, cache, layer):
-        if self.linear:
-            return self.linear_attn(h, mask, cache.linear_state(layer) if cache is not None else None)
-        return self.self_attn(h, cos, sin, mask, cache, layer)
-
     def forward(self, x, cos, sin, mask, cache, layer):
-        if self.linear:
-            x = x + self._mix(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        if self.linear:  # mask: the (B, T) padding mask; the cache holds the layer's recurrent state
+            x = x + self.linear_attn(self.input_layernorm(x), mask, cache.linear[layer] if cache is not None else None)
             return x + self.post_attention_layernorm.into(x, self.mlp)
         if self.layout == "sandwich":
             h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
@@ -348,10 +340,7 @@ class CausalLM(nn.Module):
         masks = {w: _attention_mask(attention_mask, segment_ids, B, T, past, input_ids.device, w)
                  for w in {layer.mask_key for layer in self.model.layers} - {"linear"}}
         if any(layer.linear for layer in self.model.layers):
-            if segment_ids is not None:  # the recurrent state would carry one document into the next
-                raise ValueError("segment_ids (packed documents) are not supported with linear-attention layers "
-                                 f"({self.config.model_type}): train without packing")
-            masks["linear"] = hybrid.padding_mask(attention_mask, T)
+            masks["linear"] = hybrid.padding_mask(attention_mask, segment_ids, T, self.config.model_type)
         if self.embedding_on_cpu:  # rows gathered in CPU memory, only the (B, T, D) result goes to the device
             emb = self.model.embed_tokens
             x = emb(input_ids.to(emb.weight.device)).to(input_ids.device)

@@ -15,6 +15,7 @@ and refuses what the decoder does not compute, naming the field:
   olmo2/olmo3  norms after attention and MLP only, q/k norms over the whole projection; OLMo 3 adds
                sliding layers and RoPE per layer type
   mistral, qwen2, qwen3  a sliding window where the config puts one in use
+  qwen3_5_text, qwen3_5  linear-attention layers, partial RoPE, gated attention: models/hybrid.py
 
 The key map of the fused-weight families (FUSED) lives here too: load splits, save fuses.
 """

@@ -264,9 +264,13 @@ class GatedAttention(nn.Module):
         return self.o_proj(y * torch.sigmoid(gate.reshape(B, T, -1)))
 
 
-def padding_mask(attention_mask, T: int):
+def padding_mask(attention_mask, segment_ids, T: int, model_type: str):
     """The (B, T) mask a linear layer zeroes its padding inputs with, or None (none to zero): transformers'
-    create_recurrent_attention_mask (one-token steps and all-real rows need none)."""
+    create_recurrent_attention_mask (one-token steps and all-real rows need none). ValueError for packed
+    rows (segment_ids): the recurrent state would carry one document into the next."""
+    if segment_ids is not None:
+        raise ValueError(f"segment_ids (packed documents) are not supported with linear-attention layers "
+                         f"({model_type}): train without packing")
     if attention_mask is None or T == 1 or bool(attention_mask.all()):
         return None
     return attention_mask[:, -T:]
