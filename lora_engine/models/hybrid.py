@@ -28,7 +28,12 @@ Padding positions (attention_mask 0) enter the layer as zeros, as transformers d
 the conv output is zero, k is zero and the state is only decayed, so left padding leaves it untouched.
 
 The two recurrent ops each go through one function here (`_causal_conv1d`, `_delta_rule`), so a faster
-kernel replaces the plain PyTorch one in one line.
+kernel replaces the plain PyTorch one in one line; until then the delta rule is the token-by-token fp32
+recurrence, exact but slow at long context.
+
+Not yet: packed rows (segment_ids; refused, the state would cross documents), and adapters of the
+multimodal checkpoint in PEFT's naming: our adapter names the text model's modules model.layers.*, where
+PEFT on Qwen3_5ForConditionalGeneration names them model.language_model.layers.*.
 """
 
 from __future__ import annotations
