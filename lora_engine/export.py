@@ -39,6 +39,7 @@ from lora_engine.cli import TORCH_NAMES, logs_to, option, parse_dtype, parse_siz
 from lora_engine.io.atomic import OutputError, Owned, atomic_dir, check_dir_replaceable, copy_file, write_json
 from lora_engine.io.safetensors import FLOAT_DTYPES, dtype_name, float_dtype, write_safetensors
 from lora_engine.lora.layers import LoraLinear, lora_layers
+from lora_engine.models import hybrid
 from lora_engine.models.families import fused_groups
 from lora_engine.sources.gguf_write import GGUF_TYPES
 
@@ -80,15 +81,22 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
     # checkpoint key -> the state-dict keys it holds: fused again where the family stores them fused (Phi-3)
     groups = dict(fused_groups(model.config.model_type, _tensor_names(model, state)))
     shards = _plan_shards(state, groups, out_dtype, limit)
+    # Keys as the family stores them (Qwen3.5's multimodal layout); the tensors the model only carried
+    # (MTP heads, a vision tower: models/hybrid.py) copied as read, in the last shard.
+    stored = {n: hybrid.checkpoint_name(model.config.model_type, n) for n in groups}
+    own = {key: name for name, key in stored.items()}
+    carried = getattr(model, "carried_tensors", {})
+    shards[-1] += sorted(carried)
     with atomic_dir(folder, MODEL_FILES) as tmp:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards, 1):
             file = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            layout = {name: _export_layout([state[n] for n in groups[name]], out_dtype) for name in shard}
-            total += write_safetensors(tmp / file, layout, lambda name: _export_group(state, layers, groups[name],
-                                                                                     out_dtype, merge),
+            layout = {stored.get(name, name): (carried[name].dtype, carried[name].shape) if name in carried else
+                      _export_layout([state[n] for n in groups[name]], out_dtype) for name in shard}
+            total += write_safetensors(tmp / file, layout, lambda key: carried[key].read() if key in carried else
+                                       _export_group(state, layers, groups[own[key]], out_dtype, merge),
                                        metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
+            weight_map.update(dict.fromkeys(layout, file))
         if len(shards) > 1:
             write_json(tmp / "model.safetensors.index.json",
                        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})

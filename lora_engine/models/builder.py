@@ -34,6 +34,7 @@ from lora_engine.io.safetensors import (
     load_checkpoint,
     read_safetensors_header,
 )
+from lora_engine.models import hybrid
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 from lora_engine.models.families import fused_groups
@@ -87,7 +88,8 @@ def open_checkpoint(path) -> Checkpoint:
     files = checkpoint_files(folder)
     headers = {f: read_safetensors_header(f)[0] for f in sorted(set(files.values()))}
     # A name the index lists but its shard lacks is the strict loader's to report.
-    shapes = {name: tuple(headers[f][name]["shape"]) for name, f in files.items() if name in headers[f]}
+    shapes = {hybrid.model_name(config.model_type, name): tuple(headers[f][name]["shape"])
+              for name, f in files.items() if name in headers[f]}
     nbytes = sum(end - begin for h in headers.values() for begin, end in (i["data_offsets"] for i in h.values()))
     ckpt = Checkpoint(folder, config, shapes, nbytes)
     _check_config(ckpt, files)
@@ -167,8 +169,12 @@ def load_weights(model: CausalLM, checkpoint: Checkpoint, hook: LoadHook | None 
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in skip}
     expected.update(placeholders or {})
     hook = _split_fused(model.config, expected, hook, checkpoint.config_file)
+    # Keyed as stored (Qwen3.5's multimodal layout), the MTP heads and vision tower carried (models/hybrid.py)
+    expected = {hybrid.checkpoint_name(model.config.model_type, k): v for k, v in expected.items()}
+    hook = hybrid.carry(model, hook)
     load_checkpoint(checkpoint.folder, expected, hook, skip=skip, finish=finish,
                     what=f"the {model.config.model_type} model built from its config.json")
+    hybrid.warn_untrained(model)
     model.name_or_path = str(name_or_path if name_or_path is not None else checkpoint.folder)
     model.source_dir = str(checkpoint.folder)
     return model.eval()

@@ -8,6 +8,7 @@ Supported families are the decoder-only Llama relatives that differ only in smal
   qwen3    (RMSNorm on q and k per head)
   gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, and sliding windows in mistral/qwen2/qwen3: the
            per-family options of models/families.py
+  qwen3_5_text, qwen3_5  Gated DeltaNet layers beside gated full attention (models/hybrid.py)
 
 config.json is checked at this boundary: anything else, and any field that is missing, of the wrong
 JSON type, out of range or inconsistent, raises CheckpointError naming the file and the field, rather
@@ -34,6 +35,7 @@ from lora_engine.models.families import (
     family_fields,
     rope_by_layer_type,
 )
+from lora_engine.models.hybrid import LINEAR, MULTIMODAL, text_config
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 # Upper bounds on the sizes a config may give: far above every released model of these families
@@ -81,6 +83,10 @@ class ModelConfig:
     hidden_act: str = "silu"  # or "gelu_pytorch_tanh" (GeGLU)
     qk_norm_full: bool = False  # q/k norm over the whole projection (OLMo 2), not per head
     fused_projections: bool = False  # the checkpoint stores fused qkv_proj / gate_up_proj (families.FUSED)
+    # Hybrid linear attention (models/hybrid.py, Qwen3.5): "linear_attention" entries in layer_types.
+    linear_attn: dict | None = None  # the Gated DeltaNet sizes (num_key_heads, key_head_dim, conv_kernel_dim, ...)
+    partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head
+    attn_output_gate: bool = False  # q_proj doubled: the attention output times sigmoid(gate)
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # the raw config.json
 
     def __post_init__(self):
@@ -109,6 +115,9 @@ class ModelConfig:
                 raise CheckpointError(f"{name} must list num_hidden_layers ({self.num_hidden_layers}) entries")
         if SLIDING in self.layer_types and self.sliding_window is None:
             raise CheckpointError("sliding_window must be given when layer_types has sliding layers")
+        if LINEAR in self.layer_types and not self.linear_attn:
+            raise CheckpointError("linear_attn (the linear_* sizes) must be given when layer_types has "
+                                  "linear_attention layers")
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else FULL
@@ -210,6 +219,8 @@ def _fields(cfg: dict, where: str) -> dict:
     """ModelConfig's fields from a config.json, each checked for its JSON type; ranges and consistency are
     __post_init__'s (except what must hold before a field can be computed, e.g. head_dim)."""
     model_type = cfg.get("model_type")
+    if model_type == MULTIMODAL:  # Qwen3.5 with its vision tower: the text model's fields (models/hybrid.py)
+        cfg = text_config(cfg, where)
     if isinstance(model_type, str) and model_type in REFUSED:
         raise CheckpointError(f"{where}: {REFUSED[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -251,7 +262,7 @@ def _fields(cfg: dict, where: str) -> dict:
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=False if model_type == "qwen2" else attention_bias,
         mlp_bias=_flag(cfg, "mlp_bias", where),
-        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_5_text", MULTIMODAL),
         torch_dtype=dtype.replace("torch.", ""),
         **family,
     )

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
-from lora_engine.models import rebuild
+from lora_engine.models import hybrid, rebuild
 from lora_engine.models.config import SLIDING, ModelConfig
 from lora_engine.models.offload import HostOffloader, checkpoint_offloaded, offload_to_device
 from lora_engine.models.recompute import chunked_rows
@@ -65,7 +65,7 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self) -> torch.Tensor:
-        dim, base = self.cfg.head_dim, self.theta
+        dim, base = hybrid.rotary_dim(self.cfg), self.theta  # partial RoPE (Qwen3.5): the leading dims only
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         s = self.scaling
         if s is None:
@@ -93,12 +93,15 @@ class Rotary(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for incremental decoding: per layer (B, Hk, max_len, hd)."""
+    """Preallocated keys and values for incremental decoding: per layer (B, Hk, max_len, hd). A linear-attention
+    layer (Qwen3.5) has no keys (None) but a recurrent state (hybrid.LinearState), filled by its first forward."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        attends = [cfg.layer_type(i) != hybrid.LINEAR for i in range(cfg.num_hidden_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) if a else None for a in attends]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) if a else None for a in attends]
+        self.linear = {i: hybrid.LinearState() for i, a in enumerate(attends) if not a}
         self.max_len = max_len
         self.pos = 0  # tokens already stored
 
@@ -109,11 +112,14 @@ class KVCache:
         new.max_len, new.pos = self.pos + extra, self.pos
 
         def pick(t):
+            if t is None:
+                return None
             out = t.new_zeros((rows.numel(), t.shape[1], new.max_len, t.shape[3]))
             out[:, :, : self.pos] = t[:, :, : self.pos].index_select(0, rows)
             return out
 
         new.k, new.v = [pick(t) for t in self.k], [pick(t) for t in self.v]
+        new.linear = {i: s.select_rows(rows) for i, s in self.linear.items()}
         return new
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -200,7 +206,16 @@ class DecoderLayer(nn.Module):
         self.layout = cfg.norm_layout
         if self.layout != "post":
             self.input_layernorm = RMSNorm(D, eps, style)
-        self.self_attn = Attention(cfg, layer)
+        self.linear = cfg.layer_type(layer) == hybrid.LINEAR  # Gated DeltaNet instead of attention (Qwen3.5)
+        if self.linear:
+            self.linear_attn = hybrid.GatedDeltaNet(cfg)
+        elif cfg.attn_output_gate:
+            self.self_attn = hybrid.GatedAttention(cfg, lambda d: RMSNorm(d, eps, style))
+        else:
+            self.self_attn = Attention(cfg, layer)
+        # Which mask (a window size, or the linear layers' padding mask) and cos/sin tables the layer takes.
+        self.mask_key = "linear" if self.linear else self.self_attn.window
+        self.rope_kind = "full" if self.linear else self.self_attn.rope_kind
         self.post_attention_layernorm = RMSNorm(D, eps, style)
         if self.layout == "sandwich":
             self.pre_feedforward_layernorm = RMSNorm(D, eps, style)
@@ -209,6 +224,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer):
+        if self.linear:  # mask: the (B, T) padding mask; the cache holds the layer's recurrent state
+            x = x + self.linear_attn(self.input_layernorm(x), mask, cache.linear[layer] if cache is not None else None)
+            return x + self.post_attention_layernorm.into(x, self.mlp)
         if self.layout == "sandwich":
             h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
             x = x + self.post_attention_layernorm(h)
@@ -320,7 +338,9 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         # One mask per window size the layers use (None: full attention); one cos/sin pair per RoPE kind.
         masks = {w: _attention_mask(attention_mask, segment_ids, B, T, past, input_ids.device, w)
-                 for w in {layer.self_attn.window for layer in self.model.layers}}
+                 for w in {layer.mask_key for layer in self.model.layers} - {"linear"}}
+        if any(layer.linear for layer in self.model.layers):
+            masks["linear"] = hybrid.padding_mask(attention_mask, segment_ids, T, self.config.model_type)
         if self.embedding_on_cpu:  # rows gathered in CPU memory, only the (B, T, D) result goes to the device
             emb = self.model.embed_tokens
             x = emb(input_ids.to(emb.weight.device)).to(input_ids.device)
@@ -332,7 +352,7 @@ class CausalLM(nn.Module):
         if hasattr(self.model, "rotary_local"):
             ropes["sliding"] = self.model.rotary_local(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            (cos, sin), mask = ropes[layer.self_attn.rope_kind], masks[layer.self_attn.window]
+            (cos, sin), mask = ropes[layer.rope_kind], masks[layer.mask_key]
             if self.gradient_checkpointing and self.training and cache is None and self.offload_activations:
                 x = checkpoint_offloaded(lambda h, f=layer, i=i, c=cos, s=sin, m=mask: f(h, c, s, m, None, i), x,
                                          [p for p in layer.parameters() if p.requires_grad], self._offloader)

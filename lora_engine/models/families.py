@@ -15,6 +15,7 @@ and refuses what the decoder does not compute, naming the field:
   olmo2/olmo3  norms after attention and MLP only, q/k norms over the whole projection; OLMo 3 adds
                sliding layers and RoPE per layer type
   mistral, qwen2, qwen3  a sliding window where the config puts one in use
+  qwen3_5_text, qwen3_5  linear-attention layers, partial RoPE, gated attention: models/hybrid.py
 
 The key map of the fused-weight families (FUSED) lives here too: load splits, save fuses.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import numbers
 
 from lora_engine.io.safetensors import CheckpointError
+from lora_engine.models.hybrid import HYBRID, hybrid_fields
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 GELU_TANH = "gelu_pytorch_tanh"
@@ -31,7 +33,8 @@ GELU_TANH = "gelu_pytorch_tanh"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                  "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                 "olmo3": "Olmo3ForCausalLM"}
+                 "olmo3": "Olmo3ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
+                 "qwen3_5": "Qwen3_5ForConditionalGeneration"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 GEMMA = ("gemma2", "gemma3_text")
 OLMO = ("olmo2", "olmo3")
@@ -44,6 +47,8 @@ REFUSED = {
               "the text model: a gemma3_text checkpoint (Gemma3ForCausalLM, e.g. google/gemma-3-1b-pt)",
     "gemma4": "Gemma 4 (with its vision and audio towers) is not supported yet",
     "gemma4_text": "Gemma 4's text model (per-layer embeddings, shared KV layers) is not supported yet",
+    "qwen3_5_moe": "Qwen3.5-MoE (qwen3_5_moe: Gated DeltaNet layers with a mixture-of-experts MLP) is not "
+                   "supported yet; the dense Qwen3.5 models (qwen3_5) are",
 }
 
 
@@ -65,6 +70,8 @@ def family_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
                                          where))
     if model_type in OLMO:
         out.update(norm_style="olmo", norm_layout="post", qk_norm_full=True)
+    if model_type in HYBRID:
+        out.update(hybrid_fields(cfg, layers, where))
     if model_type == "smollm3":
         out["rope_layers"] = _no_rope_layers(cfg, layers, where)
     if model_type == "phi3":
