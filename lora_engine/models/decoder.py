@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
-from lora_engine.models import rebuild
+from lora_engine.models import moe, rebuild
 from lora_engine.models.config import SLIDING, ModelConfig
 from lora_engine.models.offload import HostOffloader, checkpoint_offloaded, offload_to_device
 from lora_engine.models.recompute import chunked_rows
@@ -206,7 +206,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(D, eps, style)
         if self.layout != "pre":
             self.post_feedforward_layernorm = RMSNorm(D, eps, style)
-        self.mlp = MLP(cfg)
+        self.mlp = moe.MoEBlock(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer):
         if self.layout == "sandwich":
@@ -252,6 +252,7 @@ class CausalLM(nn.Module):
         # to the device for the loss only.
         self.embedding_on_cpu = False
         self.head_on_cpu = False
+        self.aux_loss: torch.Tensor | None = None  # the MoE load-balancing loss of the last forward
 
     @property
     def mlp_chunk_size(self) -> int:
@@ -342,6 +343,10 @@ class CausalLM(nn.Module):
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.pos += T
+        # The MoE layers' load-balancing loss of this forward (transformers' aux_loss; not in the loss).
+        routed = [lg for layer in self.model.layers if (lg := getattr(layer.mlp, "router_logits", None)) is not None]
+        self.aux_loss = moe.aux_loss(routed, self.config.experts_per_token,
+                                     None if attention_mask is None else attention_mask[:, -T:]) if routed else None
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None):
