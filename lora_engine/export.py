@@ -38,6 +38,7 @@ from lora_engine.cli import DTYPES as DTYPE_NAMES
 from lora_engine.cli import TORCH_NAMES, logs_to, option, parse_dtype, parse_size
 from lora_engine.io.atomic import OutputError, Owned, atomic_dir, check_dir_replaceable, copy_file, write_json
 from lora_engine.io.safetensors import FLOAT_DTYPES, dtype_name, float_dtype, write_safetensors
+from lora_engine.lora import experts
 from lora_engine.lora.layers import LoraLinear, lora_layers
 from lora_engine.models.families import fused_groups
 from lora_engine.models.moe import checkpoint_views
@@ -72,7 +73,10 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
             f"save_model: the LoRA of {merged[0]} (and {len(merged) - 1} more) is merged into the weights in "
             "memory, so merge=False cannot write the base weights; call unmerge_lora(model) first, or pass merge=True"
         )
-    if layers and not merge:
+    if merge and experts.adapter_keys(model, ""):
+        raise ValueError("save_model: merging LoRA on mixture-of-experts weights (target_parameters) is not supported "
+                         "yet; save the adapter with save_adapter(model, dir) and export with merge=False")
+    if (layers or experts.adapter_keys(model, "")) and not merge:
         warnings.warn(
             f"save_model: writing the base weights only; the LoRA of {len(layers)} layers is not in {folder}. "
             "Save it too with save_adapter(model, dir), or export with merge=True", stacklevel=2)
