@@ -168,7 +168,8 @@ def lora_config(cfg: TrainConfig):
     return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora,
                       use_dora=cfg.use_dora,
-                      modules_to_save=tuple(cfg.modules_to_save.split(",")) if cfg.modules_to_save else ())
+                      modules_to_save=tuple(cfg.modules_to_save.split(",")) if cfg.modules_to_save else (),
+                      target_parameters=tuple(cfg.target_parameters.split(",")) if cfg.target_parameters else ())
 
 
 def make_run(cfg: TrainConfig, tokenizer, model, data: Prepared, prec: Precision, device: torch.device,
