@@ -179,10 +179,22 @@ def test_train_command_on_a_tiny_qwen3_moe_folder(tmp_path):
     out = tmp_path / "run"
     rc = main(["--model", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "2", "--batch-size",
                "4", "--max-length", "64", "--no-general-eval", "--no-plot", "--lr", "1e-2",
-               "--target-modules", "q_proj,v_proj", "--target-parameters", ",".join(MOE_TARGETS)])
+               "--target-modules", "q_proj,v_proj", "--target-parameters", ",".join(MOE_TARGETS),
+               "--router-aux-loss"])
     assert rc == 0
     config, raw = read_adapter_config(out / "adapter")
     assert sorted(raw["target_parameters"]) == sorted(MOE_TARGETS)
     model = load_adapter(load_model(folder), out / "adapter", verbose=False)
     trained = [n for n, p in model.named_parameters() if "experts.lora" in n and n.endswith("lora_B")]
     assert trained and all(model.get_parameter(n).abs().sum() > 0 for n in trained)  # the experts' B moved off 0
+
+
+def test_router_aux_loss_flag_on_a_dense_model_is_refused(folder, tmp_path, capsys):
+    from lora_engine.train.command import main
+    from tests.test_train_support import chat_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(8))
+    rc = main(["--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1",
+               "--no-general-eval", "--no-plot", "--router-aux-loss"])
+    assert rc == 2
+    assert "--router-aux-loss: " in capsys.readouterr().err

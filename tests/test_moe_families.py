@@ -79,6 +79,29 @@ def test_logits_and_aux_loss_equal_transformers(pair):
     torch.testing.assert_close(ours.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-6)
 
 
+def test_loss_with_router_aux_loss_equals_transformers(pair):
+    """router_aux_loss on: cross-entropy + router_aux_loss_coef * aux loss over the real tokens, as transformers'
+    loss with output_router_logits; off (the default): the cross-entropy alone."""
+    _, _, hf, ours = pair
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 4] = -100  # predicted from a padding position, whose hidden state no two implementations agree on
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, labels=labels)
+        plain = ours.loss(ids, labels, attention_mask=mask)
+        ours.router_aux_loss = True
+        try:
+            got = ours.loss(ids, labels, attention_mask=mask)
+            summed = ours.loss(ids, labels, attention_mask=mask, reduction="sum")
+        finally:
+            ours.router_aux_loss = False
+    coef = hf.config.router_aux_loss_coef
+    torch.testing.assert_close(got, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, want.loss - coef * want.aux_loss, rtol=1e-5, atol=1e-6)
+    n = int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(summed / n, got, rtol=1e-5, atol=1e-6)
+
+
 def test_experts_load_from_the_3d_layout(pair, tmp_path):
     """A folder holding transformers v5's in-memory names (mlp.experts.gate_up_proj (E, 2F, D)) loads too."""
     family, folder, hf, ours = pair

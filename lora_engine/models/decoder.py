@@ -253,6 +253,8 @@ class CausalLM(nn.Module):
         self.embedding_on_cpu = False
         self.head_on_cpu = False
         self.aux_loss: torch.Tensor | None = None  # the MoE load-balancing loss of the last forward
+        # MoE: add router_aux_loss_coef * aux_loss to loss() (transformers' output_router_logits); off by default
+        self.router_aux_loss = False
 
     @property
     def mlp_chunk_size(self) -> int:
@@ -368,6 +370,7 @@ class CausalLM(nn.Module):
         normalise by the number of target tokens of a whole accumulated batch. The (tokens x vocab)
         logits are never formed in full (dispatch.linear_cross_entropy works in chunks).
         """
+        given_mask = attention_mask
         if attention_mask is not None and segment_ids is None and _padding_unlabelled(attention_mask, labels):
             attention_mask = None  # causal attention gives every counted token the same keys, and is faster
         h = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids)
@@ -375,12 +378,16 @@ class CausalLM(nn.Module):
         h = h[:, :-1].reshape(-1, D)
         target = labels[:, 1:].reshape(-1)
         if self.config.final_softcap is not None:  # the fused losses have no soft-cap: chunked, recomputed
-            return softcapped_cross_entropy(h, self.head_weight(h.device), target, self.config.final_softcap,
+            loss = softcapped_cross_entropy(h, self.head_weight(h.device), target, self.config.final_softcap,
                                             reduction, self.loss_chunk_size or None)
-        return dispatch.linear_cross_entropy(
-            h, self.head_weight(h.device), target, ignore_index=-100, reduction=reduction, backend=self.backend,
-            chunk_size=self.loss_chunk_size or None,
-        )
+        else:
+            loss = dispatch.linear_cross_entropy(
+                h, self.head_weight(h.device), target, ignore_index=-100, reduction=reduction,
+                backend=self.backend, chunk_size=self.loss_chunk_size or None,
+            )
+        if self.router_aux_loss and self.aux_loss is not None:
+            loss = loss + moe.weighted_aux_loss(self, given_mask, target, reduction)
+        return loss
 
     def tie_weights(self):
         """Share the embedding matrix with the head when the config says so (also after to_empty)."""

@@ -95,6 +95,17 @@ def aux_loss(logits: list[torch.Tensor], top_k: int, attention_mask: torch.Tenso
     return E * torch.sum((count / rows) * (prob / rows))
 
 
+def weighted_aux_loss(model, attention_mask, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """router_aux_loss_coef * the aux loss of `model`'s last forward, over the real tokens of attention_mask
+    as transformers counts them; times the counted tokens for reduction "sum", so a loop that divides the
+    sum by the accumulated batch's token count adds the token-weighted mean."""
+    logits = [m.router_logits for m in model.modules() if isinstance(m, MoEBlock) and m.router_logits is not None]
+    aux = model.aux_loss if attention_mask is None else aux_loss(logits, model.config.experts_per_token,
+                                                                 attention_mask)
+    aux = model.config.router_aux_loss_coef * aux
+    return aux * (target != -100).sum() if reduction == "sum" else aux
+
+
 # ---- checkpoint key maps ----------------------------------------------------------------------------
 _HUB = {  # family -> (the MLP's stored prefix, the gate, up and down names of an expert's 2-D weights)
     "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),

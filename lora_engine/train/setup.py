@@ -149,6 +149,10 @@ def build_model(cfg: TrainConfig, device: torch.device, log):
         model = load_model(refs.local_path(cfg.model, cfg.registry),
                            dtype=resolve_precision(device, cfg.precision).storage, device=device,
                            quantize=quantize_method(cfg.quantize))
+    if cfg.router_aux_loss and not model.config.num_experts:
+        raise CliError(f"--router-aux-loss: {cfg.model} has no mixture-of-experts layers, so no router loss; drop "
+                       "the flag")
+    model.router_aux_loss = cfg.router_aux_loss
     if cfg.finetune == "full":
         step.full_finetuning(model)
         n = count_parameters(model)["trainable"]
