@@ -38,9 +38,11 @@ from lora_engine.cli import DTYPES as DTYPE_NAMES
 from lora_engine.cli import TORCH_NAMES, logs_to, option, parse_dtype, parse_size
 from lora_engine.io.atomic import OutputError, Owned, atomic_dir, check_dir_replaceable, copy_file, write_json
 from lora_engine.io.safetensors import FLOAT_DTYPES, dtype_name, float_dtype, write_safetensors
+from lora_engine.lora import experts
 from lora_engine.lora.layers import LoraLinear, lora_layers
 from lora_engine.models import hybrid
 from lora_engine.models.families import fused_groups
+from lora_engine.models.moe import checkpoint_views
 from lora_engine.sources.gguf_write import GGUF_TYPES
 
 # Files of a Hugging Face folder, besides config and weights, that a user of the export needs.
@@ -72,12 +74,17 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
             f"save_model: the LoRA of {merged[0]} (and {len(merged) - 1} more) is merged into the weights in "
             "memory, so merge=False cannot write the base weights; call unmerge_lora(model) first, or pass merge=True"
         )
-    if layers and not merge:
+    if merge and experts.adapter_keys(model, ""):
+        raise ValueError("save_model: merging LoRA on mixture-of-experts weights (target_parameters) is not supported "
+                         "yet; save the adapter with save_adapter(model, dir) and export with merge=False")
+    if (layers or experts.adapter_keys(model, "")) and not merge:
         warnings.warn(
             f"save_model: writing the base weights only; the LoRA of {len(layers)} layers is not in {folder}. "
             "Save it too with save_adapter(model, dir), or export with merge=True", stacklevel=2)
     check_out(folder, model)
-    state = model.state_dict()  # references to the parameters, no copies
+    # references to the parameters, no copies; MoE experts as views of each expert's 2-D weights, the
+    # layout transformers' save_pretrained writes
+    state = checkpoint_views(model.config.model_type, model.state_dict())
     # checkpoint key -> the state-dict keys it holds: fused again where the family stores them fused (Phi-3)
     groups = dict(fused_groups(model.config.model_type, _tensor_names(model, state)))
     shards = _plan_shards(state, groups, out_dtype, limit)

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from lora_engine.io import atomic
 from lora_engine.io.safetensors import CheckpointError, read_safetensors_header, read_tensor, save_tensors
+from lora_engine.lora import experts
 from lora_engine.lora.fused import fuse_layers, fused_modules, split_adapter, stored_paths
 from lora_engine.lora.layers import (
     LoraConfig,
@@ -63,7 +64,6 @@ UNSUPPORTED = {
     "layers_to_transform": ((None, []), "layers_to_transform"),
     "layer_replication": ((None, []), "layer_replication"),
     "exclude_modules": ((None, []), "exclude_modules"),
-    "target_parameters": ((None, []), "target_parameters (LoRA on raw parameters)"),
     "trainable_token_indices": ((None, [], {}), "trainable_token_indices"),
     "use_qalora": ((False, None), "QALoRA"),
     "alora_invocation_tokens": ((None, []), "aLoRA (activated LoRA)"),
@@ -83,6 +83,7 @@ _FIELD_TYPES = (
     ("rank_pattern", (dict,), "an object {module pattern: rank}"),
     ("alpha_pattern", (dict,), "an object {module pattern: alpha}"),
     ("modules_to_save", (list,), "a list of module names"),
+    ("target_parameters", (list,), "a list of parameter names"),
 )
 # Stored dtypes LoRA weights may have: anything else (an int32 tensor, say) is not a trained weight.
 FLOAT_ST_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -98,7 +99,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     (ADAPTER_FILES); else OutputError, before any work.
     """
     layers = dict(lora_layers(model))
-    if not layers:
+    if not layers:  # (an adapter of expert LoRA alone has no target_modules, which this reader requires)
         raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora(model, config) first")
     folder = Path(folder)
     atomic.check_dir_replaceable(folder, ADAPTER_FILES)
@@ -109,6 +110,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         tensors[f"{PREFIX}{path}.lora_B.weight"] = rec["lora_B"]
         if "magnitude" in rec:
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = rec["magnitude"]
+    for key, (p, _) in experts.adapter_keys(model, PREFIX).items():  # MoE experts: PEFT's ParamWrapper keys
+        tensors[key] = p.detach().cpu().contiguous()
+    config["target_parameters"] = experts.targeted(model) or None
     if config["modules_to_save"]:
         warnings.warn(f"save_adapter: the adapter carries modules_to_save {config['modules_to_save']}: PEFT and "
                       "transformers load it, vLLM refuses adapters with modules_to_save (merge it with "
@@ -223,6 +227,7 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
             target_modules=raw["target_modules"], use_rslora=raw.get("use_rslora", False),
             rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
             use_dora=raw.get("use_dora") or False, modules_to_save=raw.get("modules_to_save") or (),
+            target_parameters=raw.get("target_parameters") or (),
         )
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
@@ -264,7 +269,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
         read = split.__getitem__
     expected = _expected_layers(model, config, existing, folder)
     whole = _expected_saved(model, config, existing, folder)
-    tensors = _check_keys(header, expected, whole, weights, raw.get("base_model_name_or_path"), model)
+    expert_keys = _check_expert_keys(model, config, header, folder)
+    tensors = _check_keys({k: v for k, v in header.items() if k not in expert_keys}, expected, whole, weights,
+                          raw.get("base_model_name_or_path"), model)
     if not existing:
         apply_lora(model, config, verbose=False)
     layers = dict(lora_layers(model))
@@ -281,10 +288,31 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
             m.dropout.train(m.training)
         for key, (path, name, _) in whole.items():
             getattr(model.get_submodule(path), name).copy_(read(key))
+        for key, (p, _) in experts.adapter_keys(model, PREFIX).items():
+            p.copy_(read(key))
     model.lora_config = config
     if verbose:
         logger.info(f"loaded LoRA adapter {folder} into {len(layers)} layers")
     return model
+
+
+def _check_expert_keys(model, config: LoraConfig, header: dict, folder: Path) -> set[str]:
+    """The adapter's expert LoRA keys (target_parameters), each present with the shape the model needs."""
+    try:
+        want = experts.expected_keys(model, config, PREFIX)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {e}; was the adapter made for another base model?") from e
+    on_model = experts.adapter_keys(model, PREFIX)
+    if on_model and set(on_model) != set(want):
+        raise ValueError(f"{folder}: the adapter's target_parameters differ from the expert LoRA already on the "
+                         "model; load it into a model without LoRA instead")
+    problems = [f"missing tensor {k}" if k not in header else
+                f"{k}: the adapter's tensor is {tuple(header[k]['shape'])}, this model's experts need {shape}"
+                for k, shape in want.items() if k not in header or tuple(header[k]["shape"]) != shape]
+    if problems:
+        raise CheckpointError(f"{folder / WEIGHTS_NAME} does not fit this model's experts:\n  - "
+                              + "\n  - ".join(problems[:12]))
+    return set(want)
 
 
 def _st_dtype(t: torch.Tensor) -> str:

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from lora_engine import dispatch
 from lora_engine.kernels.nf4_format import NF4Tensor
+from lora_engine.lora import experts
 from lora_engine.lora.names import PatternError, compile_pattern, fullmatch, match_names
 from lora_engine.quant import nf4
 
@@ -78,6 +79,8 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
+    # PEFT's LoRA on raw parameters: the 3-D experts of an MoE model (lora/experts.py)
+    target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_rank("r", self.r)
@@ -94,6 +97,11 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.modules_to_save must be a list of module names such as ['embed_tokens', "
                              f"'lm_head'], got {self.modules_to_save!r}")
         self.modules_to_save = tuple(m)
+        tp = () if self.target_parameters is None else self.target_parameters
+        if isinstance(tp, str) or not isinstance(tp, (list, tuple)) or not all(isinstance(n, str) and n for n in tp):
+            raise ValueError(f"LoraConfig.target_parameters must be a list of parameter names such as "
+                             f"['mlp.experts.gate_up_proj'], got {self.target_parameters!r}")
+        self.target_parameters = tuple(tp)
         t = self.target_modules
         if isinstance(t, str):
             if not t:
@@ -365,6 +373,10 @@ def target_paths(model: nn.Module, config: LoraConfig) -> list[str]:
         wanted = {name: [n for n, _ in model.named_modules() if n and (n == name or n.endswith("." + name))]
                   for name in t}
     for name, found in wanted.items():
+        if not found and name in ("gate_proj", "up_proj", "down_proj") and experts.expert_modules(model):
+            raise ValueError(f"LoraConfig.target_modules: {name!r} matches no module: the experts of this "
+                             "mixture-of-experts model are 3-D parameters, not linear layers; target them with "
+                             f"target_parameters={list(experts.MOE_TARGETS)} (and drop {name!r})")
         if not found:
             short = sorted({n.rsplit(".", 1)[-1] for n in linear})
             raise ValueError(
@@ -443,6 +455,11 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
         layer.backend = getattr(model, "backend", None)
         layer.train(parent.training)  # a new module starts in training mode: keep an eval model in eval
         setattr(parent, child, layer)
+    n_experts = experts.apply_expert_lora(model, config, lambda r, a: lora_scale(r, a, config.use_rslora),
+                                          adapter_dtype)
+    if experts.expert_modules(model) and not n_experts:
+        logger.warning("LoRA: every expert of this mixture-of-experts model stays frozen (no target_parameters); "
+                       f"to train them pass target_parameters={list(experts.MOE_TARGETS)}")
     for path in saved:
         module = model.get_submodule(path)
         for name, p in list(module.named_parameters(recurse=False)):

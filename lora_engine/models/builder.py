@@ -38,6 +38,7 @@ from lora_engine.models import hybrid
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 from lora_engine.models.families import fused_groups
+from lora_engine.models.moe import checkpoint_views
 from lora_engine.sources.embedded import resolve_path
 
 # A swap changes the meta model in place (replaces modules by name); it runs before any storage exists.
@@ -168,6 +169,8 @@ def load_weights(model: CausalLM, checkpoint: Checkpoint, hook: LoadHook | None 
     skip = tied_keys(model.config)
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in skip}
     expected.update(placeholders or {})
+    # MoE experts: read into views of the 3-D parameters under the checkpoint's per-expert names
+    expected = checkpoint_views(model.config.model_type, expected, set(checkpoint.shapes))
     hook = _split_fused(model.config, expected, hook, checkpoint.config_file)
     # Keyed as stored (Qwen3.5's multimodal layout), the MTP heads and vision tower carried (models/hybrid.py)
     expected = {hybrid.checkpoint_name(model.config.model_type, k): v for k, v in expected.items()}

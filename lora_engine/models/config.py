@@ -6,8 +6,8 @@ Supported families are the decoder-only Llama relatives that differ only in smal
   mistral  (sliding window must not be in use)
   qwen2    (bias on q/k/v projections)
   qwen3    (RMSNorm on q and k per head)
-  gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, and sliding windows in mistral/qwen2/qwen3: the
-           per-family options of models/families.py
+  gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, the mixtures of experts qwen3_moe, mixtral, olmoe,
+           and sliding windows in mistral/qwen2/qwen3: the per-family options of models/families.py
   qwen3_5_text, qwen3_5  Gated DeltaNet layers beside gated full attention (models/hybrid.py)
 
 config.json is checked at this boundary: anything else, and any field that is missing, of the wrong
@@ -29,6 +29,7 @@ from lora_engine.io.safetensors import CheckpointError
 from lora_engine.models.families import (
     ARCHITECTURES,
     FULL,
+    MOE,
     REFUSED,
     SLIDING,
     SUPPORTED_MODEL_TYPES,
@@ -87,6 +88,13 @@ class ModelConfig:
     linear_attn: dict | None = None  # the Gated DeltaNet sizes (num_key_heads, key_head_dim, conv_kernel_dim, ...)
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head
     attn_output_gate: bool = False  # q_proj doubled: the attention output times sigmoid(gate)
+    # Mixture of experts (models/moe.py; families.MOE): 0 experts = a dense model.
+    num_experts: int = 0
+    experts_per_token: int = 0  # the router's top-k
+    moe_intermediate_size: int = 0  # each expert's F
+    norm_topk_prob: bool = False  # the k routing weights renormalised to sum to 1
+    moe_layers: tuple = ()  # per layer whether its MLP is the MoE block; () = every layer when num_experts
+    router_aux_loss_coef: float = 0.0
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # the raw config.json
 
     def __post_init__(self):
@@ -118,6 +126,9 @@ class ModelConfig:
         if LINEAR in self.layer_types and not self.linear_attn:
             raise CheckpointError("linear_attn (the linear_* sizes) must be given when layer_types has "
                                   "linear_attention layers")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return bool(self.num_experts) and (self.moe_layers[i] if self.moe_layers else True)
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else FULL
@@ -262,7 +273,8 @@ def _fields(cfg: dict, where: str) -> dict:
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=False if model_type == "qwen2" else attention_bias,
         mlp_bias=_flag(cfg, "mlp_bias", where),
-        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_5_text", MULTIMODAL),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_5_text", MULTIMODAL, "qwen3_moe",
+                               "olmoe"),
         torch_dtype=dtype.replace("torch.", ""),
         **family,
     )
@@ -305,7 +317,7 @@ def _rope_parameters(cfg: dict, where: str, given: dict | None = None) -> dict:
 
 def _reject_unsupported(cfg: dict, model_type: str, where: str) -> None:
     # hidden_act and the window: models/families.py family_fields
-    if cfg.get("num_local_experts") or cfg.get("num_experts"):
+    if model_type not in MOE and (cfg.get("num_local_experts") or cfg.get("num_experts")):
         raise CheckpointError(f"{where}: mixture-of-experts models are not supported")
     if cfg.get("pretraining_tp", 1) not in (1, None):
         raise CheckpointError(f"{where}: pretraining_tp={_show(cfg['pretraining_tp'])} is not supported; use 1")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
-from lora_engine.models import hybrid, rebuild
+from lora_engine.models import hybrid, moe, rebuild
 from lora_engine.models.config import SLIDING, ModelConfig
 from lora_engine.models.offload import HostOffloader, checkpoint_offloaded, offload_to_device
 from lora_engine.models.recompute import chunked_rows
@@ -221,7 +221,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(D, eps, style)
         if self.layout != "pre":
             self.post_feedforward_layernorm = RMSNorm(D, eps, style)
-        self.mlp = MLP(cfg)
+        self.mlp = moe.MoEBlock(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer):
         if self.linear:  # mask: the (B, T) padding mask; the cache holds the layer's recurrent state
@@ -270,6 +270,9 @@ class CausalLM(nn.Module):
         # to the device for the loss only.
         self.embedding_on_cpu = False
         self.head_on_cpu = False
+        self.aux_loss: torch.Tensor | None = None  # the MoE load-balancing loss of the last forward
+        # MoE: add router_aux_loss_coef * aux_loss to loss() (transformers' output_router_logits); off by default
+        self.router_aux_loss = False
 
     @property
     def mlp_chunk_size(self) -> int:
@@ -362,6 +365,10 @@ class CausalLM(nn.Module):
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.pos += T
+        # The MoE layers' load-balancing loss of this forward (transformers' aux_loss; not in the loss).
+        routed = [lg for layer in self.model.layers if (lg := getattr(layer.mlp, "router_logits", None)) is not None]
+        self.aux_loss = moe.aux_loss(routed, self.config.experts_per_token,
+                                     None if attention_mask is None else attention_mask[:, -T:]) if routed else None
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None):
@@ -383,6 +390,7 @@ class CausalLM(nn.Module):
         normalise by the number of target tokens of a whole accumulated batch. The (tokens x vocab)
         logits are never formed in full (dispatch.linear_cross_entropy works in chunks).
         """
+        given_mask = attention_mask
         if attention_mask is not None and segment_ids is None and _padding_unlabelled(attention_mask, labels):
             attention_mask = None  # causal attention gives every counted token the same keys, and is faster
         h = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids)
@@ -390,12 +398,16 @@ class CausalLM(nn.Module):
         h = h[:, :-1].reshape(-1, D)
         target = labels[:, 1:].reshape(-1)
         if self.config.final_softcap is not None:  # the fused losses have no soft-cap: chunked, recomputed
-            return softcapped_cross_entropy(h, self.head_weight(h.device), target, self.config.final_softcap,
+            loss = softcapped_cross_entropy(h, self.head_weight(h.device), target, self.config.final_softcap,
                                             reduction, self.loss_chunk_size or None)
-        return dispatch.linear_cross_entropy(
-            h, self.head_weight(h.device), target, ignore_index=-100, reduction=reduction, backend=self.backend,
-            chunk_size=self.loss_chunk_size or None,
-        )
+        else:
+            loss = dispatch.linear_cross_entropy(
+                h, self.head_weight(h.device), target, ignore_index=-100, reduction=reduction,
+                backend=self.backend, chunk_size=self.loss_chunk_size or None,
+            )
+        if self.router_aux_loss and self.aux_loss is not None:
+            loss = loss + moe.weighted_aux_loss(self, given_mask, target, reduction)
+        return loss
 
     def tie_weights(self):
         """Share the embedding matrix with the head when the config says so (also after to_empty)."""

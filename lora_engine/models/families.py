@@ -15,6 +15,10 @@ and refuses what the decoder does not compute, naming the field:
   olmo2/olmo3  norms after attention and MLP only, q/k norms over the whole projection; OLMo 3 adds
                sliding layers and RoPE per layer type
   mistral, qwen2, qwen3  a sliding window where the config puts one in use
+  qwen3_moe    Qwen3 with MoE MLPs (models/moe.py) on the layers decoder_sparse_step and mlp_only_layers
+               leave sparse (the others dense, intermediate_size), experts of moe_intermediate_size
+  mixtral      Mistral with MoE MLPs, the top-k weights always renormalised; router_jitter_noise refused
+  olmoe        MoE MLPs, q/k norms over the whole projection; clip_qkv refused
   qwen3_5_text, qwen3_5  linear-attention layers, partial RoPE, gated attention: models/hybrid.py
 
 The key map of the fused-weight families (FUSED) lives here too: load splits, save fuses.
@@ -34,10 +38,12 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                  "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                  "olmo3": "Olmo3ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
-                 "qwen3_5": "Qwen3_5ForConditionalGeneration"}
+                 "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 GEMMA = ("gemma2", "gemma3_text")
 OLMO = ("olmo2", "olmo3")
+MOE = ("qwen3_moe", "mixtral", "olmoe")
 # Fused checkpoint tensors: stored name (per layer) -> the decoder's modules it holds, in order along dim 0.
 FUSED = {"phi3": {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                   "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}}
@@ -82,19 +88,58 @@ def family_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
             raise CheckpointError(f"{where}: partial_rotary_factor {_show(factor)} (RoPE on part of each head, "
                                   "Phi-4-mini) is not supported; supported: 1.0")
         out["fused_projections"] = True
+    if model_type in MOE:
+        out.update(_moe_fields(cfg, model_type, layers, where))
+    if model_type == "olmoe":
+        out["qk_norm_full"] = True
+        if cfg.get("clip_qkv") is not None:
+            raise CheckpointError(f"{where}: clip_qkv {_show(cfg['clip_qkv'])} (q, k, v clamped) is not supported "
+                                  "for olmoe; supported: null")
     return out
+
+
+def _moe_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
+    """The MoE fields of ModelConfig, with transformers' defaults for each family."""
+    # Qwen3MoeConfig maps num_local_experts to num_experts (and save_pretrained writes the former).
+    key = "num_local_experts" if model_type == "mixtral" or "num_experts" not in cfg else "num_experts"
+    experts = _whole(key, cfg.get(key, {"qwen3_moe": 128, "mixtral": 8, "olmoe": 64}[model_type]), where)
+    top_k = _whole("num_experts_per_tok", cfg.get("num_experts_per_tok", {"qwen3_moe": 8, "mixtral": 2,
+                                                                          "olmoe": 8}[model_type]), where)
+    if top_k > experts:
+        raise CheckpointError(f"{where}: num_experts_per_tok ({top_k}) is more than the {experts} experts ({key})")
+    norm = cfg.get("norm_topk_prob", False) if model_type != "mixtral" else True
+    if not isinstance(norm, bool):
+        raise CheckpointError(f"{where}: norm_topk_prob must be true or false, got {_show(norm)}")
+    if model_type == "mixtral" and cfg.get("router_jitter_noise") not in (None, 0, 0.0):
+        raise CheckpointError(f"{where}: router_jitter_noise {_show(cfg['router_jitter_noise'])} (random router "
+                              "input noise in training) is not supported; supported: 0.0")
+    inner_key = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
+    inner = _whole(inner_key, cfg.get(inner_key, 768), where)
+    coef = cfg.get("router_aux_loss_coef", 0.01 if model_type == "olmoe" else 0.001)
+    if isinstance(coef, bool) or not isinstance(coef, numbers.Real) or coef < 0:
+        raise CheckpointError(f"{where}: router_aux_loss_coef must be a number >= 0, got {_show(coef)}")
+    moe_layers = ()
+    if model_type == "qwen3_moe":
+        step = _whole("decoder_sparse_step", cfg.get("decoder_sparse_step", 1), where)
+        dense = cfg.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in dense):
+            raise CheckpointError(f"{where}: mlp_only_layers must list layer numbers, got {_show(dense)}")
+        moe_layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(layers))
+    return dict(num_experts=experts, experts_per_token=top_k, moe_intermediate_size=inner, norm_topk_prob=norm,
+                moe_layers=moe_layers, router_aux_loss_coef=float(coef))
 
 
 def _windows(cfg: dict, model_type: str, layers: int, where: str) -> tuple[tuple[str, ...], int | None]:
     """(layer types, window) as transformers derives them; () and None when every layer attends fully."""
     window = cfg.get("sliding_window")
-    in_use = {"qwen2": "use_sliding_window", "qwen3": "use_sliding_window", "smollm3": "use_sliding_window"}
+    in_use = {"qwen2": "use_sliding_window", "qwen3": "use_sliding_window", "smollm3": "use_sliding_window",
+              "qwen3_moe": "use_sliding_window"}
     if model_type in in_use:
         flag = cfg.get(in_use[model_type], False)
         if not isinstance(flag, bool):
             raise CheckpointError(f"{where}: use_sliding_window must be true or false, got {_show(flag)}")
         window = window if flag else None
-    if model_type in ("llama", "olmo2"):
+    if model_type in ("llama", "olmo2", "olmoe"):
         window = None  # no window in these families' attention
     if window is None:
         return (), None
@@ -105,7 +150,7 @@ def _windows(cfg: dict, model_type: str, layers: int, where: str) -> tuple[tuple
             raise CheckpointError(f"{where}: layer_types must list {layers} entries (num_hidden_layers), each "
                                   f"{FULL!r} or {SLIDING!r}, got {_show(given)}")
         types = tuple(given)
-    elif model_type in ("mistral", "phi3"):
+    elif model_type in ("mistral", "phi3", "mixtral", "qwen3_moe"):
         types = (SLIDING,) * layers
     elif model_type in ("qwen2", "qwen3"):
         first = _whole("max_window_layers", cfg.get("max_window_layers", 28), where, zero=True)

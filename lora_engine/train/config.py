@@ -58,6 +58,12 @@ class TrainConfig:
     lora_alpha: float = _f(32.0, "LoRA alpha (scale alpha/r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: str = _f(ALL_PROJECTIONS, "comma-separated module names that get LoRA")
+    target_parameters: str | None = _f(None, "comma-separated parameters that get a LoRA per expert (mixture-of-"
+                                              "experts models; PEFT's target_parameters), e.g. "
+                                              "mlp.experts.gate_up_proj,mlp.experts.down_proj")
+    router_aux_loss: bool = _f(False, "mixture-of-experts models: add router_aux_loss_coef (config.json) times the "
+                                      "router's load-balancing loss to the training loss, as transformers does "
+                                      "with output_router_logits")
     use_rslora: bool = _f(False, "scale alpha/sqrt(r) instead of alpha/r")
     use_dora: bool = _f(False, "DoRA (PEFT's use_dora): a trained magnitude per output row on top of LoRA; "
                                "costs one weight-norm of W + s*B@A per layer and step")

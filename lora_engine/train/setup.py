@@ -149,6 +149,10 @@ def build_model(cfg: TrainConfig, device: torch.device, log):
         model = load_model(refs.local_path(cfg.model, cfg.registry),
                            dtype=resolve_precision(device, cfg.precision).storage, device=device,
                            quantize=quantize_method(cfg.quantize))
+    if cfg.router_aux_loss and not model.config.num_experts:
+        raise CliError(f"--router-aux-loss: {cfg.model} has no mixture-of-experts layers, so no router loss; drop "
+                       "the flag")
+    model.router_aux_loss = cfg.router_aux_loss
     if cfg.finetune == "full":
         step.full_finetuning(model)
         n = count_parameters(model)["trainable"]
@@ -168,7 +172,8 @@ def lora_config(cfg: TrainConfig):
     return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=tuple(cfg.target_modules.split(",")), use_rslora=cfg.use_rslora,
                       use_dora=cfg.use_dora,
-                      modules_to_save=tuple(cfg.modules_to_save.split(",")) if cfg.modules_to_save else ())
+                      modules_to_save=tuple(cfg.modules_to_save.split(",")) if cfg.modules_to_save else (),
+                      target_parameters=tuple(cfg.target_parameters.split(",")) if cfg.target_parameters else ())
 
 
 def make_run(cfg: TrainConfig, tokenizer, model, data: Prepared, prec: Precision, device: torch.device,
