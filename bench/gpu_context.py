@@ -1,6 +1,6 @@
 """Llama-3.1-8B-shaped QLoRA context lengths on a GPU, real steps against the plan (lora_engine.plan).
 
-    python bench/gpu_context.py --out-dir DIR --part 24g [--budget-s 80] [--dry-run]
+    python bench/gpu_context.py --out-dir DIR --part 24g [--budget-s 100] [--dry-run]
     python bench/gpu_context.py --out-dir DIR --part 4k [--dry-run]
 
 Setting (the README's): random weights drawn by name (no download), NF4 base, r=16 on all seven
@@ -12,12 +12,14 @@ exists (the plan's second step holds it too), then the measured step; every toke
   torch.cuda.set_per_process_memory_fraction at 24 GiB less the CUDA context the plan adds for it
   (train/planning.py CUDA_CONTEXT_BYTES), so "fits" means what the plan's total means. The planned
   figure is probed first (bench/results/plan_long.json: the longest row whose total fits 24 GiB); if it
-  does not fit, bisection over real steps (4,096-token resolution) until --budget-s runs out, each probe a
-  row. The result is the longest length measured to fit, with the bound it stopped at.
+  does not fit, bisection over real steps (4,096-token resolution) while the next probe's estimated time
+  (the last fitting probe's, scaled by length: an overestimate below it) ends within --budget-s of the
+  start, each probe a row. The first probe always runs: on an H100 a 131,072-token 8B step takes about a
+  minute, which is most of the step's limit in bench/gpu_check.sh. The result is the longest length measured to fit, with the bound it stopped at.
 --part 4k: 4,096 tokens with every memory option (plan_table.SHORT): max_memory_allocated against the
   plan's peak and total (bench/results/plan_short.json).
---dry-run: tiny shapes on CPU, no cap (a CPU has none), without the options that move tensors off a GPU (refused
-  on a CPU); a couple of real steps against plan_step.
+--dry-run: tiny shapes on CPU without the options that move tensors off a GPU (refused on a CPU); a CPU has
+  no cap, so the bisection runs real steps under a pretend one (any length over 160 tokens "does not fit").
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lora_engine.models.config import ModelConfig  # noqa: E402
 from lora_engine.train import step as trainer  # noqa: E402
 
 CAP = 24 * GiB
+T0 = time.perf_counter()  # the process's start: --budget-s counts from it, model building included
 MODEL = "Llama-3.1-8B"
 
 
@@ -96,42 +99,54 @@ def planned(stem: str, fits) -> dict:
     return max(rows, key=lambda r: r["seq_len"])
 
 
+def bisect(probe_at, planned_n: int, deadline: float, rows: Rows, grain: int = 4096) -> tuple[int, int | None]:
+    """The longest length measured to fit, and the shortest measured not to (None: none failed). The planned
+    length first (it is the model's maximum, max_position_embeddings: when it fits there is nothing longer
+    to find), then bisection at `grain` tokens while the next probe's estimate ends before `deadline`.
+    probe_at(n) -> (fits, peak GiB, error); each probe is a row."""
+    lo, hi = 0, None
+    n, est, fit_n, fit_s = planned_n, 0.0, 0, 0.0
+    while n and (n == planned_n or time.perf_counter() + est < deadline):  # the planned length is always probed
+        t0 = time.perf_counter()
+        ok, peak, err = probe_at(n)
+        last = time.perf_counter() - t0
+        rows.add(None, f"probe {n:,} tokens under the cap: {f'fits, peak {peak:.2f} GiB' if ok else 'OOM'} "
+                 f"({last:.0f} s){'' if ok else ': ' + err}", tokens=n, fits=ok, peak_gib=peak)
+        if ok:
+            lo, fit_n, fit_s = max(lo, n), n, last
+        else:
+            hi = n if hi is None else min(hi, n)
+        if ok and n == planned_n:
+            break
+        n = (lo + (hi or 2 * lo)) // 2 // grain * grain
+        if n <= lo or (hi is not None and hi - lo <= grain):
+            break
+        est = fit_s * n / fit_n if fit_n else last  # a longer fitting probe's time, scaled: an overestimate
+    return lo, hi
+
+
 def part_24g(a, rows: Rows, dev: str, hf: dict):
     claim = "context-24g longest"
-    if a.dry_run:  # a CPU has no cap: two real steps and the plan's peak of each, checking the code path
+    if a.dry_run:  # a CPU has no cap: real tiny steps, a pretend cap at 160 tokens, and the plan at 64 tokens
         cfg, _, step = build(hf, dev, LONG)
-        for n in (64, 128):
-            t0 = time.perf_counter()
-            ok, _, err = probe(step, n, dev)
-            plan = P.plan_step(dataclasses.replace(cfg, seq_len=n), ModelConfig.from_hf(hf))
-            rows.add(claim, f"{n} tokens: real step {'ran' if ok else 'failed ' + err} in "
-                     f"{time.perf_counter() - t0:.1f} s; planned peak {plan['peak_bytes'] / 2**20:.1f} MiB")
+
+        def probe_at(n):
+            return (False, float("nan"), "pretend cap (dry run)") if n > 160 else probe(step, n, dev)
+
+        lo, hi = bisect(probe_at, 256, T0 + a.budget_s, rows, grain=32)
+        plan = P.plan_step(dataclasses.replace(cfg, seq_len=64), ModelConfig.from_hf(hf))
+        rows.add(claim, f"bisection under a pretend cap of 160 tokens found {lo} (next {hi}); planned peak at 64 "
+                 f"tokens {plan['peak_bytes'] / 2**20:.1f} MiB", ok=lo == 160, why=f"bisection found {lo}, not 160")
         return
     plan = planned("plan_long", lambda r: r["total_bytes"] <= CAP)
-    t_start = time.perf_counter()
     cfg, model, step = build(hf, dev, LONG)
     gc.collect()
     torch.cuda.empty_cache()
     limit = CAP - P.CUDA_CONTEXT_BYTES
     torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
-    print(f"model built in {time.perf_counter() - t_start:.0f} s; allocator capped at {limit / GiB:.2f} GiB",
+    print(f"model built in {time.perf_counter() - T0:.0f} s; allocator capped at {limit / GiB:.2f} GiB",
           flush=True)
-    lo, hi = 0, None  # longest measured to fit, shortest measured not to
-    n = plan["seq_len"]
-    deadline = time.perf_counter() + a.budget_s
-    last = 0.0
-    while n and time.perf_counter() + last < deadline:
-        t0 = time.perf_counter()
-        ok, peak, err = probe(step, n, dev)
-        last = time.perf_counter() - t0
-        rows.add(None, f"probe {n:,} tokens under the cap: {f'fits, peak {peak:.2f} GiB' if ok else 'OOM'} "
-                 f"({last:.0f} s){'' if ok else ': ' + err}", tokens=n, fits=ok, peak_gib=peak)
-        lo, hi = (max(lo, n), hi) if ok else (lo, n if hi is None else min(hi, n))
-        if ok and n == plan["seq_len"]:
-            break  # the planned figure is the model's maximum (max_position_embeddings): nothing longer to find
-        n = (lo + (hi or 2 * lo)) // 2 // 4096 * 4096
-        if n <= lo or (hi is not None and hi - lo <= 4096):
-            break
+    lo, hi = bisect(lambda n: probe(step, n, dev), plan["seq_len"], T0 + a.budget_s, rows)
     bound = "the planned length fits" if lo == plan["seq_len"] else (
         f"{hi:,} did not fit" if hi is not None and hi - lo <= 4096 else "stopped by the time budget"
         + (f"; {hi:,} did not fit" if hi else ""))
@@ -160,7 +175,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--part", choices=["24g", "4k"], required=True)
-    ap.add_argument("--budget-s", type=float, default=80.0, help="stop probing when the next probe would pass this")
+    ap.add_argument("--budget-s", type=float, default=100.0,
+                    help="seconds from the start: no probe is begun that is estimated to end later")
     a = ap.parse_args(argv)
     dev = pick_device(a.dry_run)
     rows = Rows(a.out_dir, f"context-{a.part}", a.dry_run)

@@ -7,7 +7,8 @@ gpu_common.fill_by_name, so both sides hold the same numbers and nothing is down
 bf16 base and QLoRA on NF4 (double quantization, 64-blocks); r=16, alpha 32 on all seven projections, fp32
 adapters with the same A (drawn by module name) and B = 0, AdamW lr 1e-4, gradient clipping at 1.0, bf16
 autocast, gradient checkpointing on both sides. Batch: 2 x 2048 (Unsloth's published setting) and 1 x 2048
-(a packed 2,048-token row, torchtune's; every token a target).
+(a packed 2,048-token row, torchtune's; every token a target). Each side is built once per model and method and
+runs the two batches in turn: the second's parity is after the first's 1 + --reps steps, the same on both.
 
 Peers: LoRA against transformers + PEFT. QLoRA against transformers + PEFT over bitsandbytes' Linear4bit when
 bitsandbytes imports and quantizes here; otherwise against our own dequantize-then-matmul path (the torch
@@ -47,7 +48,7 @@ from lora_engine.models.config import ModelConfig  # noqa: E402
 from lora_engine.train import step as trainer  # noqa: E402
 
 SETTINGS = ((2, 2048, "bs 2 x 2048 (Unsloth)"), (1, 2048, "packed 1 x 2048 (torchtune)"))
-DRY_SETTINGS = ((2, 32, "bs 2 x 32 (dry run)"),)  # one setting: the dry run checks the code, in seconds
+DRY_SETTINGS = ((2, 32, "bs 2 x 32 (dry run)"), (1, 32, "packed 1 x 32 (dry run)"))
 
 
 def _fill_lora_A(pairs) -> None:
@@ -145,20 +146,55 @@ def peer(hf: dict, quantize: str, dev: str, bnb: bool = True):
     return step, label
 
 
-def measure(make, batch, timer: Timer, reps: int) -> dict:
-    """Build one side, take its first step (loss, grad norm), then time `reps` more; free it."""
+def measure(make, batches: list[dict], timer: Timer, reps: int) -> list[dict]:
+    """Build one side once; per batch shape its first step (loss, grad norm: the parity figures, and the warm-up)
+    and `reps` timed steps, with the peak memory of those steps. The model is freed on return."""
     dev = timer.dev
     if dev == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
     step, label = make()
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    loss, norm = step(batch)
-    times = timer.times(lambda: step(batch), reps, warmup=0)
-    peak = torch.cuda.max_memory_allocated() / GiB if dev == "cuda" else float("nan")
-    return {"label": label, "loss": loss, "grad_norm": norm, "s": median(times),
-            "tokens_per_s": batch["input_ids"].numel() / median(times), "peak_gib": peak}
+    out = []
+    for batch in batches:
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        loss, norm = step(batch)
+        times = timer.times(partial(step, batch), reps, warmup=0)
+        peak = torch.cuda.max_memory_allocated() / GiB if dev == "cuda" else float("nan")
+        out.append({"label": label, "loss": loss, "grad_norm": norm, "s": median(times),
+                    "tokens_per_s": batch["input_ids"].numel() / median(times), "peak_gib": peak})
+    return out
+
+
+def both_sides(name: str, hf: dict, quantize: str, dev: str, batches: list[dict], timer: Timer, reps: int,
+               bnb: bool) -> tuple[list[dict], list[dict]]:
+    mine = measure(partial(ours, name, hf, quantize, dev), batches, timer, reps)
+    theirs, why = None, None
+    try:
+        theirs = measure(partial(peer, hf, quantize, dev, bnb), batches, timer, reps)
+    except (ImportError, RuntimeError, AttributeError, TypeError, ValueError) as e:
+        if quantize != "nf4":
+            raise
+        why = oom_or_error(e)  # bitsandbytes absent or unable: our dequantize-then-matmul path
+    if theirs is None:  # outside the except: its traceback would keep the peer's model alive
+        theirs = measure(partial(ours, name, hf, quantize, dev, "torch"), batches, timer, reps)
+        for r in theirs:
+            r["label"] += f", dequantize then matmul (bitsandbytes peer unavailable: {why})"
+    return mine, theirs
+
+
+def report(rows: Rows, claim: str, what: str, mine: dict, theirs: dict, dev: str) -> None:
+    dl = abs(mine["loss"] - theirs["loss"]) / abs(theirs["loss"])
+    dg = abs(mine["grad_norm"] - theirs["grad_norm"]) / max(abs(theirs["grad_norm"]), 1e-12)
+    # bf16 on both sides: a few bf16 roundings apart (2 * 2**-8) for the loss; the norm sums many, so twice that.
+    parity = "parity ok" if dl <= 2 * 2**-8 and dg <= 4 * 2**-8 else "PARITY FAILED"
+    mem = f"memory {mine['peak_gib'] / theirs['peak_gib']:.2f}x" if dev == "cuda" else "memory n/a on CPU"
+    peak = lambda r: f"peak {r['peak_gib']:.2f} GiB" if dev == "cuda" else "peak n/a"  # noqa: E731
+    rows.add(claim, f"{what}: ours {mine['tokens_per_s']:.0f} tokens/s, {peak(mine)}; {theirs['label']} "
+             f"{theirs['tokens_per_s']:.0f} tokens/s, {peak(theirs)}; speed "
+             f"{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, {mem}; loss {mine['loss']:.4f} vs "
+             f"{theirs['loss']:.4f} (rel {dl:.1e}), grad norm {mine['grad_norm']:.4g} vs {theirs['grad_norm']:.4g} "
+             f"(rel {dg:.1e}): {parity}", ours=mine, peer=theirs, parity=parity)
 
 
 def main(argv=None):
@@ -173,42 +209,19 @@ def main(argv=None):
     rows = Rows(a.out_dir, "train-step", a.dry_run)
     timer = Timer(dev)
     reps = 1 if a.dry_run else a.reps
+    settings = DRY_SETTINGS if a.dry_run else SETTINGS
     for name in a.models:
         hf = shapes(a.dry_run)[name]
+        batches = [_batch(bs, seq, hf["vocab_size"], dev) for bs, seq, _ in settings]
         for quantize, method in (("none", "LoRA bf16"), ("nf4", "QLoRA NF4")):
-            for bs, seq, setting in DRY_SETTINGS if a.dry_run else SETTINGS:
-                claim = f"train-step {name} {method}"
-                batch = _batch(bs, seq, hf["vocab_size"], dev)
-                try:
-                    mine = measure(partial(ours, name, hf, quantize, dev), batch, timer, reps)
-                    theirs, why = None, None
-                    try:
-                        theirs = measure(partial(peer, hf, quantize, dev, not a.no_bitsandbytes), batch, timer, reps)
-                    except (ImportError, RuntimeError, AttributeError, TypeError, ValueError) as e:
-                        if quantize != "nf4":
-                            raise
-                        why = oom_or_error(e)  # bitsandbytes absent or unable: our dequantize-then-matmul path
-                    if theirs is None:  # outside the except: its traceback would keep the peer's model alive
-                        theirs = measure(partial(ours, name, hf, quantize, dev, "torch"), batch, timer, reps)
-                        theirs["label"] += f", dequantize then matmul (bitsandbytes peer unavailable: {why})"
-                except Exception as e:  # noqa: BLE001  (one configuration's failure must not cost the others)
-                    rows.add(claim, f"{name} {method} {setting}", ok=False, why=oom_or_error(e))
-                    continue
-                dl = abs(mine["loss"] - theirs["loss"]) / abs(theirs["loss"])
-                dg = abs(mine["grad_norm"] - theirs["grad_norm"]) / max(abs(theirs["grad_norm"]), 1e-12)
-                # bf16 on both sides: a few bf16 roundings apart (2 * 2**-8) for the loss; the norm sums
-                # many of them, so twice that.
-                parity = "parity ok" if dl <= 2 * 2**-8 and dg <= 4 * 2**-8 else "PARITY FAILED"
-                mem = (f"memory {mine['peak_gib'] / theirs['peak_gib']:.2f}x" if dev == "cuda"
-                       else "memory n/a on CPU")
-                peak = lambda r: f"peak {r['peak_gib']:.2f} GiB" if dev == "cuda" else "peak n/a"  # noqa: E731
-                rows.add(claim, f"{name} {method} {setting}: ours {mine['tokens_per_s']:.0f} tokens/s, "
-                         f"{peak(mine)}; {theirs['label']} {theirs['tokens_per_s']:.0f} tokens/s, "
-                         f"{peak(theirs)}; speed {mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
-                         f", {mem}; loss {mine['loss']:.4f} vs "
-                         f"{theirs['loss']:.4f} (rel {dl:.1e}), grad norm {mine['grad_norm']:.4g} vs "
-                         f"{theirs['grad_norm']:.4g} (rel {dg:.1e}): {parity}",
-                         ours=mine, peer=theirs, parity=parity)
+            claim = f"train-step {name} {method}"
+            try:
+                mine, theirs = both_sides(name, hf, quantize, dev, batches, timer, reps, not a.no_bitsandbytes)
+            except Exception as e:  # noqa: BLE001  (one configuration's failure must not cost the others)
+                rows.add(claim, f"{name} {method}", ok=False, why=oom_or_error(e))
+                continue
+            for (_, _, setting), m, t in zip(settings, mine, theirs):
+                report(rows, claim, f"{name} {method} {setting}", m, t, dev)
 
 
 if __name__ == "__main__":

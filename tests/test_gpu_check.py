@@ -97,3 +97,34 @@ def test_dry_run_summary_names_every_claim(dry_run):
     # every step that writes rows wrote at least one, marked as a dry run
     for step in ("train-step", "context-4k", "context-24g", "gpu-kernels"):
         assert f"- {step}: dry-run: " in summary, f"{step} wrote no row"
+
+
+@pytest.mark.parametrize("cap, planned, want", [
+    (131072, 131072, (131072, None)),  # the planned length fits: one probe
+    (70000, 131072, (69632, 73728)),   # bisection to 4,096 tokens
+    (0, 131072, (0, 4096)),            # nothing fits
+])
+def test_bisection_over_probes(tmp_path, cap, planned, want):
+    from gpu_common import Rows
+    from gpu_context import bisect
+
+    probed = []
+
+    def probe_at(n):
+        probed.append(n)
+        return n <= cap, 1.0, "" if n <= cap else "OOM"
+
+    rows = Rows(str(tmp_path), "context-24g", dry_run=False)
+    assert bisect(probe_at, planned, deadline=float("inf"), rows=rows) == want
+    assert probed[0] == planned and all(n % 4096 == 0 for n in probed)
+    assert len((tmp_path / "gpu_rows.jsonl").read_text().splitlines()) == len(probed)
+
+
+def test_bisection_stops_at_the_deadline(tmp_path):
+    from gpu_common import Rows
+    from gpu_context import bisect
+
+    probed = []
+    rows = Rows(str(tmp_path), "context-24g", dry_run=False)
+    lo, hi = bisect(lambda n: (probed.append(n), (False, 0.0, "OOM"))[1], 131072, deadline=0.0, rows=rows)
+    assert probed == [131072] and (lo, hi) == (0, 131072), "the first probe always runs, no other past the deadline"
