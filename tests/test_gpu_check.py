@@ -128,3 +128,12 @@ def test_bisection_stops_at_the_deadline(tmp_path):
     rows = Rows(str(tmp_path), "context-24g", dry_run=False)
     lo, hi = bisect(lambda n: (probed.append(n), (False, 0.0, "OOM"))[1], 131072, deadline=0.0, rows=rows)
     assert probed == [131072] and (lo, hi) == (0, 131072), "the first probe always runs, no other past the deadline"
+
+
+def test_the_readme_names_the_step_of_every_gpu_claim():
+    readme = (ROOT / "README.md").read_text()
+    for _, _, step in CLAIMS:
+        assert step in readme, f"README.md names no step {step} of bench/gpu_check.sh"
+    for figure in ("131,072 tokens in 21.2 GiB", "4,096 tokens in 5.64 GiB"):
+        sentence = readme[readme.index(figure):][:200]
+        assert "planned" in sentence and "step context-" in sentence, sentence
