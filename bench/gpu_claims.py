@@ -14,6 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import header_lines, machine  # noqa: E402
+
 # (claim id, the claim as the README states it, the step of bench/gpu_check.sh that measures it)
 CLAIMS = (
     ("context-24g longest", "Llama-3.1-8B QLoRA at 131,072 tokens in 21.2 GiB (--gradient-checkpointing "
@@ -63,7 +66,7 @@ def summary(out_dir: Path, dry_run: bool) -> str:
     rows = []
     if (out_dir / "gpu_rows.jsonl").exists():
         rows = [json.loads(line) for line in (out_dir / "gpu_rows.jsonl").read_text().splitlines() if line.strip()]
-    lines = ["## Claims", "", "Every GPU claim of README.md, the step that measures it, and where it stands"
+    lines = ["## Machine", "", *header_lines(machine()), "", "## Claims", "", "Every GPU claim of README.md, the step that measures it, and where it stands"
              + (" (a dry run on CPU: nothing is measured, so every claim stays planned)" if dry_run else "") + ".", "",
              "| claim | README | step | status |", "|---|---|---|---|"]
     for claim, text, step in CLAIMS:

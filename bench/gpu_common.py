@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 from plan_table import MODELS  # noqa: E402
+from train_step import TARGETS  # noqa: E402,F401  (the CPU benchmark's seven projections)
 
 GiB = 2**30
 # SmolLM2-135M's published config.json (the embedded model's shape).
@@ -37,7 +38,6 @@ TINY = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermedia
 SHAPES = {"Llama-3.1-8B": MODELS["Llama-3.1-8B"], "SmolLM2-135M": SMOLLM2_135M}
 DRY_SHAPES = {"Llama-3.1-8B": {**TINY, "tie_word_embeddings": False},
               "SmolLM2-135M": {**TINY, "tie_word_embeddings": True}}
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def shapes(dry_run: bool) -> dict:

@@ -47,7 +47,7 @@ from lora_engine import plan as P  # noqa: E402
 from lora_engine.models.config import ModelConfig  # noqa: E402
 from lora_engine.train import step as trainer  # noqa: E402
 
-SETTINGS = ((2, 2048, "bs 2 x 2048 (Unsloth)"), (1, 2048, "packed 1 x 2048 (torchtune)"))
+SETTINGS = ((2, 2048, "bs 2 x 2048 (Unsloth)"), (1, 2048, "packed 1 x 2048, one full row (torchtune)"))
 DRY_SETTINGS = ((2, 32, "bs 2 x 32 (dry run)"), (1, 32, "packed 1 x 32 (dry run)"))
 
 
