@@ -49,6 +49,26 @@ import torch.nn.functional as F
 DEFAULT_CHUNK = 64
 
 
+def check_delta_rule_args(q, k, v, g, beta, initial_state, chunk: int) -> None:
+    """ValueError naming the tensor and the numbers when the arguments do not fit together."""
+    if k.dim() != 4 or q.shape != k.shape:
+        raise ValueError(f"gated_delta_rule: q and k must be (B, T, H, dk) alike, got q {tuple(q.shape)} "
+                         f"and k {tuple(k.shape)} (repeat grouped key heads to H first)")
+    B, T, H, dk = k.shape
+    if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"gated_delta_rule: v must be (B, T, H, dv) = ({B}, {T}, {H}, dv), got {tuple(v.shape)}")
+    for name, t in (("g", g), ("beta", beta)):
+        if t.shape != k.shape[:3]:
+            raise ValueError(f"gated_delta_rule: {name} must be (B, T, H) = {tuple(k.shape[:3])}, "
+                             f"got {tuple(t.shape)}")
+    want = (B, H, dk, v.shape[-1])
+    if initial_state is not None and tuple(initial_state.shape) != want:
+        raise ValueError(f"gated_delta_rule: initial_state must be (B, H, dk, dv) = {want}, "
+                         f"got {tuple(initial_state.shape)}")
+    if chunk < 1:
+        raise ValueError(f"gated_delta_rule: chunk size must be >= 1, got {chunk}")
+
+
 def _chunks(x: torch.Tensor, T: int, C: int) -> torch.Tensor:
     """(B, T, H, ...) any dtype -> (B, H, N, C, ...) fp32, zero-padded to N * C tokens."""
     x = x.transpose(1, 2).to(torch.float32)
@@ -187,6 +207,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, scale: float | None = None, initi
     q, k (B, T, H, dk), v (B, T, H, dv), g and beta (B, T, H), initial_state (B, H, dk, dv) or None ->
     (o (B, T, H, dv) in v's dtype, final state (B, H, dk, dv) fp32 or None). Differentiable in all
     tensor inputs, with O(T / chunk) saved states (module docstring)."""
+    check_delta_rule_args(q, k, v, g, beta, initial_state, int(chunk))
     scale = k.shape[-1] ** -0.5 if scale is None else float(scale)
     o, S = GatedDeltaRuleChunked.apply(q, k, v, g, beta, initial_state, scale, int(chunk))
     return o, (S if output_final_state else None)
