@@ -231,3 +231,12 @@ def test_triton_refuses_tiles_tl_dot_cannot_take(bad, match):
     with pytest.raises(ValueError, match=match):
         dispatch.gated_delta_rule(**{n: t.to(device()) if isinstance(t, torch.Tensor) else t for n, t in args.items()},
                                   backend="triton")
+
+
+@needs_triton
+@settings(deadline=None, max_examples=8)
+@given(B=st.integers(1, 2), T=st.integers(1, 70), C=st.integers(1, 80), K=st.integers(1, 5),
+       has_bias=st.booleans(), with_state=st.booleans(), activation=st.sampled_from(["silu", None]),
+       seed=st.integers(0, 2**16))
+def test_triton_conv1d_equals_its_definition(B, T, C, K, has_bias, with_state, activation, seed):
+    check_conv1d("triton", B, T, C, K, has_bias, with_state, activation, seed, device())

@@ -83,6 +83,14 @@ def _gdr_fwd(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s0_ptr, o_ptr, states_ptr, T,
     tl.store(states_ptr + state_off + n_chunks * DK * DV, S)
 
 
+def _precision(device: torch.device) -> str:
+    """tl.dot's fp32 mode: three TF32 products (fp32-accurate, on tensor cores) from Ampere on; plain fp32
+    FMAs before it (Turing has no TF32) and in the interpreter, which ignores the mode."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "tf32x3"
+    return "ieee"
+
+
 def _tiles(dv: int) -> int:
     """BV: value columns per program (a (dk, BV) fp32 state slice in registers)."""
     return min(dv, 64)
@@ -109,7 +117,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     with launch_device(v):
         _gdr_fwd[(B * H, dv // BV)](q, k, v, g, beta, states if s0 is None else s0, o, states, T, H, scale,
                                     DK=dk, DV=dv, C=chunk, BV=BV, HAS_S0=s0 is not None,
-                                    PRECISION="ieee")
+                                    PRECISION=_precision(v.device))
     return o, states
 
 
@@ -147,16 +155,17 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
 
 def compile_specs() -> list:
     """The GPU compilations of tests/test_kernels_compile.py (kernels/compile_spec.py): Qwen3.5's heads
-    (dk = dv = 128, BV = 64, chunk 64) in bf16 with and without an initial state, on every target; and
-    the smallest tiles (16) in fp32 on sm_80."""
+    (dk = dv = 128, BV = 64, chunk 64) in bf16 on sm_80 and sm_90, where the launcher's dots are 3xTF32;
+    the smallest tiles (16) in fp32 with plain fp32 dots on every target (Turing's path: at 128 its FMA
+    dots unroll into a kernel that takes the compiler many minutes)."""
     from lora_engine.kernels.compile_spec import TARGETS, CompileSpec, signature
 
     types = dict(T="i32", H="i32", scale="fp32", s0_ptr="*fp32", states_ptr="*fp32", g_ptr="*fp32",
                  beta_ptr="*fp32")
     specs = []
-    for dtype, d, targets in (("bf16", 128, TARGETS), ("fp32", 16, (80,))):
+    for dtype, d, targets, precision in (("bf16", 128, (80, 90), "tf32x3"), ("fp32", 16, TARGETS, "ieee")):
         for has_s0 in (False, True):
-            const = dict(DK=d, DV=d, C=min(64, d * 4), BV=_tiles(d), HAS_S0=has_s0, PRECISION="ieee")
+            const = dict(DK=d, DV=d, C=min(64, d), BV=_tiles(d), HAS_S0=has_s0, PRECISION=precision)
             specs.append(CompileSpec(f"_gdr_fwd/{dtype}/d{d}/s0={has_s0}", _gdr_fwd,
                                      signature(_gdr_fwd, dtype, **types), const, targets, {"num_warps": 4}))
     return specs
