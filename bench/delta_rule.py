@@ -104,6 +104,7 @@ def main() -> int:
         print(f"ours and transformers differ by {diff:.3g} (relative): not timing", file=sys.stderr)
         return 1
     print(f"All results match (max relative difference {diff:.2g}). Starting benchmarks.", file=sys.stderr)
+    load = os.getloadavg()[0]  # the machine may be shared: a load above its cores slows every row alike
     rows = []
     for seq in args.seq:
         for impl in (IMPLS if seq <= args.peer_max else IMPLS[:1]):
@@ -116,7 +117,8 @@ def main() -> int:
              f"tokens/s with [min, max]; peak_MiB: growth of peak RSS during the steps. Outputs and gradients of the "
              f"two agree to {diff:.2g} (relative) at S=200. transformers is timed up to S={args.peer_max} only: its "
              f"step grows linearly from ~14 s at 1k (a Python loop of autograd ops per chunk), past the ~30 s a run "
-             f"may take.", "", *markdown_table(rows)]
+             f"may take. Load average when the run started: {load:.1f} on {os.cpu_count()} cores "
+             f"(the machine was shared; compare rows of one run only).", "", *markdown_table(rows)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
