@@ -116,8 +116,8 @@ def main() -> int:
              f"B=1, H={H}, dk={DK}, dv={DV}, chunk 64, fp32; {args.reps} timed steps after one warm-up, median "
              f"tokens/s with [min, max]; peak_MiB: growth of peak RSS during the steps. Outputs and gradients of the "
              f"two agree to {diff:.2g} (relative) at S=200. transformers is timed up to S={args.peer_max} only: its "
-             f"step grows linearly from ~14 s at 1k (a Python loop of autograd ops per chunk), past the ~30 s a run "
-             f"may take. Load average when the run started: {load:.1f} on {os.cpu_count()} cores "
+             f"step (Python loops over chunks and over the rows of each chunk's inverse, all kept for autograd) took "
+             f"14 to 20 s per 1k tokens on this machine, past the ~30 s a run may take beyond 2k. Load average when the run started: {load:.1f} on {os.cpu_count()} cores "
              f"(the machine was shared; compare rows of one run only).", "", *markdown_table(rows)]
     text = "\n".join(lines) + "\n"
     print(text)
