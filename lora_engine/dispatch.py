@@ -243,3 +243,38 @@ def set_backend(model: torch.nn.Module, backend: str | None) -> torch.nn.Module:
         if hasattr(m, "backend"):
             m.backend = backend
     return model
+
+
+# ---- Gated DeltaNet (Qwen3.5 linear attention): the gated delta rule and the short causal conv1d ----
+# "torch" and "cpp" run the chunked PyTorch form (kernels/delta_rule_chunked.py; there is no C++ op, its
+# GEMMs are already batched) and conv1d's reference; "triton" the kernels of kernels/delta_rule_triton.py
+# and kernels/conv1d_triton.py. The fp64 oracle is kernels/delta_rule_reference.py.
+
+
+def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, backend=None,
+                     chunk_size=None):
+    """q, k (B, T, H, dk) L2-normalised, v (B, T, H, dv), g (log decay, <= 0) and beta (B, T, H), initial_state
+    (B, H, dk, dv) or None -> (o (B, T, H, dv) in v's dtype, final state (B, H, dk, dv) fp32 or None), the
+    recurrence of kernels/delta_rule_reference.py; differentiable in every tensor. chunk_size: tokens per
+    chunk (None: 64)."""
+    from lora_engine.kernels import delta_rule_chunked
+
+    chunk = delta_rule_chunked.DEFAULT_CHUNK if chunk_size is None else chunk_size
+    if resolve(v, backend) == "triton":
+        from lora_engine.kernels import delta_rule_triton
+
+        return delta_rule_triton.gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, chunk)
+    return delta_rule_chunked.gated_delta_rule_chunked(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                                       chunk)
+
+
+def causal_conv1d(x, weight, bias=None, activation="silu", initial_state=None, backend=None):
+    """x (B, T, C), weight (C, 1, K) as nn.Conv1d stores it, bias (C,) or None, initial_state (B, C, K - 1) or
+    None -> act(depthwise causal conv) (B, T, C) in x's dtype; see kernels/conv1d_reference.py."""
+    from lora_engine.kernels import conv1d_reference
+
+    if resolve(x, backend) == "triton":
+        from lora_engine.kernels import conv1d_triton
+
+        return conv1d_triton.causal_conv1d(x, weight, bias, activation, initial_state)
+    return conv1d_reference.causal_conv1d(x, weight, bias, activation, initial_state)
