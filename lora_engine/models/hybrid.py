@@ -148,22 +148,30 @@ def rotary_dim(cfg) -> int:
 
 
 # ---- the two recurrent ops: one function each, so a kernel replaces them in one line ---------------------
-def _causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None):
-    """silu(depthwise causal conv) of x (B, C, T) with weight (C, 1, K); state (B, C, K-1): the inputs before
-    x (zeros when None). Returns (out (B, C, T) in x's dtype, the new state: the last K-1 inputs)."""
+def _causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None, keep: bool = False,
+                   backend=None):
+    """silu(depthwise causal conv) of x (B, T, C) with weight (C, 1, K); state (B, C, K-1): the inputs before
+    x (zeros when None). Returns (out (B, T, C) in x's dtype, with keep the new state, the last K-1 inputs,
+    else None: training keeps none)."""
+    out = dispatch.causal_conv1d(x, weight, None, "silu", state, backend=backend)
+    if not keep:
+        return out, None
     K = weight.shape[-1]
-    past = x.new_zeros(x.shape[0], x.shape[1], K - 1) if state is None else state.to(x.dtype)
-    full = torch.cat([past, x], dim=-1)  # (B, C, K-1+T)
-    out = F.silu(F.conv1d(full, weight, groups=x.shape[1]))
-    return out, full[:, :, -(K - 1):] if K > 1 else full[:, :, :0]
+    past = x.new_zeros(x.shape[0], x.shape[2], K - 1) if state is None else state.to(x.dtype)
+    full = torch.cat([past, x.transpose(1, 2)], dim=-1)  # (B, C, K-1+T)
+    return out, full[:, :, full.shape[-1] - (K - 1):]
 
 
-def _delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False):
-    """The gated delta rule, q/k (B, T, H, dk) already L2-normalised and repeated to v's H heads, in fp32.
-    Returns (o (B, T, H, dv) in v's dtype, the final state (B, H, dk, dv) fp32 or None)."""
-    o, state = gated_delta_rule_recurrent(q, k, v, g, beta, None, initial_state, output_final_state,
-                                          dtype=torch.float32)
-    return o.to(v.dtype), state
+def _delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=False, backend=None):
+    """The gated delta rule, q/k (B, T, H, dk) already L2-normalised and repeated to v's H heads.
+    Returns (o (B, T, H, dv) in v's dtype, the final state (B, H, dk, dv) fp32 or None). A one-token decoding
+    step runs the recurrence itself in fp32 (a chunked kernel would pad it to a whole chunk); everything else
+    the chunked kernels (dispatch.gated_delta_rule, O(T) memory)."""
+    if q.shape[1] == 1 and initial_state is not None:
+        o, state = gated_delta_rule_recurrent(q, k, v, g, beta, None, initial_state, output_final_state,
+                                              dtype=torch.float32)
+        return o.to(v.dtype), state
+    return dispatch.gated_delta_rule(q, k, v, g, beta, None, initial_state, output_final_state, backend=backend)
 
 
 def _l2norm(x, eps: float = 1e-6):
@@ -214,22 +222,24 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.hv))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, D, bias=False)
+        self.backend: str | None = None
 
     def forward(self, x, pad_mask=None, state: LinearState | None = None):
         """x (B, T, D); pad_mask (B, T) 1 real / 0 padding or None; state: read and updated when given."""
         if pad_mask is not None:
             x = (x * pad_mask[:, :, None]).to(x.dtype)
         B, T, _ = x.shape
-        qkv, conv_state = _causal_conv1d(self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight,
-                                         state.conv if state is not None else None)
-        q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        qkv, conv_state = _causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight,
+                                         state.conv if state is not None else None, state is not None, self.backend)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q, k = (_l2norm(t.reshape(B, T, self.hk, self.dk)) for t in (q, k))
         if self.hv != self.hk:  # grouped values: key head i serves value heads i*r .. i*r + r-1
             q, k = (t.repeat_interleave(self.hv // self.hk, dim=2) for t in (q, k))
         v = v.reshape(B, T, self.hv, self.dv)
         beta = self.in_proj_b(x).sigmoid()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)  # (B, T, Hv), <= 0
-        o, rule = _delta_rule(q, k, v, g, beta, state.rule if state is not None else None, state is not None)
+        o, rule = _delta_rule(q, k, v, g, beta, state.rule if state is not None else None, state is not None,
+                              self.backend)
         if state is not None:
             state.conv, state.rule = conv_state, rule
         z = self.in_proj_z(x).reshape(B, T, self.hv, self.dv)
