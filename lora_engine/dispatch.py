@@ -256,8 +256,15 @@ def moe_grouped_mm(x, counts, w, bias=None, a=None, b=None, scale=1.0, backend=N
     Differentiable in x, a, b, bias, and in w only when w requires grad (the frozen base never forms dW).
     "torch" runs the reference loop under autograd, "triton" kernels/moe_triton.py, and a CPU tensor under "cpp"
     or auto the per-expert CPU GEMMs of kernels/moe_grouped.py: plain torch, so auto takes them also where the
-    C++ extension is not built (it has no MoE op)."""
+    C++ extension is not built (it has no MoE op).
+    w may also be a list of E NF4Tensors, each expert's (N, K) (kernels/moe_nf4.py): every backend then runs the
+    per-expert GEMMs, dequantizing one active expert at a time with its NF4 backend's dequantize."""
     from lora_engine.kernels import moe_grouped, moe_reference
+
+    if isinstance(w, (list, tuple)):
+        from lora_engine.kernels import moe_nf4
+
+        return moe_nf4.grouped_mm_nf4(x, counts, w, bias, a, b, scale, _nf4_impl(x, backend).nf4_dequantize)
 
     be = "cpp" if backend is None and x.device.type == "cpu" else resolve(x, backend)
     if be == "triton":

@@ -206,3 +206,49 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     x, w = torch.randn(3, 4), torch.randn(2, 5, 4)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         dispatch.moe_grouped_mm(x, torch.tensor([2, 1]), w, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_experts_equal_dequantize_then_matmul(backend, dtype, monkeypatch):
+    # Exact: the same per-expert GEMMs on the same dequantized values; an expert without tokens is never
+    # dequantized, and no more than one expert is dense at a time (the dequantize calls say which).
+    from lora_engine.kernels import moe_nf4
+
+    counts = torch.tensor([3, 0, 5, 1])
+    E, N, K, r = 4, 24, 64, 4
+    experts = [dispatch.nf4_quantize(torch.randn(N, K) / 8, backend=backend) for _ in range(E)]
+    dense = torch.stack([dispatch.nf4_dequantize(w, dtype, backend=backend) for w in experts])
+    x = torch.randn(9, K, dtype=dtype)
+    a, b, bias = torch.randn(E, r, K, dtype=dtype), torch.randn(E, N, r, dtype=dtype), torch.randn(E, N, dtype=dtype)
+    g = torch.randn(9, N, dtype=dtype)
+    seen = []
+    real = moe_nf4.MoeNF4Function.apply
+
+    def spy(x, bias, a, b, meta):
+        counts, experts_, scale, deq = meta
+        return real(x, bias, a, b, (counts, experts_, scale,
+                                    lambda w, dt: seen.append([v is w for v in experts_].index(True)) or deq(w, dt)))
+
+    monkeypatch.setattr(moe_nf4.MoeNF4Function, "apply", spy)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, bias)]
+    y = dispatch.moe_grouped_mm(leaves[0], counts, experts, leaves[3], leaves[1], leaves[2], 0.5, backend=backend)
+    got = torch.autograd.grad(y, leaves, g)
+    leaves2 = [t.clone().requires_grad_() for t in (x, a, b, bias)]
+    y2 = dispatch.moe_grouped_mm(leaves2[0], counts, dense, leaves2[3], leaves2[1], leaves2[2], 0.5, backend="cpp")
+    want = torch.autograd.grad(y2, leaves2, g)
+    assert torch.equal(y, y2)
+    for p, q in zip(got, want):
+        assert torch.equal(p, q)
+    assert seen == [0, 2, 3, 0, 2, 3]  # forward, then backward's dx; expert 1 never
+
+
+def test_nf4_experts_errors():
+    w = dispatch.nf4_quantize(torch.randn(8, 64), backend="torch")
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="non-empty list of 2-D NF4Tensor"):
+        dispatch.moe_grouped_mm(x, torch.tensor([3]), [torch.randn(8, 64)])
+    with pytest.raises(ValueError, match=r"expected one \(N, K\) shape and one count per expert"):
+        dispatch.moe_grouped_mm(x, torch.tensor([3]), [w, w])
+    with pytest.raises(ValueError, match=r"does not match NF4 experts of shape \(8, 64\)"):
+        dispatch.moe_grouped_mm(x[:, :32], torch.tensor([3]), [w])
