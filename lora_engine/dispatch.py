@@ -278,3 +278,35 @@ def causal_conv1d(x, weight, bias=None, activation="silu", initial_state=None, b
 
         return conv1d_triton.causal_conv1d(x, weight, bias, activation, initial_state)
     return conv1d_reference.causal_conv1d(x, weight, bias, activation, initial_state)
+
+
+# ---- mixture of experts ------------------------------------------------------------------------------
+# kernels/moe_reference.py is the oracle; kernels/moe_grouped.py the differentiable op over two
+# implementations: per-expert CPU GEMMs and kernels/moe_triton.py's grouped GEMM with the LoRA shrink fused.
+
+
+def moe_grouped_mm(x, counts, w, bias=None, a=None, b=None, scale=1.0, backend=None):
+    """y_e = x_e W_e^T (+ bias_e) + scale * (x_e A_e^T) B_e^T over the expert groups of x (M, K); counts (E,);
+    w (E, N, K), possibly a transposed view of (E, K, N); bias (E, N); a (E, r, K), b (E, N, r) or both None.
+    Differentiable in x, a, b, bias, and in w only when w requires grad (the frozen base never forms dW).
+    "torch" runs the reference loop under autograd, "triton" kernels/moe_triton.py, and a CPU tensor under "cpp"
+    or auto the per-expert CPU GEMMs of kernels/moe_grouped.py: plain torch, so auto takes them also where the
+    C++ extension is not built (it has no MoE op).
+    w may also be a list of E NF4Tensors, each expert's (N, K) (kernels/moe_nf4.py): every backend then runs the
+    per-expert GEMMs, dequantizing one active expert at a time with its NF4 backend's dequantize."""
+    from lora_engine.kernels import moe_grouped, moe_reference
+
+    if isinstance(w, (list, tuple)):
+        from lora_engine.kernels import moe_nf4
+
+        return moe_nf4.grouped_mm_nf4(x, counts, w, bias, a, b, scale, _nf4_impl(x, backend).nf4_dequantize)
+
+    be = "cpp" if backend is None and x.device.type == "cpu" else resolve(x, backend)
+    if be == "triton":
+        from lora_engine.kernels import moe_triton
+
+        return moe_grouped.grouped_mm(x, counts, w, bias, a, b, scale, moe_triton.IMPL)
+    if be == "cpp" and x.device.type == "cpu":
+        return moe_grouped.grouped_mm(x, counts, w, bias, a, b, scale, moe_grouped.CPU)
+    moe_grouped.check_args(x, counts, w, bias, a, b)
+    return moe_reference.grouped_lora_mm(x, counts, w, bias, a, b, scale)

@@ -24,12 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora_engine import dispatch
 from lora_engine.kernels import moe_reference
 
 
-def _grouped(x, counts, w, bias=None, a=None, b=None, scale=1.0):
-    """Every expert matmul: x (M, K) grouped by expert (counts (E,)), w (E, N, K) -> (M, N)."""
-    return moe_reference.grouped_lora_mm(x, counts, w, bias, a, b, scale)
+def _grouped(x, counts, w, bias=None, a=None, b=None, scale=1.0, backend=None):
+    """Every expert matmul: x (M, K) grouped by expert (counts (E,)), w (E, N, K) -> (M, N): the per-expert
+    GEMMs on CPU, the grouped Triton GEMM with the LoRA shrink fused on CUDA (dispatch.moe_grouped_mm)."""
+    return dispatch.moe_grouped_mm(x, counts, w, bias, a, b, scale, backend=backend)
 
 
 class Experts(nn.Module):
@@ -39,6 +41,7 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inner))
+        self.backend: str | None = None
 
     def factors(self, name: str):
         """(a, b, scale) of the LoRA on parameter `name`, or (None, None, 1.0): none in the model."""
@@ -46,8 +49,9 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         # x (M, D) grouped by expert -> (M, D)
-        gate, up = _grouped(x, counts, self.gate_up_proj, None, *self.factors("gate_up_proj")).chunk(2, dim=-1)
-        return _grouped(F.silu(gate) * up, counts, self.down_proj, None, *self.factors("down_proj"))
+        be = self.backend
+        gate, up = _grouped(x, counts, self.gate_up_proj, None, *self.factors("gate_up_proj"), be).chunk(2, dim=-1)
+        return _grouped(F.silu(gate) * up, counts, self.down_proj, None, *self.factors("down_proj"), be)
 
 
 class MoEBlock(nn.Module):
