@@ -2,6 +2,7 @@
 than the sequence, a padded batch and YaRN RoPE; the save_pretrained layout both ways; per-expert LoRA on the
 (E, K, N) expert storage equal to PEFT's target_parameters for two SGD steps; the config errors. Tiny fp32."""
 
+import json
 import math
 
 import pytest
@@ -24,10 +25,10 @@ _BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_lay
                               "truncate": False, "original_max_position_embeddings": 512, "rope_theta": 150000.0})
 
 
-def make_hf(folder, seed: int = 0):
+def make_hf(folder, seed: int = 0, **over):
     tf = require_oracle("transformers")
     torch.manual_seed(seed)
-    config = tf.GptOssConfig(**_BASE)
+    config = tf.GptOssConfig(**{**_BASE, **over})
     config._attn_implementation = "eager"
     model = tf.GptOssForCausalLM(config).to(torch.float32)
     with torch.no_grad():
@@ -200,7 +201,7 @@ def _cfg(**over):
 
 
 @pytest.mark.parametrize(("over", "match"), [
-    (dict(quantization_config={"quant_method": "mxfp4"}), "quant_method 'mxfp4'.* not supported yet"),
+    (dict(quantization_config={"quant_method": "bitsandbytes"}), "'bitsandbytes'.* is not supported for gpt_oss"),
     (dict(swiglu_limit=-1), "swiglu_limit must be a positive number"),
     (dict(swiglu_alpha="1.7"), "swiglu_alpha must be a positive number"),
     (dict(attention_dropout=0.1), "attention_dropout 0.1 is not supported"),
@@ -225,3 +226,94 @@ def test_defaults_as_transformers_derives_them():
     bare = {k: v for k, v in _cfg().items() if k not in ("rope_parameters", "sliding_window")}
     d = ModelConfig.from_hf(bare)
     assert d.sliding_window == 128 and d.rope_theta == 150000.0 and d.rope_scaling["rope_type"] == "yarn"
+
+
+# ---- MXFP4 experts (io/mxfp4.py) ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_dequantize_equals_transformers_bit_for_bit(dtype):
+    """Every code and every scale (0..255, the edge cases included) on random blocks."""
+    require_oracle("transformers")
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from lora_engine.io import mxfp4
+
+    torch.manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 64, 4, 16), dtype=torch.uint8)
+    scales = torch.arange(256, dtype=torch.int32).repeat(3)[: 3 * 64 * 4].view(3, 64, 4).to(torch.uint8)
+    want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # (E, K, N)
+    got = mxfp4.dequantize(blocks, scales, dtype).transpose(1, 2)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.contiguous().view(bits), want.contiguous().view(bits))
+
+
+def test_mxfp4_dequantize_errors():
+    from lora_engine.io import mxfp4
+
+    with pytest.raises(ValueError, match="blocks and scales are uint8"):
+        mxfp4.dequantize(torch.zeros(2, 16, dtype=torch.int8), torch.zeros(2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"blocks \(\.\.\., G, 16\) and scales \(\.\.\., G\) expected"):
+        mxfp4.dequantize(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8))
+
+
+def _mxfp4_folder(folder, quantized, block_dtype=torch.uint8):
+    """The released checkpoints' layout from a tiny model: each expert weight as random MXFP4 blocks and scales
+    (scales near 2 ** 0), config.json with quant_method mxfp4. Returns {name: transformers' dequantization}."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    state = load_file(folder / "model.safetensors")
+    torch.manual_seed(3)
+    dequantized = {}
+    for name in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        E, K, N = state.pop(name).shape
+        blocks = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8)
+        scales = torch.randint(121, 128, (E, N, K // 32), dtype=torch.uint8)
+        state[name + "_blocks"], state[name + "_scales"] = blocks.to(block_dtype), scales
+        dequantized[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    quantized.mkdir()
+    save_file(state, str(quantized / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}
+    (quantized / "config.json").write_text(json.dumps(cfg))
+    return dequantized
+
+
+def test_mxfp4_checkpoint_loads_dequantized_and_saves_plain(tmp_path):
+    tf = require_oracle("transformers")
+    hf = make_hf(tmp_path / "m", intermediate_size=32)  # MXFP4 blocks: every expert input a multiple of 32
+    dequantized = _mxfp4_folder(tmp_path / "m", tmp_path / "q")
+    with torch.no_grad():
+        for name, w in dequantized.items():
+            hf.get_parameter(name).copy_(w)
+    ours = load_model(tmp_path / "q")
+    ids, mask = _batch()
+    with torch.no_grad():
+        want, got = hf(input_ids=ids, attention_mask=mask).logits, ours(ids, attention_mask=mask)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-4)
+    save_model(ours, tmp_path / "out")  # the experts dequantized, under transformers' names
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    keys = set(read_safetensors_header(tmp_path / "out" / "model.safetensors")[0]) - {"__metadata__"}
+    assert keys == set(hf.state_dict())
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    for k, v in hf.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_mxfp4_checkpoint_errors(tmp_path):
+    require_oracle("transformers")
+    make_hf(tmp_path / "m", intermediate_size=32)
+    _mxfp4_folder(tmp_path / "m", tmp_path / "q", block_dtype=torch.int8)
+    with pytest.raises(CheckpointError, match="gate_up_proj_blocks in model.safetensors is torch.int8; MXFP4"):
+        load_model(tmp_path / "q")
+    make_hf(tmp_path / "m16")  # intermediate_size 16: down_proj's inputs are not whole blocks
+    state = json.loads((tmp_path / "m16" / "config.json").read_text())
+    state["quantization_config"] = {"quant_method": "mxfp4"}
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "m16" / "model.safetensors")
+    tensors["model.layers.0.mlp.experts.down_proj_blocks"] = tensors.pop("model.layers.0.mlp.experts.down_proj").to(
+        torch.uint8)
+    save_file(tensors, str(tmp_path / "m16" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "m16" / "config.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="down_proj has 16 inputs, not a multiple of MXFP4's block of 32"):
+        load_model(tmp_path / "m16")

@@ -34,7 +34,7 @@ from lora_engine.io.safetensors import (
     load_checkpoint,
     read_safetensors_header,
 )
-from lora_engine.models import hybrid
+from lora_engine.models import gpt_oss, hybrid
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 from lora_engine.models.families import fused_groups
@@ -172,6 +172,8 @@ def load_weights(model: CausalLM, checkpoint: Checkpoint, hook: LoadHook | None 
     # MoE experts: read into views of the 3-D parameters under the checkpoint's per-expert names
     expected = checkpoint_views(model.config.model_type, expected, set(checkpoint.shapes))
     hook = _split_fused(model.config, expected, hook, checkpoint.config_file)
+    # gpt-oss's MXFP4 experts (the released checkpoints): dequantized while read
+    hook = gpt_oss.read_mxfp4(expected, set(checkpoint.shapes), hook, checkpoint.config_file)
     # Keyed as stored (Qwen3.5's multimodal layout), the MTP heads and vision tower carried (models/hybrid.py)
     expected = {hybrid.checkpoint_name(model.config.model_type, k): v for k, v in expected.items()}
     hook = hybrid.carry(model, hook)

@@ -17,7 +17,8 @@
 
 A saved transformers checkpoint stores every tensor under these in-memory names (3-D experts included),
 so it loads by name and our saved folder is the same layout. The released checkpoints store the experts
-in MXFP4 (`*_blocks`, `*_scales`, quantization_config quant_method "mxfp4"): refused by name for now.
+in MXFP4 (`<name>_blocks`, `<name>_scales`, quantization_config quant_method "mxfp4"): read_mxfp4 dequantizes
+them exactly (io/mxfp4.py) while they are read, and a folder we save holds them dequantized.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numbers
 import torch
 import torch.nn as nn
 
-from lora_engine.io.safetensors import CheckpointError
+from lora_engine.io import mxfp4
+from lora_engine.io.safetensors import CheckpointError, LoadHook, StoredTensor
 from lora_engine.kernels import moe_reference
 from lora_engine.models import moe
 
@@ -44,11 +46,9 @@ DEFAULT_WINDOW = 128
 def gpt_oss_fields(cfg: dict, where: str) -> dict:
     """ModelConfig's gpt-oss fields (beyond the MoE sizes of families._moe_fields)."""
     quant = cfg.get("quantization_config")
-    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
-        raise CheckpointError(f"{where}: quantization_config quant_method 'mxfp4' (the released gpt-oss "
-                              "checkpoints' experts in MXFP4 blocks and scales) is not supported yet; load a "
-                              "dequantized checkpoint (bf16), e.g. one transformers saved after loading with "
-                              "Mxfp4Config(dequantize=True)")
+    if quant is not None and not is_mxfp4(cfg):
+        raise CheckpointError(f"{where}: quantization_config {quant!r:.80} is not supported for gpt_oss; "
+                              "supported: quant_method 'mxfp4' (the released checkpoints), read dequantized")
     out = dict(attn_sinks=True, moe_style=MODEL_TYPE, norm_style="olmo")
     for key, name, default in (("swiglu_alpha", "swiglu_alpha", 1.702), ("swiglu_limit", "swiglu_limit", 7.0)):
         v = cfg.get(key, default)
@@ -59,6 +59,12 @@ def gpt_oss_fields(cfg: dict, where: str) -> dict:
         raise CheckpointError(f"{where}: attention_dropout {cfg['attention_dropout']!r:.60} is not supported for "
                               "gpt_oss; supported: 0.0")
     return out
+
+
+def is_mxfp4(cfg: dict) -> bool:
+    """Whether config.json `cfg` says its experts are stored in MXFP4."""
+    quant = cfg.get("quantization_config")
+    return isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
 
 
 def rope_parameters(cfg: dict) -> dict:
@@ -202,3 +208,45 @@ class GptOssMoE(moe.MoEBlock):
         order, counts = moe_reference.sort_by_expert(experts, logits.shape[-1])
         y = self.experts(flat[order // self.top_k], counts)  # (N*k, D), rows grouped by expert
         return moe_reference.combine(y, order, weights).view(B, T, D)
+
+
+# ---- the MXFP4 expert checkpoint -----------------------------------------------------------------------
+def read_mxfp4(expected: dict, stored: set, hook: LoadHook | None, where) -> LoadHook | None:
+    """For a checkpoint storing expert parameters `<name>` (E, K, N) as MXFP4 `<name>_blocks` (E, N, K/32, 16)
+    and `<name>_scales` (E, N, K/32) (their names in `stored`): `expected` gets those two (meta tensors of
+    their shapes, so the loader checks them) in place of the parameter, and the returned hook reads both and
+    dequantizes them into the parameter one expert at a time (never the whole layer in fp32). Else `hook`."""
+    names = [n for n in expected if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+             and n + "_blocks" in stored]
+    if not names:
+        return hook
+    if hook is not None:
+        raise CheckpointError(f"{where}: the experts are stored in MXFP4; loading them quantized again is not "
+                              "supported: load the model in bf16 or fp32")
+    targets, parts = {}, {}
+    for name in names:
+        E, K, N = expected[name].shape
+        if K % mxfp4.BLOCK:
+            raise CheckpointError(f"{where}: {name} has {K} inputs, not a multiple of MXFP4's block of "
+                                  f"{mxfp4.BLOCK}: config.json does not describe these weights")
+        targets[name] = expected.pop(name)
+        expected[name + "_blocks"] = torch.empty((E, N, K // mxfp4.BLOCK, mxfp4.BLOCK // 2), device="meta")
+        expected[name + "_scales"] = torch.empty((E, N, K // mxfp4.BLOCK), device="meta")
+
+    def read(t: StoredTensor) -> bool:
+        base, _, kind = t.name.rpartition("_")
+        if base not in targets or kind not in ("blocks", "scales"):
+            return False
+        if t.dtype != torch.uint8:
+            raise CheckpointError(f"{t.name} in {t.file.name} is {t.dtype}; MXFP4 blocks and scales are uint8")
+        got = parts.setdefault(base, {})
+        got[kind] = t.read()
+        if len(got) == 2:  # both halves read: dequantize, then drop them
+            p, blocks, scales = targets[base], got["blocks"], got["scales"]
+            with torch.no_grad():
+                for e in range(p.shape[0]):  # (N, K) dequantized -> the (K, N) slice stored
+                    p.data[e].copy_(mxfp4.dequantize(blocks[e], scales[e], torch.float32).T)
+            del parts[base]
+        return True
+
+    return read
