@@ -4,6 +4,7 @@ than the sequence, a padded batch and YaRN RoPE; the save_pretrained layout both
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -317,3 +318,20 @@ def test_mxfp4_checkpoint_errors(tmp_path):
     (tmp_path / "m16" / "config.json").write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="down_proj has 16 inputs, not a multiple of MXFP4's block of 32"):
         load_model(tmp_path / "m16")
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_size_check_allows_mxfp4_widening_to_fp32(quantized):
+    """A model whose experts are nearly all its weights, in fp32 from MXFP4 (4.25 bits a value): 7.5 times the
+    checkpoint's bytes, built (on meta, nothing allocated); the same bytes claimed by a plain checkpoint are not."""
+    from lora_engine.models.builder import Checkpoint, build_model
+
+    extra = {"quantization_config": {"quant_method": "mxfp4"}} if quantized else {}
+    c = ModelConfig.from_hf(_cfg(hidden_size=2048, intermediate_size=2048, num_hidden_layers=8,
+                                 num_local_experts=32, **extra))
+    ckpt = Checkpoint(Path("gpt-oss"), c, {}, nbytes=int(8 * 32 * 3 * 2048 * 2048 * 4.25 / 8))
+    if quantized:
+        assert build_model(c, torch.float32, "meta", checkpoint=ckpt).config is c
+    else:
+        with pytest.raises(CheckpointError, match="config.json does not describe these weights"):
+            build_model(c, torch.float32, "meta", checkpoint=ckpt)
