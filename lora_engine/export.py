@@ -40,7 +40,7 @@ from lora_engine.io.atomic import OutputError, Owned, atomic_dir, check_dir_repl
 from lora_engine.io.safetensors import FLOAT_DTYPES, dtype_name, float_dtype, write_safetensors
 from lora_engine.lora import experts
 from lora_engine.lora.layers import LoraLinear, lora_layers
-from lora_engine.models import hybrid
+from lora_engine.models import gpt_oss, hybrid
 from lora_engine.models.families import fused_groups
 from lora_engine.models.moe import checkpoint_views
 from lora_engine.sources.gguf_write import GGUF_TYPES
@@ -180,6 +180,8 @@ def _hf_config(cfg, dtype: torch.dtype) -> dict:
     """The original config.json with the dtype updated, or one built from ModelConfig if there is none."""
     name = dtype_name(dtype)
     out = dict(cfg.extra) if cfg.extra else cfg.to_hf()
+    if gpt_oss.is_mxfp4(out):  # the experts were read dequantized and are written so
+        del out["quantization_config"]
     out["dtype"] = name
     if "torch_dtype" in out:  # files from transformers < 5 carry this key; keep both in step
         out["torch_dtype"] = name

@@ -14,6 +14,7 @@ import torch
 
 from lora_engine.io.safetensors import float_dtype
 from lora_engine.kernels.nf4_format import BLOCKSIZES
+from lora_engine.models import gpt_oss
 from lora_engine.models.builder import build_model, load_weights, open_checkpoint
 from lora_engine.models.decoder import CausalLM
 from lora_engine.quant.checkpoint import QUANTIZE_METHODS, load_nf4
@@ -37,11 +38,13 @@ def load_model(path, dtype=None, device="cpu", *, quantize: str | None = None, q
     """
     quantize_skip = _check_arguments(dtype, device, quantize, quantize_skip, blocksize, double_quant)
     ckpt = open_checkpoint(path)
-    if (quantize is not None or ckpt.quantization_config is not None) and ckpt.config.num_experts:
+    # a quantization_config of NF4 bytes; gpt-oss's MXFP4 experts are read dequantized (models/gpt_oss.py)
+    stored_nf4 = ckpt.quantization_config is not None and not gpt_oss.is_mxfp4(ckpt.config.extra)
+    if (quantize is not None or stored_nf4) and ckpt.config.num_experts:
         # the NF4 swap would quantize the routers and leave every expert in full precision
         raise ValueError(f"load_model: {ckpt.config.model_type} is a mixture-of-experts model, and NF4 (QLoRA) is "
                          "not supported for those yet; load it in bf16 or fp32 (quantize=None)")
-    if quantize is not None or ckpt.quantization_config is not None:
+    if quantize is not None or stored_nf4:
         return load_nf4(ckpt, dtype, device, quantize, quantize_skip, blocksize, double_quant, verbose,
                         name_or_path=path)
     model = build_model(ckpt.config, ckpt.dtype(dtype), device, checkpoint=ckpt)

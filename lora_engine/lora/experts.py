@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
+from lora_engine.models.gpt_oss import GptOssExperts
 from lora_engine.models.moe import Experts
 
 MOE_TARGETS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -33,11 +34,15 @@ class LoraExperts(Experts):
         if name not in self.lora:
             return None, None, 1.0
         lora = self.lora[name]
-        w = getattr(self, name)
+        w = self.grouped_weight(name)
         E, N, K = w.shape
         a = lora.lora_A.view(E, -1, K)  # (E, r, K)
         b = lora.lora_B.view(N, -1, E).permute(2, 0, 1)  # (E, N, r)
         return a.to(w.dtype), b.to(w.dtype), lora.scale
+
+
+class LoraGptOssExperts(LoraExperts, GptOssExperts):
+    """gpt-oss's experts (their forward, (E, K, N) storage) with LoraExperts' factors."""
 
 
 class _Factors(nn.Module):
@@ -85,10 +90,11 @@ def apply_expert_lora(model: nn.Module, config, scale_of, adapter_dtype) -> int:
         m = model.get_submodule(path)
         if isinstance(m, LoraExperts):
             raise ValueError(f"the model already has expert LoRA ({path}); apply_lora once per model")
-        m.__class__ = LoraExperts  # same parameters, a forward that adds the factors
+        # same parameters, a forward that adds the factors
+        m.__class__ = LoraGptOssExperts if isinstance(m, GptOssExperts) else LoraExperts
         m.lora = nn.ModuleDict()
         for name in names:
-            w = getattr(m, name)
+            w = m.grouped_weight(name)
             r, alpha = config.rank_and_alpha(f"{path}.{name}")
             m.lora[name] = _Factors(*w.shape, r, alpha, scale_of(r, alpha),
                                     adapter_dtype or w.dtype, w.device)
@@ -114,7 +120,7 @@ def expected_keys(model: nn.Module, config, prefix: str) -> dict[str, tuple[int,
     for path, names in expert_targets(model, config.target_parameters).items():
         m = model.get_submodule(path)
         for depth, name in enumerate(reversed(names)):
-            E, N, K = getattr(m, name).shape
+            E, N, K = m.grouped_weight(name).shape
             r = config.rank_and_alpha(f"{path}.{name}")[0]
             base = f"{prefix}{path}.{'base_layer.' * depth}"
             out[base + "lora_A.weight"], out[base + "lora_B.weight"] = (r * E, K), (N, r * E)

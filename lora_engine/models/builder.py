@@ -34,7 +34,7 @@ from lora_engine.io.safetensors import (
     load_checkpoint,
     read_safetensors_header,
 )
-from lora_engine.models import hybrid
+from lora_engine.models import gpt_oss, hybrid
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.decoder import CausalLM
 from lora_engine.models.families import fused_groups
@@ -151,7 +151,9 @@ def _check_size(model: CausalLM, ckpt: Checkpoint) -> None:
     skip = tied_keys(model.config)
     tensors = [t for k, t in model.state_dict(keep_vars=True).items() if k not in skip]
     need = sum(t.numel() * t.element_size() for t in tensors)
-    if need > _WIDENING * ckpt.nbytes + _SLACK_BYTES:
+    # gpt-oss's MXFP4 experts take 4.25 bits a value on disk: up to 32 / 4.25 = 7.5 times that in fp32
+    widening = 2 * _WIDENING if gpt_oss.is_mxfp4(ckpt.config.extra) else _WIDENING
+    if need > widening * ckpt.nbytes + _SLACK_BYTES:
         raise CheckpointError(
             f"{ckpt.config_file}: the model it describes needs {need / 2**30:,.2f} GiB "
             f"({sum(t.numel() for t in tensors):,} values) but the checkpoint's tensors hold "
@@ -172,6 +174,8 @@ def load_weights(model: CausalLM, checkpoint: Checkpoint, hook: LoadHook | None 
     # MoE experts: read into views of the 3-D parameters under the checkpoint's per-expert names
     expected = checkpoint_views(model.config.model_type, expected, set(checkpoint.shapes))
     hook = _split_fused(model.config, expected, hook, checkpoint.config_file)
+    # gpt-oss's MXFP4 experts (the released checkpoints): dequantized while read
+    hook = gpt_oss.read_mxfp4(expected, set(checkpoint.shapes), hook, checkpoint.config_file)
     # Keyed as stored (Qwen3.5's multimodal layout), the MTP heads and vision tower carried (models/hybrid.py)
     expected = {hybrid.checkpoint_name(model.config.model_type, k): v for k, v in expected.items()}
     hook = hybrid.carry(model, hook)

@@ -8,6 +8,7 @@ Supported families are the decoder-only Llama relatives that differ only in smal
   qwen3    (RMSNorm on q and k per head)
   gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, the mixtures of experts qwen3_moe, mixtral, olmoe,
            and sliding windows in mistral/qwen2/qwen3: the per-family options of models/families.py
+  gpt_oss  attention sinks, YaRN RoPE, biased router and clamped-SwiGLU experts (models/gpt_oss.py)
   qwen3_5_text, qwen3_5  Gated DeltaNet layers beside gated full attention (models/hybrid.py)
 
 config.json is checked at this boundary: anything else, and any field that is missing, of the wrong
@@ -36,9 +37,10 @@ from lora_engine.models.families import (
     family_fields,
     rope_by_layer_type,
 )
+from lora_engine.models.gpt_oss import check_yarn
 from lora_engine.models.hybrid import LINEAR, MULTIMODAL, text_config
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # Upper bounds on the sizes a config may give: far above every released model of these families
 # (Llama-3.1-405B: 126 layers, hidden 16384, FFN 53248, 128 heads, vocabulary 128256; Gemma's vocabulary
 # 262144 and head_dim 256; Llama-4's 10M positions), and low enough that a hostile or corrupted config
@@ -95,6 +97,12 @@ class ModelConfig:
     norm_topk_prob: bool = False  # the k routing weights renormalised to sum to 1
     moe_layers: tuple = ()  # per layer whether its MLP is the MoE block; () = every layer when num_experts
     router_aux_loss_coef: float = 0.0
+    # gpt-oss (models/gpt_oss.py): a learned sink logit per head in each softmax; moe_style "gpt_oss": the router
+    # with a bias and the softmax after the top-k, experts stored (E, K, N) with biases and the clamped SwiGLU.
+    attn_sinks: bool = False
+    moe_style: str = ""
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # the raw config.json
 
     def __post_init__(self):
@@ -258,7 +266,7 @@ def _fields(cfg: dict, where: str) -> dict:
             raise CheckpointError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}, "
                                   "and no head_dim gives the size of a head")
         head_dim = hidden // heads
-    attention_bias = _flag(cfg, "attention_bias", where)
+    attention_bias = _flag(cfg, "attention_bias", where, default=model_type == "gpt_oss")
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     if not isinstance(dtype, str):
         raise CheckpointError(f"{where}: dtype {_show(dtype)} is not a dtype name such as \"bfloat16\"")
@@ -289,13 +297,17 @@ def _rope_parameters(cfg: dict, where: str, given: dict | None = None) -> dict:
         rope = _object(cfg, "rope_scaling", where)
         rope.setdefault("rope_theta", _get(cfg, "rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    # YaRN is checked against transformers for gpt-oss only so far (tests/test_gptoss.py)
+    supported = [t for t in SUPPORTED_ROPE_TYPES if t != "yarn" or cfg.get("model_type") == "gpt_oss"]
+    if rope_type not in supported:
         raise CheckpointError(
             f"{where}: rope scaling type {_show(rope_type)} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"supported: {', '.join(supported)}"
         )
     rope["rope_type"] = rope_type
     rope["rope_theta"] = _real("rope_theta", _get(rope, "rope_theta", 10000.0), where, above=1.0)
+    if rope_type == "yarn":
+        check_yarn(rope, where, _get(cfg, "max_position_embeddings", 2048))
     if rope_type == "linear":  # positions divided by `factor` (Gemma 3's global layers)
         _real("rope scaling factor", rope.get("factor"), where)
     if rope_type == "llama3":

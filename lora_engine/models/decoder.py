@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
-from lora_engine.models import hybrid, moe, rebuild
+from lora_engine.models import gpt_oss, hybrid, moe, rebuild
 from lora_engine.models.config import SLIDING, ModelConfig
 from lora_engine.models.offload import HostOffloader, checkpoint_offloaded, offload_to_device
 from lora_engine.models.recompute import chunked_rows
@@ -63,6 +63,9 @@ class Rotary(nn.Module):
         self.theta = rope["rope_theta"] if rope else cfg.rope_theta
         self.scaling = (None if rope["rope_type"] == "default" else rope) if rope else cfg.rope_scaling
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        # YaRN multiplies cos and sin (so every score) by its attention factor; 1 for the others
+        yarn = self.scaling is not None and self.scaling["rope_type"] == "yarn"
+        self.attention_scaling = gpt_oss.yarn_attention_factor(self.scaling) if yarn else 1.0
 
     def _inv_freq(self) -> torch.Tensor:
         dim, base = hybrid.rotary_dim(self.cfg), self.theta  # partial RoPE (Qwen3.5): the leading dims only
@@ -72,6 +75,8 @@ class Rotary(nn.Module):
             return inv_freq
         if s["rope_type"] == "linear":
             return inv_freq / s["factor"]
+        if s["rope_type"] == "yarn":
+            return gpt_oss.yarn_inv_freq(dim, base, s)
         # Llama-3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
         factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old_len = s["original_max_position_embeddings"]
@@ -89,6 +94,8 @@ class Rotary(nn.Module):
         # position_ids: (B, T) -> cos, sin: (B, T, hd)
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
+        if self.attention_scaling != 1.0:
+            return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -150,6 +157,8 @@ class Attention(nn.Module):
         self.use_rope = cfg.rope_layers[layer] if cfg.rope_layers else True
         self.scale = (cfg.query_scale or hd) ** -0.5
         self.softcap = cfg.attn_softcap
+        if cfg.attn_sinks:  # gpt-oss: one learned logit per head in every softmax's denominator
+            self.sinks = nn.Parameter(torch.zeros(H))
         self.backend: str | None = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
@@ -167,8 +176,11 @@ class Attention(nn.Module):
             q, k = dispatch.rope(q, k, cos, sin, backend=self.backend)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hk, S, hd)
-        y = dispatch.attention(q, k, v, mask is None and T > 1, self.scale, mask, backend=self.backend,
-                               softcap=self.softcap)  # (B, H, T, hd)
+        if hasattr(self, "sinks"):  # the dispatched kernels take no sinks yet (models/gpt_oss.py)
+            y = gpt_oss.sink_attention(q, k, v, self.sinks, mask, self.scale)
+        else:
+            y = dispatch.attention(q, k, v, mask is None and T > 1, self.scale, mask, backend=self.backend,
+                                   softcap=self.softcap)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -221,7 +233,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(D, eps, style)
         if self.layout != "pre":
             self.post_feedforward_layernorm = RMSNorm(D, eps, style)
-        self.mlp = moe.MoEBlock(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
+        moe_block = gpt_oss.GptOssMoE if cfg.moe_style == gpt_oss.MODEL_TYPE else moe.MoEBlock
+        self.mlp = moe_block(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer):
         if self.linear:  # mask: the (B, T) padding mask; the cache holds the layer's recurrent state

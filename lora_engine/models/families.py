@@ -19,6 +19,8 @@ and refuses what the decoder does not compute, naming the field:
                leave sparse (the others dense, intermediate_size), experts of moe_intermediate_size
   mixtral      Mistral with MoE MLPs, the top-k weights always renormalised; router_jitter_noise refused
   olmoe        MoE MLPs, q/k norms over the whole projection; clip_qkv refused
+  gpt_oss      MoE MLPs with a biased router and clamped-SwiGLU experts, attention sinks, sliding and full
+               layers alternating, YaRN RoPE: models/gpt_oss.py
   qwen3_5_text, qwen3_5  linear-attention layers, partial RoPE, gated attention: models/hybrid.py
 
 The key map of the fused-weight families (FUSED) lives here too: load splits, save fuses.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import numbers
 
 from lora_engine.io.safetensors import CheckpointError
+from lora_engine.models import gpt_oss
 from lora_engine.models.hybrid import HYBRID, hybrid_fields
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -39,11 +42,11 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                  "olmo3": "Olmo3ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
                  "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_moe": "Qwen3MoeForCausalLM",
-                 "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 GEMMA = ("gemma2", "gemma3_text")
 OLMO = ("olmo2", "olmo3")
-MOE = ("qwen3_moe", "mixtral", "olmoe")
+MOE = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss")
 # Fused checkpoint tensors: stored name (per layer) -> the decoder's modules it holds, in order along dim 0.
 FUSED = {"phi3": {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                   "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}}
@@ -90,6 +93,8 @@ def family_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
         out["fused_projections"] = True
     if model_type in MOE:
         out.update(_moe_fields(cfg, model_type, layers, where))
+    if model_type == "gpt_oss":
+        out.update(gpt_oss.gpt_oss_fields(cfg, where))
     if model_type == "olmoe":
         out["qk_norm_full"] = True
         if cfg.get("clip_qkv") is not None:
@@ -102,9 +107,11 @@ def _moe_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
     """The MoE fields of ModelConfig, with transformers' defaults for each family."""
     # Qwen3MoeConfig maps num_local_experts to num_experts (and save_pretrained writes the former).
     key = "num_local_experts" if model_type == "mixtral" or "num_experts" not in cfg else "num_experts"
-    experts = _whole(key, cfg.get(key, {"qwen3_moe": 128, "mixtral": 8, "olmoe": 64}[model_type]), where)
+    experts = _whole(key, cfg.get(key, {"qwen3_moe": 128, "mixtral": 8, "olmoe": 64, "gpt_oss": 128}[model_type]),
+                     where)
     top_k = _whole("num_experts_per_tok", cfg.get("num_experts_per_tok", {"qwen3_moe": 8, "mixtral": 2,
-                                                                          "olmoe": 8}[model_type]), where)
+                                                                          "olmoe": 8, "gpt_oss": 4}[model_type]),
+                   where)
     if top_k > experts:
         raise CheckpointError(f"{where}: num_experts_per_tok ({top_k}) is more than the {experts} experts ({key})")
     norm = cfg.get("norm_topk_prob", False) if model_type != "mixtral" else True
@@ -114,7 +121,7 @@ def _moe_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
         raise CheckpointError(f"{where}: router_jitter_noise {_show(cfg['router_jitter_noise'])} (random router "
                               "input noise in training) is not supported; supported: 0.0")
     inner_key = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
-    inner = _whole(inner_key, cfg.get(inner_key, 768), where)
+    inner = _whole(inner_key, cfg.get(inner_key, 2880 if model_type == "gpt_oss" else 768), where)
     coef = cfg.get("router_aux_loss_coef", 0.01 if model_type == "olmoe" else 0.001)
     if isinstance(coef, bool) or not isinstance(coef, numbers.Real) or coef < 0:
         raise CheckpointError(f"{where}: router_aux_loss_coef must be a number >= 0, got {_show(coef)}")
@@ -131,7 +138,7 @@ def _moe_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
 
 def _windows(cfg: dict, model_type: str, layers: int, where: str) -> tuple[tuple[str, ...], int | None]:
     """(layer types, window) as transformers derives them; () and None when every layer attends fully."""
-    window = cfg.get("sliding_window")
+    window = cfg.get("sliding_window", gpt_oss.DEFAULT_WINDOW if model_type == "gpt_oss" else None)
     in_use = {"qwen2": "use_sliding_window", "qwen3": "use_sliding_window", "smollm3": "use_sliding_window",
               "qwen3_moe": "use_sliding_window"}
     if model_type in in_use:
@@ -155,7 +162,7 @@ def _windows(cfg: dict, model_type: str, layers: int, where: str) -> tuple[tuple
     elif model_type in ("qwen2", "qwen3"):
         first = _whole("max_window_layers", cfg.get("max_window_layers", 28), where, zero=True)
         types = tuple(SLIDING if i >= first else FULL for i in range(layers))
-    elif model_type == "gemma2":
+    elif model_type in ("gemma2", "gpt_oss"):
         types = tuple(SLIDING if (i + 1) % 2 else FULL for i in range(layers))
     elif model_type == "gemma3_text":
         every = _whole("sliding_window_pattern", cfg.get("sliding_window_pattern", 6), where)
@@ -186,6 +193,8 @@ def rope_by_layer_type(cfg: dict, where: str) -> tuple[dict | None, dict | None]
     """(the full-attention layers' RoPE parameters, the sliding layers' or None when the same), in the old
     (rope_theta, rope_scaling, rope_local_base_freq) or the new (rope_parameters, maybe per layer type) form.
     None: config.py reads the file's own rope fields (and checks their JSON types)."""
+    if cfg.get("model_type") == "gpt_oss":
+        return gpt_oss.rope_parameters(cfg), None
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and (FULL in params or SLIDING in params):
         full, sliding = (params.get(k) or {} for k in (FULL, SLIDING))

@@ -47,6 +47,10 @@ class Experts(nn.Module):
         """(a, b, scale) of the LoRA on parameter `name`, or (None, None, 1.0): none in the model."""
         return None, None, 1.0
 
+    def grouped_weight(self, name: str) -> torch.Tensor:
+        """Parameter `name` as the grouped op takes it, (E, N, K) (gpt-oss stores (E, K, N): a view)."""
+        return getattr(self, name)
+
     def forward(self, x, counts):
         # x (M, D) grouped by expert -> (M, D)
         be = self.backend
