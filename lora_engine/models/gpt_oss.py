@@ -169,6 +169,7 @@ class GptOssExperts(moe.Experts):
         self.down_proj = nn.Parameter(torch.empty(num_experts, inner, hidden))
         self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden))
         self.alpha, self.limit = alpha, limit
+        self.backend: str | None = None
 
     def grouped_weight(self, name: str) -> torch.Tensor:
         return getattr(self, name).transpose(1, 2)  # (E, K, N) stored -> the (E, N, K) view the op takes
@@ -176,10 +177,10 @@ class GptOssExperts(moe.Experts):
     def forward(self, x, counts):
         # x (M, D) grouped by expert -> (M, D)
         h = moe._grouped(x, counts, self.grouped_weight("gate_up_proj"), self.gate_up_proj_bias,
-                         *self.factors("gate_up_proj"))
+                         *self.factors("gate_up_proj"), self.backend)
         h = clamped_swiglu(h, self.alpha, self.limit)
         return moe._grouped(h, counts, self.grouped_weight("down_proj"), self.down_proj_bias,
-                            *self.factors("down_proj"))
+                            *self.factors("down_proj"), self.backend)
 
 
 class GptOssMoE(moe.MoEBlock):
