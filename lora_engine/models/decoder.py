@@ -1,5 +1,8 @@
 """A minimal Llama-family decoder with Hugging Face's module names.
 
+One idea over ~480 lines: the one decoder every family is an option of (the families' own pieces live in
+families.py, moe.py, hybrid.py and gpt_oss.py; the cache, masks and loss stay here because every family uses them).
+
 Module paths equal the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`),
 so a Hugging Face checkpoint and a PEFT adapter map onto this model one to one, with no renaming.
 The model knows nothing of LoRA or quantization: those swap `nn.Linear` modules by name. The hot
