@@ -286,3 +286,9 @@ def test_defaults_are_transformers():
     assert (c.num_experts, c.experts_per_token, c.moe_intermediate_size, c.intermediate_size) == (
         ref.num_experts, ref.num_experts_per_tok, ref.moe_intermediate_size, ref.shared_expert_intermediate_size)
     assert c.router_aux_loss_coef == ref.router_aux_loss_coef
+
+
+def test_nf4_is_refused_by_name(pair):
+    folder, _, _ = pair
+    with pytest.raises(ValueError, match="qwen3_5_moe_text is a mixture-of-experts model, and NF4 .* not supported"):
+        load_model(folder, quantize="nf4")

@@ -9,8 +9,9 @@ A layer's `mlp` is a MoEBlock with transformers v5's names, so checkpoint keys m
 
 Tokens are grouped by expert (kernels/moe_reference.sort_by_expert), each expert's block goes through
 its SwiGLU MLP (every expert matmul through `_grouped`, the one place a faster kernel plugs in), and the
-outputs are weighted back onto their tokens (combine). Expert LoRA (lora/) swaps `Experts` for a
-subclass whose `factors` returns per-expert A_e, B_e; the model itself holds none.
+outputs are weighted back onto their tokens (combine). Qwen3.5-MoE adds a shared expert (SharedExpertMoE).
+Expert LoRA (lora/) swaps `Experts` for a subclass whose `factors` returns per-expert A_e, B_e; the model
+itself holds none.
 
 Checkpoints: hub checkpoints and transformers 5's save_pretrained store each expert as 2-D weights
 (`mlp.experts.3.gate_proj.weight`; Mixtral: `block_sparse_moe.experts.3.w1.weight`, w1 gate, w3 up,
