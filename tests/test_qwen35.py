@@ -99,7 +99,6 @@ def _config(**over) -> dict:
     (dict(full_attention_interval=0), "full_attention_interval must be a positive whole number"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.5}),
      r"partial_rotary_factor must be a number in \(0, 1\]"),
-    (dict(model_type="qwen3_5_moe"), "Qwen3.5-MoE .* not supported yet"),
 ])
 def test_config_errors_name_the_field(over, match):
     with pytest.raises(CheckpointError, match=match):

@@ -10,6 +10,7 @@ Supported families are the decoder-only Llama relatives that differ only in smal
            and sliding windows in mistral/qwen2/qwen3: the per-family options of models/families.py
   gpt_oss  attention sinks, YaRN RoPE, biased router and clamped-SwiGLU experts (models/gpt_oss.py)
   qwen3_5_text, qwen3_5  Gated DeltaNet layers beside gated full attention (models/hybrid.py)
+  qwen3_5_moe_text, qwen3_5_moe  the same with MoE MLPs and a shared expert (models/hybrid.py, models/moe.py)
 
 config.json is checked at this boundary: anything else, and any field that is missing, of the wrong
 JSON type, out of range or inconsistent, raises CheckpointError naming the file and the field, rather
@@ -38,7 +39,7 @@ from lora_engine.models.families import (
     rope_by_layer_type,
 )
 from lora_engine.models.gpt_oss import check_yarn
-from lora_engine.models.hybrid import LINEAR, MULTIMODAL, text_config
+from lora_engine.models.hybrid import HYBRID, HYBRID_MOE, LINEAR, MULTIMODAL, shared_expert_config, text_config
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # Upper bounds on the sizes a config may give: far above every released model of these families
@@ -97,6 +98,7 @@ class ModelConfig:
     norm_topk_prob: bool = False  # the k routing weights renormalised to sum to 1
     moe_layers: tuple = ()  # per layer whether its MLP is the MoE block; () = every layer when num_experts
     router_aux_loss_coef: float = 0.0
+    shared_expert: bool = False  # Qwen3.5-MoE: a dense MLP of intermediate_size beside the experts, sigmoid-gated
     # gpt-oss (models/gpt_oss.py): a learned sink logit per head in each softmax; moe_style "gpt_oss": the router
     # with a bias and the softmax after the top-k, experts stored (E, K, N) with biases and the clamped SwiGLU.
     attn_sinks: bool = False
@@ -238,8 +240,10 @@ def _fields(cfg: dict, where: str) -> dict:
     """ModelConfig's fields from a config.json, each checked for its JSON type; ranges and consistency are
     __post_init__'s (except what must hold before a field can be computed, e.g. head_dim)."""
     model_type = cfg.get("model_type")
-    if model_type == MULTIMODAL:  # Qwen3.5 with its vision tower: the text model's fields (models/hybrid.py)
+    if model_type in MULTIMODAL:  # Qwen3.5 with its vision tower: the text model's fields (models/hybrid.py)
         cfg = text_config(cfg, where)
+    if model_type in HYBRID_MOE:  # no dense MLP: intermediate_size is the shared expert's
+        cfg = shared_expert_config(cfg)
     if isinstance(model_type, str) and model_type in REFUSED:
         raise CheckpointError(f"{where}: {REFUSED[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -281,8 +285,7 @@ def _fields(cfg: dict, where: str) -> dict:
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=False if model_type == "qwen2" else attention_bias,
         mlp_bias=_flag(cfg, "mlp_bias", where),
-        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", "qwen3_5_text", MULTIMODAL, "qwen3_moe",
-                               "olmoe"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", *HYBRID, "qwen3_moe", "olmoe"),
         torch_dtype=dtype.replace("torch.", ""),
         **family,
     )

@@ -237,7 +237,10 @@ class DecoderLayer(nn.Module):
         if self.layout != "pre":
             self.post_feedforward_layernorm = RMSNorm(D, eps, style)
         moe_block = gpt_oss.GptOssMoE if cfg.moe_style == gpt_oss.MODEL_TYPE else moe.MoEBlock
-        self.mlp = moe_block(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
+        if cfg.shared_expert:  # Qwen3.5-MoE: the dense MLP beside the experts
+            self.mlp = moe.SharedExpertMoE(cfg, MLP(cfg))
+        else:
+            self.mlp = moe_block(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer):
         if self.linear:  # mask: the (B, T) padding mask; the cache holds the layer's recurrent state

@@ -22,6 +22,7 @@ and refuses what the decoder does not compute, naming the field:
   gpt_oss      MoE MLPs with a biased router and clamped-SwiGLU experts, attention sinks, sliding and full
                layers alternating, YaRN RoPE: models/gpt_oss.py
   qwen3_5_text, qwen3_5  linear-attention layers, partial RoPE, gated attention: models/hybrid.py
+  qwen3_5_moe_text, qwen3_5_moe  the same with every MLP MoE (top-k always renormalised) plus a shared expert
 
 The key map of the fused-weight families (FUSED) lives here too: load splits, save fuses.
 """
@@ -32,7 +33,7 @@ import numbers
 
 from lora_engine.io.safetensors import CheckpointError
 from lora_engine.models import gpt_oss
-from lora_engine.models.hybrid import HYBRID, hybrid_fields
+from lora_engine.models.hybrid import HYBRID, HYBRID_MOE, hybrid_fields
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 GELU_TANH = "gelu_pytorch_tanh"
@@ -42,11 +43,12 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                  "olmo3": "Olmo3ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
                  "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_moe": "Qwen3MoeForCausalLM",
-                 "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                 "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 GEMMA = ("gemma2", "gemma3_text")
 OLMO = ("olmo2", "olmo3")
-MOE = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss")
+MOE = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", *HYBRID_MOE)
 # Fused checkpoint tensors: stored name (per layer) -> the decoder's modules it holds, in order along dim 0.
 FUSED = {"phi3": {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                   "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}}
@@ -56,8 +58,6 @@ REFUSED = {
               "the text model: a gemma3_text checkpoint (Gemma3ForCausalLM, e.g. google/gemma-3-1b-pt)",
     "gemma4": "Gemma 4 (with its vision and audio towers) is not supported yet",
     "gemma4_text": "Gemma 4's text model (per-layer embeddings, shared KV layers) is not supported yet",
-    "qwen3_5_moe": "Qwen3.5-MoE (qwen3_5_moe: Gated DeltaNet layers with a mixture-of-experts MLP) is not "
-                   "supported yet; the dense Qwen3.5 models (qwen3_5) are",
 }
 
 
@@ -107,21 +107,22 @@ def _moe_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
     """The MoE fields of ModelConfig, with transformers' defaults for each family."""
     # Qwen3MoeConfig maps num_local_experts to num_experts (and save_pretrained writes the former).
     key = "num_local_experts" if model_type == "mixtral" or "num_experts" not in cfg else "num_experts"
-    experts = _whole(key, cfg.get(key, {"qwen3_moe": 128, "mixtral": 8, "olmoe": 64, "gpt_oss": 128}[model_type]),
-                     where)
-    top_k = _whole("num_experts_per_tok", cfg.get("num_experts_per_tok", {"qwen3_moe": 8, "mixtral": 2,
-                                                                          "olmoe": 8, "gpt_oss": 4}[model_type]),
-                   where)
+    hybrid = model_type in HYBRID_MOE
+    experts = _whole(key, cfg.get(key, 256 if hybrid else {"qwen3_moe": 128, "mixtral": 8, "olmoe": 64,
+                                                           "gpt_oss": 128}[model_type]), where)
+    top_k = _whole("num_experts_per_tok", cfg.get("num_experts_per_tok", 8 if hybrid else {
+        "qwen3_moe": 8, "mixtral": 2, "olmoe": 8, "gpt_oss": 4}[model_type]), where)
     if top_k > experts:
         raise CheckpointError(f"{where}: num_experts_per_tok ({top_k}) is more than the {experts} experts ({key})")
-    norm = cfg.get("norm_topk_prob", False) if model_type != "mixtral" else True
+    # Mixtral's and Qwen3.5-MoE's routers always renormalise (their configs have no norm_topk_prob)
+    norm = True if model_type == "mixtral" or hybrid else cfg.get("norm_topk_prob", False)
     if not isinstance(norm, bool):
         raise CheckpointError(f"{where}: norm_topk_prob must be true or false, got {_show(norm)}")
     if model_type == "mixtral" and cfg.get("router_jitter_noise") not in (None, 0, 0.0):
         raise CheckpointError(f"{where}: router_jitter_noise {_show(cfg['router_jitter_noise'])} (random router "
                               "input noise in training) is not supported; supported: 0.0")
-    inner_key = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
-    inner = _whole(inner_key, cfg.get(inner_key, 2880 if model_type == "gpt_oss" else 768), where)
+    inner_key = "moe_intermediate_size" if model_type == "qwen3_moe" or hybrid else "intermediate_size"
+    inner = _whole(inner_key, cfg.get(inner_key, {"gpt_oss": 2880}.get(model_type, 512 if hybrid else 768)), where)
     coef = cfg.get("router_aux_loss_coef", 0.01 if model_type == "olmoe" else 0.001)
     if isinstance(coef, bool) or not isinstance(coef, numbers.Real) or coef < 0:
         raise CheckpointError(f"{where}: router_aux_loss_coef must be a number >= 0, got {_show(coef)}")
@@ -133,7 +134,7 @@ def _moe_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
             raise CheckpointError(f"{where}: mlp_only_layers must list layer numbers, got {_show(dense)}")
         moe_layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(layers))
     return dict(num_experts=experts, experts_per_token=top_k, moe_intermediate_size=inner, norm_topk_prob=norm,
-                moe_layers=moe_layers, router_aux_loss_coef=float(coef))
+                moe_layers=moe_layers, router_aux_loss_coef=float(coef), shared_expert=hybrid)
 
 
 def _windows(cfg: dict, model_type: str, layers: int, where: str) -> tuple[tuple[str, ...], int | None]:

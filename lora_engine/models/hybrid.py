@@ -16,7 +16,12 @@ loads as its text model: config.json's text_config, the checkpoint's model.langu
 our model.* (`checkpoint_name`). The vision tower (model.visual.*) is not trained: its tensors, like the
 multi-token-prediction heads (mtp.*, kept by every Qwen3.5 checkpoint for speculative decoding), are
 carried through load and save untouched (`carry`), byte for byte, so an exported folder is again the full
-checkpoint. qwen3_5_moe waits for the MoE layers (refused by name, families.REFUSED).
+checkpoint.
+
+Qwen3.5-MoE (qwen3_5_moe_text, Qwen3_5MoeForCausalLM; qwen3_5_moe, its multimodal checkpoint read the same
+way) is the same schedule with every MLP a mixture of experts plus a shared expert (models/moe.py
+SharedExpertMoE); its config.json has no dense intermediate_size, so the shared expert's
+(shared_expert_intermediate_size) stands in for it (`shared_expert_config`).
 
 Gated DeltaNet, per token t (the shapes: B batch, T length, Hk key heads, Hv value heads, dk, dv):
   qkv = silu(causal depthwise conv1d(in_proj_qkv(x)))     (B, T, 2 Hk dk + Hv dv), kernel K, left padded
@@ -51,10 +56,14 @@ from lora_engine.io.safetensors import CheckpointError
 from lora_engine.kernels.delta_rule_reference import gated_delta_rule_recurrent
 
 LINEAR, FULL = "linear_attention", "full_attention"
-MULTIMODAL = "qwen3_5"  # Qwen3_5ForConditionalGeneration: the text model read out of it
-HYBRID = ("qwen3_5_text", MULTIMODAL)
+# Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration: the text model read out of them
+MULTIMODAL = ("qwen3_5", "qwen3_5_moe")
+HYBRID_MOE = ("qwen3_5_moe_text", "qwen3_5_moe")  # every MLP the MoE block with a shared expert
+HYBRID = ("qwen3_5_text", "qwen3_5_moe_text", *MULTIMODAL)
 _TEXT = "model.language_model."  # where the multimodal checkpoint keeps our model.* tensors
-_CARRIED = {"qwen3_5_text": ("mtp.",), MULTIMODAL: ("mtp.", "model.visual.")}
+_CARRIED = {"qwen3_5_text": ("mtp.",), "qwen3_5_moe_text": ("mtp.",),
+            **dict.fromkeys(MULTIMODAL, ("mtp.", "model.visual."))}
+_ARCH = {"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 _LINEAR_KEYS = {"linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
                 "linear_num_key_heads": 16, "linear_num_value_heads": 32}
 
@@ -89,28 +98,34 @@ def hybrid_fields(cfg: dict, layers: int, where: str) -> dict:
 
 
 def text_config(cfg: dict, where: str) -> dict:
-    """The fields of a multimodal qwen3_5 config.json that describe its text model: text_config, with the
-    top level's model_type and (where given) tie_word_embeddings, as transformers reads them."""
+    """The fields of a multimodal qwen3_5 / qwen3_5_moe config.json that describe its text model: text_config,
+    with the top level's model_type and (where given) tie_word_embeddings, as transformers reads them."""
     text = cfg.get("text_config")
     if not isinstance(text, dict):
-        raise CheckpointError(f"{where}: a qwen3_5 (Qwen3_5ForConditionalGeneration) config.json holds its text "
-                              f"model's fields in text_config, a JSON object; got {str(text)[:60]}")
-    out = {**text, "model_type": MULTIMODAL}
+        raise CheckpointError(f"{where}: a {cfg['model_type']} ({_ARCH[cfg['model_type']]}) config.json holds its "
+                              f"text model's fields in text_config, a JSON object; got {str(text)[:60]}")
+    out = {**text, "model_type": cfg["model_type"]}
     if "tie_word_embeddings" in cfg:
         out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
     return out
 
 
+def shared_expert_config(cfg: dict) -> dict:
+    """A Qwen3.5-MoE config.json with intermediate_size the shared expert's F (its only dense MLP; the file
+    names it shared_expert_intermediate_size, transformers' default 512), as ModelConfig counts it."""
+    return {**cfg, "intermediate_size": cfg.get("shared_expert_intermediate_size", 512)}
+
+
 def checkpoint_name(model_type: str, name: str) -> str:
     """The checkpoint's key for our state-dict key `name` (model.* moves under model.language_model.*)."""
-    if model_type == MULTIMODAL and name.startswith("model."):
+    if model_type in MULTIMODAL and name.startswith("model."):
         return _TEXT + name.removeprefix("model.")
     return name
 
 
 def model_name(model_type: str, key: str) -> str:
     """Our state-dict key for the checkpoint's `key` (checkpoint_name's inverse)."""
-    if model_type == MULTIMODAL and key.startswith(_TEXT):
+    if model_type in MULTIMODAL and key.startswith(_TEXT):
         return "model." + key.removeprefix(_TEXT)
     return key
 

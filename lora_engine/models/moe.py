@@ -9,8 +9,9 @@ A layer's `mlp` is a MoEBlock with transformers v5's names, so checkpoint keys m
 
 Tokens are grouped by expert (kernels/moe_reference.sort_by_expert), each expert's block goes through
 its SwiGLU MLP (every expert matmul through `_grouped`, the one place a faster kernel plugs in), and the
-outputs are weighted back onto their tokens (combine). Expert LoRA (lora/) swaps `Experts` for a
-subclass whose `factors` returns per-expert A_e, B_e; the model itself holds none.
+outputs are weighted back onto their tokens (combine). Qwen3.5-MoE adds a shared expert (SharedExpertMoE).
+Expert LoRA (lora/) swaps `Experts` for a subclass whose `factors` returns per-expert A_e, B_e; the model
+itself holds none.
 
 Checkpoints: hub checkpoints and transformers 5's save_pretrained store each expert as 2-D weights
 (`mlp.experts.3.gate_proj.weight`; Mixtral: `block_sparse_moe.experts.3.w1.weight`, w1 gate, w3 up,
@@ -85,6 +86,19 @@ class MoEBlock(nn.Module):
         return moe_reference.combine(y, order, weights.to(logits.dtype)).view(B, T, D)
 
 
+class SharedExpertMoE(MoEBlock):
+    """Qwen3.5-MoE's block: the routed experts plus a dense SwiGLU MLP every token passes through
+    (`mlp.shared_expert.{gate,up,down}_proj`), scaled by sigmoid(x w) with w `mlp.shared_expert_gate` (1, D)."""
+
+    def __init__(self, cfg, shared_expert: nn.Module):
+        super().__init__(cfg)
+        self.shared_expert = shared_expert  # the decoder's MLP (intermediate_size), so LoRA and kernels see it
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x):
+        return super().forward(x) + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+
 def aux_loss(logits: list[torch.Tensor], top_k: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """transformers' load_balancing_loss_func (Switch Transformer eqs. 4-6) over the MoE layers' router
     logits (each (B*T, E)): E * sum_e (share of top-k slots sent to e) * (mean router probability of e),
@@ -119,6 +133,7 @@ _HUB = {  # family -> (the MLP's stored prefix, the gate, up and down names of a
     "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
     "olmoe": ("mlp", "gate_proj", "up_proj", "down_proj"),
     "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+    **dict.fromkeys(("qwen3_5_moe_text", "qwen3_5_moe"), ("mlp", "gate_proj", "up_proj", "down_proj")),
 }
 
 
