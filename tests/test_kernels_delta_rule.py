@@ -244,7 +244,7 @@ def test_triton_conv1d_equals_its_definition(B, T, C, K, has_bias, with_state, a
 
 @needs_triton
 def test_triton_backward_walks_several_value_blocks():
-    # dv = 128 is two blocks of BV = 64 columns: the chunk kernel sums dq, dk, dg, dbeta over both.
+    # dv = 128: two value blocks in the dS walk, four in the chunk kernel, which sums dq, dk, dg, dbeta over them.
     check_delta_rule("triton", 16, 1, 37, 1, 16, 128, True, 5, device())
 
 

@@ -242,6 +242,12 @@ def _tiles(dv: int) -> int:
     return min(dv, 64)
 
 
+def _bwd_tiles(dv: int) -> int:
+    """BV of _gdr_bwd_chunk: it also holds (C, dk) and (C, C) fp32 gradient accumulators, and at BV = 64 with
+    dk = 128 its dots' staging passes sm_90's shared memory."""
+    return min(dv, 32)
+
+
 def _fwd_fake(q, k, v, g, beta, initial_state, scale, chunk):
     B, T, H, dk = k.shape
     N = -(-T // chunk)
@@ -289,7 +295,7 @@ def _bwd_op(do: torch.Tensor, dS_final: torch.Tensor, q: torch.Tensor, k: torch.
         _gdr_bwd_dstate[(B * H, dv // BV)](q, k, g, beta, do, dS_final, dstates, T, H, scale,
                                            DK=dk, DV=dv, C=chunk, BV=BV, PRECISION=prec)
         _gdr_bwd_chunk[(B * H, N)](q, k, v, g, beta, do, states, dstates, *grads, T, H, scale,
-                                   DK=dk, DV=dv, C=chunk, BV=BV, PRECISION=prec)
+                                   DK=dk, DV=dv, C=chunk, BV=_bwd_tiles(dv), PRECISION=prec)
     return (*grads, dstates[:, :, 0].contiguous())
 
 
@@ -358,5 +364,6 @@ def compile_specs() -> list:
                                  signature(_gdr_bwd_dstate, dtype, **types), const, targets, opts))
         types = fp32 | dict(states_ptr="*fp32", dstates_ptr="*fp32", dg_ptr="*fp32", dbeta_ptr="*fp32")
         specs.append(CompileSpec(f"_gdr_bwd_chunk/{dtype}/d{d}", _gdr_bwd_chunk,
-                                 signature(_gdr_bwd_chunk, dtype, **types), const, targets, opts))
+                                 signature(_gdr_bwd_chunk, dtype, **types), const | {"BV": _bwd_tiles(d)}, targets,
+                                 opts))
     return specs
