@@ -328,8 +328,8 @@ def _is_pow2_at_least_16(n: int) -> bool:
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk=64):
-    """delta_rule_chunked.gated_delta_rule_chunked's contract, forward in Triton. chunk, dk and dv: powers of
-    two >= 16 (tl.dot's smallest tile)."""
+    """delta_rule_chunked.gated_delta_rule_chunked's contract, forward and backward in Triton. chunk, dk and dv:
+    powers of two >= 16 (tl.dot's smallest tile)."""
     check_delta_rule_args(q, k, v, g, beta, initial_state, int(chunk))
     check_float("gated_delta_rule", q=q, k=k, v=v, g=g, beta=beta)
     tensors = dict(q=q, k=k, v=v, g=g, beta=beta) | ({} if initial_state is None else {"initial_state": initial_state})
