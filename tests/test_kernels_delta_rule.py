@@ -240,3 +240,50 @@ def test_triton_refuses_tiles_tl_dot_cannot_take(bad, match):
        seed=st.integers(0, 2**16))
 def test_triton_conv1d_equals_its_definition(B, T, C, K, has_bias, with_state, activation, seed):
     check_conv1d("triton", B, T, C, K, has_bias, with_state, activation, seed, device())
+
+
+@needs_triton
+def test_triton_backward_walks_several_value_blocks():
+    # dv = 128: two value blocks in the dS walk, four in the chunk kernel, which sums dq, dk, dg, dbeta over them.
+    check_delta_rule("triton", 16, 1, 37, 1, 16, 128, True, 5, device())
+
+
+@needs_triton
+@pytest.mark.parametrize("used", ["o", "final state"])
+def test_triton_backward_with_one_output_unused(used):
+    # autograd hands backward None for an output the loss does not use: the other gradient alone.
+    x64 = delta_inputs(2, 21, 2, 16, 16, True, 11)
+    gen = torch.Generator().manual_seed(12)
+    do, dS = torch.randn(2, 21, 2, 16, generator=gen).double(), torch.randn(2, 2, 16, 16, generator=gen).double()
+    do, dS = (do, dS * 0) if used == "o" else (do * 0, dS)
+
+    def grads(fn, ts, dev):
+        leaves = [t.detach().clone().to(dev).requires_grad_() for t in ts]
+        o, S = fn(*leaves)
+        loss = (o.double() * do.to(dev)).sum() if used == "o" else (S.double() * dS.to(dev)).sum()
+        # The final state does not depend on q: the oracle's graph has no path there (zero).
+        got = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, got)]
+
+    ref = grads(oracle(torch.float64), x64, "cpu")
+    same = grads(oracle(torch.float32), [t.float() for t in x64], "cpu")
+    got = grads(ours("triton", 16), [t.float() for t in x64], device())
+    for name, a, r, s in zip(NAMES[2:], got, ref, same):
+        assert_accurate(a.cpu(), r, same=s.float(), name=name)
+
+
+def test_triton_fakes_give_shapes_both_ways():
+    # The Triton ops' fakes (forward and backward) under FakeTensorMode: no kernel is launched.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lora_engine.kernels.delta_rule_triton import GatedDeltaRuleTriton
+
+    with FakeTensorMode():
+        q = F.normalize(torch.randn(2, 100, 4, 16), dim=-1).requires_grad_()
+        v = torch.randn(2, 100, 4, 32, dtype=torch.bfloat16).requires_grad_()
+        g, beta, S0 = torch.randn(2, 100, 4), torch.rand(2, 100, 4), torch.randn(2, 4, 16, 32, requires_grad=True)
+        o, S = GatedDeltaRuleTriton.apply(q, q, v, g, beta, S0, 0.25, 32)
+        assert o.shape == v.shape and o.dtype == torch.bfloat16 and S.shape == (2, 4, 16, 32)
+        assert type(o.grad_fn).__name__ == "GatedDeltaRuleTritonBackward"
+        (o.float().sum() + S.sum()).backward()
+        assert q.grad.shape == q.shape and v.grad.dtype == torch.bfloat16 and S0.grad.shape == S0.shape
