@@ -26,8 +26,10 @@ SYSTEM = "Reply with the number only."
 HELD_OUT = 16
 REWARD = "exact_match,numeric_match"
 
-# flag -> value for the embedded task. Measured on the project's 2-core CPU (bench/results/grpo_demo.md):
-# 2 prompts x 8 completions of at most 8 tokens a step; lr 3e-3 with 2 warmup steps so that 24 steps move it.
+# flag -> value for the embedded task: 2 prompts x 8 completions of at most 8 tokens a step, lr 3e-3 after 2 warmup
+# steps. Not yet tuned: one run on a heavily loaded 2-core CPU (~1 min a step) saw the rollout reward at 0 on most
+# of its first 17 steps and the completions shrink to ~2 tokens without reward, so these values still need a
+# measured run that shows the held-out reward rising (bench/grpo_demo.py) before the README can claim one.
 SETTINGS = {"reward": REWARD, "max_steps": 24, "batch_size": 2, "num_generations": 8, "max_completion_length": 8,
             "lr": 3e-3, "warmup_steps": 2}
 
