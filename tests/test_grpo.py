@@ -89,8 +89,8 @@ def test_prompt_rows_render_text_and_chat_and_keep_the_other_fields():
 
 
 def test_config_refuses_what_grpo_cannot_do():
-    with pytest.raises(ValueError, match="--objective grpo needs --reward"):
-        TrainConfig(objective="grpo")
+    with pytest.raises(ValueError, match="--objective grpo with --data needs --reward"):
+        TrainConfig(objective="grpo", data="prompts.jsonl")
     with pytest.raises(ValueError, match="grpo samples completions for each prompt: drop --pack"):
         TrainConfig(objective="grpo", reward="exact_match", pack=True)
     with pytest.raises(ValueError, match="second, frozen copy"):

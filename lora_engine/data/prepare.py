@@ -4,7 +4,8 @@ Training (train/setup.py), evaluation (train/evaluate.py target_rows, behind `py
 and `python -m lora_engine.data check` assemble their data here, in one order:
 
     records (read and checked: UTF-8, JSON)      read_data; none when no file is given
-    -> the embedded default when there is no file  the chatterbot conversations, or pairs built from them
+    -> the embedded default when there is no file  the chatterbot conversations, pairs built from them, or
+                                                  the arithmetic prompts (grpo)
     -> examples (sft) or pairs (dpo)              tokenized per the objective
     -> the held-out split                         --val-data, else a seeded --val-split of the training data
     -> rows                                       truncated to --max-length (sft: packed with --pack)
@@ -171,11 +172,13 @@ def prompt_row(record: Record, tokenizer, max_length: int, stats: dict | None = 
 
 def _grpo(spec: DataSpec, tokenizer, records: dict, warn) -> Prepared:
     """Prompt rows (the model writes the completions); every record's fields other than "prompt" kept for the
-    reward functions. There is no embedded default: --data is needed."""
+    reward functions. Without --data: the embedded arithmetic task (data/embedded_grpo.py), built from the seed."""
     if spec.data is None:
-        raise DataError("--objective grpo needs --data: a JSONL file of {\"prompt\": ..., and the fields your reward "
-                        "functions read, e.g. \"answer\"}")
-    tr, va = records[spec.data], records.get(spec.val_data)
+        from lora_engine.data.embedded_grpo import arithmetic_records
+
+        tr, va = arithmetic_records(spec.seed)
+    else:
+        tr, va = records[spec.data], records.get(spec.val_data)
     stats: dict = {"records": len(tr), "truncated": 0}
     train = [prompt_row(r, tokenizer, spec.max_length, stats) for r in tr]
     val = [prompt_row(r, tokenizer, spec.max_length) for r in va] if va is not None else None

@@ -2,7 +2,8 @@
 
 With no arguments it fine-tunes the embedded SmolLM2-135M-Instruct on the embedded chatterbot
 conversations, evaluating before and after. --objective dpo trains on preference pairs instead
-(default: pairs built from the same conversations), --finetune full every weight instead of LoRA.
+(default: pairs built from the same conversations), --objective grpo learns from rewards (default: the
+embedded arithmetic task, data/embedded_grpo.py), --finetune full trains every weight instead of LoRA.
 Every flag comes from TrainConfig (see --help); `--config run.yaml` (or .toml) overlays a file, flags override it.
 The output folder (--out) holds:
 
@@ -35,7 +36,8 @@ ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 class TrainConfig:
     model: str = _f(DEFAULT_MODEL, "Hugging Face model folder or embedded model name")
     data: str | None = _f(None, "training data: a .jsonl/.json/.csv/.parquet/.arrow file, a datasets save_to_disk "
-                                "folder, or hf://NAME[:SPLIT]; default: the embedded chatterbot conversations")
+                                "folder, or hf://NAME[:SPLIT]; default: the embedded chatterbot conversations "
+                                "(--objective grpo: the embedded arithmetic task)")
     columns: str | None = _f(None, "FIELD=COLUMN,...: read a format's fields from columns named otherwise in --data "
                                    "and --val-data, e.g. prompt=question,completion=answer")
     format: str = _f("auto", "data format", choices=["auto", "text", "alpaca", "prompt_completion", "chat"])
@@ -75,7 +77,8 @@ class TrainConfig:
     objective: str = _f("sft", "sft: next-token loss on the responses; dpo: DPO preference tuning on {prompt, chosen, "
                                "rejected} records (default data: pairs from the embedded conversations), the "
                                "reference being the model with its adapter switched off; grpo: reinforcement "
-                               "learning from --reward functions on {prompt, ...} records (GRPO, Dr. GRPO, DAPO, GSPO)",
+                               "learning from --reward functions on {prompt, ...} records (GRPO, Dr. GRPO, DAPO, GSPO; "
+                               "default data: the embedded arithmetic task)",
                            choices=["sft", "dpo", "grpo"])
     dpo_beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference (--objective dpo)")
     dpo_loss: str = _f("sigmoid", "--objective dpo's loss: sigmoid (DPO), ipo (IPO, TRL's length-normalised form; "
@@ -85,8 +88,9 @@ class TrainConfig:
     simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (--dpo-loss simpo)")
     # --objective grpo (train/grpo_step.py); names and defaults as TRL's GRPOConfig.
     reward: str | None = _f(None, "grpo: comma-separated reward functions, built-ins (exact_match, numeric_match, "
-                                  "think_format, length_penalty) or module:function with TRL's signature "
-                                  "f(prompts, completions, **fields) -> list[float | None]")
+                                  "think_format, length_penalty, repetition_penalty) or module:function with TRL's "
+                                  "signature f(prompts, completions, **fields) -> list[float | None]; without "
+                                  "--data, the embedded task's exact_match,numeric_match")
     reward_weights: str | None = _f(None, "grpo: comma-separated weights of the --reward functions (default 1 each)")
     num_generations: int = _f(8, "grpo: completions sampled per prompt (G); --batch-size counts prompts")
     max_completion_length: int = _f(256, "grpo: most tokens a completion may have")
@@ -176,15 +180,27 @@ class TrainConfig:
             raise ValueError(f"--objective must be sft, dpo or grpo, got {self.objective!r}")
         if self.dpo_loss not in ("sigmoid", "ipo", "simpo", "orpo"):
             raise ValueError(f"--dpo-loss must be sigmoid, ipo, simpo or orpo, got {self.dpo_loss!r}")
+        if self.objective == "grpo" and self.data is None:
+            self._embedded_grpo_settings()
         if self.objective == "grpo" and not (self.reward or "").strip():
-            raise ValueError("--objective grpo needs --reward: a built-in (exact_match, numeric_match, think_format, "
-                             "length_penalty) or module:function")
+            raise ValueError("--objective grpo with --data needs --reward: a built-in (exact_match, numeric_match, "
+                             "think_format, length_penalty, repetition_penalty) or module:function")
         if self.finetune not in ("lora", "full"):
             raise ValueError(f"--finetune must be lora or full, got {self.finetune!r}")
         if self.overwrite and self.resume:
             raise ValueError("--overwrite starts the run in --out afresh, --resume continues one: give one of them")
         self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
         refuse(self.choices())
+
+    def _embedded_grpo_settings(self) -> None:
+        """--objective grpo without --data trains on the embedded arithmetic task: its settings (reward, steps,
+        batch, completion length; data/embedded_grpo.py) replace the flags left at their default value."""
+        from lora_engine.data.embedded_grpo import SETTINGS
+
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in SETTINGS.items():
+            if getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
 
     def choices(self, **resolved) -> Choices:
         """The flags whose combinations options.refuse checks; `resolved`: what the run has resolved since

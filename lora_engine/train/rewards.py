@@ -18,6 +18,8 @@ Built-ins (each reads the record's "answer" field where it needs one):
   numeric_match    1.0 when the last number in the answer equals `answer` as a number, else 0.0
   think_format     1.0 when the completion is "<think>...</think>" followed by an answer, else 0.0
   length_penalty   -(completion characters) / 1000: shorter is better, as a tie-breaker
+  repetition_penalty  -(the fraction of the completion's word 3-grams that repeat an earlier one), in (-1, 0]:
+                   0 for text that never repeats itself, near -1 for a loop ("the the the ...")
 The answer of a completion is the text after its last </think> when it has one, else the whole text.
 """
 
@@ -37,6 +39,7 @@ from lora_engine.cli import CliError
 
 THINK = re.compile(r"^\s*<think>.+?</think>\s*\S.*$", re.DOTALL)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+REPEAT_NGRAM = 3  # repetition_penalty's n: 3-grams, so one repeated common word pair ("of the") is no loop
 
 
 class RewardError(CliError):
@@ -74,7 +77,20 @@ def length_penalty(prompts, completions, **_) -> list[float]:
     return [-len(_text(c)) / 1000 for c in completions]
 
 
-BUILTINS: dict[str, Callable] = {f.__name__: f for f in (exact_match, numeric_match, think_format, length_penalty)}
+def repetition_penalty(prompts, completions, **_) -> list[float]:
+    """Minus the share of the completion's word REPEAT_NGRAM-grams that occurred earlier in it (whitespace-split
+    words); a completion shorter than that has none, and gets 0. (n is fixed, not a keyword: the record's fields
+    arrive as keywords, and a field of that name must not change it.)"""
+    ngram, out = REPEAT_NGRAM, []
+    for c in completions:
+        words = _text(c).split()
+        grams = [tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1)]
+        out.append(-(len(grams) - len(set(grams))) / len(grams) if grams else 0.0)
+    return out
+
+
+BUILTINS: dict[str, Callable] = {f.__name__: f for f in (exact_match, numeric_match, think_format, length_penalty,
+                                                         repetition_penalty)}
 
 
 @dataclass

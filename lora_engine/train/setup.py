@@ -193,6 +193,10 @@ def make_run(cfg: TrainConfig, tokenizer, model, data: Prepared, prec: Precision
         batcher, step_fn = grpo_stepper(cfg, tokenizer, data, device, dist)
         val_rows = []  # prompts have no target loss: the held-out evaluation is the reward of greedy completions
         if data.val:
+            from lora_engine.train.grpo_step import HELD_OUT_LIMIT
+
+            if len(data.val) > HELD_OUT_LIMIT:
+                log(f"held-out reward: on {HELD_OUT_LIMIT} of the {len(data.val)} held-out prompts, evenly spaced")
             held_out = functools.partial(step_fn.held_out_reward, rows=data.val, batch_size=cfg.eval_batch_size,
                                          amp=prec.autocast)
     else:
