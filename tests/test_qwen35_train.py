@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from lora_engine import LoraConfig, apply_lora, load_adapter, load_model, save_adapter
+from lora_engine.train.command import main
+from lora_engine.train.options import Choices, has_linear_attention, refuse
 from tests.conftest import require_oracle, tol
-from tests.test_qwen35 import _TINY, _VISION
+from tests.test_qwen35 import _TINY, _VISION, make_hf
+from tests.test_train_support import VOCAB, chat_records, save_tokenizer_files, tiny_model_folder, write_jsonl
 
 _TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj", "q_proj", "v_proj", "gate_proj", "down_proj"]
 
@@ -62,3 +65,30 @@ def test_multimodal_adapter_uses_peft_names_both_ways(multimodal, tmp_path):
     assert loaded.model.layers[0].linear_attn.out_proj.r == 3
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), theirs.eval()(input_ids=ids).logits, **tol("logits_fp32"))
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory):
+    """A tiny Qwen3_5ForCausalLM with the character-level tokenizer of the train tests (vocab 128)."""
+    folder = tmp_path_factory.mktemp("qwen35_text")
+    make_hf(folder, vocab_size=VOCAB)
+    save_tokenizer_files(folder)
+    return folder
+
+
+def test_packing_is_refused_by_name(text_folder, tmp_path):
+    assert has_linear_attention(str(text_folder)) and has_linear_attention("", load_model(text_folder))
+    assert not has_linear_attention(str(tiny_model_folder(tmp_path / "llama")))
+    with pytest.raises(ValueError, match="--pack .* linear-attention layers .* drop --pack"):
+        refuse(Choices(pack=True, linear_attention=True))
+    refuse(Choices(pack=True))  # a model without them packs
+
+
+def test_train_refuses_pack_before_the_model_loads(text_folder, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(8))
+    rc = main(["--model", str(text_folder), "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1",
+               "--max-length", "64", "--no-general-eval", "--no-plot", "--pack"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --pack puts several documents in one row") and "drop --pack" in err[0]
+    assert not (tmp_path / "run").exists()  # refused before the data was read or the folder made
