@@ -92,3 +92,34 @@ def test_train_refuses_pack_before_the_model_loads(text_folder, tmp_path, capsys
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("error: --pack puts several documents in one row") and "drop --pack" in err[0]
     assert not (tmp_path / "run").exists()  # refused before the data was read or the folder made
+
+
+_LINEAR_TARGETS = "in_proj_qkv,in_proj_z,out_proj,gate_proj,up_proj,down_proj"
+
+
+def _plan(S: int, **over):
+    from lora_engine import plan as P
+    from lora_engine.models.config import ModelConfig
+
+    config = ModelConfig.from_hf({"model_type": "qwen3_5_text", **_TINY, **over})
+    return P.plan_step(P.PlanConfig(model="qwen3.5", seq_len=S, precision="fp32", device="cpu",
+                                    target_modules=_LINEAR_TARGETS), config)
+
+
+def test_plan_of_linear_layers_grows_linearly_in_the_sequence():
+    """Four Gated DeltaNet layers, no checkpointing: each doubling of S adds the same activations again (the
+    chunk-boundary states, train/plan_linear.py), where a per-token state or a (T, T) score would not."""
+    from lora_engine.models import hybrid
+
+    real = hybrid._delta_rule
+    act = [_plan(S, layer_types=["linear_attention"] * 4)["activations"] for S in (256, 512, 1024)]
+    assert hybrid._delta_rule is real  # the stand-in is the plan's only
+    assert (act[2] - act[1]) / (act[1] - act[0]) == pytest.approx(2.0, rel=0.02)
+    # the saved chunk states: 4 layers x (B=1, H=4, 1024/64 chunks, dk=8, dv=12) fp32, within the activations
+    assert act[2] > 4 * 4 * 16 * 8 * 12 * 4
+
+
+def test_plan_of_a_qwen35_config_runs_with_its_full_attention_layers():
+    r = _plan(512)
+    assert r["peak_bytes"] == sum(r[k] for k in ("weights", "adapters_and_optimizer", "activations", "transient"))
+    assert r["activations"] > 0 and r["seq_len"] == 512
