@@ -9,7 +9,8 @@ import torch
 
 from lora_engine import LoraConfig, apply_lora, load_adapter, load_model, save_adapter
 from lora_engine.train.command import main
-from lora_engine.train.options import Choices, has_linear_attention, refuse
+from lora_engine.train.options import Choices, refuse
+from lora_engine.train.planning import has_linear_attention
 from tests.conftest import require_oracle, tol
 from tests.test_dpo_train import pref_records
 from tests.test_qwen35 import _TINY, _VISION, make_hf

@@ -60,24 +60,13 @@ class Choices:
     reference: bool = False             # the objective scores a reference, the adapter switched off (dpo, not
                                         # simpo or orpo; grpo, beta>0)
     linear_attention: bool = False      # the model has linear-attention layers (Qwen3.5): known once its
-                                        # config.json is read (has_linear_attention)
+                                        # config.json is read (planning.has_linear_attention)
 
 
 def refuse(c: Choices, error: type[Exception] = ValueError) -> None:
     """Raise `error` naming the flags of the first combination in `c` that cannot work."""
     for why in _problems(c):
         raise error(why)
-
-
-def has_linear_attention(model_path: str, model=None) -> bool:
-    """Whether the model (the caller's CausalLM, else --model's config.json, nothing loaded) has linear-attention
-    layers, whose recurrent state runs through a whole row."""
-    if model is not None:
-        config = getattr(model, "config", None)
-        return config is not None and "linear_attention" in config.layer_types
-    from lora_engine.train.planning import read_config
-
-    return "linear_attention" in read_config(model_path).layer_types
 
 
 def _flag(name: str) -> str:

@@ -101,6 +101,13 @@ def read_config(model: str):
     return ModelConfig.from_hf(p)
 
 
+def has_linear_attention(model_path: str, model=None) -> bool:
+    """Whether the model (the caller's CausalLM, else --model's config.json, nothing loaded) has linear-attention
+    layers (Qwen3.5), whose recurrent state runs through a whole row: train refuses --pack for them."""
+    config = read_config(model_path) if model is None else getattr(model, "config", None)
+    return config is not None and "linear_attention" in config.layer_types
+
+
 def cuda_workspace(func, args, out) -> int:
     """Bytes a CUDA kernel allocates inside itself at this op, which the CPU op run in its place does not.
 

@@ -31,7 +31,7 @@ from lora_engine.registry import refs
 from lora_engine.train import checkpoint, distributed, dpo, lineage, reporting, step, trackers
 from lora_engine.train.config import TrainConfig, describe, eval_steps, quantize_method, resolve_device, resolve_resume
 from lora_engine.train.evaluate import general_rows
-from lora_engine.train.options import MemoryOptions, has_linear_attention, refuse
+from lora_engine.train.options import MemoryOptions, refuse
 from lora_engine.train.precision import Precision, resolve_precision
 from lora_engine.train.state import LoopState, Run
 from lora_engine.train.suite import general_suite, score_suite
@@ -51,6 +51,8 @@ def setup(cfg: TrainConfig, explicit, tokenizer, model, log, dist: distributed.D
     trackers.require(cfg.report_to)  # a --report-to package missing: said before anything loads
     claim_out(cfg, ckpt, dist)
     if cfg.pack:  # packed rows and a model's linear-attention layers (Qwen3.5) refused before anything loads
+        from lora_engine.train.planning import has_linear_attention
+
         with user_input("--model"):
             linear = has_linear_attention(str(refs.local_path(cfg.model, cfg.registry)), model)
         refuse(cfg.choices(linear_attention=linear), CliError)
