@@ -4,6 +4,7 @@
     python bench/plan_table.py --long     # only the long-context rows: plan_long_table.md, plan_long.json
     python bench/plan_table.py --short    # only the 4k-in-6-GiB row (every memory option): plan_short_table.md
     python bench/plan_table.py --fsdp     # per-rank QLoRA under FSDP (8B on 2, 70B on 2 and 8): plan_fsdp_table.md
+    python bench/plan_table.py --qwen35   # Qwen3.5-9B / 27B QLoRA at long context: plan_qwen35_table.md
 
 Configs are the published config.json numbers (Llama-3.2-1B, Llama-3.1-8B, Llama-3.1-70B); r=16 on
 all seven projections, batch 1, bf16, gradient checkpointing, --device cuda. Shapes only: no weights,
@@ -38,6 +39,23 @@ MODELS = {
     "Llama-3.1-70B": {**COMMON, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                       "num_attention_heads": 64, "num_key_value_heads": 8, "rope_parameters": {**ROPE, "factor": 8.0}},
 }
+# Qwen3.5 (qwen3_5_text: the text model of the released checkpoints), the published config.json numbers:
+# three Gated DeltaNet layers to one gated full-attention layer; 16 key heads and 32 (9B) or 48 (27B) value
+# heads of 128 in the DeltaNet; partial RoPE over a quarter of each 256-dim head.
+QWEN35_COMMON = {"model_type": "qwen3_5_text", "vocab_size": 248320, "head_dim": 256, "num_key_value_heads": 4,
+                 "full_attention_interval": 4, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+                 "linear_value_head_dim": 128, "linear_num_key_heads": 16, "rms_norm_eps": 1e-6,
+                 "max_position_embeddings": 262144, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}}
+QWEN35 = {
+    "Qwen3.5-9B": {**QWEN35_COMMON, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
+                   "num_attention_heads": 16, "linear_num_value_heads": 32},
+    "Qwen3.5-27B": {**QWEN35_COMMON, "hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 64,
+                    "num_attention_heads": 24, "linear_num_value_heads": 48},
+}
+# The projections PEFT targets for the family: attention's, the DeltaNet's input/output, the MLP's.
+QWEN35_TARGETS = "q_proj,k_proj,v_proj,o_proj,in_proj_qkv,in_proj_z,out_proj,gate_proj,up_proj,down_proj"
+QWEN35_CONTEXTS = {"Qwen3.5-9B": (32768, 131072), "Qwen3.5-27B": (32768,)}
 CONTEXTS = (2048, 8192, 32768, 131072)
 LONG = {"offload_activations": True, "mlp_chunk_size": 4096}
 LONG_CONTEXTS = (4096, 32768, 100000, 131072)
@@ -82,6 +100,10 @@ def main(argv):
     if "--fsdp" in argv:
         write([_row(name, MODELS[name], "nf4", 2048, "QLoRA", batch_size=2, world_size=n, distributed="fsdp")
                for name, n in FSDP], "plan_fsdp")
+        return
+    if "--qwen35" in argv:
+        write([_row(name, QWEN35[name], "nf4", n, "QLoRA, offload + MLP chunks", target_modules=QWEN35_TARGETS,
+                    **LONG) for name in QWEN35 for n in QWEN35_CONTEXTS[name]], "plan_qwen35")
         return
     if "--short" in argv:
         write([_row("Llama-3.1-8B", MODELS["Llama-3.1-8B"], "nf4", 4096, "QLoRA, every memory option", **SHORT)],

@@ -26,7 +26,7 @@ import torch.nn as nn
 from lora_engine.io.atomic import atomic_file, check_file_replaceable, starts_with
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.lora.layers import lora_layers
-from lora_engine.sources.gguf_write import GGUF_TYPES, MAGIC, chat_template, read_json, write_gguf
+from lora_engine.sources.gguf_write import GGUF_TYPES, MAGIC, chat_template, check_config, read_json, write_gguf
 
 logger = logging.getLogger(__name__)
 # The first line of every Modelfile we write: an existing Modelfile is replaced only if it starts so.
@@ -73,6 +73,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "f16",
         raise ValueError("save_gguf: the model has no source_dir (the folder it was loaded from), so there is no "
                          "tokenizer to put into the GGUF file; load it with load_model(folder)")
     cfg = model.config
+    check_config({"model_type": cfg.model_type})  # a family we do not write (Qwen3.5's) named before any work
     config = {**cfg.to_hf(), **{k: cfg.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                 if cfg.extra.get(k) is not None}}
     state = model.state_dict()

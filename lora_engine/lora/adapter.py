@@ -9,6 +9,9 @@ DoRA adds `...<path>.lora_magnitude_vector` (out,) per layer (no `.weight` suffi
 `base_model.model.<module path>.weight` (PEFT drops its `modules_to_save.default.` infix on save).
 A family whose checkpoint fuses projections (Phi-3's qkv_proj, gate_up_proj) keeps PEFT's fused names on
 disk: save_adapter stacks the parts' LoRAs into one, load_adapter splits one, both exactly (lora/fused.py).
+A model read out of a multimodal checkpoint (Qwen3.5's, models/hybrid.py) keeps its text model under
+model.language_model.* where we say model.*: its adapters use the checkpoint's names (PEFT's on that class),
+in the keys, rank_pattern / alpha_pattern and full-path target_modules, both ways (`_stored_name`).
 
 The folder is built under a temporary name and swapped into place (lora_engine.io.atomic.atomic_dir), so
 a folder with a config always has the weights it describes; an existing folder is replaced only if it
@@ -23,6 +26,8 @@ is read_adapter_config(folder)[0], or `model.lora_config` after loading.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -45,6 +50,7 @@ from lora_engine.lora.layers import (
     saved_module_paths,
     target_paths,
 )
+from lora_engine.models import hybrid
 
 MAGNITUDE = "lora_magnitude_vector"
 CONFIG_NAME = "adapter_config.json"
@@ -106,6 +112,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     config = _peft_config(model, layers, base_model_name_or_path or getattr(model, "name_or_path", None))
     tensors = {}
     for path, rec in fuse_layers(model, layers).items():  # fused modules (Phi-3) as PEFT names them: lora/fused.py
+        path = _stored_name(model, path)
         tensors[f"{PREFIX}{path}.lora_A.weight"] = rec["lora_A"]
         tensors[f"{PREFIX}{path}.lora_B.weight"] = rec["lora_B"]
         if "magnitude" in rec:
@@ -119,7 +126,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
                       "lora_engine.export instead)", stacklevel=2)
         for path in saved_module_paths(model, model.lora_config):
             for name, p in model.get_submodule(path).named_parameters(recurse=False):
-                tensors[f"{PREFIX}{path}.{name}"] = p.detach().cpu().contiguous()
+                tensors[f"{PREFIX}{_stored_name(model, path)}.{name}"] = p.detach().cpu().contiguous()
     with atomic.atomic_dir(folder, ADAPTER_FILES) as tmp:
         save_tensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         atomic.write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -140,8 +147,9 @@ def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | No
         raise ValueError("save_adapter: some LoRA layers use DoRA and others do not; PEFT's format has one flag")
     # Only what differs from the global values goes into the patterns, keyed by full module path.
     records = fuse_layers(model, layers)
-    rank_pattern = {p: rec["r"] for p, rec in records.items() if rec["r"] != r}
-    alpha_pattern = {p: rec["lora_alpha"] for p, rec in records.items() if rec["lora_alpha"] != alpha}
+    name = functools.partial(_stored_name, model)
+    rank_pattern = {name(p): rec["r"] for p, rec in records.items() if rec["r"] != r}
+    alpha_pattern = {name(p): rec["lora_alpha"] for p, rec in records.items() if rec["lora_alpha"] != alpha}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -150,19 +158,37 @@ def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | No
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
-        "target_modules": _target_names(model, list(records)),
+        "target_modules": [name(t) for t in _target_names(model, list(records))],
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_dora": dora.pop(),
-        "modules_to_save": list(cfg.modules_to_save) if cfg and cfg.modules_to_save else None,
+        "modules_to_save": [name(m) for m in cfg.modules_to_save] if cfg and cfg.modules_to_save else None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "init_lora_weights": True,
         "inference_mode": True,
         "revision": None,
     }
+
+
+def _stored_name(model: nn.Module, path: str, inverse: bool = False) -> str:
+    """The checkpoint's (and so PEFT's) name for our module path, or ours for the checkpoint's (inverse)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return (hybrid.model_name if inverse else hybrid.checkpoint_name)(model_type, path)
+
+
+def _our_names(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """The adapter's config with full module paths in our names (target_modules' one regular expression is
+    matched against ours as written)."""
+    ours = functools.partial(_stored_name, model, inverse=True)
+    targets = config.target_modules
+    return dataclasses.replace(
+        config, target_modules=targets if isinstance(targets, str) else tuple(map(ours, targets)),
+        rank_pattern={ours(k): v for k, v in config.rank_pattern.items()},
+        alpha_pattern={ours(k): v for k, v in config.alpha_pattern.items()},
+        modules_to_save=tuple(map(ours, config.modules_to_save)))
 
 
 def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
@@ -254,11 +280,16 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, verbose: bool = Tr
     existing = dict(lora_layers(model))
     if any(m.merged for m in existing.values()):
         raise ValueError("load_adapter: the model's LoRA is merged into its weights; call unmerge_lora(model) first")
+    config = _our_names(model, config)
     header, start = read_safetensors_header(weights)
     header.pop("__metadata__", None)
+    stored = {PREFIX + _stored_name(model, k.removeprefix(PREFIX), inverse=True) if k.startswith(PREFIX) else k: k
+              for k in header}
+    on_disk = header
+    header = {k: on_disk[s] for k, s in stored.items()}
 
     def read(key):
-        return read_tensor(weights, header[key], start)
+        return read_tensor(weights, on_disk[stored[key]], start)
 
     fused = fused_modules(model)
     if any(f".{name}." in key for key in header for name in fused):  # PEFT's LoRA on fused modules: lora/fused.py

@@ -36,9 +36,8 @@ The two recurrent ops each go through one function here (`_causal_conv1d`, `_del
 kernel replaces the plain PyTorch one in one line; until then the delta rule is the token-by-token fp32
 recurrence, exact but slow at long context.
 
-Not yet: packed rows (segment_ids; refused, the state would cross documents), and adapters of the
-multimodal checkpoint in PEFT's naming: our adapter names the text model's modules model.layers.*, where
-PEFT on Qwen3_5ForConditionalGeneration names them model.language_model.layers.*.
+Not yet: packed rows (segment_ids; refused, the state would cross documents). Adapters of the multimodal
+checkpoint use PEFT's names on it, model.language_model.layers.* (lora/adapter.py maps them).
 """
 
 from __future__ import annotations

@@ -63,6 +63,11 @@ class KV:
 def check_config(config: dict) -> str:
     """The llama.cpp architecture for a Hugging Face config.json; ValueError for what we would write wrongly."""
     mt = config.get("model_type")
+    if mt in ("qwen3_5_text", "qwen3_5"):
+        raise ValueError(f"GGUF export: Qwen3.5 (model_type {mt}) is not written yet: llama.cpp's architecture "
+                         "'qwen35' needs the Gated DeltaNet tensors under its ssm_* names and metadata we do not "
+                         "write; export a Hugging Face folder (--out) and convert it with llama.cpp's "
+                         "convert_hf_to_gguf.py")
     if mt not in ARCHITECTURES:
         raise ValueError(f"GGUF export: model_type {mt!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     rope = config.get("rope_scaling") or {}

@@ -59,6 +59,8 @@ class Choices:
     planned: bool = False               # a plan (python -m lora_engine.plan), not a run
     reference: bool = False             # the objective scores a reference, the adapter switched off (dpo, not
                                         # simpo or orpo; grpo, beta>0)
+    linear_attention: bool = False      # the model has linear-attention layers (Qwen3.5): known once its
+                                        # config.json is read (planning.has_linear_attention)
 
 
 def refuse(c: Choices, error: type[Exception] = ValueError) -> None:
@@ -77,6 +79,9 @@ def _problems(c: Choices):
     if m.offload_activations and not m.gradient_checkpointing:
         yield "--offload-activations offloads the checkpointed hidden states: it needs --gradient-checkpointing"
     yield from _method(c)
+    if c.pack and c.linear_attention:
+        yield ("--pack puts several documents in one row, and this model's linear-attention layers (Gated DeltaNet, "
+               "Qwen3.5) would carry their recurrent state from one document into the next: drop --pack")
     if c.auto_memory and (c.finetune == "full" or "--use-dora" in c.lora_only or c.objective != "sft"):
         yield ("--auto-memory plans a LoRA/QLoRA next-token step; it cannot plan --finetune full, --use-dora or "
                f"--objective {c.objective if c.objective != 'sft' else 'dpo'}: drop --auto-memory and set the memory "

@@ -101,6 +101,13 @@ def read_config(model: str):
     return ModelConfig.from_hf(p)
 
 
+def has_linear_attention(model_path: str, model=None) -> bool:
+    """Whether the model (the caller's CausalLM, else --model's config.json, nothing loaded) has linear-attention
+    layers (Qwen3.5), whose recurrent state runs through a whole row: train refuses --pack for them."""
+    config = read_config(model_path) if model is None else getattr(model, "config", None)
+    return config is not None and "linear_attention" in config.layer_types
+
+
 def cuda_workspace(func, args, out) -> int:
     """Bytes a CUDA kernel allocates inside itself at this op, which the CPU op run in its place does not.
 
@@ -268,6 +275,7 @@ def plan_step(cfg: PlanConfig, model_config=None) -> dict:
     from lora_engine.data.pipeline import n_targets
     from lora_engine.train.distributed import Dist
     from lora_engine.train.memory import StorageTracker
+    from lora_engine.train.plan_linear import planned_linear_layers
 
     model_config = model_config or read_config(cfg.model)
     on_gpu = cfg.device == "cuda"
@@ -276,7 +284,7 @@ def plan_step(cfg: PlanConfig, model_config=None) -> dict:
     total = n_targets(batch) * cfg.world_size  # train normalises by the global step's targets
     strategy = cfg.strategy
     with fake_ranks(cfg.world_size) if strategy != "none" else nullcontext() as mesh, \
-            FakeTensorMode(allow_non_fake_inputs=True):
+            FakeTensorMode(allow_non_fake_inputs=True), planned_linear_layers():  # Qwen3.5: train/plan_linear.py
         model, opt, amp = build(cfg, materialize(meta))
         if strategy == "fsdp":
             from lora_engine.train.fsdp import shard

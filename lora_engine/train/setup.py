@@ -50,6 +50,12 @@ def setup(cfg: TrainConfig, explicit, tokenizer, model, log, dist: distributed.D
     log(describe(cfg))
     trackers.require(cfg.report_to)  # a --report-to package missing: said before anything loads
     claim_out(cfg, ckpt, dist)
+    if cfg.pack:  # packed rows and a model's linear-attention layers (Qwen3.5) refused before anything loads
+        from lora_engine.train.planning import has_linear_attention
+
+        with user_input("--model"):
+            linear = has_linear_attention(str(refs.local_path(cfg.model, cfg.registry)), model)
+        refuse(cfg.choices(linear_attention=linear), CliError)
     if cfg.objective == "grpo":  # a --reward that does not import is reported before anything loads
         from lora_engine.train.rewards import load_rewards
 
