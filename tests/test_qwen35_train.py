@@ -113,12 +113,13 @@ def _plan(S: int, **over):
 
 def test_plan_of_linear_layers_grows_linearly_in_the_sequence():
     """Four Gated DeltaNet layers, no checkpointing: each doubling of S adds the same activations again (the
-    chunk-boundary states, train/plan_linear.py), where a per-token state or a (T, T) score would not."""
+    chunked kernel's chunk-boundary states, traced through its fake op), where a per-token state or a (T, T)
+    score would not."""
     from lora_engine.models import hybrid
 
     real = hybrid._delta_rule
     act = [_plan(S, layer_types=["linear_attention"] * 4)["activations"] for S in (256, 512, 1024)]
-    assert hybrid._delta_rule is real  # the stand-in is the plan's only
+    assert hybrid._delta_rule is real  # the plan runs the model's own delta rule
     assert (act[2] - act[1]) / (act[1] - act[0]) == pytest.approx(2.0, rel=0.02)
     # the saved chunk states: 4 layers x (B=1, H=4, 1024/64 chunks, dk=8, dv=12) fp32, within the activations
     assert act[2] > 4 * 4 * 16 * 8 * 12 * 4

@@ -275,7 +275,6 @@ def plan_step(cfg: PlanConfig, model_config=None) -> dict:
     from lora_engine.data.pipeline import n_targets
     from lora_engine.train.distributed import Dist
     from lora_engine.train.memory import StorageTracker
-    from lora_engine.train.plan_linear import planned_linear_layers
 
     model_config = model_config or read_config(cfg.model)
     on_gpu = cfg.device == "cuda"
@@ -284,7 +283,7 @@ def plan_step(cfg: PlanConfig, model_config=None) -> dict:
     total = n_targets(batch) * cfg.world_size  # train normalises by the global step's targets
     strategy = cfg.strategy
     with fake_ranks(cfg.world_size) if strategy != "none" else nullcontext() as mesh, \
-            FakeTensorMode(allow_non_fake_inputs=True), planned_linear_layers():  # Qwen3.5: train/plan_linear.py
+            FakeTensorMode(allow_non_fake_inputs=True):
         model, opt, amp = build(cfg, materialize(meta))
         if strategy == "fsdp":
             from lora_engine.train.fsdp import shard
