@@ -37,10 +37,6 @@ def load_model(path, dtype=None, device="cpu", *, quantize: str | None = None, q
     """
     quantize_skip = _check_arguments(dtype, device, quantize, quantize_skip, blocksize, double_quant)
     ckpt = open_checkpoint(path)
-    if (quantize is not None or ckpt.quantization_config is not None) and ckpt.config.num_experts:
-        # the NF4 swap would quantize the routers and leave every expert in full precision
-        raise ValueError(f"load_model: {ckpt.config.model_type} is a mixture-of-experts model, and NF4 (QLoRA) is "
-                         "not supported for those yet; load it in bf16 or fp32 (quantize=None)")
     if quantize is not None or ckpt.quantization_config is not None:
         return load_nf4(ckpt, dtype, device, quantize, quantize_skip, blocksize, double_quant, verbose,
                         name_or_path=path)

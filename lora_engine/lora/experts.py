@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from lora_engine.models.moe import Experts
+from lora_engine.quant.nf4_experts import EXPERT_WEIGHTS, NF4ExpertWeights
 
 MOE_TARGETS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
@@ -53,13 +54,19 @@ def expert_modules(model: nn.Module) -> dict[str, Experts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Experts)}
 
 
+def _weight_names(m: Experts) -> list[str]:
+    # QLoRA: the expert weights are NF4ExpertWeights (quant/nf4_experts.py), not parameters; same names, same order
+    nf4 = [n for n in EXPERT_WEIGHTS if isinstance(getattr(m, n, None), NF4ExpertWeights)]
+    return nf4 + [n for n, _ in m.named_parameters(recurse=False)]
+
+
 def expert_targets(model: nn.Module, targets) -> dict[str, list[str]]:
     """{experts module path: [targeted parameter names, in the module's order]} for PEFT's target_parameters
     (each a full `path.param` or a suffix of one); ValueError naming a target that matches nothing."""
     modules = expert_modules(model)
     out, used = {}, set()
     for path, m in modules.items():
-        for name, _ in m.named_parameters(recurse=False):
+        for name in _weight_names(m):
             key = f"{path}.{name}"
             hit = [t for t in targets if key == t or key.endswith("." + t)]
             if hit:
