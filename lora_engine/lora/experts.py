@@ -16,13 +16,14 @@ The router (`mlp.gate`) stays frozen unless the user targets it (it is an nn.Lin
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 
 from lora_engine.models.moe import Experts
-from lora_engine.quant.nf4_experts import EXPERT_WEIGHTS, NF4ExpertWeights
+from lora_engine.quant.nf4_experts import EXPERT_WEIGHTS, NF4ExpertWeights, expert_slices
 
 MOE_TARGETS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
@@ -132,3 +133,23 @@ def targeted(model: nn.Module) -> list[str]:
     """The `path.param` keys that carry an expert LoRA, sorted (the adapter config's target_parameters)."""
     return sorted({f"{path}.{name}".split(".layers.")[-1].split(".", 1)[-1]
                    for path, m in expert_modules(model).items() for name in getattr(m, "lora", {})})
+
+
+def merged_deltas(model: nn.Module) -> dict:
+    """{checkpoint key of an expert weight (models/moe.py:checkpoint_views' per-expert layout): a function
+    returning its LoRA update in fp32}, for merged export: rows of s B_e A_e (N, K) per stored tensor, each
+    computed when that tensor is written, so the layer's (E, N, K) update never exists at once."""
+    out = {}
+    for path, m in expert_modules(model).items():
+        for name, lora in getattr(m, "lora", {}).items():
+            shape = getattr(m, name).shape
+            for key, slices in expert_slices(model.config.model_type, f"{path}.{name}", shape).items():
+                out[key] = functools.partial(_delta, lora, shape, slices)
+    return out
+
+
+def _delta(lora: _Factors, shape, slices) -> torch.Tensor:
+    E, N, K = shape
+    a = lora.lora_A.detach().float().view(E, -1, K)  # (E, r, K)
+    b = lora.lora_B.detach().float().view(N, -1, E)  # (N, r, E)
+    return torch.cat([lora.scale * (b[row: row + n, :, e] @ a[e]) for e, row, n in slices])

@@ -108,37 +108,49 @@ def nf4_expert_tensors(model: nn.Module) -> list[NF4Tensor]:
             if isinstance(w := getattr(m, name), NF4ExpertWeights) for s in w if s is not None]
 
 
+def expert_slices(model_type: str, key: str, shape, stored: set[str] | None = None) -> dict[str, list[tuple]]:
+    """{checkpoint key: [(expert, first row, rows), ...]} of the 3-D expert parameter `key` of `shape` (E, N, K):
+    which rows of which experts each stored tensor holds, in the layout models/moe.py:checkpoint_views maps
+    (gate_proj and up_proj as row blocks of gate_up_proj[e]; v5's 3-D key, every expert, when `stored` has it)."""
+    from lora_engine.models.moe import checkpoint_views
+
+    E, N = shape[0], shape[1]
+    # checkpoint_views applied to an index tensor: its views carry their (expert, row) as values, so the key
+    # map stays the one in models/moe.py
+    index = torch.arange(E * N).view(E, N, 1)
+    out = {}
+    for name, view in checkpoint_views(model_type, {key: index}, stored).items():
+        rows = view.reshape(-1)
+        out[name] = [(*divmod(int(rows[i]), N), min(N, rows.numel() - i)) for i in range(0, rows.numel(), N)]
+    return out
+
+
 def loading_hook(model_type: str, mods: dict[str, Experts], stored: set[str], quantize):
     """(placeholders, hook, finish) for the strict loader: the 3-D parameters as meta placeholders (the
     loader maps them onto the checkpoint's per-expert names and checks their shapes), and a hook that
     takes each stored expert tensor, collects an expert's rows (gate_proj and up_proj are stored apart)
     and quantizes the whole (N, K) slice with `quantize(w)` once it is complete; finish reports slices
     left incomplete. stored: the checkpoint's keys (a folder holding v5's 3-D keys keeps those)."""
-    from lora_engine.models.moe import checkpoint_views
-
     placeholders, where = {}, {}
     for path, m in mods.items():
         for name in EXPERT_WEIGHTS:
-            E, N, K = getattr(m, name).shape
-            placeholders[f"{path}.{name}"] = torch.empty(E, N, K, device="meta")
-            # Which slice a stored name holds: checkpoint_views applied to an index tensor, whose views
-            # carry their (expert, row) as values, so the key map stays the one in models/moe.py.
-            index = torch.arange(E * N).view(E, N, 1)
-            for key, view in checkpoint_views(model_type, {f"{path}.{name}": index}, stored).items():
-                where[key] = (getattr(m, name), N, view.reshape(-1))
+            weights = getattr(m, name)
+            placeholders[f"{path}.{name}"] = torch.empty(*weights.shape, device="meta")
+            for key, slices in expert_slices(model_type, f"{path}.{name}", weights.shape, stored).items():
+                where[key] = (weights, slices)
     pending: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
 
     def hook(t) -> bool:
         if t.name not in where:
             return False
-        weights, N, rows = where[t.name]
+        weights, slices = where[t.name]
         data = t.read().reshape(-1, t.shape[-1])  # (rows, K): one expert's part, or every expert's
-        for i in range(0, rows.numel(), N):  # a 3-D tensor holds every expert, N rows each
-            e, r = divmod(int(rows[i]), N)
-            n = min(N, rows.numel() - i)
+        at = 0
+        for e, row, n in slices:
             parts = pending.setdefault((id(weights), e), {})
-            parts[r] = data[i: i + n]
-            if sum(p.shape[0] for p in parts.values()) == N:
+            parts[row] = data[at: at + n]
+            at += n
+            if sum(p.shape[0] for p in parts.values()) == weights.shape[1]:
                 weights[e] = quantize(torch.cat([parts[k] for k in sorted(parts)]))
                 del pending[(id(weights), e)]  # the full-precision rows go before the next tensor is read
         return True
