@@ -103,7 +103,9 @@ class LoraConfig:
                              f"['mlp.experts.gate_up_proj'], got {self.target_parameters!r}")
         self.target_parameters = tuple(tp)
         t = self.target_modules
-        if isinstance(t, str):
+        if self.target_parameters and (t is None or isinstance(t, (list, tuple, set, frozenset)) and not t):
+            self.target_modules = ()  # PEFT's config of LoRA on expert parameters alone (target_modules null)
+        elif isinstance(t, str):
             if not t:
                 raise ValueError("LoraConfig.target_modules is empty; name at least one module, e.g. 'q_proj'")
             try:
