@@ -77,6 +77,9 @@ def test_in_memory_quantize_model_matches_quantize_on_load(pair):
     r = memory_report(loaded)
     experts = sum(m.experts.gate_up_proj.numel + m.experts.down_proj.numel for m in _moe_layers(loaded))
     assert r["quantized_params"] > experts
+    from lora_engine.lora.layers import count_parameters
+
+    assert count_parameters(loaded)["total"] == count_parameters(load_model(folder))["total"]
 
 
 def test_lora_on_nf4_experts_trains_and_leaves_the_base(pair):
