@@ -5,6 +5,7 @@
     python bench/plan_table.py --short    # only the 4k-in-6-GiB row (every memory option): plan_short_table.md
     python bench/plan_table.py --fsdp     # per-rank QLoRA under FSDP (8B on 2, 70B on 2 and 8): plan_fsdp_table.md
     python bench/plan_table.py --qwen35   # Qwen3.5-9B / 27B QLoRA at long context: plan_qwen35_table.md
+    python bench/plan_table.py --moe      # QLoRA on Qwen3-30B-A3B and gpt-oss-20b shapes: plan_moe_table.md
 
 Configs are the published config.json numbers (Llama-3.2-1B, Llama-3.1-8B, Llama-3.1-70B); r=16 on
 all seven projections, batch 1, bf16, gradient checkpointing, --device cuda. Shapes only: no weights,
@@ -68,6 +69,28 @@ SHORT = {**LONG, "mlp_chunk_size": 1024, "loss_chunk_size": 256, "embedding_on_c
 # 2,048 tokens, batch 2 per GPU, gradient checkpointing (they add CPU offload of parameters; we do not).
 FSDP = (("Llama-3.1-8B", 2), ("Llama-3.1-70B", 2), ("Llama-3.1-70B", 8))
 
+# Mixture-of-experts QLoRA on 24 GiB (issue 30): published config.json numbers of Qwen3-30B-A3B, and gpt-oss-20b's
+# shapes planned as a qwen3_moe-like model (softmax top-k router, SwiGLU experts without biases, full attention
+# everywhere: gpt-oss's sinks, biases and sliding windows change the weights and activations by well under 1%).
+# LoRA r=16 on q/k/v/o and on every expert's gate_up_proj and down_proj (PEFT's target_parameters).
+MOE_COMMON = {"model_type": "qwen3_moe", "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+              "tie_word_embeddings": False, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+              "torch_dtype": "bfloat16"}
+MOE_MODELS = {
+    "Qwen3-30B-A3B": {**MOE_COMMON, "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                      "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+                      "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                      "max_position_embeddings": 40960},
+    "gpt-oss-20b shapes (as qwen3_moe)": {
+        **MOE_COMMON, "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+        "moe_intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "head_dim": 64, "num_experts": 32, "num_experts_per_tok": 4, "max_position_embeddings": 131072},
+}
+MOE_LORA = {"target_modules": "q_proj,k_proj,v_proj,o_proj",
+            "target_parameters": "mlp.experts.gate_up_proj,mlp.experts.down_proj"}
+MOE_ROWS = (("Qwen3-30B-A3B", 2048, {}), ("Qwen3-30B-A3B", 16384, {"offload_activations": True}),
+            ("gpt-oss-20b shapes (as qwen3_moe)", 2048, {}))
+
 
 def _row(name, hf, quantize, n, method, batch_size=1, **options):
     cfg = P.PlanConfig(model=name, seq_len=n, batch_size=batch_size, quantize=quantize, r=16, precision="bf16",
@@ -97,6 +120,10 @@ def write(rows, stem):
 
 
 def main(argv):
+    if "--moe" in argv:
+        write([_row(name, MOE_MODELS[name], "nf4", n, "QLoRA (planned)", **MOE_LORA, **extra)
+               for name, n, extra in MOE_ROWS], "plan_moe")
+        return
     if "--fsdp" in argv:
         write([_row(name, MODELS[name], "nf4", 2048, "QLoRA", batch_size=2, world_size=n, distributed="fsdp")
                for name, n in FSDP], "plan_fsdp")

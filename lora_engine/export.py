@@ -74,9 +74,6 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
             f"save_model: the LoRA of {merged[0]} (and {len(merged) - 1} more) is merged into the weights in "
             "memory, so merge=False cannot write the base weights; call unmerge_lora(model) first, or pass merge=True"
         )
-    if merge and experts.adapter_keys(model, ""):
-        raise ValueError("save_model: merging LoRA on mixture-of-experts weights (target_parameters) is not supported "
-                         "yet; save the adapter with save_adapter(model, dir) and export with merge=False")
     if (layers or experts.adapter_keys(model, "")) and not merge:
         warnings.warn(
             f"save_model: writing the base weights only; the LoRA of {len(layers)} layers is not in {folder}. "
@@ -85,6 +82,7 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
     # references to the parameters, no copies; MoE experts as views of each expert's 2-D weights, the
     # layout transformers' save_pretrained writes
     state = checkpoint_views(model.config.model_type, model.state_dict())
+    deltas = experts.merged_deltas(model) if merge else {}  # W_e + s B_e A_e, per stored expert tensor
     # checkpoint key -> the state-dict keys it holds: fused again where the family stores them fused (Phi-3)
     groups = dict(fused_groups(model.config.model_type, _tensor_names(model, state)))
     shards = _plan_shards(state, groups, out_dtype, limit)
@@ -101,7 +99,7 @@ def save_model(model: nn.Module, folder: str | os.PathLike, merge: bool = False,
             layout = {stored.get(name, name): (carried[name].dtype, carried[name].shape) if name in carried else
                       _export_layout([state[n] for n in groups[name]], out_dtype) for name in shard}
             total += write_safetensors(tmp / file, layout, lambda key: carried[key].read() if key in carried else
-                                       _export_group(state, layers, groups[own[key]], out_dtype, merge),
+                                       _export_group(state, layers, groups[own[key]], out_dtype, merge, deltas),
                                        metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(layout, file))
         if len(shards) > 1:
@@ -160,19 +158,21 @@ def _export_layout(parts: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch
 
 
 def _export_tensor(state: dict, layers: dict[str, LoraLinear], name: str, dtype: torch.dtype,
-                   merge: bool) -> torch.Tensor:
+                   merge: bool, deltas: dict) -> torch.Tensor:
     module_path, _, leaf = name.rpartition(".")
     t = state[name].detach()
     if merge and leaf == "weight" and module_path in layers and not layers[module_path].merged:
         t = t.float() + layers[module_path].delta_weight()  # fp32 sum, one rounding on the cast below
+    elif name in deltas:
+        t = t.float() + deltas[name]()
     if t.is_floating_point():
         t = t.to(dtype)
     return t.cpu().contiguous()
 
 
 def _export_group(state: dict, layers: dict[str, LoraLinear], parts: tuple[str, ...], dtype: torch.dtype,
-                  merge: bool) -> torch.Tensor:
-    tensors = [_export_tensor(state, layers, n, dtype, merge) for n in parts]
+                  merge: bool, deltas: dict) -> torch.Tensor:
+    tensors = [_export_tensor(state, layers, n, dtype, merge, deltas) for n in parts]
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lora_engine import LoraConfig, apply_lora, load_model
-from lora_engine.export import save_model
 from lora_engine.io.safetensors import read_safetensors_header
 from lora_engine.lora import load_adapter, save_adapter
 from lora_engine.lora.experts import MOE_TARGETS
@@ -152,12 +151,6 @@ def test_expert_lora_errors(pair, over, match):
     folder, _ = pair
     with pytest.raises(ValueError, match=match):
         apply_lora(load_model(folder), LoraConfig(**{**CFG, **over}), verbose=False)
-
-
-def test_merged_export_of_expert_lora_is_refused(pair, tmp_path):
-    folder, _ = pair
-    with pytest.raises(ValueError, match="merging LoRA on mixture-of-experts weights"):
-        save_model(_ours_with_adapter(folder), tmp_path / "m", merge=True)
 
 
 def test_train_command_on_a_tiny_qwen3_moe_folder(tmp_path):

@@ -168,9 +168,3 @@ def test_chunked_mlp_is_refused_for_moe(pair):
             ours(torch.tensor([[3, 4, 5]]))
     finally:
         ours.mlp_chunk_size = 0
-
-
-def test_nf4_for_moe_is_refused(pair):
-    _, folder, _, _ = pair
-    with pytest.raises(ValueError, match="mixture-of-experts model, and NF4 .* not supported for those yet"):
-        load_model(folder, quantize="nf4")

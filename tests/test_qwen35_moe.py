@@ -288,7 +288,15 @@ def test_defaults_are_transformers():
     assert c.router_aux_loss_coef == ref.router_aux_loss_coef
 
 
-def test_nf4_is_refused_by_name(pair):
+def test_nf4_experts_load_and_equal_the_dequantized_model(pair):
+    """QLoRA: the routed experts as per-expert NF4 slices (quant/nf4_experts.py), the shared expert as NF4
+    linears; the logits equal the dequantize-then-dense model's, and differ from full precision."""
+    from lora_engine.quant.nf4 import dequantize_model
+
     folder, _, _ = pair
-    with pytest.raises(ValueError, match="qwen3_5_moe_text is a mixture-of-experts model, and NF4 .* not supported"):
-        load_model(folder, quantize="nf4")
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    q = load_model(folder, quantize="nf4", verbose=False)
+    dense = dequantize_model(load_model(folder, quantize="nf4", verbose=False))
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids), dense(ids), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(q(ids), load_model(folder)(ids), atol=1e-4)

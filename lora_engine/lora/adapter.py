@@ -105,7 +105,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     (ADAPTER_FILES); else OutputError, before any work.
     """
     layers = dict(lora_layers(model))
-    if not layers:  # (an adapter of expert LoRA alone has no target_modules, which this reader requires)
+    if not layers and not experts.adapter_keys(model, ""):
         raise ValueError("save_adapter: the model has no LoRA layers; call apply_lora(model, config) first")
     folder = Path(folder)
     atomic.check_dir_replaceable(folder, ADAPTER_FILES)
@@ -135,14 +135,16 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
 
 def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | None) -> dict:
     cfg = getattr(model, "lora_config", None)
-    first = next(iter(layers.values()))
+    if cfg is None and not layers:
+        raise ValueError("save_adapter: the model's expert LoRA has no lora_config; apply it with apply_lora")
+    first = next(iter(layers.values()), None)
     r = cfg.r if cfg else first.r
     alpha = cfg.lora_alpha if cfg else first.lora_alpha
     dropout = cfg.lora_dropout if cfg else getattr(first.dropout, "p", 0.0)
-    rslora = {m.use_rslora for m in layers.values()}
+    rslora = {m.use_rslora for m in layers.values()} or {cfg.use_rslora}
     if len(rslora) > 1:
         raise ValueError("save_adapter: some LoRA layers use rsLoRA and others do not; PEFT's format has one flag")
-    dora = {m.use_dora for m in layers.values()}
+    dora = {m.use_dora for m in layers.values()} or {False}
     if len(dora) > 1:
         raise ValueError("save_adapter: some LoRA layers use DoRA and others do not; PEFT's format has one flag")
     # Only what differs from the global values goes into the patterns, keyed by full module path.
@@ -158,7 +160,7 @@ def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | No
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
-        "target_modules": [name(t) for t in _target_names(model, list(records))],
+        "target_modules": [name(t) for t in _target_names(model, list(records))] or None,  # None: expert LoRA alone
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
@@ -241,8 +243,9 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
                 f"{path}: {key}={raw[key]!r:.60} asks for {what}, which lora_engine does not support yet; "
                 "retrain the adapter without it"
             )
-    if raw.get("target_modules") is None:
-        raise CheckpointError(f"{path}: target_modules is missing or null; the adapter names no layers")
+    if raw.get("target_modules") is None and not raw.get("target_parameters"):
+        raise CheckpointError(f"{path}: target_modules is missing or null and there are no target_parameters; the "
+                              "adapter names no layers")
     for key, kinds, what in _FIELD_TYPES:
         if key in raw and raw[key] is not None and (not isinstance(raw[key], kinds) or isinstance(raw[key], bool)
                                                     and bool not in kinds):
@@ -250,7 +253,7 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
     try:  # PEFT's defaults for absent fields: r=8, lora_alpha=8, lora_dropout=0
         config = LoraConfig(
             r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8), lora_dropout=raw.get("lora_dropout", 0.0),
-            target_modules=raw["target_modules"], use_rslora=raw.get("use_rslora", False),
+            target_modules=raw.get("target_modules"), use_rslora=raw.get("use_rslora", False),
             rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
             use_dora=raw.get("use_dora") or False, modules_to_save=raw.get("modules_to_save") or (),
             target_parameters=raw.get("target_parameters") or (),

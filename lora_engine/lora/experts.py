@@ -16,6 +16,7 @@ The router (`mlp.gate`) stays frozen unless the user targets it (it is an nn.Lin
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from lora_engine.models.gpt_oss import GptOssExperts
 from lora_engine.models.moe import Experts
+from lora_engine.quant.nf4_experts import EXPERT_WEIGHTS, NF4ExpertWeights, expert_slices
 
 MOE_TARGETS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
@@ -58,13 +60,19 @@ def expert_modules(model: nn.Module) -> dict[str, Experts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Experts)}
 
 
+def _weight_names(m: Experts) -> list[str]:
+    # QLoRA: the expert weights are NF4ExpertWeights (quant/nf4_experts.py), not parameters; same names, same order
+    nf4 = [n for n in EXPERT_WEIGHTS if isinstance(getattr(m, n, None), NF4ExpertWeights)]
+    return nf4 + [n for n, _ in m.named_parameters(recurse=False)]
+
+
 def expert_targets(model: nn.Module, targets) -> dict[str, list[str]]:
     """{experts module path: [targeted parameter names, in the module's order]} for PEFT's target_parameters
     (each a full `path.param` or a suffix of one); ValueError naming a target that matches nothing."""
     modules = expert_modules(model)
     out, used = {}, set()
     for path, m in modules.items():
-        for name, _ in m.named_parameters(recurse=False):
+        for name in _weight_names(m):
             key = f"{path}.{name}"
             hit = [t for t in targets if key == t or key.endswith("." + t)]
             if hit:
@@ -131,3 +139,23 @@ def targeted(model: nn.Module) -> list[str]:
     """The `path.param` keys that carry an expert LoRA, sorted (the adapter config's target_parameters)."""
     return sorted({f"{path}.{name}".split(".layers.")[-1].split(".", 1)[-1]
                    for path, m in expert_modules(model).items() for name in getattr(m, "lora", {})})
+
+
+def merged_deltas(model: nn.Module) -> dict:
+    """{checkpoint key of an expert weight (models/moe.py:checkpoint_views' per-expert layout): a function
+    returning its LoRA update in fp32}, for merged export: rows of s B_e A_e (N, K) per stored tensor, each
+    computed when that tensor is written, so the layer's (E, N, K) update never exists at once."""
+    out = {}
+    for path, m in expert_modules(model).items():
+        for name, lora in getattr(m, "lora", {}).items():
+            shape = getattr(m, name).shape
+            for key, slices in expert_slices(model.config.model_type, f"{path}.{name}", shape).items():
+                out[key] = functools.partial(_delta, lora, shape, slices)
+    return out
+
+
+def _delta(lora: _Factors, shape, slices) -> torch.Tensor:
+    E, N, K = shape
+    a = lora.lora_A.detach().float().view(E, -1, K)  # (E, r, K)
+    b = lora.lora_B.detach().float().view(N, -1, E)  # (N, r, E)
+    return torch.cat([lora.scale * (b[row: row + n, :, e] @ a[e]) for e, row, n in slices])

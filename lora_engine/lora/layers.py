@@ -58,7 +58,7 @@ from lora_engine import dispatch
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.lora import experts
 from lora_engine.lora.names import PatternError, compile_pattern, fullmatch, match_names
-from lora_engine.quant import nf4
+from lora_engine.quant import nf4, nf4_experts
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
@@ -103,7 +103,9 @@ class LoraConfig:
                              f"['mlp.experts.gate_up_proj'], got {self.target_parameters!r}")
         self.target_parameters = tuple(tp)
         t = self.target_modules
-        if isinstance(t, str):
+        if self.target_parameters and (t is None or isinstance(t, (list, tuple, set, frozenset)) and not t):
+            self.target_modules = ()  # PEFT's config of LoRA on expert parameters alone (target_modules null)
+        elif isinstance(t, str):
             if not t:
                 raise ValueError("LoraConfig.target_modules is empty; name at least one module, e.g. 'q_proj'")
             try:
@@ -354,6 +356,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     params = list(model.parameters())  # parameters() already skips duplicates
     nf4_bases = {id(m.weight): m.weight.numel for m in model.modules()
                  if isinstance(getattr(m, "weight", None), NF4Tensor)}
+    nf4_bases.update({id(w): w.numel for w in nf4_experts.nf4_expert_tensors(model)})  # QLoRA MoE experts
     return {"trainable": sum(p.numel() for p in params if p.requires_grad),
             "total": sum(p.numel() for p in params) + sum(nf4_bases.values())}
 

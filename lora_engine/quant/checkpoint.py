@@ -14,6 +14,7 @@ from lora_engine.io.atomic import Owned, atomic_dir, write_json
 from lora_engine.io.safetensors import CheckpointError, StoredTensor, dtype_name, save_tensors
 from lora_engine.kernels.nf4_format import QUANT_STATE_KEY, NF4Tensor, from_bnb_state_dict
 from lora_engine.models.builder import Checkpoint, build_model, load_weights, open_checkpoint, tied_keys
+from lora_engine.quant import nf4_experts
 from lora_engine.quant.nf4 import DEFAULT_SKIP, Linear4bit, _skipped, memory_report, quantize
 
 __all__ = ["load_quantized_model", "save_quantized", "transformers_quantization_config"]
@@ -65,10 +66,13 @@ def load_nf4(ckpt: Checkpoint, dtype, device, quantize, quantize_skip, blocksize
     elif quantize is None:
         raise ValueError(f"load_quantized_model: {ckpt.folder} is not quantized; pass quantize='nf4' to quantize it")
     stored = {k[: -len(_QS_SUFFIX)] for k in ckpt.shapes if k.endswith(_QS_SUFFIX)}
+    if stored and ckpt.config.num_experts:
+        raise CheckpointError(f"{ckpt.config_file}: a mixture-of-experts checkpoint saved in NF4 does not load yet; "
+                              "load its full-precision checkpoint with quantize='nf4'")
     dt = ckpt.dtype(dtype)
     swap = _NF4Shells(stored, quantize_skip)
     model = build_model(ckpt.config, dt, device, swaps=[swap], checkpoint=ckpt)
-    _fill(model, ckpt, swap.targets, stored, dt, device, blocksize, double_quant, name_or_path)
+    _fill(model, ckpt, swap, stored, dt, device, blocksize, double_quant, name_or_path)
     if verbose:
         r = memory_report(model)
         logger.info(f"NF4: {len(swap.targets)} linear layers, {r['quantized_params']:,} parameters in "
@@ -85,11 +89,13 @@ class _NF4Shells:
     def __init__(self, stored: set[str], skip):
         self.stored, self.skip = stored, skip
         self.targets: dict[str, Linear4bit] = {}
+        self.experts: dict = {}
 
     def __call__(self, model: nn.Module) -> None:
-        tied = tied_keys(model.config)
+        tied, routers = tied_keys(model.config), nf4_experts.routers(model)
+        self.experts = nf4_experts.empty_experts(model)  # filled slice by slice by the loader
         for name, m in list(model.named_modules()):
-            if not isinstance(m, nn.Linear) or name + ".weight" in tied:
+            if not isinstance(m, nn.Linear) or name + ".weight" in tied or name in routers:
                 continue
             if name in self.stored or (not self.stored and not _skipped(name, self.skip)):
                 self.targets[name] = Linear4bit(None, m.bias, m.in_features, m.out_features)
@@ -97,18 +103,25 @@ class _NF4Shells:
                 setattr(model.get_submodule(parent), child, self.targets[name])
 
 
-def _fill(model, ckpt, targets, stored, dt, device, blocksize, double_quant, name_or_path) -> None:
+def _fill(model, ckpt, swap, stored, dt, device, blocksize, double_quant, name_or_path) -> None:
     """Read every checkpoint tensor into `model` through the strict loader, with an NF4 hook: stored NF4
-    parts are collected and assembled at the end; full-precision weights of `targets` are quantized as
-    they are read, the full-precision tensor dropped before the next is read."""
-    placeholders = {}
+    parts are collected and assembled at the end; full-precision weights of the swap's targets (and of its
+    MoE experts, slice by slice: quant/nf4_experts.py) are quantized as they are read, the full-precision
+    tensor dropped before the next is read."""
+    targets, placeholders = swap.targets, {}
     if not stored:  # shape-only placeholders, so the loader checks their shapes and reports them missing
         placeholders = {path + ".weight": torch.empty(mod.out_features, mod.in_features, device="meta")
                         for path, mod in targets.items()}
+    more, expert_hook, expert_finish = nf4_experts.loading_hook(
+        model.config.model_type, swap.experts, set(ckpt.shapes),
+        lambda w: quantize(w.to(device=device, dtype=dt), blocksize, double_quant))
+    placeholders.update(more)
     parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in targets}
     where: dict[str, Path] = {}
 
     def hook(t: StoredTensor) -> bool:
+        if expert_hook(t):
+            return True
         path, _, rest = t.name.partition(".weight")
         if path not in targets or rest[:1] not in ("", "."):
             return False
@@ -125,7 +138,7 @@ def _fill(model, ckpt, targets, stored, dt, device, blocksize, double_quant, nam
         return True
 
     def assemble() -> list[str]:
-        problems = []
+        problems = expert_finish()
         for path, sd in parts.items() if stored else ():
             mod, file = targets[path], str(where.get(path, ckpt.folder))
             try:

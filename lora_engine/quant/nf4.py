@@ -30,6 +30,7 @@ from lora_engine.kernels.nf4_format import (
     from_bnb_state_dict,
     to_bnb_state_dict,
 )
+from lora_engine.quant import nf4_experts
 
 # Module names kept in full precision by default: the output head (its logits feed the loss directly
 # and, when tied, it is the embedding). Embeddings and norms are not nn.Linear, so never quantized.
@@ -202,9 +203,12 @@ def _skipped(name: str, skip) -> bool:
 def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
                    skip=DEFAULT_SKIP) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by a Linear4bit, except modules named in `skip`
-    (a name matches the module path, its last part, or any part of it). Returns the model."""
+    (a name matches the module path, its last part, or any part of it) and MoE routers; MoE experts
+    become NF4 slice by slice (quant/nf4_experts.py). Returns the model."""
+    routers = nf4_experts.routers(model)
+    nf4_experts.quantize_experts(model, blocksize, double_quant)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not _skipped(name, skip):
+        if isinstance(module, nn.Linear) and not _skipped(name, skip) and name not in routers:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, Linear4bit.from_linear(module, blocksize, double_quant))
     return model
@@ -218,6 +222,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     model: the base becomes the dequantized 4-bit weight, and that is warned about here.
     """
     lora_over_nf4 = []
+    nf4_experts.dequantize_experts(model, dtype)
     for name, module in list(model.named_modules()):
         w = getattr(module, "weight", None)
         if not isinstance(w, NF4Tensor):
@@ -251,6 +256,9 @@ def memory_report(model: nn.Module) -> dict:
         if isinstance(w, NF4Tensor):
             q_params += w.numel
             q_bytes += w.nbytes
+    for w in nf4_experts.nf4_expert_tensors(model):
+        q_params += w.numel
+        q_bytes += w.nbytes
     seen = {id(p): p for p in list(model.parameters()) + list(model.buffers())}
     other = sum(p.numel() * p.element_size() for p in seen.values())
     return {"quantized_params": q_params, "quantized_bytes": q_bytes, "other_bytes": other,

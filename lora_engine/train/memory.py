@@ -260,8 +260,9 @@ class StorageTracker(TorchDispatchMode):
                 self._see(p.grad, "adapters_and_optimizer")
         for b in model.buffers():
             self._see(b, "weights")
-        for m in model.modules():
-            w = getattr(m, "weight", None)
+        from lora_engine.quant.nf4_experts import nf4_expert_tensors  # NF4 MoE experts: lists, not `weight`
+
+        for w in [getattr(m, "weight", None) for m in model.modules()] + nf4_expert_tensors(model):
             for name in ("packed", "absmax", "code", "nested_absmax", "nested_code"):
                 t = getattr(w, name, None)
                 if isinstance(t, torch.Tensor) and not isinstance(w, torch.Tensor):

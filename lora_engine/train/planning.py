@@ -39,6 +39,7 @@ class PlanConfig:
     quantize: str = option_like(TrainConfig, "quantize")
     r: int = option_like(TrainConfig, "r")
     target_modules: str = option_like(TrainConfig, "target_modules")
+    target_parameters: str | None = option_like(TrainConfig, "target_parameters")
     precision: str = option("bf16", f"weights and autocast dtype, {', '.join(PRECISIONS)} (fp32: no autocast)")
     gradient_checkpointing: bool = option_like(TrainConfig, "gradient_checkpointing")
     offload_activations: bool = option(False, "with --gradient-checkpointing: keep the checkpointed hidden "
@@ -172,14 +173,18 @@ def build(cfg: PlanConfig, model):
     from lora_engine import dispatch
     from lora_engine.lora.layers import LoraConfig, apply_lora
     from lora_engine.quant.nf4 import quantize_model
+    from lora_engine.train.planning_moe import route_evenly
     from lora_engine.train.step import make_optimizer
 
     dtype = _dtype(cfg.precision)
+    route_evenly(model)  # MoE layers: routing without data (train/planning_moe.py)
     if cfg.quantize == "nf4":
         quantize_model(model)
     targets = tuple(m.strip() for m in cfg.target_modules.split(",") if m.strip())
-    with user_input("--target-modules"):
-        apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2.0 * cfg.r, target_modules=targets), verbose=False)
+    params = tuple(m.strip() for m in (cfg.target_parameters or "").split(",") if m.strip())
+    with user_input("--target-modules, --target-parameters" if params else "--target-modules"):
+        apply_lora(model, LoraConfig(r=cfg.r, lora_alpha=2.0 * cfg.r, target_modules=targets,
+                                     target_parameters=params), verbose=False)
     MemoryOptions.of(cfg).apply(model)
     # The kernels the step would run: on a GPU the Triton ones, whose launchers are custom ops with fake
     # implementations (kernels/_common.py:kernel_op), so they run here on fake CPU tensors; on CPU the
