@@ -182,7 +182,9 @@ def attention(q, k, v, is_causal, scale, mask=None, backend=None, softcap=None, 
         raise ValueError(f"attention: window must be a number of keys >= 1, got {window}")
     if (mask is None and softcap is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp"
             and attention_cpp.served(q, k, v)):
-        return attention_cpp.attention(q, k, v, is_causal or window is not None, scale, window=window)
+        if window is None:
+            return attention_cpp.attention(q, k, v, is_causal, scale)
+        return attention_cpp.attention(q, k, v, True, scale, window=window)
     return ops_reference.attention(q, k, v, is_causal, scale, mask, softcap, window)
 
 
