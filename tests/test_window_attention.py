@@ -164,3 +164,14 @@ def test_memory_grows_linearly_in_s_at_a_fixed_window(backend):
     assert large < 4096 * 4096 // 8  # nothing near S x S
     dense_small, dense_large = _largest(_dense, 1024, 64), _largest(_dense, 4096, 64)
     assert dense_large >= 12 * dense_small  # the dense mask: S^2 (what the first assertion rules out)
+
+
+def test_softcapped_window_equals_the_masked_eager_expression():
+    from lora_engine.kernels import ops_reference
+
+    ins, do = _inputs(2, 4, 2, 150, 150, 8, torch.float32, 5)
+    got = _run(lambda q, k, v: dispatch.attention(q, k, v, True, 0.3, backend="torch", softcap=2.0, window=20),
+               ins, do)
+    ref = _run(lambda q, k, v: ops_reference.attention(q, k, v, False, 0.3, _mask(150, 150, 20), 2.0), ins, do)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -146,7 +146,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
         if mask is not None:
             raise ValueError("attention: pass a sliding window either as window= or inside the mask, not both")
         if window < S or 1 < T < S:  # (SDPA's is_causal aligns T < S queries to the first keys, not the last)
-            return window_attention.attention(q, k, v, window, scale, softcap)
+            attend = window_attention.sdpa if softcap is None else (
+                lambda q, k, v, m, sc: _softcapped_attention(q, k, v, False, sc, m, softcap))
+            return window_attention.attention(q, k, v, window, scale, attend)
         is_causal = T > 1  # the window covers every key: plain causal attention
     if softcap is not None:
         return _softcapped_attention(q, k, v, is_causal, scale, mask, softcap)

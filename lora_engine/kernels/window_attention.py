@@ -35,39 +35,39 @@ def _spans(T: int, S: int, window: int, c: int):
         yield st, cc, max(0, off + st - window + 1), off + st + cc
 
 
-def _chunk(q, k, v, st, k0, window, scale, softcap, off):
+def sdpa(q, k, v, mask, scale):
+    """The default masked attention of one chunk: torch's SDPA."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _chunk(q, k, v, st, k0, window, scale, attend, off):
     cc, n = q.shape[2], k.shape[2]
     q_pos = torch.arange(off + st, off + st + cc, device=q.device)[:, None]
     k_pos = torch.arange(k0, k0 + n, device=q.device)[None, :]
     allowed = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (cc, n): the window, small
-    if softcap is not None:
-        from lora_engine.kernels import ops_reference  # its eager soft-capped expression (it imports us)
-
-        return ops_reference.attention(q, k, v, False, scale, allowed, softcap)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return attend(q, k, v, allowed, scale)
 
 
-def _forward(q, k, v, window, scale, softcap, c):
+def _forward(q, k, v, window, scale, attend, c):
     T, S = q.shape[2], k.shape[2]
     out = torch.empty_like(q)
     for st, cc, k0, k1 in _spans(T, S, window, c):
         out[:, :, st:st + cc] = _chunk(q[:, :, st:st + cc], k[:, :, k0:k1], v[:, :, k0:k1], st, k0, window,
-                                       scale, softcap, S - T)
+                                       scale, attend, S - T)
     return out
 
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, window, scale, softcap, c):
+    def forward(ctx, q, k, v, window, scale, attend, c):
         ctx.save_for_backward(q, k, v)
-        ctx.args = window, scale, softcap, c
-        return _forward(q, k, v, window, scale, softcap, c)
+        ctx.args = window, scale, attend, c
+        return _forward(q, k, v, window, scale, attend, c)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v = ctx.saved_tensors
-        window, scale, softcap, c = ctx.args
+        window, scale, attend, c = ctx.args
         T, S = q.shape[2], k.shape[2]
         acc = torch.float32 if k.dtype in (torch.bfloat16, torch.float16) else k.dtype
         dq = torch.empty_like(q)
@@ -76,7 +76,7 @@ class _WindowAttention(torch.autograd.Function):
             with torch.enable_grad():
                 qc, kc, vc = (t.detach().requires_grad_() for t in (q[:, :, st:st + cc], k[:, :, k0:k1],
                                                                      v[:, :, k0:k1]))
-                oc = _chunk(qc, kc, vc, st, k0, window, scale, softcap, S - T)
+                oc = _chunk(qc, kc, vc, st, k0, window, scale, attend, S - T)
                 gq, gk, gv = torch.autograd.grad(oc, (qc, kc, vc), do[:, :, st:st + cc])
             dq[:, :, st:st + cc] = gq
             dk[:, :, k0:k1] += gk
@@ -85,15 +85,16 @@ class _WindowAttention(torch.autograd.Function):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float | None = None,
-              softcap: float | None = None, chunk: int | None = None) -> torch.Tensor:
+              attend=sdpa, chunk: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, keys p - window < key <= p) v; q (B, H, T, hd) the last T of the S
-    positions of k and v (B, Hk, S, hd), H % Hk == 0 -> (B, H, T, hd). softcap: scores -> softcap *
-    tanh(scores / softcap) first. chunk: query positions per block (None: chunk_size's rule)."""
+    positions of k and v (B, Hk, S, hd), H % Hk == 0 -> (B, H, T, hd). attend(q, k, v, mask, scale): one
+    chunk's attention under a boolean (c, n) mask (default SDPA; kernels/ops_reference.py passes its eager
+    soft-capped expression when there is a soft-cap). chunk: query positions per block (None: chunk_size's rule)."""
     T, S = q.shape[2], k.shape[2]
     if window < 1 or T > S:
         raise ValueError(f"window attention: window must be >= 1 and queries ({T}) at most keys ({S}); "
                          f"got window {window}")
     c = chunk_size(T, window) if chunk is None else max(1, min(int(chunk), T))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _WindowAttention.apply(q, k, v, int(window), scale, softcap, c)
-    return _forward(q, k, v, int(window), scale, softcap, c)
+        return _WindowAttention.apply(q, k, v, int(window), scale, attend, c)
+    return _forward(q, k, v, int(window), scale, attend, c)
