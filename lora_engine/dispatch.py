@@ -166,18 +166,26 @@ def swiglu(gate, up, backend=None):
     return _impl(gate, backend).swiglu(gate, up)
 
 
-def attention(q, k, v, is_causal, scale, mask=None, backend=None, softcap=None):
+def attention(q, k, v, is_causal, scale, mask=None, backend=None, softcap=None, window=None):
     """softmax(q k^T * scale [+ mask | causal]) v; q (B, H, T, hd), k and v (B, Hk, S, hd) -> (B, H, T, hd).
     softcap: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2).
-    "cpp" on CPU runs kernels/attention_cpp.py for bf16 inputs it serves (no mask, no softcap, T == S):
-    a sliding window comes as a mask and a softcap is checked here, so either falls back to the
-    reference; fp32 stays on SDPA, the exact path against transformers, and no slower than attention_cpp
-    in fp32 (bench/results/attention_cpp.md); every other case, and the "torch" and "triton" backends,
-    run ops_reference.attention (torch's SDPA; with a softcap its eager expression)."""
+    window: a sliding window, keys p - window < key <= p for the query at position p (causal implied,
+    the queries the last T of the S positions), in O(S x W) time and memory on every backend; not
+    together with a mask.
+    "cpp" on CPU runs kernels/attention_cpp.py for bf16 inputs it serves (no mask, no softcap, T == S;
+    a window it takes); a softcap is checked here and falls back to the reference; fp32 stays on SDPA,
+    the exact path against transformers, and no slower than attention_cpp in fp32
+    (bench/results/attention_cpp.md); every other case, and the "torch" and "triton" backends, run
+    ops_reference.attention (torch's SDPA; with a softcap its eager expression; with a window by chunks
+    of queries, kernels/window_attention.py)."""
+    if window is not None and window < 1:
+        raise ValueError(f"attention: window must be a number of keys >= 1, got {window}")
     if (mask is None and softcap is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp"
             and attention_cpp.served(q, k, v)):
-        return attention_cpp.attention(q, k, v, is_causal, scale)
-    return ops_reference.attention(q, k, v, is_causal, scale, mask, softcap)
+        if window is None:
+            return attention_cpp.attention(q, k, v, is_causal, scale)
+        return attention_cpp.attention(q, k, v, True, scale, window=window)
+    return ops_reference.attention(q, k, v, is_causal, scale, mask, softcap, window)
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", backend=None,

@@ -12,7 +12,8 @@ The algorithm, for q (B, H, S, D) and k, v (B, Hk, S, D) with G = H / Hk query h
 the G heads that read one key head are adjacent in q, so they are one matrix of G*c query rows
 against that head's keys (K and V are never repeated, and dK, dV come out summed over the G
 heads), and the queries go in chunks of c positions, so that a causal chunk only meets the keys it
-can see (keys 0..st+c: 5/8 of the square at c = S/4 instead of all of it).
+can see (keys 0..st+c: 5/8 of the square at c = S/4 instead of all of it). With a sliding window W
+the chunk's keys start at st - W + 1 too, so it meets at most c + W - 1 keys: O(S x W) time and memory.
 
   forward, per chunk   s = Q_c K^T   p, lse = softmax(s * scale) (C++, fp32)   O_c = p V
   saved                q, k, v, O and lse (B*Hk, G, S) fp32: what SDPA's flash attention saves
@@ -81,7 +82,30 @@ def _rows(t: torch.Tensor, st: int, cc: int, S: int) -> torch.Tensor:
     return t.reshape(R, G * S, D) if cc == S else t[:, :, st:st + cc].reshape(R, G * cc, D)
 
 
-def _forward(q, k, v, scale: float, causal: bool, c: int):
+def _keys(st: int, cc: int, causal: bool, S: int, window: int | None):
+    """The keys k0..n that queries st..st+cc can see (causal: up to st+cc; window: from st - W + 1), and
+    the (cc, n - k0) mask of those a row's window leaves out (True: out), or None when there are none.
+    The C++ pass knows the causal diagonal only; the window's lower edge is this mask, applied around it
+    in torch (scores -inf before the softmax, p and ds zeroed after: the C++ exp clamps -inf to a tiny
+    positive value rather than 0), on a (c, c + W) block, not S x S."""
+    n = st + cc if causal else S
+    if window is None:
+        return 0, n, None
+    k0 = max(0, st - window + 1)
+    if st + cc - 1 - window < k0:  # even the chunk's last query sees key k0: nothing to mask
+        return k0, n, None
+    rows = torch.arange(st, st + cc)[:, None]
+    return k0, n, torch.arange(k0, n)[None, :] <= rows - window
+
+
+def _masked(t: torch.Tensor, out: torch.Tensor | None, value: float) -> torch.Tensor:
+    """t (R, G*cc, n) with rows G blocks of cc positions; fill `value` where out (cc, n) is True."""
+    if out is not None:
+        t.view(t.shape[0], -1, *out.shape).masked_fill_(out, value)
+    return t
+
+
+def _forward(q, k, v, scale: float, causal: bool, c: int, window: int | None = None):
     B, H, S, D = q.shape
     Hk = k.shape[1]
     G = H // Hk
@@ -94,19 +118,21 @@ def _forward(q, k, v, scale: float, causal: bool, c: int):
     o5 = o.view(B, Hk, G, S, D)
     lse = q.new_empty(B * Hk, G, S, dtype=torch.float32)
     for st, cc in _blocks(S, c):
-        n = st + cc if causal else S
-        s = torch.bmm(_rows(qg, st, cc, S), kf[:, :n].transpose(1, 2))  # (B*Hk, G*cc, n) in q's dtype
-        p, l = torch.ops.lora_engine.attn_softmax_fwd_cpu(s, scale, st, cc, causal, q.dtype)
+        k0, n, out = _keys(st, cc, causal, S, window)
+        s = torch.bmm(_rows(qg, st, cc, S), kf[:, k0:n].transpose(1, 2))  # (B*Hk, G*cc, n - k0) in q's dtype
+        p, l = torch.ops.lora_engine.attn_softmax_fwd_cpu(_masked(s, out, float("-inf")), scale, st - k0, cc,
+                                                           causal, q.dtype)
+        _masked(p, out, 0.0)
         del s
         if cc == S:
             lse.view(-1).copy_(l)
         else:
             lse[:, :, st:st + cc] = l.view(B * Hk, G, cc)
-        o5[:, :, :, st:st + cc] = torch.bmm(p, vf[:, :n]).view(B, Hk, G, cc, D)
+        o5[:, :, :, st:st + cc] = torch.bmm(p, vf[:, k0:n]).view(B, Hk, G, cc, D)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, scale: float, causal: bool, c: int):
+def _backward(do, q, k, v, o, lse, scale: float, causal: bool, c: int, window: int | None = None):
     B, H, S, D = q.shape
     Hk = k.shape[1]
     G = H // Hk
@@ -119,46 +145,49 @@ def _backward(do, q, k, v, o, lse, scale: float, causal: bool, c: int):
     else:  # summed over chunks in fp32
         dk, dv = (torch.zeros(B * Hk, S, D, dtype=torch.float32) for _ in range(2))
     for st, cc in _blocks(S, c):
-        n = st + cc if causal else S
+        k0, n, out = _keys(st, cc, causal, S, window)
         qb, dob = _rows(qg, st, cc, S), _rows(dog, st, cc, S)
-        s = torch.bmm(qb, kf[:, :n].transpose(1, 2))
-        dp = torch.bmm(dob, vf[:, :n].transpose(1, 2))
+        s = _masked(torch.bmm(qb, kf[:, k0:n].transpose(1, 2)), out, float("-inf"))
+        dp = torch.bmm(dob, vf[:, k0:n].transpose(1, 2))
         l, e = (_rows(t[..., None], st, cc, S).view(B * Hk, G * cc) for t in (lse, delta))
-        p, ds = torch.ops.lora_engine.attn_softmax_bwd_cpu(s, dp, l, e, scale, st, cc, causal, q.dtype)
+        p, ds = torch.ops.lora_engine.attn_softmax_bwd_cpu(s, dp, l, e, scale, st - k0, cc, causal, q.dtype)
+        _masked(p, out, 0.0)
+        _masked(ds, out, 0.0)
         del s, dp
-        if cc == S:
+        if cc == S:  # one chunk: k0 = 0, n = S
             torch.bmm(p.transpose(1, 2), dob, out=dv)
             torch.bmm(ds.transpose(1, 2), qb, out=dk)
             torch.bmm(ds, kf, out=dq.view(B * Hk, G * S, D))
         else:
-            dv[:, :n] += torch.bmm(p.transpose(1, 2), dob)
-            dk[:, :n] += torch.bmm(ds.transpose(1, 2), qb)
-            dq[:, :, st:st + cc] = torch.bmm(ds, kf[:, :n]).view(B * Hk, G, cc, D)
+            dv[:, k0:n] += torch.bmm(p.transpose(1, 2), dob)
+            dk[:, k0:n] += torch.bmm(ds.transpose(1, 2), qb)
+            dq[:, :, st:st + cc] = torch.bmm(ds, kf[:, k0:n]).view(B * Hk, G, cc, D)
     return dq.view(B, H, S, D), dk.to(k.dtype).view(k.shape), dv.to(v.dtype).view(v.shape)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, c):
-        o, lse = _forward(q, k, v, scale, causal, c)
+    def forward(ctx, q, k, v, scale, causal, c, window):
+        o, lse = _forward(q, k, v, scale, causal, c, window)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.causal, ctx.c = scale, causal, c
+        ctx.scale, ctx.causal, ctx.c, ctx.window = scale, causal, c, window
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, ctx.causal, ctx.c)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, ctx.causal, ctx.c, ctx.window)
+        return dq, dk, dv, None, None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None,
-              chunk: int | None = None) -> torch.Tensor:
+              chunk: int | None = None, window: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, causal) v for q (B, H, S, D), k and v (B, Hk, S, D), H % Hk == 0 ->
     (B, H, S, D), the transpose of a contiguous (B, S, H, D) tensor; what
     F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True) computes.
     Inputs must pass served(). chunk: query positions per block (None: _chunk's rule, 64 up to
-    S = 1024 and 128 beyond, smaller for a large B*H*S)."""
+    S = 1024 and 128 beyond, smaller for a large B*H*S). window: keys p - window < key <= p only (causal
+    implied): each chunk then meets at most c + window - 1 keys, O(S x W) time and memory."""
     if not served(q, k, v):
         raise ValueError(f"attention_cpp.attention does not take q {tuple(q.shape)} {q.dtype} {q.device}, "
                          f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} {v.dtype} (see served())")
@@ -166,6 +195,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
     scale = D ** -0.5 if scale is None else float(scale)
     c = _chunk(B, H, S) if chunk is None else max(1, min(int(chunk), S))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if window is not None and window < 1:
+        raise ValueError(f"attention_cpp.attention: window must be >= 1, got {window}")
+    if window is not None:
+        causal, window = True, (None if window >= S else int(window))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _Attention.apply(q, k, v, scale, causal, c)
-    return _forward(q, k, v, scale, causal, c)[0]
+        return _Attention.apply(q, k, v, scale, causal, c, window)
+    return _forward(q, k, v, scale, causal, c, window)[0]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
-from lora_engine.kernels import amp
+from lora_engine.kernels import amp, window_attention
 
 
 def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -133,11 +133,23 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None = None,
-              mask: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, softcap: float | None = None,
+              window: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale [+ mask | causal]) v: torch's SDPA, what transformers runs; q (B, H, T, hd),
     k and v (B, Hk, S, hd) with H % Hk == 0 (grouped-query heads) -> (B, H, T, hd). softcap: the
     scores become softcap * tanh(scores / softcap) before the mask, which SDPA cannot do: transformers'
-    eager expression (softmax in fp32, cast back), the (T, S) scores materialised."""
+    eager expression (softmax in fp32, cast back), the (T, S) scores materialised. window: causal over
+    keys p - window < key <= p only, by chunks of queries in O(S x W) (kernels/window_attention.py);
+    not with a mask (put the window in the mask instead)."""
+    if window is not None:
+        T, S = q.shape[2], k.shape[2]
+        if mask is not None:
+            raise ValueError("attention: pass a sliding window either as window= or inside the mask, not both")
+        if window < S or 1 < T < S:  # (SDPA's is_causal aligns T < S queries to the first keys, not the last)
+            attend = window_attention.sdpa if softcap is None else (
+                lambda q, k, v, m, sc: _softcapped_attention(q, k, v, False, sc, m, softcap))
+            return window_attention.attention(q, k, v, window, scale, attend)
+        is_causal = T > 1  # the window covers every key: plain causal attention
     if softcap is not None:
         return _softcapped_attention(q, k, v, is_causal, scale, mask, softcap)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,

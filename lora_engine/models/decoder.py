@@ -179,11 +179,15 @@ class Attention(nn.Module):
             q, k = dispatch.rope(q, k, cos, sin, backend=self.backend)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hk, S, hd)
-        if hasattr(self, "sinks"):  # the dispatched kernels take no sinks yet (models/gpt_oss.py)
+        # No mask (no padding, packing or cache, _attention_mask): the window goes to attention as itself.
+        window = self.window if mask is None and self.window is not None and self.window < T else None
+        if hasattr(self, "sinks"):  # the dispatched kernels take no sinks yet (models/gpt_oss.py), nor a window
+            if window is not None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().triu(1 - window)
             y = gpt_oss.sink_attention(q, k, v, self.sinks, mask, self.scale)
         else:
             y = dispatch.attention(q, k, v, mask is None and T > 1, self.scale, mask, backend=self.backend,
-                                   softcap=self.softcap)  # (B, H, T, hd)
+                                   softcap=self.softcap, window=window)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -457,9 +461,9 @@ def _padding_unlabelled(attention_mask: torch.Tensor, labels: torch.Tensor) -> b
 
 def _attention_mask(attention_mask, segment_ids, B, T, past, device, window=None):
     """Boolean (B, 1, T, S) mask for SDPA, or None when plain causal attention is all we need.
-    window: keys q - window < k <= q only (a sliding layer), as a mask: O(S^2) memory; a kernel that
-    skips the keys outside the window is a later step."""
-    if attention_mask is None and segment_ids is None and past == 0 and (window is None or window >= T):
+    window: keys q - window < k <= q only (a sliding layer). With no padding, packing or cache there is no
+    mask: the layer passes its window to attention, O(S x W); the other cases keep it in this O(S^2) mask."""
+    if attention_mask is None and segment_ids is None and past == 0:
         return None
     S = past + T
     q_pos = torch.arange(past, S, device=device)[:, None]
