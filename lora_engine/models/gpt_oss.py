@@ -31,7 +31,6 @@ import torch.nn as nn
 
 from lora_engine.io import mxfp4
 from lora_engine.io.safetensors import CheckpointError, LoadHook, StoredTensor
-from lora_engine.kernels import moe_reference
 from lora_engine.models import moe
 
 MODEL_TYPE = "gpt_oss"
@@ -196,19 +195,10 @@ class GptOssMoE(moe.MoEBlock):
         self.chunk_size = 0
         self.router_logits: torch.Tensor | None = None
 
-    def forward(self, x):
-        if self.chunk_size:
-            raise ValueError("mlp_chunk_size: chunking the MLP is not supported for mixture-of-experts layers; "
-                             "set it to 0")
-        B, T, D = x.shape
-        flat = x.reshape(-1, D)
+    def route(self, flat):
         logits = self.router(flat)  # (N, E)
         top, experts = torch.topk(logits, self.top_k, dim=-1)  # (N, k)
-        weights = torch.softmax(top, dim=-1, dtype=top.dtype)  # in the model's dtype, as transformers does
-        self.router_logits = logits
-        order, counts = moe_reference.sort_by_expert(experts, logits.shape[-1])
-        y = self.experts(flat[order // self.top_k], counts)  # (N*k, D), rows grouped by expert
-        return moe_reference.combine(y, order, weights).view(B, T, D)
+        return logits, torch.softmax(top, dim=-1, dtype=top.dtype), experts  # the model's dtype, as transformers
 
 
 # ---- the MXFP4 expert checkpoint -----------------------------------------------------------------------

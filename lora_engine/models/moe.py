@@ -69,21 +69,31 @@ class MoEBlock(nn.Module):
         self.chunk_size = 0  # CausalLM.mlp_chunk_size sets it on every layer's MLP; refused here (see forward)
         self.router_logits: torch.Tensor | None = None  # (B*T, E) of the last forward, for the auxiliary loss
 
+    def route(self, flat):
+        """The family's router on tokens flat (N, D): (logits (N, E), weights (N, k) in the logits' dtype,
+        experts (N, k)). Here softmax in fp32, top-k, renormalised over the k when the family does."""
+        logits = self.gate(flat)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(logits.dtype), experts
+
+    def group(self, experts, num_experts: int):
+        """(order, counts): the (token, slot) assignments grouped by expert (kernels/moe_reference.py)."""
+        return moe_reference.sort_by_expert(experts, num_experts)
+
     def forward(self, x):
         if self.chunk_size:
             raise ValueError("mlp_chunk_size: chunking the MLP is not supported for mixture-of-experts layers; "
                              "set it to 0")
         B, T, D = x.shape
         flat = x.reshape(-1, D)
-        logits = self.gate(flat)  # (N, E)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits, weights, experts = self.route(flat)
         self.router_logits = logits
-        order, counts = moe_reference.sort_by_expert(experts, probs.shape[-1])
+        order, counts = self.group(experts, logits.shape[-1])
         y = self.experts(flat[order // self.top_k], counts)  # (N*k, D), rows grouped by expert
-        return moe_reference.combine(y, order, weights.to(logits.dtype)).view(B, T, D)
+        return moe_reference.combine(y, order, weights).view(B, T, D)
 
 
 class SharedExpertMoE(MoEBlock):

@@ -15,34 +15,23 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from lora_engine.kernels import moe_reference
 from lora_engine.models.moe import MoEBlock
 
 
-class PlannedMoEBlock(MoEBlock):
-    """MoEBlock with even routing (module docstring); the same parameters and the same ops otherwise."""
-
-    def forward(self, x):
-        B, T, D = x.shape
-        flat = x.reshape(-1, D)
-        logits = self.gate(flat)  # (N, E)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        weights, _ = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        self.router_logits = logits
-        slots, E = flat.shape[0] * self.top_k, probs.shape[-1]
-        with unset_fake_temporarily():  # real counts: the grouped op reads them to split its rows
-            counts = torch.full((E,), slots // E, dtype=torch.int64)
-            counts[: slots % E] += 1
-        order = torch.arange(slots, device=x.device)
-        y = self.experts(flat[order // self.top_k], counts)  # (N*k, D)
-        return moe_reference.combine(y, order, weights.to(logits.dtype)).view(B, T, D)
+def even_group(experts, num_experts: int):
+    """MoEBlock.group for the plan: the N*k slots in order, spread over the experts as evenly as whole
+    numbers allow (module docstring)."""
+    slots = experts.numel()
+    with unset_fake_temporarily():  # real counts: the grouped op reads them to split its rows
+        counts = torch.full((num_experts,), slots // num_experts, dtype=torch.int64)
+        counts[: slots % num_experts] += 1
+    return torch.arange(slots, device=experts.device), counts
 
 
 def route_evenly(model: torch.nn.Module) -> int:
-    """Every MoEBlock of `model` routes evenly from now on (for the plan only); returns how many."""
+    """Every MoE block of `model` (each family's router kept: MoEBlock.route) groups its slots evenly from now
+    on (for the plan only); returns how many."""
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
     for m in blocks:
-        m.__class__ = PlannedMoEBlock
+        m.group = even_group
     return len(blocks)
