@@ -85,7 +85,7 @@ def moe(dev: str, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, 
     text = (f"MoE grouped mm fwd+bwd, {tokens:,} tokens top-{top_k} of {experts} experts, {K}->{N}, r={r}, bf16: "
             f"{new} {secs[new] * 1e3:.2f} ms ({tf[new]:.3g} TFLOP/s) vs {ref} {secs[ref] * 1e3:.2f} ms "
             f"({tf[ref]:.3g} TFLOP/s) = {secs[ref] / secs[new]:.2f}x; max rel err of out and grads {err:.2g}")
-    if dev == "cpu":
+    if "triton" not in backends:
         text += " (CPU: Triton does not run here, so the cpp per-expert GEMMs stand in for it)"
     return text, {"ms": {k: v * 1e3 for k, v in secs.items()}, "tflops": tf, "rel_err": err}
 
