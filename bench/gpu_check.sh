@@ -9,7 +9,9 @@
 #   135M-shaped LoRA and QLoRA steps against transformers + PEFT from the same random weights, with loss
 #   and gradient-norm parity), context-4k and context-24g (bench/gpu_context.py: the plan's 4,096-token
 #   figure, and the longest 8B QLoRA context under a 24 GiB cap by bisection over real steps), gpu-kernels
-#   (bench/gpu_kernels.py: NF4 dequantization against copy bandwidth, fused LoRA against the base matmuls).
+#   (bench/gpu_kernels.py: NF4 dequantization against copy bandwidth, fused LoRA against the base matmuls),
+#   gpu-new-kernels (bench/gpu_new_kernels.py: the MoE grouped GEMM at OLMoE-1B-7B shapes and the gated delta
+#   rule at Qwen3.5 shapes, Triton against their torch paths: time, TFLOP/s or peak memory, relative error).
 # Writes gpu_check.md under $OUT (or bench/results/ when OUT is unset): the steps, a Claims table naming
 # each README GPU claim with its step and "measured", "planned" or "failed: why" (bench/gpu_claims.py),
 # the rows, and each step's log. Exit status: 0 only when every step passed.
@@ -44,11 +46,13 @@ rm -f "$RESULTS/gpu_rows.jsonl" "$RESULTS/gpu_steps.tsv"
 DRYFLAG=(); [ "$DRY" -eq 1 ] && DRYFLAG=(--dry-run)
 
 # Per-step limits (seconds), one per step, summing to
-# 10 + 35 + 10 + 45 + 35 + 30 + 30 + 30 + 95 + 20 + 110 + 20 = 470 s, under 8 minutes, which leaves room for a
-# rerun in 15 minutes of device time (each limit can overrun by the 5 s grace before KILL). The longest
-# context gets the most: one 131,072-token 8B step is about a minute on an H100.
-T_ENV=10; T_INSTALL=35; T_IMPORT=10; T_TESTS=45; T_BENCH=35; T_NF4_TESTS=30; T_NF4_BENCH=30; T_PLAN=30
-T_TRAIN=95; T_CTX4K=20; T_CTX24G=110; T_KERNELS=20
+# 10 + 30 + 10 + 45 + 35 + 30 + 30 + 30 + 95 + 20 + 90 + 20 + 30 = 475 s, under 8 minutes, which leaves room
+# for a rerun in 15 minutes of device time (each limit can overrun by the 5 s grace before KILL). The longest
+# context gets the most: one 131,072-token 8B step is about a minute on an H100, so its 80 s budget still
+# holds the first probe (the planned length), if fewer bisection steps than before the MoE and delta-rule
+# kernels took their 30 s.
+T_ENV=10; T_INSTALL=30; T_IMPORT=10; T_TESTS=45; T_BENCH=35; T_NF4_TESTS=30; T_NF4_BENCH=30; T_PLAN=30
+T_TRAIN=95; T_CTX4K=20; T_CTX24G=90; T_KERNELS=20; T_NEW_KERNELS=30
 
 # The dry run allows each step 4 times its limit: tiny shapes on a CPU shared with other jobs are no GPU, and
 # its point is that every step runs, not how fast (it takes about a minute of CPU time in all).
@@ -184,5 +188,9 @@ run_step context-24g "$T_CTX24G" $PY bench/gpu_context.py --part 24g --budget-s 
 
 # 9. NF4 dequantization against copy bandwidth; fused LoRA against the base matmuls.
 run_step gpu-kernels "$T_KERNELS" $PY bench/gpu_kernels.py --out-dir "$RESULTS" "${DRYFLAG[@]}"
+
+# 10. The MoE grouped GEMM and the gated delta rule, Triton against their torch paths on the same device (the
+#     dry run: no Triton on a CPU, so the cpp MoE GEMMs and the fp64 recurrence stand in; the rows say so).
+run_step gpu-new-kernels "$T_NEW_KERNELS" $PY bench/gpu_new_kernels.py --out-dir "$RESULTS" "${DRYFLAG[@]}"
 
 exit "$FAILED"

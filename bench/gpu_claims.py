@@ -31,6 +31,10 @@ CLAIMS = (
     ("train-step Llama-3.1-8B QLoRA NF4", "Llama-3.1-8B QLoRA step against the QLoRA peer", "train-step"),
     ("kernels nf4 dequant", "NF4 dequantization GB/s as a fraction of the copy bandwidth", "gpu-kernels"),
     ("kernels fused lora", "fused LoRA forward+backward as a multiple of the base matmuls alone", "gpu-kernels"),
+    ("moe grouped mm", "MoE grouped GEMM Triton vs reference: forward+backward at OLMoE-1B-7B shapes, time, "
+     "TFLOP/s and relative error against the per-expert torch loop", "gpu-new-kernels"),
+    ("delta rule", "delta rule Triton vs chunked torch: forward+backward at Qwen3.5 shapes, 4k and 16k tokens, "
+     "time, peak memory and relative error", "gpu-new-kernels"),
     ("gpu-tests", "every Triton kernel equal to its reference at Llama-3-8B shapes, bf16 and fp16", "gpu-tests"),
     ("kernel-bench", "the Triton kernels' speed against their references and torch.compile", "kernel-bench"),
     ("nf4-triton-bench", "NF4 fused dequant+matmul against dequantize + cuBLAS, and its crossover",
@@ -39,7 +43,8 @@ CLAIMS = (
 STATUSES = ("measured", "planned", "failed")
 
 
-ROW_STEPS = ("context-24g", "context-4k", "train-step", "gpu-kernels")  # the steps that write gpu_rows.jsonl
+# the steps that write gpu_rows.jsonl
+ROW_STEPS = ("context-24g", "context-4k", "train-step", "gpu-kernels", "gpu-new-kernels")
 
 
 def claim_status(claim: str, step: str, steps: dict, rows: list[dict], dry_run: bool) -> str:

@@ -95,7 +95,7 @@ def test_dry_run_summary_names_every_claim(dry_run):
         assert status == "planned", f"a dry run measures nothing, yet {claim!r} is {status!r}"
         assert f"| {step} |" in lines[0] and step in _step_names()
     # every step that writes rows wrote at least one, marked as a dry run
-    for step in ("train-step", "context-4k", "context-24g", "gpu-kernels"):
+    for step in ("train-step", "context-4k", "context-24g", "gpu-kernels", "gpu-new-kernels"):
         assert f"- {step}: dry-run: " in summary, f"{step} wrote no row"
 
 
@@ -137,3 +137,11 @@ def test_the_readme_names_the_step_of_every_gpu_claim():
     for figure in ("131,072 tokens in 21.2 GiB", "4,096 tokens in 5.64 GiB"):
         sentence = readme[readme.index(figure):][:200]
         assert "planned" in sentence and "step context-" in sentence, sentence
+
+
+def test_relative_error_of_the_new_kernels_is_against_the_reference():
+    import torch
+    from gpu_new_kernels import rel_err
+
+    got, want = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])], [torch.tensor([1.0, 4.0]), torch.tensor([3.0])]
+    assert rel_err(got, want) == 0.5 and rel_err(want, want) == 0.0
