@@ -389,7 +389,9 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.pos += T
         # The MoE layers' load-balancing loss of this forward (transformers' aux_loss; not in the loss).
-        routed = [lg for layer in self.model.layers if (lg := getattr(layer.mlp, "router_logits", None)) is not None]
+        # A plain loop over MoE blocks: torch.compile cannot trace an assignment expression in a comprehension.
+        routed = [layer.mlp.router_logits for layer in self.model.layers
+                  if isinstance(layer.mlp, moe.MoEBlock) and layer.mlp.router_logits is not None]
         self.aux_loss = moe.aux_loss(routed, self.config.experts_per_token,
                                      None if attention_mask is None else attention_mask[:, -T:]) if routed else None
         return self.model.norm(x)
