@@ -1,5 +1,8 @@
 """LoRA adapters on disk in PEFT's format, both ways.
 
+One idea over ~470 lines: PEFT's adapter folder read and written (dense, fused Phi-3, expert and multimodal
+names are that one format's cases, so they stay beside its reader and writer).
+
 A folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys are
 `base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r); our module
 paths equal Hugging Face's (`model.layers.0.self_attn.q_proj`), so the key is PEFT's exactly.
