@@ -13,9 +13,10 @@ Other sources (CSV, parquet, arrow, datasets folders, the hub) and ShareGPT reco
 
 A record renders to segments, (text, trainable) pairs, each encoded separately and concatenated,
 so a token's label is its id when trainable and -100 otherwise. Chat records are rendered with the
-tokenizer's chat template; the assistant spans are found by rendering growing prefixes of the
-conversation, which works for every template whose rendering of a prefix is a prefix of the
-rendering of the whole (ChatML, Llama-3, Qwen...); others are reported, not guessed at.
+tokenizer's chat template, and the assistant turns found in the rendering by spans.py: through the
+template's {% generation %} markers, else by rendering growing prefixes of the conversation, else (reasoning
+templates such as Qwen3's, which render a turn differently once others follow it) with sentinels; what is
+trained is what the whole rendering shows. Templates that defeat all three are reported, not guessed at.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_engine.data import spans
 from lora_engine.models.chat_template import ChatTemplateError
 
 FORMATS = ("text", "alpaca", "prompt_completion", "chat")
@@ -165,8 +167,10 @@ class EmptyField(DataError):
     """A record with an empty required field: skipped (and counted) rather than fatal."""
 
 
-def segments(record: Record, fmt: str, tokenizer, completion_only: bool = True) -> list[tuple[str, bool]]:
-    """Render one record into (text, trainable) segments. The last segment does not include EOS."""
+def segments(record: Record, fmt: str, tokenizer, completion_only: bool = True,
+             mask_empty_think: bool = False) -> list[tuple[str, bool]]:
+    """Render one record into (text, trainable) segments. The last segment does not include EOS.
+    `mask_empty_think`: chat turns that open with an empty `<think></think>` block are not trained on it."""
     if fmt == "text":
         return [(_field(record, "text", fmt), True)]
     if fmt == "alpaca":
@@ -180,7 +184,7 @@ def segments(record: Record, fmt: str, tokenizer, completion_only: bool = True) 
     if fmt == "prompt_completion":
         return [(_field(record, "prompt", fmt), not completion_only), (_field(record, "completion", fmt), True)]
     if fmt == "chat":
-        return _chat_segments(record, tokenizer, completion_only)
+        return _chat_segments(record, tokenizer, completion_only, mask_empty_think)
     raise DataError(f"unknown data format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
 
 
@@ -207,7 +211,7 @@ def check_messages(where: str, msgs, field: str = "messages") -> list[dict]:
     return msgs
 
 
-def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str, bool]]:
+def _chat_segments(record: Record, tok, completion_only: bool, mask_empty_think: bool) -> list[tuple[str, bool]]:
     msgs = check_messages(record.where, record.data.get("messages"))
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{record.where}: no assistant message: nothing to learn from this conversation")
@@ -224,42 +228,25 @@ def _chat_segments(record: Record, tok, completion_only: bool) -> list[tuple[str
     # tools= only when the record has some: templates test `tools is defined`, and tokenizers may not take it
     extra = {"tools": tools} if tools else {}
 
-    def render(messages: list, add_generation_prompt: bool) -> str:
+    def render(messages: list, add_generation_prompt: bool, generation_spans: list | None = None) -> str:
+        kw = extra if generation_spans is None else {**extra, "generation_spans": generation_spans}
         try:
-            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kw)
         except ChatTemplateError as e:  # often the template refusing this conversation (roles, order)
             raise DataError(f"{record.where}: {e}") from e
 
-    full = render(msgs, False)
-    out: list[tuple[str, bool]] = []
-    done = 0  # characters of `full` already assigned to segments
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        before = render(msgs[:i], True)
-        upto = _closed_turn(render(msgs[: i + 1], False), full, getattr(tok, "eos_token", None))
-        if not (full.startswith(before) and full.startswith(upto) and len(before) >= done and upto.startswith(before)):
-            raise DataError(
-                f"{record.where}: the tokenizer's chat template does not render conversation prefixes as prefixes "
-                "of the whole, so assistant turns cannot be located; pass --no-completion-only to train on all tokens"
-            )
-        out.append((full[done:len(before)], not completion_only))
-        out.append((full[len(before):len(upto)], True))
-        done = len(upto)
-    if done < len(full):
-        out.append((full[done:], not completion_only))
-    return [s for s in out if s[0]]
+    msgs = spans.alias_reasoning(msgs)
+    try:
+        full, found = spans.assistant_spans(render, msgs, tok.chat_template, getattr(tok, "eos_token", None))
+    except spans.SpanError as e:
+        if not completion_only:  # every token is trained: where the turns are does not matter
+            return [(render(msgs, False), True)]
+        raise DataError(f"{record.where}: {e}") from None
+    return spans.segments(full, found, completion_only, mask_empty_think)
 
 
-def _closed_turn(upto: str, full: str, eos: str | None) -> str:
-    """`upto` without the EOS a template writes only where a conversation ends (Phi-3's, after the last
-    <|end|>): that EOS is learnt on the last turn, where the whole conversation has it too."""
-    if eos and not full.startswith(upto) and upto.endswith(eos) and full.startswith(upto[: -len(eos)]):
-        return upto[: -len(eos)]
-    return upto
-
-
-def tokenize(record: Record, fmt: str, tokenizer, completion_only: bool = True) -> Example:
+def tokenize(record: Record, fmt: str, tokenizer, completion_only: bool = True,
+             mask_empty_think: bool = False) -> Example:
     """Record -> Example (untruncated).
 
     Text-like formats start as the checkpoint's tokenizer starts a text (`tokenizer.prefix_ids`: the
@@ -271,7 +258,7 @@ def tokenize(record: Record, fmt: str, tokenizer, completion_only: bool = True) 
     if fmt != "chat":
         ids += tokenizer.prefix_ids
         labels += [-100] * len(tokenizer.prefix_ids)
-    for text, trainable in segments(record, fmt, tokenizer, completion_only):
+    for text, trainable in segments(record, fmt, tokenizer, completion_only, mask_empty_think):
         piece = tokenizer.encode(text, add_special_tokens=False)
         ids += piece
         labels += piece if trainable else [-100] * len(piece)

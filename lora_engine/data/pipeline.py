@@ -51,7 +51,8 @@ def load_examples(path, tokenizer, fmt: str = "auto", completion_only: bool = Tr
 
 
 def examples_from_records(records: list[Record], tokenizer, fmt: str = "auto", completion_only: bool = True,
-                          stats: dict | None = None, source: str = "the data") -> list[Example]:
+                          stats: dict | None = None, source: str = "the data",
+                          mask_empty_think: bool = False) -> list[Example]:
     fmt = check_format(fmt)
     stats = stats if stats is not None else {}
     if not records:
@@ -63,7 +64,7 @@ def examples_from_records(records: list[Record], tokenizer, fmt: str = "auto", c
         stats.setdefault("formats", {}).setdefault(f, 0)
         stats["formats"][f] += 1
         try:
-            out.append(tokenize(r, f, tokenizer, completion_only))
+            out.append(tokenize(r, f, tokenizer, completion_only, mask_empty_think))
         except EmptyField as e:
             empty.append(str(e))
     stats["records"] = stats.get("records", 0) + len(records)

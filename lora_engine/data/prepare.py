@@ -41,6 +41,7 @@ class DataSpec:
     max_length: int = 256
     pack: bool = False
     completion_only: bool = True
+    mask_empty_think: bool = False
     dedup: bool = False
     objective: str = "sft"
     columns: str | None = None    # "FIELD=COLUMN,...": fields of `data` and `val_data` read from other columns
@@ -106,9 +107,9 @@ def _sft(spec: DataSpec, tokenizer, records: dict, warn) -> Prepared:
     fmt = "chat" if spec.data is None else spec.format
     if spec.dedup:  # before the split, so that the held-out part shares no duplicate with the rest
         tr, stats["dedup"] = quality.dedup(tr, fmt, against=va)
-    train_ex = examples_from_records(tr, tokenizer, fmt, spec.completion_only, stats, src[0])
+    train_ex = examples_from_records(tr, tokenizer, fmt, spec.completion_only, stats, src[0], spec.mask_empty_think)
     if va is not None:
-        val_ex = examples_from_records(va, tokenizer, fmt, spec.completion_only, {}, src[1])
+        val_ex = examples_from_records(va, tokenizer, fmt, spec.completion_only, {}, src[1], spec.mask_empty_think)
     else:
         train_ex, val_ex = split(train_ex, spec.val_split, spec.seed)
     by_where = {r.where: r for r in tr}

@@ -12,6 +12,10 @@ and attribute lookup checks the clock, so nested `range(100000)` loops (10^10 it
 every size limit) stop there. Only a clock bounds all work alike: a count of steps would let one step
 be a 10M-item filter. Real templates render in milliseconds.
 Whatever a template raises, it raises as ChatTemplateError, naming the checkpoint.
+
+Templates may mark what the model writes with `{% generation %}...{% endgeneration %}` (transformers'
+AssistantTracker tag, used with `return_assistant_tokens_mask`; TRL's training templates have them). The tag
+renders its body unchanged; `render(..., generation_spans=[])` also records where each block lands in the text.
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.filters = {name: _guard(f, name, self) for name, f in self.filters.items()}
-        self._render = threading.local()  # the running render's deadline, per thread: a template may be shared
+        self._render = threading.local()  # the running render's deadline and tracking, per thread: templates are shared
 
     @contextlib.contextmanager
     def limited_time(self, seconds: float = MAX_SECONDS):
@@ -213,6 +217,28 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
         return _check(super().call(__context, __obj, *args, **kwargs), what)
 
 
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: the body as written; while `render` tracks (its
+    generation_spans), each block's (start, end, text), the offsets counted as transformers counts them: the
+    length of all the text the render has yielded before the block's own."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_block"), [], [], body).set_lineno(lineno)
+
+    def _block(self, caller) -> str:
+        text = caller()
+        tracking = getattr(self.environment._render, "generation", None)  # (pieces so far, spans) or None
+        if tracking is not None:
+            pieces, spans = tracking
+            start = sum(map(len, pieces))
+            spans.append((start, start + len(text), text))
+        return text
+
+
 def compile_template(source: str, name_or_path: str) -> jinja2.Template:
     """The template compiled in the limited sandbox; ChatTemplateError when it is not valid Jinja."""
 
@@ -223,7 +249,7 @@ def compile_template(source: str, name_or_path: str) -> jinja2.Template:
         # Jinja's own tojson escapes HTML characters, which would change the rendered text.
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _Generation])
     env.filters["tojson"] = _guard(tojson, "tojson", env)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -237,12 +263,15 @@ def compile_template(source: str, name_or_path: str) -> jinja2.Template:
         raise ChatTemplateError(f"the chat template of {name_or_path} cannot be compiled: {e}") from e
 
 
-def render(template: jinja2.Template, name_or_path: str, **context) -> str:
+def render(template: jinja2.Template, name_or_path: str, generation_spans: list | None = None, **context) -> str:
     """Render with the output capped at MAX_SIZE characters and the time at MAX_SECONDS; any failure is a
-    ChatTemplateError."""
-    pieces, size = [], 0
+    ChatTemplateError. A list given as `generation_spans` receives the (start, end) character offsets of each
+    `{% generation %}` block in the text, in order."""
+    pieces, size, tracked = [], 0, []
+    env = template.environment
     try:
-        with template.environment.limited_time():
+        env._render.generation = (pieces, tracked) if generation_spans is not None else None
+        with env.limited_time():
             for piece in template.generate(**context):
                 size += len(piece)
                 if size > MAX_SIZE:
@@ -253,4 +282,17 @@ def render(template: jinja2.Template, name_or_path: str, **context) -> str:
     # is that file's failure, not the engine's.
     except Exception as e:
         raise ChatTemplateError(f"the chat template of {name_or_path} failed: {e or type(e).__name__}") from e
-    return "".join(pieces)
+    finally:
+        env._render.generation = None
+    text = "".join(pieces)
+    for start, end, block in tracked:
+        # A block whose text is not written when it is made (a macro's, joined with other text before it is
+        # written; a {% set %} block's) is counted at the wrong place: its offsets would point at other text, where
+        # transformers' mask would silently be wrong.
+        if text[start:end] != block:
+            raise ChatTemplateError(f"the chat template of {name_or_path} has a {{% generation %}} block whose text "
+                                    "is not written where it is made (inside a macro or a set block), so where it "
+                                    "lands is unknown; put the block in the template's loop over messages")
+    if generation_spans is not None:
+        generation_spans += [(start, end) for start, end, _ in tracked]
+    return text

@@ -128,9 +128,11 @@ class Tokenizer:
 
     # ---- chat -----------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, generation_spans: list | None = None) -> str:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat template; `tools`
-        (OpenAI-style function definitions) is passed to it as transformers does, and left undefined when None."""
+        (OpenAI-style function definitions) is passed to it as transformers does, and left undefined when None.
+        A list given as `generation_spans` receives the (start, end) characters of the template's
+        `{% generation %}` blocks (what transformers' return_assistant_tokens_mask marks)."""
         if self.chat_template is None:
             raise ValueError(
                 f"tokenizer {self.name_or_path} has no chat template; pass a text-format dataset or a tokenizer "
@@ -149,7 +151,7 @@ class Tokenizer:
         return render(self._template(), self.name_or_path, messages=messages,
                       add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
                       eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "",
-                      **extra)
+                      generation_spans=generation_spans, **extra)
 
     def _template(self):
         if self._compiled is None:

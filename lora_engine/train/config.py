@@ -117,6 +117,9 @@ class TrainConfig:
     pack: bool = _f(False, "pack several examples per row (attention and positions isolated per example)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding; order still random)")
     completion_only: bool = _f(True, "loss only on responses / assistant turns (prompt and chat formats)")
+    mask_empty_think: bool = _f(False, "chat: no loss on the empty <think></think> block a reasoning template "
+                                       "(Qwen3's) writes into a turn without reasoning, so the model is not taught "
+                                       "to skip thinking")
     dedup: bool = _f(False, "drop exact and near-duplicate training records, and those that duplicate the "
                             "validation data, before training (counts logged and in run.json)")
     save_every: int = _f(100, "checkpoint every N steps (0 = only at the end and on interruption)")
