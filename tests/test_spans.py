@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from lora_engine.cli import parse
 from lora_engine.data import spans
 from lora_engine.data.formats import DataError, Record, segments, tokenize
 from lora_engine.data.prepare import DataSpec, prepare_data
+from lora_engine.data.sources import read_source
 from lora_engine.models.tokenizer import load_tokenizer
 from lora_engine.train.config import TrainConfig
 from tests.conftest import require_oracle
@@ -26,6 +28,7 @@ FAMILIES = {  # template file -> (special tokens, bos, eos)
                "<|eot_id|>"),
     "gemma": (("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>"),
     "phi3": (("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"), None, "<|endoftext|>"),
+    "gptoss": (("<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|call|>"), None, "<|return|>"),
 }
 
 TOOL = {"type": "function", "function": {"name": "weather", "description": "Weather of a city",
@@ -181,6 +184,17 @@ def test_qwen3_tool_calls_are_trained_and_tool_results_are_not(tmp_path):
     assert "18C\n</tool_response>" in tok.decode(ids) and "# Tools" in tok.decode(ids)
 
 
+def test_sharegpt_function_calls_through_qwen3_are_trained_and_observations_are_not(tmp_path):
+    tok, _ = pair(tmp_path, "qwen3", trl_template("qwen3"))
+    share = {"tools": json.dumps([TOOL]), "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "18C"}, {"from": "gpt", "value": "It is 18C."}]}
+    (record,) = read_source(write_jsonl(tmp_path / "s.jsonl", [share]))
+    ex = tokenize(record, "chat", tok)
+    assert (ex.input_ids, [int(t != -100) for t in ex.labels]) == ours(tok, *REASONING_CHATS[4])
+
+
 # ---- the empty think block ----------------------------------------------------------------------------------
 
 
@@ -199,7 +213,39 @@ def test_mask_empty_think_keeps_the_empty_block_out_of_the_loss_and_real_thinkin
     assert tok.decode([i for i, m in zip(ids4, mask4) if not m]) == "<think>\n\n</think>\n\n"
 
 
+def test_qwen3_5_whose_prompt_opens_the_think_block_trains_what_follows_it(tmp_path):
+    # Qwen3.5's generation prompt ends in `<think>\n` (thinking on): the turn the model writes starts inside it.
+    tok, tf_tok = pair(tmp_path, "qwen3", trl_template("qwen3_5_think"))
+    msgs = [user("hi"), bot("<think>hmm</think>hello"), user("again"), bot("bye")]
+    assert tok.apply_chat_template(msgs) == tf_tok.apply_chat_template(msgs, tokenize=False)
+    assert tok.apply_chat_template(msgs[:3], add_generation_prompt=True).endswith("assistant\n<think>\n")
+    ids, mask = ours(tok, msgs)
+    assert trained(tok, ids, mask) == "hello<|im_end|>\n\n</think>\n\nbye<|im_end|>\n"
+    ids, mask = ours(tok, msgs, mask_empty_think=True)
+    assert trained(tok, ids, mask) == "hello<|im_end|>\nbye<|im_end|>\n"
+    ids, mask = ours(tok, [*msgs[:3], bot("<think>ok</think>bye")], mask_empty_think=True)
+    assert trained(tok, ids, mask) == "hello<|im_end|>\nok\n</think>\n\nbye<|im_end|>\n"
+
+
+def test_gpt_oss_turns_tool_calls_and_final_return(tmp_path):
+    # gpt-oss ends the last turn with <|return|> (its EOS) and earlier ones with <|end|>: the closing an earlier
+    # turn has only there is not trained, the model learns to stop from the last turn. Only the first tool call
+    # of a message is shown, and the tool's name is written again with its result.
+    tok, tf_tok = pair(tmp_path, "gptoss", trl_template("gptoss"))
+    msgs = [user("hi"), bot("hello"), user("Paris and Rome?"), bot("", tool_calls=[call("Paris"), call("Rome")]),
+            {"role": "tool", "content": "18C"}, bot("Rome.", thinking="compare")]
+    assert tok.apply_chat_template(msgs, tools=[TOOL]) == tf_tok.apply_chat_template(msgs, tools=[TOOL],
+                                                                                      tokenize=False)
+    ids, mask = ours(tok, msgs, [TOOL])
+    assert trained(tok, ids, mask) == (
+        "<|channel|>final<|message|>hello"
+        ' to=functions.weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
+        "<|channel|>analysis<|message|>compare<|end|><|start|>assistant<|channel|>final<|message|>Rome.<|return|>")
+
+
 def test_mask_empty_think_is_a_train_flag_that_reaches_the_rows(tmp_path):
+    assert parse(TrainConfig, ["--mask-empty-think"])[0].mask_empty_think
+    assert not parse(TrainConfig, [])[0].mask_empty_think  # default: trained, as transformers' and TRL's masks
     tok, _ = pair(tmp_path, "qwen3", trl_template("qwen3"))
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [user(f"q{i}"), bot(f"a{i}")]} for i in range(4)])
     cfg = TrainConfig(data=str(data), mask_empty_think=True, val_split=0.5)
@@ -224,6 +270,25 @@ def test_marked_template_gives_transformers_mask(tmp_path, family, name):
         ids, mask = ours(tok, msgs, tools)
         assert (ids, mask) == theirs(tf_tok, msgs, tools)
         assert sum(mask) > 0
+
+
+def test_nested_and_adjacent_generation_blocks_give_transformers_mask(tmp_path):
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+                "{% generation %}{{ m.content }}{% endgeneration %}<|im_end|>{% endgeneration %}{% generation %}"
+                "{{ '\\n' }}{% endgeneration %}{% else %}{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}")
+    tok, tf_tok = pair(tmp_path, "qwen3", template)
+    msgs = CHATS[1][0]
+    ids, mask = ours(tok, msgs)
+    assert (ids, mask) == theirs(tf_tok, msgs)
+    assert trained(tok, ids, mask) == "hello<|im_end|>\nbye<|im_end|>\n"
+
+
+def test_marked_template_with_mask_empty_think(tmp_path):
+    tok, tf_tok = pair(tmp_path, "qwen3", trl_template("qwen3_training"))  # writes a think block in every turn
+    msgs = [user("hi"), bot("hello"), user("again"), bot("<think>ok</think>bye")]
+    ids, mask = ours(tok, msgs, mask_empty_think=True)
+    assert ids == theirs(tf_tok, msgs)[0]
+    assert trained(tok, ids, mask) == "hello<|im_end|>\n<think>\nok\n</think>\n\nbye<|im_end|>\n"
 
 
 def test_generation_markers_render_as_transformers_renders_them_and_are_tracked_only_when_asked(tmp_path):

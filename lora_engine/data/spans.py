@@ -15,10 +15,12 @@ of these rules that holds:
    the last one (with a `<think>...</think>` block, empty when there is no reasoning) and another once a user
    turn follows it (the block stripped), so render(messages[:i + 1]) is no prefix of `full`. The turn's end is
    found by rendering the conversation again with a unique sentinel appended to the last thing message i
-   writes (the name of its last tool call, else its content): what follows the sentinel there is what follows
-   that point in `full`, which places it whatever the template did before it. The turn's closing (the
-   `<|im_end|>\\n` after it) is what follows the sentinel when the turn is rendered last. The turn starts where
-   the generation prompt (render(messages[:i], add_generation_prompt=True)) parts from `full`.
+   writes that the rendering shows (the name of a tool call, from the last, else its content): what follows the
+   sentinel there is what follows that point in `full`, which places it whatever the template did before it.
+   The turn's closing (the `<|im_end|>\\n` after it) is what follows the sentinel when the turn is rendered
+   last, less an EOS the template writes only at the very end (gpt-oss's `<|return|>`, which becomes `<|end|>`
+   once other turns follow: the model learns to write it from the last turn). The turn starts where the
+   generation prompt (render(messages[:i], add_generation_prompt=True)) parts from `full`.
    A message the rendering does not show at all (the sentinel appears nowhere and `full` is unchanged) has no
    span; a template that shows no assistant message is an error.
 
@@ -31,8 +33,11 @@ import os
 import re
 
 # The block Qwen3's template writes into the last assistant turn when it has no reasoning (and into the
-# generation prompt when thinking is off), SmolLM3's into every turn in /no_think mode.
+# generation prompt when thinking is off), SmolLM3's into every turn in /no_think mode. Qwen3.5's generation
+# prompt opens it (`<think>\n`), so its turns start inside it: then the rest of it opens the turn.
 EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
+OPEN_THINK = re.compile(r"<think>\s*\Z")
+CLOSE_EMPTY_THINK = re.compile(r"\s*</think>\s*")
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # Older names of a message's reasoning, filled into `reasoning_content` (what Qwen3's template reads) and
 # `thinking` (gpt-oss's), as transformers does before rendering.
@@ -63,7 +68,7 @@ def assistant_spans(render, messages: list[dict], template: str | None, eos: str
     if template and GENERATION_TAG.search(template):
         marked: list[tuple[int, int]] = []
         full = render(messages, False, marked)
-        spans = [(s, e) for s, e in marked if e > s]
+        spans = _merged([(s, e) for s, e in marked if e > s])
         if not spans:
             raise SpanError("the chat template has {% generation %} markers but marks no assistant output in this "
                             "conversation, so there is nothing to train on; mark the assistant turns with them")
@@ -82,6 +87,18 @@ def assistant_spans(render, messages: list[dict], template: str | None, eos: str
     if not spans:
         raise SpanError("the chat template renders none of the assistant messages, so there is nothing to train on")
     return full, spans
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Spans in order, those that overlap or touch joined: nested {% generation %} blocks are recorded inner first,
+    and transformers' mask is their union."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
 
 
 def _prefix_span(render, messages, i, full, eos, done) -> tuple[int, int] | None:
@@ -115,10 +132,9 @@ def _sentinel_span(render, messages, i, full, eos, done) -> tuple[int, int] | No
             hidden += 1
             continue
         start = None if end is None else _start(render, messages, i, full, done, sentinel)
-        last = render(changed[: i + 1], False)  # the turn rendered last: what closes it follows the sentinel
-        if start is None or end < start or last.count(sentinel) != 1:
+        closing = _after(render(changed[: i + 1], False), sentinel)  # the turn rendered last: what closes it
+        if start is None or end < start or closing is None:
             continue
-        closing = last.split(sentinel)[1]
         if full.startswith(closing, end):
             return start, end + len(closing)
         if eos and closing.endswith(eos) and full.startswith(closing[: -len(eos)], end):
@@ -137,9 +153,15 @@ def _anchor(render, changed, full, sentinel) -> int | str | None:
     marked = render(changed, False)
     if sentinel not in marked and marked == full:
         return "hidden"
-    if marked.count(sentinel) != 1 or not full.endswith(tail := marked.split(sentinel)[1]):
-        return None
-    return len(full) - len(tail)
+    tail = _after(marked, sentinel)
+    return len(full) - len(tail) if tail is not None and full.endswith(tail) else None
+
+
+def _after(text: str, sentinel: str) -> str | None:
+    """The text after the first sentinel, where the message's own rendering writes it, with any later ones (a
+    tool's name written again with its result, as gpt-oss's template does) taken out; None without one."""
+    _, found, tail = text.partition(sentinel)
+    return tail.replace(sentinel, "") if found else None
 
 
 def _start(render, messages, i, full, done, sentinel) -> int | None:
@@ -173,31 +195,46 @@ def _unique_sentinel(messages, full) -> str:
     return tag
 
 
-def _places(message: dict) -> list[str]:
-    """Where a sentinel goes on a message, last-written first: the name of its last tool call (the last thing a
-    turn with tool calls writes), then its content."""
+def _places(message: dict) -> list[tuple[str, int]]:
+    """Where a sentinel goes on a message, last-written first: the names of its tool calls from the last one (the
+    last thing a turn with tool calls writes; a template may show only some of them, gpt-oss's only the first),
+    then its content. ("tool call", index) or ("content", 0)."""
     calls = message.get("tool_calls") or []
-    last = calls[-1] if calls and isinstance(calls[-1], dict) else {}
-    fn = last.get("function")
-    named = isinstance(fn, dict) and isinstance(fn.get("name"), str) or isinstance(last.get("name"), str)
+    named = [("tool call", k) for k in reversed(range(len(calls))) if _name_of(calls[k]) is not None]
     has_text = isinstance(message.get("content"), str) and message["content"]
-    return (["tool call"] if named else []) + (["content"] if has_text else [])
+    return named + ([("content", 0)] if has_text else [])
+
+
+def _name_of(call: dict) -> str | None:
+    """Which key holds a tool call's name: OpenAI's {"function": {"name"}} or a bare {"name"}."""
+    fn = call.get("function")
+    if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+        return "function"
+    return "name" if isinstance(call.get("name"), str) else None
 
 
 def _with_sentinel(messages, i, place, sentinel) -> list[dict]:
     """`messages` with `sentinel` appended at `place` (one of _places) of message i."""
     m = messages[i]
-    if place == "content":
+    kind, k = place
+    if kind == "content":
         changed = {**m, "content": m["content"] + sentinel}
     else:
-        call = dict(m["tool_calls"][-1])
-        fn = call.get("function")
-        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            call["function"] = {**fn, "name": fn["name"] + sentinel}
+        call = dict(m["tool_calls"][k])
+        if _name_of(call) == "function":
+            call["function"] = {**call["function"], "name": call["function"]["name"] + sentinel}
         else:
             call["name"] += sentinel
-        changed = {**m, "tool_calls": [*m["tool_calls"][:-1], call]}
+        changed = {**m, "tool_calls": [*m["tool_calls"][:k], call, *m["tool_calls"][k + 1:]]}
     return [*messages[:i], changed, *messages[i + 1:]]
+
+
+def _empty_think(full: str, start: int, end: int):
+    """The match of an empty think block that opens the span [start, end) of `full`, or of its rest when the text
+    before the span opens it; None when the span opens otherwise."""
+    if OPEN_THINK.search(full, max(0, start - 32), start):
+        return CLOSE_EMPTY_THINK.match(full, start, end)
+    return EMPTY_THINK.match(full, start, end)
 
 
 def segments(full: str, spans: list[tuple[int, int]], completion_only: bool, mask_empty_think: bool
@@ -208,7 +245,7 @@ def segments(full: str, spans: list[tuple[int, int]], completion_only: bool, mas
     done = 0
     for start, end in spans:
         out.append((full[done:start], not completion_only))
-        think = EMPTY_THINK.match(full, start, end) if mask_empty_think else None
+        think = _empty_think(full, start, end) if mask_empty_think else None
         if think:
             out.append((full[start:think.end()], False))
             start = think.end()
