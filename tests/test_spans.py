@@ -227,6 +227,22 @@ def test_qwen3_5_whose_prompt_opens_the_think_block_trains_what_follows_it(tmp_p
     assert trained(tok, ids, mask) == "hello<|im_end|>\nok\n</think>\n\nbye<|im_end|>\n"
 
 
+def test_nemotron_whose_prompt_and_history_render_the_think_block_differently(tmp_path):
+    # Nemotron 3's prompt opens `<think>\n`, earlier turns show `<think></think>`, and a tool-call turn's thinking
+    # is shown only until a user turn follows: the conversation before the fourth message is no prefix of the
+    # whole, so the turn starts where the prompt's header, as far as the whole shows it, follows the tool result.
+    tok, tf_tok = pair(tmp_path, "qwen3", trl_template("nemotron_3_nano"))
+    msgs, tools = REASONING_CHATS[5]
+    full = tok.apply_chat_template(msgs, tools=tools)
+    assert full == tf_tok.apply_chat_template(msgs, tools=tools, tokenize=False)
+    assert not full.startswith(tok.apply_chat_template(msgs[:4], tools=tools))
+    ids, mask = ours(tok, msgs, tools, mask_empty_think=True)
+    assert trained(tok, ids, mask) == (
+        "<tool_call>\n<function=weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>\n"
+        "<tool_call>\n<function=weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>\n"
+        "<|im_end|>\nRome.<|im_end|>\nwelcome<|im_end|>\n")
+
+
 def test_gpt_oss_turns_tool_calls_and_final_return(tmp_path):
     # gpt-oss ends the last turn with <|return|> (its EOS) and earlier ones with <|end|>: the closing an earlier
     # turn has only there is not trained, the model learns to stop from the last turn. Only the first tool call

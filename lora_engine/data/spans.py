@@ -124,6 +124,7 @@ def _sentinel_span(render, messages, i, full, eos, done) -> tuple[int, int] | No
     the rendering at all. Raises SpanError when the template defeats the rule."""
     sentinel = _unique_sentinel(messages, full)
     places = _places(messages[i])
+    start = _start(render, messages, i, full, done, sentinel)
     hidden = 0
     for place in places:
         changed = _with_sentinel(messages, i, place, sentinel)
@@ -131,9 +132,10 @@ def _sentinel_span(render, messages, i, full, eos, done) -> tuple[int, int] | No
         if end == "hidden":
             hidden += 1
             continue
-        start = None if end is None else _start(render, messages, i, full, done, sentinel)
+        if start is None or end is None or end < start:
+            continue
         closing = _after(render(changed[: i + 1], False), sentinel)  # the turn rendered last: what closes it
-        if start is None or end < start or closing is None:
+        if closing is None:
             continue
         if full.startswith(closing, end):
             return start, end + len(closing)
@@ -168,7 +170,7 @@ def _start(render, messages, i, full, done, sentinel) -> int | None:
     """Where turn i starts in `full`: the end of the generation prompt after messages[:i]. Where the prompt's
     conversation is the start of `full` (as in rule 2), where the prompt parts from `full`; else (Qwen3 renders an
     earlier turn's thinking while a tool result is the last message, and strips it once a user turn follows) the
-    end of the prompt's own header (its text after the conversation, `<|im_start|>assistant\n`) where it first
+    end of the prompt's own header (its text after the conversation, `<|im_start|>assistant\\n`) where it first
     follows message i - 1 in `full`."""
     base = render(messages[:i], False)
     prompt = render(messages[:i], True)
@@ -182,8 +184,13 @@ def _start(render, messages, i, full, done, sentinel) -> int | None:
         after = _anchor(render, _with_sentinel(messages, i - 1, place, sentinel), full, sentinel)
         if isinstance(after, int):
             break
-    at = full.find(header, max(done, after if isinstance(after, int) else 0)) if header else -1
-    return at + len(header) if at >= 0 else None
+    lo = max(done, after if isinstance(after, int) else 0)
+    # As where the prompt parts from `full` above: the longest start of the header found there (Nemotron's prompt
+    # opens `<think>\n` where the whole conversation shows `<think></think>`), at least half of it.
+    for n in range(len(header), (len(header) + 1) // 2 - 1, -1):
+        if n and (at := full.find(header[:n], lo)) >= 0:
+            return at + n
+    return None
 
 
 def _unique_sentinel(messages, full) -> str:
