@@ -56,26 +56,30 @@ MOE = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_moe_text")
 _ONE_PLUS_W = ("gemma2", "gemma3_text", "qwen3_5_text", "qwen3_5_moe_text")
 
 
-def randomize(model, family: str) -> None:
+def randomize(model, family: str, prefix: str = "") -> None:
     """Norms around their identity; experts, routers, sinks and biases drawn wide (0.3), so no top-k choice
-    is a near tie and every expert's output matters."""
+    is a near tie and every expert's output matters. prefix: only the parameters under it (a text model
+    inside a multimodal one)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if not name.startswith(prefix):
+                continue
             if "norm" in name:
                 center = 0.0 if family in _ONE_PLUS_W and "linear_attn.norm" not in name else 1.0
                 p.copy_(0.2 * torch.randn_like(p) + center)
-            elif p.dim() == 3 or name.endswith((".gate.weight", "shared_expert_gate.weight", "sinks", "bias")) \
+            elif p.dim() == 3 or name.endswith((".gate.weight", "shared_expert_gate.weight", "sinks", ".bias")) \
                     or "router" in name:
                 p.normal_(0, 0.3)
 
 
-def make_family(family: str, folder: Path, seed: int = 0, **over):
-    """A random fp32 transformers model of `family` (a key of CONFIGS) saved to `folder`; returned in eval
-    mode, eager attention (its soft-cap and sink paths). over: config fields to change (vocab_size=128, ...)."""
-    import transformers as tf
+def make_family(family: str, folder: Path, seed: int = 0, fields: dict | None = None, **over):
+    """A random fp32 transformers model of `family` saved to `folder`; returned in eval mode, eager attention
+    (its soft-cap and sink paths). fields: the config (default CONFIGS[family]); over: fields to change."""
+    from tests.conftest import require_oracle
 
+    tf = require_oracle("transformers")
     torch.manual_seed(seed)
-    config = tf.AutoConfig.for_model(family, **{**CONFIGS[family], **over})
+    config = tf.AutoConfig.for_model(family, **{**(CONFIGS[family] if fields is None else fields), **over})
     config._attn_implementation = "eager"
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize(model, family)
