@@ -102,6 +102,28 @@ def test_two_processes_equal_one_with_double_accumulation(one, two, name, ref):
     assert json.loads((two[name] / "checkpoints/step-00000002/meta.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.parametrize("family", ["qwen3_5_moe_text"])
+def test_a_family_trains_on_two_processes_as_on_one(family, tmp_path):
+    """`train` under torchrun with LoRA on the experts of Qwen3.5-MoE (linear attention, shared experts, the
+    router's aux loss in the model): one family end to end, as the command runs it; every family's losses
+    and gradients under DDP and FSDP: tests/test_fsdp.py."""
+    from tests.families_fixtures import make_family
+    from tests.test_train_support import VOCAB, chat_records, save_tokenizer_files, write_jsonl
+
+    require_oracle("transformers")
+    make_family(family, tmp_path / "model", vocab_size=VOCAB)
+    save_tokenizer_files(tmp_path / "model")
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(24))
+    lora = ("--target-modules", "q_proj,v_proj", "--target-parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj")
+    assert main(_args(tmp_path / "model", data, tmp_path / "one", "--grad-accum", "2", "--r", "4", *lora)) == 0
+    for strategy in ("ddp", "fsdp"):
+        _ok(_torchrun(_args(tmp_path / "model", data, tmp_path / strategy, "--lora-r", "4", "--distributed", strategy,
+                            *lora)))
+        _same_losses(_losses(tmp_path / strategy), _losses(tmp_path / "one"))
+        _same_adapters(_adapter(tmp_path / strategy), _adapter(tmp_path / "one"))
+    assert any(".experts." in k for k in _adapter(tmp_path / "one"))
+
+
 def test_distributed_adapter_loads_in_peft(folder, two):
     peft, transformers = require_oracle("peft"), require_oracle("transformers")
     from lora_engine import load_adapter, load_model

@@ -12,6 +12,7 @@ from lora_engine.export import save_model
 from lora_engine.io.safetensors import CheckpointError, read_safetensors_header
 from lora_engine.models.config import ModelConfig
 from tests.conftest import require_oracle, tol
+from tests.families_fixtures import make_family
 
 WINDOW = 8
 _BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
@@ -36,17 +37,7 @@ FAMILIES = tuple(CONFIGS)
 
 def make_hf(family: str, folder, seed: int = 0):
     """A random transformers model of `family` saved to `folder` (eager attention: its soft-cap path)."""
-    tf = require_oracle("transformers")
-    torch.manual_seed(seed)
-    config = tf.AutoConfig.for_model(family, **_BASE, **CONFIGS[family])
-    config._attn_implementation = "eager"
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.2 * torch.randn_like(p) + (0.0 if family.startswith("gemma") else 1.0))
-    model.save_pretrained(folder, safe_serialization=True)
-    return model.eval()
+    return make_family(family, folder, seed, fields={**_BASE, **CONFIGS[family]})
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

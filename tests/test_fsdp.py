@@ -1,9 +1,11 @@
-"""FSDP2 (train/fsdp.py) on CPU with gloo, 2 processes: sharded LoRA / QLoRA / QDoRA equals one process.
+"""FSDP2 (train/fsdp.py) and DDP (train/distributed.py) on CPU with gloo, 2 processes: sharded LoRA / QLoRA /
+QDoRA equals one process, and so does LoRA on every family (tests/families_fixtures.py: MoE experts and
+their per-expert LoRA, Qwen3.5's linear-attention layers) sharded and with DDP's gradient all-reduce.
 
 One spawn runs every case; each rank builds the same model twice, trains one copy alone on the whole
 global batch (the one-process reference) and shards the other, feeding it its half of the rows with the
 loss normalised by the target count of the whole batch. The parent process asserts on what the ranks
-report. Tiny llama (tests/hf_models.py): 2 layers, hidden 64, vocab 96.
+report. Tiny llama (tests/hf_models.py): 2 layers, hidden 64, vocab 96; the families' models as tiny.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.families_fixtures import FAMILIES, MOE, make_family
 from tests.hf_models import make_hf_model
 from tests.kernel_utils import needs_triton
 
@@ -30,21 +33,37 @@ CASES = {
     "lora_bf16": (None, torch.bfloat16, False),
     "qlora": ("nf4", torch.float32, False),
     "qdora": ("nf4", torch.float32, True),
-}
+} | {family: (None, torch.float32, False) for family in FAMILIES}  # LoRA on the attention and the experts
+
+
+def _targets(case):
+    """LoraConfig fields of a case: q_proj and v_proj for QDoRA, every projection (and the experts of an
+    MoE family; the Qwen3.5 DeltaNet projections) otherwise."""
+    from lora_engine.lora.experts import MOE_TARGETS
+    from lora_engine.lora.layers import LoraConfig
+
+    if CASES[case][2]:
+        return dict(target_modules=("q_proj", "v_proj"))
+    if case not in FAMILIES:
+        return dict(target_modules=LoraConfig.target_modules)
+    modules = ["q_proj", "v_proj", "o_proj"] + (["in_proj_qkv", "out_proj"] if case.startswith("qwen3_5") else [])
+    return dict(target_modules=modules, target_parameters=list(MOE_TARGETS) if case in MOE else [])
 
 
 def _build(folder, case):
+    """The case's model with LoRA; folder: the directory holding the llama ("model") and the families."""
     from lora_engine.loading import load_model
-    from lora_engine.lora.layers import LoraConfig, apply_lora, lora_layers
+    from lora_engine.lora.layers import LoraConfig, apply_lora
 
     quantize, dtype, dora = CASES[case]
-    model = load_model(folder, dtype=dtype, quantize=quantize, verbose=False)
+    model = load_model(os.path.join(folder, case if case in FAMILIES else "model"), dtype=dtype, quantize=quantize,
+                       verbose=False)
     torch.manual_seed(1)
-    targets = ("q_proj", "v_proj") if dora else LoraConfig.target_modules
-    apply_lora(model, LoraConfig(r=4, lora_alpha=8, use_dora=dora, target_modules=targets), verbose=False)
-    with torch.no_grad():  # B != 0, so that A has a gradient at the first step too
-        for _, m in lora_layers(model):
-            m.lora_B.normal_(0.0, 0.05)
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, use_dora=dora, **_targets(case)), verbose=False)
+    with torch.no_grad():  # B != 0, so that A has a gradient at the first step too (the experts' B too)
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0.0, 0.05)
     model.gradient_checkpointing = dora
     return model.train()
 
@@ -61,10 +80,11 @@ def _batches():
     return out
 
 
-def _train(model, parts, gather):
+def _train(model, parts, gather, sync=None):
     """STEPS AdamW steps; (losses, first-step gradients {name: full tensor}). Each step runs forward and
     backward on each row slice of `parts` in turn (gradient accumulation), every loss normalised by the
-    target count of the whole global batch; gather: sum the loss over the ranks (the gradients FSDP sums)."""
+    target count of the whole global batch; gather: sum the loss over the ranks (the gradients FSDP sums);
+    sync(params): called before each optimizer step (DDP's gradient all-reduce)."""
     from lora_engine.train.fsdp import _full
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
@@ -77,6 +97,8 @@ def _train(model, parts, gather):
             total += loss.detach()
         if gather:
             dist.all_reduce(total)
+        if sync is not None:
+            sync([p for p in model.parameters() if p.requires_grad])
         losses.append(total.item())
         if step == 0:
             grads = {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -125,19 +147,27 @@ def _gathered_bytes_expected(model):
 def _run_case(folder, case, rank, out_dir):
     from lora_engine.lora.adapter import save_adapter
     from lora_engine.train import fsdp
+    from lora_engine.train.distributed import Dist
 
     halves = [slice(r * ROWS // WORLD, (r + 1) * ROWS // WORLD) for r in range(WORLD)]
     rows = halves[rank]
     ref = _build(folder, case)  # one process with --grad-accum WORLD: the same row halves, one after the other
     ref_losses, ref_grads = _train(ref, halves, gather=False)
+    ddp = Dist("ddp", rank, WORLD, rank, "gloo")
+    ddp.broadcast_trainable(replica := _build(folder, case))  # as train/distributed.py:prepare does
+    ddp_losses, ddp_grads = _train(replica, [rows], gather=True, sync=ddp.reduce_gradients)
     sharded = fsdp.shard(_build(folder, case))
-    out = {"ref_losses": ref_losses, "ref_grads": ref_grads,
+    out = {"ref_losses": ref_losses, "ref_grads": ref_grads, "ddp_losses": ddp_losses, "ddp_grads": ddp_grads,
+           "ddp_state": {n: p.detach().clone() for n, p in replica.named_parameters() if p.requires_grad},
            "ref_state": {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad},
            "ref_bytes": fsdp.local_parameter_bytes(_build(folder, case)),
            "local_bytes": fsdp.local_parameter_bytes(sharded),
            "row_slack": sum(math.prod(p.shape[1:]) * p.element_size() for p in sharded.parameters()
                             if not p.requires_grad),
-           "dtypes": {n: p.dtype for n, p in sharded.named_parameters()}}
+           "dtypes": {n: p.dtype for n, p in sharded.named_parameters()},
+           # (local shape, whole shape) of the experts' 3-D weights, their LoRA and the DeltaNet's parameters
+           "shards": {n: (tuple(p.to_local().shape), tuple(p.shape)) for n, p in sharded.named_parameters()
+                      if ".experts." in n or ".linear_attn." in n}}
     nf4_handle = None
     if CASES[case][0] == "nf4":
         out["nf4"], nf4_handle = _nf4_report(sharded, rank)
@@ -164,8 +194,8 @@ def _run_case(folder, case, rank, out_dir):
     with fsdp.gathered_trainable(sharded):
         out["gathered_state"] = {n: p.detach().clone() for n, p in sharded.named_parameters() if p.requires_grad}
         if rank == 0:  # the PEFT adapter files of both runs, written by the one-process code
-            save_adapter(sharded, os.path.join(out_dir, case, "sharded"))
-            save_adapter(ref, os.path.join(out_dir, case, "ref"))
+            save_adapter(sharded, os.path.join(out_dir, "adapters", case, "sharded"))
+            save_adapter(ref, os.path.join(out_dir, "adapters", case, "ref"))
     fresh = fsdp.shard(_build(folder, case))  # resume: the one-process state into a sharded model
     fsdp.load_full_trainable_state(fresh, out["ref_state"])
     out["loaded_state"] = fsdp.full_trainable_state(fresh)
@@ -188,11 +218,13 @@ def ranks(tmp_path_factory):
     """[rank 0's report, rank 1's report], each {case: {...}}."""
     tmp = tmp_path_factory.mktemp("fsdp")
     make_hf_model("llama", tmp / "model")
+    for family in FAMILIES:
+        make_family(family, tmp / family)
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(str(tmp / "model"), str(tmp / "pg"), str(tmp)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp), str(tmp / "pg"), str(tmp)), nprocs=WORLD, join=True)
     reports = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for case in CASES:
-        reports[0][case]["adapters"] = tmp / case
+        reports[0][case]["adapters"] = tmp / "adapters" / case
     return reports
 
 
@@ -223,6 +255,21 @@ def test_sharded_losses_and_gradients_equal_one_process(ranks, case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_ddp_losses_gradients_and_state_equal_one_process(ranks, case):
+    """train/distributed.py's DDP (each rank its half, the gradients all-reduced once a step) on the same
+    replica start: the sum a + b of the two micro-batches' gradients, as one process accumulates them."""
+    for rank, rep in enumerate(ranks):
+        r = rep[case]
+        torch.testing.assert_close(torch.tensor(r["ddp_losses"]), torch.tensor(r["ref_losses"]), **LOSS_TOL)
+        assert r["ddp_grads"].keys() == r["ref_grads"].keys()
+        for n, g in r["ref_grads"].items():
+            torch.testing.assert_close(r["ddp_grads"][n], g, rtol=GRAD_RTOL, atol=GRAD_RTOL * g.abs().max().item(),
+                                       msg=lambda m, n=n, rank=rank: f"{case} rank {rank} gradient of {n}: {m}")
+        for n, p in r["ref_state"].items():
+            torch.testing.assert_close(r["ddp_state"][n], p, **STATE_TOL, msg=lambda m, n=n: f"{case} {n}: {m}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_full_trainable_state_after_adamw_steps_equals_one_process(ranks, case):
     for rep in ranks:
         r = rep[case]
@@ -243,7 +290,8 @@ def test_adapter_saved_from_the_sharded_model_equals_one_process(ranks, case):
     folder = ranks[0][case]["adapters"]
     ours, ref = load_file(folder / "sharded" / "adapter_model.safetensors"), load_file(
         folder / "ref" / "adapter_model.safetensors")
-    assert ours.keys() == ref.keys() and len(ref) == (12 if CASES[case][2] else 28)  # DoRA: q, v x 2 layers x (A, B, m)
+    # DoRA: q, v x 2 layers x (A, B, m); the families' counts differ (fused, experts): their keys are compared
+    assert ours.keys() == ref.keys() and len(ref) == {"qdora": 12}.get(case, 28 if case not in FAMILIES else len(ref))
     for k, t in ref.items():
         torch.testing.assert_close(ours[k], t, **STATE_TOL, msg=lambda m, k=k: f"{case} {k}: {m}")
     assert (folder / "sharded" / "adapter_config.json").read_text() == (folder / "ref" / "adapter_config.json").read_text()
@@ -265,6 +313,16 @@ def test_each_rank_holds_half_of_the_frozen_base_in_its_stored_dtype(ranks, case
             assert dt == torch.uint8, n
         elif not n.endswith(("weight_absmax", "weight_nested_absmax")):
             assert dt == dtype, n  # the frozen base is not cast
+
+
+@pytest.mark.parametrize("case", [f for f in FAMILIES if f in MOE or f.startswith("qwen3_5")])
+def test_experts_and_linear_attention_are_sharded_along_their_first_dimension(ranks, case):
+    shards = [rep[case]["shards"] for rep in ranks]
+    assert any(".experts.lora." in n for n in shards[0]) == (case in MOE)
+    assert any(".linear_attn." in n for n in shards[0]) == case.startswith("qwen3_5")
+    for n, (local, whole) in shards[0].items():
+        assert local[0] + shards[1][n][0][0] == whole[0] and local[1:] == whole[1:], n
+        assert local[0] == -(-whole[0] // WORLD), n  # rank 0 holds the first ceil(rows / 2), rank 1 the rest
 
 
 @pytest.mark.parametrize("case", ["qlora", "qdora"])
@@ -332,7 +390,7 @@ def test_shard_refuses_what_it_cannot_shard(one_rank):
 def test_load_full_trainable_state_checks_keys_and_shapes(one_rank):
     from lora_engine.train import fsdp
 
-    model = fsdp.shard(_build(one_rank, "lora_fp32"))
+    model = fsdp.shard(_build(one_rank.parent, "lora_fp32"))
     state = fsdp.full_trainable_state(model)
     name = next(iter(state))
     with pytest.raises(ValueError, match=r"1 trainable parameters missing \(first \['" + name.replace(".", r"\.")):
@@ -352,7 +410,7 @@ def test_every_nf4_backend_runs_on_the_gathered_parameters(one_rank, backend):
     from lora_engine.kernels.nf4_format import NF4Tensor
     from lora_engine.train import fsdp
 
-    ref, sharded = _build(one_rank, "qlora"), fsdp.shard(_build(one_rank, "qlora"))
+    ref, sharded = _build(one_rank.parent, "qlora"), fsdp.shard(_build(one_rank.parent, "qlora"))
     layer = sharded.model.layers[0].self_attn.q_proj
     assert layer.weight is None
     seen = []

@@ -17,6 +17,7 @@ from lora_engine.lora.experts import MOE_TARGETS
 from lora_engine.models import gpt_oss
 from lora_engine.models.config import ModelConfig
 from tests.conftest import require_oracle
+from tests.families_fixtures import make_family
 
 _BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, num_local_experts=5, num_experts_per_tok=2, sliding_window=4,
@@ -27,19 +28,7 @@ _BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_lay
 
 
 def make_hf(folder, seed: int = 0, **over):
-    tf = require_oracle("transformers")
-    torch.manual_seed(seed)
-    config = tf.GptOssConfig(**{**_BASE, **over})
-    config._attn_implementation = "eager"
-    model = tf.GptOssForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.2 * torch.randn_like(p) + 1.0)
-            elif p.dim() == 3 or "router" in name or "sinks" in name or name.endswith("bias"):
-                p.normal_(0, 0.3)  # experts, router, sinks and biases: not zeros, so each is seen
-    model.save_pretrained(folder)
-    return model.eval()
+    return make_family("gpt_oss", folder, seed, fields={**_BASE, **over})
 
 
 @pytest.fixture(scope="module")

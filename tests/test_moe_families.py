@@ -13,6 +13,7 @@ from lora_engine.export import save_model
 from lora_engine.io.safetensors import CheckpointError, read_safetensors_header
 from lora_engine.models.config import ModelConfig
 from tests.conftest import require_oracle
+from tests.families_fixtures import make_family
 
 _BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -27,19 +28,7 @@ FAMILIES = tuple(CONFIGS)
 
 
 def make_hf(family: str, folder, seed: int = 0):
-    tf = require_oracle("transformers")
-    torch.manual_seed(seed)
-    config = tf.AutoConfig.for_model(family, **{**_BASE, **CONFIGS[family]})
-    config._attn_implementation = "eager"
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.2 * torch.randn_like(p) + 1.0)
-            elif p.dim() == 3 or name.endswith("gate.weight"):  # experts and routers: not all zeros
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder, safe_serialization=True)
-    return model.eval()
+    return make_family(family, folder, seed, fields={**_BASE, **CONFIGS[family]})
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

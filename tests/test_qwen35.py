@@ -13,6 +13,7 @@ from lora_engine.io.safetensors import CheckpointError
 from lora_engine.models.config import ModelConfig
 from lora_engine.models.generate import decode
 from tests.conftest import require_oracle, tol
+from tests.families_fixtures import make_family
 
 _TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=8,
@@ -23,16 +24,7 @@ _TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_la
 def make_hf(folder, seed: int = 0, **over):
     """A random Qwen3_5ForCausalLM saved to `folder`; norms drawn around their identity (0 for the (1 + w)
     norms, 1 for the DeltaNet's gated norm)."""
-    tf = require_oracle("transformers")
-    torch.manual_seed(seed)
-    config = tf.Qwen3_5TextConfig(**{**_TINY, **over})
-    model = tf.Qwen3_5ForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.2 * torch.randn_like(p) + (1.0 if "linear_attn.norm" in name else 0.0))
-    model.save_pretrained(folder, safe_serialization=True)
-    return model.eval()
+    return make_family("qwen3_5_text", folder, seed, fields={**_TINY, **over})
 
 
 @pytest.fixture(scope="module")

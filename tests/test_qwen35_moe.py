@@ -19,6 +19,7 @@ from lora_engine.models.config import ModelConfig
 from lora_engine.models.generate import decode
 from lora_engine.models.moe import SharedExpertMoE
 from tests.conftest import require_oracle, tol
+from tests.families_fixtures import make_family, randomize
 from tests.test_qwen35 import _MTP, _VISION, _add_mtp, _bytes
 
 _TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -28,26 +29,9 @@ _TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_h
              pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def _randomize(model, prefix: str = "") -> None:
-    """Norms around their identity (0 for the (1 + w) norms, 1 for the DeltaNet's gated norm); routers and
-    experts drawn wide, so the top-k choices are clear and every expert's output matters."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith(prefix):
-                continue
-            if "norm" in name:
-                p.copy_(0.2 * torch.randn_like(p) + (1.0 if "linear_attn.norm" in name else 0.0))
-            elif p.dim() == 3 or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
-                p.normal_(0, 0.3)
-
-
 def make_hf(folder, seed: int = 0, **over):
-    tf = require_oracle("transformers")
-    torch.manual_seed(seed)
-    model = tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(**{**_TINY, **over})).to(torch.float32)
-    _randomize(model)
-    model.save_pretrained(folder, safe_serialization=True)
-    return model.eval()
+    """Routers and experts drawn wide (tests/families_fixtures.py), so the top-k choices are clear."""
+    return make_family("qwen3_5_moe_text", folder, seed, fields={**_TINY, **over})
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +167,7 @@ def test_multimodal_checkpoint_loads_and_exports_the_full_checkpoint(tmp_path):
     tf = require_oracle("transformers")
     torch.manual_seed(0)
     hf = tf.Qwen3_5MoeForConditionalGeneration(tf.Qwen3_5MoeConfig(text_config=_TINY, vision_config=_VISION))
-    _randomize(hf, "model.language_model.")
+    randomize(hf, "qwen3_5_moe_text", "model.language_model.")
     hf.save_pretrained(tmp_path / "mm", safe_serialization=True)
     hf.eval()
     _add_mtp(tmp_path / "mm")

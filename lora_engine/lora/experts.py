@@ -148,7 +148,10 @@ def merged_deltas(model: nn.Module) -> dict:
     out = {}
     for path, m in expert_modules(model).items():
         for name, lora in getattr(m, "lora", {}).items():
-            shape = getattr(m, name).shape
+            shape = m.grouped_weight(name).shape  # (E, N, K), the factors' layout
+            if isinstance(m, GptOssExperts):  # stored (E, K, N), one tensor in its checkpoint
+                out[f"{path}.{name}"] = functools.partial(_delta_transposed, lora, shape)
+                continue
             for key, slices in expert_slices(model.config.model_type, f"{path}.{name}", shape).items():
                 out[key] = functools.partial(_delta, lora, shape, slices)
     return out
@@ -159,3 +162,8 @@ def _delta(lora: _Factors, shape, slices) -> torch.Tensor:
     a = lora.lora_A.detach().float().view(E, -1, K)  # (E, r, K)
     b = lora.lora_B.detach().float().view(N, -1, E)  # (N, r, E)
     return torch.cat([lora.scale * (b[row: row + n, :, e] @ a[e]) for e, row, n in slices])
+
+
+def _delta_transposed(lora: _Factors, shape) -> torch.Tensor:
+    E, N, K = shape
+    return _delta(lora, shape, [(e, 0, N) for e in range(E)]).view(E, N, K).transpose(1, 2)

@@ -58,6 +58,7 @@ from lora_engine import dispatch
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.lora import experts
 from lora_engine.lora.names import PatternError, compile_pattern, fullmatch, match_names
+from lora_engine.models.families import FUSED
 from lora_engine.quant import nf4, nf4_experts
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -373,8 +374,12 @@ def target_paths(model: nn.Module, config: LoraConfig) -> list[str]:
         found = match_names(t, [n for n, _ in model.named_modules() if n])  # re.fullmatch, bounded time
         wanted = {t: found}
     else:
-        wanted = {name: [n for n, _ in model.named_modules() if n and (n == name or n.endswith("." + name))]
-                  for name in t}
+        # Phi-3's stored names (qkv_proj, gate_up_proj: PEFT's targets there) stand for the parts we keep apart
+        cfg = getattr(model, "config", None)
+        fused = FUSED.get(cfg.model_type, {}) if getattr(cfg, "fused_projections", False) else {}
+        parts = {k.rsplit(".", 1)[-1]: [p.rsplit(".", 1)[-1] for p in v] for k, v in fused.items()}
+        wanted = {part: [n for n, _ in model.named_modules() if n and (n == part or n.endswith("." + part))]
+                  for name in t for part in parts.get(name, [name])}
     for name, found in wanted.items():
         if not found and name in ("gate_proj", "up_proj", "down_proj") and experts.expert_modules(model):
             raise ValueError(f"LoraConfig.target_modules: {name!r} matches no module: the experts of this "
