@@ -330,3 +330,17 @@ def test_nf4_is_refused_by_name(pair):
     folder, _, _ = pair
     with pytest.raises(ValueError, match="NF4 \\(QLoRA\\) is not supported for gpt-oss yet; load it in bf16"):
         load_model(folder, quantize="nf4")
+
+
+def test_the_train_commands_default_targets_reach_the_experts(pair):
+    """gpt-oss has no gate_proj module: the CLI's default list names its experts (PEFT would skip the names
+    silently and leave every expert frozen), gate_up_proj at rank 2r as on the other MoE families."""
+    from lora_engine import LoraConfig, apply_lora, load_model
+    from lora_engine.train.config import ALL_PROJECTIONS
+
+    folder = pair[0]
+    model = apply_lora(load_model(folder), LoraConfig(r=2, target_modules=ALL_PROJECTIONS.split(",")),
+                       verbose=False)
+    assert model.lora_config.target_parameters == ("mlp.experts.down_proj", "mlp.experts.gate_up_proj")
+    lora = model.model.layers[0].mlp.experts.lora
+    assert (lora["gate_up_proj"].r, lora["down_proj"].r) == (4, 2)

@@ -2,6 +2,7 @@
 loads in PEFT onto the transformers model and back, and a few training steps (experts and attention) give
 PEFT's losses and adapters. Tiny random fp32 Qwen3-MoE / Mixtral from tests/test_moe_families.py."""
 
+import json
 import logging
 
 import pytest
@@ -105,19 +106,15 @@ def test_router_frozen_and_base_experts_untouched(pair):
 
 
 def test_mlp_names_in_an_moe_model(pair, caplog):
-    """Mixtral has no gate_proj: the error names target_parameters. Qwen3-MoE's dense layer has one: LoRA
-    goes there, and the warning says the experts stay frozen."""
+    """gate_proj names the experts' fused gate_up_proj (as in PEFT): alone it is refused, as PEFT refuses it.
+    Attention alone leaves the experts frozen, and the warning says so."""
     folder, _ = pair
+    with pytest.raises(ValueError, match="'gate_proj' without 'up_proj'.*fused in one gate_up_proj"):
+        apply_lora(load_model(folder), LoraConfig(target_modules=["q_proj", "gate_proj"]), verbose=False)
     ours = load_model(folder)
-    config = LoraConfig(target_modules=["q_proj", "gate_proj"])
-    if ours.config.model_type == "mixtral":
-        with pytest.raises(ValueError, match=r"3-D parameters.*target_parameters=\['mlp.experts.gate_up_proj'"):
-            apply_lora(ours, config, verbose=False)
-        return
     with caplog.at_level(logging.WARNING, logger="lora_engine.lora.layers"):
-        apply_lora(ours, config, verbose=False)
+        apply_lora(ours, LoraConfig(target_modules=["q_proj"]), verbose=False)
     assert "stays frozen" in caplog.text
-    assert type(ours.model.layers[1].mlp.gate_proj).__name__ == "LoraLinear"
 
 
 def test_adapter_missing_an_expert_tensor_is_refused(pair, tmp_path):
@@ -191,3 +188,46 @@ def test_router_aux_loss_flag_on_a_dense_model_is_refused(folder, tmp_path, caps
                "--no-general-eval", "--no-plot", "--router-aux-loss"])
     assert rc == 2
     assert "--router-aux-loss: " in capsys.readouterr().err
+
+
+PEFT_LIST = {"qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+             "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w3", "w2"]}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("listed", [True, False], ids=["list", "all-linear"])
+def test_mlp_names_reach_the_experts_as_in_peft(family, listed, tmp_path):
+    """PEFT under transformers v5 reads the MLP projection names (and all-linear) as the fused experts, with
+    gate_up_proj at rank 2r / alpha 2*alpha: the same LoraConfig gives the same adapter here."""
+    peft = require_oracle("peft")
+    targets = PEFT_LIST[family] if listed else "all-linear"
+    folder = tmp_path / "m"
+    hf = make_hf(family, folder)
+    hf.config.output_router_logits = False
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    expected = {k.replace(".default", "").removeprefix("base_model.model."): tuple(v.shape)
+                for k, v in pm.state_dict().items() if "lora_" in k}
+    converted = pm.peft_config["default"]
+    pm.unload()
+    ours = load_model(folder)
+    apply_lora(ours, LoraConfig(r=2, lora_alpha=4, target_modules=targets), verbose=False)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.2)
+    save_adapter(ours, tmp_path / "a")
+    header = read_safetensors_header(tmp_path / "a" / "adapter_model.safetensors")[0]
+    assert {k.removeprefix("base_model.model."): tuple(v["shape"]) for k, v in header.items()
+            if k != "__metadata__"} == expected
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    # PEFT writes one pattern (.*\\.gate_up_proj), we write every path it matches, with the same values
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        assert saved[pattern] and set(saved[pattern].values()) == set(getattr(converted, pattern).values())
+        assert all(k.endswith("mlp.experts.gate_up_proj") for k in saved[pattern])
+    back = peft.PeftModel.from_pretrained(make_hf(family, tmp_path / "m2"), tmp_path / "a")
+    back.base_model.model.config.output_router_logits = False
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), back(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+

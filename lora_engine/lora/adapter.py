@@ -155,6 +155,11 @@ def _peft_config(model: nn.Module, layers: dict[str, LoraLinear], base: str | No
     name = functools.partial(_stored_name, model)
     rank_pattern = {name(p): rec["r"] for p, rec in records.items() if rec["r"] != r}
     alpha_pattern = {name(p): rec["lora_alpha"] for p, rec in records.items() if rec["lora_alpha"] != alpha}
+    for p, f in experts.factor_records(model).items():  # PEFT keys an expert parameter by its full path too
+        if f.r != r:
+            rank_pattern[name(p)] = f.r
+        if f.lora_alpha != alpha:
+            alpha_pattern[name(p)] = f.lora_alpha
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -12,10 +12,14 @@ PEFT wraps each targeted parameter of a module in one ParamWrapper, in the modul
 `<experts path>.lora_A.weight` is the last targeted parameter's and each earlier one sits one
 `base_layer.` deeper. PEFT's own limits carry over: no dropout, no DoRA, no lora_bias on these weights.
 The router (`mlp.gate`) stays frozen unless the user targets it (it is an nn.Linear: target_modules).
+
+PEFT also reads the MLP projection names as the experts on the families whose experts transformers v5
+fused into 3-D parameters (peft_targets below), so one LoraConfig means the same thing here and there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -27,6 +31,18 @@ from lora_engine.models.moe import Experts
 from lora_engine.quant.nf4_experts import EXPERT_WEIGHTS, NF4ExpertWeights, expert_slices
 
 MOE_TARGETS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# PEFT 0.21 (utils/transformers_weight_conversion.py, _convert_peft_config_moe, called by every LoRA
+# injection under transformers v5) rewrites a LoraConfig on these families: the per-expert projection names
+# of transformers v4 become target_parameters on the fused 3-D weights, gate and up together (naming one
+# alone is an error), and the fused gate_up_proj gets rank 2r and alpha 2*alpha so each half keeps alpha/r.
+# "all-linear" is resolved first, so it reaches the experts too. Mixtral's v4 names were w1/w3/w2; its
+# gate_proj/up_proj/down_proj (our CLI's default list) are read the same way here, where PEFT would leave
+# every expert silently frozen; gpt-oss likewise (no module has those names, so PEFT skips them silently).
+_QWEN2_MOE = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+PEFT_EXPERT_NAMES = {"qwen3_moe": _QWEN2_MOE, "olmoe": _QWEN2_MOE, "gpt_oss": _QWEN2_MOE,
+                     "mixtral": {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj", **_QWEN2_MOE}}
+_FUSED_HALVES = {"qwen3_moe": ("gate_proj", "up_proj"), "olmoe": ("gate_proj", "up_proj"),
+                 "gpt_oss": ("gate_proj", "up_proj"), "mixtral": ("w1", "w3")}
 
 
 class LoraExperts(Experts):
@@ -54,6 +70,42 @@ class _Factors(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r * E, K, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(N, r * E, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init_lora_weights=True
+
+
+def peft_targets(model: nn.Module, config):
+    """`config` as PEFT rewrites it for this model (PEFT_EXPERT_NAMES above); the same config where nothing
+    is rewritten. ValueError where gate and up are not named together, as PEFT's."""
+    mapping = PEFT_EXPERT_NAMES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if not mapping or not expert_modules(model):
+        return config
+    t = config.target_modules
+    all_linear = isinstance(t, str) and t.lower() == "all-linear"
+    if isinstance(t, str) and not all_linear:
+        return config  # a regular expression names modules as the user wrote it
+    names = set(mapping) if all_linear else {n.rsplit(".", 1)[-1] for n in t}
+    hit = {n: mapping[n] for n in names if n in mapping}
+    if not hit:
+        return config
+    halves = _FUSED_HALVES[model.config.model_type]
+    if not all_linear:
+        for pair in (halves, ("gate_proj", "up_proj")):
+            named = [n for n in pair if n in hit]
+            if len(named) == 1:
+                other = next(n for n in pair if n not in hit)
+                raise ValueError(f"LoraConfig.target_modules: {named[0]!r} without {other!r}: the experts keep "
+                                 f"them fused in one gate_up_proj parameter; name both or neither (as PEFT requires)")
+    params = list(config.target_parameters) + [f"mlp.experts.{p}" for p in sorted(set(hit.values()))
+                                               if f"mlp.experts.{p}" not in config.target_parameters]
+    ranks, alphas = dict(config.rank_pattern), dict(config.alpha_pattern)
+    if "gate_up_proj" in hit.values():
+        ranks[r".*\.gate_up_proj"] = 2 * config.r  # PEFT's key and values, so the saved config is PEFT's
+        alphas[r".*\.gate_up_proj"] = 2 * config.lora_alpha
+    if all_linear:  # PEFT resolves it to leaf names first, so a dense layer's MLP loses its LoRA there too
+        t = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and n != "lm_head"})
+    modules = tuple(n for n in t if n.rsplit(".", 1)[-1] not in hit)
+    return dataclasses.replace(config, target_modules=modules, target_parameters=tuple(params),
+                               rank_pattern=ranks, alpha_pattern=alphas)
 
 
 def expert_modules(model: nn.Module) -> dict[str, Experts]:
@@ -107,6 +159,12 @@ def apply_expert_lora(model: nn.Module, config, scale_of, adapter_dtype) -> int:
             m.lora[name] = _Factors(*w.shape, r, alpha, scale_of(r, alpha),
                                     adapter_dtype or w.dtype, w.device)
     return sum(len(v) for v in targets.values())
+
+
+def factor_records(model: nn.Module) -> dict[str, _Factors]:
+    """{`experts path.parameter`: its factors (r, lora_alpha)} for every expert LoRA of the model."""
+    return {f"{path}.{name}": f for path, m in expert_modules(model).items() if isinstance(m, LoraExperts)
+            for name, f in m.lora.items()}
 
 
 def adapter_keys(model: nn.Module, prefix: str) -> dict[str, tuple[nn.Parameter, tuple[int, ...]]]:

@@ -449,6 +449,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *,
             f"the model already has LoRA layers ({existing[0]}, ... {len(existing)} in all); "
             "apply_lora once per model (load_adapter loads weights into existing layers)"
         )
+    config = experts.peft_targets(model, config)  # MoE families: the MLP names reach the experts, as in PEFT
     paths = target_paths(model, config)
     saved = saved_module_paths(model, config)  # checked before anything changes
     for p in model.parameters():
