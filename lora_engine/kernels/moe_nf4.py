@@ -6,11 +6,17 @@ again in backward (for dx = g_e W_e + s u_e A_e), used for its GEMMs and dropped
 at most one dense expert is alive at a time, never the layer's (E, N, K). Experts without tokens are never
 dequantized. The base is frozen: no dW. The result equals dequantize-then-matmul exactly (the same GEMM on
 the same dense values). `dequantize(w, dtype)` is the caller's (dispatch.py picks the NF4 backend).
+
+The expert segments are read from `counts` once, in forward, and kept as Python ints for backward: one host
+read per call, and a backward that never reads a tensor's values. Counts without values (a FakeTensor, as in
+the memory plan, where a recomputed layer's counts may come back fake) are split evenly over the experts
+(the plan's routing, train/planning_moe.py): the shapes, hence the memory, do not depend on the split.
 """
 
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from lora_engine.kernels import amp
 from lora_engine.kernels.moe_grouped import _segments
@@ -31,13 +37,23 @@ def check_experts(x: torch.Tensor, counts: torch.Tensor, experts) -> tuple[int, 
     return N, K
 
 
+def segments(counts: torch.Tensor, rows: int) -> list[tuple[int, int, int]]:
+    """(expert, first row, rows) of every expert with tokens; counts without values spread `rows` evenly."""
+    if not is_fake(counts):
+        return list(_segments(counts))
+    E = counts.shape[0]
+    sizes = [rows // E + (e < rows % E) for e in range(E)]
+    return [(e, sum(sizes[:e]), n) for e, n in enumerate(sizes) if n]
+
+
 class MoeNF4Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, a, b, meta):
         counts, experts, scale, dequantize = meta
         N, r = experts[0].shape[0], 0 if a is None else a.shape[1]
         y, t = x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], r))
-        for e, s, n in _segments(counts):
+        groups = segments(counts, x.shape[0])
+        for e, s, n in groups:
             we = dequantize(experts[e], x.dtype)  # (N, K), this expert's only
             xe, ye = x[s : s + n], y[s : s + n]
             if bias is None:
@@ -47,14 +63,14 @@ class MoeNF4Function(torch.autograd.Function):
             if r:
                 torch.mm(xe, a[e].t(), out=t[s : s + n])
                 ye.addmm_(t[s : s + n], b[e].t(), alpha=scale)
-        ctx.save_for_backward(x, counts, a, b, t)
-        ctx.meta = (experts, scale, dequantize, bias is not None)
+        ctx.save_for_backward(x, a, b, t)
+        ctx.meta = (groups, experts, scale, dequantize, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, counts, a, b, t = ctx.saved_tensors
-        experts, scale, dequantize, has_bias = ctx.meta
+        x, a, b, t = ctx.saved_tensors
+        groups, experts, scale, dequantize, has_bias = ctx.meta
         need_dx, need_bias, need_a, need_b = ctx.needs_input_grad[:4]
         lora = a is not None
         g = g.contiguous()
@@ -62,7 +78,7 @@ class MoeNF4Function(torch.autograd.Function):
         da = torch.zeros_like(a) if lora and need_a else None
         db = torch.zeros_like(b) if lora and need_b else None
         dbias = x.new_zeros((len(experts), g.shape[1])) if has_bias and need_bias else None
-        for e, s, n in _segments(counts):
+        for e, s, n in groups:
             ge, xe = g[s : s + n], x[s : s + n]
             u = ge @ b[e] if lora else None
             if dx is not None:
