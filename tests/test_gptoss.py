@@ -335,9 +335,3 @@ def test_size_check_allows_mxfp4_widening_to_fp32(quantized):
     else:
         with pytest.raises(CheckpointError, match="config.json does not describe these weights"):
             build_model(c, torch.float32, "meta", checkpoint=ckpt)
-
-
-def test_nf4_is_refused_by_name(pair):
-    folder, _, _ = pair
-    with pytest.raises(ValueError, match="NF4 \\(QLoRA\\) is not supported for gpt-oss yet; load it in bf16"):
-        load_model(folder, quantize="nf4")

@@ -206,14 +206,17 @@ def read_mxfp4(expected: dict, stored: set, hook: LoadHook | None, where) -> Loa
     """For a checkpoint storing expert parameters `<name>` (E, K, N) as MXFP4 `<name>_blocks` (E, N, K/32, 16)
     and `<name>_scales` (E, N, K/32) (their names in `stored`): `expected` gets those two (meta tensors of
     their shapes, so the loader checks them) in place of the parameter, and the returned hook reads both and
-    dequantizes them into the parameter one expert at a time (never the whole layer in fp32). Else `hook`."""
+    dequantizes them into the parameter one expert at a time (never the whole layer in fp32), every other tensor
+    going to `hook`. Else `hook`. Quantizing on load (QLoRA), `hook.put_expert(name, e, slice)` takes each
+    dequantized (K, N) slice instead (quant/nf4_experts.py loading_hook): MXFP4 to NF4, one expert at a time."""
     names = [n for n in expected if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))
              and n + "_blocks" in stored]
     if not names:
         return hook
-    if hook is not None:
-        raise CheckpointError(f"{where}: the experts are stored in MXFP4; loading them quantized again is not "
-                              "supported: load the model in bf16 or fp32")
+    put = getattr(hook, "put_expert", None)
+    if hook is not None and put is None:
+        raise CheckpointError(f"{where}: the experts are stored in MXFP4; this loader cannot take them: load the "
+                              "model in bf16 or fp32, or quantize it to NF4 on load")
     targets, parts = {}, {}
     for name in names:
         E, K, N = expected[name].shape
@@ -227,7 +230,7 @@ def read_mxfp4(expected: dict, stored: set, hook: LoadHook | None, where) -> Loa
     def read(t: StoredTensor) -> bool:
         base, _, kind = t.name.rpartition("_")
         if base not in targets or kind not in ("blocks", "scales"):
-            return False
+            return hook is not None and hook(t)
         if t.dtype != torch.uint8:
             raise CheckpointError(f"{t.name} in {t.file.name} is {t.dtype}; MXFP4 blocks and scales are uint8")
         got = parts.setdefault(base, {})
@@ -236,7 +239,11 @@ def read_mxfp4(expected: dict, stored: set, hook: LoadHook | None, where) -> Loa
             p, blocks, scales = targets[base], got["blocks"], got["scales"]
             with torch.no_grad():
                 for e in range(p.shape[0]):  # (N, K) dequantized -> the (K, N) slice stored
-                    p.data[e].copy_(mxfp4.dequantize(blocks[e], scales[e], torch.float32).T)
+                    w = mxfp4.dequantize(blocks[e], scales[e], torch.float32).T
+                    if put is None:
+                        p.data[e].copy_(w)
+                    else:
+                        put(base, e, w.contiguous())
             del parts[base]
         return True
 
