@@ -28,6 +28,7 @@ import numbers
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from lora_engine.io import mxfp4
 from lora_engine.io.safetensors import CheckpointError, LoadHook, StoredTensor
@@ -131,13 +132,32 @@ def yarn_inv_freq(dim: int, base: float, s: dict) -> torch.Tensor:
 
 
 # ---- attention with sinks ---------------------------------------------------------------------------
-def sink_attention(q, k, v, sinks, mask, scale: float) -> torch.Tensor:
+SINK_CHUNK_ELEMENTS = 2**25  # scores of at most this many elements at a time: 128 MiB in fp32
+
+
+def sink_attention(q, k, v, sinks, mask, scale: float, chunk_elements: int = SINK_CHUNK_ELEMENTS) -> torch.Tensor:
     """Softmax attention whose denominator has one more term per head, exp(sinks[h]) (transformers' eager
     gpt-oss attention). The fused attention kernels of lora_engine.dispatch do not take sinks yet, so this
     PyTorch expression (O(T * S) scores, fp32 softmax) runs for the layers that have them.
 
     q (B, H, T, hd); k, v (B, Hk, S, hd); mask: bool (B, 1, T, S) of allowed keys, or None (causal over
-    the last T of S keys when T > 1, every key for one query) -> (B, H, T, hd)."""
+    the last T of S keys when T > 1, every key for one query) -> (B, H, T, hd).
+    Each query's softmax is its own, so the queries go in chunks whose (B, H, rows, S) scores hold at most
+    `chunk_elements`, each chunk recomputed in backward (torch.utils.checkpoint): whole, the fp32 scores,
+    their softmax and the bf16 probabilities of 2,048 tokens x 64 heads are 3 GiB, held through backward."""
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    rows = max(1, chunk_elements // (B * H * S))
+    if rows >= T:
+        return _sink_attention(q, k, v, sinks, mask, scale)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    out = [checkpoint(_sink_attention, q[:, :, i : i + rows], k, v, sinks, mask[..., i : i + rows, :], scale,
+                      use_reentrant=False) for i in range(0, T, rows)]
+    return torch.cat(out, dim=2)
+
+
+def _sink_attention(q, k, v, sinks, mask, scale: float) -> torch.Tensor:
     B, H, T, _ = q.shape
     S, rep = k.shape[2], H // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
