@@ -113,3 +113,24 @@ def test_recomputed_layers_do_not_stay_alive_in_backward():
         peaks[n] = r["transient"]
     # the recomputed attention of one layer alone is > 256 tokens x 4 heads x 8 x 2 bytes x 3 (q, roped q, out)
     assert peaks[6] - peaks[2] < 256 * 32 * 2 * 3
+
+
+def test_checkpointed_backward_keeps_the_forwards_router_logits_and_no_aux_graph():
+    """The recomputation in backward does not replace the logits the forward recorded (their graph would keep the
+    recomputed layer alive); the reported-only auxiliary loss has no graph."""
+    from lora_engine.models.moe import MoEBlock
+
+    torch.manual_seed(0)
+    model = P.materialize(P.meta_model(_cfg("none"), ModelConfig.from_hf(HF)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.gradient_checkpointing = True
+    model.train()
+    ids = torch.randint(0, 96, (1, 12))
+    loss = model.loss(ids, ids)
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    recorded = [m.router_logits for m in blocks]
+    assert model.aux_loss is not None and model.aux_loss.grad_fn is None
+    loss.backward()
+    assert all(m.router_logits is t for m, t in zip(blocks, recorded))
