@@ -132,3 +132,28 @@ def test_grouped_op_on_transposed_nf4_experts_equals_the_dense_reference():
     g = torch.randn_like(got)
     for mine, ref in zip(torch.autograd.grad(got, args, g), torch.autograd.grad(want, args, g)):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_train_command_with_nf4_on_a_tiny_gpt_oss_folder(tmp_path):
+    """`python -m lora_engine.train --quantize nf4 --target-parameters ...` on gpt-oss: two QLoRA steps, the
+    expert adapters trained and loadable onto the NF4 model."""
+    from lora_engine.lora import load_adapter
+    from lora_engine.train.command import main
+    from tests.test_gptoss import _BASE
+    from tests.test_train_support import VOCAB, chat_records, save_tokenizer_files, write_jsonl
+
+    tf = require_oracle("transformers")
+    folder = tmp_path / "gpt_oss"
+    torch.manual_seed(0)
+    tf.GptOssForCausalLM(tf.GptOssConfig(**{**_BASE, "vocab_size": VOCAB, "intermediate_size": 32})).save_pretrained(
+        folder)
+    save_tokenizer_files(folder)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(12))
+    out = tmp_path / "run"
+    rc = main(["--model", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "2", "--batch-size",
+               "4", "--max-length", "64", "--no-general-eval", "--no-plot", "--lr", "1e-2", "--quantize", "nf4",
+               "--target-modules", "q_proj,v_proj", "--target-parameters", ",".join(MOE_TARGETS)])
+    assert rc == 0
+    model = load_adapter(load_model(folder, quantize="nf4", verbose=False), out / "adapter", verbose=False)
+    trained = [n for n, p in model.named_parameters() if "experts.lora" in n and n.endswith("lora_B")]
+    assert trained and all(model.get_parameter(n).abs().sum() > 0 for n in trained)
