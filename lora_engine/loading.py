@@ -40,11 +40,6 @@ def load_model(path, dtype=None, device="cpu", *, quantize: str | None = None, q
     ckpt = open_checkpoint(path)
     # a quantization_config of NF4 bytes; gpt-oss's MXFP4 experts are read dequantized (models/gpt_oss.py)
     stored_nf4 = ckpt.quantization_config is not None and not gpt_oss.is_mxfp4(ckpt.config.extra)
-    if quantize is not None and ckpt.config.model_type == "gpt_oss":
-        # its experts are stored (E, K, N) with biases: the per-expert NF4 slices (quant/nf4_experts.py) are
-        # written for the (E, N, K) families and not yet checked against this layout
-        raise ValueError("load_model: NF4 (QLoRA) is not supported for gpt-oss yet; load it in bf16 or fp32 "
-                         "(quantize=None)")
     if quantize is not None or stored_nf4:
         return load_nf4(ckpt, dtype, device, quantize, quantize_skip, blocksize, double_quant, verbose,
                         name_or_path=path)

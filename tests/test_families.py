@@ -214,11 +214,21 @@ def test_family_refusals_name_the_field(cfg, message):
         ModelConfig.from_hf(cfg)
 
 
-def test_a_fused_checkpoint_is_not_loaded_quantized(tmp_path):
+def test_a_fused_checkpoint_hands_its_parts_to_a_load_hook(tmp_path):
+    """A hook (NF4 on load) is given each row block of qkv_proj / gate_up_proj under its part's name."""
     from lora_engine.models.builder import build_model, load_weights, open_checkpoint
 
-    make_hf("phi3", tmp_path)
+    hf = make_hf("phi3", tmp_path)
     ckpt = open_checkpoint(tmp_path)
     model = build_model(ckpt.config, device="cpu")
-    with pytest.raises(CheckpointError, match="stores fused projections .*not supported yet"):
-        load_weights(model, ckpt, hook=lambda stored: False)
+    seen = {}
+
+    def hook(stored):
+        if stored.name.endswith("v_proj.weight"):
+            seen[stored.name] = stored.read()
+        return False  # the rest loads as without a hook
+
+    load_weights(model, ckpt, hook=hook)
+    v_rows = hf.model.layers[0].self_attn.qkv_proj.weight.detach()[-model.model.layers[0].self_attn.v_proj.out_features:]
+    assert torch.equal(seen["model.layers.0.self_attn.v_proj.weight"], v_rows)
+    assert torch.equal(model.model.layers[0].self_attn.v_proj.weight, v_rows)

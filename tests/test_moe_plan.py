@@ -86,3 +86,51 @@ def test_plan_refuses_target_parameters_on_a_dense_model():
 
     with pytest.raises(CliError, match="--target-parameters: .*'mlp.experts.gate_up_proj' matches no parameter"):
         P.plan_step(_cfg("none"), ModelConfig.from_hf({**dense, "model_type": "qwen3"}))
+
+
+def _bf16_cuda(**kw):
+    return P.PlanConfig(model="tiny", quantize="nf4", r=2, precision="bf16", device="cuda",
+                        gradient_checkpointing=True, **{"seq_len": 64, **TARGETS, **kw})
+
+
+def test_nf4_moe_plans_with_offloaded_recompute():
+    """The recomputed, offloaded layer's NF4 experts plan (their backward reads no counts from a fake tensor)
+    and offloading keeps the checkpointed inputs off the device."""
+    mc = ModelConfig.from_hf(HF)
+    kept = P.plan_step(_bf16_cuda(), mc)
+    off = P.plan_step(_bf16_cuda(offload_activations=True), mc)
+    assert off["offloaded_bytes"] > 0
+    assert off["weights"] == kept["weights"]
+
+
+def test_recomputed_layers_do_not_stay_alive_in_backward():
+    """Each checkpointed layer's recomputation is freed after its backward: the backward peak of 6 layers is the
+    2-layer one plus 4 layers' weights, adapters and checkpointed inputs, not 4 more recomputed layers."""
+    peaks = {}
+    for n in (2, 6):
+        mc = ModelConfig.from_hf({**HF, "num_hidden_layers": n})
+        r = P.plan_step(_bf16_cuda(seq_len=256), mc)
+        peaks[n] = r["transient"]
+    # the recomputed attention of one layer alone is > 256 tokens x 4 heads x 8 x 2 bytes x 3 (q, roped q, out)
+    assert peaks[6] - peaks[2] < 256 * 32 * 2 * 3
+
+
+def test_checkpointed_backward_keeps_the_forwards_router_logits_and_no_aux_graph():
+    """The recomputation in backward does not replace the logits the forward recorded (their graph would keep the
+    recomputed layer alive); the reported-only auxiliary loss has no graph."""
+    from lora_engine.models.moe import MoEBlock
+
+    torch.manual_seed(0)
+    model = P.materialize(P.meta_model(_cfg("none"), ModelConfig.from_hf(HF)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.gradient_checkpointing = True
+    model.train()
+    ids = torch.randint(0, 96, (1, 12))
+    loss = model.loss(ids, ids)
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    recorded = [m.router_logits for m in blocks]
+    assert model.aux_loss is not None and model.aux_loss.grad_fn is None
+    loss.backward()
+    assert all(m.router_logits is t for m, t in zip(blocks, recorded))

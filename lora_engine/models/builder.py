@@ -190,27 +190,45 @@ def load_weights(model: CausalLM, checkpoint: Checkpoint, hook: LoadHook | None 
 def _split_fused(config: ModelConfig, expected: dict, hook: LoadHook | None, where: Path) -> LoadHook | None:
     """For a checkpoint storing fused tensors (Phi-3's qkv_proj, gate_up_proj; families.FUSED): `expected`
     gets the stored key (a meta tensor of the fused shape, so the loader checks it) in place of its parts,
-    and the returned hook reads it once and copies each row block into its part. Else `hook` unchanged."""
+    and the returned hook reads it once and copies each row block into its part. Else `hook` unchanged.
+    With a `hook` (NF4 on load: quant/checkpoint.py), each row block goes to it first as the part it is
+    (`q_proj.weight`, ...), so a quantized part is quantized from its own rows; a part it does not take (kept
+    in full precision) is copied. Every other stored tensor goes to `hook`."""
     groups = {key: members for key, members in fused_groups(config.model_type, list(expected)) if len(members) > 1}
     if not groups:
         return hook
-    if hook is not None:
-        raise CheckpointError(f"{where}: a {config.model_type} checkpoint stores fused projections "
-                              "(qkv_proj, gate_up_proj); loading it quantized is not supported yet: load it in "
-                              "bf16 or fp32")
     parts = {}
     for key, members in groups.items():
-        targets = [expected.pop(m) for m in members]
-        expected[key] = torch.empty((sum(t.shape[0] for t in targets), *targets[0].shape[1:]), device="meta")
+        targets = [(m, expected.pop(m)) for m in members]
+        expected[key] = torch.empty((sum(t.shape[0] for _, t in targets), *targets[0][1].shape[1:]), device="meta")
         parts[key] = targets
 
     def split(stored) -> bool:
         targets = parts.get(stored.name)
         if targets is None:
-            return False
+            return hook is not None and hook(stored)
         with torch.no_grad():
-            for t, block in zip(targets, stored.read().split([t.shape[0] for t in targets])):
-                t.data.copy_(block)
+            for (name, t), block in zip(targets, stored.read().split([t.shape[0] for _, t in targets])):
+                if hook is None or not hook(_Part(name, stored.file, block)):
+                    t.data.copy_(block)
         return True
 
     return split
+
+
+class _Part:
+    """A row block of a fused stored tensor, handed to a load hook as if it were stored under its part's name."""
+
+    def __init__(self, name: str, file: Path, tensor: torch.Tensor):
+        self.name, self.file, self._tensor = name, file, tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._tensor.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._tensor.dtype
+
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tensor if out is None else out.copy_(self._tensor)

@@ -15,6 +15,7 @@ hd head dim, D hidden size, V vocabulary.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -374,6 +375,8 @@ class CausalLM(nn.Module):
             x = self.model.embed_tokens(input_ids)
         if self.config.embed_scale:  # sqrt(hidden) rounded to the embedding's dtype first, as transformers does
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(x.dtype)
+        if self.config.num_experts:
+            moe.forget_router_logits(self.model)
         ropes = {"full": self.model.rotary_emb(position_ids, x.dtype)}
         if hasattr(self.model, "rotary_local"):
             ropes["sliding"] = self.model.rotary_local(position_ids, x.dtype)
@@ -392,8 +395,10 @@ class CausalLM(nn.Module):
         # A plain loop over MoE blocks: torch.compile cannot trace an assignment expression in a comprehension.
         routed = [layer.mlp.router_logits for layer in self.model.layers
                   if isinstance(layer.mlp, moe.MoEBlock) and layer.mlp.router_logits is not None]
-        self.aux_loss = moe.aux_loss(routed, self.config.experts_per_token,
-                                     None if attention_mask is None else attention_mask[:, -T:]) if routed else None
+        # Reported only (router_aux_loss off): no graph, so no (tokens, E) fp32 softmax per layer is saved for backward.
+        with nullcontext() if self.router_aux_loss else torch.no_grad():
+            self.aux_loss = moe.aux_loss(routed, self.config.experts_per_token,
+                                         None if attention_mask is None else attention_mask[:, -T:]) if routed else None
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None):

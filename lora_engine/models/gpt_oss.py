@@ -28,6 +28,7 @@ import numbers
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from lora_engine.io import mxfp4
 from lora_engine.io.safetensors import CheckpointError, LoadHook, StoredTensor
@@ -131,13 +132,32 @@ def yarn_inv_freq(dim: int, base: float, s: dict) -> torch.Tensor:
 
 
 # ---- attention with sinks ---------------------------------------------------------------------------
-def sink_attention(q, k, v, sinks, mask, scale: float) -> torch.Tensor:
+SINK_CHUNK_ELEMENTS = 2**25  # scores of at most this many elements at a time: 128 MiB in fp32
+
+
+def sink_attention(q, k, v, sinks, mask, scale: float, chunk_elements: int = SINK_CHUNK_ELEMENTS) -> torch.Tensor:
     """Softmax attention whose denominator has one more term per head, exp(sinks[h]) (transformers' eager
     gpt-oss attention). The fused attention kernels of lora_engine.dispatch do not take sinks yet, so this
     PyTorch expression (O(T * S) scores, fp32 softmax) runs for the layers that have them.
 
     q (B, H, T, hd); k, v (B, Hk, S, hd); mask: bool (B, 1, T, S) of allowed keys, or None (causal over
-    the last T of S keys when T > 1, every key for one query) -> (B, H, T, hd)."""
+    the last T of S keys when T > 1, every key for one query) -> (B, H, T, hd).
+    Each query's softmax is its own, so the queries go in chunks whose (B, H, rows, S) scores hold at most
+    `chunk_elements`, each chunk recomputed in backward (torch.utils.checkpoint): whole, the fp32 scores,
+    their softmax and the bf16 probabilities of 2,048 tokens x 64 heads are 3 GiB, held through backward."""
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    rows = max(1, chunk_elements // (B * H * S))
+    if rows >= T:
+        return _sink_attention(q, k, v, sinks, mask, scale)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    out = [checkpoint(_sink_attention, q[:, :, i : i + rows], k, v, sinks, mask[..., i : i + rows, :], scale,
+                      use_reentrant=False) for i in range(0, T, rows)]
+    return torch.cat(out, dim=2)
+
+
+def _sink_attention(q, k, v, sinks, mask, scale: float) -> torch.Tensor:
     B, H, T, _ = q.shape
     S, rep = k.shape[2], H // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -206,14 +226,17 @@ def read_mxfp4(expected: dict, stored: set, hook: LoadHook | None, where) -> Loa
     """For a checkpoint storing expert parameters `<name>` (E, K, N) as MXFP4 `<name>_blocks` (E, N, K/32, 16)
     and `<name>_scales` (E, N, K/32) (their names in `stored`): `expected` gets those two (meta tensors of
     their shapes, so the loader checks them) in place of the parameter, and the returned hook reads both and
-    dequantizes them into the parameter one expert at a time (never the whole layer in fp32). Else `hook`."""
+    dequantizes them into the parameter one expert at a time (never the whole layer in fp32), every other tensor
+    going to `hook`. Else `hook`. Quantizing on load (QLoRA), `hook.put_expert(name, e, slice)` takes each
+    dequantized (K, N) slice instead (quant/nf4_experts.py loading_hook): MXFP4 to NF4, one expert at a time."""
     names = [n for n in expected if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))
              and n + "_blocks" in stored]
     if not names:
         return hook
-    if hook is not None:
-        raise CheckpointError(f"{where}: the experts are stored in MXFP4; loading them quantized again is not "
-                              "supported: load the model in bf16 or fp32")
+    put = getattr(hook, "put_expert", None)
+    if hook is not None and put is None:
+        raise CheckpointError(f"{where}: the experts are stored in MXFP4; this loader cannot take them: load the "
+                              "model in bf16 or fp32, or quantize it to NF4 on load")
     targets, parts = {}, {}
     for name in names:
         E, K, N = expected[name].shape
@@ -227,7 +250,7 @@ def read_mxfp4(expected: dict, stored: set, hook: LoadHook | None, where) -> Loa
     def read(t: StoredTensor) -> bool:
         base, _, kind = t.name.rpartition("_")
         if base not in targets or kind not in ("blocks", "scales"):
-            return False
+            return hook is not None and hook(t)
         if t.dtype != torch.uint8:
             raise CheckpointError(f"{t.name} in {t.file.name} is {t.dtype}; MXFP4 blocks and scales are uint8")
         got = parts.setdefault(base, {})
@@ -236,7 +259,11 @@ def read_mxfp4(expected: dict, stored: set, hook: LoadHook | None, where) -> Loa
             p, blocks, scales = targets[base], got["blocks"], got["scales"]
             with torch.no_grad():
                 for e in range(p.shape[0]):  # (N, K) dequantized -> the (K, N) slice stored
-                    p.data[e].copy_(mxfp4.dequantize(blocks[e], scales[e], torch.float32).T)
+                    w = mxfp4.dequantize(blocks[e], scales[e], torch.float32).T
+                    if put is None:
+                        p.data[e].copy_(w)
+                    else:
+                        put(base, e, w.contiguous())
             del parts[base]
         return True
 

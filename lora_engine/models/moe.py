@@ -90,7 +90,11 @@ class MoEBlock(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         logits, weights, experts = self.route(flat)
-        self.router_logits = logits
+        if self.router_logits is None:
+            # The forward's own logits (the decoder clears them first: forget_router_logits). A checkpoint's
+            # recomputation in backward must not replace them: their graph would keep every tensor the
+            # recomputed layer saved alive until the next forward, one layer's attention and MoE per layer.
+            self.router_logits = logits
         order, counts = self.group(experts, logits.shape[-1])
         y = self.experts(flat[order // self.top_k], counts)  # (N*k, D), rows grouped by expert
         return moe_reference.combine(y, order, weights).view(B, T, D)
@@ -107,6 +111,13 @@ class SharedExpertMoE(MoEBlock):
 
     def forward(self, x):
         return super().forward(x) + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+
+def forget_router_logits(model: nn.Module) -> None:
+    """Clear every MoE block's router logits: a new forward records its own (MoEBlock.forward)."""
+    for m in model.modules():
+        if isinstance(m, MoEBlock):
+            m.router_logits = None
 
 
 def aux_loss(logits: list[torch.Tensor], top_k: int, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 from lora_engine.io.atomic import Owned, atomic_dir, write_json
 from lora_engine.io.safetensors import CheckpointError, StoredTensor, dtype_name, save_tensors
 from lora_engine.kernels.nf4_format import QUANT_STATE_KEY, NF4Tensor, from_bnb_state_dict
+from lora_engine.models import gpt_oss
 from lora_engine.models.builder import Checkpoint, build_model, load_weights, open_checkpoint, tied_keys
 from lora_engine.quant import nf4_experts
 from lora_engine.quant.nf4 import DEFAULT_SKIP, Linear4bit, _skipped, memory_report, quantize
@@ -60,7 +61,8 @@ def load_quantized_model(path, dtype=None, device="cpu", quantize: str | None = 
 def load_nf4(ckpt: Checkpoint, dtype, device, quantize, quantize_skip, blocksize, double_quant, verbose,
              name_or_path=None):
     """load_quantized_model on an opened checkpoint, its arguments already checked (load_model's path)."""
-    qc = ckpt.quantization_config
+    # gpt-oss's MXFP4 experts are not NF4 bytes: read dequantized, then quantized (models/gpt_oss.py read_mxfp4)
+    qc = None if gpt_oss.is_mxfp4(ckpt.config.extra) else ckpt.quantization_config
     if qc is not None:
         _check_bnb_config(qc, ckpt.config_file)
     elif quantize is None:
@@ -136,6 +138,8 @@ def _fill(model, ckpt, swap, stored, dt, device, blocksize, double_quant, name_o
         targets[path].weight = quantize(w.to(device=device, dtype=dt), blocksize, double_quant)
         del w  # the full-precision tensor is gone before the next one is read
         return True
+
+    hook.put_expert = expert_hook.put_expert  # MXFP4 experts come dequantized from gpt_oss.read_mxfp4's hook
 
     def assemble() -> list[str]:
         problems = expert_finish()

@@ -8,6 +8,12 @@ dequantizes one active expert at a time (kernels/moe_nf4.py), so the layer's den
 exists. The router (`mlp.gate`, E x D) stays in full precision: transformers v5 holds it as a plain
 Parameter (Qwen3MoeTopKRouter), which bitsandbytes' swap of nn.Linear leaves alone, and its logits
 pick the experts, so rounding them to 4 bits would change which experts run.
+
+gpt-oss (models/gpt_oss.py) stores its experts (E, K, N): gate_up_proj (E, D, 2F) with gate and up in interleaved
+columns, down_proj (E, F, D), and biases. Its slices are quantized as stored, expert e's (K, N), the bytes
+bitsandbytes writes for transformers' `gate_up_proj[e]`; `transpose(1, 2)` (GptOssExperts.grouped_weight)
+hands the grouped op the same slices marked `transposed`, so it multiplies by them without transposing them
+back, and the interleaving is untouched. The biases stay in full precision, as bitsandbytes keeps every bias.
 """
 
 from __future__ import annotations
@@ -27,10 +33,19 @@ class NF4ExpertWeights(list):
     `dtype` (the compute dtype) and `device` stand in for the 3-D parameter's, so expert LoRA
     (lora/experts.py) sizes and places its factors from them as from the dense weight."""
 
-    def __init__(self, weights, shape: tuple[int, int, int], dtype: torch.dtype, device=None):
+    def __init__(self, weights, shape: tuple[int, int, int], dtype: torch.dtype, device=None, transposed=False):
         super().__init__(weights)
         self.shape, self.dtype = torch.Size(shape), dtype
         self._device = torch.device("meta" if device is None else device)
+        self.transposed = transposed  # each slice is (shape[2], shape[1]): a stored (E, K, N) seen as (E, N, K)
+
+    def transpose(self, dim0: int, dim1: int) -> NF4ExpertWeights:
+        """The same slices seen with their last two dimensions swapped (no copy), as Tensor.transpose(1, 2)."""
+        if sorted((dim0 % 3, dim1 % 3)) != [1, 2]:
+            raise ValueError(f"NF4ExpertWeights.transpose({dim0}, {dim1}): only the last two dimensions of the "
+                             "(E, N, K) experts can be swapped")
+        E, N, K = self.shape
+        return NF4ExpertWeights(self, (E, K, N), self.dtype, self._device, not self.transposed)
 
     @property
     def device(self) -> torch.device:
@@ -46,8 +61,9 @@ class NF4ExpertWeights(list):
 
 
 def routers(model: nn.Module) -> set[str]:
-    """Module paths of the MoE routers (kept in full precision by every NF4 swap)."""
-    return {f"{name}.gate" if name else "gate" for name, m in model.named_modules() if isinstance(m, MoEBlock)}
+    """Module paths of the MoE routers (kept in full precision by every NF4 swap): `gate`, gpt-oss's `router`."""
+    return {f"{name}.{leaf}" if name else leaf for name, m in model.named_modules() if isinstance(m, MoEBlock)
+            for leaf in ("gate", "router") if isinstance(getattr(m, leaf, None), nn.Linear)}
 
 
 def expert_modules(model: nn.Module) -> dict[str, Experts]:
@@ -127,10 +143,11 @@ def expert_slices(model_type: str, key: str, shape, stored: set[str] | None = No
 
 def loading_hook(model_type: str, mods: dict[str, Experts], stored: set[str], quantize):
     """(placeholders, hook, finish) for the strict loader: the 3-D parameters as meta placeholders (the
-    loader maps them onto the checkpoint's per-expert names and checks their shapes), and a hook that
-    takes each stored expert tensor, collects an expert's rows (gate_proj and up_proj are stored apart)
-    and quantizes the whole (N, K) slice with `quantize(w)` once it is complete; finish reports slices
-    left incomplete. stored: the checkpoint's keys (a folder holding v5's 3-D keys keeps those)."""
+    loader maps them onto the checkpoint's per-expert names and checks their shapes), and a hook (with
+    `hook.put_expert(key, e, slice)` for a slice another hook made) that takes each stored expert tensor,
+    collects an expert's rows (gate_proj and up_proj are stored apart) and quantizes the whole (N, K) slice with
+    `quantize(w)` once it is complete; finish reports slices left incomplete. stored: the checkpoint's keys (a
+    folder holding v5's 3-D keys keeps those)."""
     placeholders, where = {}, {}
     for path, m in mods.items():
         for name in EXPERT_WEIGHTS:
@@ -139,6 +156,12 @@ def loading_hook(model_type: str, mods: dict[str, Experts], stored: set[str], qu
             for key, slices in expert_slices(model_type, f"{path}.{name}", weights.shape, stored).items():
                 where[key] = (weights, slices)
     pending: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+
+    def put_expert(key: str, e: int, w: torch.Tensor) -> None:
+        """Expert e's whole slice of the 3-D parameter `key` (as stored), read by another hook (gpt-oss's MXFP4
+        experts, dequantized one at a time: models/gpt_oss.py read_mxfp4): quantized at once."""
+        weights, _ = where[key]
+        weights[e] = quantize(w)
 
     def hook(t) -> bool:
         if t.name not in where:
@@ -158,4 +181,5 @@ def loading_hook(model_type: str, mods: dict[str, Experts], stored: set[str], qu
     def finish() -> list[str]:
         return [f"expert {e} of a mixture-of-experts layer is incomplete in the checkpoint" for _, e in pending]
 
+    hook.put_expert = put_expert
     return placeholders, hook, finish
