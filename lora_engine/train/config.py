@@ -168,8 +168,8 @@ class TrainConfig:
                            choices=["stop", "skip"])
     log_every: int = _f(1, "write a metrics line every N steps")
     plot: bool = _f(True, "draw loss.png at the end (needs matplotlib)")
-    report_to: str = _f("none", "comma-separated trackers the metrics also go to: none, tensorboard, mlflow, wandb "
-                                "(metrics.jsonl is written always)")
+    report_to: str = _f("none", "comma-separated trackers the metrics also go to: none, tensorboard, mlflow, wandb, "
+                                "trackio (metrics.jsonl is written always)")
     dry_run: bool = _f(False, "print the resolved config, the data summary and quality counts, the trainable "
                               "parameter count and the memory plan of a step, then exit without training or "
                               "touching --out")
