@@ -98,7 +98,8 @@ def main():
             size, docs = write_corpus(corpus, int(mb * 2**20), texts)
             modes = [True] + ([False] if a.in_memory and name == "1x" else [])
             for stream in modes:
-                r = train(corpus, a.steps, stream)
+                # in memory a folder is read as a `datasets` folder: the 1x corpus is one shard, given as the file
+                r = train(corpus if stream else corpus / "shard-00000.jsonl", a.steps, stream)
                 r.update(name=name, bytes=size, docs=docs, mode="streamed" if stream else "in memory (--no-stream)")
                 print(json.dumps(r), flush=True)
                 runs.append(r)

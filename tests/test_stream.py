@@ -282,3 +282,16 @@ def test_data_check_streams_a_text_corpus(tmp_path, capsys):
     (data / "a.jsonl").write_text('{"text": ""}\n')
     (data / "b.txt").write_text("\n")
     assert run_check() == 1 and "nothing usable" in capsys.readouterr().err
+
+
+def test_dry_run_describes_the_stream_without_reading_the_corpus(folder, tmp_path, capsys):
+    from lora_engine.train.command import main
+
+    data = corpus(tmp_path / "c.jsonl")
+    out = tmp_path / "run"
+    assert main(["--model", str(folder), "--data", str(data), "--format", "text", "--pack", "--out", str(out),
+                 "--max-length", "64", "--r", "4", "--device", "cpu", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "data: streaming 1 file(s), 0.0 MiB of --format text through a shuffle buffer of 4096 documents, " \
+           "truncated at 64 tokens, packed; 6 validation rows (held out of the first 55 documents)" in text
+    assert "data quality of the first 55 documents: 0 exact duplicate" in text and not out.exists()
