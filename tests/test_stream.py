@@ -279,6 +279,10 @@ def test_data_check_streams_a_text_corpus(tmp_path, capsys):
     assert "empty fields: 3 documents" in out and "data quality (a sample: the first 29 documents)" in out
     assert "token-length histogram:" in out and "examples truncated" in out
     assert run_check("--strict") == 1  # the empty documents are problems
+    with pytest.raises(DataError, match=r"--val compares every record with every validation record, in memory; a "
+                                        r"streamed corpus \(--format text\) is checked alone: drop --val, or pass "
+                                        r"--no-stream"):
+        run_check("--val", str(data / "b.txt"))
     (data / "a.jsonl").write_text('{"text": ""}\n')
     (data / "b.txt").write_text("\n")
     assert run_check() == 1 and "nothing usable" in capsys.readouterr().err

@@ -223,6 +223,9 @@ def main(argv=None) -> int:
     from lora_engine.models.tokenizer import load_tokenizer
 
     if stream.streams(a.file, a.format, a.stream):  # a --format text corpus of any size: one pass, bounded memory
+        if a.val:
+            raise DataError("--val compares every record with every validation record, in memory; a streamed corpus "
+                            "(--format text) is checked alone: drop --val, or pass --no-stream")
         stream.corpus_files(a.file)  # before the tokenizer: a bad path is reported at once
         with user_input("--model"):
             tok = load_tokenizer(a.model)

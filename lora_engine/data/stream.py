@@ -28,7 +28,8 @@ fraction it would take of a corpus that size (so a corpus smaller than the windo
 the in-memory path holds out); those never train. Or --val-data, read whole (a file or folder of the same kinds).
 
 Memory: the held-out rows, the buffer's documents (token ids up to --max-length, as 4-byte arrays), the packed
-row and the document being read; none of it grows with the corpus (a single document is read whole).
+row and the document being read, and while the run starts the text of the held-out window; none of it grows with
+the corpus (a single document is read whole, so a corpus of few huge documents wants them split).
 
 Resume. The position is the epoch, the file and byte offset of the next document, the random generator's state,
 and the addresses (file, byte offset, line) of the documents in the buffer and in the packed row: plain data for
@@ -179,6 +180,8 @@ class TextStream:
         self._start_epoch(0)
 
     def _start_epoch(self, epoch: int) -> None:
+        if getattr(self, "_reader", None) is not None:
+            self._reader.close()  # its file, now rather than when collected
         self.epoch, self.rng = epoch, random.Random(self.seed + epoch)
         self.order = list(range(len(self.files)))
         self.rng.shuffle(self.order)
