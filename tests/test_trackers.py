@@ -1,9 +1,13 @@
-"""--report-to: names, the missing-package error, TensorBoard read back with tensorboard's own reader."""
+"""--report-to: names, the missing-package error, and each backend's record read back with its own library: TensorBoard's
+event reader, MlflowClient, W&B's offline run file (its protobuf records), trackio's local store."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import struct
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -18,7 +22,7 @@ from lora_engine.train.config import TrainConfig
 
 @pytest.mark.parametrize("value, want", [("none", ()), ("tensorboard", ("tensorboard",)),
                                          ("TensorBoard, wandb,tensorboard", ("tensorboard", "wandb")),
-                                         ("mlflow,wandb", ("mlflow", "wandb"))])
+                                         ("mlflow,wandb", ("mlflow", "wandb")), ("trackio", ("trackio",))])
 def test_report_to_values(value, want):
     assert trackers.parse_report_to(value) == want
     assert TrainConfig(report_to=value).report_to == (",".join(want) or "none")
@@ -27,7 +31,7 @@ def test_report_to_values(value, want):
 @pytest.mark.parametrize("value", ["comet", "", "none,wandb", "tensorboard,,x"])
 def test_report_to_refuses_unknown_trackers(value):
     with pytest.raises(ValueError, match=r"--report-to must be none or a comma-separated list of tensorboard, "
-                                         r"mlflow, wandb, got"):
+                                         r"mlflow, wandb, trackio, got"):
         TrainConfig(report_to=value)
 
 
@@ -46,7 +50,7 @@ def test_metric_names_are_the_dashboards():
                                          "eval/preference_reward_accuracy": 0.5}
 
 
-@pytest.mark.parametrize("backend", ["mlflow", "wandb", "tensorboard"])
+@pytest.mark.parametrize("backend", ["mlflow", "wandb", "tensorboard", "trackio"])
 def test_a_missing_backend_is_one_line_naming_the_package(monkeypatch, backend):
     monkeypatch.setitem(sys.modules, backend, None)  # import raises ImportError, as when not installed
     with pytest.raises(CliError, match=rf"--report-to {backend}: the {backend} package is not installed .*"
@@ -158,3 +162,114 @@ def test_mlflow_run_holds_the_metrics_config_and_files(folder, data, tmp_path, m
     assert run.data.params["r"] == "4" and run.data.params["report_to"] == "mlflow"
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "run.json", "config.yaml", "metrics.jsonl"} <= files
+
+
+def _wandb_records(path: Path) -> list[bytes]:
+    """The records of a W&B run file (run-<id>.wandb): LevelDB's log format as wandb writes it, a 7-byte header
+    (":W&B", magic, version), then 32 KiB blocks of chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4 last);
+    a block's tail shorter than a chunk header is padding. wandb 0.31 ships no Python reader of its own."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, chunk, out = 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zero padding to the block's end
+            pos += left
+            continue
+        chunk += data[pos + 7 : pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):
+            out.append(chunk)
+            chunk = b""
+    return out
+
+
+def test_wandb_offline_run_holds_the_metrics_config_and_files(folder, data, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="a test extra (pyproject's test list); pip install wandb")
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run is written under --out/wandb only
+    monkeypatch.setenv("WANDB_PROJECT", "stream-test")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    rc = main(["--model", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "3", "--batch-size",
+               "4", "--r", "4", "--max-length", "96", "--eval-every", "0", "--no-general-eval", "--no-plot",
+               "--report-to", "wandb"])
+    assert rc == 0
+    # run.finish() returns before wandb's service has written the whole file; a process ends with this teardown
+    # (atexit), the test process does it here.
+    wandb.teardown()
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    history, config, files, names = {}, {}, set(), []
+    for raw in _wandb_records(run_file):
+        r = pb.Record()
+        r.ParseFromString(raw)
+        kind = r.WhichOneof("record_type")
+        if kind == "history":
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            history.setdefault(row["_step"], {}).update(row)
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in r.config.update})
+        elif kind == "files":
+            files |= {f.path for f in r.files.files}
+        elif kind == "run":
+            names.append((r.run.project, r.run.display_name))
+    assert names[0] == ("stream-test", "run")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {s: h["train/loss"] for s, h in history.items() if "train/loss" in h} == {
+        r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in rows}
+    assert {s: h["train/learning_rate"] for s, h in history.items() if "train/learning_rate" in h} == {
+        r["step"]: pytest.approx(r["lr"], rel=1e-6) for r in rows}
+    run = json.loads((out / "run.json").read_text())
+    assert history[0]["eval/loss"] == pytest.approx(run["eval"]["before"]["target"]["loss"], rel=1e-6)
+    assert history[3]["eval/perplexity"] == pytest.approx(run["eval"]["after"]["target"]["ppl"], rel=1e-6)
+    assert config["r"] == 4 and config["report_to"] == "wandb"
+    assert {"run.json", "config.yaml", "metrics.jsonl"} <= files
+    assert {p.name for p in run_file.parent.glob("files/*")} >= {"run.json", "config.yaml", "metrics.jsonl"}
+
+
+_TRACKIO_READ = """
+import json, sqlite3, sys
+from trackio.sqlite_storage import SQLiteStorage
+project = sys.argv[1]
+(run,) = SQLiteStorage.get_runs(project)
+with sqlite3.connect(SQLiteStorage.get_project_db_path(project)) as db:
+    artifacts = sorted(name for (name,) in db.execute("select name from artifacts"))
+print(json.dumps({"run": run, "logs": SQLiteStorage.get_logs(project, run), "artifacts": artifacts,
+                  "config": SQLiteStorage.get_run_config(project, run)}))
+"""
+
+
+def test_trackio_local_store_holds_the_metrics_config_and_files(folder, data, tmp_path):
+    """In subprocesses: trackio reads $TRACKIO_DIR once, as it is imported."""
+    pytest.importorskip("trackio", reason="a test extra (pyproject's test list); pip install trackio")
+    root = Path(__file__).resolve().parent.parent
+    # Local store under tmp_path, and nothing that would send the run elsewhere (a Space, a server, the hub).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRACKIO_", "HF_"))}
+    env.update(TRACKIO_DIR=str(tmp_path / "trackio"), TRACKIO_PROJECT="stream-test", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]))
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "lora_engine.train", "--model", str(folder), "--data", str(data), "--out",
+                        str(out), "--max-steps", "3", "--batch-size", "4", "--r", "4", "--max-length", "96",
+                        "--eval-every", "0", "--no-general-eval", "--no-plot", "--report-to", "trackio"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "-c", _TRACKIO_READ, "stream-test"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["run"] == "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logs = got["logs"]
+    assert {g["step"]: g["train/loss"] for g in logs if "train/loss" in g} == {
+        r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in rows}
+    run = json.loads((out / "run.json").read_text())
+    evals = {g["step"]: g["eval/loss"] for g in logs if "eval/loss" in g}
+    assert evals == {0: pytest.approx(run["eval"]["before"]["target"]["loss"], rel=1e-6),
+                     3: pytest.approx(run["eval"]["after"]["target"]["loss"], rel=1e-6)}
+    assert got["config"]["r"] == 4 and got["config"]["report_to"] == "trackio"
+    assert {"run.json", "config.yaml", "metrics.jsonl"} <= {a.rsplit("-", 1)[-1] for a in got["artifacts"]}

@@ -6,6 +6,8 @@ with --val, short responses, conflicting responses, length outliers, chat role s
 example rendered with its loss mask: text that is trained on is shown between [[ and ]]. A file of
 preference records ({prompt, chosen, rejected}, for train --objective dpo) gets preference.py's
 checks instead: every empty, malformed or identical pair named, and the pairs truncation would drop.
+A --format text corpus (.txt/.jsonl files or a folder of them) is read in one streamed pass instead
+(check_stream, as training streams it), its quality findings those of its first documents.
 
 Exit status: 1 when nothing in the file is usable (no example, or no pair, keeps a target token);
 with --strict, 1 on any problem reported (empty fields, examples or pairs dropped, data-quality
@@ -20,18 +22,21 @@ from collections import Counter
 from dataclasses import dataclass
 
 from lora_engine.cli import option, parse_command, user_input
-from lora_engine.data import preference, quality
+from lora_engine.data import preference, quality, stream
 from lora_engine.data.formats import FORMATS, DataError, EmptyField, Example, detect_format, tokenize
 from lora_engine.data.prepare import DataSpec, read_data
-from lora_engine.data.sources import read_source
+from lora_engine.data.sources import parse_columns, read_source
 from lora_engine.sources.embedded import DEFAULT_MODEL
 
 
-def histogram(lengths: list[int], bins: int = 10, width: int = 40) -> list[str]:
-    """Text histogram lines: 'lo-hi | ##### count'."""
-    lo, hi = min(lengths), max(lengths)
+def histogram(lengths: list[int] | Counter, bins: int = 10, width: int = 40) -> list[str]:
+    """Text histogram lines: 'lo-hi | ##### count'. `lengths` may come counted ({length: count}, a streamed pass)."""
+    counted = lengths if isinstance(lengths, Counter) else Counter(lengths)
+    lo, hi = min(counted), max(counted)
     step = max(1, -(-(hi - lo + 1) // bins))
-    counts = Counter((x - lo) // step for x in lengths)
+    counts = Counter()
+    for x, n in counted.items():
+        counts[(x - lo) // step] += n
     top = max(counts.values())
     lines = []
     for b in range((hi - lo) // step + 1):
@@ -112,6 +117,66 @@ def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_
             "target_tokens_cut": targets_cut, "quality": report.summary()}
 
 
+def check_stream(path: str, tokenizer, max_length: int = 256, columns: dict | None = None, file=None,
+                 show: int = 0) -> dict:
+    """`data check` of a streamed corpus (data/stream.py), in one pass of bounded memory: counts, token lengths (a
+    Counter of them), truncation, and quality.analyse of the first HELD_OUT_WINDOW documents; check's keys."""
+    p = (lambda line: file.write(line + "\n")) if file is not None else (lambda line: None)
+    files = stream.corpus_files(path)
+    lengths: Counter = Counter()
+    records = empty = over = lost = cut = targets = 0
+    sample, empties, shown = [], [], None
+    for i, f in enumerate(files):
+        for doc in stream.documents(f, i, columns=columns):
+            records += 1
+            if doc.record is None:
+                empty += 1
+                if len(empties) < 5:
+                    empties.append(f"{f}:{doc.address[2]}: field 'text' is empty")
+                continue
+            if len(sample) < stream.HELD_OUT_WINDOW:
+                sample.append(doc.record)
+            e = tokenize(doc.record, "text", tokenizer)
+            if shown is None and len(sample) > show:
+                shown = e
+            lengths[len(e.input_ids)] += 1
+            targets += e.n_targets
+            if len(e.input_ids) > max_length:
+                left = stream.truncated(e, max_length).n_targets
+                over, lost, cut = over + 1, lost + (left == 0), cut + e.n_targets - left
+    examples = records - empty
+    p(f"corpus: {path} ({len(files)} file(s), streamed)")
+    p(f"documents: {records}  format: text  usable examples: {examples}")
+    p(f"empty fields: {empty} documents (skipped by training)")
+    for msg in empties:
+        p(f"  {msg}")
+    if lengths:
+        s = sorted(lengths)
+        median, seen = s[-1], 0
+        for x in s:
+            seen += lengths[x]
+            if seen > examples // 2:
+                median = x
+                break
+        p(f"tokens per example: min {s[0]}, median {median}, max {s[-1]}, total "
+          f"{sum(x * n for x, n in lengths.items())}; target tokens {targets}")
+        p("token-length histogram:")
+        for line in histogram(lengths):
+            p("  " + line)
+    p(f"truncation at --max-length {max_length}: {over} examples truncated, {cut} target tokens cut, {lost} "
+      "examples would be dropped (no target left)")
+    report = quality.analyse(sample, "text")
+    p(f"\ndata quality (a sample: the first {len(sample)} documents):")
+    for line in report.lines():
+        p("  " + line)
+    if shown is not None:
+        p(f"\nexample {shown.where} ({len(shown.input_ids)} tokens, {shown.n_targets} targets; loss on [[...]]):")
+        p(render_mask(shown, tokenizer))
+    return {"records": records, "formats": {"text": examples}, "examples": examples, "empty": empty,
+            "truncated": over, "dropped": lost, "target_tokens_cut": cut, "quality": report.summary(),
+            "files": len(files)}
+
+
 @dataclass
 class CheckArgs:
     """Report on a training data file: counts, lengths, truncation, data quality, a rendered loss mask."""
@@ -130,6 +195,9 @@ class CheckArgs:
                                                            "two records are near-duplicates")
     min_response_words: int = option(quality.MIN_RESPONSE_WORDS, "responses with fewer words are reported as short")
     strict: bool = option(False, "exit with status 1 on any problem reported, not only when nothing is usable")
+    stream: bool | None = option(None, "read a --format text corpus (.txt/.jsonl files or a folder of them) in one "
+                                       "streamed pass, quality checked on its first documents (default: so for "
+                                       "--format text; --no-stream reads it in memory)")
 
     def __post_init__(self):
         if not 0 < self.near_threshold <= 1:
@@ -154,13 +222,22 @@ def main(argv=None) -> int:
     _, a, _ = parse_command({"check": CheckArgs}, argv, "python -m lora_engine.data", "Inspect a training data file.")
     from lora_engine.models.tokenizer import load_tokenizer
 
-    # before the tokenizer: a bad file is reported at once
-    files = read_data(DataSpec(data=a.file, val_data=a.val, columns=a.columns))
-    with user_input("--model"):
-        tok = load_tokenizer(a.model)
-    report = check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, file=sys.stdout,
-                   records=files[a.file], val_records=files.get(a.val), near_threshold=a.near_threshold,
-                   min_response_words=a.min_response_words)
+    if stream.streams(a.file, a.format, a.stream):  # a --format text corpus of any size: one pass, bounded memory
+        if a.val:
+            raise DataError("--val compares every record with every validation record, in memory; a streamed corpus "
+                            "(--format text) is checked alone: drop --val, or pass --no-stream")
+        stream.corpus_files(a.file)  # before the tokenizer: a bad path is reported at once
+        with user_input("--model"):
+            tok = load_tokenizer(a.model)
+        report = check_stream(a.file, tok, a.max_length, parse_columns(a.columns) or None, sys.stdout, a.show)
+    else:
+        # before the tokenizer: a bad file is reported at once
+        files = read_data(DataSpec(data=a.file, val_data=a.val, columns=a.columns))
+        with user_input("--model"):
+            tok = load_tokenizer(a.model)
+        report = check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, file=sys.stdout,
+                       records=files[a.file], val_records=files.get(a.val), near_threshold=a.near_threshold,
+                       min_response_words=a.min_response_words)
     if not usable(report):
         print(f"{a.file}: nothing usable: training would keep no example (each one empty, refused, or left without "
               "a target token at --max-length)", file=sys.stderr)

@@ -108,23 +108,32 @@ def prepare(exs: list[Example], max_length: int, pack: bool = False, stats: dict
     stats = stats if stats is not None else {}
     exs = _truncate(exs, max_length, stats)
     if not pack:
-        rows = [Row(e.input_ids, e.labels, list(range(len(e.input_ids))), [0] * len(e.input_ids), [e.where])
-                for e in exs]
+        rows = [single_row(e) for e in exs]
     else:
         rows, cur = [], None
         for e in exs:
             if cur is None or len(cur.input_ids) + len(e.input_ids) > max_length:
                 cur = Row([], [], [], [], [])
                 rows.append(cur)
-            seg = len(cur.where)
-            cur.input_ids += e.input_ids
-            cur.labels += [-100] + e.labels[1:]
-            cur.position_ids += list(range(len(e.input_ids)))
-            cur.segment_ids += [seg] * len(e.input_ids)
-            cur.where.append(e.where)
+            pack_into(cur, e)
     stats.update(rows=len(rows), examples=len(exs), target_tokens=sum(_n_targets(r) for r in rows),
                  tokens=sum(len(r.input_ids) for r in rows))
     return rows
+
+
+def single_row(e: Example) -> Row:
+    """The row of one example, unpacked."""
+    return Row(e.input_ids, e.labels, list(range(len(e.input_ids))), [0] * len(e.input_ids), [e.where])
+
+
+def pack_into(row: Row, e: Example) -> None:
+    """Append example `e` to a packed row as a document of its own (the caller checks that it fits)."""
+    seg = len(row.where)
+    row.input_ids += e.input_ids
+    row.labels += [-100] + e.labels[1:]
+    row.position_ids += list(range(len(e.input_ids)))
+    row.segment_ids += [seg] * len(e.input_ids)
+    row.where.append(e.where)
 
 
 def _n_targets(r: Row) -> int:
@@ -235,6 +244,9 @@ class Batcher:
                 "group_by_length": self.group_by_length}
 
     def load_state_dict(self, s: dict) -> None:
+        if "n_rows" not in s:
+            raise DataError("the checkpoint was made streaming its text corpus (--format text), this run reads its "
+                            "data in memory: resume with the same --data, --format and --stream")
         if s["n_rows"] != len(self.rows) or s["seed"] != self.seed:
             raise DataError(
                 f"the checkpoint was made with {s['n_rows']} rows and seed {s['seed']}, this run has "

@@ -10,6 +10,9 @@ and `python -m lora_engine.data check` assemble their data here, in one order:
     -> the held-out split                         --val-data, else a seeded --val-split of the training data
     -> rows                                       truncated to --max-length (sft: packed with --pack)
 
+A --format text corpus is streamed instead (data/stream.py): the held-out rows are read here, the training rows
+come from a TextStream as training goes (Prepared.train is the stream, not a list).
+
 One function an objective (_OBJECTIVES). An objective whose rows are prompts only (GRPO: the model
 writes the responses) adds its own: records -> prompt examples -> the same split -> prompt rows.
 The settings come as a DataSpec (plain values, read by name from any config that has them), not as
@@ -27,6 +30,7 @@ from lora_engine.data import preference, quality
 from lora_engine.data.formats import DataError, Record
 from lora_engine.data.pipeline import Row, examples_from_records, prepare, split
 from lora_engine.data.sources import data_files, parse_columns, read_source
+from lora_engine.data.stream import SHUFFLE_BUFFER, corpus_files, prepare_stream, streams
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class DataSpec:
     dedup: bool = False
     objective: str = "sft"
     columns: str | None = None    # "FIELD=COLUMN,...": fields of `data` and `val_data` read from other columns
+    stream: bool | None = None    # stream a --format text corpus (data/stream.py); None: whenever it can be
+    shuffle_buffer: int = SHUFFLE_BUFFER  # documents of a streamed corpus's shuffle buffer
 
     @classmethod
     def of(cls, config) -> DataSpec:
@@ -57,7 +63,7 @@ class Prepared:
     """The rows of one run: sft rows are pipeline.Row, dpo rows (chosen Row, rejected Row) pairs, grpo rows
     PromptRow."""
 
-    train: list
+    train: list  # or, for a streamed corpus, a stream.TextStream
     val: list
     files: list[Path]  # the data files behind the rows, whose hashes run.json records
     stats: dict = field(default_factory=dict)  # counts: records, formats, truncated, rows, target_tokens, ...
@@ -70,6 +76,11 @@ def read_data(spec: DataSpec) -> dict[str, list[Record]]:
     if spec.data is None:
         if columns:  # the embedded data has its own fields: a mapping for it is a mistake, not to be ignored
             raise DataError("--columns maps the columns of --data, and no --data is given")
+        return {}
+    if streams(spec.data, spec.format, spec.stream, spec.objective):  # read as training goes; the paths checked here
+        for p in (spec.data, spec.val_data):
+            if p:
+                corpus_files(p)
         return {}
     return {p: read_source(p, columns) for p in (spec.data, spec.val_data) if p}
 
@@ -101,6 +112,8 @@ def _sft(spec: DataSpec, tokenizer, records: dict, warn) -> Prepared:
     the validation records, the file's or the held-out split's) and with --dedup "dedup" (records dropped)."""
     from lora_engine.data.embedded import chatterbot_split
 
+    if streams(spec.data, spec.format, spec.stream, spec.objective):
+        return Prepared(*prepare_stream(spec, tokenizer))
     stats: dict = {}
     tr, va, src, files = _sources(spec, records, chatterbot_split, ("the embedded corpus",
                                                                    "the embedded held-out split"))

@@ -115,6 +115,10 @@ class TrainConfig:
                                "Face folder model/", choices=["lora", "full"])
     max_length: int = _f(256, "tokens per example (longer ones are truncated, counts reported)")
     pack: bool = _f(False, "pack several examples per row (attention and positions isolated per example)")
+    stream: bool | None = _f(None, "read a --format text corpus (.txt/.jsonl files or a folder of them) as training "
+                                   "goes, through a shuffle buffer, with memory independent of its size (default: so "
+                                   "for --format text; --no-stream reads it in memory)")
+    shuffle_buffer: int = _f(4096, "documents in a streamed corpus's shuffle buffer (more mixes more, holds more)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding; order still random)")
     completion_only: bool = _f(True, "loss only on responses / assistant turns (prompt and chat formats)")
     mask_empty_think: bool = _f(False, "chat: no loss on the empty <think></think> block a reasoning template "
@@ -167,8 +171,8 @@ class TrainConfig:
                            choices=["stop", "skip"])
     log_every: int = _f(1, "write a metrics line every N steps")
     plot: bool = _f(True, "draw loss.png at the end (needs matplotlib)")
-    report_to: str = _f("none", "comma-separated trackers the metrics also go to: none, tensorboard, mlflow, wandb "
-                                "(metrics.jsonl is written always)")
+    report_to: str = _f("none", "comma-separated trackers the metrics also go to: none, tensorboard, mlflow, wandb, "
+                                "trackio (metrics.jsonl is written always)")
     dry_run: bool = _f(False, "print the resolved config, the data summary and quality counts, the trainable "
                               "parameter count and the memory plan of a step, then exit without training or "
                               "touching --out")
@@ -227,6 +231,7 @@ class TrainConfig:
 _RANGES = (
     ("batch_size", 1, None), ("grad_accum", 1, None), ("r", 1, None), ("max_length", 2, None),
     ("eval_batch_size", 1, None), ("log_every", 1, None), ("keep_checkpoints", 1, None), ("general_tokens", 1, None),
+    ("shuffle_buffer", 1, None),
     ("max_steps", 0, None), ("save_every", 0, None), ("eval_every", 0, None), ("warmup_steps", 0, None),
     ("stop_after", 0, None), ("mlp_chunk_size", 0, None), ("loss_chunk_size", 0, None), ("seed", 0, (2**63,)),
     ("val_split", 0, (1,)), ("epochs", 0, None), ("lr", (0,), 1), ("weight_decay", 0, None),

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lora_engine.cli import CliError, to_yaml, user_input
+from lora_engine.data import stream
 from lora_engine.data.pipeline import Batcher
 from lora_engine.data.prepare import DataSpec, Prepared, prepare_data, read_data
 from lora_engine.io import atomic
@@ -115,7 +116,14 @@ def load_inputs(cfg: TrainConfig, tokenizer, log) -> tuple[object, Prepared]:
         with user_input("--model"):
             tokenizer = load_tokenizer(refs.local_path(cfg.model, cfg.registry))
     data = prepare_data(spec, tokenizer, records, log)
-    for line in reporting.data_lines(data.stats, len(data.val), cfg.objective, cfg.max_length, cfg.data):
+    if isinstance(data.train, stream.TextStream):
+        if not cfg.max_steps:  # a stream is not counted before it is read, so no epoch has a known number of steps
+            raise CliError("--max-steps 0 trains --epochs, and a streamed corpus is not counted before training: give "
+                           "--max-steps, or --no-stream to read it in memory")
+        lines = stream.data_lines(data.stats, len(data.val), cfg.max_length, cfg.val_data)
+    else:
+        lines = reporting.data_lines(data.stats, len(data.val), cfg.objective, cfg.max_length, cfg.data)
+    for line in lines:
         log(line)
     return tokenizer, data
 
@@ -205,6 +213,8 @@ def make_run(cfg: TrainConfig, tokenizer, model, data: Prepared, prec: Precision
                 log(f"held-out reward: on {HELD_OUT_LIMIT} of the {len(data.val)} held-out prompts, evenly spaced")
             held_out = functools.partial(step_fn.held_out_reward, rows=data.val, batch_size=cfg.eval_batch_size,
                                          amp=prec.autocast)
+    elif isinstance(data.train, stream.TextStream):
+        batcher = stream.StreamBatcher(data.train, cfg.batch_size, pad)
     else:
         batcher = Batcher(data.train, cfg.batch_size, cfg.seed, pad, group_by_length=cfg.group_by_length)
     per_step = cfg.grad_accum * dist.world  # micro-batches of the global stream per optimizer step

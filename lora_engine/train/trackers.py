@@ -9,6 +9,10 @@ Trackers fans the calls out to every backend chosen. Only rank 0 reports (loop.r
     mlflow       a run in $MLFLOW_TRACKING_URI (default ./mlruns; a local sqlite:///file.db needs no server),
                  experiment $MLFLOW_EXPERIMENT_NAME (default lora_engine); config as params and config.json
     wandb        a run in project $WANDB_PROJECT (default lora_engine); WANDB_MODE=offline writes under <out>/wandb
+                 (run-<id>.wandb, the history; files/, the artifacts), which `wandb sync` uploads later
+    trackio      a run in project $TRACKIO_PROJECT (default lora_engine) of trackio's local store ($TRACKIO_DIR, default
+                 ~/.cache/huggingface/trackio: where `trackio show` looks; a Space only with $TRACKIO_SPACE_ID); the
+                 config goes with the first metrics, files as trackio artifacts
 
 Names, as transformers' trainer reports them: train/loss, train/grad_norm, train/learning_rate, train/epoch,
 train/tokens_per_second, train/target_tokens_seen and the objective's own (DPO's rewards, GRPO's reward names)
@@ -26,9 +30,9 @@ import math
 import os
 from pathlib import Path
 
-BACKENDS = ("tensorboard", "mlflow", "wandb")
+BACKENDS = ("tensorboard", "mlflow", "wandb", "trackio")
 # What `require` imports for each backend (torch.utils.tensorboard needs the tensorboard package itself).
-_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio"}
 # metrics.jsonl's names -> the trackers'; keys not named here pass as train/<key> (the objective's own).
 _TRAIN_NAMES = {"loss": "loss", "grad_norm": "grad_norm", "lr": "learning_rate", "epoch": "epoch",
                 "tokens_per_s": "tokens_per_second", "target_tokens_seen": "target_tokens_seen"}
@@ -148,7 +152,28 @@ class WandB:
         self.run.finish()
 
 
-_CLASSES = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
+class Trackio:
+    def __init__(self, out: Path, run_name: str):
+        import trackio
+
+        # embed: no dashboard server started for a notebook; the system monitors off, as the other backends have none
+        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "lora_engine"), name=run_name, embed=False,
+                                auto_log_gpu=False, auto_log_cpu=False)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_config(self, config: dict) -> None:
+        self.run.config.update(config)  # trackio stores the run's config with its first metrics
+
+    def log_artifact(self, path: Path) -> None:
+        self.run.log_artifact(path)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+_CLASSES = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB, "trackio": Trackio}
 
 
 class Trackers:
