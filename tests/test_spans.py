@@ -391,3 +391,16 @@ def test_a_template_that_drops_an_assistant_turn_trains_the_others(tmp_path):
     ids, mask = ours(tok, msgs)
     assert trained(tok, ids, mask) == "bye<|im_end|>"
     assert [s for s, on in segments(Record({"messages": msgs}, "x"), "chat", tok) if on] == ["bye<|im_end|>"]
+
+
+def test_data_check_counts_targets_as_training_would_with_mask_empty_think(tmp_path, capsys):
+    from lora_engine.data.check import main as check_main
+
+    folder(tmp_path / "qwen3", "qwen3", trl_template("qwen3"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [user("hi"), bot("hello"), user("again"), bot("bye")]}])
+    counts = []
+    for extra in ([], ["--mask-empty-think"]):
+        assert check_main(["check", str(data), "--model", str(tmp_path / "qwen3"), *extra]) == 0
+        counts.append(int(capsys.readouterr().out.split("target tokens ")[1].split()[0]))
+    block = load_tokenizer(tmp_path / "qwen3").encode("<think>\n\n</think>\n\n", add_special_tokens=False)
+    assert counts[0] - counts[1] == len(block) > 0  # the last turn's empty block (Qwen3 drops earlier ones)

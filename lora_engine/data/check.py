@@ -63,7 +63,7 @@ def render_mask(ex: Example, tokenizer) -> str:
 
 def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_only: bool = True,
           show: int = 0, file=None, records=None, val_records=None, near_threshold: float = quality.NEAR_THRESHOLD,
-          min_response_words: int = quality.MIN_RESPONSE_WORDS) -> dict:
+          min_response_words: int = quality.MIN_RESPONSE_WORDS, mask_empty_think: bool = False) -> dict:
     """Analyse a file (or its `records`, read already), and its overlap with `val_records` when given; write the
     report to `file` (a text stream) when one is given; return the numbers as a dict ("quality": the summary of
     quality.analyse)."""
@@ -80,7 +80,7 @@ def check(path, tokenizer, fmt: str = "auto", max_length: int = 256, completion_
         f = fmt if fmt != "auto" else detect_format(r)
         formats[f] += 1
         try:
-            examples.append(tokenize(r, f, tokenizer, completion_only))
+            examples.append(tokenize(r, f, tokenizer, completion_only, mask_empty_think))
         except EmptyField as e:
             empty.append(str(e))
     dups = {k: n for k, n in dup.items() if n > 1}
@@ -189,6 +189,8 @@ class CheckArgs:
     format: str = option("auto", "data format", choices=["auto", *FORMATS])
     max_length: int = option(256, "tokens per example (training truncates longer ones)")
     completion_only: bool = option(True, "loss only on responses / assistant turns (prompt and chat formats)")
+    mask_empty_think: bool = option(False, "as train's flag: an empty <think></think> block opening an assistant "
+                                           "turn is not counted as trained")
     show: int = option(0, "index of the example to render")
     val: str | None = option(None, "a validation file: report its records that duplicate or nearly duplicate FILE's")
     near_threshold: float = option(quality.NEAR_THRESHOLD, "Jaccard similarity (of word 3-shingles) from which "
@@ -237,7 +239,7 @@ def main(argv=None) -> int:
             tok = load_tokenizer(a.model)
         report = check(a.file, tok, a.format, a.max_length, a.completion_only, a.show, file=sys.stdout,
                        records=files[a.file], val_records=files.get(a.val), near_threshold=a.near_threshold,
-                       min_response_words=a.min_response_words)
+                       min_response_words=a.min_response_words, mask_empty_think=a.mask_empty_think)
     if not usable(report):
         print(f"{a.file}: nothing usable: training would keep no example (each one empty, refused, or left without "
               "a target token at --max-length)", file=sys.stderr)
