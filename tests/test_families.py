@@ -34,11 +34,12 @@ CONFIGS = {
 FAMILIES = tuple(CONFIGS)
 
 
-def make_hf(family: str, folder, seed: int = 0):
-    """A random transformers model of `family` saved to `folder` (eager attention: its soft-cap path)."""
+def make_hf(family: str, folder, seed: int = 0, **over):
+    """A random transformers model of `family` saved to `folder` (eager attention: its soft-cap path);
+    over: config fields to change."""
     tf = require_oracle("transformers")
     torch.manual_seed(seed)
-    config = tf.AutoConfig.for_model(family, **_BASE, **CONFIGS[family])
+    config = tf.AutoConfig.for_model(family, **{**_BASE, **CONFIGS[family], **over})
     config._attn_implementation = "eager"
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

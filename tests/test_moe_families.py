@@ -26,10 +26,10 @@ CONFIGS = {
 FAMILIES = tuple(CONFIGS)
 
 
-def make_hf(family: str, folder, seed: int = 0):
+def make_hf(family: str, folder, seed: int = 0, **over):
     tf = require_oracle("transformers")
     torch.manual_seed(seed)
-    config = tf.AutoConfig.for_model(family, **{**_BASE, **CONFIGS[family]})
+    config = tf.AutoConfig.for_model(family, **{**_BASE, **CONFIGS[family], **over})
     config._attn_implementation = "eager"
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
