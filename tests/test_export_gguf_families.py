@@ -25,7 +25,7 @@ from lora_engine import LoraConfig, apply_lora, load_model
 from lora_engine.deploy.gguf import save_gguf
 from lora_engine.lora.layers import lora_layers
 from lora_engine.sources import gguf_write
-from tests import test_families, test_gptoss, test_moe_families
+from tests import test_families, test_gptoss, test_moe_families, test_qwen35
 from tests.conftest import require_oracle
 from tests.test_export_gguf import VOCAB, add_tokenizer
 
@@ -45,9 +45,11 @@ OVERRIDES = {
     "olmoe": dict(num_key_value_heads=4),  # llama.cpp's olmoe k norm has as many heads as q
     # transformers' YaRN with truncate true, as llama.cpp computes it (truncate false: test_warnings)
     "gpt_oss": dict(rope_parameters={**test_gptoss._BASE["rope_parameters"], "truncate": True}),
+    "qwen3_5_text": dict(linear_value_head_dim=8),  # llama.cpp's qwen35: value heads as wide as key heads
 }
 ARCH = {"gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "smollm3": "smollm3", "olmo2": "olmo2",
-        "qwen3_moe": "qwen3moe", "mixtral": "llama", "olmoe": "olmoe", "gpt_oss": "gpt-oss"}
+        "qwen3_moe": "qwen3moe", "mixtral": "llama", "olmoe": "olmoe", "gpt_oss": "gpt-oss",
+        "qwen3_5_text": "qwen35"}
 BOUND = {"gemma2": 1e-3, "gemma3_text": 1e-3}
 FAMILIES = tuple(OVERRIDES)
 IDS = [int(x) for x in np.random.RandomState(0).randint(3, VOCAB, 23)]  # longer than every test window
@@ -57,6 +59,8 @@ def make_family(family: str, folder):
     over = {"vocab_size": VOCAB, **OVERRIDES[family]}
     if family == "gpt_oss":
         test_gptoss.make_hf(folder, **over)
+    elif family == "qwen3_5_text":  # 2 key heads, 4 value heads: the value-head reorder is exercised
+        test_qwen35.make_hf(folder, **over)
     elif family in test_moe_families.CONFIGS:
         test_moe_families.make_hf(family, folder, **over)
     else:
@@ -122,7 +126,7 @@ def test_tensor_names_and_metadata_are_llama_cpps(tiny, tmp_path, family):
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == ARCH[family])
     layers = load_model(folder).config.num_hidden_layers
     known = {gguf.TENSOR_NAMES[t].format(bid=i) for t in gguf.MODEL_TENSORS[arch] for i in range(layers)}
-    assert {t.name.rsplit(".", 1)[0] for t in r.tensors} <= known
+    assert {t.name.removesuffix(".weight").removesuffix(".bias") for t in r.tensors} <= known  # ssm_a: no suffix
     f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.")}
     a = ARCH[family]
     assert f["general.architecture"] == a and f[f"{a}.block_count"] == layers
@@ -138,6 +142,10 @@ def test_tensor_names_and_metadata_are_llama_cpps(tiny, tmp_path, family):
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in r.tensors}
     if family == "phi3":  # fused as llama.cpp stores them: q, k, v rows and gate, up rows
         assert shapes["blk.0.attn_qkv.weight"] == (64 + 2 * 32, 64) and shapes["blk.0.ffn_up.weight"] == (224, 64)
+    if family == "qwen3_5_text":  # 3 DeltaNet layers, then full attention; partial RoPE (head_dim 32 x 0.25)
+        assert f["qwen35.full_attention_interval"] == 4 and f["qwen35.rope.dimension_count"] == 8
+        assert f["qwen35.ssm.group_count"] == 2 and f["qwen35.ssm.time_step_rank"] == 4
+        assert shapes["blk.0.ssm_conv1d.weight"] == (16 + 16 + 32, 4) and "blk.3.attn_q.weight" in shapes
     if family == "qwen3_moe":
         assert shapes["blk.0.ffn_gate_exps.weight"] == (6, 16, 32) and shapes["blk.0.ffn_down_exps.weight"] == (6, 32, 16)
 
@@ -185,7 +193,11 @@ _TYPES = ["sliding_attention", "full_attention"] * 2
     (dict(model_type="olmoe", num_key_value_heads=2), "olmoe model with 2 key/value heads for 4 query heads"),
     (dict(model_type="gpt_oss", swiglu_limit=5.0), "gpt_oss model with swiglu_limit/swiglu_alpha other than"),
     (dict(model_type="phi3", rope_scaling={"rope_type": "longrope"}), "rope scaling 'longrope' is not supported"),
-    (dict(model_type="qwen3_5_text"), "Qwen3.5 .* 'qwen35' needs the Gated DeltaNet tensors"),
+    (dict(model_type="qwen3_5_text", linear_key_head_dim=8, linear_value_head_dim=12),
+     "linear_value_head_dim 12 != linear_key_head_dim 8 .* 'qwen35' sizes the DeltaNet's value heads"),
+    (dict(model_type="qwen3_5_text", layer_types=["linear_attention", "full_attention"] * 2),
+     "qwen3_5_text model with layer_types .* every 4-th layer full attention"),
+    (dict(model_type="qwen3_5_moe_text"), r"Qwen3.5-MoE \(model_type qwen3_5_moe_text\) is not written yet"),
 ])
 def test_refusals_name_the_family_and_why(config, match):
     base = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_hidden_layers=4,
@@ -201,3 +213,25 @@ def test_gemma_27b_query_scale_is_accepted():
     assert gguf_write.check_config(cfg) == "gemma2"
     with pytest.raises(ValueError, match="query_pre_attn_scalar 144 != head_dim 128"):
         gguf_write.check_config({**cfg, "num_hidden_layers": 42})
+
+
+def test_qwen35_multimodal_checkpoint_writes_its_text_model(tmp_path):
+    """The released Qwen3.5 layout (Qwen3_5ForConditionalGeneration, with MTP heads): the text model is written,
+    the vision tower and MTP heads (carried, not part of the decoder) are named in a warning."""
+    tf = require_oracle("transformers")
+    torch.manual_seed(0)
+    text = {**test_qwen35._TINY, **OVERRIDES["qwen3_5_text"], "vocab_size": VOCAB}
+    hf = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=text, vision_config=test_qwen35._VISION))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name and "language_model" in name:
+                p.copy_(0.2 * torch.randn_like(p) + (1.0 if "linear_attn.norm" in name else 0.0))
+    hf.save_pretrained(tmp_path / "mm")
+    test_qwen35._add_mtp(tmp_path / "mm")
+    model = load_model(add_tokenizer(tmp_path / "mm"))
+    with pytest.warns(UserWarning, match=r"tensors carried from the checkpoint \(model.visual.*not in the GGUF"):
+        path = save_gguf(model, tmp_path / "m.gguf", "f32", verbose=False, modelfile=False)
+    with torch.no_grad():
+        ours = model(torch.tensor([IDS]))[0].float().numpy()
+    theirs = llama_cpp_logits(path, IDS)
+    assert np.abs(theirs - ours).max() / np.abs(ours).max() <= 2e-5

@@ -73,7 +73,12 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "f16",
         raise ValueError("save_gguf: the model has no source_dir (the folder it was loaded from), so there is no "
                          "tokenizer to put into the GGUF file; load it with load_model(folder)")
     cfg = model.config
-    check_config({"model_type": cfg.model_type})  # a family we do not write (Qwen3.5's) named before any work
+    check_config({"model_type": gguf_config(cfg)["model_type"]})  # a family we do not write, before any work
+    carried = sorted(getattr(model, "carried_tensors", None) or ())
+    if carried:
+        warnings.warn(f"save_gguf: {len(carried)} tensors carried from the checkpoint ({', '.join(carried[:3])}"
+                      f"{' ...' if len(carried) > 3 else ''}: a vision tower, multi-token-prediction heads) are not "
+                      "in the GGUF file; the Hugging Face export (--out) keeps them", stacklevel=2)
     config = {**gguf_config(cfg), **{k: cfg.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                      if cfg.extra.get(k) is not None}}
     state = model.state_dict()
@@ -103,6 +108,8 @@ def gguf_config(cfg) -> dict:
     if cfg.model_type in ("llama", "mistral", "qwen2", "qwen3") and not cfg.layer_types:
         return cfg.to_hf()
     config = dict(cfg.extra)
+    if isinstance(config.get("text_config"), dict):  # Qwen3.5's multimodal checkpoint: its text model is written
+        config = {**config, **config["text_config"], "model_type": config["text_config"].get("model_type")}
     config["layer_types"] = list(cfg.layer_types) or None
     config["sliding_window"] = cfg.sliding_window
     if cfg.rope_layers:

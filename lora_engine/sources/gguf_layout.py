@@ -1,7 +1,8 @@
 """How llama.cpp lays out each family in GGUF: tensor names, architectures, and the tensor transforms.
 
 One table for both directions: sources/gguf.py reads Llama GGUF files with TENSOR_NAMES,
-sources/gguf_write.py writes every family in FAMILIES.
+sources/gguf_write.py writes every family in FAMILIES (tensor_plan: which GGUF tensor is made from which
+Hugging Face tensors, build_tensor: its data).
 
 Names: llama.cpp's (gguf-py constants.TENSOR_NAMES, e.g. "blk.{bid}.attn_q") plus ".weight" or
 ".bias"; "{}" below is the layer index. tests/test_export_gguf*.py check every name against the
@@ -15,18 +16,22 @@ Face has them. Mistral and Mixtral are the "llama" architecture in llama.cpp (Mi
 
 Transforms (what convert_hf_to_gguf.py does to the tensors, by `Derived.op`):
   plus_one   Gemma's norms compute x_hat * (1 + w); llama.cpp's RMSNorm computes x_hat * w, so the file
-             holds 1 + w (Gemma 2 and 3: every "*norm.weight", q/k norms included)
+             holds 1 + w (Gemma 2 and 3, Qwen3.5: every "*norm.weight", q/k norms included; not
+             Qwen3.5's DeltaNet output norm, which is w * x_hat)
   cat        Phi-3's fused projections: q, k, v (and gate, up) concatenated along the rows
   half0/1    experts stored (E, 2F, H), gate rows first: ffn_gate_exps / ffn_up_exps (E, F, H) each
   even/odd_t gpt-oss experts stored (E, H, 2F) with gate and up interleaved along the last axis:
              the even (gate) or odd (up) columns, transposed to (E, F, H)
   even/odd   gpt-oss expert biases (E, 2F): the even (gate) or odd (up) entries
   t          gpt-oss down experts (E, F, H) -> (E, H, F)
+  v_*        Qwen3.5's DeltaNet: A_log stored as -exp(A_log), the conv kernel squeezed to (C, K), and the
+             value heads reordered from grouped by key head to tiled (v_heads_tiled)
+
+The metadata each architecture reads, and what it cannot express: sources/gguf_metadata.py.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,7 +82,8 @@ class Family:
     names: dict  # GGUF template -> HF template, copied as they are
     derived: tuple = ()  # Derived entries
     permuted: bool = False  # Q/K rows interleaved for llama.cpp's NORM RoPE
-    plus_one: bool = False  # norms stored as 1 + w (Gemma)
+    plus_one: bool = False  # norms stored as 1 + w (Gemma, Qwen3.5)
+    ops: tuple = ()  # (GGUF template, op) for copied tensors that are changed on the way (Qwen3.5's DeltaNet)
 
 
 def _drop(table: dict, *names: str) -> dict:
@@ -93,6 +99,30 @@ def _experts(split_op: str) -> tuple[Derived, ...]:
 
 
 _MOE = {**_drop(TENSOR_NAMES, *_DENSE_MLP), **ROUTER}
+_LIN = "model.layers.{}.linear_attn."
+# Qwen3.5: Gated DeltaNet layers (ssm_*, attn_qkv, attn_gate) beside full-attention layers (attn_q holds the
+# query and the output gate, head by head, as the checkpoint does); post_attention_layernorm is llama.cpp's
+# post_attention_norm here.
+_QWEN35 = {
+    **_drop(TENSOR_NAMES, "blk.{}.ffn_norm.weight"), **QK_NORM,
+    "blk.{}.post_attention_norm.weight": f"{_L}post_attention_layernorm.weight",
+    "blk.{}.attn_qkv.weight": _LIN + "in_proj_qkv.weight",
+    "blk.{}.attn_gate.weight": _LIN + "in_proj_z.weight",
+    "blk.{}.ssm_beta.weight": _LIN + "in_proj_b.weight",
+    "blk.{}.ssm_alpha.weight": _LIN + "in_proj_a.weight",
+    "blk.{}.ssm_a": _LIN + "A_log",
+    "blk.{}.ssm_dt.bias": _LIN + "dt_bias",
+    "blk.{}.ssm_conv1d.weight": _LIN + "conv1d.weight",
+    "blk.{}.ssm_norm.weight": _LIN + "norm.weight",
+    "blk.{}.ssm_out.weight": _LIN + "out_proj.weight",
+}
+# What llama.cpp's converter does to them: A_log stored as A = -exp(A_log), the conv kernel (C, 1, K) as
+# (C, K), the DeltaNet's own norm (w * x_hat) not shifted, and every value-head axis reordered from grouped
+# by key head to tiled (v_*: see v_heads_tiled).
+_QWEN35_OPS = (("blk.{}.attn_qkv.weight", "v_qkv"), ("blk.{}.attn_gate.weight", "v_rows"),
+               ("blk.{}.ssm_beta.weight", "v_heads"), ("blk.{}.ssm_alpha.weight", "v_heads"),
+               ("blk.{}.ssm_a", "v_neg_exp"), ("blk.{}.ssm_dt.bias", "v_heads"), ("blk.{}.ssm_conv1d.weight", "v_conv"),
+               ("blk.{}.ssm_norm.weight", "copy"), ("blk.{}.ssm_out.weight", "v_cols"))
 _GPT_OSS_EXPERTS = "model.layers.{}.mlp.experts."
 FAMILIES = {
     "llama": Family("llama", TENSOR_NAMES, permuted=True),
@@ -125,6 +155,7 @@ FAMILIES = {
                 Derived("blk.{}.ffn_down_exps.weight", (_GPT_OSS_EXPERTS + "down_proj",), "t"),
                 Derived("blk.{}.ffn_gate_exps.bias", (_GPT_OSS_EXPERTS + "gate_up_proj_bias",), "even"),
                 Derived("blk.{}.ffn_up_exps.bias", (_GPT_OSS_EXPERTS + "gate_up_proj_bias",), "odd"))),
+    "qwen3_5_text": Family("qwen35", _QWEN35, plus_one=True, ops=_QWEN35_OPS),
 }
 # Hugging Face model_type -> llama.cpp architecture (general.architecture).
 ARCHITECTURES = {mt: f.arch for mt, f in FAMILIES.items()}
@@ -148,12 +179,16 @@ def derived_shape(op: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
         return (*s[:-1], s[-1] // 2)
     if op == "t":
         return (s[0], s[2], s[1])
+    if op == "v_conv":
+        return (s[0], s[-1])
     return s
 
 
-def derive(op: str, ws: list[np.ndarray]) -> np.ndarray:
+def derive(op: str, ws: list[np.ndarray], config: dict | None = None) -> np.ndarray:
     """Apply `op` to the source tensors (float32, Hugging Face layout)."""
     w = ws[0]
+    if op.startswith("v_"):
+        return _qwen35_op(op, w, config)
     if op == "cat":
         return np.concatenate(ws, axis=0)
     if op in ("half0", "half1"):
@@ -183,144 +218,16 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# ---- metadata -------------------------------------------------------------------------------------
-FULL, SLIDING = "full_attention", "sliding_attention"
-# Families whose llama.cpp architecture has no sliding-window attention: a window in use is refused.
-NO_WINDOW = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "olmo2", "smollm3")
-
-
-def layer_types(config: dict) -> list[str]:
-    """Per layer FULL or SLIDING; config["layer_types"] when given (deploy/gguf.py writes what the engine
-    resolved), else every layer FULL."""
-    return list(config.get("layer_types") or [FULL] * config.get("num_hidden_layers", 0))
-
-
-def check_family(config: dict) -> None:
-    """ValueError naming the family and the setting llama.cpp's architecture cannot express."""
-    mt = config["model_type"]
-    where = f"GGUF export: a {mt} model"
-    types = layer_types(config)
-    if mt in NO_WINDOW and SLIDING in types:
-        raise ValueError(f"{where} with a sliding window in use (sliding_window {config.get('sliding_window')}) is "
-                         f"not supported: llama.cpp's {ARCHITECTURES[mt]!r} attends to every position")
-    if mt in ("gemma2", "gemma3_text"):
-        if not config.get("tie_word_embeddings", True) and mt == "gemma2":
-            raise ValueError(f"{where} with an untied lm_head is not supported: llama.cpp's 'gemma2' reuses "
-                             "token_embd as the output layer")
-        period = 2 if mt == "gemma2" else swa_period(types)
-        if SLIDING in types and types != _pattern(len(types), period):
-            raise ValueError(f"{where} with layer_types {types} is not supported: llama.cpp's "
-                             f"{ARCHITECTURES[mt]!r} takes every n-th layer full, the others sliding")
-        head_dim = config.get("head_dim") or config.get("hidden_size", 0) // config.get("num_attention_heads", 1)
-        scalar = config.get("query_pre_attn_scalar", 256)
-        # llama.cpp scales queries by head_dim^-1/2, except for the 27B models, which it recognises by their
-        # layer count (Gemma 2: 46, Gemma 3: 62) and scales by (hidden / heads)^-1/2, as their configs say.
-        big = config.get("num_hidden_layers") == (46 if mt == "gemma2" else 62)
-        wanted = config.get("hidden_size", 0) // config.get("num_attention_heads", 1) if big else head_dim
-        if "hidden_size" in config and scalar != wanted:
-            raise ValueError(f"{where} with query_pre_attn_scalar {scalar} != head_dim {head_dim} is not supported: "
-                             f"llama.cpp's {ARCHITECTURES[mt]!r} scales queries by head_dim^-1/2 (except the 27B "
-                             "sizes it knows by their layer count)")
-    if mt == "gemma3_text":
-        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if config.get(key) is not None:
-                raise ValueError(f"{where} with {key} {config[key]} is not supported: llama.cpp's 'gemma3' "
-                                 "has no soft-capping")
-    if mt == "smollm3":
-        want = [int((i + 1) % 4 != 0) for i in range(config.get("num_hidden_layers", 0))]
-        if list(config.get("no_rope_layers") or want) != want:
-            raise ValueError(f"{where} with no_rope_layers {config['no_rope_layers']} is not supported: llama.cpp's "
-                             "'smollm3' skips RoPE on every 4th layer exactly")
-    if mt == "qwen3_moe" and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1):
-        raise ValueError(f"{where} with dense layers (mlp_only_layers {config.get('mlp_only_layers')}, "
-                         f"decoder_sparse_step {config.get('decoder_sparse_step', 1)}) is not supported: llama.cpp's "
-                         "'qwen3moe' makes every layer's MLP the experts")
-    heads = config.get("num_attention_heads")
-    if mt == "olmoe" and config.get("num_key_value_heads", heads) != heads:
-        raise ValueError(f"{where} with {config['num_key_value_heads']} key/value heads for {heads} query heads is "
-                         "not supported: llama.cpp's 'olmoe' sizes the k norm for as many key as query heads")
-    if mt == "gpt_oss" and (config.get("swiglu_limit", 7.0) != 7.0 or config.get("swiglu_alpha", 1.702) != 1.702):
-        raise ValueError(f"{where} with swiglu_limit/swiglu_alpha other than 7.0/1.702 is not supported: llama.cpp's "
-                         "'gpt-oss' has them built in")
-
-
-def swa_period(types: list[str]) -> int:
-    """n when every n-th layer is FULL and the others SLIDING (llama.cpp's sliding_window_pattern); 0 if none."""
-    if FULL not in types:
-        return 0
-    return types.index(FULL) + 1
-
-
-def _pattern(n: int, period: int) -> list[str]:
-    return [SLIDING if period == 0 or (i + 1) % period else FULL for i in range(n)]
-
-
-def family_metadata(config: dict) -> list[tuple[str, object, str]]:
-    """[(key after "{arch}.", value, GGUF value type)] a family adds to the Llama keys; warns where llama.cpp
-    will compute something slightly different from the model and there is nothing to write about it."""
-    mt = config["model_type"]
-    types = layer_types(config)
-    kv = []
-    if mt == "phi3" and SLIDING in types:
-        warnings.warn(f"GGUF export: llama.cpp runs phi3 without its sliding window (it disables Phi's SWA); past "
-                      f"{config['sliding_window']} tokens its logits differ from this model's", stacklevel=3)
-    if mt == "gpt_oss" and not full_rope_truncates(config):
-        warnings.warn("GGUF export: this gpt-oss config says YaRN truncate false; llama.cpp rounds YaRN's ramp "
-                      "bounds (truncate true), so a few RoPE frequencies differ slightly from the model's",
-                      stacklevel=3)
-    if SLIDING in types:
-        kv.append(("attention.sliding_window", int(config["sliding_window"]), "UINT32"))
-        if mt != "gemma2":
-            kv.append(("attention.sliding_window_pattern", swa_period(types), "UINT32"))
-    if mt == "gemma2":
-        kv += [("attn_logit_softcapping", float(config.get("attn_logit_softcapping", 50.0)), "FLOAT32"),
-               ("final_logit_softcapping", float(config.get("final_logit_softcapping", 30.0)), "FLOAT32")]
-    if mt == "gemma3_text":
-        local = config.get("rope_local_base_freq")
-        params = config.get("rope_parameters") or {}
-        if isinstance(params.get(SLIDING), dict):
-            local = params[SLIDING].get("rope_theta", local)
-        kv.append(("rope.freq_base_swa", float(local if local is not None else 10000.0), "FLOAT32"))
-    if mt in ("qwen3_moe", "olmoe", "mixtral", "gpt_oss"):
-        experts = config.get("num_experts") or config.get("num_local_experts")  # save_pretrained writes either
-        inner = config["moe_intermediate_size"] if mt == "qwen3_moe" else config["intermediate_size"]
-        kv += [("expert_count", int(experts), "UINT32"),
-               ("expert_used_count", int(config["num_experts_per_tok"]), "UINT32"),
-               ("expert_feed_forward_length", int(inner), "UINT32")]
-        if mt in ("qwen3_moe", "olmoe"):
-            kv.append(("expert_weights_norm", bool(config.get("norm_topk_prob", False)), "BOOL"))
-    return kv
-
-
-def full_rope(config: dict) -> dict:
-    """The RoPE parameters of the full-attention layers ({"rope_type", "rope_theta", "factor", ...}), from
-    rope_parameters (maybe per layer type) or the older rope_theta and rope_scaling."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
-        params = params["full_attention"]
-    rope = dict(params if isinstance(params, dict) else config.get("rope_scaling") or {})
-    if rope.get("rope_theta") is None:
-        default = 1_000_000.0 if config.get("model_type") == "gemma3_text" else 10000.0
-        rope["rope_theta"] = config.get("rope_theta") if config.get("rope_theta") is not None else default
-    return rope
-
-
-def full_rope_truncates(config: dict) -> bool:
-    """Whether the YaRN RoPE rounds its ramp bounds to whole dimensions (transformers' `truncate`, default true)."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return bool(params.get("truncate", True)) if isinstance(params, dict) else True
-
-
 # ---- tensors ---------------------------------------------------------------------------------------
 class Planned:
     """One GGUF tensor: its name, shape (Hugging Face orientation) and how it is made from HF tensors.
 
     f32: kept F32 whatever the type asked, as llama.cpp's converter keeps every bias (gpt-oss's 2-D expert
-    biases: its CPU add_id takes F32 only) and the MoE router (ffn_gate_inp)."""
+    biases: its CPU add_id takes F32 only), the MoE router (ffn_gate_inp) and the DeltaNet's conv kernel."""
 
     def __init__(self, name: str, shape: tuple[int, ...], sources: tuple[str, ...], op: str):
         self.name, self.shape, self.sources, self.op = name, shape, sources, op
-        self.f32 = not name.endswith(".weight") or name.endswith("ffn_gate_inp.weight")
+        self.f32 = not name.endswith(".weight") or name.endswith(("ffn_gate_inp.weight", "ssm_conv1d.weight"))
 
 
 def tensor_plan(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[Planned]:
@@ -338,7 +245,8 @@ def tensor_plan(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[Planne
         template = ".".join(parts[:2] + ["{}"] + parts[3:]) if layer is not None else hf
         if template in table:
             g = table[template].format(layer)
-            plan.append(Planned(g, tuple(shape), (hf,), plus_one if g.endswith("norm.weight") else "copy"))
+            op = dict(family.ops).get(table[template], plus_one if g.endswith("norm.weight") else "copy")
+            plan.append(Planned(g, derived_shape(op, [tuple(shape)]), (hf,), op))
         elif not any(template in d.sources for d in family.derived):
             unknown.append(hf)
         elif layer is not None:
@@ -368,7 +276,7 @@ def build_tensor(p: Planned, tensor: Callable[[str], object], config: dict) -> n
     for hf, w in zip(p.sources, ws):
         if p.op == "copy" and tuple(w.shape) != p.shape:
             raise ValueError(f"GGUF export: tensor {hf} has shape {tuple(w.shape)}, announced {p.shape}")
-    w = ws[0] + 1 if p.op == "plus_one" else derive(p.op, ws)
+    w = ws[0] + 1 if p.op == "plus_one" else derive(p.op, ws, config)
     kind = p.name.split(".")[-2]
     if FAMILIES[config["model_type"]].permuted and kind in ("attn_q", "attn_k"):
         heads = config["num_attention_heads"]
@@ -380,3 +288,29 @@ def _as_numpy(t) -> np.ndarray:
     if hasattr(t, "detach"):
         t = t.detach().float().cpu().numpy()
     return np.asarray(t, dtype=np.float32)
+
+
+def v_heads_tiled(w: np.ndarray, axis: int, k_heads: int, head_dim: int) -> np.ndarray:
+    """Value heads grouped by key head (k0v0, k0v1, ..., k1v0, ...) -> tiled (k0v0, k1v0, ..., k0v1, ...) along
+    `axis` (k_heads * per_k * head_dim long): llama.cpp broadcasts the key heads over the value heads by
+    repeating them whole, so its converter stores the value heads in that order (a no-op when per_k is 1)."""
+    w = np.moveaxis(w, axis, 0)
+    per_k = w.shape[0] // (k_heads * head_dim)
+    w = w.reshape(k_heads, per_k, head_dim, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+    return np.moveaxis(w, 0, axis)
+
+
+def _qwen35_op(op: str, w: np.ndarray, config: dict) -> np.ndarray:
+    hk, dk, dv = (config[f"linear_{x}"] for x in ("num_key_heads", "key_head_dim", "value_head_dim"))
+    if op == "v_qkv":  # rows q (hk dk), k (hk dk), v (hv dv): only v's
+        return np.concatenate([w[:2 * hk * dk], v_heads_tiled(w[2 * hk * dk:], 0, hk, dv)])
+    if op == "v_conv":  # (C, 1, K) over the qkv channels
+        w = w.reshape(w.shape[0], w.shape[-1])
+        return np.concatenate([w[:2 * hk * dk], v_heads_tiled(w[2 * hk * dk:], 0, hk, dv)])
+    if op == "v_rows":
+        return v_heads_tiled(w, 0, hk, dv)
+    if op == "v_cols":
+        return v_heads_tiled(w, 1, hk, dv)
+    if op == "v_neg_exp":
+        return v_heads_tiled(-np.exp(w), 0, hk, 1)
+    return v_heads_tiled(w, 0, hk, 1)  # v_heads: one entry (row) per value head

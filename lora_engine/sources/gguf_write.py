@@ -9,8 +9,9 @@ leaves no partial file. An existing file is replaced only if it is a GGUF file (
 
 Layout (GGUF v3, little-endian): "GGUF", version, tensor count, key/value count, the key/values,
 the tensor table (name, dims fastest-first, ggml type, offset), then each tensor's data aligned to
-32 bytes. Per family (tensor names, fused/split/transposed tensors, Q/K row permutation, the
-metadata each llama.cpp architecture reads, what it cannot express): sources/gguf_layout.py.
+32 bytes. Per family: tensor names, fused/split/transposed tensors and the Q/K row permutation in
+sources/gguf_layout.py; the metadata each llama.cpp architecture reads, and what it cannot express, in
+sources/gguf_metadata.py.
 
 Types (`gguf_type`): the 2-D weights are written as f32, f16, bf16, q8_0, q4_0 or q4_1; 1-D tensors
 (norms, biases) always as F32, as llama.cpp's converter does. A weight whose rows are not whole
@@ -42,11 +43,9 @@ from lora_engine.sources.gguf_layout import (  # noqa: F401  (Planned, tensor_pl
     ARCHITECTURES,
     Planned,
     build_tensor,
-    check_family,
-    family_metadata,
-    full_rope,
     tensor_plan,
 )
+from lora_engine.sources.gguf_metadata import check_family, family_metadata, full_rope, rotary_dim
 
 ALIGNMENT = 32
 MAGIC = b"GGUF"
@@ -72,11 +71,10 @@ class KV:
 def check_config(config: dict) -> str:
     """The llama.cpp architecture for a Hugging Face config.json; ValueError for what we would write wrongly."""
     mt = config.get("model_type")
-    if mt in ("qwen3_5_text", "qwen3_5"):
-        raise ValueError(f"GGUF export: Qwen3.5 (model_type {mt}) is not written yet: llama.cpp's architecture "
-                         "'qwen35' needs the Gated DeltaNet tensors under its ssm_* names and metadata we do not "
-                         "write; export a Hugging Face folder (--out) and convert it with llama.cpp's "
-                         "convert_hf_to_gguf.py")
+    if mt in ("qwen3_5_moe_text", "qwen3_5_moe"):
+        raise ValueError(f"GGUF export: Qwen3.5-MoE (model_type {mt}) is not written yet (llama.cpp's 'qwen35moe': "
+                         "the DeltaNet layers with experts and a shared expert); export a Hugging Face folder "
+                         "(--out) and convert it with llama.cpp's convert_hf_to_gguf.py")
     if mt not in ARCHITECTURES:
         raise ValueError(f"GGUF export: model_type {mt!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     rope = full_rope(config)
@@ -108,7 +106,7 @@ def architecture_metadata(config: dict, name: str, gguf_type: str) -> list[KV]:
         KV(f"{arch}.attention.head_count", heads, "UINT32"),
         KV(f"{arch}.attention.head_count_kv", config.get("num_key_value_heads") or heads, "UINT32"),
         KV(f"{arch}.rope.freq_base", float(rope["rope_theta"]), "FLOAT32"),
-        KV(f"{arch}.rope.dimension_count", head_dim, "UINT32"),
+        KV(f"{arch}.rope.dimension_count", rotary_dim(config, head_dim), "UINT32"),
         KV(f"{arch}.attention.layer_norm_rms_epsilon", float(config.get("rms_norm_eps", 1e-6)), "FLOAT32"),
     ]
     if head_dim != hidden // heads:
@@ -121,7 +119,7 @@ def architecture_metadata(config: dict, name: str, gguf_type: str) -> list[KV]:
     if kind == "yarn":
         kv.append(KV(f"{arch}.rope.scaling.original_context_length",
                      int(rope.get("original_max_position_embeddings", 4096)), "UINT32"))
-    kv += [KV(f"{arch}.{key}", value, vtype) for key, value, vtype in family_metadata(config)]
+    kv += [KV(f"{arch}.{key}", *rest) for key, *rest in family_metadata(config)]
     if GGUF_TYPES[gguf_type][0].startswith("Q"):
         kv.append(KV("general.quantization_version", 2, "UINT32"))  # GGML_QNT_VERSION
     return kv
