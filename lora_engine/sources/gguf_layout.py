@@ -156,6 +156,10 @@ FAMILIES = {
                 Derived("blk.{}.ffn_gate_exps.bias", (_GPT_OSS_EXPERTS + "gate_up_proj_bias",), "even"),
                 Derived("blk.{}.ffn_up_exps.bias", (_GPT_OSS_EXPERTS + "gate_up_proj_bias",), "odd"))),
     "qwen3_5_text": Family("qwen35", _QWEN35, plus_one=True, ops=_QWEN35_OPS),
+    "qwen3_5_moe_text": Family("qwen35moe", {**_drop(_QWEN35, *_DENSE_MLP), **ROUTER, **{
+        f"blk.{{}}.ffn_{x}_shexp.weight": f"{_L}mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")},
+        "blk.{}.ffn_gate_inp_shexp.weight": f"{_L}mlp.shared_expert_gate.weight"},
+        derived=_experts("half"), plus_one=True, ops=_QWEN35_OPS),
 }
 # Hugging Face model_type -> llama.cpp architecture (general.architecture).
 ARCHITECTURES = {mt: f.arch for mt, f in FAMILIES.items()}

@@ -68,7 +68,7 @@ def check_family(config: dict) -> None:
         raise ValueError(f"{where} with dense layers (mlp_only_layers {config.get('mlp_only_layers')}, "
                          f"decoder_sparse_step {config.get('decoder_sparse_step', 1)}) is not supported: llama.cpp's "
                          "'qwen3moe' makes every layer's MLP the experts")
-    if mt == "qwen3_5_text":
+    if mt in ("qwen3_5_text", "qwen3_5_moe_text"):
         every = config.get("full_attention_interval", 4)
         want = ["full_attention" if (i + 1) % every == 0 else "linear_attention"
                 for i in range(config.get("num_hidden_layers", 0))]
@@ -125,7 +125,7 @@ def family_metadata(config: dict) -> list[tuple]:
         if isinstance(params.get(SLIDING), dict):
             local = params[SLIDING].get("rope_theta", local)
         kv.append(("rope.freq_base_swa", float(local if local is not None else 10000.0), "FLOAT32"))
-    if mt == "qwen3_5_text":
+    if mt in ("qwen3_5_text", "qwen3_5_moe_text"):
         rope = full_rope(config)
         sections = list(rope.get("mrope_section") or [11, 11, 10])  # transformers' default
         kv += [("ssm.conv_kernel", int(config["linear_conv_kernel_dim"]), "UINT32"),
@@ -136,14 +136,16 @@ def family_metadata(config: dict) -> list[tuple]:
                ("full_attention_interval", int(config.get("full_attention_interval", 4)), "UINT32"),
                # interleaved M-RoPE (t, h, w, e) sections; for text every section rotates by the token position
                ("rope.dimension_sections", [*sections, 0, 0, 0, 0][:4], "ARRAY", "INT32")]
-    if mt in ("qwen3_moe", "olmoe", "mixtral", "gpt_oss"):
+    if mt in ("qwen3_moe", "olmoe", "mixtral", "gpt_oss", "qwen3_5_moe_text"):
         experts = config.get("num_experts") or config.get("num_local_experts")  # save_pretrained writes either
-        inner = config["moe_intermediate_size"] if mt == "qwen3_moe" else config["intermediate_size"]
+        inner = config["moe_intermediate_size"] if "moe_intermediate_size" in config else config["intermediate_size"]
         kv += [("expert_count", int(experts), "UINT32"),
                ("expert_used_count", int(config["num_experts_per_tok"]), "UINT32"),
                ("expert_feed_forward_length", int(inner), "UINT32")]
         if mt in ("qwen3_moe", "olmoe"):
             kv.append(("expert_weights_norm", bool(config.get("norm_topk_prob", False)), "BOOL"))
+        if mt == "qwen3_5_moe_text":
+            kv.append(("expert_shared_feed_forward_length", int(config["shared_expert_intermediate_size"]), "UINT32"))
     return kv
 
 
@@ -168,6 +170,6 @@ def full_rope_truncates(config: dict) -> bool:
 
 def rotary_dim(config: dict, head_dim: int) -> int:
     """The dimensions of each head that RoPE rotates (rope.dimension_count): partial_rotary_factor's share."""
-    default = 0.25 if config.get("model_type") == "qwen3_5_text" else 1.0
+    default = 0.25 if config.get("model_type") in ("qwen3_5_text", "qwen3_5_moe_text") else 1.0
     params = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
     return int(head_dim * params.get("partial_rotary_factor", config.get("partial_rotary_factor", default)))

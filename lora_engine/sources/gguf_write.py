@@ -71,10 +71,6 @@ class KV:
 def check_config(config: dict) -> str:
     """The llama.cpp architecture for a Hugging Face config.json; ValueError for what we would write wrongly."""
     mt = config.get("model_type")
-    if mt in ("qwen3_5_moe_text", "qwen3_5_moe"):
-        raise ValueError(f"GGUF export: Qwen3.5-MoE (model_type {mt}) is not written yet (llama.cpp's 'qwen35moe': "
-                         "the DeltaNet layers with experts and a shared expert); export a Hugging Face folder "
-                         "(--out) and convert it with llama.cpp's convert_hf_to_gguf.py")
     if mt not in ARCHITECTURES:
         raise ValueError(f"GGUF export: model_type {mt!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     rope = full_rope(config)
@@ -102,7 +98,7 @@ def architecture_metadata(config: dict, name: str, gguf_type: str) -> list[KV]:
         KV(f"{arch}.context_length", config.get("max_position_embeddings", 2048), "UINT32"),
         KV(f"{arch}.embedding_length", hidden, "UINT32"),
         KV(f"{arch}.block_count", config["num_hidden_layers"], "UINT32"),
-        KV(f"{arch}.feed_forward_length", config["intermediate_size"], "UINT32"),
+        KV(f"{arch}.feed_forward_length", config.get("intermediate_size") or config["moe_intermediate_size"], "UINT32"),
         KV(f"{arch}.attention.head_count", heads, "UINT32"),
         KV(f"{arch}.attention.head_count_kv", config.get("num_key_value_heads") or heads, "UINT32"),
         KV(f"{arch}.rope.freq_base", float(rope["rope_theta"]), "FLOAT32"),
