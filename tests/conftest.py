@@ -151,7 +151,8 @@ def tol(kind: str) -> dict:
 
 # The parity oracles: test extras (pyproject.toml [test]; scripts/setup.sh installs them).
 ORACLES = {"transformers": "logits, configs, tokenizers", "peft": "adapter files",
-           "bitsandbytes": "NF4 bytes and dequantized weights", "trl": "the GRPO losses and advantages"}
+           "bitsandbytes": "NF4 bytes and dequantized weights", "trl": "the GRPO losses and advantages",
+           "llama_cpp": "GGUF files as llama.cpp loads and runs them"}
 
 
 def require_oracle(module: str):

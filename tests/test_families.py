@@ -35,9 +35,10 @@ CONFIGS = {
 FAMILIES = tuple(CONFIGS)
 
 
-def make_hf(family: str, folder, seed: int = 0):
-    """A random transformers model of `family` saved to `folder` (eager attention: its soft-cap path)."""
-    return make_family(family, folder, seed, fields={**_BASE, **CONFIGS[family]})
+def make_hf(family: str, folder, seed: int = 0, **over):
+    """A random transformers model of `family` saved to `folder` (eager attention: its soft-cap path);
+    over: config fields to change."""
+    return make_family(family, folder, seed, fields={**_BASE, **CONFIGS[family], **over})
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

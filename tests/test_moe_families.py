@@ -27,8 +27,8 @@ CONFIGS = {
 FAMILIES = tuple(CONFIGS)
 
 
-def make_hf(family: str, folder, seed: int = 0):
-    return make_family(family, folder, seed, fields={**_BASE, **CONFIGS[family]})
+def make_hf(family: str, folder, seed: int = 0, **over):
+    return make_family(family, folder, seed, fields={**_BASE, **CONFIGS[family], **over})
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

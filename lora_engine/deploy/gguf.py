@@ -73,9 +73,14 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "f16",
         raise ValueError("save_gguf: the model has no source_dir (the folder it was loaded from), so there is no "
                          "tokenizer to put into the GGUF file; load it with load_model(folder)")
     cfg = model.config
-    check_config({"model_type": cfg.model_type})  # a family we do not write (Qwen3.5's) named before any work
-    config = {**cfg.to_hf(), **{k: cfg.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                                if cfg.extra.get(k) is not None}}
+    check_config({"model_type": gguf_config(cfg)["model_type"]})  # a family we do not write, before any work
+    carried = sorted(getattr(model, "carried_tensors", None) or ())
+    if carried:
+        warnings.warn(f"save_gguf: {len(carried)} tensors carried from the checkpoint ({', '.join(carried[:3])}"
+                      f"{' ...' if len(carried) > 3 else ''}: a vision tower, multi-token-prediction heads) are not "
+                      "in the GGUF file; the Hugging Face export (--out) keeps them", stacklevel=2)
+    config = {**gguf_config(cfg), **{k: cfg.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                     if cfg.extra.get(k) is not None}}
     state = model.state_dict()
     layers = dict(lora_layers(model))
     tied = getattr(cfg, "tie_word_embeddings", False)  # llama.cpp re-ties a missing output.weight
@@ -95,6 +100,21 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "f16",
     if modelfile:
         write_modelfile(path, chat_template(source), _eos_token(source))
     return path
+
+
+def gguf_config(cfg) -> dict:
+    """The config.json the GGUF writer reads: rebuilt for the Llama families, else the one read from the folder,
+    with the attention schedule as the engine resolved it (transformers' defaults applied)."""
+    if cfg.model_type in ("llama", "mistral", "qwen2", "qwen3") and not cfg.layer_types:
+        return cfg.to_hf()
+    config = dict(cfg.extra)
+    if isinstance(config.get("text_config"), dict):  # Qwen3.5's multimodal checkpoint: its text model is written
+        config = {**config, **config["text_config"], "model_type": config["text_config"].get("model_type")}
+    config["layer_types"] = list(cfg.layer_types) or None
+    config["sliding_window"] = cfg.sliding_window
+    if cfg.rope_layers:
+        config["no_rope_layers"] = [int(x) for x in cfg.rope_layers]
+    return config
 
 
 def _eos_token(folder) -> str | None:

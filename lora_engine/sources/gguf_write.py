@@ -9,7 +9,9 @@ leaves no partial file. An existing file is replaced only if it is a GGUF file (
 
 Layout (GGUF v3, little-endian): "GGUF", version, tensor count, key/value count, the key/values,
 the tensor table (name, dims fastest-first, ggml type, offset), then each tensor's data aligned to
-32 bytes. Tensor names and the Q/K row permutation: sources/gguf_layout.py.
+32 bytes. Per family: tensor names, fused/split/transposed tensors and the Q/K row permutation in
+sources/gguf_layout.py; the metadata each llama.cpp architecture reads, and what it cannot express, in
+sources/gguf_metadata.py.
 
 Types (`gguf_type`): the 2-D weights are written as f32, f16, bf16, q8_0, q4_0 or q4_1; 1-D tensors
 (norms, biases) always as F32, as llama.cpp's converter does. A weight whose rows are not whole
@@ -37,7 +39,13 @@ from pathlib import Path
 import numpy as np
 
 from lora_engine.io.atomic import atomic_file, check_file_replaceable, starts_with
-from lora_engine.sources.gguf_layout import ARCHITECTURES, PERMUTED, hf_to_gguf_names, permute_rows
+from lora_engine.sources.gguf_layout import (  # noqa: F401  (Planned, tensor_plan: part of this module's API)
+    ARCHITECTURES,
+    Planned,
+    build_tensor,
+    tensor_plan,
+)
+from lora_engine.sources.gguf_metadata import check_family, family_metadata, full_rope, rotary_dim
 
 ALIGNMENT = 32
 MAGIC = b"GGUF"
@@ -63,20 +71,17 @@ class KV:
 def check_config(config: dict) -> str:
     """The llama.cpp architecture for a Hugging Face config.json; ValueError for what we would write wrongly."""
     mt = config.get("model_type")
-    if mt in ("qwen3_5_text", "qwen3_5"):
-        raise ValueError(f"GGUF export: Qwen3.5 (model_type {mt}) is not written yet: llama.cpp's architecture "
-                         "'qwen35' needs the Gated DeltaNet tensors under its ssm_* names and metadata we do not "
-                         "write; export a Hugging Face folder (--out) and convert it with llama.cpp's "
-                         "convert_hf_to_gguf.py")
     if mt not in ARCHITECTURES:
         raise ValueError(f"GGUF export: model_type {mt!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    rope = config.get("rope_scaling") or {}
-    if (rope.get("rope_type") or rope.get("type") or "default") != "default":
-        raise ValueError(f"GGUF export: rope scaling {rope.get('rope_type') or rope.get('type')!r} is not supported "
-                         "(llama.cpp needs a rope_freqs tensor we do not write); only plain RoPE")
+    rope = full_rope(config)
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind not in ("default", "linear") and not (mt == "gpt_oss" and kind == "yarn"):
+        raise ValueError(f"GGUF export: rope scaling {kind!r} is not supported "
+                         "(llama.cpp needs a rope_freqs tensor we do not write); only plain or linear RoPE")
     if mt in ("llama", "mistral", "qwen3") and (config.get("attention_bias") or config.get("mlp_bias")):
         raise ValueError(f"GGUF export: a {mt} model with attention_bias/mlp_bias is not supported; "
                          "llama.cpp's loaders and transformers' GGUF reader do not agree on those biases")
+    check_family(config)
     return ARCHITECTURES[mt]
 
 
@@ -84,7 +89,7 @@ def architecture_metadata(config: dict, name: str, gguf_type: str) -> list[KV]:
     arch = check_config(config)
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // heads
-    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    rope = full_rope(config)
     kv = [
         KV("general.architecture", arch, "STRING"),
         KV("general.name", name, "STRING"),
@@ -93,16 +98,24 @@ def architecture_metadata(config: dict, name: str, gguf_type: str) -> list[KV]:
         KV(f"{arch}.context_length", config.get("max_position_embeddings", 2048), "UINT32"),
         KV(f"{arch}.embedding_length", hidden, "UINT32"),
         KV(f"{arch}.block_count", config["num_hidden_layers"], "UINT32"),
-        KV(f"{arch}.feed_forward_length", config["intermediate_size"], "UINT32"),
+        KV(f"{arch}.feed_forward_length", config.get("intermediate_size") or config["moe_intermediate_size"], "UINT32"),
         KV(f"{arch}.attention.head_count", heads, "UINT32"),
         KV(f"{arch}.attention.head_count_kv", config.get("num_key_value_heads") or heads, "UINT32"),
-        KV(f"{arch}.rope.freq_base", float(theta), "FLOAT32"),
-        KV(f"{arch}.rope.dimension_count", head_dim, "UINT32"),
+        KV(f"{arch}.rope.freq_base", float(rope["rope_theta"]), "FLOAT32"),
+        KV(f"{arch}.rope.dimension_count", rotary_dim(config, head_dim), "UINT32"),
         KV(f"{arch}.attention.layer_norm_rms_epsilon", float(config.get("rms_norm_eps", 1e-6)), "FLOAT32"),
     ]
     if head_dim != hidden // heads:
         kv += [KV(f"{arch}.attention.key_length", head_dim, "UINT32"),
                KV(f"{arch}.attention.value_length", head_dim, "UINT32")]
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind != "default":
+        kv += [KV(f"{arch}.rope.scaling.type", kind, "STRING"),
+               KV(f"{arch}.rope.scaling.factor", float(rope["factor"]), "FLOAT32")]
+    if kind == "yarn":
+        kv.append(KV(f"{arch}.rope.scaling.original_context_length",
+                     int(rope.get("original_max_position_embeddings", 4096)), "UINT32"))
+    kv += [KV(f"{arch}.{key}", *rest) for key, *rest in family_metadata(config)]
     if GGUF_TYPES[gguf_type][0].startswith("Q"):
         kv.append(KV("general.quantization_version", 2, "UINT32"))  # GGML_QNT_VERSION
     return kv
@@ -114,28 +127,6 @@ def _file_type(gguf_type: str) -> int:
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"GGUF export: type {gguf_type!r} is not supported; supported: {', '.join(GGUF_TYPES)}")
     return int(gguf.LlamaFileType[GGUF_TYPES[gguf_type][1]])
-
-
-def tensor_plan(config: dict, names: list[str]) -> list[tuple[str, str]]:
-    """[(GGUF name, HF name)] in llama.cpp's order (globals, then block by block); refuses unknown tensors."""
-    table = hf_to_gguf_names(config["model_type"])
-    plan, unknown = [], []
-    for hf in names:
-        parts = hf.split(".")
-        layer = parts[2] if hf.startswith("model.layers.") and len(parts) > 3 and parts[2].isdigit() else None
-        template = ".".join(parts[:2] + ["{}"] + parts[3:]) if layer is not None else hf
-        if template not in table:
-            unknown.append(hf)
-            continue
-        plan.append((table[template].format(layer), hf))
-    if unknown:
-        raise ValueError(f"GGUF export: {len(unknown)} tensors have no llama.cpp name for a {config['model_type']} "
-                         f"model: {', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
-
-    def order(item):
-        g = item[0]
-        return (1, int(g.split(".")[1]), g) if g.startswith("blk.") else (0, 0, {"token_embd.weight": 0}.get(g, 1), g)
-    return sorted(plan, key=order)
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------
@@ -351,21 +342,18 @@ def write_gguf(path: str | os.PathLike, config: dict, shapes: dict[str, tuple[in
     if path.is_dir():
         raise IsADirectoryError(f"GGUF export: {path} is a folder; pass the path of the .gguf file to write")
     check_file_replaceable(path, starts_with(MAGIC), "a GGUF file")
-    arch = check_config(config)
     metadata = architecture_metadata(config, name or path.stem, gguf_type)
     metadata += tokenizer_metadata(tokenizer_dir, config["vocab_size"],
                                    {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
-    plan = tensor_plan(config, list(shapes))
-    heads = {"attn_q": config["num_attention_heads"],
-             "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    plan = tensor_plan(config, shapes)
     layout = {}
     header = bytearray(MAGIC + struct.pack("<IQQ", 3, len(plan), len(metadata)))
     for kv in metadata:
         header += _kv_bytes(kv)
     offset, fallback = 0, []
-    for g, hf in plan:
-        shape = tuple(int(s) for s in shapes[hf])
-        ttype = tensor_type(shape, gguf_type)
+    for p in plan:
+        g, shape = p.name, tuple(int(s) for s in p.shape)
+        ttype = "F32" if p.f32 else tensor_type(shape, gguf_type)
         if ttype != GGUF_TYPES[gguf_type][0] and len(shape) > 1:
             fallback.append(g)
         layout[g] = (shape, ttype)
@@ -378,14 +366,9 @@ def write_gguf(path: str | os.PathLike, config: dict, shapes: dict[str, tuple[in
     header += b"\0" * (-len(header) % ALIGNMENT)
     with atomic_file(path, starts_with(MAGIC), "a GGUF file") as f:
         f.write(header)
-        for i, (g, hf) in enumerate(plan, 1):
-            shape, ttype = layout[g]
-            w = _as_numpy(tensor(hf))
-            if tuple(w.shape) != shape:
-                raise ValueError(f"GGUF export: tensor {hf} has shape {tuple(w.shape)}, announced {shape}")
-            kind = g.split(".")[-2]
-            if arch in PERMUTED and kind in heads:
-                w = permute_rows(w, heads[kind])
+        for i, p in enumerate(plan, 1):
+            (g, hf), (shape, ttype) = (p.name, p.sources[0]), layout[p.name]
+            w = build_tensor(p, tensor, config)
             try:
                 data = encode_tensor(w, ttype)
             except ValueError as e:
@@ -395,12 +378,6 @@ def write_gguf(path: str | os.PathLike, config: dict, shapes: dict[str, tuple[in
             if log:
                 log(f"  {i}/{len(plan)} {g} {ttype} {shape}")
     return path
-
-
-def _as_numpy(t) -> np.ndarray:
-    if hasattr(t, "detach"):
-        t = t.detach().float().cpu().numpy()
-    return np.asarray(t, dtype=np.float32)
 
 
 def _ggml_type(type_name: str) -> int:
