@@ -41,30 +41,37 @@ ROWS_PER_CHUNK = 4096  # super-blocks handled at once: bounds the temporaries to
 
 
 def _sum(a: np.ndarray) -> np.ndarray:
-    """Sum over the last axis left to right in float32, as a C `for` loop adds."""
-    return np.add.accumulate(a, axis=-1, dtype=F32)[..., -1]
+    """Sum (n, S) over its first axis, in order, in float32, as a C `for` loop adds: (S,).
+
+    Sub-blocks lie along the columns so each step adds two contiguous rows (fast), and the order is
+    explicit (numpy's own sums may pair terms differently)."""
+    acc = a[0].copy()
+    for row in a[1:]:
+        acc += row
+    return acc
 
 
 def _fit_min_scale(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """make_qkx2_quants for sub-blocks x (S, n) with weights w: (levels uint8 (S, n), scale (S,), -min (S,))."""
-    lo = x.min(axis=1)
+    """make_qkx2_quants for sub-blocks x (n, S) (one per column) with weights w: (levels uint8 (n, S), scale (S,),
+    -min (S,))."""
+    lo = x.min(axis=0)
     lo = np.where(lo > 0, F32(0), lo)
-    hi = x.max(axis=1)
+    hi = x.max(axis=0)
     flat = hi == lo
     span = np.where(flat, F32(1), hi - lo)  # flat sub-blocks are answered below; avoid 0/0 here
-    xm = x - lo[:, None]
+    xm = x - lo
     sum_w, sum_x = _sum(w), _sum(w * x)
     iscale = F32(nmax) / span
     scale = F32(1) / iscale
-    levels = np.clip(np.rint(iscale[:, None] * xm), 0, nmax)
-    diff = scale[:, None] * levels + lo[:, None] - x
+    levels = np.clip(np.rint(iscale * xm), 0, nmax)
+    diff = scale * levels + lo - x
     best = _sum(w * (diff * diff))
     with np.errstate(divide="ignore", invalid="ignore"):
         for step in range(nstep + 1):
             # ggml moves `min` to each better fit's min and keeps using it for the next grids' span
             # and offset: so do we (xm and span follow lo)
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span
-            lv = np.clip(np.rint(iscale[:, None] * xm), 0, nmax)
+            lv = np.clip(np.rint(iscale * xm), 0, nmax)
             wl = w * lv
             sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * lv), _sum(wl * x)
             det = sum_w * sum_l2 - sum_l * sum_l
@@ -73,32 +80,32 @@ def _fit_min_scale(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta:
             positive = this_min > 0
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
             this_min = np.where(positive, F32(0), this_min)
-            diff = this_scale[:, None] * lv + this_min[:, None] - x
+            diff = this_scale * lv + this_min - x
             err = _sum(w * (diff * diff))
             better = (det > 0) & (err < best) & ~flat
-            levels = np.where(better[:, None], lv, levels)
+            levels = np.where(better, lv, levels)
             best = np.where(better, err, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
             if better.any():
                 span = np.where(flat, F32(1), hi - lo)
-                xm = x - lo[:, None]
-    levels = np.where(flat[:, None], F32(0), levels)
+                xm = x - lo
+    levels = np.where(flat, F32(0), levels)
     scale = np.where(flat, F32(0), scale)
     return levels.astype(np.uint8), scale, -lo
 
 
 def _fit_scale(x: np.ndarray, nmax: int):
-    """make_qx_quants(rmse_type=1) for sub-blocks x (S, n): (levels + nmax as int (S, n), scale (S,))."""
-    rows = np.arange(x.shape[0])
-    peak = x[rows, np.argmax(np.abs(x), axis=1)]  # the first element of largest magnitude, with its sign
+    """make_qx_quants(rmse_type=1) for sub-blocks x (n, S) (one per column): (levels + nmax, int (n, S); scale (S,))."""
+    cols = np.arange(x.shape[1])
+    peak = x[np.argmax(np.abs(x), axis=0), cols]  # the first element of largest magnitude, with its sign
     zero = np.abs(peak) < GROUP_MAX_EPS
     peak = np.where(zero, F32(1), peak)
     w = x * x
     wx = w * x
 
     def trial(iscale):
-        lv = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1)
+        lv = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
         return lv, _sum(wx * lv), _sum(w * lv * lv)
 
     levels, sumlx, suml2 = trial(F32(-nmax) / peak)
@@ -108,10 +115,10 @@ def _fit_scale(x: np.ndarray, nmax: int):
         for step in (*range(-9, 0), *range(1, 10)):
             lv, sumlx, suml2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / peak)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            levels = np.where(better[:, None], lv, levels)
+            levels = np.where(better, lv, levels)
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
-    levels = np.where(zero[:, None], -nmax, levels)  # an all-zero sub-block stores level 0, i.e. -nmax + nmax
+    levels = np.where(zero, -nmax, levels)  # an all-zero sub-block stores level 0, i.e. -nmax + nmax
     return (levels + nmax).astype(np.int32), np.where(zero, F32(0), scale)
 
 
@@ -123,9 +130,9 @@ def _q45_k(x: np.ndarray, bits: int) -> np.ndarray:
     """Q4_K (bits 4) or Q5_K (bits 5) of super-blocks x (B, 256) -> uint8 (B, 144 | 176)."""
     nmax, rmin, nstep = (15, -1.0, 20) if bits == 4 else (31, -0.5, 15)
     nb = x.shape[0]
-    sub = x.reshape(nb * 8, 32)
+    sub = np.ascontiguousarray(x.reshape(nb * 8, 32).T)  # (32, sub-blocks)
     av = np.sqrt(_sum(sub * sub) / F32(32))
-    weights = av[:, None] + np.abs(sub)
+    weights = av + np.abs(sub)
     levels, scales, mins = _fit_min_scale(sub, weights, nmax, rmin, 0.1, nstep)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
     max_scale, max_min = scales.max(axis=1), mins.max(axis=1)
@@ -142,8 +149,8 @@ def _q45_k(x: np.ndarray, bits: int) -> np.ndarray:
     dd = (d.astype(F32)[:, None] * ls.astype(F32)).reshape(-1)
     dm = (dmin.astype(F32)[:, None] * lm.astype(F32)).reshape(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        again = np.clip(np.rint((sub + dm[:, None]) / dd[:, None]), 0, nmax).astype(np.uint8)
-    levels = np.where((dd != 0)[:, None], again, levels).reshape(nb, 4, 2, 32)  # (block, 64-chunk, half, l)
+        again = np.clip(np.rint((sub + dm) / dd), 0, nmax).astype(np.uint8)
+    levels = np.where(dd != 0, again, levels).T.reshape(nb, 4, 2, 32)  # (block, 64-chunk, half, l)
 
     packed = np.empty((nb, 12), np.uint8)
     packed[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
@@ -164,7 +171,7 @@ def _q45_k(x: np.ndarray, bits: int) -> np.ndarray:
 def _q6_k(x: np.ndarray) -> np.ndarray:
     """Q6_K of super-blocks x (B, 256) -> uint8 (B, 210)."""
     nb = x.shape[0]
-    sub = x.reshape(nb * 16, 16)
+    sub = np.ascontiguousarray(x.reshape(nb * 16, 16).T)  # (16, sub-blocks)
     levels, scales = _fit_scale(sub, 32)
     scales = scales.reshape(nb, 16)
     mags = np.abs(scales)
@@ -177,8 +184,8 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     sc = np.minimum(127, np.rint(iscale[:, None] * scales)).astype(np.int8)
     dd = (d.astype(F32)[:, None] * sc.astype(F32)).reshape(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        again = np.clip(np.rint(sub / dd[:, None]), -32, 31).astype(np.int32) + 32
-    levels = np.where((dd != 0)[:, None], again, levels).astype(np.uint8).reshape(nb, 2, 4, 32)  # (blk, 128, q, l)
+        again = np.clip(np.rint(sub / dd), -32, 31).astype(np.int32) + 32
+    levels = np.where(dd != 0, again, levels).astype(np.uint8).T.reshape(nb, 2, 4, 32)  # (blk, 128-chunk, q, l)
     low, high = levels & 0xF, levels >> 4
     ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
     qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
