@@ -3,8 +3,8 @@
 - Bytes and type mix: for each quantized export type, llama.cpp's quantizer (llama_model_quantize,
   what llama-quantize runs) turns our f32 (or f16) export into that file type; our direct export of
   the same type must hold the same tensors with the same ggml types and the same bytes. The models
-  are shaped so the mix shows: 8 layers (llama.cpp's "more bits" layers 0, 3, 6, 7), rows of 256
-  (K-quants apply) with a tied embedding, and rows of 64 / 112 (the shape fallbacks).
+  are shaped so the mix shows: 8 layers (llama.cpp's "more bits" layers 0, 3, 6, 7) and 30 (SmolLM2's
+  count), rows of 256 (K-quants apply) with a tied embedding, and rows of 64 / 112 (the shape fallbacks).
 - K-quant bytes on awkward inputs (all-zero and constant blocks, heavy tails, one huge value)
   against ggml_quantize_chunk from the same library.
 - Loading: every export type loads in llama.cpp; its tokens equal ours, its logits equal our model's
@@ -48,12 +48,14 @@ LOSSLESS = ("f32",)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """name -> folder: "wide" (rows of 256, tied embedding, 8 layers) and "narrow" (rows of 64 / 112, untied)."""
+    """name -> folder: "wide" (rows of 256, tied embedding, 8 layers), "narrow" (rows of 64 / 112, untied) and
+    "deep" (SmolLM2's 30 layers, rows of 64 but ffn_down's of 256)."""
     root = tmp_path_factory.mktemp("llama_cpp_models")
     make_hf_model("llama", root / "wide", vocab_size=VOCAB, hidden_size=256, intermediate_size=256,
                   num_hidden_layers=8, tie=True)
     make_hf_model("llama", root / "narrow", vocab_size=VOCAB)
-    return {name: add_tokenizer(root / name) for name in ("wide", "narrow")}
+    make_hf_model("llama", root / "deep", vocab_size=VOCAB, intermediate_size=256, num_hidden_layers=30)
+    return {name: add_tokenizer(root / name) for name in ("wide", "narrow", "deep")}
 
 
 def llama_quantize(src, dst, gguf_type: str):
@@ -77,8 +79,8 @@ def assert_same_tensors(ours, theirs):
     assert not differ, f"{len(differ)}/{len(a)} tensors differ from llama.cpp's bytes: {differ[:5]}"
 
 
-@pytest.mark.parametrize("name", ["wide", "narrow"])
-@pytest.mark.parametrize("gguf_type", QUANTIZED)
+@pytest.mark.parametrize("name, gguf_type", [*[(n, t) for n in ("wide", "narrow") for t in QUANTIZED],
+                                             *[("deep", t) for t in QUANTIZED if "_k" in t]])
 def test_bytes_and_types_equal_llama_quantize(models, tmp_path, name, gguf_type):
     model = with_lora(models[name])
     f32 = save_gguf(model, tmp_path / "f32.gguf", "f32", modelfile=False, verbose=False)

@@ -359,6 +359,7 @@ def write_gguf(path: str | os.PathLike, config: dict, shapes: dict[str, tuple[in
     offset, fallback = 0, []
     gshapes = {g: tuple(int(s) for s in shapes[hf]) for g, hf in plan}
     types = tensor_types(gshapes, gguf_type, config["num_hidden_layers"],
+                         n_expert=config.get("num_local_experts") or config.get("num_experts") or 1,
                          llama_70b=(arch == "llama" and config["num_hidden_layers"] == 80
                                     and heads["attn_k"] != heads["attn_q"]))
     for g, _ in plan:
