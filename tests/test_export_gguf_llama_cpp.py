@@ -49,13 +49,15 @@ LOSSLESS = ("f32",)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """name -> folder: "wide" (rows of 256, tied embedding, 8 layers), "narrow" (rows of 64 / 112, untied) and
-    "deep" (SmolLM2's 30 layers, rows of 64 but ffn_down's of 256)."""
+    "deep" (SmolLM2's 30 layers, rows of 64 but ffn_down's of 256), "seventy" (80 layers with grouped KV heads,
+    which llama.cpp takes for Llama-70B and gives attn_v more bits)."""
     root = tmp_path_factory.mktemp("llama_cpp_models")
     make_hf_model("llama", root / "wide", vocab_size=VOCAB, hidden_size=256, intermediate_size=256,
                   num_hidden_layers=8, tie=True)
     make_hf_model("llama", root / "narrow", vocab_size=VOCAB)
     make_hf_model("llama", root / "deep", vocab_size=VOCAB, intermediate_size=256, num_hidden_layers=30)
-    return {name: add_tokenizer(root / name) for name in ("wide", "narrow", "deep")}
+    make_hf_model("llama", root / "seventy", vocab_size=VOCAB, num_hidden_layers=80)  # llama.cpp's "70B" type
+    return {name: add_tokenizer(root / name) for name in ("wide", "narrow", "deep", "seventy")}
 
 
 def llama_quantize(src, dst, gguf_type: str):
@@ -80,7 +82,8 @@ def assert_same_tensors(ours, theirs):
 
 
 @pytest.mark.parametrize("name, gguf_type", [*[(n, t) for n in ("wide", "narrow") for t in QUANTIZED],
-                                             *[("deep", t) for t in QUANTIZED if "_k" in t]])
+                                             *[("deep", t) for t in QUANTIZED if "_k" in t],
+                                             ("seventy", "q4_k_m"), ("seventy", "q4_k_s")])
 def test_bytes_and_types_equal_llama_quantize(models, tmp_path, name, gguf_type):
     model = with_lora(models[name])
     f32 = save_gguf(model, tmp_path / "f32.gguf", "f32", modelfile=False, verbose=False)

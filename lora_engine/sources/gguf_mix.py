@@ -10,8 +10,8 @@ for the file types we write, so `--gguf-type q4_k_m` gives the same type per ten
 - output head (and the token embedding when it is tied to the head, i.e. there is no output.weight):
   Q6_K, unless the type is Q8_0 already or its rows are not whole blocks of the type (then Q8_0);
 - attn_v: Q6_K on the "more bits" layers (the first and last eighth, and every third between) for
-  Q4_K_M / Q5_K_M; Q5_K on the first four for Q4_K_S; Q5_K instead of Q4_K on Llama-70B-shaped
-  models (80 layers, grouped KV); Q8_0 with 8 experts. attn_k: Q8_0 with 8 experts.
+  Q4_K_M / Q5_K_M; Q5_K on the first four for Q4_K_S; Q5_K instead of Q4_K on 70B-shaped
+  models (80 layers: Llama with grouped KV, Qwen2); Q8_0 with 8 experts. attn_k: Q8_0 with 8 experts.
 - ffn_down: Q6_K on the "more bits" layers for Q4_K_M / Q5_K_M; Q5_K on the first eighth for Q4_K_S.
 - attn_output: Q5_K with 8 experts for Q4_K_S / Q4_K_M.
 - then the shape fallback: rows that are not whole 256-blocks demote Q4_K -> Q5_0, Q5_K -> Q5_1,
@@ -63,7 +63,7 @@ def tensor_types(shapes: dict[str, tuple[int, ...]], gguf_type: str, n_layer: in
     """{GGUF name: ggml type name} for every tensor in `shapes` (name -> shape, row-major: (rows, cols)).
 
     n_layer: the block count; n_expert: experts per MoE layer (1 for dense); llama_70b: llama.cpp's
-    LLM_TYPE_70B (a llama with 80 layers and fewer KV heads than heads), which bumps attn_v.
+    LLM_TYPE_70B (80 layers: a llama with fewer KV heads than heads, or a qwen2), which bumps attn_v.
     """
     if gguf_type not in FILE_TYPES:
         raise ValueError(f"GGUF export: type {gguf_type!r} is not supported; supported: {', '.join(FILE_TYPES)}")

@@ -360,8 +360,8 @@ def write_gguf(path: str | os.PathLike, config: dict, shapes: dict[str, tuple[in
     gshapes = {g: tuple(int(s) for s in shapes[hf]) for g, hf in plan}
     types = tensor_types(gshapes, gguf_type, config["num_hidden_layers"],
                          n_expert=config.get("num_local_experts") or config.get("num_experts") or 1,
-                         llama_70b=(arch == "llama" and config["num_hidden_layers"] == 80
-                                    and heads["attn_k"] != heads["attn_q"]))
+                         llama_70b=config["num_hidden_layers"] == 80 and (
+                             arch == "qwen2" or (arch == "llama" and heads["attn_k"] != heads["attn_q"])))
     for g, _ in plan:
         shape, ttype = gshapes[g], types[g]
         if ttype == "F16" and FILE_TYPES[gguf_type][1] != "F16" and len(shape) > 1:
