@@ -21,8 +21,10 @@ loops below run over candidate scales, never over blocks.
   quantized to int8 against the one of largest magnitude (d = max / -128, fp16).
   Layout: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d (fp16).
 
-Bit-exactness: llama.cpp compiles these in ggml-base without -march flags, so every operation is
-one IEEE float32 operation in source order (no FMA contraction, no reassociation). We mirror it:
+Bit-exactness: llama.cpp compiles these in ggml-base without -march flags, so on x86-64 every
+operation is one IEEE float32 operation in source order (no FMA there to contract into, no
+reassociation without -ffast-math; on aarch64, where FMA is baseline, a compiler may fuse a * b + c
+and llama.cpp's own bytes can then differ from its x86-64 ones). We mirror the x86-64 build:
 float32 arrays and float32 scalars throughout, products associated as the C source writes them
 (w * l * x is (w * l) * x), and every sum accumulated left to right (np.add.accumulate, never
 np.sum's pairwise order). ggml's nearest_int (add 1.5 * 2**23) rounds half to even: np.rint.
