@@ -248,6 +248,7 @@ def test_embedded_model(embedded_dir, tmp_path):
     modelfile = (tmp_path / "smol.Modelfile").read_text()
     assert "FROM ./smol.gguf" in modelfile and "<|im_start|>{{ .Role }}" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
 
 
 # ---- Modelfile --------------------------------------------------------------------------------------
