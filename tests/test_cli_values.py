@@ -60,8 +60,9 @@ def test_every_dtype_flag_takes_the_aliases():
     assert ExportArgs(model="m", gguf="g", gguf_type="float32").gguf_type == "f32"
     assert ExportArgs(model="m", gguf="g", gguf_type="bfloat16").gguf_type == "bf16"
     assert ExportArgs(model="m", gguf="g", gguf_type="Q4_0").gguf_type == "q4_0"
+    assert ExportArgs(model="m", gguf="g", gguf_type="Q4_K_M").gguf_type == "q4_k_m"
     with pytest.raises(ValueError, match=r"--precision must be one of auto, fp32, bf16, fp16 .*got 'fp64'"):
         TrainConfig(precision="fp64")
-    with pytest.raises(ValueError, match=r"--gguf-type must be one of f32, f16, bf16, q8_0, q4_0, q4_1, fp32, "
-                                         r"fp16 .*got 'q2_k'"):
+    with pytest.raises(ValueError, match=r"--gguf-type must be one of f32, f16, bf16, q8_0, q4_0, q4_1, q6_k, "
+                                         r"q5_k_m, q5_k_s, q4_k_m, q4_k_s, fp32, fp16 .*got 'q2_k'"):
         ExportArgs(model="m", gguf="g", gguf_type="q2_k")

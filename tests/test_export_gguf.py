@@ -31,6 +31,7 @@ from lora_engine.models.tokenizer import Tokenizer
 from lora_engine.sources import gguf_write
 from lora_engine.sources.gguf import GGUFFile, build_tokenizer, convert_gguf
 from lora_engine.sources.gguf_layout import unpermute_rows
+from lora_engine.sources.gguf_mix import tensor_types
 from tests.conftest import require_oracle, tol
 from tests.hf_models import make_hf_model
 
@@ -38,7 +39,7 @@ transformers = require_oracle("transformers")  # its GGUF reader is the oracle
 import gguf  # noqa: E402  (a core dependency: the reader and the writer use it)
 
 VOCAB = 320  # byte-level BPE needs its 256 byte tokens, plus specials and a few merges
-ERROR_BOUND = {"f32": 1e-4, "f16": 3e-3, "bf16": 2e-2, "q8_0": 5e-2, "q4_0": 0.6, "q4_1": 0.6}
+ERROR_BOUND = {"f32": 1e-4, "f16": 3e-3, "bf16": 2e-2, "q8_0": 5e-2, "q4_0": 0.6, "q4_1": 0.6, "q6_k": 0.6}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TEXTS = ["the quick brown fox", "  lazy dogs jump\n\nover <|im_start|>user\nhi<|im_end|>", "ünïcödé 😀 x"]
@@ -91,16 +92,23 @@ def with_lora(folder, seed=0):
 
 
 def rounded_merged(folder, gguf_type, seed=0):
-    """Our model with the LoRA merged and each weight matrix rounded through `gguf_type` as the file stores it."""
+    """Our model with the LoRA merged and each weight matrix rounded through the type its GGUF tensor gets
+    (the file type's per-tensor mix), decoded by gguf-py's dequantizer."""
     model = with_lora(folder, seed)
     merge_lora(model)
+    cfg = json.loads((folder / "config.json").read_text())
+    params = dict(model.named_parameters())
+    plan = gguf_write.tensor_plan(cfg, [n for n in params if "lora_" not in n])  # a tied head is one parameter
+    types = tensor_types({g: tuple(params[hf].shape) for g, hf in plan}, gguf_type, cfg["num_hidden_layers"])
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "lora_" not in name:
-                t = gguf_write.tensor_type(tuple(p.shape), gguf_type)
+        for g, hf in plan:
+            p = params[hf]
+            t = types[g]
+            if p.ndim == 2 and t != "F32":
                 w = p.detach().float().numpy()
-                q = gguf.quants.quantize(w, gguf.GGMLQuantizationType[t]) if t != "F32" else w
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType[t]).reshape(w.shape)))
+                q = gguf_write.encode_tensor(w, t)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q.reshape(w.shape[0], -1),
+                                                                gguf.GGMLQuantizationType[t]).reshape(w.shape)))
     return model
 
 
@@ -117,7 +125,7 @@ def hf_from_gguf(path):
 
 @pytest.mark.parametrize("family, gguf_type", [
     ("llama", "f32"), ("mistral", "f32"), ("qwen2", "f32"), ("qwen3", "f32"),
-    ("llama", "f16"), ("llama", "bf16"), ("llama", "q8_0"), ("llama", "q4_0"), ("llama", "q4_1"),
+    ("llama", "f16"), ("llama", "bf16"), ("llama", "q8_0"), ("llama", "q4_0"), ("llama", "q4_1"), ("llama", "q6_k"),
     ("qwen2", "f16"), ("qwen2", "q8_0"), ("qwen3", "q4_0"),
 ])
 def test_transformers_reads_our_gguf_as_our_merged_model(tiny, tmp_path, family, gguf_type):
@@ -241,6 +249,7 @@ def test_embedded_model(embedded_dir, tmp_path):
     modelfile = (tmp_path / "smol.Modelfile").read_text()
     assert "FROM ./smol.gguf" in modelfile and "<|im_start|>{{ .Role }}" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
 
 
 # ---- Modelfile --------------------------------------------------------------------------------------

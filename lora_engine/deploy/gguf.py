@@ -11,6 +11,12 @@ The Modelfile's TEMPLATE is Ollama's Go-template form of the chat template. Jinj
 translated in general, so we recognise the families whose markers we know (ChatML, Llama 3,
 Mistral [INST]) and write their template; for any other we leave TEMPLATE out (Ollama then picks
 one from the GGUF's tokenizer.chat_template) and say so in the file and in a warning.
+
+Many templates put a system prompt of their own when the conversation has none (SmolLM2's "You are
+a helpful AI assistant named SmolLM, ..."); the model was trained and evaluated with it. Ollama's
+TEMPLATE only loops over messages, so that text goes into the Modelfile's SYSTEM, which Ollama puts
+first when a request has no system message: the prompt then reads as the Jinja template renders it.
+We find the text by rendering the template with a marker as the system message and without one.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import torch.nn as nn
 from lora_engine.io.atomic import atomic_file, check_file_replaceable, starts_with
 from lora_engine.kernels.nf4_format import NF4Tensor
 from lora_engine.lora.layers import lora_layers
+from lora_engine.models.chat_template import ChatTemplateError
+from lora_engine.models.tokenizer import Tokenizer
 from lora_engine.sources.gguf_write import GGUF_TYPES, MAGIC, chat_template, check_config, read_json, write_gguf
 
 logger = logging.getLogger(__name__)
@@ -53,7 +61,8 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "f16",
               verbose: bool = True) -> Path:
     """Write `model` with its LoRA merged as a GGUF file (and `<stem>.Modelfile` beside it); returns the path.
 
-    gguf_type: f32, f16, bf16, q8_0, q4_0 or q4_1 for the 2-D weights (norms and biases stay F32).
+    gguf_type: a llama.cpp file type: f32, f16, bf16, q8_0, q4_0, q4_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m or
+    q6_k, each with llama-quantize's per-tensor type mix (norms and biases stay F32).
     Raises ValueError for NF4 weights (merge a QLoRA adapter with export's --merge-into dequantized
     or --base), an unsupported family or tokenizer, before anything is written; OutputError when
     `path` or the Modelfile exists and is not a GGUF file / a Modelfile we wrote.
@@ -98,7 +107,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, gguf_type: str = "f16",
                       merged,
                       source, gguf_type, name=Path(str(getattr(model, "name_or_path", "") or path)).name, log=log)
     if modelfile:
-        write_modelfile(path, chat_template(source), _eos_token(source))
+        write_modelfile(path, chat_template(source), _eos_token(source), default_system_prompt(source))
     return path
 
 
@@ -117,13 +126,40 @@ def gguf_config(cfg) -> dict:
     return config
 
 
+# Stands in for a system message while the template renders; what surrounds it is the system turn's frame.
+_MARK, _USER = "\x02lora-engine-system\x03", [{"role": "user", "content": "\x02lora-engine-user\x03"}]
+
+
+def default_system_prompt(folder: str | os.PathLike) -> str | None:
+    """The system prompt the folder's chat template writes when the conversation has none, else None.
+
+    Rendered with a marked system message, the template shows the frame of a system turn (the text
+    before and after the mark); rendered without one, a default system prompt is whatever fills that
+    frame. Templates that write no system turn, or refuse one, have none."""
+    if not chat_template(folder):
+        return None
+    tok = Tokenizer(folder)
+    try:
+        marked = tok.apply_chat_template([{"role": "system", "content": _MARK}, *_USER])
+        plain = tok.apply_chat_template(_USER)
+    except ChatTemplateError:
+        return None
+    if marked.count(_MARK) != 1:
+        return None
+    before, after = marked.split(_MARK)
+    if len(plain) <= len(before) + len(after) or not (plain.startswith(before) and plain.endswith(after)):
+        return None
+    return plain[len(before):len(plain) - len(after)]
+
+
 def _eos_token(folder) -> str | None:
     t = (read_json(Path(folder) / "tokenizer_config.json") or {}).get("eos_token")
     return t.get("content") if isinstance(t, dict) else t
 
 
-def modelfile_text(gguf_name: str, template: str | None, eos: str | None) -> str:
-    """An Ollama Modelfile for the GGUF file `gguf_name` (beside it): FROM, TEMPLATE, PARAMETER stop."""
+def modelfile_text(gguf_name: str, template: str | None, eos: str | None, system: str | None = None) -> str:
+    """An Ollama Modelfile for the GGUF file `gguf_name` (beside it): FROM, TEMPLATE, SYSTEM (the template's
+    default system prompt, when it has one), PARAMETER stop."""
     family = next((f for f, (marker, _, _) in OLLAMA_TEMPLATES.items() if template and marker in template), None)
     stem = gguf_name.rsplit(".", 1)[0]
     lines = [f"{MODELFILE_HEAD} Create the model with: ollama create NAME -f {stem}.Modelfile",
@@ -136,13 +172,19 @@ def modelfile_text(gguf_name: str, template: str | None, eos: str | None) -> str
     else:
         lines.append("# No TEMPLATE: the chat template is none we translate to Ollama's Go templates (ChatML, Llama 3, "
                      "Mistral); Ollama chooses one from the GGUF file's tokenizer.chat_template.")
+    if system and '"""' in system:  # a Modelfile has no escape for it inside """...""": leave SYSTEM out
+        warnings.warn(f'save_gguf: the chat template\'s default system prompt holds """, which a Modelfile cannot '
+                      f"quote; the Modelfile has no SYSTEM, so add it yourself: {system[:80]!r}", stacklevel=3)
+    elif system:
+        lines.append(f'SYSTEM """{system}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(gguf_path: str | os.PathLike, template: str | None, eos: str | None) -> Path:
+def write_modelfile(gguf_path: str | os.PathLike, template: str | None, eos: str | None,
+                    system: str | None = None) -> Path:
     gguf_path = Path(gguf_path)
-    text = modelfile_text(gguf_path.name, template, eos)
+    text = modelfile_text(gguf_path.name, template, eos, system)
     if "\nTEMPLATE " not in text:
         warnings.warn(f"save_gguf: {gguf_path.stem}.Modelfile has no TEMPLATE: the chat template is not ChatML, "
                       "Llama 3 or Mistral; Ollama will choose one from the GGUF metadata", stacklevel=3)

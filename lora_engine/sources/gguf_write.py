@@ -13,13 +13,15 @@ the tensor table (name, dims fastest-first, ggml type, offset), then each tensor
 sources/gguf_layout.py; the metadata each llama.cpp architecture reads, and what it cannot express, in
 sources/gguf_metadata.py.
 
-Types (`gguf_type`): the 2-D weights are written as f32, f16, bf16, q8_0, q4_0 or q4_1; 1-D tensors
-(norms, biases) always as F32, as llama.cpp's converter does. A weight whose rows are not whole
-blocks of 32 falls back to F16, also as llama.cpp does. The quantizers are gguf.quants', numpy ports
-of ggml's reference quantizers (quantize_row_q8_0_ref, ..._q4_0_ref, ..._q4_1_ref), which llama.cpp's
-gguf-py/tests/test_quants.py checks byte for byte against libggml; convert_hf_to_gguf.py writes
-q8_0 with the same code, and llama-quantize's q4_0/q4_1 without an importance matrix call the same
-reference functions (compiled C may contract x*id + 0.5 into one FMA, which can flip a rounding).
+Types (`gguf_type`): a llama.cpp file type (f32, f16, bf16, q8_0, q4_0, q4_1, q4_k_s, q4_k_m,
+q5_k_s, q5_k_m, q6_k). The type of each tensor is llama-quantize's mix for that file type
+(sources/gguf_mix.py: output head Q6_K, attn_v / ffn_down at more bits on some layers, 256-block
+types demoted where rows do not fit, F16 where no block fits); 1-D tensors (norms, biases) are F32,
+as llama.cpp's converter writes them. The 32-block quantizers are gguf.quants', numpy ports of
+ggml's reference quantizers (quantize_row_q8_0_ref, ..._q4_0_ref, ...), which llama.cpp's
+gguf-py/tests/test_quants.py checks byte for byte against libggml; the K-quants are ours
+(sources/gguf_kquants.py). llama-quantize without an importance matrix calls the same reference
+functions, so a tensor's bytes equal llama-quantize's from the same float32 values.
 
 Tokenizer: byte-level BPE only (tokenizer.ggml.model "gpt2"); the pre-tokenizer name llama.cpp
 needs (tokenizer.ggml.pre) is read off tokenizer.json's pre_tokenizer, and anything we cannot name
@@ -39,6 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from lora_engine.io.atomic import atomic_file, check_file_replaceable, starts_with
+from lora_engine.sources.gguf_kquants import BLOCK_BYTES as K_QUANTS
+from lora_engine.sources.gguf_kquants import quantize_k
 from lora_engine.sources.gguf_layout import (  # noqa: F401  (Planned, tensor_plan: part of this module's API)
     ARCHITECTURES,
     Planned,
@@ -46,12 +50,11 @@ from lora_engine.sources.gguf_layout import (  # noqa: F401  (Planned, tensor_pl
     tensor_plan,
 )
 from lora_engine.sources.gguf_metadata import check_family, family_metadata, full_rope, rotary_dim
+from lora_engine.sources.gguf_mix import FILE_TYPES, tensor_types
 
 ALIGNMENT = 32
 MAGIC = b"GGUF"
-# --gguf-type -> ggml type name for the 2-D weights, and the general.file_type llama.cpp records.
-GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
-              "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1")}
+GGUF_TYPES = tuple(FILE_TYPES)  # --gguf-type's values: llama.cpp's file types
 NORMAL, USER_DEFINED, CONTROL = 1, 4, 3  # llama.cpp token types
 _LETTERS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
 _TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -116,7 +119,7 @@ def architecture_metadata(config: dict, name: str, gguf_type: str) -> list[KV]:
         kv.append(KV(f"{arch}.rope.scaling.original_context_length",
                      int(rope.get("original_max_position_embeddings", 4096)), "UINT32"))
     kv += [KV(f"{arch}.{key}", *rest) for key, *rest in family_metadata(config)]
-    if GGUF_TYPES[gguf_type][0].startswith("Q"):
+    if FILE_TYPES[gguf_type][1].startswith("Q"):
         kv.append(KV("general.quantization_version", 2, "UINT32"))  # GGML_QNT_VERSION
     return kv
 
@@ -126,7 +129,7 @@ def _file_type(gguf_type: str) -> int:
 
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"GGUF export: type {gguf_type!r} is not supported; supported: {', '.join(GGUF_TYPES)}")
-    return int(gguf.LlamaFileType[GGUF_TYPES[gguf_type][1]])
+    return int(gguf.LlamaFileType[FILE_TYPES[gguf_type][0]])
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------
@@ -264,17 +267,6 @@ def chat_template(folder: str | os.PathLike) -> str | None:
 
 
 # ---- tensors --------------------------------------------------------------------------------------
-def tensor_type(shape: tuple[int, ...], gguf_type: str) -> str:
-    """The ggml type a tensor of `shape` is written as for --gguf-type `gguf_type`."""
-    import gguf
-
-    if len(shape) < 2:
-        return "F32"
-    name = GGUF_TYPES[gguf_type][0]
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][0]
-    return name if shape[-1] % block == 0 else "F16"
-
-
 def encode_tensor(w: np.ndarray, type_name: str) -> np.ndarray:
     """float32 (rows, cols) or (n,) -> the bytes of ggml type `type_name` (uint8, C order)."""
     import gguf.quants
@@ -282,6 +274,8 @@ def encode_tensor(w: np.ndarray, type_name: str) -> np.ndarray:
     w = np.ascontiguousarray(w, dtype=np.float32)
     if type_name == "F32":
         return w.view(np.uint8).reshape(-1)
+    if type_name in K_QUANTS:
+        return quantize_k(w, type_name).reshape(-1)
     if type_name == "F16":
         out = w.astype(np.float16)
         if not np.isfinite(out).all() and np.isfinite(w).all():
@@ -351,10 +345,17 @@ def write_gguf(path: str | os.PathLike, config: dict, shapes: dict[str, tuple[in
     for kv in metadata:
         header += _kv_bytes(kv)
     offset, fallback = 0, []
+    arch = check_config(config)
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    gshapes = {p.name: tuple(int(s) for s in p.shape) for p in plan}
+    types = tensor_types(gshapes, gguf_type, config["num_hidden_layers"],
+                         n_expert=config.get("num_local_experts") or config.get("num_experts") or 1,
+                         llama_70b=config["num_hidden_layers"] == 80 and (
+                             arch == "qwen2" or (arch == "llama" and kv_heads != heads)))
     for p in plan:
-        g, shape = p.name, tuple(int(s) for s in p.shape)
-        ttype = "F32" if p.f32 else tensor_type(shape, gguf_type)
-        if ttype != GGUF_TYPES[gguf_type][0] and len(shape) > 1:
+        g, shape = p.name, gshapes[p.name]
+        ttype = "F32" if p.f32 else types[g]
+        if ttype == "F16" and FILE_TYPES[gguf_type][1] != "F16" and len(shape) > 1:
             fallback.append(g)
         layout[g] = (shape, ttype)
         header += _string(g) + struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *reversed(shape))
