@@ -124,7 +124,8 @@ def sampler_seed(seed: int, rank: int) -> int:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How completions are drawn (--num-generations, --max-completion-length, --temperature, --top-p, --top-k)."""
+    """How completions are drawn (--num-generations, --max-completion-length, --temperature, --top-p, --top-k,
+    --stop)."""
 
     num_generations: int = 8
     max_completion_length: int = 256
@@ -132,6 +133,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     scale_rewards: str = "group"
+    stop: tuple[str, ...] = ()  # a completion ends once its text holds one; its tokens (trained on) keep it
 
 
 @dataclass
@@ -225,6 +227,7 @@ class GRPOStep:
         with _autocast(device, amp):
             out = decode(model, [r.input_ids for r in rows], s.max_completion_length, temperature=s.temperature,
                          top_p=s.top_p, top_k=s.top_k, stop_ids=self.stop_ids, generator=self.batcher.generator,
+                         stop_strings=s.stop, tokenizer=self.tokenizer,
                          pad_id=self.pad)
         try:
             per_func, total = self._score(rows, out)
@@ -272,6 +275,9 @@ class GRPOStep:
     def _score(self, rows, out: Completions) -> tuple[torch.Tensor, torch.Tensor]:
         """(rewards per function (N, F), their weighted sum (N,)) of the completions `out` of `rows`."""
         texts = [self.tokenizer.decode(out.text_tokens(i), skip_special_tokens=True) for i in range(len(rows))]
+        if self.sampling.stop:  # the text a reward reads ends before the stop string (as generate prints it)
+            texts = [t[:min((j for j in (t.find(x) for x in self.sampling.stop) if j >= 0), default=len(t))]
+                     for t in texts]
         prompts = [r.prompt for r in rows]
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
                        for p, t in zip(prompts, texts)]
@@ -300,7 +306,8 @@ class GRPOStep:
                 chunk = rows[i:i + batch_size]
                 with _autocast(device, amp):
                     out = decode(model, [r.input_ids for r in chunk], self.sampling.max_completion_length,
-                                 temperature=0.0, stop_ids=self.stop_ids, pad_id=self.pad)
+                                 temperature=0.0, stop_ids=self.stop_ids, pad_id=self.pad,
+                                 stop_strings=self.sampling.stop, tokenizer=self.tokenizer)
                 tokens += out.tokens
                 ended += out.ended_by
         finally:
