@@ -42,14 +42,15 @@ class Recorded(torch.optim.SGD):
         return super().step(closure)
 
 
-def one_step(folder, loss_type: str, sync=None) -> dict:
+def one_step(folder, loss_type: str, sync=None, batch: int = BATCH, micro: int = MICRO) -> dict:
     """{"grads": [the step's gradient per trainable parameter], "metrics": StepResult.extra, "loss"}; the caller
-    puts fake_decode in place of grpo_step.decode."""
+    puts fake_decode in place of grpo_step.decode. The step is `micro` micro-batches of `batch` prompts: every
+    prompt once (batch x micro of them), whatever the split."""
     tok = FakeTokenizer()
     rows = [prompt_row(Record({"prompt": f"What is {i} plus {i * 7}?", "answer": str(8 * i)}, f"f:{i}"), tok, 64)
-            for i in range(2 * BATCH * MICRO)]
+            for i in range(BATCH * MICRO)]
     world, rank = (sync.world, sync.rank) if sync is not None else (1, 0)
-    batcher = PromptBatcher(rows, BATCH, 0, per_step=MICRO, rank=rank, world=world)
+    batcher = PromptBatcher(rows, batch, 0, per_step=micro, rank=rank, world=world)
     lengths = R.Reward("len", lambda prompts, completions, **_: [float(len(c)) for c in completions])
     loss = LossSettings(loss_type=loss_type, max_completion_length=5, **CASES[loss_type])
     step = GRPOStep(tok, [lengths, R.load_rewards("numeric_match")[0]], Sampling(G, 5, 1.0, scale_rewards="batch"),
@@ -57,8 +58,8 @@ def one_step(folder, loss_type: str, sync=None) -> dict:
     torch.manual_seed(0)
     model = tiny_lora_model(folder)
     opt = Recorded([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    micro = [batcher.next() for _ in range(MICRO)]
-    share = micro if sync is None else sync.share(micro)
+    micro_batches = [batcher.next() for _ in range(micro)]
+    share = micro_batches if sync is None else sync.share(micro_batches)
     res = step(model, opt, make_scheduler(opt, 0, 10), share, max_grad_norm=None, sync=sync)
     return {"grads": opt.grads, "metrics": res.extra, "loss": res.loss, "targets": res.targets}
 

@@ -36,6 +36,16 @@ def test_two_ranks_step_on_the_one_process_gradient_over_the_same_prompts(folder
         assert one["metrics"]["reward_std"] > 0 and one["metrics"]["frac_reward_zero_std"] < 1
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])  # (bnpo's mean is per micro-batch, by design)
+def test_accumulating_micro_batches_of_prompts_equals_one_batch_of_them_all(folder, monkeypatch, loss_type):
+    monkeypatch.setattr(grpo_ddp_step.grpo_step, "decode", grpo_ddp_step.fake_decode)
+    split = grpo_ddp_step.one_step(folder, loss_type)  # 4 micro-batches of 2 prompts
+    whole = grpo_ddp_step.one_step(folder, loss_type, batch=8, micro=1)
+    assert split["metrics"]["reward"] == pytest.approx(whole["metrics"]["reward"], rel=1e-6)
+    for a, b in zip(split["grads"], whole["grads"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_each_rank_has_its_own_reproducible_sampler_and_gets_it_back_from_a_checkpoint():
     assert sampler_seed(5, 0) == 5 and len({sampler_seed(5, r) for r in range(4)}) == 4
     assert sampler_seed(2**63 - 1, 3) < 2**64  # any --seed: a valid generator seed on every rank
