@@ -10,8 +10,8 @@ The embedded SmolLM2-135M-Instruct starts bad at it: greedy, it explains ("18 is
 whose last number is the smaller one) and never answers with the number alone, yet about a fifth of
 its sampled completions end on the right number (measured on 48 samples at temperature 1, 8 tokens),
 so most groups of 8 differ in reward and the policy gradient has something to follow from the first
-step. (Sums, "What is 7 + 12?", were tried first: the model gets none right, forced to start with a
-digit it repeats the first number, and no group differs in reward.) Short completions keep each step
+step. (Sums, "What is 7 + 12?", were tried first: 1 of 128 sampled completions was right, and forced
+to start with a digit the model repeats the first number, so almost no group differs in reward.) Short completions keep each step
 cheap on a CPU.
 
 The prompts are made here, from the seed alone (no file, no download): all 306 ordered pairs, shuffled
