@@ -11,8 +11,8 @@ whose last number is the smaller one) and never answers with the number alone, y
 its sampled completions end on the right number (measured on 48 samples at temperature 1, 8 tokens),
 so most groups of 8 differ in reward and the policy gradient has something to follow from the first
 step. (Sums, "What is 7 + 12?", were tried first: 1 of 128 sampled completions was right, and forced
-to start with a digit the model repeats the first number, so almost no group differs in reward.) Short completions keep each step
-cheap on a CPU.
+to start with a digit the model repeats the first number, so almost no group differs in reward.)
+Short completions keep each step cheap on a CPU.
 
 The prompts are made here, from the seed alone (no file, no download): all 306 ordered pairs, shuffled
 by the seed, the first HELD_OUT held out for the reward before and after training.
@@ -34,7 +34,9 @@ REWARD = "numeric_match,regex_match"
 PATTERN = r"\d+"
 
 # flag -> value for the embedded task: 2 prompts x 8 completions of at most 8 tokens a step, lr 3e-3 (a few times
-# the SFT default, as "LoRA Without Regret" finds RL with LoRA wants) after 2 warmup steps.
+# the SFT default, as "LoRA Without Regret" finds RL with LoRA wants) after 2 warmup steps. Measured
+# (bench/results/grpo_demo.md): the held-out reward rises 0.25 -> 1.0, but by regex_match alone (the policy answers
+# with 8 digits) and general perplexity rises 12x: PATTERN and lr still need tuning toward a rise in correctness.
 SETTINGS = {"reward": REWARD, "max_steps": 24, "batch_size": 2, "num_generations": 8, "max_completion_length": 8,
             "lr": 3e-3, "warmup_steps": 2}
 
