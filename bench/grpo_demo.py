@@ -80,8 +80,8 @@ def main() -> None:
     lines = report(run_dir, wall, cpu)
     if not RESULTS.exists():
         RESULTS.write_text("# The embedded GRPO demonstration (bench/grpo_demo.py)\n\n"
-                           "`python -m lora_engine.train --objective grpo`: sums of two numbers, reward exact_match + "
-                           "numeric_match (lora_engine/data/embedded_grpo.py).\n\n")
+                           "`python -m lora_engine.train --objective grpo`: which of two numbers is larger, reward "
+                           "numeric_match + regex_match (lora_engine/data/embedded_grpo.py).\n\n")
     with RESULTS.open("a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

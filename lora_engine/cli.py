@@ -396,11 +396,16 @@ def _config(ap: argparse.ArgumentParser, cls, ns: dict):
     config_file = ns.pop("config")
     ns.pop("debug", None)
     values = {f.name: _default(f) for f in dataclasses.fields(cls)}
+    given = set(ns)
     if config_file:
-        values.update(load_config(config_file, cls))
+        from_file = load_config(config_file, cls)
+        values.update(from_file)
+        given |= set(from_file)
     values.update(ns)
+    # A config class that takes `given` (an InitVar: TrainConfig) learns which fields the user set, file or flag.
+    extra = {"given": frozenset(given)} if "given" in getattr(cls, "__dataclass_fields__", {}) else {}
     try:
-        return cls(**values), set(ns)
+        return cls(**values, **extra), set(ns)
     except (ValueError, TypeError) as e:
         ap.error(str(e))
 

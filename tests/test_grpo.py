@@ -268,3 +268,41 @@ def test_a_reward_that_does_not_import_stops_before_anything_is_written(folder, 
     assert _run(folder, tmp_path, "--reward", "nowhere_mod:f") == 2
     assert "cannot import module 'nowhere_mod'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_stop_strings_end_the_completions_and_the_rewards_read_the_text_before_them(folder, monkeypatch):
+    from lora_engine.models.generate import Completions
+    from lora_engine.train import grpo_step
+
+    seen, calls = [], []
+    tok = FakeTokenizer()
+    rows = [prompt_row(Record(r, f"f:{i}"), tok, 64) for i, r in enumerate(prompt_records(4))]
+    step = GRPOStep(tok, [R.Reward("r", lambda prompts, completions, **_: seen.extend(completions) or
+                                   [float(len(c)) for c in completions])],
+                    Sampling(2, 6, 1.0, stop=("!", "??")), LossSettings(), PromptBatcher(rows, 2, 0))
+
+    def fake(model, prompts, max_new_tokens, **kw):
+        calls.append((kw["stop_strings"], kw["tokenizer"]))
+        texts = ["ab!c", "a??b", "abc", "x!"] * (len(prompts) // 4)
+        return Completions([tok.encode(t) for t in texts], ["!", "??", None, "!"] * (len(prompts) // 4))
+
+    monkeypatch.setattr(grpo_step, "decode", fake)
+    rollout, metrics = step.draw(tiny_lora_model(folder), [step.batcher.next()], None)
+    assert calls == [(("!", "??"), tok)] and seen == ["ab", "a", "abc", "x"]
+    assert rollout[0].completion_mask.sum(1).tolist() == [4, 4, 3, 2]  # the tokens trained on keep the stop string
+    step.held_out_reward(tiny_lora_model(folder), rows[:4])
+    assert calls[-1] == (("!", "??"), tok)
+    with pytest.raises(ValueError, match=r"--stop must be non-empty text .*got \('a', ''\)"):
+        TrainConfig(objective="grpo", reward="exact_match", stop=("a", ""))
+
+
+@pytest.mark.parametrize("method", [("--use-dora",), ("--quantize", "nf4")])
+def test_grpo_trains_dora_and_qlora_adapters_with_the_reference_the_adapter_switched_off(folder, tmp_path, method):
+    rc = _run(folder, tmp_path, "--max-steps", "2", "--reward", "numeric_match,length_penalty", "--beta", "0.04",
+              "--lr", "5e-2", *method)
+    assert rc == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
+    assert abs(rows[0]["kl"]) < 1e-6 < rows[1]["kl"]  # step 1: the adapter starts as the base; step 2: it moved
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] == (method[0] == "--use-dora")

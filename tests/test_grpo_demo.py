@@ -1,12 +1,14 @@
 """The embedded GRPO task (`train --objective grpo` with no --data), the repetition_penalty reward and the cap on
 held-out prompts. The run here is the CI-sized one: a step or two on the tiny model, the embedded prompts."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 
-from lora_engine.data.embedded_grpo import HELD_OUT, SETTINGS, arithmetic_records
+from lora_engine.cli import parse
+from lora_engine.data.embedded_grpo import HELD_OUT, SETTINGS, comparison_records
 from lora_engine.data.formats import Record
 from lora_engine.data.prepare import DataSpec, prepare_data, prompt_row
 from lora_engine.train import rewards as R
@@ -18,17 +20,17 @@ from tests.test_train_support import FakeTokenizer, tiny_lora_model
 
 
 def test_the_embedded_task_is_built_from_the_seed_with_correct_answers_and_a_disjoint_held_out_part():
-    train, held = arithmetic_records(0)
-    assert len(held) == HELD_OUT and len(train) + len(held) == 18 * 18
-    again, _ = arithmetic_records(0)
-    other, _ = arithmetic_records(1)
+    train, held = comparison_records(0)
+    assert len(held) == HELD_OUT and len(train) + len(held) == 18 * 17
+    again, _ = comparison_records(0)
+    other, _ = comparison_records(1)
     assert [r.data for r in again] == [r.data for r in train] and [r.data for r in other] != [r.data for r in train]
     questions = {r.data["prompt"][-1]["content"] for r in train}
-    assert not questions & {r.data["prompt"][-1]["content"] for r in held}
+    assert len(questions) == len(train) and not questions & {r.data["prompt"][-1]["content"] for r in held}
     for r in train + held:
-        q = r.data["prompt"][-1]["content"]  # "What is a + b?"
-        a, b = q.removeprefix("What is ").removesuffix("?").split(" + ")
-        assert int(r.data["answer"]) == int(a) + int(b)
+        q = r.data["prompt"][-1]["content"]  # "Which is larger, a or b?"
+        a, b = q.removeprefix("Which is larger, ").removesuffix("?").split(" or ")
+        assert a != b and r.data["answer"] == str(max(int(a), int(b))) and r.data["pattern"] == r"\d+"
 
 
 def test_grpo_without_data_takes_the_task_settings_where_a_flag_is_left_at_its_default():
@@ -42,18 +44,48 @@ def test_grpo_without_data_takes_the_task_settings_where_a_flag_is_left_at_its_d
         TrainConfig(objective="grpo", data="p.jsonl")
 
 
+def test_a_flag_given_with_its_default_value_is_not_replaced_by_the_task_setting(tmp_path):
+    # --lr and --max-steps given on the command line, --num-generations in a --config file, each exactly its default
+    defaults = TrainConfig(objective="sft")
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"num_generations = {defaults.num_generations}\n")
+    cfg, explicit = parse(TrainConfig, ["--objective", "grpo", "--lr", str(defaults.lr), "--max-steps",
+                                        str(defaults.max_steps), "--config", str(toml)])
+    assert (cfg.lr, cfg.max_steps, cfg.num_generations) == (defaults.lr, defaults.max_steps, defaults.num_generations)
+    assert cfg.lr != SETTINGS["lr"] and cfg.max_steps != SETTINGS["max_steps"]
+    assert "num_generations" not in explicit  # (the file's names are not the command line's)
+    assert cfg.max_completion_length == SETTINGS["max_completion_length"]  # not given: the task's
+    # a copy (setup names --out with dataclasses.replace) keeps every value, the given defaults included
+    again = dataclasses.replace(cfg, out=str(tmp_path / "run"))
+    assert (again.lr, again.max_steps, again.reward) == (cfg.lr, cfg.max_steps, cfg.reward)
+    # nothing given: every task setting applies, from the command line as in code
+    assert {k: getattr(parse(TrainConfig, ["--objective", "grpo"])[0], k) for k in SETTINGS} == SETTINGS
+
+
 def test_the_embedded_rows_render_as_chat_and_carry_the_answer():
     tok = FakeTokenizer()
     data = prepare_data(DataSpec(objective="grpo", seed=0), tok)
-    assert len(data.train) == 18 * 18 - HELD_OUT and len(data.val) == HELD_OUT and data.files == []
+    assert len(data.train) == 18 * 17 - HELD_OUT and len(data.val) == HELD_OUT and data.files == []
     row = data.val[0]
     text = "".join(chr(i) for i in row.input_ids)
-    assert text.endswith("assistant\n") and "Reply with the number only." in text and "What is" in text
-    assert set(row.fields) == {"answer"}
-    # greedy "The answer is 21." earns numeric_match only; "21" both: the reward the task's runs sum
+    assert text.endswith("assistant\n") and "Reply with the number only." in text and "Which is larger, " in text
+    assert set(row.fields) == {"answer", "pattern"}
+    # "The answer is 12." earns numeric_match only, "7" regex_match only (a number alone, the wrong one), "12"
+    # both, "12 is larger than 7." (the greedy model's form: its last number is the smaller) neither
     rewards = R.load_rewards(SETTINGS["reward"])
-    per = R.score(rewards, [row.prompt] * 2, ["The answer is 21.", "21"], {"answer": ["21", "21"]})
-    assert R.weighted_sum(per, rewards).tolist() == [1.0, 2.0]
+    comps = ["The answer is 12.", "7", "12", "12 is larger than 7."]
+    per = R.score(rewards, [row.prompt] * 4, comps, {"answer": ["12"] * 4, "pattern": [row.fields["pattern"]] * 4})
+    assert R.weighted_sum(per, rewards).tolist() == [1.0, 1.0, 2.0, 0.0]
+
+
+def test_regex_match_takes_the_records_pattern_and_names_a_missing_or_broken_one():
+    got = R.regex_match(None, ["42", " 42 ", "42.", "<think>x</think> 7", "a"], pattern=[r"\d+"] * 4 + [None])
+    assert got == [1.0, 1.0, 0.0, 1.0, None]  # stripped; the whole answer; after </think>; no pattern: None
+    rewards = R.load_rewards("regex_match")
+    with pytest.raises(R.RewardError, match='--reward regex_match .* needs a "pattern" field'):
+        R.score(rewards, ["q"], ["42"], {"answer": ["42"]})
+    with pytest.raises(R.RewardError, match=r"--reward regex_match .*pattern '\(' is not a regular expression"):
+        R.score(rewards, ["q"], ["42"], {"pattern": ["("]})
 
 
 def test_a_few_steps_of_the_embedded_task_run_and_record_the_held_out_reward(folder, tmp_path):
@@ -65,9 +97,9 @@ def test_a_few_steps_of_the_embedded_task_run_and_record_the_held_out_reward(fol
     assert run["config"]["reward"] == SETTINGS["reward"] and run["config"]["data"] is None
     for when in ("before", "after"):
         got = run["eval"][when]["reward"]
-        assert got["prompts"] == HELD_OUT and set(got["per_function"]) == {"exact_match", "numeric_match"}
+        assert got["prompts"] == HELD_OUT and set(got["per_function"]) == {"regex_match", "numeric_match"}
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(math.isfinite(r["reward"]) and "rewards/exact_match/mean" in r for r in rows)
+    assert len(rows) == 2 and all(math.isfinite(r["reward"]) and "rewards/regex_match/mean" in r for r in rows)
 
 
 def test_repetition_penalty_is_minus_the_share_of_repeated_word_trigrams():

@@ -5,7 +5,7 @@ and `python -m lora_engine.data check` assemble their data here, in one order:
 
     records (read and checked: UTF-8, JSON)      read_data; none when no file is given
     -> the embedded default when there is no file  the chatterbot conversations, pairs built from them, or
-                                                  the arithmetic prompts (grpo)
+                                                  the comparison prompts (grpo)
     -> examples (sft) or pairs (dpo)              tokenized per the objective
     -> the held-out split                         --val-data, else a seeded --val-split of the training data
     -> rows                                       truncated to --max-length (sft: packed with --pack)
@@ -186,11 +186,11 @@ def prompt_row(record: Record, tokenizer, max_length: int, stats: dict | None = 
 
 def _grpo(spec: DataSpec, tokenizer, records: dict, warn) -> Prepared:
     """Prompt rows (the model writes the completions); every record's fields other than "prompt" kept for the
-    reward functions. Without --data: the embedded arithmetic task (data/embedded_grpo.py), built from the seed."""
+    reward functions. Without --data: the embedded comparison task (data/embedded_grpo.py), built from the seed."""
     if spec.data is None:
-        from lora_engine.data.embedded_grpo import arithmetic_records
+        from lora_engine.data.embedded_grpo import comparison_records
 
-        tr, va = arithmetic_records(spec.seed)
+        tr, va = comparison_records(spec.seed)
     else:
         tr, va = records[spec.data], records.get(spec.val_data)
     stats: dict = {"records": len(tr), "truncated": 0}

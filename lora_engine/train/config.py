@@ -3,7 +3,7 @@
 With no arguments it fine-tunes the embedded SmolLM2-135M-Instruct on the embedded chatterbot
 conversations, evaluating before and after. --objective dpo trains on preference pairs instead
 (default: pairs built from the same conversations), --objective grpo learns from rewards (default: the
-embedded arithmetic task, data/embedded_grpo.py), --finetune full trains every weight instead of LoRA.
+embedded comparison task, data/embedded_grpo.py), --finetune full trains every weight instead of LoRA.
 Every flag comes from TrainConfig (see --help); `--config run.yaml` (or .toml) overlays a file, flags override it.
 The output folder (--out) holds:
 
@@ -37,7 +37,7 @@ class TrainConfig:
     model: str = _f(DEFAULT_MODEL, "Hugging Face model folder or embedded model name")
     data: str | None = _f(None, "training data: a .jsonl/.json/.csv/.parquet/.arrow file, a datasets save_to_disk "
                                 "folder, or hf://NAME[:SPLIT]; default: the embedded chatterbot conversations "
-                                "(--objective grpo: the embedded arithmetic task)")
+                                "(--objective grpo: the embedded comparison task)")
     columns: str | None = _f(None, "FIELD=COLUMN,...: read a format's fields from columns named otherwise in --data "
                                    "and --val-data, e.g. prompt=question,completion=answer")
     format: str = _f("auto", "data format", choices=["auto", "text", "alpaca", "prompt_completion", "chat"])
@@ -78,7 +78,7 @@ class TrainConfig:
                                "rejected} records (default data: pairs from the embedded conversations), the "
                                "reference being the model with its adapter switched off; grpo: reinforcement "
                                "learning from --reward functions on {prompt, ...} records (GRPO, Dr. GRPO, DAPO, GSPO; "
-                               "default data: the embedded arithmetic task)",
+                               "default data: the embedded comparison task)",
                            choices=["sft", "dpo", "grpo"])
     dpo_beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference (--objective dpo)")
     dpo_loss: str = _f("sigmoid", "--objective dpo's loss: sigmoid (DPO), ipo (IPO, TRL's length-normalised form; "
@@ -88,15 +88,17 @@ class TrainConfig:
     simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (--dpo-loss simpo)")
     # --objective grpo (train/grpo_step.py); names and defaults as TRL's GRPOConfig.
     reward: str | None = _f(None, "grpo: comma-separated reward functions, built-ins (exact_match, numeric_match, "
-                                  "think_format, length_penalty, repetition_penalty) or module:function with TRL's "
-                                  "signature f(prompts, completions, **fields) -> list[float | None]; without "
-                                  "--data, the embedded task's exact_match,numeric_match")
+                                  "think_format, regex_match, length_penalty, repetition_penalty) or module:function "
+                                  "with TRL's signature f(prompts, completions, **fields) -> list[float | None]; "
+                                  "without --data, the embedded task's regex_match,numeric_match")
     reward_weights: str | None = _f(None, "grpo: comma-separated weights of the --reward functions (default 1 each)")
     num_generations: int = _f(8, "grpo: completions sampled per prompt (G); --batch-size counts prompts")
     max_completion_length: int = _f(256, "grpo: most tokens a completion may have")
     temperature: float = _f(1.0, "grpo: sampling temperature (the loss's log-probs use it too)")
     top_p: float = _f(1.0, "grpo: nucleus sampling's probability mass")
     top_k: int = _f(0, "grpo: sample among the k likeliest tokens (0 = all)")
+    stop: tuple[str, ...] = _f((), "grpo: end a completion where this string appears (the rewards see the text "
+                                   "before it); give the flag once per stop string")
     num_iterations: int = _f(1, "grpo: optimizer steps per rollout (mu); > 1 clips each step's ratio against the "
                                 "rollout's log-probs")
     loss_type: str = _f("dapo", "grpo: grpo (sequence means), dr_grpo (constant length), dapo (token mean over the "
@@ -176,8 +178,14 @@ class TrainConfig:
     dry_run: bool = _f(False, "print the resolved config, the data summary and quality counts, the trainable "
                               "parameter count and the memory plan of a step, then exit without training or "
                               "touching --out")
+    # The names of the fields the user set (command line and --config file; cli.parse passes them), so a task's
+    # own defaults (the embedded GRPO task's) replace only the flags left unset: a flag given with exactly its
+    # default value is still given. None (a config built in code): the fields whose value is not the default.
+    # Not a field (no flag, not saved); after construction every name counts as given, so a copy made by
+    # dataclasses.replace, which passes this on from the instance, keeps every value as it is.
+    given: dataclasses.InitVar[frozenset[str] | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, given: frozenset[str] | None = None):
         self.precision = parse_dtype(self.precision, "--precision", ("auto",))
         for name, low, high, *unit in _RANGES:
             check_range(name, getattr(self, name), low, high, *unit)
@@ -188,25 +196,31 @@ class TrainConfig:
         if self.dpo_loss not in ("sigmoid", "ipo", "simpo", "orpo"):
             raise ValueError(f"--dpo-loss must be sigmoid, ipo, simpo or orpo, got {self.dpo_loss!r}")
         if self.objective == "grpo" and self.data is None:
-            self._embedded_grpo_settings()
+            self._embedded_grpo_settings(given)
+        self.stop = tuple(self.stop)  # (a saved config.json holds a list)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"--stop must be non-empty text (the flag once per stop string), got {self.stop!r}")
         if self.objective == "grpo" and not (self.reward or "").strip():
             raise ValueError("--objective grpo with --data needs --reward: a built-in (exact_match, numeric_match, "
-                             "think_format, length_penalty, repetition_penalty) or module:function")
+                             "think_format, regex_match, length_penalty, repetition_penalty) or module:function")
         if self.finetune not in ("lora", "full"):
             raise ValueError(f"--finetune must be lora or full, got {self.finetune!r}")
         if self.overwrite and self.resume:
             raise ValueError("--overwrite starts the run in --out afresh, --resume continues one: give one of them")
         self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
         refuse(self.choices())
+        self.given = frozenset(f.name for f in dataclasses.fields(self))
 
-    def _embedded_grpo_settings(self) -> None:
-        """--objective grpo without --data trains on the embedded arithmetic task: its settings (reward, steps,
-        batch, completion length; data/embedded_grpo.py) replace the flags left at their default value."""
+    def _embedded_grpo_settings(self, given: frozenset[str] | None) -> None:
+        """--objective grpo without --data trains on the embedded comparison task: its settings (reward, steps,
+        batch, completion length; data/embedded_grpo.py) replace the flags the user did not set."""
         from lora_engine.data.embedded_grpo import SETTINGS
 
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if given is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            given = {name for name in SETTINGS if getattr(self, name) != defaults[name]}
         for name, value in SETTINGS.items():
-            if getattr(self, name) == defaults[name]:
+            if name not in given:
                 setattr(self, name, value)
 
     def choices(self, **resolved) -> Choices:
@@ -320,7 +334,7 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, P
     values["distributed"] = cfg.distributed if "distributed" in explicit else None
     if "out" not in explicit:
         values["out"] = str(run_dir_of(ckpt))
-    return TrainConfig(**values), ckpt
+    return TrainConfig(**values, given=frozenset(values)), ckpt  # the saved config is complete: nothing to fill
 
 
 def _registry_resume_message(ref: str, root: str | None) -> str:

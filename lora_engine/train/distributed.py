@@ -134,6 +134,14 @@ class Dist:
         torch.distributed.all_gather_object(objs, obj)
         return next((o for o in objs if o is not None), None)
 
+    def gather(self, obj) -> list:
+        """Every rank's object, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        objs = [None] * self.world
+        torch.distributed.all_gather_object(objs, obj)
+        return objs
+
     def broadcast_object(self, obj):
         if not self.active:
             return obj

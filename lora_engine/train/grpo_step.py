@@ -52,17 +52,25 @@ class PromptBatcher(Batcher):
     sampling generator, seeded from the run's seed, and the current rollout (GRPOStep's), so its state_dict
     (saved in every checkpoint) holds all that decides what a step trains on: a checkpoint taken between the
     rounds of a rollout carries the rollout's tensors (completions, advantages, old and reference log-probs)
-    and metrics, and the resumed run reuses them instead of drawing new ones (exact resume)."""
+    and metrics, and the resumed run reuses them instead of drawing new ones (exact resume).
+
+    Under DDP every rank holds the same batcher (the same prompts in the same order; each trains on its share
+    of a step's micro-batches) but its own sampler, seeded by sampler_seed(seed, rank), and its own rollout.
+    Rank 0 alone writes checkpoints, so GRPOStep hands it every rank's sampler and rollout after each step
+    (`peers`); the checkpoint keeps them by rank, and each rank of a resumed run of the same world size takes
+    its own back."""
 
     def __init__(self, rows, batch_size: int, seed: int, per_step: int = 1, num_iterations: int = 1,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1):
         super().__init__(rows, batch_size, seed, pad_id=0, group_by_length=False)
         self.per_step, self.num_iterations = per_step, num_iterations
         self.device = torch.device(device)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.sampler_seed, self.rank, self.world = sampler_seed(seed, rank), rank, world
+        self.generator = torch.Generator(device=device).manual_seed(self.sampler_seed)
         self._buffer: list[list[int]] = []
         self._served = 0  # micro-batches served from the buffer
         self.rollout: tuple[list[Rollout], dict] | None = None  # GRPOStep's current (rollouts, metrics)
+        self.peers: list[dict] | None = None  # DDP, rank 0: every rank's rank_state() after the last step
 
     def next(self) -> dict:
         span = self.per_step * self.num_iterations
@@ -75,31 +83,49 @@ class PromptBatcher(Batcher):
         rows = [self.rows[i] for i in idx]
         return {"rows": rows, "where": [w for r in rows for w in r.where], "round": rnd}
 
-    def state_dict(self) -> dict:
-        out = {**super().state_dict(), "buffer": [list(b) for b in self._buffer], "served": self._served,
-               "sampler": self.generator.get_state()}
+    def rank_state(self) -> dict:
+        """This rank's sampler state and, mid-rollout (the next step reuses it), its rollout: tensors and plain
+        data only (torch.load(weights_only=True))."""
+        out = {"sampler": self.generator.get_state()}
         if self.rollout is not None and self._served % (self.per_step * self.num_iterations):
-            # mid-rollout: the next step reuses it. Tensors and plain data only (torch.load(weights_only=True)).
             rollouts, metrics = self.rollout
             out["rollout"] = {"micro": [{f.name: None if getattr(ro, f.name) is None else getattr(ro, f.name).cpu()
                                          for f in dataclasses.fields(ro)} for ro in rollouts],
                               "metrics": dict(metrics)}
         return out
 
+    def state_dict(self) -> dict:
+        out = {**super().state_dict(), "buffer": [list(b) for b in self._buffer], "served": self._served,
+               **self.rank_state()}
+        if self.peers is not None:
+            out["ranks"] = self.peers
+        return out
+
     def load_state_dict(self, s: dict) -> None:
         super().load_state_dict(s)
         self._buffer, self._served = [list(b) for b in s["buffer"]], s["served"]
-        self.generator.set_state(s["sampler"])
+        if "ranks" not in s and self.world == 1 or len(s.get("ranks", ())) == self.world:
+            mine = s["ranks"][self.rank] if "ranks" in s else s
+        else:  # saved at another world size: rank 0 keeps rank 0's sampler, a rollout split otherwise is drawn anew
+            mine = {"sampler": s["sampler"]} if self.rank == 0 else {}
+        if "sampler" in mine:
+            self.generator.set_state(mine["sampler"])
         self.rollout = None
-        if "rollout" in s:
+        if "rollout" in mine:
             micro = [Rollout(**{k: None if v is None else v.to(self.device) for k, v in m.items()})
-                     for m in s["rollout"]["micro"]]
-            self.rollout = (micro, dict(s["rollout"]["metrics"]))
+                     for m in mine["rollout"]["micro"]]
+            self.rollout = (micro, dict(mine["rollout"]["metrics"]))
+
+
+def sampler_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s sampler: the run's seed on rank 0 (a one-process run's), distinct on the others."""
+    return (seed + rank * 0x9E3779B97F4A7C15) % 2**64
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How completions are drawn (--num-generations, --max-completion-length, --temperature, --top-p, --top-k)."""
+    """How completions are drawn (--num-generations, --max-completion-length, --temperature, --top-p, --top-k,
+    --stop)."""
 
     num_generations: int = 8
     max_completion_length: int = 256
@@ -107,6 +133,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     scale_rewards: str = "group"
+    stop: tuple[str, ...] = ()  # a completion ends once its text holds one; its tokens (trained on) keep it
 
 
 @dataclass
@@ -135,39 +162,54 @@ class GRPOStep:
 
     def __call__(self, model, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float | None = 1.0,
                  amp: torch.dtype | None = None, scaler=None, on_nonfinite: str = "stop",
-                 where: str = "") -> StepResult:
+                 where: str = "", sync=None) -> StepResult:
+        """One step on `micro_batches` (PromptBatcher.next()'s). sync: a train.distributed.Dist when the step
+        spans several ranks, each passing its own share of the step's micro-batches (whole prompt groups): each
+        samples its own, the reward statistics and advantages are the step's over all ranks, and each rank's
+        loss is its share of the one-process loss over all micro-batches (the divisors count every rank's), so
+        the summed gradients are that loss's gradient."""
         device = next(model.parameters()).device
         if micro_batches[0]["round"] == 0 or self.batcher.rollout is None:
             # (a resumed run finds the rollout its checkpoint was taken in, in the batcher's state)
-            self.batcher.rollout = self.draw(model, micro_batches, amp)
+            self.batcher.rollout = self.draw(model, micro_batches, amp, sync)
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
+        world = sync.world if sync is not None else 1
+        tokens = sum(int(r.attention_mask.sum()) for r in self._rollouts)
         step_tokens = sum(float(r.completion_mask.sum()) for r in self._rollouts)
-        loss_sum, kl, clipped, count, problem = 0.0, 0.0, {"low": 0.0, "high": 0.0, "region": 0.0}, 0.0, None
+        if sync is not None:
+            step_tokens, tokens = sync.sum([step_tokens, tokens])
+        sums, problem = [0.0] * 6, None  # loss, kl, count, clipped low, high, region
         for i, ro in enumerate(self._rollouts):
             with _autocast(device, amp):
                 lp = completion_logps(model, ro.input_ids, ro.attention_mask, ro.prompt_lengths, ro.completion_mask,
                                       self.sampling.temperature)
             parts = policy_loss(lp, ro.old_logps, ro.ref_logps, ro.advantages, ro.completion_mask, self.loss,
-                                len(self._rollouts), step_tokens)
-            if not torch.isfinite(parts.loss):
-                problem = f"non-finite GRPO loss ({float(parts.loss.detach())}) in micro-batch {i}"
+                                len(self._rollouts) * world, step_tokens)
+            finite = bool(torch.isfinite(parts.loss))
+            if not finite if sync is None else sync.any(not finite):  # every rank runs the same backward passes
+                problem = None if finite else f"non-finite GRPO loss ({float(parts.loss.detach())}) in micro-batch {i}"
+                if sync is not None:
+                    problem = sync.first(problem and f"{problem} on rank {sync.rank}")
                 break
             (scaler.scale(parts.loss) if scaler is not None else parts.loss).backward()
-            loss_sum += float(parts.loss.detach())
-            kl += parts.kl_sum
-            count += parts.count
-            for k in clipped:
-                clipped[k] += parts.clipped[k]
+            for j, v in enumerate((float(parts.loss.detach()), parts.kl_sum, parts.count, *parts.clipped.values())):
+                sums[j] += v
+        if sync is not None and problem is None:
+            sums = sync.sum(sums)
+            sync.reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
         grad_norm, skipped = apply_gradients(model, optimizer, scheduler, max_grad_norm, scaler, on_nonfinite, where,
                                              problem)
+        if sync is not None:  # rank 0 writes the checkpoints: it keeps every rank's sampler and rollout
+            self.batcher.peers = sync.gather(self.batcher.rank_state())
+        loss_sum, kl, count = sums[:3]
         extra = dict(self.batcher.rollout[1])
-        extra.update({f"clip_ratio/{k}_mean": v / max(count, 1.0) for k, v in clipped.items()})
+        extra.update({f"clip_ratio/{k}_mean": v / max(count, 1.0) for k, v in zip(("low", "high", "region"), sums[3:])})
         if self.loss.beta != 0.0:
             extra["kl"] = kl / max(step_tokens, 1.0)
-        tokens = sum(int(r.attention_mask.sum()) for r in self._rollouts)
-        return StepResult(math.nan if skipped else loss_sum, grad_norm, lr, tokens, int(step_tokens), skipped, extra)
+        return StepResult(math.nan if skipped else loss_sum, grad_norm, lr, int(tokens), int(step_tokens), skipped,
+                          extra)
 
     @property
     def _rollouts(self) -> list[Rollout] | None:
@@ -175,21 +217,44 @@ class GRPOStep:
         return None if self.batcher.rollout is None else self.batcher.rollout[0]
 
     @torch.no_grad()
-    def draw(self, model, micro_batches: list[dict], amp) -> tuple[list[Rollout], dict]:
-        """The step's rollouts (one per micro-batch) and their metrics: sample, score, advantages, log-probs."""
+    def draw(self, model, micro_batches: list[dict], amp, sync=None) -> tuple[list[Rollout], dict]:
+        """The step's rollouts (one per micro-batch) and their metrics: sample, score, advantages, log-probs.
+        sync (DDP): the ranks' rewards are gathered, as TRL gathers its processes', so the advantages (with
+        --scale-rewards batch, the std of the whole step's) and the metrics are the step's, not this rank's."""
         device = next(model.parameters()).device
         G, s = self.sampling.num_generations, self.sampling
         rows = [r for b in micro_batches for r in b["rows"] for _ in range(G)]  # each prompt G times, together
         with _autocast(device, amp):
             out = decode(model, [r.input_ids for r in rows], s.max_completion_length, temperature=s.temperature,
                          top_p=s.top_p, top_k=s.top_k, stop_ids=self.stop_ids, generator=self.batcher.generator,
+                         stop_strings=s.stop, tokenizer=self.tokenizer,
                          pad_id=self.pad)
-        per_func, total = self._score(rows, out)
+        try:
+            per_func, total = self._score(rows, out)
+            failed = None
+        except reward_fns.RewardError as e:
+            if sync is None:
+                raise
+            failed = e
+        if sync is not None:  # a reward that failed on one rank stops every rank with its message, not a hang
+            message = sync.first(failed and str(failed))
+            if message is not None:
+                raise reward_fns.RewardError(message) from failed
+        lengths, clipped = [len(t) for t in out.tokens], [e is None for e in out.ended_by]
+        mine = slice(0, len(rows))
+        if sync is not None:  # the step's completions in rank order (groups stay whole: a rank's rows are whole groups)
+            ranks = sync.gather((per_func.tolist(), total.tolist(), lengths, clipped))
+            start = sum(len(r[1]) for r in ranks[:sync.rank])
+            mine = slice(start, start + len(rows))
+            per_func = torch.tensor([x for r in ranks for x in r[0]], dtype=torch.float32).view(-1, len(self.rewards))
+            total = torch.tensor([x for r in ranks for x in r[1]], dtype=torch.float32)
+            lengths, clipped = [x for r in ranks for x in r[2]], [x for r in ranks for x in r[3]]
         adv, zero_std = advantages(total, G, s.scale_rewards)
+        adv = adv[mine]
         metrics = {"reward": float(torch.nanmean(total)), "reward_std": float(nanstd(total)),
                    "frac_reward_zero_std": float(zero_std.float().mean()),
-                   "completions/mean_length": sum(map(len, out.tokens)) / len(rows),
-                   "completions/clipped_ratio": sum(e is None for e in out.ended_by) / len(rows)}
+                   "completions/mean_length": sum(lengths) / len(lengths),
+                   "completions/clipped_ratio": sum(clipped) / len(clipped)}
         for j, r in enumerate(self.rewards):
             metrics[f"rewards/{r.name}/mean"] = float(torch.nanmean(per_func[:, j]))
             metrics[f"rewards/{r.name}/std"] = float(nanstd(per_func[:, j]))
@@ -210,6 +275,9 @@ class GRPOStep:
     def _score(self, rows, out: Completions) -> tuple[torch.Tensor, torch.Tensor]:
         """(rewards per function (N, F), their weighted sum (N,)) of the completions `out` of `rows`."""
         texts = [self.tokenizer.decode(out.text_tokens(i), skip_special_tokens=True) for i in range(len(rows))]
+        if self.sampling.stop:  # the text a reward reads ends before the stop string (as generate prints it)
+            texts = [t[:min((j for j in (t.find(x) for x in self.sampling.stop) if j >= 0), default=len(t))]
+                     for t in texts]
         prompts = [r.prompt for r in rows]
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
                        for p, t in zip(prompts, texts)]
@@ -238,7 +306,8 @@ class GRPOStep:
                 chunk = rows[i:i + batch_size]
                 with _autocast(device, amp):
                     out = decode(model, [r.input_ids for r in chunk], self.sampling.max_completion_length,
-                                 temperature=0.0, stop_ids=self.stop_ids, pad_id=self.pad)
+                                 temperature=0.0, stop_ids=self.stop_ids, pad_id=self.pad,
+                                 stop_strings=self.sampling.stop, tokenizer=self.tokenizer)
                 tokens += out.tokens
                 ended += out.ended_by
         finally:

@@ -91,9 +91,11 @@ def _problems(c: Choices):
     if c.strategy == "fsdp":
         yield from _fsdp(c)
     if c.resolved and c.strategy in ("ddp", "fsdp") and not c.planned:
-        if c.objective in ("dpo", "grpo"):
+        if c.objective == "dpo" or (c.objective == "grpo" and c.strategy == "fsdp"):
+            # GRPO's sampling runs as many forward passes as a rank's longest completion needs, and FSDP gathers
+            # each layer's weights in every forward on every rank: the ranks would wait on each other
             yield (f"--objective {c.objective} is not implemented with --distributed {c.strategy}: run it in one "
-                   "process")
+                   f"process{' or with --distributed ddp' if c.objective == 'grpo' else ''}")
         if c.device is not None and c.device.startswith("cuda:"):
             yield (f"--device {c.device} under torchrun: each rank takes cuda:LOCAL_RANK; pass --device cuda or auto "
                    "(choose the GPUs with CUDA_VISIBLE_DEVICES)")

@@ -17,6 +17,8 @@ Built-ins (each reads the record's "answer" field where it needs one):
   exact_match      1.0 when the completion's answer equals `answer` (stripped), else 0.0
   numeric_match    1.0 when the last number in the answer equals `answer` as a number, else 0.0
   think_format     1.0 when the completion is "<think>...</think>" followed by an answer, else 0.0
+  regex_match      1.0 when the answer as a whole matches the record's "pattern" field (a Python regular
+                   expression, e.g. "-?\\d+" for a number alone), else 0.0; None for a record without one
   length_penalty   -(completion characters) / 1000: shorter is better, as a tie-breaker
   repetition_penalty  -(the fraction of the completion's word 3-grams that repeat an earlier one), in (-1, 0]:
                    0 for text that never repeats itself, near -1 for a loop ("the the the ...")
@@ -73,6 +75,22 @@ def think_format(prompts, completions, **_) -> list[float]:
     return [float(bool(THINK.match(_text(c)))) for c in completions]
 
 
+def regex_match(prompts, completions, pattern=None, **_) -> list[float | None]:
+    """1.0 where answer_of(completion) re.fullmatch-es the record's `pattern`; None where the record has none."""
+    if pattern is None:
+        raise ValueError('needs a "pattern" field in the records (a regular expression the answer must match)')
+    out = []
+    for c, p in zip(completions, pattern):
+        if p is None:
+            out.append(None)
+            continue
+        try:
+            out.append(float(re.fullmatch(p, answer_of(c)) is not None))
+        except re.error as e:  # the record's data, not the function: say which pattern
+            raise ValueError(f"the record's pattern {p!r} is not a regular expression ({e})") from e
+    return out
+
+
 def length_penalty(prompts, completions, **_) -> list[float]:
     return [-len(_text(c)) / 1000 for c in completions]
 
@@ -89,8 +107,8 @@ def repetition_penalty(prompts, completions, **_) -> list[float]:
     return out
 
 
-BUILTINS: dict[str, Callable] = {f.__name__: f for f in (exact_match, numeric_match, think_format, length_penalty,
-                                                         repetition_penalty)}
+BUILTINS: dict[str, Callable] = {f.__name__: f for f in (exact_match, numeric_match, think_format, regex_match,
+                                                         length_penalty, repetition_penalty)}
 
 
 @dataclass

@@ -242,9 +242,9 @@ def grpo_stepper(cfg: TrainConfig, tokenizer, data: Prepared, device: torch.devi
     from lora_engine.train.rewards import load_rewards
 
     batcher = PromptBatcher(data.train, cfg.batch_size, cfg.seed, cfg.grad_accum * dist.world, cfg.num_iterations,
-                            device)
+                            device, dist.rank, dist.world)
     sampling = Sampling(cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k,
-                        cfg.scale_rewards)
+                        cfg.scale_rewards, tuple(cfg.stop))
     loss = LossSettings(cfg.loss_type, cfg.beta, cfg.epsilon,
                         cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high, cfg.importance_sampling_level,
                         cfg.max_completion_length)
