@@ -98,10 +98,10 @@ def rounded_merged(folder, gguf_type, seed=0):
     merge_lora(model)
     cfg = json.loads((folder / "config.json").read_text())
     params = dict(model.named_parameters())
-    plan = gguf_write.tensor_plan(cfg, [n for n in params if "lora_" not in n])  # a tied head is one parameter
-    types = tensor_types({g: tuple(params[hf].shape) for g, hf in plan}, gguf_type, cfg["num_hidden_layers"])
+    plan = gguf_write.tensor_plan(cfg, {n: tuple(p.shape) for n, p in params.items() if "lora_" not in n})
+    types = tensor_types({p.name: tuple(p.shape) for p in plan}, gguf_type, cfg["num_hidden_layers"])
     with torch.no_grad():
-        for g, hf in plan:
+        for g, hf in ((p.name, p.sources[0]) for p in plan):  # a tied head is one parameter
             p = params[hf]
             t = types[g]
             if p.ndim == 2 and t != "F32":
