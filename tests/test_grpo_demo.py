@@ -30,7 +30,7 @@ def test_the_embedded_task_is_built_from_the_seed_with_correct_answers_and_a_dis
     for r in train + held:
         q = r.data["prompt"][-1]["content"]  # "Which is larger, a or b?"
         a, b = q.removeprefix("Which is larger, ").removesuffix("?").split(" or ")
-        assert a != b and r.data["answer"] == str(max(int(a), int(b))) and r.data["pattern"] == r"\d+"
+        assert a != b and r.data["answer"] == str(max(int(a), int(b))) and r.data["pattern"] == rf"({a}|{b})\.?"
 
 
 def test_grpo_without_data_takes_the_task_settings_where_a_flag_is_left_at_its_default():
@@ -71,11 +71,12 @@ def test_the_embedded_rows_render_as_chat_and_carry_the_answer():
     assert text.endswith("assistant\n") and "Reply with the number only." in text and "Which is larger, " in text
     assert set(row.fields) == {"answer", "pattern"}
     # "The answer is 12." earns numeric_match only, "7" regex_match only (a number alone, the wrong one), "12"
-    # both, "12 is larger than 7." (the greedy model's form: its last number is the smaller) neither
     rewards = R.load_rewards(SETTINGS["reward"])
-    comps = ["The answer is 12.", "7", "12", "12 is larger than 7."]
-    per = R.score(rewards, [row.prompt] * 4, comps, {"answer": ["12"] * 4, "pattern": [row.fields["pattern"]] * 4})
-    assert R.weighted_sum(per, rewards).tolist() == [1.0, 1.0, 2.0, 0.0]
+    # both, "12 is larger than 7." (the greedy model's form: its last number is the smaller) neither, and a run of
+    # digits neither (the pattern takes one of the two numbers: `\d+` was hacked by eight-digit answers)
+    comps = ["The answer is 12.", "7", "12", "12 is larger than 7.", "1212"]
+    per = R.score(rewards, [row.prompt] * 5, comps, {"answer": ["12"] * 5, "pattern": [r"(7|12)\.?"] * 5})
+    assert R.weighted_sum(per, rewards).tolist() == [1.0, 1.0, 2.0, 0.0, 0.0]
 
 
 def test_regex_match_takes_the_records_pattern_and_names_a_missing_or_broken_one():
