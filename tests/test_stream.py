@@ -1,6 +1,7 @@
 """data/stream.py: a streamed --format text corpus makes the rows the in-memory path makes, in a seeded order, with
 bounded buffers, the same held-out rows, and a checkpointed position from which a resume gives the same batches."""
 
+import dataclasses
 import json
 import random
 
@@ -299,3 +300,45 @@ def test_dry_run_describes_the_stream_without_reading_the_corpus(folder, tmp_pat
     assert "data: streaming 1 file(s), 0.0 MiB of --format text through a shuffle buffer of 4096 documents, " \
            "truncated at 64 tokens, packed; 6 validation rows (held out of the first 55 documents)" in text
     assert "data quality of the first 55 documents: 0 exact duplicate" in text and not out.exists()
+
+
+def test_split_documents_trains_every_token_of_a_long_document_once_an_epoch(tmp_path):
+    """--split-documents: a document over --max-length becomes consecutive pieces of at most max_length tokens,
+    which together are the whole tokenized document (truncation keeps only the first piece)."""
+    rnd = random.Random(3)
+    docs = [words(rnd, rnd.randrange(1, 120)) for _ in range(30)]
+    path = write_jsonl(tmp_path / "long.jsonl", [{"text": d} for d in docs])
+    whole = {tuple(e.input_ids) for e in examples_from_records(read_records(path), TOK, "text")}
+    for pack in (False, True):
+        spec = DataSpec(data=str(path), format="text", pack=pack, max_length=48, shuffle_buffer=4, seed=2,
+                        val_split=0.0, split_documents=True)
+        data = prepare_data(spec, TOK)
+        rows = epochs_of(data.train)[0]
+        pieces = [tuple(t for t, s in zip(r.input_ids, r.segment_ids) if s == seg)
+                  for r in rows for seg in dict.fromkeys(r.segment_ids)]
+        assert max(map(len, pieces)) <= 48 and len(pieces) > len(docs)
+        by_doc = {}
+        for p in pieces:  # the pieces of one document: the one whose tokens start with it, consecutive
+            by_doc.setdefault(next(d for d in whole if any(d[i:i + len(p)] == p for i in range(0, len(d), 48))),
+                              []).append(p)
+        assert sorted(sum(len(p) for p in v) for v in by_doc.values()) == sorted(map(len, whole))
+        assert data.train.stats["split"] > 0 and data.train.stats["truncated"] == 0
+
+
+@pytest.mark.parametrize("taken", [2, 7])
+def test_resume_with_split_documents_gives_the_same_next_batches(tmp_path, taken):
+    rnd = random.Random(4)
+    path = write_jsonl(tmp_path / "long.jsonl", [{"text": words(rnd, rnd.randrange(1, 100))} for _ in range(40)])
+    spec = DataSpec(data=str(path), format="text", max_length=32, shuffle_buffer=3, seed=1, split_documents=True)
+    first = st.StreamBatcher(prepare_data(spec, TOK).train, 2, 0)
+    for _ in range(taken):
+        first.next()
+    saved = _save_and_load(tmp_path, first.state_dict())
+    resumed = st.StreamBatcher(prepare_data(spec, TOK).train, 2, 0)
+    resumed.load_state_dict(saved)
+    for _ in range(10):
+        a, b = first.next(), resumed.next()
+        assert torch.equal(a["input_ids"], b["input_ids"]) and a["where"] == b["where"]
+    unsplit = st.StreamBatcher(prepare_data(dataclasses.replace(spec, split_documents=False), TOK).train, 2, 0)
+    with pytest.raises(DataError, match="--split-documents"):
+        unsplit.load_state_dict(saved)

@@ -51,6 +51,7 @@ class DataSpec:
     columns: str | None = None    # "FIELD=COLUMN,...": fields of `data` and `val_data` read from other columns
     stream: bool | None = None    # stream a --format text corpus (data/stream.py); None: whenever it can be
     shuffle_buffer: int = SHUFFLE_BUFFER  # documents of a streamed corpus's shuffle buffer
+    split_documents: bool = False  # a streamed document over max_length: cut into pieces, not truncated
 
     @classmethod
     def of(cls, config) -> DataSpec:

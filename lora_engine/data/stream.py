@@ -14,7 +14,10 @@ where --dedup, --epochs and group-by-length batching need every record at once.
 Documents. A .jsonl line's "text" (after --columns; an empty one is skipped and counted), or a .txt file's
 blank-line-separated blocks: prose wraps a paragraph over several lines, so a line would cut sentences apart.
 Each is tokenized as formats.tokenize does it (the tokenizer's prefix, the text, EOS) and truncated to
---max-length, an example with no target left dropped: pipeline.prepare's rules. Rows are then made as prepare
+--max-length, an example with no target left dropped: pipeline.prepare's rules. With --split-documents a
+longer document is cut into consecutive pieces of --max-length tokens instead, each then a document of its
+own (run_clm's chunking, within one document: pieces never join another document's tokens).
+Rows are then made as prepare
 makes them, one per document or (--pack) packed greedily in stream order with positions restarting and a segment
 per document, whose first label is -100; the packed row being filled is closed at each epoch's end, so that one
 epoch's rows are exactly prepare's rows of its documents in stream order.
@@ -169,7 +172,10 @@ class TextStream:
     held_out: frozenset = frozenset()  # addresses (file, offset, line) of the held-out documents
     columns: dict | None = None
     buffer_size: int = SHUFFLE_BUFFER
-    stats: Counter = field(default_factory=Counter)  # documents, empty, truncated, dropped_no_targets, rows (read)
+    # a document over max_length: cut into consecutive pieces of max_length tokens (the first keeps the tokenizer's
+    # prefix, the last the EOS; each a document of its own for packing and shuffling), else truncated
+    split: bool = False
+    stats: Counter = field(default_factory=Counter)  # documents, empty, truncated, split, dropped_no_targets, rows
 
     def __post_init__(self):
         if self.buffer_size < 1:
@@ -188,27 +194,35 @@ class TextStream:
         self.pos = [0, 0, 1]  # (index into self.order, byte offset, line) of the next document to read
         self.buffer: list = []  # (address, input ids, labels, where), the ids and labels as int32 arrays
         self.row: list = []  # the same, of the documents in the packed row being filled
+        self.pending: list = []  # the pieces of a split document read but not yet in the buffer
         self.ended = False  # the epoch's last row is out: the next one starts the next epoch
         self.rows_in_epoch = 0
         self._reader = None
 
-    def _item(self, doc: Document, count: bool = True):
-        """(address, ids, labels, where) of a document's truncated example, or None (empty, or no target left)."""
+    def _items(self, doc: Document, count: bool = True) -> list:
+        """[(address, ids, labels, where)] of a document's example, truncated, or its pieces when split (their
+        addresses the document's plus the piece's index); [] where it is empty or has no target left."""
         if doc.record is None:
             self.stats["empty"] += count
-            return None
+            return []
         e = tokenize(doc.record, "text", self.tokenizer)
-        if len(e.input_ids) > self.max_length:
+        pieces = [e]
+        if len(e.input_ids) > self.max_length and self.split:
+            self.stats["split"] += count
+            n = self.max_length
+            pieces = [Example(e.input_ids[i:i + n], e.labels[i:i + n], e.where) for i in range(0, len(e.input_ids), n)]
+        elif len(e.input_ids) > self.max_length:
             self.stats["truncated"] += count
-            e = truncated(e, self.max_length)
-        if e.n_targets == 0:
-            self.stats["dropped_no_targets"] += count
-            return None
-        self.stats["documents"] += count
-        return doc.address, array("i", e.input_ids), array("i", e.labels), e.where
+            pieces = [truncated(e, self.max_length)]
+        out = [(tuple(doc.address) + ((k,) if len(pieces) > 1 else ()), array("i", p.input_ids), array("i", p.labels),
+                p.where) for k, p in enumerate(pieces) if p.n_targets]
+        self.stats["documents" if out else "dropped_no_targets"] += count
+        return out
 
     def _read(self):
-        """The next training document of the epoch's files, or None when they are read."""
+        """The next training document (or piece of one) of the epoch's files, or None when they are read."""
+        if self.pending:
+            return self.pending.pop(0)
         while self.pos[0] < len(self.order):
             if self._reader is None:
                 i = self.order[self.pos[0]]
@@ -219,9 +233,10 @@ class TextStream:
                 continue
             self.pos[1:] = doc.end
             if doc.address not in self.held_out:
-                item = self._item(doc)
-                if item is not None:
-                    return item
+                items = self._items(doc)
+                if items:
+                    self.pending = items[1:]
+                    return items[0]
         return None
 
     def _take(self):
@@ -273,7 +288,8 @@ class TextStream:
         """The position, as plain data (the checkpoint loads it with weights_only=True)."""
         version, internal, gauss = self.rng.getstate()
         return {"stream": 1, "files": self.fingerprint, "seed": self.seed, "max_length": self.max_length,
-                "pack": self.pack, "epoch": self.epoch, "pos": list(self.pos), "rng": [version, list(internal), gauss],
+                "pack": self.pack, "split": self.split, "pending": [list(x[0]) for x in self.pending],
+                "epoch": self.epoch, "pos": list(self.pos), "rng": [version, list(internal), gauss],
                 "buffer": [list(x[0]) for x in self.buffer], "row": [list(x[0]) for x in self.row],
                 "ended": self.ended, "rows_in_epoch": self.rows_in_epoch}
 
@@ -281,23 +297,26 @@ class TextStream:
         if "stream" not in s:
             raise DataError("the checkpoint was made reading its data in memory, this run streams --data (--format "
                             "text): resume with the same --data, --format and --stream (--no-stream: in memory)")
-        mine = {"files": self.fingerprint, "seed": self.seed, "max_length": self.max_length, "pack": self.pack}
+        mine = {"files": self.fingerprint, "seed": self.seed, "max_length": self.max_length, "pack": self.pack,
+                "split": self.split}
         changed = ", ".join(f"{k}: {s.get(k)} then, {v} now" for k, v in mine.items() if s.get(k) != v)
         if changed:
             raise DataError(f"the checkpoint streamed another corpus or cut it otherwise ({changed}): resume with the "
-                            "same --data files, --seed, --max-length and --pack")
+                            "same --data files, --seed, --max-length, --pack and --split-documents")
         self._start_epoch(s["epoch"])
         version, internal, gauss = s["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.pos = list(s["pos"])
         self.buffer = [self._reread(a) for a in s["buffer"]]
         self.row = [self._reread(a) for a in s["row"]]
+        self.pending = [self._reread(a) for a in s["pending"]]
         self.ended, self.rows_in_epoch = s["ended"], s["rows_in_epoch"]
 
     def _reread(self, address: list[int]):
-        i, offset, line = address
+        i, offset, line = address[:3]
         doc = next(documents(self.files[i], i, offset, line, self.columns), None)
-        item = self._item(doc, count=False) if doc is not None and tuple(doc.address) == tuple(address) else None
+        items = self._items(doc, count=False) if doc is not None and tuple(doc.address) == tuple(address[:3]) else []
+        item = next((x for x in items if x[0] == tuple(address)), None)
         if item is None:
             raise DataError(f"{self.files[i]}: no document at line {line} (byte {offset}) where the checkpoint has "
                             "one; the corpus changed since: resume with the files it was made with")
@@ -363,10 +382,12 @@ def prepare_stream(spec, tokenizer) -> tuple[TextStream, list[Row], list[Path], 
     val_rows = [single_row(e) for e in (truncated(tokenize(d.record, "text", tokenizer), spec.max_length)
                                          for d in val_docs) if e.n_targets]
     stats = {"stream": {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "window": len(window),
-                        "held_out": len(val_docs), "shuffle_buffer": spec.shuffle_buffer, "pack": spec.pack},
+                        "held_out": len(val_docs), "shuffle_buffer": spec.shuffle_buffer, "pack": spec.pack,
+                        "split": spec.split_documents},
              "quality": quality.analyse([d.record for d in train_docs], "text",
                                         [d.record for d in val_docs]).summary()}
-    stream = TextStream(files, tokenizer, spec.max_length, spec.pack, spec.seed, held, columns, spec.shuffle_buffer)
+    stream = TextStream(files, tokenizer, spec.max_length, spec.pack, spec.seed, held, columns, spec.shuffle_buffer,
+                        spec.split_documents)
     return stream, val_rows, files + val_files, stats
 
 
@@ -393,6 +414,7 @@ def data_lines(stats: dict, n_val: int, max_length: int, val_data: str | None) -
     where = "--val-data" if val_data else f"held out of the first {s['window']} documents"
     q = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in stats["quality"].items() if k != "records")
     return [f"data: streaming {s['files']} file(s), {s['bytes'] / 2**20:,.1f} MiB of --format text through a shuffle "
-            f"buffer of {s['shuffle_buffer']} documents, truncated at {max_length} tokens"
+            f"buffer of {s['shuffle_buffer']} documents, "
+            f"{'cut into pieces of' if s.get('split') else 'truncated at'} {max_length} tokens"
             f"{', packed' if s['pack'] else ''}; {n_val} validation rows ({where})",
             f"data quality of the first {s['window']} documents: {q}"]

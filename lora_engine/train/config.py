@@ -121,6 +121,9 @@ class TrainConfig:
                                    "goes, through a shuffle buffer, with memory independent of its size (default: so "
                                    "for --format text; --no-stream reads it in memory)")
     shuffle_buffer: int = _f(4096, "documents in a streamed corpus's shuffle buffer (more mixes more, holds more)")
+    split_documents: bool = _f(False, "streamed --format text: cut a document longer than --max-length into pieces "
+                                      "of --max-length tokens, each trained, instead of truncating it (domain-"
+                                      "adaptive pretraining on long documents keeps all their text)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding; order still random)")
     completion_only: bool = _f(True, "loss only on responses / assistant turns (prompt and chat formats)")
     mask_empty_think: bool = _f(False, "chat: no loss on the empty <think></think> block a reasoning template "
