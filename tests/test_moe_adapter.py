@@ -31,9 +31,9 @@ def pair(request, tmp_path_factory):
     return folder, hf
 
 
-def _ours_with_adapter(folder):
+def _ours_with_adapter(folder, config=None):
     ours = load_model(folder)
-    apply_lora(ours, LoraConfig(**CFG), verbose=False)
+    apply_lora(ours, config or LoraConfig(**CFG), verbose=False)
     torch.manual_seed(5)
     with torch.no_grad():
         for n, p in ours.named_parameters():
@@ -209,13 +209,7 @@ def test_mlp_names_reach_the_experts_as_in_peft(family, listed, tmp_path):
                 for k, v in pm.state_dict().items() if "lora_" in k}
     converted = pm.peft_config["default"]
     pm.unload()
-    ours = load_model(folder)
-    apply_lora(ours, LoraConfig(r=2, lora_alpha=4, target_modules=targets), verbose=False)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for n, p in ours.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.2)
+    ours = _ours_with_adapter(folder, LoraConfig(r=2, lora_alpha=4, target_modules=targets))
     save_adapter(ours, tmp_path / "a")
     header = read_safetensors_header(tmp_path / "a" / "adapter_model.safetensors")[0]
     assert {k.removeprefix("base_model.model."): tuple(v["shape"]) for k, v in header.items()
