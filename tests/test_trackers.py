@@ -148,6 +148,7 @@ def test_mlflow_run_holds_the_metrics_config_and_files(folder, data, tmp_path, m
     decoy = tmp_path / "decoy.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{decoy}" if where == "flag" else uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "configs-test")
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps the run's files under ./mlruns (MLflow's default artifact root)
     out = tmp_path / "run"
     flag = ["--mlflow-tracking-uri", uri] if where == "flag" else []
     rc = main(["--model", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "3", "--batch-size",
@@ -174,6 +175,7 @@ def test_mlflow_run_holds_the_metrics_config_and_files(folder, data, tmp_path, m
     assert {"config.json", "run.json", "config.yaml", "metrics.jsonl"} <= files
     if (out / "loss.png").is_file():  # matplotlib installed: the plot goes too
         assert "loss.png" in files
+    assert (tmp_path / "mlruns").is_dir()
     local = Path(client.download_artifacts(run.info.run_id, "run.json", str(tmp_path / "dl")))
     assert json.loads(local.read_text()) == manifest
 
