@@ -7,6 +7,8 @@
     python -m lora_engine.generate --adapter registry:chat@production --prompt "Hello"
 
 Also: list [NAME], show NAME@REF [--json], diff NAME@A NAME@B, history [NAME], keygen FILE, sign.
+publish, promote and rollback with --mlflow-register mirror the version and the stage (an alias) into MLflow's
+model registry (registry/mlflow_link.py); this registry stays the source of truth.
 The registry folder: --registry DIR, else $LORA_ENGINE_REGISTRY, else $XDG_DATA_HOME/lora_engine/registry
 (~/.local/share/lora_engine/registry). With --key-file (or $LORA_ENGINE_REGISTRY_KEY) the history is
 signed; once a registry has adopted its key (its first keyed write, or `sign` for an older registry)
