@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         raise CliError(f"registry {a.registry or 'folder'}: its database cannot be read ({e})") from e
 
 
-def _mirror(a, reg, ref: str, act, mlflow) -> None:
+def _mirror(a, reg, ref: str, act) -> None:
     """After our registry committed `ref`: act(show(ref), model) in MLflow, printing its line; an MLflow failure
     is one line saying our registry holds the change (mlflow_link.failed), never an undo of it."""
     shown = reg.show(ref)
@@ -205,7 +205,7 @@ def _mirror(a, reg, ref: str, act, mlflow) -> None:
 
 def _mirror_stage(a, reg, e: dict, mlflow) -> None:
     _mirror(a, reg, f"{e['name']}@v{e['to']}", lambda shown, model: f"MLflow: {model} alias {e['stage']} -> "
-            f"version {mlflow_link.set_alias(mlflow, model, e['stage'], shown)}", mlflow)
+            f"version {mlflow_link.set_alias(mlflow, model, e['stage'], shown)}")
 
 
 def _run(cmd: str, a) -> int:  # noqa: C901 (one branch per subcommand)
@@ -219,7 +219,7 @@ def _run(cmd: str, a) -> int:  # noqa: C901 (one branch per subcommand)
             print(res["ref"] + (" (already published: the same files)" if res["existing"] else ""))
             if mlflow is not None:
                 _mirror(a, reg, res["ref"], lambda shown, model: f"MLflow: {model} version "
-                        f"{mlflow_link.register(mlflow, model, shown)[0]}", mlflow)
+                        f"{mlflow_link.register(mlflow, model, shown)[0]}")
         elif cmd == "list":
             rows = reg.list(a.name)
             print(json.dumps(rows, indent=2) if a.json else
