@@ -37,7 +37,7 @@ LAYERS = {
     "lora_engine.loading": 6, "lora_engine.export": 6, "lora_engine.data": 6, "lora_engine.deploy": 6,
     "lora_engine.train": 7,
     "lora_engine.eval": 8, "lora_engine.generate": 8, "lora_engine.convert": 8, "lora_engine.runs": 8,
-    "lora_engine.registry.command": 8, "lora_engine.registry.__main__": 8, "lora_engine.plan": 8,
+    "lora_engine.registry.command": 8, "lora_engine.registry.mlflow_link": 8, "lora_engine.registry.__main__": 8, "lora_engine.plan": 8,
     "lora_engine": 9,  # the facade: imports nothing eagerly
 }
 KERNEL_THIRD_PARTY = {"torch", "triton"}

@@ -136,32 +136,48 @@ def test_tensorboard_events_hold_the_run_metrics(folder, data, tmp_path):
     assert json.loads(text.strip("`\n")) == json.loads((out / "config.json").read_text())
 
 
-def test_mlflow_run_holds_the_metrics_config_and_files(folder, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_mlflow_run_holds_the_metrics_config_and_files(folder, data, tmp_path, monkeypatch, where):
+    """On a sqlite:/// store (no server), from --mlflow-tracking-uri (over a $MLFLOW_TRACKING_URI that points
+    elsewhere) or from the environment alone."""
     pytest.importorskip("mlflow", reason="a test extra (pyproject's test list); pip install mlflow-skinny")
+    pytest.importorskip("sqlalchemy", reason="a test extra: mlflow-skinny's sqlite store; pip install sqlalchemy")
     from mlflow.tracking import MlflowClient
 
-    uri = (tmp_path / "mlruns").as_uri()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # sqlite:/// needs sqlalchemy, not in mlflow-skinny
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    decoy = tmp_path / "decoy.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{decoy}" if where == "flag" else uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "configs-test")
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps the run's files under ./mlruns (MLflow's default artifact root)
     out = tmp_path / "run"
+    flag = ["--mlflow-tracking-uri", uri] if where == "flag" else []
     rc = main(["--model", str(folder), "--data", str(data), "--out", str(out), "--max-steps", "3", "--batch-size",
-               "4", "--r", "4", "--max-length", "96", "--eval-every", "0", "--no-general-eval", "--no-plot",
-               "--report-to", "mlflow"])
-    assert rc == 0
+               "4", "--r", "4", "--max-length", "96", "--eval-every", "0", "--no-general-eval",
+               "--report-to", "mlflow", *flag])
+    assert rc == 0 and not decoy.exists()
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("configs-test").experiment_id])
     assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    assert run.data.tags["lora_engine.run_dir"] == str(out.resolve())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
-    assert loss == {r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in rows}
-    after = json.loads((out / "run.json").read_text())["eval"]["after"]["target"]
+    for name, key in (("train/loss", "loss"), ("train/learning_rate", "lr"), ("train/grad_norm", "grad_norm"),
+                      ("train/tokens_per_second", "tokens_per_s")):
+        got = {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+        assert got == {r["step"]: pytest.approx(r[key], rel=1e-6) for r in rows}, name
+    assert {"train/epoch", "train/target_tokens_seen"} <= set(run.data.metrics)
+    manifest = json.loads((out / "run.json").read_text())
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/perplexity")] == [
-        (0, pytest.approx(json.loads((out / "run.json").read_text())["eval"]["before"]["target"]["ppl"])),
-        (3, pytest.approx(after["ppl"]))]
-    assert run.data.params["r"] == "4" and run.data.params["report_to"] == "mlflow"
+        (0, pytest.approx(manifest["eval"]["before"]["target"]["ppl"])),
+        (3, pytest.approx(manifest["eval"]["after"]["target"]["ppl"]))]
+    config = json.loads((out / "config.json").read_text())
+    assert run.data.params == {k: str(v)[:500] for k, v in config.items()}  # the resolved config, every field
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "run.json", "config.yaml", "metrics.jsonl"} <= files
+    if (out / "loss.png").is_file():  # matplotlib installed: the plot goes too
+        assert "loss.png" in files
+    assert (tmp_path / "mlruns").is_dir()
+    local = Path(client.download_artifacts(run.info.run_id, "run.json", str(tmp_path / "dl")))
+    assert json.loads(local.read_text()) == manifest
 
 
 def _wandb_records(path: Path) -> list[bytes]:

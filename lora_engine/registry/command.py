@@ -7,6 +7,8 @@
     python -m lora_engine.generate --adapter registry:chat@production --prompt "Hello"
 
 Also: list [NAME], show NAME@REF [--json], diff NAME@A NAME@B, history [NAME], keygen FILE, sign.
+publish, promote and rollback with --mlflow-register mirror the version and the stage (an alias) into MLflow's
+model registry (registry/mlflow_link.py); this registry stays the source of truth.
 The registry folder: --registry DIR, else $LORA_ENGINE_REGISTRY, else $XDG_DATA_HOME/lora_engine/registry
 (~/.local/share/lora_engine/registry). With --key-file (or $LORA_ENGINE_REGISTRY_KEY) the history is
 signed; once a registry has adopted its key (its first keyed write, or `sign` for an older registry)
@@ -24,6 +26,7 @@ import sys
 from dataclasses import dataclass
 
 from lora_engine.cli import CliError, option, parse_command
+from lora_engine.registry import mlflow_link
 from lora_engine.registry.keys import keygen
 from lora_engine.registry.names import DEFAULT_MAX_REGRESSION, KEY_ENV, ROOT_ENV, STAGES, RegistryError
 from lora_engine.registry.store import Registry
@@ -38,8 +41,18 @@ class _Where:
     key_file: str | None = option(None, f"registry key (default: ${KEY_ENV})")
 
 
+@dataclass(kw_only=True)
+class _MLflow:
+    mlflow_register: bool = option(False, "also register the version in MLflow's model registry (publish), or move "
+                                          "the MLflow alias named after the stage (promote, rollback); our "
+                                          "registry stays the source of truth")
+    mlflow_model: str | None = option(None, "the registered model's name in MLflow (default: the name here)")
+    mlflow_tracking_uri: str | None = option(None, "MLflow tracking URI for --mlflow-register, e.g. "
+                                                   "sqlite:///mlflow.db (default: $MLFLOW_TRACKING_URI)")
+
+
 @dataclass
-class Publish(_Where):
+class Publish(_Where, _MLflow):
     """store a training run as the next version of NAME"""
 
     run_dir: str = option(help="the run folder (train's --out)", positional=True)
@@ -75,7 +88,7 @@ class Diff(_Where):
 
 
 @dataclass
-class Promote(_Where):
+class Promote(_Where, _MLflow):
     """make a version hold a stage"""
 
     ref: str = option(help="NAME@vN (or any NAME@REF)", positional=True)
@@ -91,7 +104,7 @@ class Promote(_Where):
 
 
 @dataclass
-class Rollback(_Where):
+class Rollback(_Where, _MLflow):
     """give a stage back to the version it held before"""
 
     name: str = option(help="the model", positional=True)
@@ -179,14 +192,34 @@ def main(argv=None) -> int:
         raise CliError(f"registry {a.registry or 'folder'}: its database cannot be read ({e})") from e
 
 
+def _mirror(a, reg, ref: str, act) -> None:
+    """After our registry committed `ref`: act(show(ref), model) in MLflow, printing its line; an MLflow failure
+    is one line saying our registry holds the change (mlflow_link.failed), never an undo of it."""
+    shown = reg.show(ref)
+    model = a.mlflow_model or shown["name"]
+    try:
+        print(act(shown, model))
+    except mlflow_link.errors() as e:
+        raise mlflow_link.failed(ref, reg.root, a.mlflow_tracking_uri, e) from e
+
+
+def _mirror_stage(a, reg, e: dict, mlflow) -> None:
+    _mirror(a, reg, f"{e['name']}@v{e['to']}", lambda shown, model: f"MLflow: {model} alias {e['stage']} -> "
+            f"version {mlflow_link.set_alias(mlflow, model, e['stage'], shown)}")
+
+
 def _run(cmd: str, a) -> int:  # noqa: C901 (one branch per subcommand)
     if cmd == "keygen":
         print(f"wrote {a.file} (key fingerprint {keygen(a.file)}); keep it private, pass it as --key-file")
         return 0
+    mlflow = mlflow_link.client(a.mlflow_tracking_uri) if getattr(a, "mlflow_register", False) else None
     with Registry(a.registry, a.key_file, create=cmd == "publish") as reg:
         if cmd == "publish":
             res = reg.publish(a.run_dir, a.name, a.note, a.artifact)
             print(res["ref"] + (" (already published: the same files)" if res["existing"] else ""))
+            if mlflow is not None:
+                _mirror(a, reg, res["ref"], lambda shown, model: f"MLflow: {model} version "
+                        f"{mlflow_link.register(mlflow, model, shown)[0]}")
         elif cmd == "list":
             rows = reg.list(a.name)
             print(json.dumps(rows, indent=2) if a.json else
@@ -209,9 +242,13 @@ def _run(cmd: str, a) -> int:  # noqa: C901 (one branch per subcommand)
             gate = e["gate"] or {}
             print(f"{e['name']}@v{e['to']} now holds {e['stage']} (was {'v' + str(e['from']) if e['from'] else 'none'})"
                   + (f"; FORCED past the gate: {gate['message']}" if gate.get("message") else ""))
+            if mlflow is not None:
+                _mirror_stage(a, reg, e, mlflow)
         elif cmd == "rollback":
             e = reg.rollback(a.name, a.stage, a.reason)
             print(f"{e['name']} {e['stage']}: rolled back from v{e['from']} to v{e['to']}")
+            if mlflow is not None:
+                _mirror_stage(a, reg, e, mlflow)
         elif cmd == "sign":
             e = reg.sign(a.reason)
             print(f"history entry {e['id']}: the registry adopts key {e['key']}, attesting the {e['id'] - 1} "

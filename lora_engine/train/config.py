@@ -178,6 +178,8 @@ class TrainConfig:
     plot: bool = _f(True, "draw loss.png at the end (needs matplotlib)")
     report_to: str = _f("none", "comma-separated trackers the metrics also go to: none, tensorboard, mlflow, wandb, "
                                 "trackio (metrics.jsonl is written always)")
+    mlflow_tracking_uri: str | None = _f(None, "where --report-to mlflow logs, e.g. sqlite:///mlflow.db (no server "
+                                               "needed); default: $MLFLOW_TRACKING_URI, else MLflow's default")
     dry_run: bool = _f(False, "print the resolved config, the data summary and quality counts, the trainable "
                               "parameter count and the memory plan of a step, then exit without training or "
                               "touching --out")

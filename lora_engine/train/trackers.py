@@ -6,8 +6,10 @@ all before the run loads anything, so a missing one is one line naming the packa
 Trackers fans the calls out to every backend chosen. Only rank 0 reports (loop.run opens none elsewhere).
 
     tensorboard  event files under <out>/tensorboard/ (torch.utils.tensorboard's SummaryWriter); the config as text
-    mlflow       a run in $MLFLOW_TRACKING_URI (default ./mlruns; a local sqlite:///file.db needs no server),
-                 experiment $MLFLOW_EXPERIMENT_NAME (default lora_engine); config as params and config.json
+    mlflow       a run in --mlflow-tracking-uri, else $MLFLOW_TRACKING_URI, else MLflow's default (a local
+                 sqlite:///file.db needs no server: sqlalchemy and alembic beside mlflow-skinny), experiment
+                 $MLFLOW_EXPERIMENT_NAME (default lora_engine); config as params and config.json; the run tagged
+                 lora_engine.run_dir, which `registry publish --mlflow-register` links the model version to
     wandb        a run in project $WANDB_PROJECT (default lora_engine); WANDB_MODE=offline writes under <out>/wandb
                  (run-<id>.wandb, the history; files/, the artifacts), which `wandb sync` uploads later
     trackio      a run in project $TRACKIO_PROJECT (default lora_engine) of trackio's local store ($TRACKIO_DIR, default
@@ -28,6 +30,7 @@ import importlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 BACKENDS = ("tensorboard", "mlflow", "wandb", "trackio")
@@ -111,26 +114,36 @@ class TensorBoard:
 
 
 class MLflow:
-    def __init__(self, out: Path, run_name: str):
-        import mlflow
+    """Through an MlflowClient on the URI rather than mlflow's fluent API, whose active run and tracking URI are
+    process-wide: a run's URI is the run's alone."""
 
-        self.mlflow = mlflow
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "lora_engine"))
-        self.run = mlflow.start_run(run_name=run_name)
+    def __init__(self, out: Path, run_name: str, tracking_uri: str | None = None):
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.Metric, self.Param = MlflowClient(tracking_uri), Metric, Param
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "lora_engine")
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+        # lora_engine.run_dir: how `registry publish --mlflow-register` finds the run that trained a version
+        self.run_id = self.client.create_run(exp_id, run_name=run_name,
+                                             tags={"lora_engine.run_dir": str(out.resolve())}).info.run_id
 
     def log(self, metrics: dict, step: int) -> None:
         # MLflow's metric names may not hold some characters; "/" is allowed.
-        self.mlflow.log_metrics(metrics, step=step)
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[self.Metric(k, v, now, step) for k, v in metrics.items()])
 
     def log_config(self, config: dict) -> None:
-        self.mlflow.log_params({k: str(v)[:500] for k, v in config.items()})  # MLflow caps a param at 500 chars
-        self.mlflow.log_dict(config, "config.json")
+        # MLflow caps a param at 500 chars (log_batch sends them in chunks of its own limit)
+        self.client.log_batch(self.run_id, params=[self.Param(k, str(v)[:500]) for k, v in config.items()])
+        self.client.log_dict(self.run_id, config, "config.json")
 
     def log_artifact(self, path: Path) -> None:
-        self.mlflow.log_artifact(str(path))
+        self.client.log_artifact(self.run_id, str(path))
 
     def close(self) -> None:
-        self.mlflow.end_run()
+        self.client.set_terminated(self.run_id)
 
 
 class WandB:
@@ -179,11 +192,13 @@ _CLASSES = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB, "track
 class Trackers:
     """The backends of --report-to as one tracker (none: every call does nothing)."""
 
-    def __init__(self, report_to: str = "none", out: Path | None = None, run_name: str = ""):
+    def __init__(self, report_to: str = "none", out: Path | None = None, run_name: str = "",
+                 mlflow_tracking_uri: str | None = None):
         self.backends = []
         try:
             for name in parse_report_to(report_to):
-                self.backends.append(_CLASSES[name](Path(out), run_name))
+                kw = {"tracking_uri": mlflow_tracking_uri} if name == "mlflow" else {}
+                self.backends.append(_CLASSES[name](Path(out), run_name, **kw))
         except BaseException:
             self.close()
             raise
@@ -212,7 +227,7 @@ class Trackers:
 def opened(r):
     """The trackers of a run (a state.Run; none on ranks other than 0), given its config and evaluation before
     training as they open; closed when the run ends, however it ends."""
-    tr = Trackers(r.cfg.report_to, r.out, r.out.name) if r.dist.main else Trackers()
+    tr = Trackers(r.cfg.report_to, r.out, r.out.name, r.cfg.mlflow_tracking_uri) if r.dist.main else Trackers()
     try:
         tr.log_config(dataclasses.asdict(r.cfg))
         before = r.manifest.get("eval", {}).get("before")
