@@ -49,6 +49,12 @@ CONFIGS = {
     "qwen3_5_moe_text": dict(_HYBRID, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
                              num_experts_per_tok=2),
 }
+# Phi-4-mini's RoPE: the leading 3/4 of each head rotated, longrope past an original length of 16 (a test
+# sequence passes it), per-pair short and long factors far apart so the wrong set shows in the logits.
+PHI4_MINI = dict(_DENSE, hidden_size=64, head_dim=16, max_position_embeddings=64, original_max_position_embeddings=16,
+                 partial_rotary_factor=0.75, rope_parameters={
+                     "rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.75,
+                     "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0]})
 FAMILIES = tuple(CONFIGS)
 DENSE = ("gemma2", "gemma3_text", "phi3", "smollm3", "olmo2", "olmo3", "qwen3_5_text")
 MOE = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_moe_text")

@@ -31,10 +31,12 @@ from lora_engine.io.safetensors import CheckpointError
 from lora_engine.models.families import (
     ARCHITECTURES,
     FULL,
+    LONGROPE,
     MOE,
     REFUSED,
     SLIDING,
     SUPPORTED_MODEL_TYPES,
+    check_longrope,
     family_fields,
     rope_by_layer_type,
 )
@@ -126,6 +128,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise CheckpointError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        rotated = int(self.head_dim * self.partial_rotary_factor)
+        if rotated < 2 or rotated % 2:  # RoPE turns pairs of dims
+            raise CheckpointError(f"partial_rotary_factor {self.partial_rotary_factor:g} rotates {rotated} of "
+                                  f"head_dim {self.head_dim} dims; RoPE needs an even number, at least 2")
         if not isinstance(self.torch_dtype, str):
             raise CheckpointError(f"dtype must be a name such as 'bfloat16', got {self.torch_dtype!r}")
         for name in ("layer_types", "rope_layers"):
@@ -270,6 +276,8 @@ def _fields(cfg: dict, where: str) -> dict:
             raise CheckpointError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}, "
                                   "and no head_dim gives the size of a head")
         head_dim = hidden // heads
+    if rope["rope_type"] == LONGROPE:
+        rope = check_longrope(rope, cfg, int(head_dim * family.get("partial_rotary_factor", 1.0)), where)
     attention_bias = _flag(cfg, "attention_bias", where, default=model_type == "gpt_oss")
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     if not isinstance(dtype, str):
@@ -300,8 +308,11 @@ def _rope_parameters(cfg: dict, where: str, given: dict | None = None) -> dict:
         rope = _object(cfg, "rope_scaling", where)
         rope.setdefault("rope_theta", _get(cfg, "rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    # YaRN is checked against transformers for gpt-oss only so far (tests/test_gptoss.py)
+    if cfg.get("model_type") == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config's names for longrope before it
+        rope_type = LONGROPE
+    # YaRN is checked against transformers for gpt-oss only so far (tests/test_gptoss.py); longrope for phi3
     supported = [t for t in SUPPORTED_ROPE_TYPES if t != "yarn" or cfg.get("model_type") == "gpt_oss"]
+    supported += [LONGROPE] if cfg.get("model_type") == "phi3" else []
     if rope_type not in supported:
         raise CheckpointError(
             f"{where}: rope scaling type {_show(rope_type)} is not supported; "

@@ -1,6 +1,6 @@
 """A minimal Llama-family decoder with Hugging Face's module names.
 
-One idea over ~480 lines: the one decoder every family is an option of (the families' own pieces live in
+One idea over ~520 lines: the one decoder every family is an option of (the families' own pieces live in
 families.py, moe.py, hybrid.py and gpt_oss.py; the cache, masks and loss stay here because every family uses them).
 
 Module paths equal the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`),
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
-from lora_engine.models import gpt_oss, hybrid, moe, rebuild
+from lora_engine.models import families, gpt_oss, hybrid, moe, rebuild
 from lora_engine.models.config import SLIDING, ModelConfig
 from lora_engine.models.offload import HostOffloader, checkpoint_offloaded, offload_to_device
 from lora_engine.models.recompute import chunked_rows
@@ -66,17 +66,25 @@ class Rotary(nn.Module):
         # rope: one layer type's parameters (cfg.sliding_rope); None: the config's own.
         self.theta = rope["rope_theta"] if rope else cfg.rope_theta
         self.scaling = (None if rope["rope_type"] == "default" else rope) if rope else cfg.rope_scaling
+        kind = self.scaling["rope_type"] if self.scaling else "default"
+        # longrope: inv_freq holds the short factors' frequencies, inv_freq_long the long ones'; a forward whose
+        # positions pass original_max_position_embeddings takes the long set for all (transformers' rule).
+        self.longrope = self.scaling["original_max_position_embeddings"] if kind == families.LONGROPE else None
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
-        # YaRN multiplies cos and sin (so every score) by its attention factor; 1 for the others
-        yarn = self.scaling is not None and self.scaling["rope_type"] == "yarn"
-        self.attention_scaling = gpt_oss.yarn_attention_factor(self.scaling) if yarn else 1.0
+        if self.longrope:
+            self.register_buffer("inv_freq_long", self._inv_freq(long=True), persistent=False)
+        # YaRN and longrope multiply cos and sin (so every score) by their attention factor; 1 for the others
+        self.attention_scaling = gpt_oss.yarn_attention_factor(self.scaling) if kind == "yarn" else \
+            families.longrope_attention_factor(self.scaling, cfg.max_position_embeddings) if self.longrope else 1.0
 
-    def _inv_freq(self) -> torch.Tensor:
-        dim, base = hybrid.rotary_dim(self.cfg), self.theta  # partial RoPE (Qwen3.5): the leading dims only
+    def _inv_freq(self, long: bool = False) -> torch.Tensor:
+        dim, base = hybrid.rotary_dim(self.cfg), self.theta  # partial RoPE (Qwen3.5, Phi-4-mini): the leading dims
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         s = self.scaling
         if s is None:
             return inv_freq
+        if self.longrope:
+            return families.longrope_inv_freq(dim, base, s, long)
         if s["rope_type"] == "linear":
             return inv_freq / s["factor"]
         if s["rope_type"] == "yarn":
@@ -93,10 +101,20 @@ class Rotary(nn.Module):
 
     def reset_buffers(self):
         self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        if self.longrope:
+            self.inv_freq_long = self._inv_freq(long=True).to(self.inv_freq.device)
+
+    def stale(self, past: int, T: int) -> bool:
+        """Whether T more tokens after `past` cached ones pass the original length that the cache's keys,
+        rotated with the short factors, were under: transformers then recomputes the whole sequence."""
+        return bool(self.longrope) and 0 < past <= self.longrope < past + T
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        # position_ids: (B, T) -> cos, sin: (B, T, hd)
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
+        # position_ids: (B, T) -> cos, sin: (B, T, rotary dims)
+        inv_freq = self.inv_freq
+        if self.longrope:  # torch.where, not an if: traceable, as transformers' longrope_frequency_update
+            inv_freq = torch.where(position_ids.max() + 1 > self.longrope, self.inv_freq_long, self.inv_freq)
+        freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
         if self.attention_scaling != 1.0:
             return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
@@ -176,7 +194,12 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm") and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if self.use_rope:
+        if self.use_rope and cos.shape[-1] < self.head_dim:  # partial RoPE (Phi-4-mini): the leading dims only
+            r = cos.shape[-1]
+            q_rot, k_rot = dispatch.rope(q[..., :r].contiguous(), k[..., :r].contiguous(), cos, sin,
+                                         backend=self.backend)
+            q, k = torch.cat([q_rot, q[..., r:]], -1), torch.cat([k_rot, k[..., r:]], -1)
+        elif self.use_rope:
             q, k = dispatch.rope(q, k, cos, sin, backend=self.backend)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hk, S, hd)
@@ -361,6 +384,10 @@ class CausalLM(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
+        if cache is not None and self.cache_stale(cache, T):
+            raise ValueError(f"the KV cache's {past} positions were rotated with longrope's short factors; "
+                             f"{past + T} positions pass original_max_position_embeddings "
+                             f"({self.model.rotary_emb.longrope}): run the whole sequence again without the cache")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         # One mask per window size the layers use (None: full attention); one cos/sin pair per RoPE kind.
@@ -443,6 +470,10 @@ class CausalLM(nn.Module):
         """Share the embedding matrix with the head when the config says so (also after to_empty)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def cache_stale(self, cache: KVCache, T: int) -> bool:
+        """Whether T more tokens cannot continue `cache` (longrope's switch to the long factors, Rotary.stale)."""
+        return self.model.rotary_emb.stale(cache.pos, T)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight

@@ -10,7 +10,9 @@ and refuses what the decoder does not compute, naming the field:
   gemma3_text  Gemma 2's layout plus q/k norms per head, RoPE per layer type (rope_local_base_freq),
                sliding_window_pattern; gemma3 (the multimodal config) is refused: train the text model
   phi3         fused qkv_proj / gate_up_proj in the checkpoint (split on load, fused on save),
-               a window on every layer when sliding_window is set; longrope and partial RoPE refused
+               a window on every layer when sliding_window is set, RoPE on the leading
+               partial_rotary_factor of each head (Phi-4-mini), longrope (Phi-3-128k, Phi-3.5, Phi-4-mini):
+               per-dimension short or long factors chosen by the sequence length
   smollm3      NoPE layers (no_rope_layers), optional sliding layers
   olmo2/olmo3  norms after attention and MLP only, q/k norms over the whole projection; OLMo 3 adds
                sliding layers and RoPE per layer type
@@ -29,7 +31,10 @@ The key map of the fused-weight families (FUSED) lives here too: load splits, sa
 
 from __future__ import annotations
 
+import math
 import numbers
+
+import torch
 
 from lora_engine.io.safetensors import CheckpointError
 from lora_engine.models import gpt_oss
@@ -87,10 +92,10 @@ def family_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
         factor = (rope if isinstance(rope, dict) else {}).get("partial_rotary_factor",
                                                               cfg.get("partial_rotary_factor", 1.0))
-        if factor not in (1, 1.0, None):
-            raise CheckpointError(f"{where}: partial_rotary_factor {_show(factor)} (RoPE on part of each head, "
-                                  "Phi-4-mini) is not supported; supported: 1.0")
-        out["fused_projections"] = True
+        factor = 1.0 if factor is None else factor
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 < factor <= 1:
+            raise CheckpointError(f"{where}: partial_rotary_factor must be a number in (0, 1], got {_show(factor)}")
+        out.update(fused_projections=True, partial_rotary_factor=float(factor))
     if model_type in MOE:
         out.update(_moe_fields(cfg, model_type, layers, where))
     if model_type == "gpt_oss":
@@ -220,6 +225,47 @@ def _theta_default(cfg: dict, kind: str):
         key, default = ("rope_theta", 1_000_000.0) if kind == FULL else ("rope_local_base_freq", 10_000.0)
         return cfg.get(key) if cfg.get(key) is not None else default
     return cfg.get("rope_theta") if cfg.get("rope_theta") is not None else 500_000.0
+
+
+# ---- LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini), as transformers' _compute_longrope_parameters --------
+LONGROPE = "longrope"
+
+
+def check_longrope(rope: dict, cfg: dict, rotary_dim: int, where: str) -> dict:
+    """The longrope parameters completed as Phi3Config does: original_max_position_embeddings is the config's
+    top-level field when there is one (Phi3Config's default 4096), the rope dict's otherwise; short_factor and
+    long_factor one number per rotated pair. CheckpointError naming the field."""
+    rope = dict(rope)
+    orig = cfg.get("original_max_position_embeddings",
+                   rope.get("original_max_position_embeddings", 4096 if cfg.get("model_type") == "phi3" else None))
+    rope["original_max_position_embeddings"] = _whole("original_max_position_embeddings", orig, where)
+    for key in ("short_factor", "long_factor"):
+        v = rope.get(key)
+        if not isinstance(v, list) or len(v) != rotary_dim // 2 or any(
+                isinstance(x, bool) or not isinstance(x, numbers.Real) or not x > 0 for x in v):
+            raise CheckpointError(f"{where}: longrope {key} must list {rotary_dim // 2} positive numbers (one per "
+                                  f"rotated pair of a head), got {_show(v)}")
+    for key in ("factor", "attention_factor"):
+        if rope.get(key) is not None:
+            _number(rope, key, None, where)
+    return rope
+
+
+def longrope_inv_freq(dim: int, base: float, rope: dict, long: bool):
+    """The inverse frequencies divided per dimension by the short or the long factors (fp32, exactly
+    transformers' expression)."""
+    ext = torch.tensor(rope["long_factor" if long else "short_factor"], dtype=torch.float32)
+    return 1.0 / (ext * base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def longrope_attention_factor(rope: dict, max_positions: int) -> float:
+    """cos and sin (so every score) are multiplied by this: attention_factor, else sqrt(1 + ln f / ln L0) with
+    f = factor (default max_position_embeddings / L0) and L0 the original length; 1 when f <= 1."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    orig = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or max_positions / orig
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
 
 def _number(cfg: dict, key: str, default, where: str) -> float | None:
