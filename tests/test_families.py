@@ -197,7 +197,7 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("cfg, message", [
     (dict(_BASE, model_type="gemma3", text_config={}), "Gemma3ForConditionalGeneration.*train the text model"),
-    (dict(_BASE, model_type="gemma4_text"), "Gemma 4's text model"),
+    (dict(_BASE, model_type="gemma4_text"), "hidden_size_per_layer_input 256 .per-layer input embeddings"),
     (_cfg(sliding_window=8, layer_types=["sliding_attention"]), "layer_types must list 4 entries"),
     (_cfg(sliding_window=8, layer_types=["local"] * 4), "layer_types must list 4 entries"),
     (_cfg(sliding_window=0), "sliding_window must be from 1 to"),

@@ -33,11 +33,12 @@ from lora_engine.models.softcap import softcapped_cross_entropy
 class RMSNorm(nn.Module):
     """style "llama": the dispatched kernel (w * x_hat cast to x's dtype first). "gemma" (x_hat * (1 + w))
     and "olmo" (w * x_hat) multiply in fp32 and cast once, as their transformers classes do: the PyTorch
-    expression, which the fused kernels do not compute."""
+    expression, which the fused kernels do not compute. "none": x_hat alone, no weight (Gemma 4's v_norm)."""
 
     def __init__(self, dim: int, eps: float, style: str = "llama"):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim) if style == "gemma" else torch.ones(dim))
+        if style != "none":
+            self.weight = nn.Parameter(torch.zeros(dim) if style == "gemma" else torch.ones(dim))
         self.eps = eps
         self.style = style
         self.backend: str | None = None
@@ -47,6 +48,8 @@ class RMSNorm(nn.Module):
             return dispatch.rms_norm(x, self.weight, self.eps, backend=self.backend)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.style == "none":
+            return h.to(x.dtype)
         w = self.weight.float()
         return (h * (1.0 + w) if self.style == "gemma" else w * h).to(x.dtype)
 
@@ -60,9 +63,10 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """cos/sin tables for rotate-half RoPE, computed in fp32 like transformers, cast to x's dtype."""
 
-    def __init__(self, cfg: ModelConfig, rope: dict | None = None):
+    def __init__(self, cfg: ModelConfig, rope: dict | None = None, head_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.head_dim = head_dim or cfg.head_dim  # Gemma 4: its full layers' heads are wider
         # rope: one layer type's parameters (cfg.sliding_rope); None: the config's own.
         self.theta = rope["rope_theta"] if rope else cfg.rope_theta
         self.scaling = (None if rope["rope_type"] == "default" else rope) if rope else cfg.rope_scaling
@@ -78,13 +82,17 @@ class Rotary(nn.Module):
             families.longrope_attention_factor(self.scaling, cfg.max_position_embeddings) if self.longrope else 1.0
 
     def _inv_freq(self, long: bool = False) -> torch.Tensor:
-        dim, base = hybrid.rotary_dim(self.cfg), self.theta  # partial RoPE (Qwen3.5, Phi-4-mini): the leading dims
+        dim, base = int(self.head_dim * self.cfg.partial_rotary_factor), self.theta  # partial RoPE: leading dims
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         s = self.scaling
         if s is None:
             return inv_freq
         if self.longrope:
             return families.longrope_inv_freq(dim, base, s, long)
+        if s["rope_type"] == "proportional":  # Gemma 4: the first angles turn, the others are 0 (dims kept as is)
+            angles = int(s.get("partial_rotary_factor", 1.0) * dim // 2)
+            turned = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / dim))
+            return torch.cat([turned, torch.zeros(dim // 2 - angles)]) / s.get("factor", 1.0)
         if s["rope_type"] == "linear":
             return inv_freq / s["factor"]
         if s["rope_type"] == "yarn":
@@ -126,10 +134,11 @@ class KVCache:
     layer (Qwen3.5) has no keys (None) but a recurrent state (hybrid.LinearState), filled by its first forward."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shapes = [(batch, *cfg.attention_dims(i)[:1], max_len, cfg.attention_dims(i)[1])
+                  for i in range(cfg.num_hidden_layers)]
         attends = [cfg.layer_type(i) != hybrid.LINEAR for i in range(cfg.num_hidden_layers)]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) if a else None for a in attends]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) if a else None for a in attends]
+        self.k = [torch.zeros(sh, dtype=dtype, device=device) if a else None for sh, a in zip(shapes, attends)]
+        self.v = [torch.zeros(sh, dtype=dtype, device=device) if a else None for sh, a in zip(shapes, attends)]
         self.linear = {i: hybrid.LinearState() for i, a in enumerate(attends) if not a}
         self.max_len = max_len
         self.pos = 0  # tokens already stored
@@ -163,11 +172,16 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        D, H, Hk, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        (Hk, hd), D, H = cfg.attention_dims(layer), cfg.hidden_size, cfg.num_attention_heads
         self.n_head, self.n_kv, self.head_dim = H, Hk, hd
         self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(D, Hk * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, Hk * hd, bias=cfg.qkv_bias)
+        # Gemma 4's full layers with attention_k_eq_v: the values are the key projection (before its norm)
+        self.k_is_v = cfg.attention_k_eq_v and cfg.layer_type(layer) != SLIDING
+        if not self.k_is_v:
+            self.v_proj = nn.Linear(D, Hk * hd, bias=cfg.qkv_bias)
+        if cfg.v_norm:
+            self.v_norm = RMSNorm(hd, cfg.rms_norm_eps, "none")
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.o_bias)
         if cfg.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head's vector; OLMo 2: over the projection
             self.q_norm = RMSNorm(H * hd if cfg.qk_norm_full else hd, cfg.rms_norm_eps, cfg.norm_style)
@@ -186,11 +200,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
+        v = (k if self.k_is_v else self.v_proj(x)).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "v_norm"):
+            v = self.v_norm(v)
+        v = v.transpose(1, 2)
         if self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm") and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -269,6 +286,8 @@ class DecoderLayer(nn.Module):
             self.mlp = moe.SharedExpertMoE(cfg, MLP(cfg))
         else:
             self.mlp = moe_block(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
+        if cfg.layer_scalar:  # Gemma 4: the layer's output times a stored (not trained) scalar
+            self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, x, cos, sin, mask, cache, layer):
         if self.linear:  # mask: the (B, T) padding mask; the cache holds the layer's recurrent state
@@ -277,7 +296,8 @@ class DecoderLayer(nn.Module):
         if self.layout == "sandwich":
             h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
             x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x * self.layer_scalar if hasattr(self, "layer_scalar") else x
         if self.layout == "post":
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache, layer))
             return x + self.post_feedforward_layernorm(self.mlp(x))
@@ -294,7 +314,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style)
-        self.rotary_emb = Rotary(cfg)
+        self.rotary_emb = Rotary(cfg, head_dim=cfg.global_head_dim)
         if cfg.sliding_rope:  # the sliding layers' own RoPE (Gemma 3's rope_local_base_freq)
             self.rotary_local = Rotary(cfg, cfg.sliding_rope)
 
