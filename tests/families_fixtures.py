@@ -49,6 +49,20 @@ CONFIGS = {
     "qwen3_5_moe_text": dict(_HYBRID, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
                              num_experts_per_tok=2),
 }
+# Phi-4-mini's RoPE: the leading 3/4 of each head rotated, longrope past an original length of 16 (a test
+# sequence passes it), per-pair short and long factors far apart so the wrong set shows in the logits.
+PHI4_MINI = dict(_DENSE, hidden_size=64, head_dim=16, max_position_embeddings=64, original_max_position_embeddings=16,
+                 partial_rotary_factor=0.75, rope_parameters={
+                     "rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.75,
+                     "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0]})
+# Gemma 4's dense text decoder (the 31B's mechanisms): full layers with wider heads (global_head_dim), fewer
+# key/value heads whose values are their keys (attention_k_eq_v), proportional RoPE on half their angles; no
+# per-layer inputs (hidden_size_per_layer_input 0: refused otherwise).
+GEMMA4 = dict(_DENSE, sliding_window=WINDOW, layer_types=_MIXED, global_head_dim=16, num_global_key_value_heads=1,
+              attention_k_eq_v=True, hidden_size_per_layer_input=0, final_logit_softcapping=3.0, rope_parameters={
+                  "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                     "rope_theta": 1_000_000.0},
+                  "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
 FAMILIES = tuple(CONFIGS)
 DENSE = ("gemma2", "gemma3_text", "phi3", "smollm3", "olmo2", "olmo3", "qwen3_5_text")
 MOE = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_moe_text")
@@ -70,6 +84,9 @@ def randomize(model, family: str, prefix: str = "") -> None:
             elif p.dim() == 3 or name.endswith((".gate.weight", "shared_expert_gate.weight", "sinks", ".bias")) \
                     or "router" in name:
                 p.normal_(0, 0.3)
+        for name, b in model.named_buffers():  # Gemma 4's stored per-layer output scalar
+            if name.startswith(prefix) and name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
 
 
 def make_family(family: str, folder: Path, seed: int = 0, fields: dict | None = None, **over):

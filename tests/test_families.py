@@ -197,14 +197,15 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("cfg, message", [
     (dict(_BASE, model_type="gemma3", text_config={}), "Gemma3ForConditionalGeneration.*train the text model"),
-    (dict(_BASE, model_type="gemma4_text"), "Gemma 4's text model"),
+    (dict(_BASE, model_type="gemma4_text"), "hidden_size_per_layer_input 256 .per-layer input embeddings"),
     (_cfg(sliding_window=8, layer_types=["sliding_attention"]), "layer_types must list 4 entries"),
     (_cfg(sliding_window=8, layer_types=["local"] * 4), "layer_types must list 4 entries"),
     (_cfg(sliding_window=0), "sliding_window must be from 1 to"),
     (_cfg(attn_logit_softcapping=-1.0), "attn_logit_softcapping must be a positive number or null"),
     (_cfg(hidden_activation="relu"), "hidden_activation 'relu' is not supported for gemma2"),
-    (dict(_BASE, model_type="phi3", partial_rotary_factor=0.75), "partial_rotary_factor 0.75"),
-    (dict(_BASE, model_type="phi3", rope_scaling={"rope_type": "longrope"}), "rope scaling type 'longrope'"),
+    (dict(_BASE, model_type="phi3", partial_rotary_factor=0), r"partial_rotary_factor must be a number in \(0, 1\]"),
+    (dict(_BASE, model_type="phi3", rope_scaling={"rope_type": "longrope"}), "longrope short_factor must list 8"),
+    (dict(_BASE, model_type="mistral", rope_scaling={"rope_type": "longrope"}), "rope scaling type 'longrope'"),
     (dict(_BASE, model_type="olmo3", sliding_window=8, rope_parameters={
         "full_attention": {"rope_type": "yarn", "factor": 8.0}}), "rope scaling type 'yarn'"),
     (dict(_BASE, model_type="smollm3", no_rope_layers=[1, 0]), "no_rope_layers must list 4 entries"),

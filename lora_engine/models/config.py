@@ -31,17 +31,19 @@ from lora_engine.io.safetensors import CheckpointError
 from lora_engine.models.families import (
     ARCHITECTURES,
     FULL,
+    LONGROPE,
     MOE,
     REFUSED,
     SLIDING,
     SUPPORTED_MODEL_TYPES,
+    check_longrope,
     family_fields,
     rope_by_layer_type,
 )
 from lora_engine.models.gpt_oss import check_yarn
 from lora_engine.models.hybrid import HYBRID, HYBRID_MOE, LINEAR, MULTIMODAL, shared_expert_config, text_config
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn", "proportional")
 # Upper bounds on the sizes a config may give: far above every released model of these families
 # (Llama-3.1-405B: 126 layers, hidden 16384, FFN 53248, 128 heads, vocabulary 128256; Gemma's vocabulary
 # 262144 and head_dim 256; Llama-4's 10M positions), and low enough that a hostile or corrupted config
@@ -87,6 +89,14 @@ class ModelConfig:
     hidden_act: str = "silu"  # or "gelu_pytorch_tanh" (GeGLU)
     qk_norm_full: bool = False  # q/k norm over the whole projection (OLMo 2), not per head
     fused_projections: bool = False  # the checkpoint stores fused qkv_proj / gate_up_proj (families.FUSED)
+    # Gemma 4: FULL layers' own head size and key/value heads (None: head_dim, num_key_value_heads); their
+    # values are their keys (no v_proj) with attention_k_eq_v; values RMS-normed without a weight; each layer's
+    # output times a stored scalar.
+    global_head_dim: int | None = None
+    global_kv_heads: int | None = None
+    attention_k_eq_v: bool = False
+    v_norm: bool = False
+    layer_scalar: bool = False
     # Hybrid linear attention (models/hybrid.py, Qwen3.5): "linear_attention" entries in layer_types.
     linear_attn: dict | None = None  # the Gated DeltaNet sizes (num_key_heads, key_head_dim, conv_kernel_dim, ...)
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head
@@ -126,6 +136,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise CheckpointError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        rotated = int(self.head_dim * self.partial_rotary_factor)
+        if rotated < 2 or rotated % 2:  # RoPE turns pairs of dims
+            raise CheckpointError(f"partial_rotary_factor {self.partial_rotary_factor:g} rotates {rotated} of "
+                                  f"head_dim {self.head_dim} dims; RoPE needs an even number, at least 2")
         if not isinstance(self.torch_dtype, str):
             raise CheckpointError(f"dtype must be a name such as 'bfloat16', got {self.torch_dtype!r}")
         for name in ("layer_types", "rope_layers"):
@@ -142,6 +156,12 @@ class ModelConfig:
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else FULL
+
+    def attention_dims(self, i: int) -> tuple[int, int]:
+        """(key/value heads, head size) of layer i: Gemma 4's full layers have their own."""
+        if self.layer_type(i) == FULL:
+            return self.global_kv_heads or self.num_key_value_heads, self.global_head_dim or self.head_dim
+        return self.num_key_value_heads, self.head_dim
 
     @classmethod
     def from_hf(cls, path: str | Path | dict) -> ModelConfig:
@@ -262,7 +282,8 @@ def _fields(cfg: dict, where: str) -> dict:
     rope = _rope_parameters(cfg, where, full_rope)
     if SLIDING in family["layer_types"] and sliding_rope is not None:
         sliding_rope = _rope_parameters(cfg, where, sliding_rope)
-        family["sliding_rope"] = None if sliding_rope == rope else sliding_rope
+        # Gemma 4's sliding layers keep their own tables when their heads are narrower than the full layers'
+        family["sliding_rope"] = None if sliding_rope == rope and not family.get("global_head_dim") else sliding_rope
     heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
     head_dim = cfg.get("head_dim")
     if head_dim is None:  # transformers' default: the hidden size split evenly over the heads
@@ -270,6 +291,8 @@ def _fields(cfg: dict, where: str) -> dict:
             raise CheckpointError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}, "
                                   "and no head_dim gives the size of a head")
         head_dim = hidden // heads
+    if rope["rope_type"] == LONGROPE:
+        rope = check_longrope(rope, cfg, int(head_dim * family.get("partial_rotary_factor", 1.0)), where)
     attention_bias = _flag(cfg, "attention_bias", where, default=model_type == "gpt_oss")
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     if not isinstance(dtype, str):
@@ -285,7 +308,7 @@ def _fields(cfg: dict, where: str) -> dict:
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=False if model_type == "qwen2" else attention_bias,
         mlp_bias=_flag(cfg, "mlp_bias", where),
-        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3", *HYBRID, "qwen3_moe", "olmoe"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "gemma4_text", "olmo2", "olmo3", *HYBRID, "qwen3_moe", "olmoe"),
         torch_dtype=dtype.replace("torch.", ""),
         **family,
     )
@@ -300,8 +323,13 @@ def _rope_parameters(cfg: dict, where: str, given: dict | None = None) -> dict:
         rope = _object(cfg, "rope_scaling", where)
         rope.setdefault("rope_theta", _get(cfg, "rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    # YaRN is checked against transformers for gpt-oss only so far (tests/test_gptoss.py)
+    if cfg.get("model_type") == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config's names for longrope before it
+        rope_type = LONGROPE
+    # YaRN is checked against transformers for gpt-oss only so far (tests/test_gptoss.py); longrope for phi3
     supported = [t for t in SUPPORTED_ROPE_TYPES if t != "yarn" or cfg.get("model_type") == "gpt_oss"]
+    supported += [LONGROPE] if cfg.get("model_type") == "phi3" else []
+    # proportional (Gemma 4's full layers): checked against transformers for gemma4_text only
+    supported = [t for t in supported if t != "proportional" or cfg.get("model_type") == "gemma4_text"]
     if rope_type not in supported:
         raise CheckpointError(
             f"{where}: rope scaling type {_show(rope_type)} is not supported; "
@@ -311,6 +339,12 @@ def _rope_parameters(cfg: dict, where: str, given: dict | None = None) -> dict:
     rope["rope_theta"] = _real("rope_theta", _get(rope, "rope_theta", 10000.0), where, above=1.0)
     if rope_type == "yarn":
         check_yarn(rope, where, _get(cfg, "max_position_embeddings", 2048))
+    if rope_type == "proportional":  # the leading partial_rotary_factor of each head's angles, the rest 0
+        factor = _get(rope, "partial_rotary_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor <= 1:
+            raise CheckpointError(f"{where}: proportional rope partial_rotary_factor must be a number in [0, 1], "
+                                  f"got {_show(factor)}")
+        _real("rope scaling factor", _get(rope, "factor", 1.0), where)
     if rope_type == "linear":  # positions divided by `factor` (Gemma 3's global layers)
         _real("rope scaling factor", rope.get("factor"), where)
     if rope_type == "llama3":

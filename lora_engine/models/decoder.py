@@ -1,6 +1,6 @@
 """A minimal Llama-family decoder with Hugging Face's module names.
 
-One idea over ~480 lines: the one decoder every family is an option of (the families' own pieces live in
+One idea over ~520 lines: the one decoder every family is an option of (the families' own pieces live in
 families.py, moe.py, hybrid.py and gpt_oss.py; the cache, masks and loss stay here because every family uses them).
 
 Module paths equal the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`),
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lora_engine import dispatch
-from lora_engine.models import gpt_oss, hybrid, moe, rebuild
+from lora_engine.models import families, gpt_oss, hybrid, moe, rebuild
 from lora_engine.models.config import SLIDING, ModelConfig
 from lora_engine.models.offload import HostOffloader, checkpoint_offloaded, offload_to_device
 from lora_engine.models.recompute import chunked_rows
@@ -33,11 +33,12 @@ from lora_engine.models.softcap import softcapped_cross_entropy
 class RMSNorm(nn.Module):
     """style "llama": the dispatched kernel (w * x_hat cast to x's dtype first). "gemma" (x_hat * (1 + w))
     and "olmo" (w * x_hat) multiply in fp32 and cast once, as their transformers classes do: the PyTorch
-    expression, which the fused kernels do not compute."""
+    expression, which the fused kernels do not compute. "none": x_hat alone, no weight (Gemma 4's v_norm)."""
 
     def __init__(self, dim: int, eps: float, style: str = "llama"):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim) if style == "gemma" else torch.ones(dim))
+        if style != "none":
+            self.weight = nn.Parameter(torch.zeros(dim) if style == "gemma" else torch.ones(dim))
         self.eps = eps
         self.style = style
         self.backend: str | None = None
@@ -47,6 +48,8 @@ class RMSNorm(nn.Module):
             return dispatch.rms_norm(x, self.weight, self.eps, backend=self.backend)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.style == "none":
+            return h.to(x.dtype)
         w = self.weight.float()
         return (h * (1.0 + w) if self.style == "gemma" else w * h).to(x.dtype)
 
@@ -60,23 +63,36 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """cos/sin tables for rotate-half RoPE, computed in fp32 like transformers, cast to x's dtype."""
 
-    def __init__(self, cfg: ModelConfig, rope: dict | None = None):
+    def __init__(self, cfg: ModelConfig, rope: dict | None = None, head_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.head_dim = head_dim or cfg.head_dim  # Gemma 4: its full layers' heads are wider
         # rope: one layer type's parameters (cfg.sliding_rope); None: the config's own.
         self.theta = rope["rope_theta"] if rope else cfg.rope_theta
         self.scaling = (None if rope["rope_type"] == "default" else rope) if rope else cfg.rope_scaling
+        kind = self.scaling["rope_type"] if self.scaling else "default"
+        # longrope: inv_freq holds the short factors' frequencies, inv_freq_long the long ones'; a forward whose
+        # positions pass original_max_position_embeddings takes the long set for all (transformers' rule).
+        self.longrope = self.scaling["original_max_position_embeddings"] if kind == families.LONGROPE else None
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
-        # YaRN multiplies cos and sin (so every score) by its attention factor; 1 for the others
-        yarn = self.scaling is not None and self.scaling["rope_type"] == "yarn"
-        self.attention_scaling = gpt_oss.yarn_attention_factor(self.scaling) if yarn else 1.0
+        if self.longrope:
+            self.register_buffer("inv_freq_long", self._inv_freq(long=True), persistent=False)
+        # YaRN and longrope multiply cos and sin (so every score) by their attention factor; 1 for the others
+        self.attention_scaling = gpt_oss.yarn_attention_factor(self.scaling) if kind == "yarn" else \
+            families.longrope_attention_factor(self.scaling, cfg.max_position_embeddings) if self.longrope else 1.0
 
-    def _inv_freq(self) -> torch.Tensor:
-        dim, base = hybrid.rotary_dim(self.cfg), self.theta  # partial RoPE (Qwen3.5): the leading dims only
+    def _inv_freq(self, long: bool = False) -> torch.Tensor:
+        dim, base = int(self.head_dim * self.cfg.partial_rotary_factor), self.theta  # partial RoPE: leading dims
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         s = self.scaling
         if s is None:
             return inv_freq
+        if self.longrope:
+            return families.longrope_inv_freq(dim, base, s, long)
+        if s["rope_type"] == "proportional":  # Gemma 4: the first angles turn, the others are 0 (dims kept as is)
+            angles = int(s.get("partial_rotary_factor", 1.0) * dim // 2)
+            turned = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / dim))
+            return torch.cat([turned, torch.zeros(dim // 2 - angles)]) / s.get("factor", 1.0)
         if s["rope_type"] == "linear":
             return inv_freq / s["factor"]
         if s["rope_type"] == "yarn":
@@ -93,10 +109,20 @@ class Rotary(nn.Module):
 
     def reset_buffers(self):
         self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        if self.longrope:
+            self.inv_freq_long = self._inv_freq(long=True).to(self.inv_freq.device)
+
+    def stale(self, past: int, T: int) -> bool:
+        """Whether T more tokens after `past` cached ones pass the original length that the cache's keys,
+        rotated with the short factors, were under: transformers then recomputes the whole sequence."""
+        return bool(self.longrope) and 0 < past <= self.longrope < past + T
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        # position_ids: (B, T) -> cos, sin: (B, T, hd)
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
+        # position_ids: (B, T) -> cos, sin: (B, T, rotary dims)
+        inv_freq = self.inv_freq
+        if self.longrope:  # torch.where, not an if: traceable, as transformers' longrope_frequency_update
+            inv_freq = torch.where(position_ids.max() + 1 > self.longrope, self.inv_freq_long, self.inv_freq)
+        freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
         if self.attention_scaling != 1.0:
             return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
@@ -108,10 +134,11 @@ class KVCache:
     layer (Qwen3.5) has no keys (None) but a recurrent state (hybrid.LinearState), filled by its first forward."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shapes = [(batch, *cfg.attention_dims(i)[:1], max_len, cfg.attention_dims(i)[1])
+                  for i in range(cfg.num_hidden_layers)]
         attends = [cfg.layer_type(i) != hybrid.LINEAR for i in range(cfg.num_hidden_layers)]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) if a else None for a in attends]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) if a else None for a in attends]
+        self.k = [torch.zeros(sh, dtype=dtype, device=device) if a else None for sh, a in zip(shapes, attends)]
+        self.v = [torch.zeros(sh, dtype=dtype, device=device) if a else None for sh, a in zip(shapes, attends)]
         self.linear = {i: hybrid.LinearState() for i, a in enumerate(attends) if not a}
         self.max_len = max_len
         self.pos = 0  # tokens already stored
@@ -145,11 +172,16 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        D, H, Hk, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        (Hk, hd), D, H = cfg.attention_dims(layer), cfg.hidden_size, cfg.num_attention_heads
         self.n_head, self.n_kv, self.head_dim = H, Hk, hd
         self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(D, Hk * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, Hk * hd, bias=cfg.qkv_bias)
+        # Gemma 4's full layers with attention_k_eq_v: the values are the key projection (before its norm)
+        self.k_is_v = cfg.attention_k_eq_v and cfg.layer_type(layer) != SLIDING
+        if not self.k_is_v:
+            self.v_proj = nn.Linear(D, Hk * hd, bias=cfg.qkv_bias)
+        if cfg.v_norm:
+            self.v_norm = RMSNorm(hd, cfg.rms_norm_eps, "none")
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.o_bias)
         if cfg.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head's vector; OLMo 2: over the projection
             self.q_norm = RMSNorm(H * hd if cfg.qk_norm_full else hd, cfg.rms_norm_eps, cfg.norm_style)
@@ -168,15 +200,23 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
+        v = (k if self.k_is_v else self.v_proj(x)).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "v_norm"):
+            v = self.v_norm(v)
+        v = v.transpose(1, 2)
         if self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm") and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if self.use_rope:
+        if self.use_rope and cos.shape[-1] < self.head_dim:  # partial RoPE (Phi-4-mini): the leading dims only
+            r = cos.shape[-1]
+            q_rot, k_rot = dispatch.rope(q[..., :r].contiguous(), k[..., :r].contiguous(), cos, sin,
+                                         backend=self.backend)
+            q, k = torch.cat([q_rot, q[..., r:]], -1), torch.cat([k_rot, k[..., r:]], -1)
+        elif self.use_rope:
             q, k = dispatch.rope(q, k, cos, sin, backend=self.backend)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hk, S, hd)
@@ -246,6 +286,8 @@ class DecoderLayer(nn.Module):
             self.mlp = moe.SharedExpertMoE(cfg, MLP(cfg))
         else:
             self.mlp = moe_block(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
+        if cfg.layer_scalar:  # Gemma 4: the layer's output times a stored (not trained) scalar
+            self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, x, cos, sin, mask, cache, layer):
         if self.linear:  # mask: the (B, T) padding mask; the cache holds the layer's recurrent state
@@ -254,7 +296,8 @@ class DecoderLayer(nn.Module):
         if self.layout == "sandwich":
             h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
             x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x * self.layer_scalar if hasattr(self, "layer_scalar") else x
         if self.layout == "post":
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache, layer))
             return x + self.post_feedforward_layernorm(self.mlp(x))
@@ -271,7 +314,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style)
-        self.rotary_emb = Rotary(cfg)
+        self.rotary_emb = Rotary(cfg, head_dim=cfg.global_head_dim)
         if cfg.sliding_rope:  # the sliding layers' own RoPE (Gemma 3's rope_local_base_freq)
             self.rotary_local = Rotary(cfg, cfg.sliding_rope)
 
@@ -361,6 +404,10 @@ class CausalLM(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
+        if cache is not None and self.cache_stale(cache, T):
+            raise ValueError(f"the KV cache's {past} positions were rotated with longrope's short factors; "
+                             f"{past + T} positions pass original_max_position_embeddings "
+                             f"({self.model.rotary_emb.longrope}): run the whole sequence again without the cache")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         # One mask per window size the layers use (None: full attention); one cos/sin pair per RoPE kind.
@@ -443,6 +490,10 @@ class CausalLM(nn.Module):
         """Share the embedding matrix with the head when the config says so (also after to_empty)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def cache_stale(self, cache: KVCache, T: int) -> bool:
+        """Whether T more tokens cannot continue `cache` (longrope's switch to the long factors, Rotary.stale)."""
+        return self.model.rotary_emb.stale(cache.pos, T)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight

@@ -9,8 +9,15 @@ and refuses what the decoder does not compute, naming the field:
                sqrt(hidden), GeGLU (tanh GELU)
   gemma3_text  Gemma 2's layout plus q/k norms per head, RoPE per layer type (rope_local_base_freq),
                sliding_window_pattern; gemma3 (the multimodal config) is refused: train the text model
+  gemma4_text  Gemma 3's layout with plain w * x_hat norms, a weightless norm on values, unscaled scores, a
+               learned scalar per layer, wider (global_head_dim) heads on full layers whose values may be their
+               keys (attention_k_eq_v), proportional RoPE there; refused by field: per-layer input embeddings
+               (hidden_size_per_layer_input), KV shared across layers (num_kv_shared_layers), the MoE block
+               (enable_moe_block), bidirectional attention (use_bidirectional_attention)
   phi3         fused qkv_proj / gate_up_proj in the checkpoint (split on load, fused on save),
-               a window on every layer when sliding_window is set; longrope and partial RoPE refused
+               a window on every layer when sliding_window is set, RoPE on the leading
+               partial_rotary_factor of each head (Phi-4-mini), longrope (Phi-3-128k, Phi-3.5, Phi-4-mini):
+               per-dimension short or long factors chosen by the sequence length
   smollm3      NoPE layers (no_rope_layers), optional sliding layers
   olmo2/olmo3  norms after attention and MLP only, q/k norms over the whole projection; OLMo 3 adds
                sliding layers and RoPE per layer type
@@ -29,7 +36,10 @@ The key map of the fused-weight families (FUSED) lives here too: load splits, sa
 
 from __future__ import annotations
 
+import math
 import numbers
+
+import torch
 
 from lora_engine.io.safetensors import CheckpointError
 from lora_engine.models import gpt_oss
@@ -40,13 +50,15 @@ GELU_TANH = "gelu_pytorch_tanh"
 # model_type -> the transformers class that a saved folder names in `architectures`
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "gemma4_text": "Gemma4ForCausalLM",
                  "phi3": "Phi3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                  "olmo3": "Olmo3ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM",
                  "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_moe": "Qwen3MoeForCausalLM",
                  "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
                  "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
-GEMMA = ("gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text", "gemma4_text")
+GEMMA4 = "gemma4_text"
 OLMO = ("olmo2", "olmo3")
 MOE = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", *HYBRID_MOE)
 # Fused checkpoint tensors: stored name (per layer) -> the decoder's modules it holds, in order along dim 0.
@@ -56,8 +68,8 @@ FUSED = {"phi3": {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj",
 REFUSED = {
     "gemma3": "a Gemma 3 model with its vision tower (Gemma3ForConditionalGeneration) is not supported; train "
               "the text model: a gemma3_text checkpoint (Gemma3ForCausalLM, e.g. google/gemma-3-1b-pt)",
-    "gemma4": "Gemma 4 (with its vision and audio towers) is not supported yet",
-    "gemma4_text": "Gemma 4's text model (per-layer embeddings, shared KV layers) is not supported yet",
+    "gemma4": "a Gemma 4 model with its vision and audio towers (Gemma4ForConditionalGeneration) is not supported; "
+              "train the text model: a gemma4_text checkpoint (Gemma4ForCausalLM)",
 }
 
 
@@ -70,7 +82,11 @@ def family_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
         raise CheckpointError(f"{where}: {act_key} {_show(act)} is not supported for {model_type}; supported: {want}")
     types, window = _windows(cfg, model_type, layers, where)
     out = dict(layer_types=types, sliding_window=window, hidden_act=act)
-    if model_type in GEMMA:
+    if model_type == GEMMA4:
+        out.update(_gemma4_fields(cfg, types or (FULL,) * layers, where), norm_style="olmo",
+                   norm_layout="sandwich", embed_scale=True, query_scale=1.0,
+                   final_softcap=_number(cfg, "final_logit_softcapping", None, where))
+    elif model_type in GEMMA:
         out.update(norm_style="gemma", norm_layout="sandwich", embed_scale=True,
                    query_scale=_number(cfg, "query_pre_attn_scalar", 256, where),
                    attn_softcap=_number(cfg, "attn_logit_softcapping", 50.0 if model_type == "gemma2" else None,
@@ -87,10 +103,10 @@ def family_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
         factor = (rope if isinstance(rope, dict) else {}).get("partial_rotary_factor",
                                                               cfg.get("partial_rotary_factor", 1.0))
-        if factor not in (1, 1.0, None):
-            raise CheckpointError(f"{where}: partial_rotary_factor {_show(factor)} (RoPE on part of each head, "
-                                  "Phi-4-mini) is not supported; supported: 1.0")
-        out["fused_projections"] = True
+        factor = 1.0 if factor is None else factor
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 < factor <= 1:
+            raise CheckpointError(f"{where}: partial_rotary_factor must be a number in (0, 1], got {_show(factor)}")
+        out.update(fused_projections=True, partial_rotary_factor=float(factor))
     if model_type in MOE:
         out.update(_moe_fields(cfg, model_type, layers, where))
     if model_type == "gpt_oss":
@@ -101,6 +117,41 @@ def family_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
             raise CheckpointError(f"{where}: clip_qkv {_show(cfg['clip_qkv'])} (q, k, v clamped) is not supported "
                                   "for olmoe; supported: null")
     return out
+
+
+# Gemma 4 fields whose mechanism the decoder does not compute: (default as Gemma4TextConfig has it, why).
+_GEMMA4_REFUSED = {
+    "hidden_size_per_layer_input": (256, "per-layer input embeddings (Gemma 4 E2B/E4B)"),
+    "num_kv_shared_layers": (0, "layers reusing an earlier layer's keys and values"),
+    "enable_moe_block": (False, "the mixture-of-experts block beside the MLP (Gemma 4 26B-A4B)"),
+    "use_bidirectional_attention": (None, "bidirectional attention"),
+}
+
+
+def _gemma4_fields(cfg: dict, types: tuple, where: str) -> dict:
+    """Gemma 4's text-decoder options; CheckpointError naming a field whose mechanism is not computed."""
+    for key, (default, what) in _GEMMA4_REFUSED.items():
+        v = cfg.get(key, default)
+        if v not in (None, 0, False):
+            want = "false" if isinstance(default, bool) else "null" if default is None else "0"
+            raise CheckpointError(f"{where}: {key} {_show(v)} ({what}) is not supported for gemma4_text; "
+                                  f"supported: {want}")
+    k_eq_v = cfg.get("attention_k_eq_v", False)
+    if not isinstance(k_eq_v, bool):
+        raise CheckpointError(f"{where}: attention_k_eq_v must be true or false, got {_show(k_eq_v)}")
+    head_dim, kv = cfg.get("global_head_dim") or 512, cfg.get("num_global_key_value_heads") if k_eq_v else None
+    per_layer = cfg.get("per_layer_config")
+    if per_layer is not None:  # what save_pretrained writes instead: {layer: {"head_dim", "num_key_value_heads"}}
+        full = {str(i) for i, t in enumerate(types) if t == FULL}
+        values = list(per_layer.values()) if isinstance(per_layer, dict) else []
+        if not isinstance(per_layer, dict) or set(per_layer) != full or any(v != values[0] for v in values) or \
+                not isinstance(values[0], dict) or set(values[0]) - {"head_dim", "num_key_value_heads"}:
+            raise CheckpointError(f"{where}: per_layer_config must give every full-attention layer ({sorted(full)}) "
+                                  f"the same head_dim and num_key_value_heads, nothing else; got {_show(per_layer)}")
+        head_dim, kv = values[0].get("head_dim", cfg.get("head_dim", 256)), values[0].get("num_key_value_heads")
+    return dict(global_head_dim=_whole("global_head_dim", head_dim, where),
+                global_kv_heads=None if kv is None else _whole("num_global_key_value_heads", kv, where),
+                attention_k_eq_v=k_eq_v, v_norm=True, layer_scalar=True)
 
 
 def _moe_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
@@ -139,7 +190,7 @@ def _moe_fields(cfg: dict, model_type: str, layers: int, where: str) -> dict:
 
 def _windows(cfg: dict, model_type: str, layers: int, where: str) -> tuple[tuple[str, ...], int | None]:
     """(layer types, window) as transformers derives them; () and None when every layer attends fully."""
-    window = cfg.get("sliding_window", gpt_oss.DEFAULT_WINDOW if model_type == "gpt_oss" else None)
+    window = cfg.get("sliding_window", {"gpt_oss": gpt_oss.DEFAULT_WINDOW, GEMMA4: 512}.get(model_type))
     in_use = {"qwen2": "use_sliding_window", "qwen3": "use_sliding_window", "smollm3": "use_sliding_window",
               "qwen3_moe": "use_sliding_window"}
     if model_type in in_use:
@@ -168,10 +219,14 @@ def _windows(cfg: dict, model_type: str, layers: int, where: str) -> tuple[tuple
     elif model_type == "gemma3_text":
         every = _whole("sliding_window_pattern", cfg.get("sliding_window_pattern", 6), where)
         types = tuple(SLIDING if (i + 1) % every else FULL for i in range(layers))
+    elif model_type == GEMMA4:
+        types = tuple(SLIDING if (i + 1) % 6 else FULL for i in range(layers))
     elif model_type == "olmo3":
         types = tuple(SLIDING if (i + 1) % 4 else FULL for i in range(layers))
     else:  # smollm3: sliding where a layer has no RoPE
         types = tuple(FULL if use else SLIDING for use in _no_rope_layers(cfg, layers, where))
+    if model_type == GEMMA4:  # Gemma4TextConfig makes the last layer full, whatever layer_types says
+        types = (*types[:-1], FULL)
     if SLIDING not in types:
         return (), None
     return types, window
@@ -197,6 +252,9 @@ def rope_by_layer_type(cfg: dict, where: str) -> tuple[dict | None, dict | None]
     if cfg.get("model_type") == "gpt_oss":
         return gpt_oss.rope_parameters(cfg), None
     params = cfg.get("rope_parameters")
+    if cfg.get("model_type") == GEMMA4 and params is None:  # Gemma4TextConfig's defaults
+        params = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+                  FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
     if isinstance(params, dict) and (FULL in params or SLIDING in params):
         full, sliding = (params.get(k) or {} for k in (FULL, SLIDING))
         if not isinstance(full, dict) or not isinstance(sliding, dict):
@@ -220,6 +278,47 @@ def _theta_default(cfg: dict, kind: str):
         key, default = ("rope_theta", 1_000_000.0) if kind == FULL else ("rope_local_base_freq", 10_000.0)
         return cfg.get(key) if cfg.get(key) is not None else default
     return cfg.get("rope_theta") if cfg.get("rope_theta") is not None else 500_000.0
+
+
+# ---- LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini), as transformers' _compute_longrope_parameters --------
+LONGROPE = "longrope"
+
+
+def check_longrope(rope: dict, cfg: dict, rotary_dim: int, where: str) -> dict:
+    """The longrope parameters completed as Phi3Config does: original_max_position_embeddings is the config's
+    top-level field when there is one (Phi3Config's default 4096), the rope dict's otherwise; short_factor and
+    long_factor one number per rotated pair. CheckpointError naming the field."""
+    rope = dict(rope)
+    orig = cfg.get("original_max_position_embeddings",
+                   rope.get("original_max_position_embeddings", 4096 if cfg.get("model_type") == "phi3" else None))
+    rope["original_max_position_embeddings"] = _whole("original_max_position_embeddings", orig, where)
+    for key in ("short_factor", "long_factor"):
+        v = rope.get(key)
+        if not isinstance(v, list) or len(v) != rotary_dim // 2 or any(
+                isinstance(x, bool) or not isinstance(x, numbers.Real) or not x > 0 for x in v):
+            raise CheckpointError(f"{where}: longrope {key} must list {rotary_dim // 2} positive numbers (one per "
+                                  f"rotated pair of a head), got {_show(v)}")
+    for key in ("factor", "attention_factor"):
+        if rope.get(key) is not None:
+            _number(rope, key, None, where)
+    return rope
+
+
+def longrope_inv_freq(dim: int, base: float, rope: dict, long: bool):
+    """The inverse frequencies divided per dimension by the short or the long factors (fp32, exactly
+    transformers' expression)."""
+    ext = torch.tensor(rope["long_factor" if long else "short_factor"], dtype=torch.float32)
+    return 1.0 / (ext * base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def longrope_attention_factor(rope: dict, max_positions: int) -> float:
+    """cos and sin (so every score) are multiplied by this: attention_factor, else sqrt(1 + ln f / ln L0) with
+    f = factor (default max_position_embeddings / L0) and L0 the original length; 1 when f <= 1."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    orig = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or max_positions / orig
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
 
 def _number(cfg: dict, key: str, default, where: str) -> float | None:

@@ -139,6 +139,7 @@ def _decode(model, prompts, max_new_tokens, sampling, stops, stop_strings, token
     lps: list[list[float]] = [[] for _ in range(B)]
     ended: list[int | str | None] = [None] * B
     active = list(range(B))
+    done = []  # the (B, 1) tokens fed so far, for a run from the start (cache_stale)
     for step in range(max_new_tokens):
         tok, lp = _choose(logits, *sampling, generator)  # (B,), (B,)
         tok_list, lp_list = tok.tolist(), lp.tolist() if want_logprobs else None
@@ -153,6 +154,17 @@ def _decode(model, prompts, max_new_tokens, sampling, stops, stop_strings, token
         if not active or step == max_new_tokens - 1:
             break
         x = tok.to(device)[:, None]  # (B, 1): stopped rows run on too, their tokens unused
+        done.append(x)
+        if getattr(model, "cache_stale", None) is not None and model.cache_stale(cache, 1):
+            # longrope passing its original length: the whole sequence again, as transformers' generate does
+            cache = model.new_cache(B, W + max_new_tokens)
+            full = torch.cat([ids.index_select(0, owner), *done], 1)  # (B, W + step + 1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+                logits = _next_logits(model, full, mask, (mask.cumsum(1) - 1).clamp(min=0), cache)
+            else:
+                logits = _next_logits(model, full, None, None, cache)
+            continue
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             logits = _next_logits(model, x, mask, (lengths + step)[:, None], cache)
