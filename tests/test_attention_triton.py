@@ -58,9 +58,9 @@ def _check(dtype, B, G, Hk, T, S, D, causal, window, softcap, seed):
     assert_accurate(o_out[0].cpu(), r_out[0], dtype, same=s_out[0], name="output")
     # A gradient's scale is that of the products it sums (|a| @ |b|, tests/kernel_utils.py), not its own
     # max: with one visible key dQ = dK = 0 exactly, a sum of terms ~|dO||V||K| scale that cancel.
-    q, k, v = inputs
-    prod = (D ** -0.5) * grad_out[0].abs().max() * v.abs().max()
-    floors = {"dq": prod * k.abs().max(), "dk": prod * q.abs().max() * G, "dv": grad_out[0].abs().max() * G}
+    q, k, v = (t.detach() for t in inputs)  # run_with_grads marks the fp64 masters as leaves
+    prod = (D ** -0.5) * grad_out[0].detach().abs().max() * v.abs().max()
+    floors = {"dq": prod * k.abs().max(), "dk": prod * q.abs().max() * G, "dv": grad_out[0].detach().abs().max() * G}
     for (name, floor), a, b, c in zip(floors.items(), o_g, s_g, r_g):
         assert_accurate(a.cpu(), c, dtype, same=b, scale=max(float(c.detach().abs().max()), float(floor)), name=name)
 

@@ -221,15 +221,16 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qmask)
 
 
-def tiles(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) on a GPU: 64 x 64 score tiles, 8 warps for 128-wide heads."""
+def tiles(head_dim: int, backward: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) on a GPU: 64 x 64 score tiles forward, 32 x 64 backward (which
+    holds K, V, dK, dV of its key block: 64 x 64 needs 80 KiB of shared memory on sm_75, over its 64 KiB);
+    8 warps for heads wider than 64."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return 64, 64, block_d, 4 if block_d <= 64 else 8
+    return 32 if backward else 64, 64, block_d, 4 if block_d <= 64 else 8
 
 
-def _launch_meta(q, causal, softcap, window, block_m, block_n):
-    D = q.shape[-1]
-    bm, bn, bd, warps = tiles(D)
+def _launch_meta(q, causal, softcap, window, block_m, block_n, backward=False):
+    bm, bn, bd, warps = tiles(q.shape[-1], backward)
     return dict(CAUSAL=bool(causal or window > 0), WINDOW=window > 0, SOFTCAP=softcap > 0,
                 BLOCK_M=block_m or bm, BLOCK_N=block_n or bn, BLOCK_D=bd, UPCAST=interpreting(),
                 PRECISION="ieee", num_warps=warps)  # fp32 dots for fp32 inputs; 16-bit MMA ignores it
@@ -271,7 +272,7 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Hk, S = k.shape[1], k.shape[2]
     if q.numel():
         delta = (do.float() * o.float()).sum(-1)  # (B, H, T) fp32: rowsum(dO * o)
-        meta = _launch_meta(q, causal, softcap, window, block_m, block_n)
+        meta = _launch_meta(q, causal, softcap, window, block_m, block_n, backward=True)
         args = (H, H // Hk, T, S, D, scale, softcap, window)
         with launch_device(q):
             _attn_bwd_dkdv[(triton.cdiv(S, meta["BLOCK_N"]), B * Hk)](q, k, v, do, lse, delta, dk, dv, *args, **meta)
@@ -335,27 +336,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
 
 def compile_specs() -> list:
     """The GPU compilations of tests/test_kernels_compile.py (kernels/compile_spec.py): bf16 heads of 64 on
-    every target and of 128 on sm_80 and sm_90, with tiles()'s tiles, causal with a window and a soft-cap
-    (the variant with the most code) and plain causal."""
-    from lora_engine.kernels.compile_spec import TARGETS, CompileSpec, signature
+    every target, causal with a window and a soft-cap (the variant with the most code) and plain causal, and
+    heads of 128 windowed on sm_80 and sm_90, with tiles()'s tiles."""
+    from lora_engine.kernels.compile_spec import TARGETS, CompileSpec, arguments, signature
 
     types = dict(H="i32", G="i32", T="i32", S="i32", D="i32", scale="fp32", softcap="fp32", window="i32",
                  lse_ptr="*fp32", delta_ptr="*fp32")
     specs = []
-    for d, targets in ((64, TARGETS), (128, (80, 90))):
-        bm, bn, bd, warps = tiles(d)
-        for window in (True, False):
+    for d, targets, variants in ((64, TARGETS, (True, False)), (128, (80, 90), (True,))):
+        for window, kernel in ((w, k) for w in variants for k in (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq)):
+            bm, bn, bd, warps = tiles(d, backward=kernel is not _attn_fwd)
             const = dict(CAUSAL=True, WINDOW=window, SOFTCAP=window, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                          UPCAST=False, PRECISION="ieee")
-            for kernel in (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq):
-                sig = signature(kernel, "bf16", **{n: t for n, t in types.items()
-                                                   if n in {a for a, _ in _args(kernel)}})
-                specs.append(CompileSpec(f"{kernel.fn.__name__}/d{d}/window={window}/bf16", kernel, sig, const,
-                                         targets, {"num_warps": warps}))
+            names = {a for a, _ in arguments(kernel)}
+            sig = signature(kernel, "bf16", **{n: t for n, t in types.items() if n in names})
+            specs.append(CompileSpec(f"{kernel.fn.__name__}/d{d}/window={window}/bf16", kernel, sig, const, targets,
+                                     {"num_warps": warps}))
     return specs
-
-
-def _args(kernel):
-    from lora_engine.kernels.compile_spec import arguments
-
-    return arguments(kernel)
