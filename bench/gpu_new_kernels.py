@@ -10,9 +10,14 @@ moe grouped mm: dispatch.moe_grouped_mm forward + backward (dx, dA, dB; the base
 delta rule: dispatch.gated_delta_rule forward + backward (dq, dk, dv, dg, dbeta) at Qwen3.5's linear-attention
   shapes (B=1, H=16, dk=dv=128) at 4,096 and 16,384 tokens, bf16 inputs, backend "triton" against "torch"
   (the chunked path): time, peak memory above the inputs, and the same relative error.
+window attention: dispatch.attention forward + backward with a sliding window (W = 1,024, causal, GQA 16 query
+  heads over 8, hd 128, bf16) at 4,096 and 8,192 tokens, backend "triton" (kernels/attention_triton.py's flash
+  attention, which skips key blocks outside the window) against torch's SDPA under a dense (S, S) window mask:
+  time, peak memory above the inputs, and the same relative error.
 Times are medians of synchronized wall clock over a few calls after one warmup call (which compiles Triton).
 --dry-run: tiny shapes on CPU, where Triton does not run: MoE compares the "cpp" per-expert GEMMs against
-"torch", and the delta rule the chunked "torch" path against the fp64 recurrence; the rows say so.
+"torch", the delta rule the chunked "torch" path against the fp64 recurrence, and window attention the chunked
+"torch" path against the masked SDPA; the rows say so.
 """
 
 from __future__ import annotations
@@ -124,6 +129,40 @@ def delta_rule(dev: str, seq: int, heads: int, dk: int, reps: int, dry_run: bool
     return text, {"ms": {n: s * 1e3 for n, s in secs.items()}, "peak_gib": gib, "rel_err": err}
 
 
+def window_attention(dev: str, seq: int, window: int, heads: int, kv_heads: int, hd: int, reps: int,
+                     dry_run: bool) -> tuple[str, dict]:
+    dt = torch.bfloat16
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, heads, seq, hd, generator=gen).to(dev, dt).requires_grad_()
+    k, v = (torch.randn(1, kv_heads, seq, hd, generator=gen).to(dev, dt).requires_grad_() for _ in range(2))
+    dy = torch.randn(1, heads, seq, hd, generator=gen).to(dev, dt)
+    pos = torch.arange(seq, device=dev)
+    mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)  # (S, S): what a dense path pays
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    new = "torch chunks" if dry_run else "triton"
+    runs = {"sdpa masked": sdpa,
+            new: lambda: dispatch.attention(q, k, v, True, None, backend="torch" if dry_run else "triton",
+                                            window=window)}
+    res, secs, peak = {}, {}, {}
+    for name in (new, "sdpa masked"):
+        def step(name=name):
+            return fwd_bwd(runs[name], [q, k, v], dy)
+        res[name] = [t.clone() for t in step()]
+        secs[name], peak[name] = timed(dev, step, reps)
+    err = rel_err(res[new], res["sdpa masked"])
+    gib = {n: p / 2**30 for n, p in peak.items()}
+    text = (f"window attention fwd+bwd, W={window} H={heads}/{kv_heads} hd={hd}, {seq:,} tokens, bf16: {new} "
+            f"{secs[new] * 1e3:.2f} ms, peak {gib[new]:.2f} GiB vs SDPA with an (S, S) window mask "
+            f"{secs['sdpa masked'] * 1e3:.2f} ms, peak {gib['sdpa masked']:.2f} GiB = "
+            f"{secs['sdpa masked'] / secs[new]:.2f}x; max rel err of out and grads {err:.2g}")
+    if dry_run:
+        text += " (CPU: Triton does not run here, so the chunked torch path stands in)"
+    return text, {"ms": {n: s * 1e3 for n, s in secs.items()}, "peak_gib": gib, "rel_err": err}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
@@ -151,6 +190,18 @@ def main(argv=None):
             rows.add("delta rule", text, seq=seq, **vals)
         except Exception as e:  # noqa: BLE001  (the next length still runs)
             rows.add("delta rule", f"gated delta rule at {seq:,} tokens", ok=False, why=oom_or_error(e))
+            failed = 1
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    for seq in (48,) if a.dry_run else (4096, 8192):
+        try:
+            if a.dry_run:
+                text, vals = window_attention(dev, seq, 8, 2, 1, 16, reps, True)
+            else:
+                text, vals = window_attention(dev, seq, 1024, 16, 8, 128, reps, False)
+            rows.add("window attention", text, seq=seq, **vals)
+        except Exception as e:  # noqa: BLE001  (the next length still runs)
+            rows.add("window attention", f"window attention at {seq:,} tokens", ok=False, why=oom_or_error(e))
             failed = 1
         if dev == "cuda":
             torch.cuda.empty_cache()

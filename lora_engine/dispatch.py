@@ -177,7 +177,9 @@ def attention(q, k, v, is_causal, scale, mask=None, backend=None, softcap=None, 
     the exact path against transformers, and no slower than attention_cpp in fp32
     (bench/results/attention_cpp.md); every other case, and the "torch" and "triton" backends, run
     ops_reference.attention (torch's SDPA; with a softcap its eager expression; with a window by chunks
-    of queries, kernels/window_attention.py)."""
+    of queries, kernels/window_attention.py). "triton" on a GPU (or a CPU under TRITON_INTERPRET=1) runs
+    the flash attention of kernels/attention_triton.py where it serves (no mask; causal with T == S or a
+    window; head dim <= 256), soft-cap and window included; elsewhere the reference."""
     if window is not None and window < 1:
         raise ValueError(f"attention: window must be a number of keys >= 1, got {window}")
     if (mask is None and softcap is None and q.dtype == torch.bfloat16 and resolve(q, backend) == "cpp"
@@ -185,6 +187,11 @@ def attention(q, k, v, is_causal, scale, mask=None, backend=None, softcap=None, 
         if window is None:
             return attention_cpp.attention(q, k, v, is_causal, scale)
         return attention_cpp.attention(q, k, v, True, scale, window=window)
+    if resolve(q, backend) == "triton":
+        from lora_engine.kernels import attention_triton
+
+        if attention_triton.serves(q, k, v, is_causal, mask, window):
+            return attention_triton.attention(q, k, v, is_causal, scale, softcap, window)
     return ops_reference.attention(q, k, v, is_causal, scale, mask, softcap, window)
 
 

@@ -118,7 +118,7 @@ def test_every_kernel_has_a_compile_spec():
     # The AST walk sees the kernels (a walk that finds nothing would pass anything).
     assert {"_lora_mm", "_nf4_matmul_kernel", "_nf4_dequant_kernel", "_ce_rows", "_rms_fwd", "_rms_bwd",
             "_rope_kernel", "_swiglu_fwd", "_swiglu_bwd", "_gdr_fwd", "_conv_fwd", "_conv_bwd",
-            "_moe_lora_mm", "_moe_seg_mm"} <= set().union(*found.values()), found
+            "_moe_lora_mm", "_moe_seg_mm", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"} <= set().union(*found.values()), found
     for mod, names in found.items():
         m = importlib.import_module(f"lora_engine.kernels.{mod}")
         assert hasattr(m, "compile_specs"), f"kernels/{mod}.py has kernels {sorted(names)} but no compile_specs()"
