@@ -30,7 +30,7 @@ def test_a_missing_oracle_fails_instead_of_skipping(name, monkeypatch):
 
 def test_require_oracle_is_for_oracles_only():
     with pytest.raises(ValueError, match=r"require_oracle: 'matplotlib' is not a parity oracle \(transformers, peft, "
-                                         r"bitsandbytes, trl\)"):
+                                         r"bitsandbytes, trl, llama_cpp\)"):
         require_oracle("matplotlib")
 
 
