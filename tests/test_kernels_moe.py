@@ -226,9 +226,10 @@ def test_nf4_experts_equal_dequantize_then_matmul(backend, dtype, monkeypatch):
     real = moe_nf4.MoeNF4Function.apply
 
     def spy(x, bias, a, b, meta):
-        counts, experts_, scale, deq = meta
+        counts, experts_, scale, deq, transposed = meta
         return real(x, bias, a, b, (counts, experts_, scale,
-                                    lambda w, dt: seen.append([v is w for v in experts_].index(True)) or deq(w, dt)))
+                                    lambda w, dt: seen.append([v is w for v in experts_].index(True)) or deq(w, dt),
+                                    transposed))
 
     monkeypatch.setattr(moe_nf4.MoeNF4Function, "apply", spy)
     leaves = [t.clone().requires_grad_() for t in (x, a, b, bias)]

@@ -31,7 +31,7 @@ from lora_engine.models.moe import Experts
 from lora_engine.quant.nf4_experts import EXPERT_WEIGHTS, NF4ExpertWeights, expert_slices
 
 MOE_TARGETS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-# PEFT 0.21 (utils/transformers_weight_conversion.py, _convert_peft_config_moe, called by every LoRA
+# PEFT 0.22 (utils/transformers_weight_conversion.py, _convert_peft_config_moe, called by every LoRA
 # injection under transformers v5) rewrites a LoraConfig on these families: the per-expert projection names
 # of transformers v4 become target_parameters on the fused 3-D weights, gate and up together (naming one
 # alone is an error), and the fused gate_up_proj gets rank 2r and alpha 2*alpha so each half keeps alpha/r.
@@ -100,10 +100,13 @@ def peft_targets(model: nn.Module, config):
     if "gate_up_proj" in hit.values():
         ranks[r".*\.gate_up_proj"] = 2 * config.r  # PEFT's key and values, so the saved config is PEFT's
         alphas[r".*\.gate_up_proj"] = 2 * config.lora_alpha
-    if all_linear:  # PEFT resolves it to leaf names first, so a dense layer's MLP loses its LoRA there too
+    if all_linear:  # PEFT resolves it to the linear layers' leaf names first
         t = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                     if isinstance(m, nn.Linear) and n != "lm_head"})
-    modules = tuple(n for n in t if n.rsplit(".", 1)[-1] not in hit)
+    # PEFT 0.22: a name that also names linear layers (a dense layer's MLP, Qwen3-MoE's mlp_only_layers) keeps
+    # them as module targets beside the experts
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    modules = tuple(n for n in t if n.rsplit(".", 1)[-1] not in hit or n.rsplit(".", 1)[-1] in linear)
     return dataclasses.replace(config, target_modules=modules, target_parameters=tuple(params),
                                rank_pattern=ranks, alpha_pattern=alphas)
 

@@ -136,7 +136,9 @@ class MLflow:
 
     def log_config(self, config: dict) -> None:
         # MLflow caps a param at 500 chars (log_batch sends them in chunks of its own limit)
-        self.client.log_batch(self.run_id, params=[self.Param(k, str(v)[:500]) for k, v in config.items()])
+        # a tuple (--stop) as the list config.json holds, so the param reads as the saved config does
+        self.client.log_batch(self.run_id, params=[self.Param(k, str(list(v) if isinstance(v, tuple) else v)[:500])
+                                                   for k, v in config.items()])
         self.client.log_dict(self.run_id, config, "config.json")
 
     def log_artifact(self, path: Path) -> None:
