@@ -100,13 +100,12 @@ def peft_targets(model: nn.Module, config):
     if "gate_up_proj" in hit.values():
         ranks[r".*\.gate_up_proj"] = 2 * config.r  # PEFT's key and values, so the saved config is PEFT's
         alphas[r".*\.gate_up_proj"] = 2 * config.lora_alpha
-    if all_linear:  # PEFT resolves it to the linear layers' leaf names first
-        t = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and n != "lm_head"})
-    # PEFT 0.22: a name that also names linear layers (a dense layer's MLP, Qwen3-MoE's mlp_only_layers) keeps
-    # them as module targets beside the experts
-    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    modules = tuple(n for n in t if n.rsplit(".", 1)[-1] not in hit or n.rsplit(".", 1)[-1] in linear)
+    linear = {n: n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if all_linear:  # PEFT resolves it to the linear layers' leaf names first, each of which stays a module target
+        modules = tuple(sorted({leaf for n, leaf in linear.items() if n != "lm_head"}))
+    else:  # PEFT 0.22: a name that also names linear layers (a dense layer's MLP, Qwen3-MoE's mlp_only_layers)
+        leaves = set(linear.values())  # keeps them as module targets beside the experts
+        modules = tuple(n for n in t if n.rsplit(".", 1)[-1] not in hit or n.rsplit(".", 1)[-1] in leaves)
     return dataclasses.replace(config, target_modules=modules, target_parameters=tuple(params),
                                rank_pattern=ranks, alpha_pattern=alphas)
 
